@@ -1,0 +1,114 @@
+"""Run a playbook against an inventory and read back what it changed.
+
+The recap is parsed (not a JSON callback) so that the operator keeps Ansible's normal,
+readable output while the pipeline still gets the per-host counts it gates on
+(idempotence: a second run must report changed=0).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECAP = re.compile(
+    r"^(?P<host>\S+)\s+:\s+ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
+    r"unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)"
+)
+
+
+@dataclass(frozen=True)
+class HostRecap:
+    host: str
+    ok: int
+    changed: int
+    unreachable: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class PlaybookResult:
+    returncode: int
+    recap: tuple[HostRecap, ...]
+    log: Path
+
+    @property
+    def changed(self) -> int:
+        return sum(r.changed for r in self.recap)
+
+
+def parse_recap(text: str) -> tuple[HostRecap, ...]:
+    out: list[HostRecap] = []
+    in_recap = False
+    for line in text.splitlines():
+        if line.startswith("PLAY RECAP"):
+            in_recap, out = True, []
+            continue
+        m = RECAP.match(line.strip()) if in_recap else None
+        if m:
+            out.append(
+                HostRecap(
+                    host=m["host"],
+                    ok=int(m["ok"]),
+                    changed=int(m["changed"]),
+                    unreachable=int(m["unreachable"]),
+                    failed=int(m["failed"]),
+                )
+            )
+    return tuple(out)
+
+
+def build_command(
+    playbook: str,
+    *,
+    inventory: str | None = None,
+    limit: str | None = None,
+    check: bool = False,
+    diff: bool = False,
+    tags: str | None = None,
+    skip_tags: str | None = None,
+    extra_vars: dict[str, str] | None = None,
+    verbose: int = 0,
+) -> list[str]:
+    venv_bin = ROOT / ".venv" / "bin" / "ansible-playbook"
+    exe = str(venv_bin) if venv_bin.exists() else "ansible-playbook"
+    cmd = [exe, str(ROOT / "playbooks" / playbook)]
+    if inventory:
+        cmd += ["-i", inventory]
+    if limit:
+        cmd += ["--limit", limit]
+    if check:
+        cmd.append("--check")
+    if diff:
+        cmd.append("--diff")
+    if tags:
+        cmd += ["--tags", tags]
+    if skip_tags:
+        cmd += ["--skip-tags", skip_tags]
+    for k, v in (extra_vars or {}).items():
+        cmd += ["-e", f"{k}={v}"]
+    if verbose:
+        cmd.append("-" + "v" * verbose)
+    return cmd
+
+
+def run_playbook(cmd: list[str], log: Path) -> PlaybookResult:
+    """Run ansible-playbook, streaming its output to the terminal and to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0")
+    with log.open("w") as fh, subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        assert proc.stdout is not None
+        chunks: list[str] = []
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            fh.write(line)
+            chunks.append(line)
+        rc = proc.wait()
+    return PlaybookResult(returncode=rc, recap=parse_recap("".join(chunks)), log=log)
