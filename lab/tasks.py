@@ -1,0 +1,137 @@
+"""`invoke lab.*`: the lab VM and its network.
+
+Instance: ``--instance labN`` or ``$SIGNLAB_INSTANCE`` (default lab0). Several instances
+can run side by side (each has its own names, port and subnet).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+
+from invoke import Collection, Context, task
+from invoke.exceptions import Exit
+
+from lab import lifecycle, usb
+from lab.config import LAB_HOSTS, LabConfigError
+
+INSTANCE_HELP = {"instance": "lab instance lab0..lab9 (default: $SIGNLAB_INSTANCE or lab0)"}
+
+
+def _inst(name: str | None) -> lifecycle.Instance:
+    try:
+        return lifecycle.instance(name)
+    except LabConfigError as e:
+        raise Exit(f"lab: {e}", code=2) from e
+
+
+def _remainder() -> list[str]:
+    """Arguments after `--` on the invoke command line (quoting preserved)."""
+    if "--" in sys.argv:
+        return sys.argv[sys.argv.index("--") + 1:]
+    return []
+
+
+@task(help=INSTANCE_HELP)
+def up(c: Context, instance: str | None = None) -> None:
+    """Build the base image if needed, start the lab network and boot the VM."""
+    inst = _inst(instance)
+    try:
+        lifecycle.up(inst)
+    except (lifecycle.LabError, OSError, RuntimeError, subprocess.CalledProcessError) as e:
+        raise Exit(f"lab.up: {e}", code=1) from e
+
+
+@task(help=INSTANCE_HELP)
+def down(c: Context, instance: str | None = None) -> None:
+    """Stop the VM and remove everything the lab created (also a crashed run's leftovers)."""
+    inst = _inst(instance)
+    removed = lifecycle.down(inst)
+    print(f"lab {inst.name}: " + (("removed " + ", ".join(removed)) if removed
+                                  else "nothing to remove"))
+
+
+@task(help={**INSTANCE_HELP, "json_": "print machine-readable status"})
+def status(c: Context, instance: str | None = None, json_: bool = False) -> None:
+    """Is the lab up, how to reach it, and anything left behind by a crashed run."""
+    st = lifecycle.status(_inst(instance))
+    if json_:
+        print(json.dumps(st, indent=2))
+        return
+    if st["up"]:
+        print(f"lab {st['instance']}: up (qemu pid {st['pid']}, {st['accel']}, "
+              f"ssh {'answers' if st['ssh_answers'] else 'NOT answering'})\n  {st['ssh']}")
+    else:
+        print(f"lab {st['instance']}: down")
+        if st["leftovers"]:
+            print("  leftovers of a crashed run (removed by lab.up or lab.down): "
+                  + ", ".join(st["leftovers"]))  # type: ignore[arg-type]
+    if not st["up"]:
+        raise Exit(code=3)
+    print("  usb plugged: " + (", ".join(usb.plugged(_inst(instance))) or "nothing"))
+
+
+@task(help={**INSTANCE_HELP, "command": "command to run instead of a login shell"})
+def ssh(c: Context, instance: str | None = None, command: str = "") -> None:
+    """Open an admin SSH session on the VM (or run --command / the words after --)."""
+    inst = _inst(instance)
+    if not lifecycle.is_up(inst):
+        raise Exit(f"lab {inst.name} is not up: run `invoke lab.up`", code=3)
+    cmd = command or " ".join(_remainder())  # ssh semantics: words joined, run by the remote shell
+    argv = ["ssh", "-F", str(inst.ssh_config), "signhost"] + ([cmd] if cmd else [])
+    r = c.run(shlex.join(argv), pty=sys.stdin.isatty(), warn=True)
+    if r is not None and r.exited:
+        raise Exit(code=r.exited)
+
+
+@task(help=INSTANCE_HELP)
+def reset(c: Context, instance: str | None = None) -> None:
+    """Throw the VM's disk away (copy-on-write overlay) and boot it fresh from the image."""
+    try:
+        lifecycle.reset(_inst(instance))
+    except lifecycle.LabError as e:
+        raise Exit(f"lab.reset: {e}", code=1) from e
+
+
+@task(positional=["host"], help={**INSTANCE_HELP, "host": "build or intruder"})
+def exec_(c: Context, host: str, instance: str | None = None) -> None:
+    """Run a command as a lab host: `invoke lab.exec build -- ssh ...`."""
+    inst = _inst(instance)
+    if host not in LAB_HOSTS:
+        raise Exit(f"lab.exec: unknown host {host!r}: choose {', '.join(LAB_HOSTS)}", code=2)
+    argv = _remainder()
+    if not argv:
+        raise Exit("lab.exec: give the command after `--`, e.g. "
+                   "`invoke lab.exec build -- ip addr`", code=2)
+    if not lifecycle.is_up(inst):
+        raise Exit(f"lab {inst.name} is not up: run `invoke lab.up`", code=3)
+    proc = subprocess.run(["ip", "netns", "exec", inst.netns(host), *argv])
+    if proc.returncode:
+        raise Exit(code=proc.returncode)
+
+
+@task(positional=["action", "device"],
+      help={**INSTANCE_HELP, "action": "plug or unplug", "device": "storage or token"})
+def usb_(c: Context, action: str, device: str | None = None, instance: str | None = None) -> None:
+    """Hot-plug a USB stick or the token stand-in into the VM through the QEMU monitor."""
+    inst = _inst(instance)
+    if not lifecycle.is_up(inst):
+        raise Exit(f"lab {inst.name} is not up: run `invoke lab.up`", code=3)
+    try:
+        if action == "plug" and device:
+            print(usb.plug(inst, device))
+        elif action == "unplug" and device:
+            print(usb.unplug(inst, device))
+        else:
+            raise Exit("lab.usb: use `plug|unplug storage|token`", code=2)
+    except usb.USBError as e:
+        raise Exit(f"lab.usb: {e}", code=1) from e
+
+
+ns = Collection("lab")
+for t in (up, down, status, ssh, reset):
+    ns.add_task(t)
+ns.add_task(exec_, name="exec")
+ns.add_task(usb_, name="usb")
