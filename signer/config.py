@@ -1,0 +1,232 @@
+"""The TOML configuration: schema, validation, typed result. No I/O besides reading the file.
+
+Every error names the file, the dotted key and the problem on one line, because the deploy role
+runs `signer config check` before it replaces a running configuration.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from signer import uri
+from signer.errors import Exit, SignerError
+
+NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+ALGORITHMS = ("ecdsa-p256", "rsa3072-pkcs1", "rsa3072-pss")
+FORMATS = ("cms", "raw")
+SSH_KEY_RE = re.compile(
+    r"(ssh-ed25519|ecdsa-sha2-nistp(256|384|521)|ssh-rsa|sk-ssh-ed25519@openssh\.com"
+    r"|sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/=]+( [^\x00-\x1f\x7f]*)?")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    key: uri.PKCS11URI
+    algorithm: str
+    cert: Path | None
+    formats: tuple[str, ...]
+    max_size: int
+    clients: frozenset[str]
+    approvals: int
+    custodians: frozenset[str]
+    budget_count: int
+    budget_window: int
+
+
+@dataclass(frozen=True)
+class Daemon:
+    socket: Path
+    socket_group: str
+    audit_log: Path
+    state_dir: Path
+    token_module: Path
+    token_label: str
+    pin_source: str  # "prompt" or "file:/path"
+    checkpoint_interval: int
+    audit_key: uri.PKCS11URI
+    audit_cert: Path | None
+
+    @property
+    def pin_file(self) -> Path | None:
+        return Path(self.pin_source[5:]) if self.pin_source.startswith("file:") else None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    daemon: Daemon
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    clients: dict[str, str] = field(default_factory=dict)  # name -> ssh public key line
+    custodians: dict[str, str] = field(default_factory=dict)
+
+
+class _Reader:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str, problem: str) -> SignerError:
+        return SignerError(Exit.CONFIG, f"{self.path}: {key}: {problem}")
+
+    def table(self, data: dict[str, Any], key: str, allowed: set[str],
+              required: set[str]) -> dict[str, Any]:
+        value = data.get(key.rsplit(".", 1)[-1])
+        if not isinstance(value, dict):
+            raise self.fail(key, "missing table" if value is None else "must be a table")
+        for k in value:
+            if k not in allowed:
+                raise self.fail(f"{key}.{k}", "unknown key")
+        for k in sorted(required):
+            if k not in value:
+                raise self.fail(f"{key}.{k}", "missing")
+        return value
+
+    def str_(self, t: dict[str, Any], prefix: str, k: str, default: str | None = None) -> str:
+        v = t.get(k, default)
+        if not isinstance(v, str):
+            raise self.fail(f"{prefix}.{k}", "must be a string")
+        return v
+
+    def int_(self, t: dict[str, Any], prefix: str, k: str, lo: int, default: int | None = None
+             ) -> int:
+        v = t.get(k, default)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise self.fail(f"{prefix}.{k}", "must be an integer")
+        if v < lo:
+            raise self.fail(f"{prefix}.{k}", f"must be >= {lo}")
+        return v
+
+    def abspath(self, t: dict[str, Any], prefix: str, k: str) -> Path:
+        v = self.str_(t, prefix, k)
+        if not v.startswith("/"):
+            raise self.fail(f"{prefix}.{k}", "must be an absolute path")
+        return Path(v)
+
+    def names(self, t: dict[str, Any], prefix: str, k: str, known: dict[str, str],
+              kind: str) -> frozenset[str]:
+        v = t.get(k, [])
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise self.fail(f"{prefix}.{k}", "must be a list of strings")
+        for name in v:
+            if name not in known:
+                raise self.fail(f"{prefix}.{k}", f"unknown {kind} {name!r}")
+        if len(set(v)) != len(v):
+            raise self.fail(f"{prefix}.{k}", "duplicate names")
+        return frozenset(v)
+
+    def key_uri(self, t: dict[str, Any], prefix: str, k: str) -> uri.PKCS11URI:
+        try:
+            parsed = uri.parse(self.str_(t, prefix, k))
+        except uri.URIError as exc:
+            raise self.fail(f"{prefix}.{k}", str(exc)) from None
+        if parsed.type != "private":
+            raise self.fail(f"{prefix}.{k}", "must name a private key (type=private)")
+        return parsed
+
+
+def _principals(r: _Reader, data: dict[str, Any], kind: str) -> dict[str, str]:
+    section = data.get(kind, {})
+    if not isinstance(section, dict):
+        raise r.fail(kind, "must be a table")
+    out: dict[str, str] = {}
+    for name in section:
+        prefix = f"{kind}.{name}"
+        if not NAME_RE.fullmatch(name):
+            raise r.fail(prefix, "bad name (want [a-z][a-z0-9_-]{0,63})")
+        t = r.table(section, prefix, {"ssh_key"}, {"ssh_key"})
+        key = r.str_(t, prefix, "ssh_key").strip()
+        if not SSH_KEY_RE.fullmatch(key):
+            raise r.fail(f"{prefix}.ssh_key", "not an OpenSSH public key line")
+        out[name] = key
+    return out
+
+
+def parse(text: str, path: Path) -> Config:
+    r = _Reader(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise r.fail("(syntax)", str(exc)) from None
+    for k in data:
+        if k not in {"daemon", "profiles", "clients", "custodians"}:
+            raise r.fail(k, "unknown section")
+    d = r.table(data, "daemon",
+                {"socket", "socket_group", "audit_log", "state_dir", "token_module",
+                 "token_label", "pin_source", "checkpoint_interval", "audit_key", "audit_cert"},
+                {"socket", "audit_log", "state_dir", "token_module", "token_label", "pin_source",
+                 "audit_key"})
+    pin_source = r.str_(d, "daemon", "pin_source")
+    if pin_source != "prompt" and not (pin_source.startswith("file:/") and len(pin_source) > 6):
+        raise r.fail("daemon.pin_source", "must be 'prompt' or 'file:/absolute/path'")
+    daemon = Daemon(
+        socket=r.abspath(d, "daemon", "socket"),
+        socket_group=r.str_(d, "daemon", "socket_group", ""),
+        audit_log=r.abspath(d, "daemon", "audit_log"),
+        state_dir=r.abspath(d, "daemon", "state_dir"),
+        token_module=r.abspath(d, "daemon", "token_module"),
+        token_label=r.str_(d, "daemon", "token_label"),
+        pin_source=pin_source,
+        checkpoint_interval=r.int_(d, "daemon", "checkpoint_interval", 1, 1000),
+        audit_key=r.key_uri(d, "daemon", "audit_key"),
+        audit_cert=r.abspath(d, "daemon", "audit_cert") if "audit_cert" in d else None,
+    )
+    clients = _principals(r, data, "clients")
+    custodians = _principals(r, data, "custodians")
+    overlap = set(clients) & set(custodians)
+    if overlap:
+        raise r.fail("custodians", f"name used by a client too: {sorted(overlap)[0]!r}")
+    profiles_t = data.get("profiles", {})
+    if not isinstance(profiles_t, dict):
+        raise r.fail("profiles", "must be a table")
+    profiles: dict[str, Profile] = {}
+    for name in profiles_t:
+        p = f"profiles.{name}"
+        if not NAME_RE.fullmatch(name):
+            raise r.fail(p, "bad name (want [a-z][a-z0-9_-]{0,63})")
+        t = r.table(profiles_t, p,
+                    {"key", "algorithm", "cert", "formats", "max_size", "clients", "approvals",
+                     "custodians", "budget_count", "budget_window"},
+                    {"key", "algorithm", "formats", "max_size", "clients", "budget_count",
+                     "budget_window"})
+        algorithm = r.str_(t, p, "algorithm")
+        if algorithm not in ALGORITHMS:
+            raise r.fail(f"{p}.algorithm", f"must be one of {', '.join(ALGORITHMS)}")
+        formats = t["formats"]
+        if (not isinstance(formats, list) or not formats
+                or not all(isinstance(f, str) and f in FORMATS for f in formats)):
+            raise r.fail(f"{p}.formats", f"must be a non-empty list of {', '.join(FORMATS)}")
+        cert = r.abspath(t, p, "cert") if "cert" in t else None
+        if "cms" in formats and cert is None:
+            raise r.fail(f"{p}.cert", "required when formats include cms")
+        custs = r.names(t, p, "custodians", custodians, "custodian")
+        approvals = r.int_(t, p, "approvals", 0, 0)
+        if approvals > len(custs):
+            raise r.fail(f"{p}.approvals", f"needs {approvals} custodians, {len(custs)} listed")
+        profiles[name] = Profile(
+            name=name, key=r.key_uri(t, p, "key"), algorithm=algorithm, cert=cert,
+            formats=tuple(formats), max_size=r.int_(t, p, "max_size", 1),
+            clients=r.names(t, p, "clients", clients, "client"), approvals=approvals,
+            custodians=custs, budget_count=r.int_(t, p, "budget_count", 1),
+            budget_window=r.int_(t, p, "budget_window", 1))
+    for where, key in [("daemon.audit_key", daemon.audit_key)] + [
+            (f"profiles.{n}.key", pr.key) for n, pr in profiles.items()]:
+        if key.token is not None and key.token != daemon.token_label:
+            raise r.fail(where, f"token {key.token!r} is not daemon.token_label "
+                                f"{daemon.token_label!r}")
+    for name, pr in profiles.items():
+        if pr.key.label == daemon.audit_key.label:
+            raise r.fail(f"profiles.{name}.key", "the audit key must not sign artifacts")
+    return Config(path=path, daemon=daemon, profiles=profiles, clients=clients,
+                  custodians=custodians)
+
+
+def load(path: Path) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SignerError(Exit.CONFIG, f"{path}: cannot read: {exc}") from None
+    return parse(text, path)

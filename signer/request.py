@@ -1,0 +1,203 @@
+"""The SSH command parser: `SSH_ORIGINAL_COMMAND` bytes in, a typed command or ParseError out.
+
+Pure and strict: the command line is never given to a shell, every token is checked against a
+whitelist, and anything unexpected (unknown command or option, non-UTF-8, control characters,
+oversize) is an error. Tested with hypothesis.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import unicodedata
+from dataclasses import dataclass
+
+from signer.errors import Exit
+
+MAX_COMMAND = 4096
+MAX_NAME = 255
+PROFILE_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+ID_RE = re.compile(r"[0-9a-f]{32}")
+# Control (C0, DEL, C1), format (bidi overrides, zero-width), line/paragraph separators,
+# surrogates and private use: nothing that can start a new line or disguise text in a log, a
+# terminal or the statement a custodian reads before approving.
+_BAD_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
+
+
+def _has_control(text: str) -> bool:
+    return any(unicodedata.category(c) in _BAD_CATEGORIES for c in text)
+
+
+class ParseError(ValueError):
+    """A bad command line (exit 64) or a bad value in it (exit 65)."""
+
+    def __init__(self, message: str, code: Exit = Exit.USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Sign:
+    profile: str
+    format: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Status:
+    id: str
+
+
+@dataclass(frozen=True)
+class Fetch:
+    id: str
+
+
+@dataclass(frozen=True)
+class Requests:
+    pass
+
+
+@dataclass(frozen=True)
+class Approve:
+    id: str
+
+
+@dataclass(frozen=True)
+class Unlock:
+    pass
+
+
+@dataclass(frozen=True)
+class Freeze:
+    profile: str
+
+
+@dataclass(frozen=True)
+class Thaw:
+    profile: str
+
+
+Command = Sign | Status | Fetch | Requests | Approve | Unlock | Freeze | Thaw
+
+
+def check_name(name: str) -> str:
+    if len(name) > MAX_NAME:
+        raise ParseError(f"name longer than {MAX_NAME} characters", Exit.DATA)
+    if _has_control(name):
+        raise ParseError("name contains control or format characters", Exit.DATA)
+    return name
+
+
+def _profile(tok: str) -> str:
+    if not PROFILE_RE.fullmatch(tok):
+        raise ParseError("bad profile name")
+    return tok
+
+
+def _id(tok: str) -> str:
+    if not ID_RE.fullmatch(tok):
+        raise ParseError("bad request id (want 32 hex digits)")
+    return tok
+
+
+def _parse_sign(args: list[str]) -> Sign:
+    opts: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        opt = args[i]
+        if opt not in ("--profile", "--format", "--name"):
+            raise ParseError(f"sign: unknown option {opt[:40]!r}")
+        if opt in opts:
+            raise ParseError(f"sign: {opt} given twice")
+        if i + 1 >= len(args):
+            raise ParseError(f"sign: {opt} needs a value")
+        opts[opt] = args[i + 1]
+        i += 2
+    if "--profile" not in opts:
+        raise ParseError("sign: --profile is required")
+    fmt = opts.get("--format", "cms")
+    if fmt not in ("cms", "raw"):
+        raise ParseError("sign: --format must be cms or raw")
+    return Sign(profile=_profile(opts["--profile"]), format=fmt,
+                name=check_name(opts.get("--name", "")))
+
+
+def parse(raw: bytes | None) -> Command:
+    if raw is None or not raw.strip():
+        raise ParseError("no command (this account only runs signer commands)")
+    if len(raw) > MAX_COMMAND:
+        raise ParseError(f"command longer than {MAX_COMMAND} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ParseError("command is not valid UTF-8") from None
+    if _has_control(text.replace("\t", " ")):
+        raise ParseError("command contains control or format characters")
+    try:
+        tokens = shlex.split(text, comments=False, posix=True)
+    except ValueError as exc:
+        raise ParseError(f"cannot split command: {exc}") from None
+    if not tokens:
+        raise ParseError("no command")
+    verb, args = tokens[0], tokens[1:]
+    if verb == "sign":
+        return _parse_sign(args)
+    arity = {"status": 1, "fetch": 1, "approve": 1, "freeze": 1, "thaw": 1, "requests": 0,
+             "unlock": 0}
+    if verb not in arity:
+        raise ParseError(f"unknown command {verb[:40]!r} (sign, status, fetch, requests, "
+                         "approve, unlock, freeze, thaw)")
+    if len(args) != arity[verb]:
+        raise ParseError(f"{verb}: expects {arity[verb]} argument(s)")
+    if verb == "status":
+        return Status(_id(args[0]))
+    if verb == "fetch":
+        return Fetch(_id(args[0]))
+    if verb == "approve":
+        return Approve(_id(args[0]))
+    if verb == "freeze":
+        return Freeze(_profile(args[0]))
+    if verb == "thaw":
+        return Thaw(_profile(args[0]))
+    if verb == "requests":
+        return Requests()
+    return Unlock()
+
+
+def to_wire(cmd: Command) -> dict[str, str]:
+    """The command as the gateway sends it to the daemon (JSON object of strings)."""
+    out: dict[str, str] = {"cmd": type(cmd).__name__.lower()}
+    for k, v in vars(cmd).items():
+        out[k] = v
+    return out
+
+
+def from_wire(obj: dict[str, object]) -> Command:
+    """The daemon re-validates everything: the gateway is a separate, less trusted process."""
+    def s(k: str) -> str:
+        v = obj.get(k)
+        if not isinstance(v, str):
+            raise ParseError(f"field {k!r} missing")
+        return v
+    cmd = s("cmd")
+    if cmd == "sign":
+        fmt = s("format")
+        if fmt not in ("cms", "raw"):
+            raise ParseError("bad format")
+        return Sign(profile=_profile(s("profile")), format=fmt, name=check_name(s("name")))
+    if cmd == "status":
+        return Status(_id(s("id")))
+    if cmd == "fetch":
+        return Fetch(_id(s("id")))
+    if cmd == "approve":
+        return Approve(_id(s("id")))
+    if cmd == "freeze":
+        return Freeze(_profile(s("profile")))
+    if cmd == "thaw":
+        return Thaw(_profile(s("profile")))
+    if cmd == "requests":
+        return Requests()
+    if cmd == "unlock":
+        return Unlock()
+    raise ParseError("unknown command")
