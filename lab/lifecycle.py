@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from lab import image, net, vm
 from lab.config import KEY_NAMES, Instance, guest_network_config, ssh_config_text
@@ -198,7 +199,7 @@ def reset(inst: Instance) -> None:
 
 def status(inst: Instance) -> dict[str, object]:
     pid = vm.running_pid(inst)
-    facts: dict[str, object] = {}
+    facts: dict[str, Any] = {}
     if inst.lab_json.exists():
         facts = json.loads(inst.lab_json.read_text())
     return {
@@ -206,7 +207,7 @@ def status(inst: Instance) -> dict[str, object]:
         "up": pid is not None,
         "pid": pid,
         "ssh_answers": vm.ssh_banner(inst.ssh_port) if pid else False,
-        "accel": (facts.get("vm") or {}).get("accel") if facts else None,  # type: ignore[union-attr]
+        "accel": facts.get("vm", {}).get("accel"),
         "state_dir": str(inst.state_dir),
         "ssh": f"ssh -F {inst.ssh_config} signhost" if pid else None,
         "leftovers": [] if pid else net.leftovers(inst),

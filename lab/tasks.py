@@ -11,16 +11,18 @@ import shlex
 import subprocess
 import sys
 
-from invoke import Collection, Context, task
+from invoke.collection import Collection
+from invoke.context import Context
 from invoke.exceptions import Exit
+from invoke.tasks import task
 
 from lab import lifecycle, usb
-from lab.config import LAB_HOSTS, LabConfigError
+from lab.config import LAB_HOSTS, Instance, LabConfigError
 
 INSTANCE_HELP = {"instance": "lab instance lab0..lab9 (default: $SIGNLAB_INSTANCE or lab0)"}
 
 
-def _inst(name: str | None) -> lifecycle.Instance:
+def _inst(name: str | None) -> Instance:
     try:
         return lifecycle.instance(name)
     except LabConfigError as e:
@@ -53,10 +55,21 @@ def down(c: Context, instance: str | None = None) -> None:
                                   else "nothing to remove"))
 
 
-@task(help={**INSTANCE_HELP, "json_": "print machine-readable status"})
-def status(c: Context, instance: str | None = None, json_: bool = False) -> None:
+@task(help={**INSTANCE_HELP, "json_": "print machine-readable status",
+            "expect_clean": "exit 0 only if the lab is down and nothing of it is left"})
+def status(c: Context, instance: str | None = None, json_: bool = False,
+           expect_clean: bool = False) -> None:
     """Is the lab up, how to reach it, and anything left behind by a crashed run."""
-    st = lifecycle.status(_inst(instance))
+    inst = _inst(instance)
+    st = lifecycle.status(inst)
+    if expect_clean:
+        left = list(st["leftovers"]) + (["qemu"] if st["up"] else [])  # type: ignore[call-overload]
+        if inst.state_dir.exists():
+            left.append(f"state {inst.state_dir}")
+        if left:
+            raise Exit(f"lab {inst.name}: left behind: {', '.join(left)}", code=1)
+        print(f"lab {inst.name}: down, nothing left behind")
+        return
     if json_:
         print(json.dumps(st, indent=2))
         return
@@ -70,7 +83,7 @@ def status(c: Context, instance: str | None = None, json_: bool = False) -> None
                   + ", ".join(st["leftovers"]))  # type: ignore[arg-type]
     if not st["up"]:
         raise Exit(code=3)
-    print("  usb plugged: " + (", ".join(usb.plugged(_inst(instance))) or "nothing"))
+    print("  usb plugged: " + (", ".join(usb.plugged(inst)) or "nothing"))
 
 
 @task(help={**INSTANCE_HELP, "command": "command to run instead of a login shell"})

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
+from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
-from invoke import task
+from invoke.context import Context
 from invoke.exceptions import Exit
+from invoke.tasks import task
 
 from toolkit.ansible_run import ROOT, PlaybookResult, build_command, run_playbook
 
@@ -23,6 +26,17 @@ _HELP = {
 }
 
 
+def _require_lab_if_default(inventory: str | None) -> None:
+    """The default inventory is the lab: say so plainly when it is not up."""
+    if inventory and Path(inventory).resolve() != (ROOT / "inventory" / "lab").resolve():
+        return
+    from lab import state
+
+    if state.load() is None:
+        raise Exit(f"the lab ({state.instance_name()}) is not up: run `invoke lab.up` "
+                   "(or pass --inventory for another host)", code=3)
+
+
 def play(
     name: str,
     playbook: str,
@@ -36,6 +50,7 @@ def play(
     verbose: int,
     expect_unchanged: bool = False,
 ) -> PlaybookResult:
+    _require_lab_if_default(inventory)
     cmd = build_command(
         playbook,
         inventory=inventory,
@@ -52,47 +67,59 @@ def play(
     started = time.monotonic()
     result = run_playbook(cmd, log)
     took = time.monotonic() - started
-    print(f"==> {name}: rc={result.returncode} changed={result.changed} in {took:.0f}s (log: {log})")
+    print(f"==> {name}: rc={result.returncode} changed={result.changed} in {took:.0f}s "
+          f"(log: {log})")
     if result.returncode != 0:
-        raise Exit(f"{name} failed (rc={result.returncode}); see {log}", code=result.returncode or 1)
+        raise Exit(f"{name} failed (rc={result.returncode}); see {log}",
+                   code=result.returncode or 1)
     if expect_unchanged and result.changed:
         raise Exit(f"{name}: expected changed=0, got changed={result.changed}; see {log}", code=3)
     return result
 
 
-@task(help=_HELP | {"expect_unchanged": "fail unless the run reports changed=0"}, incrementable=["verbose"])
+_PLAY_HELP = _HELP | {"expect_unchanged": "fail unless the run reports changed=0"}
+
+
+def _opts(
+    inventory: str | None, limit: str | None, check: bool, diff: bool, tags: str | None,
+    skip_tags: str | None, verbose: int, expect_unchanged: bool,
+) -> dict[str, Any]:
+    return {"inventory": inventory, "limit": limit, "check": check, "diff": diff, "tags": tags,
+            "skip_tags": skip_tags, "verbose": verbose, "expect_unchanged": expect_unchanged}
+
+
+@task(help=_PLAY_HELP, incrementable=["verbose"])
 def provision(
-    c, inventory=None, limit=None, check=False, diff=False, tags=None, skip_tags=None, verbose=0,
-    expect_unchanged=False,
-):
+    c: Context, inventory: str | None = None, limit: str | None = None, check: bool = False,
+    diff: bool = False, tags: str | None = None, skip_tags: str | None = None, verbose: int = 0,
+    expect_unchanged: bool = False,
+) -> None:
     """Base system of a signing host: packages, services, time, updates, journald, admins, AIDE."""
-    play("provision", "provision.yml", inventory=inventory, limit=limit, check=check, diff=diff,
-         tags=tags, skip_tags=skip_tags, verbose=verbose, expect_unchanged=expect_unchanged)
+    play("provision", "provision.yml", **_opts(inventory, limit, check, diff, tags, skip_tags,
+                                               verbose, expect_unchanged))
 
 
-@task(help=_HELP | {"expect_unchanged": "fail unless the run reports changed=0"}, incrementable=["verbose"])
+@task(help=_PLAY_HELP, incrementable=["verbose"])
 def harden(
-    c, inventory=None, limit=None, check=False, diff=False, tags=None, skip_tags=None, verbose=0,
-    expect_unchanged=False,
-):
+    c: Context, inventory: str | None = None, limit: str | None = None, check: bool = False,
+    diff: bool = False, tags: str | None = None, skip_tags: str | None = None, verbose: int = 0,
+    expect_unchanged: bool = False,
+) -> None:
     """Harden: ssh, firewall (nftables), usb (USBGuard), kernel, auditing. Lockout-safe."""
-    play("harden", "harden.yml", inventory=inventory, limit=limit, check=check, diff=diff,
-         tags=tags, skip_tags=skip_tags, verbose=verbose, expect_unchanged=expect_unchanged)
+    play("harden", "harden.yml", **_opts(inventory, limit, check, diff, tags, skip_tags,
+                                         verbose, expect_unchanged))
 
 
-@task(help=_HELP | {"expect_unchanged": "fail unless the run reports changed=0"}, incrementable=["verbose"])
+@task(help=_PLAY_HELP, incrementable=["verbose"])
 def deploy(
-    c, inventory=None, limit=None, check=False, diff=False, tags=None, skip_tags=None, verbose=0,
-    expect_unchanged=False,
-):
+    c: Context, inventory: str | None = None, limit: str | None = None, check: bool = False,
+    diff: bool = False, tags: str | None = None, skip_tags: str | None = None, verbose: int = 0,
+    expect_unchanged: bool = False,
+) -> None:
     """Token and signer service: SoftHSM2/PKCS#11, keys on the token, signerd, gateway accounts."""
-    pre = ROOT / "toolkit" / "wheelhouse.py"
-    if pre.exists():
+    if find_spec("toolkit.wheelhouse") and not check:
         from toolkit import wheelhouse  # built on the controller: the host needs no PyPI
 
         wheelhouse.build()
-    play("deploy", "deploy.yml", inventory=inventory, limit=limit, check=check, diff=diff,
-         tags=tags, skip_tags=skip_tags, verbose=verbose, expect_unchanged=expect_unchanged)
-
-
-__all__ = ["Path", "deploy", "harden", "provision"]
+    play("deploy", "deploy.yml", **_opts(inventory, limit, check, diff, tags, skip_tags,
+                                         verbose, expect_unchanged))

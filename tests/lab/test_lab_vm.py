@@ -1,0 +1,81 @@
+"""The lab itself: the VM, its two networks and USB hot-plug, as the other tests use them."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+import time
+
+import pytest
+
+from lab.config import USB_DEVICES, Instance
+from lab.state import LabState
+
+pytestmark = pytest.mark.lab
+
+
+def _usb_ids(admin_ssh) -> set[str]:  # type: ignore[no-untyped-def]
+    out = admin_ssh("for d in /sys/bus/usb/devices/*/idVendor; do p=${d%/idVendor}; "
+                    "echo $(cat $p/idVendor):$(cat $p/idProduct); done").stdout
+    return {ln.strip() for ln in out.splitlines() if ":" in ln}
+
+
+def _wait(pred, timeout: float = 60) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(2)
+    return False
+
+
+def test_admin_ssh_with_pinned_host_key(lab: LabState, admin_ssh) -> None:  # type: ignore[no-untyped-def]
+    """The admin key logs in and the host key matches the one made for this lab."""
+    r = admin_ssh("hostname", check=True)
+    assert r.stdout.strip() == "signhost"
+    known = (lab.state_dir / "known_hosts").read_text()
+    pub = (lab.key("ssh_host_ed25519_key").with_suffix(".pub")).read_text().split()[1]
+    assert pub in known
+
+
+def test_vm_has_its_lab_address(lab: LabState, admin_ssh) -> None:  # type: ignore[no-untyped-def]
+    out = admin_ssh("ip -o addr show").stdout
+    assert f" {lab.vm_ipv4}/24 " in out
+    assert f" {ipaddress.ip_address(lab.vm_ipv6)}/64 " in out
+
+
+def test_build_host_reaches_vm_ssh_over_the_lab_segment(lab: LabState) -> None:
+    """The build namespace talks to the VM's second NIC (the segment the firewall guards)."""
+    r = lab.netns_run("build", ["bash", "-c",
+                                f"exec 3<>/dev/tcp/{lab.vm_ipv4}/22; head -c 8 <&3"], timeout=30)
+    assert r.stdout.startswith(b"SSH-2.0"), r.stderr
+
+
+def test_lab_network_is_closed(lab: LabState) -> None:
+    """Namespaces have no default route, and the controller's bridge carries no address."""
+    for host in ("build", "intruder"):
+        routes = lab.netns_run(host, ["ip", "route", "show", "default"], check=True).stdout
+        assert routes.strip() == b"", f"{host} has a default route: {routes!r}"
+        routes6 = lab.netns_run(host, ["ip", "-6", "route", "show", "default"], check=True).stdout
+        assert routes6.strip() == b""
+    bridge = lab.raw["net"]["bridge"]
+    addrs = json.loads(subprocess.run(["ip", "-j", "addr", "show", "dev", bridge],
+                                      capture_output=True, check=True, text=True).stdout)
+    assert addrs and addrs[0]["addr_info"] == []
+
+
+@pytest.mark.parametrize("device", ["token", "storage"])
+def test_usb_hot_plug_is_seen_by_the_guest(lab: LabState, admin_ssh, device: str) -> None:  # type: ignore[no-untyped-def]
+    """Plugging through the QEMU monitor makes the device appear in the guest's sysfs."""
+    from lab import usb
+
+    inst = Instance(lab.raw["instance"], lab.state_dir)
+    spec = USB_DEVICES[device]
+    want = f"{spec['vendor']}:{spec['product']}"
+    usb.plug(inst, device)
+    try:
+        assert _wait(lambda: want in _usb_ids(admin_ssh)), f"{want} never appeared in the guest"
+    finally:
+        usb.unplug(inst, device)
+    assert _wait(lambda: want not in _usb_ids(admin_ssh)), f"{want} still present after unplug"

@@ -1,0 +1,172 @@
+"""The pipeline behind `invoke up` (the main job) and `invoke ci` (the tests, as CI runs them).
+
+A pipeline is a list of stages; each stage is one command, run with its output streamed
+to the terminal and to `reports/ci/<stage>.log`. A stage that fails stops the run, prints
+its log tail, and the lab instance is torn down (`invoke ci`) so nothing is left behind.
+The summary at the end says what ran, how long each stage took and where the logs and
+reports are; it is also written to `reports/ci/summary.json`.
+
+Stages whose parts are not in the tree (e.g. no `playbooks/deploy.yml` yet) are not run
+and are listed in the summary as "absent" so that a reader never mistakes a missing stage
+for a passing one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from toolkit.ansible_run import ROOT
+
+REPORTS = ROOT / "reports"
+CI_DIR = REPORTS / "ci"
+VENV_BIN = ROOT / ".venv" / "bin"
+
+
+def _bin(name: str) -> str:
+    p = VENV_BIN / name
+    return str(p) if p.exists() else name
+
+
+@dataclass
+class Stage:
+    name: str
+    argv: list[str]
+    needs: list[str] = field(default_factory=list)  # paths (relative to ROOT) that must exist
+    always: bool = False  # run even after a failure (teardown)
+    status: str = "pending"
+    seconds: float = 0.0
+    log: Path | None = None
+
+    def present(self) -> bool:
+        return all((ROOT / n).exists() for n in self.needs)
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def run_stage(stage: Stage, env: dict[str, str]) -> bool:
+    CI_DIR.mkdir(parents=True, exist_ok=True)
+    stage.log = CI_DIR / f"{stage.name}.log"
+    print(f"\n\033[1m==> [{stage.name}] {' '.join(stage.argv)}\033[0m", flush=True)
+    started = time.monotonic()
+    with stage.log.open("w") as fh, subprocess.Popen(
+        stage.argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, errors="replace",
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            fh.write(line)
+        rc = proc.wait()
+    stage.seconds = time.monotonic() - started
+    stage.status = "passed" if rc == 0 else f"FAILED (exit {rc})"
+    print(f"==> [{stage.name}] {stage.status} in {stage.seconds:.0f}s", flush=True)
+    return rc == 0
+
+
+def run(stages: list[Stage], *, title: str, env_extra: dict[str, str],
+        on_failure: Callable[[Stage], None] | None = None) -> bool:
+    env = dict(os.environ, **env_extra, PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '')}"
+    started = time.monotonic()
+    failed: Stage | None = None
+    for st in stages:
+        if not st.present():
+            st.status = "absent"
+            continue
+        if failed is not None and not st.always:
+            st.status = "not run"
+            continue
+        ok = run_stage(st, env)
+        if not ok and failed is None and not st.always:
+            failed = st
+            print(f"\n\033[1;31m!! stage {st.name} failed; last lines of {st.log}:\033[0m\n"
+                  f"{_tail(st.log) if st.log else ''}", flush=True)
+            if on_failure:
+                on_failure(st)
+    total = time.monotonic() - started
+    summary(stages, title=title, total=total)
+    return failed is None and all(s.status in ("passed", "absent") for s in stages)
+
+
+def summary(stages: list[Stage], *, title: str, total: float) -> None:
+    CI_DIR.mkdir(parents=True, exist_ok=True)
+    rows = [{"stage": s.name, "status": s.status, "seconds": round(s.seconds, 1),
+             "log": str(s.log) if s.log else None} for s in stages]
+    reports = sorted(str(p) for p in (REPORTS / "verify").glob("*.md")) if (
+        REPORTS / "verify").exists() else []
+    (CI_DIR / "summary.json").write_text(json.dumps(
+        {"title": title, "total_seconds": round(total, 1), "stages": rows,
+         "reports": reports}, indent=2) + "\n")
+    width = max(len(s.name) for s in stages)
+    print(f"\n\033[1m==> {title}: summary ({total / 60:.1f} min)\033[0m")
+    for s in stages:
+        t = f"{s.seconds:7.0f}s" if s.status not in ("absent", "not run") else "       -"
+        print(f"  {s.name:<{width}}  {t}  {s.status}")
+    print(f"  logs: {CI_DIR}/<stage>.log   summary: {CI_DIR / 'summary.json'}")
+    for r in reports:
+        print(f"  posture report: {r}")
+
+
+def invoke(*args: str) -> list[str]:
+    return [_bin("invoke"), *args]
+
+
+def static_stages() -> list[Stage]:
+    playbooks = sorted(p.name for p in (ROOT / "playbooks").glob("*.yml")) if (
+        ROOT / "playbooks").exists() else []
+    stages = [
+        Stage("ruff", [_bin("ruff"), "check", "."]),
+        Stage("mypy", [_bin("mypy"), "signer", "lab", "toolkit"], needs=["signer/__init__.py"]),
+        Stage("yamllint", [_bin("yamllint"), "."], needs=[".yamllint"]),
+    ]
+    if playbooks:
+        stages.append(Stage("ansible-syntax", [
+            "sh", "-c", " && ".join(
+                f"{_bin('ansible-playbook')} --syntax-check playbooks/{p}" for p in playbooks)]))
+        stages.append(Stage("ansible-lint", [_bin("ansible-lint"), "--offline", "-q"],
+                            needs=["roles"]))
+    stages.append(Stage("threat-model", invoke("threat-model.check"),
+                        needs=["toolkit/registry.py", "threat-model/threats.yml"]))
+    return stages
+
+
+def test_stages() -> list[Stage]:
+    paths = [p for p in ("tests/unit", "tests/signer") if (ROOT / p).exists()]
+    return [Stage("unit+signer tests", [_bin("pytest"), "-q", *paths])]
+
+
+def lab_stages(instance: str) -> list[Stage]:
+    i = ["--instance", instance]
+    return [
+        Stage("lab.up", invoke("lab.up", *i)),
+        Stage("provision", invoke("provision"), needs=["playbooks/provision.yml"]),
+        Stage("harden", invoke("harden"), needs=["playbooks/harden.yml"]),
+        Stage("harden again (changed=0)", invoke("harden", "--expect-unchanged"),
+              needs=["playbooks/harden.yml"]),
+        Stage("harden --check (changed=0)", invoke("harden", "--check", "--expect-unchanged"),
+              needs=["playbooks/harden.yml"]),
+        Stage("deploy", invoke("deploy"), needs=["playbooks/deploy.yml"]),
+        Stage("verify", invoke("verify"), needs=["toolkit/tasks_verify.py"]),
+        Stage("lab tests", [_bin("pytest"), "-q", "-p", "no:cacheprovider", "tests/lab"],
+              needs=["tests/lab"]),
+        Stage("lab.down", invoke("lab.down", *i), always=True),
+        Stage("nothing left behind", invoke("lab.status", *i, "--expect-clean"), always=True),
+    ]
+
+
+def have(binary: str) -> bool:
+    return shutil.which(binary) is not None

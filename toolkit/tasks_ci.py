@@ -1,0 +1,52 @@
+"""`invoke up` (the main job on the lab) and `invoke ci` (everything CI runs)."""
+
+from __future__ import annotations
+
+from invoke.context import Context
+from invoke.exceptions import Exit
+from invoke.tasks import task
+
+from toolkit import pipeline
+from toolkit.pipeline import Stage, invoke
+
+
+@task(help={"instance": "lab instance (default: $SIGNLAB_INSTANCE or lab0)"})
+def up(c: Context, instance: str | None = None) -> None:
+    """The main job on the lab: lab.up -> provision -> harden -> deploy -> verify.
+
+    Leaves the lab running so you can look around (`invoke lab.ssh`); reports in reports/.
+    """
+    env = {"SIGNLAB_INSTANCE": instance} if instance else {}
+    i = ["--instance", instance] if instance else []
+    stages = [s for s in pipeline.lab_stages(instance or "lab0")
+              if s.name in ("provision", "harden", "deploy", "verify")]
+    stages.insert(0, Stage("lab.up", invoke("lab.up", *i)))
+    if not pipeline.run(stages, title="invoke up", env_extra=env):
+        raise Exit("invoke up: a stage failed (see above); the lab is left up for inspection",
+                   code=1)
+
+
+@task(help={
+    "instance": "lab instance used for the pipeline (default lab9, so your lab0 is untouched)",
+    "skip_lab": "only the static checks and the tests that need no VM",
+    "keep": "leave the lab up after a failure (for debugging)",
+})
+def ci(c: Context, instance: str = "lab9", skip_lab: bool = False, keep: bool = False) -> None:
+    """Static checks, unit and signer tests, then the whole pipeline on a fresh lab VM.
+
+    The same run as CI (`.ci/run`). The lab instance is brought up fresh and torn down at
+    the end, whatever happens (unless --keep after a failure).
+    """
+    stages = pipeline.static_stages() + pipeline.test_stages()
+    if not skip_lab:
+        lab = pipeline.lab_stages(instance)
+        # A fresh VM: whatever an earlier run left of this instance goes first.
+        stages.append(Stage("lab.down (before)", invoke("lab.down", "--instance", instance)))
+        stages += lab
+        if keep:
+            for s in lab:
+                s.always = False
+    ok = pipeline.run(stages, title="invoke ci", env_extra={"SIGNLAB_INSTANCE": instance,
+                                                           "SIGNLAB_REQUIRE_LAB": "1"})
+    if not ok:
+        raise Exit("invoke ci: FAILED (see the summary above)", code=1)
