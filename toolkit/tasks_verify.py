@@ -1,0 +1,79 @@
+"""`invoke verify`, `invoke audit`, `invoke threat-model.check`.
+
+Thin: options are parsed here, the work is in toolkit.registry, toolkit.verify, toolkit.report and
+toolkit.auditors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from invoke.collection import Collection
+from invoke.context import Context
+from invoke.exceptions import Exit
+from invoke.tasks import task
+
+from toolkit import registry
+
+# --- threat-model.check ---------------------------------------------------------------------
+
+
+def _group(problems: list[str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for line in problems:
+        head = line.split(" ", 1)[0].rstrip(":")
+        key = head if head in ("threat", "control", "test") else "registry"
+        groups.setdefault(key, []).append(line)
+    return groups
+
+
+@task(
+    name="check",
+    help={
+        "write_tables": "rewrite the generated tables of threat-model/README.md from threats.yml",
+        "quiet": "print only problems, no summary",
+    },
+)
+def check(c: Context, write_tables: bool = False, quiet: bool = False) -> None:
+    """Consistency of threats -> controls -> tests; prints every missing link, fails if any."""
+    reg = registry.load()
+    tests = registry.collect_tests()
+    problems = registry.check(reg, tests)
+    problems += registry.sync_tables(reg, registry.THREAT_MODEL / "README.md", write=write_tables)
+    if not quiet:
+        kinds = [ctl.kind for ctl in reg.controls.values()]
+        marked = sum(1 for t in tests if t.controls)
+        high = sum(1 for t in reg.active if t.high)
+        print(
+            f"threat model: {len(reg.active)} threats ({high} high or critical), "
+            f"{len(reg.controls)} controls ({kinds.count('technical')} technical, "
+            f"{kinds.count('procedure')} procedures), {marked} tests with control markers"
+        )
+    if write_tables:
+        print("threat-model/README.md: generated tables written")
+    if not problems:
+        print("threat model: consistent")
+        return
+    for name, lines in _group(problems).items():
+        print(f"\n{name} ({len(lines)}):")
+        for line in lines:
+            print(f"  - {line}")
+    raise Exit(f"\nthreat model: {len(problems)} problem(s)", code=1)
+
+
+@task
+def verify(c: Context) -> None:
+    """Run the posture tests against the inventory and write reports (being built)."""
+    raise Exit("verify: not implemented yet", code=2)
+
+
+@task
+def audit(c: Context) -> None:
+    """Lynis, ssh-audit, systemd-analyze security into the verify report (being built)."""
+    raise Exit("audit: not implemented yet", code=2)
+
+
+threat_model_ns = Collection("threat-model")
+threat_model_ns.add_task(check)
+
+__all__ = ["Path", "audit", "check", "threat_model_ns", "verify"]
