@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -118,8 +119,7 @@ def deploy(
 ) -> None:
     """Token and signer service: SoftHSM2/PKCS#11, keys on the token, signerd, gateway accounts."""
     if find_spec("toolkit.wheelhouse") and not check:
-        from toolkit import wheelhouse  # built on the controller: the host needs no PyPI
-
-        wheelhouse.build()
+        # The signer's wheels are built on the controller: the host needs no PyPI.
+        import_module("toolkit.wheelhouse").build()
     play("deploy", "deploy.yml", **_opts(inventory, limit, check, diff, tags, skip_tags,
                                          verbose, expect_unchanged))

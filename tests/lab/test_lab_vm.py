@@ -79,3 +79,13 @@ def test_usb_hot_plug_is_seen_by_the_guest(lab: LabState, admin_ssh, device: str
     finally:
         usb.unplug(inst, device)
     assert _wait(lambda: want not in _usb_ids(admin_ssh)), f"{want} still present after unplug"
+
+
+def test_intruder_sees_the_same_segment(lab: LabState) -> None:
+    """The intruder is on the VM's own L2 segment (it resolves the VM's MAC), whatever the
+    VM's firewall does with its packets: the attack tests start from a real neighbour."""
+    lab.netns_run("intruder", ["bash", "-c", f"timeout 3 bash -c '</dev/tcp/{lab.vm_ipv4}/22'"],
+                  timeout=20)
+    inst = Instance(lab.raw["instance"], lab.state_dir)
+    neigh = lab.netns_run("intruder", ["ip", "neigh", "show", lab.vm_ipv4], check=True).stdout
+    assert inst.mac(1).encode() in neigh.lower(), neigh
