@@ -8,7 +8,7 @@ from importlib.util import find_spec
 from invoke import Collection
 
 from lab.tasks import ns as lab_ns
-from toolkit import tasks_ci, tasks_playbooks
+from toolkit import bench, tasks_ci, tasks_playbooks
 
 ns = Collection()
 ns.add_collection(lab_ns, "lab")
@@ -17,6 +17,7 @@ ns.add_task(tasks_ci.ci)
 ns.add_task(tasks_playbooks.provision)
 ns.add_task(tasks_playbooks.harden)
 ns.add_task(tasks_playbooks.deploy)
+ns.add_task(bench.bench)
 
 if find_spec("toolkit.tasks_verify"):
     from toolkit import tasks_verify
