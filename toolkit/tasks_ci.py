@@ -30,14 +30,16 @@ def up(c: Context, instance: str | None = None) -> None:
     "instance": "lab instance used for the pipeline (default lab9, so your lab0 is untouched)",
     "skip_lab": "only the static checks and the tests that need no VM",
     "keep": "leave the lab up after a failure (for debugging)",
+    "lab_only": "only the lab pipeline (skip the static checks and the VM-less tests)",
 })
-def ci(c: Context, instance: str = "lab9", skip_lab: bool = False, keep: bool = False) -> None:
+def ci(c: Context, instance: str = "lab9", skip_lab: bool = False, keep: bool = False,
+       lab_only: bool = False) -> None:
     """Static checks, unit and signer tests, then the whole pipeline on a fresh lab VM.
 
     The same run as CI (`.ci/run`). The lab instance is brought up fresh and torn down at
     the end, whatever happens (unless --keep after a failure).
     """
-    stages = pipeline.static_stages() + pipeline.test_stages()
+    stages = [] if lab_only else pipeline.static_stages() + pipeline.test_stages()
     if not skip_lab:
         lab = pipeline.lab_stages(instance)
         # A fresh VM: whatever an earlier run left of this instance goes first.
