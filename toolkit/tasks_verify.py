@@ -61,16 +61,69 @@ def check(c: Context, write_tables: bool = False, quiet: bool = False) -> None:
     raise Exit(f"\nthreat model: {len(problems)} problem(s)", code=1)
 
 
-@task
-def verify(c: Context) -> None:
-    """Run the posture tests against the inventory and write reports (being built)."""
-    raise Exit("verify: not implemented yet", code=2)
+@task(
+    help={
+        "inventory": "Ansible inventory (default: the running lab, inventory/lab)",
+        "limit": "only these hosts (comma-separated names or shell patterns)",
+        "keyword": "only tests matching this pytest -k expression",
+        "report_dir": "where to write <host>.md/.json/.html (default: reports/verify)",
+    }
+)
+def verify(
+    c: Context,
+    inventory: str | None = None,
+    limit: str | None = None,
+    keyword: str | None = None,
+    report_dir: str | None = None,
+) -> None:
+    """Posture tests on every host of the inventory; reports per host: threats, controls, tests."""
+    from toolkit import verify as verify_mod
+
+    try:
+        code = verify_mod.verify(
+            inventory=inventory,
+            limit=limit,
+            keyword=keyword,
+            report_dir=Path(report_dir) if report_dir else None,
+        )
+    except verify_mod.VerifyError as exc:
+        raise Exit(f"verify: {exc}", code=2) from exc
+    if code:
+        raise Exit("verify: FAILED (see the report above)", code=code)
 
 
-@task
-def audit(c: Context) -> None:
-    """Lynis, ssh-audit, systemd-analyze security into the verify report (being built)."""
-    raise Exit("audit: not implemented yet", code=2)
+@task(
+    help={
+        "inventory": "Ansible inventory (default: the running lab)",
+        "limit": "only these hosts",
+        "report_dir": "where the reports are (default: reports/verify)",
+        "only": "comma-separated subset of: lynis,ssh-audit,systemd",
+        "fresh": "run Lynis even when a cached result for the host is recent",
+    }
+)
+def audit(
+    c: Context,
+    inventory: str | None = None,
+    limit: str | None = None,
+    report_dir: str | None = None,
+    only: str | None = None,
+    fresh: bool = False,
+) -> None:
+    """Independent yardsticks: Lynis, ssh-audit, systemd-analyze security, into the report."""
+    from toolkit import auditors
+
+    try:
+        code = auditors.audit(
+            inventory=inventory,
+            limit=limit,
+            report_dir=Path(report_dir) if report_dir else None,
+            only=[s.strip() for s in only.split(",")] if only else None,
+            fresh=fresh,
+        )
+    except auditors.AuditError as exc:
+        raise Exit(f"audit: {exc}", code=2) from exc
+    if code:
+        raise Exit("audit: an auditor could not run (see above)", code=code)
 
 
 threat_model_ns = Collection("threat-model")

@@ -1,0 +1,141 @@
+"""Fixtures of the posture suite: the host under test, whether it is the lab, the lab's facts.
+
+The same tests run against the lab VM and a production host. `invoke verify` passes the target:
+`--target ssh://NAME --target-kind lab|production [--ssh-config FILE]`. Run by hand
+(`pytest tests/posture`), the target is the running lab ($SIGNLAB_INSTANCE, default lab0).
+
+Fixtures for test authors:
+- `host`: a testinfra host. Commands run as the admin user over SSH (connection reused);
+  wrap what needs root in `with host.sudo():` (the admin has passwordless sudo).
+- `is_lab`: True on the lab VM.
+- `lab`: the lab's LabState (addresses, keys, `netns_run` for the build and intruder hosts), or
+  None on a production host. Tests that need the lab network take `lab` and skip when it is None
+  (or carry `@pytest.mark.lab_only("reason")`).
+
+Markers: `@pytest.mark.control("SSH-01", ...)` names the controls a test proves (required here,
+checked by `invoke threat-model.check`); `@pytest.mark.lab_only("reason")` skips the test on
+production hosts with that reason in the report. On the lab, tests whose controls are all waived
+(`waiver_lab`) or production-only are skipped with the waiver as the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import testinfra
+
+from lab import state
+from lab.state import LabState
+from toolkit import registry
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("posture", "posture target (set by invoke verify)")
+    group.addoption("--target", default=None, help="testinfra host spec, e.g. ssh://signhost")
+    group.addoption(
+        "--target-kind",
+        default=None,
+        choices=("lab", "production"),
+        help="lab or production (default: lab when --target is not given)",
+    )
+    group.addoption("--target-name", default=None, help="the host's inventory name")
+
+
+def _target(config: pytest.Config) -> tuple[str | None, str, str | None, str]:
+    """(spec, kind, ssh_config, why-not) for this run."""
+    spec = config.getoption("--target")
+    kind = config.getoption("--target-kind") or ("lab" if spec is None else "production")
+    ssh_config = config.getoption("--ssh-config", default=None)
+    if spec:
+        return spec, kind, ssh_config, ""
+    lab = state.load()
+    if lab is None:
+        return (
+            None,
+            "lab",
+            None,
+            (
+                f"no target: no running lab ({state.instance_name()}) and no --target; "
+                "run `invoke lab.up` or use `invoke verify --inventory ...`"
+            ),
+        )
+    return f"ssh://{lab.ssh_alias}", "lab", str(lab.ssh_config), ""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_KEY] = _target(config)
+
+
+_KEY = pytest.StashKey[tuple[str | None, str, str | None, str]]()
+
+
+def _waived(controls: list[str], kind: str, reg: registry.Registry) -> str | None:
+    """The reason to skip a test whose every control is waived or not applicable here."""
+    reasons: list[str] = []
+    for cid in controls:
+        ctl = reg.controls.get(cid)
+        if ctl is None:
+            return None
+        if not ctl.applies(kind):
+            reasons.append(f"{cid} applies to {ctl.applies_to} hosts only")
+        elif kind == "lab" and ctl.waiver_lab:
+            reasons.append(f"{cid} waived in the lab: {ctl.waiver_lab}")
+        else:
+            return None
+    return "; ".join(reasons) if reasons else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    spec, kind, _, why = config.stash[_KEY]
+    if spec is None:
+        mark = (
+            pytest.mark.skip(reason=why) if os.environ.get("SIGNLAB_REQUIRE_LAB") != "1" else None
+        )
+        for item in items:
+            if mark is not None:
+                item.add_marker(mark)
+        return
+    reg = registry.load()
+    for item in items:
+        lab_only = item.get_closest_marker("lab_only")
+        if lab_only is not None and kind != "lab":
+            reason = lab_only.args[0] if lab_only.args else lab_only.kwargs.get("reason", "")
+            item.add_marker(pytest.mark.skip(reason=f"lab only: {reason}"))
+            continue
+        controls = [str(a) for m in item.iter_markers("control") for a in m.args]
+        waived = _waived(controls, kind, reg) if controls else None
+        if waived:
+            item.add_marker(pytest.mark.skip(reason=waived))
+
+
+@pytest.fixture(scope="session")
+def target_kind(pytestconfig: pytest.Config) -> str:
+    return pytestconfig.stash[_KEY][1]
+
+
+@pytest.fixture(scope="session")
+def is_lab(target_kind: str) -> bool:
+    return target_kind == "lab"
+
+
+@pytest.fixture(scope="session")
+def lab(is_lab: bool) -> LabState | None:
+    return state.load() if is_lab else None
+
+
+@pytest.fixture(scope="session")
+def host(pytestconfig: pytest.Config) -> Any:
+    spec, _, ssh_config, why = pytestconfig.stash[_KEY]
+    if spec is None:
+        if os.environ.get("SIGNLAB_REQUIRE_LAB") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    h = testinfra.get_host(spec, ssh_config=ssh_config)
+    try:
+        h.run("true")
+    except RuntimeError as exc:
+        # ssh exit 255: nothing else can pass; stop with one clear line instead of N errors.
+        pytest.exit(f"cannot reach {spec}: {str(exc).strip()[-300:]}", returncode=3)
+    return h
