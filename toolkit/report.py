@@ -243,6 +243,40 @@ def build(
     }
 
 
+# --- auditors ---------------------------------------------------------------------------------
+
+# The issues' targets for the outside yardsticks (harden: Lynis >= 85, ssh-audit clean;
+# deploy: systemd exposure <= 2.0).
+TARGETS = {"lynis_hardening_index": 85, "exposure": 2.0}
+
+
+def yardsticks(aud: dict[str, Any]) -> list[str]:
+    """Which targets of the issues are met: lines for the console."""
+    out: list[str] = []
+    ly = (aud.get("lynis") or {}).get("figures") or {}
+    if ly.get("hardening_index") is not None:
+        ok = ly["hardening_index"] >= TARGETS["lynis_hardening_index"]
+        out.append(
+            f"lynis hardening index {ly['hardening_index']} (target >= 85: "
+            f"{'met' if ok else 'NOT met'}), {ly['warnings']} warnings"
+        )
+    sa = (aud.get("ssh-audit") or {}).get("figures") or {}
+    if "fail" in sa:
+        ok = sa["fail"] == 0 and sa["warn"] == 0
+        out.append(
+            f"ssh-audit {sa['fail']} fail, {sa['warn']} warn (target 0/0: "
+            f"{'met' if ok else 'NOT met'})"
+        )
+    sy = (aud.get("systemd-analyze") or {}).get("figures") or {}
+    if "exposure" in sy:
+        ok = sy["exposure"] <= TARGETS["exposure"]
+        out.append(
+            f"systemd-analyze exposure {sy['exposure']} {sy['rating']} (target <= 2.0: "
+            f"{'met' if ok else 'NOT met'})"
+        )
+    return out
+
+
 # --- Markdown -------------------------------------------------------------------------------
 
 ICON = {
@@ -267,13 +301,17 @@ def _md(text: Any) -> str:
 
 def _auditor_lines(aud: dict[str, Any]) -> list[str]:
     lines = ["| auditor | figures | when | note |", "|---|---|---|---|"]
+    details: list[str] = []
     for name, data in aud.items():
         if not isinstance(data, dict):
             continue
         figures = ", ".join(f"{k}: {v}" for k, v in data.get("figures", {}).items())
         note = data.get("error") or data.get("note") or ""
         lines.append(f"| {name} | {_md(figures) or '-'} | {data.get('ran_at', '')} | {_md(note)} |")
-    return lines
+        if data.get("details"):
+            details += ["", f"{name}:", ""] + [f"- {_md(d)}" for d in data["details"]]
+    lines += [""] + [f"- {y}" for y in yardsticks(aud)]
+    return lines + details
 
 
 def markdown(m: dict[str, Any]) -> str:
@@ -462,12 +500,21 @@ def html(m: dict[str, Any]) -> str:
         for name, data in m["auditors"].items():
             if isinstance(data, dict):
                 figures = ", ".join(f"{k}: {v}" for k, v in data.get("figures", {}).items())
+                details = "".join(f"<li>{_h(d)}</li>" for d in data.get("details") or [])
                 parts.append(
-                    f"<tr><td>{_h(name)}</td><td>{_h(figures)}</td>"
-                    f"<td>{_h(data.get('ran_at', ''))}</td>"
+                    f"<tr><td>{_h(name)}</td><td>{_h(figures)}"
+                    + (
+                        f"<details><summary>details</summary><ul>{details}</ul></details>"
+                        if details
+                        else ""
+                    )
+                    + f"</td><td>{_h(data.get('ran_at', ''))}</td>"
                     f"<td>{_h(data.get('error') or data.get('note') or '')}</td></tr>"
                 )
         parts.append("</table>")
+        parts.append(
+            "<ul>" + "".join(f"<li>{_h(y)}</li>" for y in yardsticks(m["auditors"])) + "</ul>"
+        )
     parts.append("<h2>Threats, highest risk first</h2>")
     for t in m["threats"]:
         res = t["residual"]

@@ -98,7 +98,9 @@ def verify(
         "limit": "only these hosts",
         "report_dir": "where the reports are (default: reports/verify)",
         "only": "comma-separated subset of: lynis,ssh-audit,systemd",
-        "fresh": "run Lynis even when a cached result for the host is recent",
+        "fresh": "run Lynis even when the host is unchanged since its cached result",
+        "strict": "fail when a yardstick misses its target (Lynis >= 85, ssh-audit 0/0, "
+        "exposure <= 2.0)",
     }
 )
 def audit(
@@ -108,6 +110,7 @@ def audit(
     report_dir: str | None = None,
     only: str | None = None,
     fresh: bool = False,
+    strict: bool = False,
 ) -> None:
     """Independent yardsticks: Lynis, ssh-audit, systemd-analyze security, into the report."""
     from toolkit import auditors
@@ -119,11 +122,12 @@ def audit(
             report_dir=Path(report_dir) if report_dir else None,
             only=[s.strip() for s in only.split(",")] if only else None,
             fresh=fresh,
+            strict=strict,
         )
     except auditors.AuditError as exc:
         raise Exit(f"audit: {exc}", code=2) from exc
     if code:
-        raise Exit("audit: an auditor could not run (see above)", code=code)
+        raise Exit("audit: an auditor could not run or missed its target (see above)", code=code)
 
 
 threat_model_ns = Collection("threat-model")
