@@ -1,0 +1,416 @@
+"""The audit log: JSON lines in a hash chain, written and fsynced before anything is released.
+
+Format (also in signer/README.md): one ASCII JSON object per line, keys sorted, no spaces;
+`prev` is the previous entry's `hash`; `hash` is the SHA-256 of the entry serialised without
+`hash`. `ensure_ascii` escapes every control and non-ASCII character, so a name can never break a
+line or forge an entry. A `checkpoint` entry carries `sig`, the audit key's signature over the
+entry serialised without `hash` and `sig`; through `prev` it vouches for everything before it.
+
+The chain logic (`seal`, `Verifier`) is pure. `Writer` is the I/O edge: one thread owns the file
+and commits queued entries in groups, one `fdatasync` per group, so N concurrent signatures cost
+one disk flush instead of N (group commit). A failed write is rolled back (ftruncate) so the chain
+never carries a torn entry; if even that fails, or fsync fails (the page cache can no longer be
+trusted), the writer turns itself off and every later append fails: the daemon fails closed.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from signer.algorithms import verify_digest
+from signer.errors import Exit, SignerError
+
+GENESIS = "0" * 64
+EVENTS = frozenset({"start", "stop", "sign", "deny", "queue", "approve", "unlock", "freeze", "thaw",
+                    "residency-failure", "budget-exceeded", "checkpoint"})
+MAX_LINE = 64 * 1024
+
+
+class ChainError(Exception):
+    """The first entry that cannot be trusted."""
+
+    def __init__(self, seq: int, reason: str) -> None:
+        super().__init__(f"seq {seq}: {reason}")
+        self.seq = seq
+        self.reason = reason
+
+
+def canonical(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")
+
+
+def now_utc() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
+def checkpoint_message(body: Mapping[str, Any]) -> bytes:
+    """The SHA-256 that the audit key signs for a checkpoint."""
+    return hashlib.sha256(canonical({k: v for k, v in body.items()
+                                     if k not in ("hash", "sig")})).digest()
+
+
+def seal(body: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    """Add `hash` to a complete body (seq, time, prev, event, fields); return entry and line."""
+    entry = dict(body)
+    entry["hash"] = hashlib.sha256(canonical(body)).hexdigest()
+    return entry, canonical(entry) + b"\n"
+
+
+def body(seq: int, prev: str, event: str, fields: Mapping[str, Any], time: str) -> dict[str, Any]:
+    if event not in EVENTS:
+        raise ValueError(f"unknown audit event {event!r}")
+    out = {k: v for k, v in fields.items() if v is not None}
+    out.update(seq=seq, time=time, prev=prev, event=event)
+    return out
+
+
+@dataclass
+class Verifier:
+    """Feeds on lines in order; raises ChainError at the first bad one."""
+
+    spki: bytes | None = None  # audit public key; None: checkpoint signatures not checked
+    seq: int = -1
+    last_hash: str = GENESIS
+    last_event: str | None = None
+    checkpoints: int = 0
+    last_checkpoint: int | None = None
+
+    def feed(self, line: bytes) -> dict[str, Any]:
+        expected = self.seq + 1
+        if not line.endswith(b"\n"):
+            raise ChainError(expected, "incomplete entry (the log was cut in the middle of a "
+                                       "line)")
+        try:
+            entry = json.loads(line.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise ChainError(expected, "not a JSON entry") from None
+        if not isinstance(entry, dict):
+            raise ChainError(expected, "not a JSON object")
+        seq = entry.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            raise ChainError(expected, "no sequence number")
+        if seq != expected:
+            if seq > expected:
+                raise ChainError(expected, f"missing (found seq {seq} in its place: deleted or "
+                                           "reordered entries)")
+            raise ChainError(seq, f"appears again after seq {expected - 1} (inserted or "
+                                  "reordered entries)")
+        claimed = entry.pop("hash", None)
+        if claimed != hashlib.sha256(canonical(entry)).hexdigest():
+            raise ChainError(seq, "hash does not match the entry (modified)")
+        entry["hash"] = claimed
+        if canonical(entry) + b"\n" != line:
+            raise ChainError(seq, "not in canonical form (modified)")
+        if entry.get("prev") != self.last_hash:
+            if seq == 0:
+                raise ChainError(0, "first entry does not start the chain (entries before it "
+                                    "were removed)")
+            raise ChainError(seq - 1, f"does not match the hash recorded in seq {seq} "
+                                      f"(seq {seq - 1} modified, or seq {seq} forged)")
+        event = entry.get("event")
+        if event not in EVENTS or not isinstance(entry.get("time"), str):
+            raise ChainError(seq, f"unknown event {event!r}")
+        if event == "checkpoint":
+            self._checkpoint(entry)
+        self.seq, self.last_hash, self.last_event = seq, claimed, event
+        return entry
+
+    def _checkpoint(self, entry: dict[str, Any]) -> None:
+        seq = entry["seq"]
+        if self.spki is not None:
+            try:
+                sig = base64.b64decode(entry.get("sig", ""), validate=True)
+            except ValueError:
+                raise ChainError(seq, "checkpoint signature is not base64") from None
+            if not verify_digest(self.spki, sig, checkpoint_message(entry), pss=False):
+                raise ChainError(seq, "checkpoint signature does not verify with the audit key")
+        self.checkpoints += 1
+        self.last_checkpoint = seq
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(offset after the line, line) for each line, the last one possibly without newline."""
+    offset = 0
+    with path.open("rb") as f:
+        while True:
+            line = f.readline(MAX_LINE + 1)
+            if not line:
+                return
+            offset += len(line)
+            yield offset, line
+
+
+@dataclass
+class Scan:
+    """What the daemon needs to carry on appending to an existing log."""
+
+    seq: int = -1
+    last_hash: str = GENESIS
+    end: int = 0  # offset after the last good entry
+    torn: int = 0  # bytes of an incomplete last line (a crash in the middle of a write)
+    since_checkpoint: int = 0
+
+
+def scan(path: Path, on_entry: Callable[[dict[str, Any]], None]) -> Scan:
+    """Verify the chain of an existing log (a missing file is an empty log) and replay it.
+    An incomplete last line is tolerated (and reported in `torn`); anything else raises."""
+    v = Verifier()
+    out = Scan()
+    if not path.exists():
+        return out
+    for offset, line in read_lines(path):
+        if not line.endswith(b"\n"):
+            out.torn = offset - out.end
+            break
+        entry = v.feed(line)
+        out.end = offset
+        out.since_checkpoint = 0 if entry["event"] == "checkpoint" else out.since_checkpoint + 1
+        on_entry(entry)
+    out.seq, out.last_hash = v.seq, v.last_hash
+    return out
+
+
+class AuditError(SignerError):
+    def __init__(self, message: str) -> None:
+        super().__init__(Exit.IOERR, message)
+
+
+@dataclass
+class _Slot:
+    event: str
+    fields: Mapping[str, Any]
+    entry: dict[str, Any] | None = None
+    error: str | None = None
+    done: bool = False
+
+
+# Signs a checkpoint digest with the audit key; returns None when it cannot (daemon locked).
+CheckpointSigner = Callable[[bytes], bytes | None]
+
+
+@dataclass
+class Writer:
+    path: Path
+    scan: Scan
+    interval: int
+    sign_checkpoint: CheckpointSigner | None = None
+    _fd: int = -1
+    _queue: list[_Slot] = field(default_factory=list)
+    _cv: threading.Condition = field(default_factory=threading.Condition)
+    _broken: str | None = None
+    _closing: bool = False
+    _thread: threading.Thread | None = None
+
+    def open(self) -> None:
+        """Open for append and lock: a second daemon on the same log is refused."""
+        new = not self.path.exists()
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                               0o600)
+        except OSError as exc:
+            raise AuditError(f"cannot open audit log {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._fd)
+            raise AuditError(f"audit log {self.path} is locked by another process (another "
+                             "daemon running?)") from None
+        try:
+            if self.scan.torn or os.fstat(self._fd).st_size != self.scan.end:
+                os.ftruncate(self._fd, self.scan.end)
+                os.fsync(self._fd)
+            if new:
+                dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        except OSError as exc:
+            os.close(self._fd)
+            raise AuditError(f"cannot prepare audit log {self.path}: {exc.strerror}") from None
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    def append(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Write one entry and return it once it is on disk; AuditError if it is not."""
+        slot = _Slot(event, fields)
+        with self._cv:
+            if self._broken is not None:
+                raise AuditError(self._broken)
+            if self._closing:
+                raise AuditError("the daemon is stopping")
+            self._queue.append(slot)
+            self._cv.notify_all()
+            while not slot.done:
+                self._cv.wait()
+        if slot.error is not None or slot.entry is None:
+            raise AuditError(slot.error or "audit entry not written")
+        return slot.entry
+
+    def checkpoint(self) -> None:
+        """Write a checkpoint now if any entry is not yet covered (stop, unlock)."""
+        self.append("checkpoint")
+
+    def close(self) -> None:
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    @property
+    def broken(self) -> str | None:
+        return self._broken
+
+    # --- the writer thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closing:
+                    self._cv.wait()
+                if not self._queue and self._closing:
+                    return
+                batch, self._queue = self._queue, []
+            try:
+                self._commit(batch)
+            except Exception as exc:  # never leave a caller waiting on a dead thread
+                self._broken = f"audit writer failed: {type(exc).__name__}: {exc}"
+                for slot in batch:
+                    slot.error = self._broken
+            with self._cv:
+                for slot in batch:
+                    slot.done = True
+                self._cv.notify_all()
+
+    def _build(self, batch: list[_Slot], seq: int, prev: str, since: int
+               ) -> tuple[list[bytes], list[dict[str, Any]], int, str, int]:
+        lines: list[bytes] = []
+        entries: list[dict[str, Any]] = []
+        time = now_utc()
+        for slot in batch:
+            if slot.event == "checkpoint":
+                if since == 0:  # nothing new to vouch for
+                    entries.append({})
+                    continue
+                sealed = self._checkpoint_line(seq + 1, prev, time)
+                if sealed is None:
+                    slot.error = "no checkpoint: the audit key is not available (locked?)"
+                    entries.append({})
+                    continue
+            else:
+                sealed = seal(body(seq + 1, prev, slot.event, slot.fields, time))
+            entry, line = sealed
+            seq, prev = seq + 1, entry["hash"]
+            since = 0 if slot.event == "checkpoint" else since + 1
+            lines.append(line)
+            entries.append(entry)
+            if since >= self.interval:
+                auto = self._checkpoint_line(seq + 1, prev, time)
+                if auto is not None:
+                    seq, prev, since = seq + 1, auto[0]["hash"], 0
+                    lines.append(auto[1])
+        return lines, entries, seq, prev, since
+
+    def _checkpoint_line(self, seq: int, prev: str, time: str
+                         ) -> tuple[dict[str, Any], bytes] | None:
+        if self.sign_checkpoint is None:
+            return None
+        b = body(seq, prev, "checkpoint", {}, time)
+        try:
+            sig = self.sign_checkpoint(checkpoint_message(b))
+        except Exception:  # the token went away: postpone, never stop the log
+            return None
+        if sig is None:
+            return None
+        b["sig"] = base64.b64encode(sig).decode("ascii")
+        return seal(b)
+
+    def _commit(self, batch: list[_Slot]) -> None:
+        if self._broken is not None:
+            for slot in batch:
+                slot.error = self._broken
+            return
+        s = self.scan
+        lines, entries, seq, prev, since = self._build(batch, s.seq, s.last_hash,
+                                                       s.since_checkpoint)
+        data = b"".join(lines)
+        written = False
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+            written = True
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            reason = f"cannot write audit log {self.path}: {exc.strerror}"
+            try:
+                os.ftruncate(self._fd, s.end)
+            except OSError:
+                self._broken = reason + " (and cannot roll back: restart the daemon)"
+            if written:
+                # After a failed fsync the kernel may have dropped dirty pages: nothing written
+                # since can be trusted to be on disk. Only a restart (which re-reads and
+                # verifies the log) clears this.
+                self._broken = reason + " (fsync failed: restart the daemon)"
+            for slot in batch:
+                slot.error = reason
+            return
+        s.seq, s.last_hash, s.end, s.since_checkpoint = seq, prev, s.end + len(data), since
+        for slot, entry in zip(batch, entries, strict=True):
+            if slot.error is None:
+                slot.entry = entry
+
+
+def show(entry: Mapping[str, Any]) -> str:
+    """One line for a person: fixed fields first, then the rest, every value JSON-escaped."""
+    head = f"{entry.get('seq')} {entry.get('time')} {entry.get('event')}"
+    rest = " ".join(f"{k}={json.dumps(v, ensure_ascii=True)}" for k, v in sorted(entry.items())
+                    if k not in ("seq", "time", "event", "prev", "hash", "sig"))
+    return f"{head} {rest}".rstrip()
+
+
+def verify_file(path: Path, spki: bytes | None, live: bool) -> tuple[bool, str]:
+    """`signer audit verify`: (valid, one line naming the first bad sequence number)."""
+    v = Verifier(spki)
+    try:
+        for _offset, line in read_lines(path):
+            v.feed(line)
+    except ChainError as exc:
+        return False, f"{path}: first bad seq {exc.seq}: {exc.reason}"
+    except OSError as exc:
+        return False, f"{path}: cannot read: {exc.strerror}"
+    if v.seq < 0:
+        return (live, f"{path}: empty log" if live
+                else f"{path}: first bad seq 0: missing (the log is empty)")
+    signed = (f"{v.checkpoints} checkpoint(s) verified" if spki is not None
+              else f"{v.checkpoints} checkpoint(s), signatures NOT checked (give --cert or "
+                   "--pubkey)")
+    if v.last_event != "checkpoint":
+        tail = v.seq - (v.last_checkpoint if v.last_checkpoint is not None else -1)
+        if not live:
+            return False, (f"{path}: first bad seq {v.seq + 1}: missing: the log ends at seq "
+                           f"{v.seq} without a closing checkpoint (truncated, or written by a "
+                           "running or crashed daemon: use --live)")
+        return True, (f"{path}: ok: seq 0..{v.seq}, {signed}; the last {tail} entries are not "
+                      "yet covered by a checkpoint")
+    return True, f"{path}: ok: seq 0..{v.seq}, {signed}"

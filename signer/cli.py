@@ -1,0 +1,190 @@
+"""`signer`: the command line (see signer/README.md for the table of commands and exit codes).
+
+Every failure is one line on stderr, `signer: ...`, and an exit code from `signer.errors`; a
+traceback is a bug."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import deque
+from pathlib import Path
+from typing import NoReturn
+
+from signer.errors import Exit, SignerError
+
+# Each command imports what it needs: the gateway runs once per SSH connection and must not
+# pay for PKCS#11, cryptography and asn1crypto that it never uses.
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise SignerError(Exit.USAGE, f"{self.prog}: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="signer", description="code-signing service: daemon, gateway, client")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("serve", help="run the daemon (foreground)")
+    s.add_argument("--config", type=Path, required=True)
+
+    s = sub.add_parser("gateway", help="SSH forced command (reads SSH_ORIGINAL_COMMAND)")
+    who = s.add_mutually_exclusive_group(required=True)
+    who.add_argument("--client")
+    who.add_argument("--custodian")
+    s.add_argument("--config", type=Path)
+    s.add_argument("--socket", type=Path)
+
+    s = sub.add_parser("config", help="configuration")
+    csub = s.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    c = csub.add_parser("check", help="validate a configuration file")
+    c.add_argument("file", type=Path)
+
+    s = sub.add_parser("keys", help="keys on the token")
+    ksub = s.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    for name in ("generate", "list", "check", "selfsign", "csr", "import-cert"):
+        k = ksub.add_parser(name)
+        k.add_argument("--config", type=Path, required=True)
+        if name in ("generate", "selfsign"):
+            which = k.add_mutually_exclusive_group(required=True)
+            which.add_argument("--profile")
+            which.add_argument("--audit", action="store_true")
+            k.add_argument("--if-missing", action="store_true")
+        if name in ("csr", "import-cert"):
+            k.add_argument("--profile", required=True)
+        if name in ("selfsign", "csr"):
+            k.add_argument("--subject")
+            k.add_argument("--out", type=Path)
+        if name == "selfsign":
+            k.add_argument("--days", type=int, default=365)
+        if name == "import-cert":
+            k.add_argument("cert", type=Path)
+
+    s = sub.add_parser("audit", help="the audit log")
+    asub = s.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    a = asub.add_parser("verify")
+    a.add_argument("file", type=Path)
+    key = a.add_mutually_exclusive_group()
+    key.add_argument("--cert", type=Path)
+    key.add_argument("--pubkey", type=Path)
+    a.add_argument("--live", action="store_true")
+    a = asub.add_parser("show")
+    a.add_argument("file", type=Path)
+    a.add_argument("--last", type=int)
+
+    s = sub.add_parser("submit", help="send an artifact for signing (over ssh)")
+    s.add_argument("--host", required=True)
+    s.add_argument("--profile", required=True)
+    s.add_argument("--format", choices=("cms", "raw"), default="cms")
+    s.add_argument("--name")
+    s.add_argument("--out", type=Path)
+    s.add_argument("--wait", action="store_true")
+    s.add_argument("--ssh", default="ssh")
+    s.add_argument("artifact", type=Path)
+
+    s = sub.add_parser("approve", help="approve a request (custodians, over ssh)")
+    s.add_argument("--host", required=True)
+    s.add_argument("--key", type=Path, required=True)
+    s.add_argument("--artifact", type=Path)
+    s.add_argument("--yes", action="store_true")
+    s.add_argument("--ssh", default="ssh")
+    s.add_argument("id")
+
+    s = sub.add_parser("verify", help="verify a signature offline")
+    s.add_argument("--format", choices=("cms", "raw"), required=True)
+    key = s.add_mutually_exclusive_group(required=True)
+    key.add_argument("--cert", type=Path)
+    key.add_argument("--pubkey", type=Path)
+    s.add_argument("--pss", action="store_true")
+    s.add_argument("artifact", type=Path)
+    s.add_argument("signature", type=Path)
+    return p
+
+
+def _audit_show(path: Path, last: int | None) -> int:
+    from signer import audit
+
+    try:
+        with path.open("rb") as f:
+            lines = deque(f, maxlen=last) if last else f.readlines()
+    except OSError as exc:
+        raise SignerError(Exit.USAGE, f"{path}: {exc.strerror}") from None
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            text = audit.show(entry) if isinstance(entry, dict) else None
+        except ValueError:
+            text = None
+        print(text or f"?? unreadable line {json.dumps(line.decode('latin-1'))}")
+    return Exit.OK
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    out, err = sys.stdout, sys.stderr
+    if args.command == "gateway":
+        from signer import gateway
+
+        role, name = ("client", args.client) if args.client else ("custodian", args.custodian)
+        return gateway.main(role, name, args.config, args.socket)
+    from signer import audit, certs, client, config, daemon, keys
+
+    if args.command == "serve":
+        cfg = config.load(args.config)
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                            format="%(levelname)s %(message)s")
+        daemon.run(cfg)
+        return Exit.OK
+    if args.command == "config":
+        cfg = config.load(args.file)
+        out.write(f"{args.file}: ok ({len(cfg.profiles)} profiles, {len(cfg.clients)} clients, "
+                  f"{len(cfg.custodians)} custodians)\n")
+        return Exit.OK
+    if args.command == "keys":
+        cfg = config.load(args.config)
+        profile = getattr(args, "profile", None)
+        if args.action == "generate":
+            return keys.generate(cfg, profile, args.if_missing, out)
+        if args.action == "list":
+            return keys.list_keys(cfg, out)
+        if args.action == "check":
+            return keys.check(cfg, out)
+        if args.action == "selfsign":
+            return keys.selfsign(cfg, profile, args.subject, args.days, args.out,
+                                 args.if_missing, out)
+        if args.action == "csr":
+            return keys.csr(cfg, args.profile, args.subject, args.out, out)
+        return keys.import_cert(cfg, args.profile, args.cert, out)
+    if args.command == "audit":
+        if args.action == "show":
+            return _audit_show(args.file, args.last)
+        key_file = args.cert or args.pubkey
+        spki = certs.load_public_key(key_file) if key_file else None
+        ok, message = audit.verify_file(args.file, spki, args.live)
+        out.write(message + "\n")
+        return Exit.OK if ok else Exit.INVALID
+    if args.command == "submit":
+        return client.submit(args.host, args.profile, args.format, args.name, args.out,
+                             args.wait, args.ssh, args.artifact, err)
+    if args.command == "approve":
+        return client.approve(args.host, args.key, args.id, args.artifact, args.yes, args.ssh,
+                              out, err)
+    key_file = args.cert or args.pubkey
+    return client.verify(args.format, key_file, args.pss, args.artifact, args.signature, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        return dispatch(args)
+    except SignerError as exc:
+        sys.stderr.write(f"signer: {' '.join(exc.message.splitlines())}\n")
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

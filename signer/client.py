@@ -1,0 +1,144 @@
+"""The build server's and the custodian's side: thin wrappers around plain `ssh`, which stays
+usable on its own (`ssh build1@signer sign --profile dev < app.bin > app.bin.p7s`), and the
+offline verifier."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from signer import approval, certs
+from signer.errors import Exit, SignerError
+from signer.formats import cms, raw
+from signer.policy import Request
+
+_QUEUED_RE = re.compile(r"queued ([0-9a-f]{32})")
+POLL_SECONDS = 5.0
+
+
+def _ssh(ssh: str, host: str, remote: list[str], stdin: Any = subprocess.DEVNULL,
+         data: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    argv = [*shlex.split(ssh), host, shlex.join(remote)]
+    try:
+        if data is not None:
+            return subprocess.run(argv, input=data, capture_output=True, check=False)
+        return subprocess.run(argv, stdin=stdin, capture_output=True, check=False)
+    except OSError as exc:
+        raise SignerError(Exit.UNAVAILABLE, f"cannot run {argv[0]}: {exc.strerror}") from None
+
+
+def _relay(r: subprocess.CompletedProcess[bytes], err: TextIO) -> None:
+    text = r.stderr.decode("utf-8", "replace").strip()
+    if text:
+        err.write(text + "\n")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def sha256_file(path: Path) -> tuple[bytes, int]:
+    h = hashlib.sha256()
+    size = 0
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    with path.open("rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
+    return h.digest(), size
+
+
+def submit(host: str, profile: str, fmt: str, name: str | None, out: Path | None, wait: bool,
+           ssh: str, artifact: Path, err: TextIO) -> int:
+    dest = out or artifact.with_name(artifact.name + (".p7s" if fmt == "cms" else ".sig"))
+    remote = ["sign", "--profile", profile, "--format", fmt, "--name", name or artifact.name]
+    try:
+        with artifact.open("rb") as f:
+            r = _ssh(ssh, host, remote, stdin=f)
+    except OSError as exc:
+        raise SignerError(Exit.USAGE, f"{artifact}: {exc.strerror}") from None
+    if r.returncode == Exit.QUEUED:
+        _relay(r, err)
+        match = _QUEUED_RE.search(r.stderr.decode("ascii", "replace"))
+        if not wait or match is None:
+            return Exit.QUEUED
+        rid = match.group(1)
+        while r.returncode == Exit.QUEUED:
+            time.sleep(POLL_SECONDS)
+            r = _ssh(ssh, host, ["fetch", rid])
+    if r.returncode != 0 or not r.stdout:
+        _relay(r, err)
+        return r.returncode or Exit.SOFTWARE
+    _write_atomic(dest, r.stdout)
+    err.write(f"wrote {dest}\n")
+    return Exit.OK
+
+
+def approve(host: str, key: Path, rid: str, artifact: Path | None, yes: bool, ssh: str,
+            out: TextIO, err: TextIO) -> int:
+    r = _ssh(ssh, host, ["requests"])
+    if r.returncode != 0:
+        _relay(r, err)
+        return r.returncode
+    item = None
+    for line in r.stdout.decode("utf-8", "replace").splitlines():
+        obj = json.loads(line)
+        if obj.get("id") == rid:
+            item = obj
+    if item is None:
+        raise SignerError(Exit.USAGE, f"no pending request {rid} for you on {host}")
+    # Rebuild the statement from the fields: what is shown is exactly what gets signed.
+    req = Request(id=rid, profile=item["profile"], client=item["client"],
+                  sha256=item["sha256"], size=int(item["size"]), name=item["name"],
+                  format=item["format"])
+    statement = req.statement()
+    out.write(statement.decode("ascii"))
+    if artifact is not None:
+        digest, size = sha256_file(artifact)
+        if digest.hex() != req.sha256 or size != req.size:
+            raise SignerError(Exit.DATA, f"{artifact} is not the artifact of request {rid} "
+                              "(digest or size differ): not approving")
+        out.write(f"matches {artifact}\n")
+    if not yes:
+        out.write("approve this request? [y/N] ")
+        out.flush()
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            err.write("not approved\n")
+            return Exit.NOPERM
+    try:
+        sig = approval.sign(statement, key)
+    except OSError as exc:
+        raise SignerError(Exit.SOFTWARE, str(exc)) from None
+    r = _ssh(ssh, host, ["approve", rid], data=sig)
+    _relay(r, err)
+    return r.returncode
+
+
+def verify(fmt: str, key_file: Path, pss: bool, artifact: Path, signature: Path,
+           out: TextIO) -> int:
+    spki = certs.load_public_key(key_file)
+    try:
+        digest, _size = sha256_file(artifact)
+        sig = signature.read_bytes()
+    except OSError as exc:
+        raise SignerError(Exit.USAGE, f"{exc.filename}: {exc.strerror}") from None
+    if fmt == "raw":
+        ok, why = raw.verify(digest, sig, spki, pss), "signature does not verify"
+    else:
+        try:
+            cms.verify(digest, sig, spki)
+            ok, why = True, ""
+        except cms.CMSError as exc:
+            ok, why = False, str(exc)
+    out.write(f"valid: {artifact}\n" if ok else f"INVALID: {artifact}: {why}\n")
+    return Exit.OK if ok else Exit.INVALID

@@ -1,0 +1,614 @@
+"""signerd: the only process that touches the token.
+
+One thread accepts on the Unix socket and hands connections to a pool; each request is checked by
+`policy`, streamed and hashed, signed through the one token session, written to the audit log and
+only then answered. The audit writer batches concurrent entries into one fsync (group commit).
+
+Locks, from outer to inner: `_lock` (policy state: freezes, budgets, requests; held while a
+state-changing entry is written, so the log's order is the order decisions were made in), then
+the audit writer's queue. The token has its own session lock (python-pkcs11). A signature is
+produced outside `_lock`: a budget slot is reserved under it first (`_inflight`), so a burst of
+concurrent requests can never overrun the budget.
+"""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable
+from io import BufferedIOBase
+from pathlib import Path
+from typing import Any
+
+from asn1crypto import x509
+
+from signer import approval, audit, certs, pin, policy, request, wire
+from signer.algorithms import BY_NAME, ECDSA_P256
+from signer.config import Config, Profile
+from signer.errors import Exit, SignerError
+from signer.formats import cms, raw
+from signer.policy import Denied
+from signer.token import Token
+from signer.uri import PKCS11URI
+
+log = logging.getLogger("signerd")
+
+WORKERS = 64
+HEADER_TIMEOUT = 30.0
+BODY_TIMEOUT = 300.0  # per read: a stalled upload is dropped, a slow one is not
+STOP_GRACE = 10.0
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.state = policy.State()
+        self._lock = threading.Lock()
+        self._unlock_lock = threading.Lock()
+        self._inflight: dict[str, int] = {}
+        self._fetching: set[str] = set()
+        self._keys: dict[str, Any] = {}  # key label -> private key handle (resident keys only)
+        self._key_problems: dict[str, str] = {}  # key label -> why it is refused
+        self._certs: dict[str, x509.Certificate] = {}  # profile -> certificate (cms)
+        self._cert_problems: dict[str, str] = {}
+        self._stopping = threading.Event()
+        self._active = 0
+        self._active_cv = threading.Condition()
+        self.token: Token | None = None
+        self.writer: audit.Writer | None = None
+
+    # --- start and stop ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        d = self.cfg.daemon
+        secret = pin.read_file(d.pin_file) if d.pin_file is not None else None
+        self.token = Token(d.token_module, d.token_label)
+        d.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (d.state_dir / "signatures").mkdir(mode=0o700, exist_ok=True)
+        try:
+            scan = audit.scan(d.audit_log, self.state.apply)
+        except audit.ChainError as exc:
+            raise SignerError(Exit.IOERR, f"audit log {d.audit_log} is broken at seq {exc.seq}: "
+                              f"{exc.reason}. Keep it for the investigation (`signer audit "
+                              "verify`), move it aside and start again") from None
+        except OSError as exc:
+            raise SignerError(Exit.IOERR, f"cannot read audit log {d.audit_log}: "
+                              f"{exc.strerror}") from None
+        self.writer = audit.Writer(d.audit_log, scan, d.checkpoint_interval,
+                                   self._sign_checkpoint)
+        self.writer.open()
+        note = f"cut a torn last entry of {scan.torn} bytes" if scan.torn else None
+        self.writer.append("start", pid=os.getpid(), note=note,
+                           reason="PIN from file" if secret else "locked: waiting for unlock")
+        if secret is not None:
+            self._login(secret)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        deadline = time.monotonic() + STOP_GRACE
+        with self._active_cv:
+            while self._active and time.monotonic() < deadline:
+                self._active_cv.wait(0.1)
+        if self.writer is not None:
+            try:
+                self.writer.append("stop", pid=os.getpid())
+                self.writer.checkpoint()
+            except audit.AuditError as exc:
+                log.warning("at stop: %s", exc)
+            self.writer.close()
+        if self.token is not None:
+            self.token.close()
+
+    def _login(self, secret: str) -> None:
+        assert self.token is not None and self.writer is not None
+        self.token.login(secret)
+        self._check_keys()
+        try:
+            self.writer.checkpoint()  # vouch for what was written while locked
+        except audit.AuditError as exc:
+            log.warning("checkpoint after login: %s", exc)
+
+    def _check_keys(self) -> None:
+        """Residency of every configured key; refusals are logged once per login."""
+        assert self.token is not None and self.writer is not None
+        d = self.cfg.daemon
+        wanted: list[tuple[str | None, PKCS11URI, str]] = [
+            (p.name, p.key, p.algorithm) for p in self.cfg.profiles.values()]
+        wanted.append((None, d.audit_key, ECDSA_P256.name))
+        for profile, uri, alg in wanted:
+            if uri.label in self._keys or uri.label in self._key_problems:
+                continue
+            problems = self.token.residency_problems(uri, BY_NAME[alg])
+            if problems:
+                why = "; ".join(problems)
+                self._key_problems[uri.label] = why
+                log.error("key %s refused: %s", uri, why)
+                self.writer.append("residency-failure", profile=profile, key=str(uri),
+                                   reason=why)
+            else:
+                self._keys[uri.label] = self.token.private_key(uri)
+        for p in self.cfg.profiles.values():
+            if p.cert is None:
+                continue
+            try:
+                cert = certs.load_cert(p.cert)
+                if not certs.matches(cert, self.token.public_key_info(p.key)):
+                    raise SignerError(Exit.CONFIG, f"{p.cert}: certificate is not for the key "
+                                      f"{p.key}")
+                self._certs[p.name] = cert
+            except SignerError as exc:
+                self._cert_problems[p.name] = exc.message
+                log.error("profile %s: %s", p.name, exc.message)
+
+    def _sign_checkpoint(self, digest: bytes) -> bytes | None:
+        key = self._keys.get(self.cfg.daemon.audit_key.label)
+        if key is None or self.token is None or not self.token.logged_in:
+            return None
+        return self.token.sign_digest(key, ECDSA_P256, digest)
+
+    # --- serving -----------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    def serve(self, sock: socket.socket) -> None:
+        """Accept until asked to stop. Connection threads are daemon threads, bounded by a
+        semaphore: a stuck connection can delay the stop by STOP_GRACE, never block it."""
+        sock.settimeout(0.1)
+        slots = threading.BoundedSemaphore(WORKERS)
+        while not self._stopping.is_set():
+            if not slots.acquire(timeout=0.5):
+                continue
+            try:
+                conn, _addr = sock.accept()
+            except TimeoutError:
+                slots.release()
+                continue
+            except OSError as exc:
+                slots.release()
+                if self._stopping.is_set():
+                    break
+                log.error("accept: %s", exc)
+                time.sleep(0.1)
+                continue
+            with self._active_cv:
+                self._active += 1
+            threading.Thread(target=self._connection, args=(conn, slots), daemon=True).start()
+        sock.close()
+
+    def _connection(self, conn: socket.socket, slots: threading.BoundedSemaphore) -> None:
+        try:
+            conn.settimeout(HEADER_TIMEOUT)
+            with conn, conn.makefile("rb") as f:
+                self._handle(conn, f)
+        except (wire.ProtocolError, OSError) as exc:
+            log.debug("connection dropped: %s", exc)
+        except Exception:
+            log.exception("internal error")
+            try:
+                wire.reply(conn, Exit.SOFTWARE, "internal error in the signer daemon (details "
+                           "in its journal)")
+            except OSError:
+                pass
+        finally:
+            slots.release()
+            with self._active_cv:
+                self._active -= 1
+                self._active_cv.notify_all()
+
+    def _handle(self, conn: socket.socket, f: BufferedIOBase) -> None:
+        hdr = wire.read_line(f)
+        conn.settimeout(BODY_TIMEOUT)
+        role, name = hdr.get("role"), hdr.get("caller")
+        if hdr.get("v") != wire.VERSION or role not in ("client", "custodian") \
+                or not isinstance(name, str):
+            wire.reply(conn, Exit.USAGE, "protocol mismatch: gateway and daemon versions differ")
+            return
+        try:
+            cmd = request.from_wire(hdr)
+        except request.ParseError as exc:
+            wire.reply(conn, exc.code, str(exc))
+            return
+        who = Caller(role, name)
+        try:
+            if self._stopping.is_set():
+                raise SignerError(Exit.UNAVAILABLE, "the signer daemon is stopping: try again "
+                                  "in a minute")
+            known = self.cfg.clients if role == "client" else self.cfg.custodians
+            if name not in known:
+                raise Denied(Exit.NOPERM, f"unknown {role} {name!r}: not in the signer's "
+                             "configuration", f"unknown {role}")
+            self._dispatch(conn, f, who, cmd)
+        except Denied as exc:
+            self._deny(who, cmd, exc.reason)
+            wire.reply(conn, exc.code, exc.message)
+        except audit.AuditError as exc:
+            log.error("%s", exc.message)
+            wire.reply(conn, exc.code, f"{exc.message}: nothing was signed (fail closed); "
+                       "tell the operators")
+        except SignerError as exc:
+            self._deny(who, cmd, exc.message)
+            wire.reply(conn, exc.code, exc.message)
+
+    def _deny(self, who: Caller, cmd: request.Command, reason: str) -> None:
+        log.info("deny %s %s %s: %s", who.role, who.name, type(cmd).__name__.lower(), reason)
+        if self.writer is None:
+            return
+        fields = {"client" if who.role == "client" else "custodian": who.name,
+                  "profile": getattr(cmd, "profile", None), "request": getattr(cmd, "id", None),
+                  "reason": f"{type(cmd).__name__.lower()}: {reason}"}
+        try:
+            self.writer.append("deny", **fields)
+        except audit.AuditError as exc:
+            log.error("cannot log a denial: %s", exc.message)
+
+    def _dispatch(self, conn: socket.socket, f: BufferedIOBase, who: Caller,
+                  cmd: request.Command) -> None:
+        custodian_only = (request.Requests, request.Approve, request.Unlock, request.Freeze,
+                          request.Thaw)
+        if isinstance(cmd, custodian_only) != (who.role == "custodian"):
+            raise Denied(Exit.NOPERM, f"`{type(cmd).__name__.lower()}` is not a command for "
+                         f"a {who.role}", "command not allowed for the role")
+        if isinstance(cmd, request.Sign):
+            self._sign(conn, f, who.name, cmd)
+        elif isinstance(cmd, request.Status):
+            with self._lock:
+                req = policy.own_request(self.state, who.name, cmd.id)
+                line = json.dumps(req.public(self.cfg.profiles.get(req.profile)))
+            wire.reply(conn, Exit.OK, "", line.encode() + b"\n")
+        elif isinstance(cmd, request.Fetch):
+            self._fetch(conn, who.name, cmd.id)
+        elif isinstance(cmd, request.Requests):
+            self._requests(conn, who.name)
+        elif isinstance(cmd, request.Approve):
+            self._approve(conn, f, who.name, cmd.id)
+        elif isinstance(cmd, request.Unlock):
+            self._unlock(conn, f, who.name)
+        elif isinstance(cmd, request.Freeze):
+            self._freeze(conn, who.name, cmd.profile)
+        else:
+            self._thaw(conn, who.name, cmd.profile)
+
+    # --- signing -----------------------------------------------------------------------------
+
+    def _ready(self, profile: Profile, fmt: str) -> None:
+        if self.token is None or not self.token.logged_in:
+            raise SignerError(Exit.UNAVAILABLE, "the signer is locked: a custodian must run "
+                              "`unlock`")
+        assert self.writer is not None
+        if self.writer.broken:
+            raise audit.AuditError(self.writer.broken)
+        why = self._key_problems.get(profile.key.label)
+        if why is not None:
+            raise Denied(Exit.NOPERM, f"the key of profile {profile.name!r} is not resident on "
+                         f"the token ({why}): refusing to sign", "key not resident")
+        if fmt == "cms" and profile.name not in self._certs:
+            raise SignerError(Exit.CONFIG, self._cert_problems.get(
+                profile.name, f"profile {profile.name!r} has no certificate"))
+
+    def _sign(self, conn: socket.socket, f: BufferedIOBase, client: str,
+              cmd: request.Sign) -> None:
+        with self._lock:
+            profile = policy.check_sign(self.cfg, self.state, client, cmd.profile, cmd.format)
+        self._ready(profile, cmd.format)
+        wire.send_line(conn, {"continue": True})
+        h = hashlib.sha256()
+        size = 0
+        try:
+            for chunk in wire.iter_body(f, profile.max_size):
+                h.update(chunk)
+                size += len(chunk)
+        except wire.BodyTooLarge:
+            policy.check_size(profile, profile.max_size + 1)
+        policy.check_size(profile, size)
+        if profile.approvals:
+            self._queue(conn, client, profile, cmd, h.hexdigest(), size)
+            return
+        out = self._produce(profile, cmd.format, h.digest(), size, client, cmd.name, None)
+        wire.reply(conn, Exit.OK, "", out)
+
+    def _produce(self, profile: Profile, fmt: str, digest: bytes, size: int, client: str,
+                 name: str, rid: str | None) -> bytes:
+        """Reserve a budget slot, sign, log (fsynced), and only then return the signature."""
+        assert self.token is not None and self.writer is not None
+        p = profile.name
+        with self._lock:
+            policy.check_not_frozen(self.state, profile)
+            if self.state.used(profile, time.time()) + self._inflight.get(p, 0) \
+                    >= profile.budget_count:
+                why = (f"budget of {profile.budget_count} signatures per "
+                       f"{profile.budget_window} s exhausted")
+                entry = self.writer.append("budget-exceeded", profile=p, client=client,
+                                           reason=why)
+                self.state.apply(entry)
+                raise Denied(Exit.NOPERM, f"{why}: profile {p!r} is now frozen; a custodian "
+                             f"must run `thaw {p}`", "budget exceeded")
+            self._inflight[p] = self._inflight.get(p, 0) + 1
+        try:
+            key = self._keys[profile.key.label]
+            alg = BY_NAME[profile.algorithm]
+
+            def sign_digest(d: bytes) -> bytes:
+                assert self.token is not None
+                return self.token.sign_digest(key, alg, d)
+
+            if fmt == "cms":
+                out = cms.sign(digest, self._certs[p], alg, sign_digest)
+            else:
+                out = raw.sign(digest, sign_digest)
+            entry = self.writer.append(
+                "sign", client=client, profile=p, key=str(profile.key), name=name, format=fmt,
+                sha256=digest.hex(), size=size, sig_sha256=hashlib.sha256(out).hexdigest(),
+                request=rid)
+            with self._lock:
+                self.state.apply(entry)
+        finally:
+            with self._lock:
+                self._inflight[p] -= 1
+        return out
+
+    def _state_event(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Write a state-changing entry and apply it, in log order. Caller holds _lock."""
+        assert self.writer is not None
+        entry = self.writer.append(event, **fields)
+        self.state.apply(entry)
+        return entry
+
+    def _queue(self, conn: socket.socket, client: str, profile: Profile, cmd: request.Sign,
+               sha256: str, size: int) -> None:
+        rid = secrets.token_hex(16)
+        with self._lock:
+            self._state_event("queue", request=rid, client=client, profile=profile.name,
+                              name=cmd.name, format=cmd.format, sha256=sha256, size=size)
+        who = ", ".join(sorted(profile.custodians))
+        wire.reply(conn, Exit.QUEUED, f"queued {rid}: needs {profile.approvals} approval(s) "
+                   f"from {who}; poll with `status {rid}`, then `fetch {rid}`")
+
+    def _signature_path(self, rid: str) -> Path:
+        return self.cfg.daemon.state_dir / "signatures" / rid
+
+    def _fetch(self, conn: socket.socket, client: str, rid: str) -> None:
+        with self._lock:
+            req = policy.own_request(self.state, client, rid)
+            profile = policy.profile_for(self.cfg, req.profile)
+            if req.signed:
+                signed = True
+            else:
+                signed = False
+                counted = req.counted(profile)
+                if len(counted) < profile.approvals:
+                    have = ", ".join(sorted(counted)) or "none yet"
+                    wire.reply(conn, Exit.QUEUED, f"request {rid} waits for approvals: "
+                               f"{len(counted)} of {profile.approvals} ({have})")
+                    return
+                if rid in self._fetching:
+                    wire.reply(conn, Exit.QUEUED, f"request {rid} is being signed: fetch it "
+                               "again in a moment")
+                    return
+                policy.check_sign(self.cfg, self.state, client, req.profile, req.format)
+                self._fetching.add(rid)
+        if signed:
+            try:
+                out = self._signature_path(rid).read_bytes()
+            except OSError:
+                raise SignerError(Exit.SOFTWARE, f"request {rid} was signed but the signature "
+                                  "is no longer stored: submit the artifact again") from None
+            wire.reply(conn, Exit.OK, "", out)
+            return
+        try:
+            self._ready(profile, req.format)
+            out = self._produce(profile, req.format, bytes.fromhex(req.sha256), req.size,
+                                client, req.name, rid)
+        finally:
+            with self._lock:
+                self._fetching.discard(rid)
+        self._store(rid, out)
+        wire.reply(conn, Exit.OK, "", out)
+
+    def _store(self, rid: str, out: bytes) -> None:
+        """Keep a released approval signature so that a lost connection can fetch it again.
+        The audit entry is already written; failing to keep a copy does not withhold it."""
+        path = self._signature_path(rid)
+        tmp = path.with_suffix(".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(out)
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.replace(path)
+        except OSError as exc:
+            log.error("cannot store the signature of request %s: %s", rid, exc)
+
+    # --- custodians --------------------------------------------------------------------------
+
+    def _requests(self, conn: socket.socket, custodian: str) -> None:
+        lines = []
+        with self._lock:
+            for req in self.state.requests.values():
+                profile = self.cfg.profiles.get(req.profile)
+                if req.signed or profile is None or custodian not in profile.custodians:
+                    continue
+                item = req.public(profile)
+                item["statement"] = req.statement().decode("ascii")
+                lines.append(json.dumps(item, ensure_ascii=True) + "\n")
+        wire.reply(conn, Exit.OK, "", "".join(lines).encode("ascii"))
+
+    def _approve(self, conn: socket.socket, f: BufferedIOBase, custodian: str, rid: str) -> None:
+        with self._lock:
+            req = self.state.requests.get(rid)
+            if req is None or req.signed:
+                raise Denied(Exit.USAGE, f"no pending request {rid}", "unknown request")
+            profile = policy.profile_for(self.cfg, req.profile)
+        if custodian not in profile.custodians:
+            raise Denied(Exit.NOPERM, f"custodian {custodian!r} may not approve requests for "
+                         f"profile {profile.name!r}", "not a custodian of the profile")
+        wire.send_line(conn, {"continue": True})
+        try:
+            sig = wire.read_body(f, approval.MAX_SIGNATURE)
+        except wire.BodyTooLarge:
+            raise Denied(Exit.DATA, "approval signature too large", "approval too large") \
+                from None
+        if not approval.verify(req.statement(), sig, custodian, self.cfg.custodians[custodian],
+                               self.cfg.daemon.state_dir):
+            raise Denied(Exit.DATA, f"the approval signature does not verify for request {rid} "
+                         f"and custodian {custodian!r}: sign that request's statement (from "
+                         f"`requests`) with `ssh-keygen -Y sign -n {approval.NAMESPACE}`",
+                         "bad approval signature")
+        with self._lock:
+            if custodian in req.approvals:
+                n = len(req.counted(profile))
+                wire.reply(conn, Exit.OK, f"{custodian} already approved request {rid} (counts "
+                           f"once): {n} of {profile.approvals}")
+                return
+            self._state_event("approve", request=rid, custodian=custodian, profile=req.profile,
+                              client=req.client, sha256=req.sha256)
+            n = len(req.counted(profile))
+        wire.reply(conn, Exit.OK, f"approved request {rid}: {n} of {profile.approvals}")
+
+    def _unlock(self, conn: socket.socket, f: BufferedIOBase, custodian: str) -> None:
+        assert self.token is not None and self.writer is not None
+        if self.token.logged_in:
+            wire.reply(conn, Exit.OK, "already unlocked")
+            return
+        wire.send_line(conn, {"continue": True})
+        try:
+            secret = pin.check(wire.read_body(f, pin.MAX_PIN + 1), "PIN on stdin")
+        except wire.BodyTooLarge:
+            raise Denied(Exit.DATA, "PIN too long", "PIN too long") from None
+        with self._unlock_lock:
+            if not self.token.logged_in:
+                try:
+                    self.token.login(secret)
+                except SignerError as exc:
+                    if exc.code == Exit.NOPERM:
+                        raise Denied(exc.code, exc.message, "unlock refused by the token") \
+                            from None
+                    raise
+                self.writer.append("unlock", custodian=custodian)
+                self._check_keys()
+                try:
+                    self.writer.checkpoint()
+                except audit.AuditError as exc:
+                    log.warning("checkpoint after unlock: %s", exc)
+        wire.reply(conn, Exit.OK, "unlocked")
+
+    def _freeze(self, conn: socket.socket, custodian: str, name: str) -> None:
+        with self._lock:
+            profile = policy.profile_for(self.cfg, name)
+            if profile.name not in self.state.frozen:
+                self._state_event("freeze", profile=name, custodian=custodian,
+                                  reason=f"frozen by custodian {custodian}")
+        wire.reply(conn, Exit.OK, f"profile {name!r} is frozen")
+
+    def _thaw(self, conn: socket.socket, custodian: str, name: str) -> None:
+        with self._lock:
+            profile = policy.profile_for(self.cfg, name)
+            policy.check_custodian_of(profile, custodian)
+            if profile.name not in self.state.frozen:
+                wire.reply(conn, Exit.OK, f"profile {name!r} is not frozen")
+                return
+            self._state_event("thaw", profile=name, custodian=custodian)
+        wire.reply(conn, Exit.OK, f"profile {name!r} thawed; its budget window starts now")
+
+
+class Caller:
+    __slots__ = ("name", "role")
+
+    def __init__(self, role: str, name: str) -> None:
+        self.role = role
+        self.name = name
+
+
+def bind(path: Path, group: str) -> socket.socket:
+    """Listen on the Unix socket (mode 0660, group `group`). A live socket means another
+    daemon: refuse. A stale one (left by a crash) is replaced."""
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise SignerError(Exit.CONFIG, f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()
+        else:
+            raise SignerError(Exit.UNAVAILABLE, f"another daemon is listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o117)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise SignerError(Exit.CONFIG, f"cannot listen on {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old)
+    if group:
+        try:
+            os.chown(path, -1, _gid(group))
+        except (OSError, KeyError) as exc:
+            sock.close()
+            raise SignerError(Exit.CONFIG, f"cannot give {path} to group {group!r}: {exc}") \
+                from None
+    sock.listen(128)
+    return sock
+
+
+def _gid(group: str) -> int:
+    return grp.getgrnam(group).gr_gid
+
+
+def notify_ready() -> None:
+    """sd_notify(READY=1) when run by systemd with Type=notify (no-op otherwise)."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.connect(addr)
+            s.sendall(b"READY=1")
+        except OSError as exc:
+            log.warning("sd_notify: %s", exc)
+
+
+def run(cfg: Config, on_ready: Callable[[], None] | None = None) -> None:
+    """`signer serve`: start, serve until SIGTERM/SIGINT, stop cleanly."""
+    pin.harden_process()
+    daemon = Daemon(cfg)
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        daemon.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon.start()
+    try:
+        sock = bind(cfg.daemon.socket, cfg.daemon.socket_group)
+    except SignerError:
+        daemon.stop()
+        raise
+    log.info("listening on %s (%s)", cfg.daemon.socket,
+             "unlocked" if daemon.token and daemon.token.logged_in else "locked")
+    notify_ready()
+    if on_ready is not None:
+        on_ready()
+    try:
+        daemon.serve(sock)
+    finally:
+        try:
+            cfg.daemon.socket.unlink()
+        except OSError:
+            pass
+        daemon.stop()

@@ -1,0 +1,122 @@
+"""signer-gateway: the SSH forced command. It parses `SSH_ORIGINAL_COMMAND` (never a shell),
+streams stdin to the daemon and the answer to stdout. It has no key, no PIN and no policy: the
+daemon re-checks everything the gateway sends.
+
+Output discipline: on success the payload goes to stdout in one piece, after the daemon's
+complete reply was read; on any failure stdout stays empty and stderr gets exactly one line.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tomllib
+from pathlib import Path
+from typing import BinaryIO
+
+from signer import request, wire
+from signer.errors import Exit, SignerError
+
+DEFAULT_SOCKET = Path("/run/signer/signer.sock")
+CHUNK = 1 << 20
+# Commands whose body is small and read whole (approval signature, PIN), with their limit.
+_SMALL_BODY = {request.Approve: 64 * 1024, request.Unlock: 1024}
+
+
+def socket_path(config: Path | None, explicit: Path | None) -> Path:
+    """--socket, else [daemon].socket from the config, else the default. Only that key is read:
+    the gateway runs as another user and needs nothing else from the file."""
+    if explicit is not None:
+        return explicit
+    if config is None:
+        return DEFAULT_SOCKET
+    try:
+        data = tomllib.loads(config.read_text(encoding="utf-8"))
+        value = data["daemon"]["socket"]
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
+        raise SignerError(Exit.CONFIG, f"{config}: cannot read daemon.socket "
+                          f"({type(exc).__name__})") from None
+    if not isinstance(value, str):
+        raise SignerError(Exit.CONFIG, f"{config}: daemon.socket: must be a string")
+    return Path(value)
+
+
+def connect(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        sock.close()
+        raise SignerError(Exit.UNAVAILABLE, "the signer daemon is not running (no answer on "
+                          f"{path}): try again later or tell the operators") from None
+    return sock
+
+
+def _stream(sock: socket.socket, stdin: BinaryIO, limit: int | None) -> None:
+    """Copy stdin to the socket as frames, then the end frame."""
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    total = 0
+    while True:
+        n = stdin.readinto(view)  # type: ignore[attr-defined]
+        if not n:
+            break
+        total += n
+        if limit is not None and total > limit:
+            raise SignerError(Exit.DATA, f"input larger than {limit} bytes")
+        wire.send_frame(sock, view[:n])
+    wire.send_frame(sock, b"")
+
+
+def exchange(sock: socket.socket, header: dict[str, object], stdin: BinaryIO,
+             limit: int | None) -> tuple[int, str, bytes]:
+    """Send a request, stream stdin if the daemon asks for it, return its final reply."""
+    with sock.makefile("rb") as f:
+        try:
+            wire.send_line(sock, header)
+            first = wire.read_line(f)
+            if first.get("continue") is not True:
+                return wire.finish_reply(first, f)
+            try:
+                _stream(sock, stdin, limit)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the daemon stopped reading (too large?): its reply says why
+            return wire.read_reply(f)
+        except (wire.ProtocolError, OSError) as exc:
+            raise SignerError(Exit.UNAVAILABLE, f"lost the connection to the signer daemon "
+                              f"({exc}): nothing was signed; try again") from None
+
+
+def run(role: str, name: str, config: Path | None, sock_path: Path | None,
+        raw_command: bytes | None, stdin: BinaryIO, stdout: BinaryIO) -> tuple[int, str]:
+    """Returns (exit code, message for stderr)."""
+    try:
+        cmd = request.parse(raw_command)
+    except request.ParseError as exc:
+        return exc.code, str(exc)
+    header: dict[str, object] = {"v": wire.VERSION, "role": role, "caller": name}
+    header.update(request.to_wire(cmd))
+    sock = connect(socket_path(config, sock_path))
+    with sock:
+        code, message, payload = exchange(sock, header, stdin, _SMALL_BODY.get(type(cmd)))
+    if code == Exit.OK and payload:
+        stdout.write(payload)
+        stdout.flush()
+    return code, message
+
+
+def main(role: str, name: str, config: Path | None, sock_path: Path | None) -> int:
+    raw = os.environb.get(b"SSH_ORIGINAL_COMMAND")
+    try:
+        code, message = run(role, name, config, sock_path, raw, sys.stdin.buffer,
+                            sys.stdout.buffer)
+    except SignerError as exc:
+        code, message = exc.code, exc.message
+    except BrokenPipeError:
+        code, message = Exit.UNAVAILABLE, "the SSH connection closed before the answer was sent"
+    except Exception as exc:  # one line, never a traceback on the wire
+        code, message = Exit.SOFTWARE, f"internal error in the gateway ({type(exc).__name__})"
+    if message:
+        sys.stderr.write(f"signer: {' '.join(message.splitlines())}\n")
+    return code

@@ -1,0 +1,160 @@
+"""`signer keys ...`: generate keys on the token, check their residency, certificates and CSRs.
+
+Run as the daemon's user (the token store belongs to it). The PIN comes from the daemon's
+`file:` PIN source, else from the file named by SIGNER_PIN_FILE, else from the terminal; never
+from argv or the environment itself.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from signer import certs, pin
+from signer.algorithms import BY_NAME, ECDSA_P256, Algorithm
+from signer.config import Config
+from signer.errors import Exit, SignerError
+from signer.token import Token
+from signer.uri import PKCS11URI
+
+
+def _pin(cfg: Config) -> str:
+    path = cfg.daemon.pin_file
+    if path is None and os.environ.get("SIGNER_PIN_FILE"):
+        path = Path(os.environ["SIGNER_PIN_FILE"])
+    if path is not None:
+        return pin.read_file(path)
+    if sys.stdin.isatty():
+        return pin.check(getpass.getpass("token user PIN: ").encode(), "PIN")
+    raise SignerError(Exit.CONFIG, "no PIN: the config's pin_source is 'prompt'; set "
+                      "SIGNER_PIN_FILE to a file (mode 0400) holding the PIN, or run on a tty")
+
+
+def open_token(cfg: Config, rw: bool = False) -> Token:
+    token = Token(cfg.daemon.token_module, cfg.daemon.token_label)
+    token.login(_pin(cfg), rw=rw)
+    return token
+
+
+def target(cfg: Config, profile: str | None) -> tuple[str, PKCS11URI, Algorithm]:
+    """(description, key URI, algorithm) for --profile P or --audit (profile None)."""
+    if profile is None:
+        return "audit key", cfg.daemon.audit_key, ECDSA_P256
+    p = cfg.profiles.get(profile)
+    if p is None:
+        raise SignerError(Exit.USAGE, f"unknown profile {profile!r} in {cfg.path}")
+    return f"profile {profile}", p.key, BY_NAME[p.algorithm]
+
+
+def generate(cfg: Config, profile: str | None, if_missing: bool, out: TextIO) -> int:
+    what, uri, alg = target(cfg, profile)
+    token = open_token(cfg, rw=True)
+    try:
+        if if_missing and token.exists(uri.label):
+            out.write(f"exists: {what}: {uri}\n")
+            return Exit.OK
+        token.generate(uri, alg)
+        out.write(f"generated: {what}: {uri} ({alg.name}, on the token, not extractable)\n")
+    finally:
+        token.close()
+    return Exit.OK
+
+
+def list_keys(cfg: Config, out: TextIO) -> int:
+    token = open_token(cfg)
+    try:
+        for k in token.keys():
+            attrs = " ".join(f"{name}={value}" for name, value in k.residency.items())
+            out.write(f"{k.object_class:7} {k.label!r} id={k.key_id.hex() or '-'} "
+                      f"{k.key_type} {attrs}".rstrip() + "\n")
+    finally:
+        token.close()
+    return Exit.OK
+
+
+def check(cfg: Config, out: TextIO) -> int:
+    token = open_token(cfg)
+    failed = False
+    try:
+        names: list[str | None] = [*cfg.profiles, None]
+        for name in names:
+            what, uri, alg = target(cfg, name)
+            problems = token.residency_problems(uri, alg)
+            failed = failed or bool(problems)
+            status = "FAIL" if problems else "ok"
+            detail = f": {'; '.join(problems)}" if problems else ""
+            out.write(f"{status} {what}: {uri}{detail}\n")
+    finally:
+        token.close()
+    return Exit.NOPERM if failed else Exit.OK
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(0o644)
+    tmp.replace(path)
+
+
+def selfsign(cfg: Config, profile: str | None, subject: str | None, days: int,
+             out_path: Path | None, if_missing: bool, out: TextIO) -> int:
+    what, uri, alg = target(cfg, profile)
+    dest = out_path or (cfg.profiles[profile].cert if profile else cfg.daemon.audit_cert)
+    if dest is None:
+        raise SignerError(Exit.USAGE, f"{what} has no certificate path in {cfg.path}: give --out")
+    if dest.exists():
+        if if_missing:
+            out.write(f"exists: {dest}\n")
+            return Exit.OK
+        raise SignerError(Exit.EXISTS, f"{dest} exists: refusing to replace it")
+    token = open_token(cfg)
+    try:
+        key = token.private_key(uri)
+        cert = certs.self_signed(token.public_key_info(uri), alg,
+                                 lambda d: token.sign_digest(key, alg, d),
+                                 subject or f"signer {what}", days)
+    finally:
+        token.close()
+    _write_public(dest, certs.to_pem(cert))
+    out.write(f"wrote {dest}: self-signed certificate for {what}, {days} days\n")
+    return Exit.OK
+
+
+def csr(cfg: Config, profile: str, subject: str | None, out_path: Path | None,
+        out: TextIO) -> int:
+    what, uri, alg = target(cfg, profile)
+    token = open_token(cfg)
+    try:
+        key = token.private_key(uri)
+        req = certs.request(token.public_key_info(uri), alg,
+                            lambda d: token.sign_digest(key, alg, d), subject or f"signer {what}")
+    finally:
+        token.close()
+    data = certs.to_pem(req)
+    if out_path is None:
+        out.write(data.decode("ascii"))
+    else:
+        _write_public(out_path, data)
+        out.write(f"wrote {out_path}\n")
+    return Exit.OK
+
+
+def import_cert(cfg: Config, profile: str, cert_path: Path, out: TextIO) -> int:
+    what, uri, _alg = target(cfg, profile)
+    dest = cfg.profiles[profile].cert
+    if dest is None:
+        raise SignerError(Exit.CONFIG, f"profiles.{profile}.cert is not set in {cfg.path}")
+    cert = certs.load_cert(cert_path)
+    token = open_token(cfg)
+    try:
+        spki = token.public_key_info(uri)
+    finally:
+        token.close()
+    if not certs.matches(cert, spki):
+        raise SignerError(Exit.DATA, f"{cert_path} is not a certificate for {what}'s key {uri}")
+    _write_public(dest, certs.to_pem(cert))
+    out.write(f"installed {cert_path} as {dest} for {what}; restart the daemon to use it\n")
+    return Exit.OK

@@ -1,0 +1,156 @@
+"""Policy: who may do what, and the state that decisions depend on. Pure: no I/O, no clock.
+
+The state (frozen profiles, budget windows, requests waiting for approvals) is a fold over the
+audit log: `State.apply` is called for every entry the daemon replays at start and for every entry
+it writes. There is no second store that could disagree with the log, and a restart cannot reset
+a budget or forget a freeze.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from signer import audit
+from signer.config import Config, Profile
+from signer.errors import Exit
+
+
+class Denied(Exception):
+    """A request refused by policy: `message` goes to the caller, `reason` to the audit log."""
+
+    def __init__(self, code: Exit, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason or message
+
+
+@dataclass
+class Request:
+    """A signature request waiting for M-of-N custodian approvals."""
+
+    id: str
+    profile: str
+    client: str
+    sha256: str
+    size: int
+    name: str
+    format: str
+    approvals: set[str] = field(default_factory=set)
+    signed: bool = False
+
+    def statement(self) -> bytes:
+        """What a custodian signs (`ssh-keygen -Y sign -n signer-approval`); README format."""
+        return (f"signer-approval-v1\nid={self.id}\nprofile={self.profile}\n"
+                f"client={self.client}\nsha256={self.sha256}\nsize={self.size}\n"
+                f"name={json.dumps(self.name, ensure_ascii=True)}\n").encode("ascii")
+
+    def counted(self, profile: Profile) -> set[str]:
+        """Approvals that count now: distinct, and from custodians the profile still lists."""
+        return self.approvals & profile.custodians
+
+    def public(self, profile: Profile | None) -> dict[str, Any]:
+        counted = self.counted(profile) if profile else set()
+        required = profile.approvals if profile else 0
+        state = "signed" if self.signed else "approved" if len(counted) >= required \
+            else "pending"
+        return {"id": self.id, "state": state, "profile": self.profile, "client": self.client,
+                "sha256": self.sha256, "size": self.size, "name": self.name,
+                "format": self.format, "approvals": sorted(counted), "required": required}
+
+
+@dataclass
+class State:
+    frozen: dict[str, str] = field(default_factory=dict)  # profile -> why
+    signatures: dict[str, deque[float]] = field(default_factory=dict)  # profile -> sign times
+    window_start: dict[str, float] = field(default_factory=dict)  # profile -> last thaw
+    requests: dict[str, Request] = field(default_factory=dict)
+
+    def apply(self, entry: Mapping[str, Any]) -> None:
+        event = entry.get("event")
+        profile = entry.get("profile")
+        if not isinstance(profile, str):
+            return
+        if event == "sign":
+            self.signatures.setdefault(profile, deque()).append(audit.parse_time(entry["time"]))
+            req = self.requests.get(str(entry.get("request")))
+            if req is not None:
+                req.signed = True
+        elif event in ("freeze", "budget-exceeded"):
+            self.frozen[profile] = str(entry.get("reason") or event)
+        elif event == "thaw":
+            self.frozen.pop(profile, None)
+            self.window_start[profile] = audit.parse_time(entry["time"])
+        elif event == "queue":
+            rid = str(entry["request"])
+            self.requests[rid] = Request(
+                id=rid, profile=profile, client=str(entry["client"]),
+                sha256=str(entry["sha256"]), size=int(entry["size"]),
+                name=str(entry.get("name", "")), format=str(entry["format"]))
+        elif event == "approve":
+            req = self.requests.get(str(entry.get("request")))
+            if req is not None:
+                req.approvals.add(str(entry["custodian"]))
+
+    def used(self, profile: Profile, now: float) -> int:
+        """Signatures counted against the budget: those in the rolling window since the last
+        thaw. Old timestamps are dropped as a side effect (memory stays bounded)."""
+        times = self.signatures.setdefault(profile.name, deque())
+        floor = max(now - profile.budget_window, self.window_start.get(profile.name, 0.0))
+        while times and times[0] <= now - profile.budget_window:
+            times.popleft()
+        return sum(1 for t in times if t > floor)
+
+
+def profile_for(cfg: Config, name: str) -> Profile:
+    profile = cfg.profiles.get(name)
+    if profile is None:
+        raise Denied(Exit.USAGE, f"unknown profile {name!r}", f"unknown profile {name!r}")
+    return profile
+
+
+def check_sign(cfg: Config, state: State, client: str, profile_name: str, fmt: str) -> Profile:
+    """Everything that can be decided before the artifact is read."""
+    profile = profile_for(cfg, profile_name)
+    if client not in profile.clients:
+        raise Denied(Exit.NOPERM, f"client {client!r} is not allowed to use profile "
+                     f"{profile.name!r}", "client not allowed")
+    if fmt not in profile.formats:
+        raise Denied(Exit.NOPERM, f"format {fmt!r} is not allowed for profile {profile.name!r} "
+                     f"(allowed: {', '.join(profile.formats)})", "format not allowed")
+    check_not_frozen(state, profile)
+    return profile
+
+
+def check_not_frozen(state: State, profile: Profile) -> None:
+    if profile.name in state.frozen:
+        raise Denied(Exit.NOPERM, f"profile {profile.name!r} is frozen "
+                     f"({state.frozen[profile.name]}): a custodian must run `thaw "
+                     f"{profile.name}`", "profile frozen")
+
+
+def check_size(profile: Profile, size: int) -> None:
+    if size == 0:
+        raise Denied(Exit.DATA, "empty artifact: send the file on stdin", "empty artifact")
+    if size > profile.max_size:
+        raise Denied(Exit.DATA, f"artifact larger than the profile's maximum of "
+                     f"{profile.max_size} bytes", "artifact too large")
+
+
+def check_custodian_of(profile: Profile, custodian: str) -> None:
+    """Thaw and approve: a custodian the profile lists (any custodian if it lists none)."""
+    if profile.custodians and custodian not in profile.custodians:
+        raise Denied(Exit.NOPERM, f"custodian {custodian!r} is not a custodian of profile "
+                     f"{profile.name!r}", "not a custodian of the profile")
+
+
+def own_request(state: State, client: str, rid: str) -> Request:
+    req = state.requests.get(rid)
+    # Someone else's request looks exactly like a missing one: ids are not an oracle.
+    if req is None or req.client != client:
+        raise Denied(Exit.USAGE, f"no request {rid} of yours", "unknown request")
+    return req
