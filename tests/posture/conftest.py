@@ -5,8 +5,9 @@ The same tests run against the lab VM and a production host. `invoke verify` pas
 (`pytest tests/posture`), the target is the running lab ($SIGNLAB_INSTANCE, default lab0).
 
 Fixtures for test authors:
-- `host`: a testinfra host. Commands run as the admin user over SSH (connection reused);
-  wrap what needs root in `with host.sudo():` (the admin has passwordless sudo).
+- `host`: a testinfra host. Commands run as root through the admin's passwordless sudo, over
+  one reused SSH connection (the sudo log therefore shows every command of the suite); use
+  `with host.sudo("user"):` to run something as another user.
 - `is_lab`: True on the lab VM.
 - `lab`: the lab's LabState (addresses, keys, `netns_run` for the build and intruder hosts), or
   None on a production host. Tests that need the lab network take `lab` and skip when it is None
@@ -41,6 +42,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="lab or production (default: lab when --target is not given)",
     )
     group.addoption("--target-name", default=None, help="the host's inventory name")
+    group.addoption(
+        "--no-sudo",
+        action="store_true",
+        help="run commands as the connecting user (already root), not through sudo",
+    )
 
 
 def _target(config: pytest.Config) -> tuple[str | None, str, str | None, str]:
@@ -132,10 +138,18 @@ def host(pytestconfig: pytest.Config) -> Any:
         if os.environ.get("SIGNLAB_REQUIRE_LAB") == "1":
             pytest.fail(why)
         pytest.skip(why)
-    h = testinfra.get_host(spec, ssh_config=ssh_config)
+    sudo = not pytestconfig.getoption("--no-sudo")
+    h = testinfra.get_host(spec, ssh_config=ssh_config, sudo=sudo)
+    # Nothing else can pass when these fail: stop with one clear line instead of N errors.
     try:
-        h.run("true")
-    except RuntimeError as exc:
-        # ssh exit 255: nothing else can pass; stop with one clear line instead of N errors.
-        pytest.exit(f"cannot reach {spec}: {str(exc).strip()[-300:]}", returncode=3)
+        probe = h.run("id -u")
+    except RuntimeError as exc:  # ssh exit 255
+        pytest.exit(f"cannot reach {spec}: {_last_line(str(exc))}", returncode=3)
+    if sudo and (probe.rc != 0 or probe.stdout.strip() != "0"):
+        pytest.exit(f"{spec}: sudo does not give root: {_last_line(probe.stderr)}", returncode=3)
     return h
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][-300:] if lines else "(no output)"

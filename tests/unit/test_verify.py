@@ -67,7 +67,13 @@ def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.
 def run_suite(suite: pytest.Pytester, *args: str) -> dict[str, Any]:
     out = suite.path / "results.json"
     suite.runpytest_subprocess(
-        "tests/posture", "-p", "toolkit.pytest_verify", f"--verify-json={out}", "-v", *args
+        "tests/posture",
+        "-p",
+        "toolkit.pytest_verify",
+        f"--verify-json={out}",
+        "-v",
+        "--no-sudo",
+        *args,
     )
     data: dict[str, Any] = json.loads(out.read_text())
     return data
@@ -217,3 +223,14 @@ def test_pytest_command() -> None:
     ):
         assert arg in cmd
     assert cmd[-2:] == ["-k", "ssh and not slow"]
+
+
+@pytest.mark.skipif(shutil.which("sudo") is not None, reason="needs a machine without sudo")
+def test_a_host_where_sudo_fails_stops_the_run_with_one_line(suite: pytest.Pytester) -> None:
+    out = suite.path / "results.json"
+    suite.runpytest_subprocess(
+        "tests/posture", "-p", "toolkit.pytest_verify", f"--verify-json={out}",
+        "--target=local://", "--target-kind=production",
+    )  # fmt: skip
+    run = json.loads(out.read_text())
+    assert run["error"].startswith("run stopped: local://: sudo does not give root")
