@@ -93,9 +93,16 @@ def make_overlay(inst: Instance, base: Path) -> None:
 
 
 def _close_ssh_master(inst: Instance) -> None:
+    """Close our SSH connection masters (ours and Ansible's), so no ssh process outlives
+    the lab."""
     if inst.ssh_config.exists():
         subprocess.run(["ssh", "-F", str(inst.ssh_config), "-O", "exit", "signhost"],
                        capture_output=True, timeout=10)
+    cp = inst.path("cp")
+    if cp.is_dir():
+        for sock in cp.iterdir():
+            subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "signhost"],
+                           capture_output=True, timeout=10)
 
 
 def cleanup_leftovers(inst: Instance) -> list[str]:
