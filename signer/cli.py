@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--name")
     s.add_argument("--out", type=Path)
     s.add_argument("--wait", action="store_true")
+    s.add_argument("--poll", type=float, default=5.0,
+                   help="seconds between `fetch` polls with --wait")
     s.add_argument("--ssh", default="ssh")
     s.add_argument("artifact", type=Path)
 
@@ -167,7 +169,7 @@ def dispatch(args: argparse.Namespace) -> int:
         return Exit.OK if ok else Exit.INVALID
     if args.command == "submit":
         return client.submit(args.host, args.profile, args.format, args.name, args.out,
-                             args.wait, args.ssh, args.artifact, err)
+                             args.wait, args.ssh, args.artifact, err, args.poll)
     if args.command == "approve":
         return client.approve(args.host, args.key, args.id, args.artifact, args.yes, args.ssh,
                               out, err)

@@ -20,7 +20,6 @@ from signer.formats import cms, raw
 from signer.policy import Request
 
 _QUEUED_RE = re.compile(r"queued ([0-9a-f]{32})")
-POLL_SECONDS = 5.0
 
 
 def _ssh(ssh: str, host: str, remote: list[str], stdin: Any = subprocess.DEVNULL,
@@ -59,7 +58,7 @@ def sha256_file(path: Path) -> tuple[bytes, int]:
 
 
 def submit(host: str, profile: str, fmt: str, name: str | None, out: Path | None, wait: bool,
-           ssh: str, artifact: Path, err: TextIO) -> int:
+           ssh: str, artifact: Path, err: TextIO, poll: float) -> int:
     dest = out or artifact.with_name(artifact.name + (".p7s" if fmt == "cms" else ".sig"))
     remote = ["sign", "--profile", profile, "--format", fmt, "--name", name or artifact.name]
     try:
@@ -74,7 +73,7 @@ def submit(host: str, profile: str, fmt: str, name: str | None, out: Path | None
             return Exit.QUEUED
         rid = match.group(1)
         while r.returncode == Exit.QUEUED:
-            time.sleep(POLL_SECONDS)
+            time.sleep(poll)
             r = _ssh(ssh, host, ["fetch", rid])
     if r.returncode != 0 or not r.stdout:
         _relay(r, err)

