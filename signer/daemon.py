@@ -333,6 +333,7 @@ class Daemon:
                 raise Denied(Exit.NOPERM, f"{why}: profile {p!r} is now frozen; a custodian "
                              f"must run `thaw {p}`", "budget exceeded")
             self._inflight[p] = self._inflight.get(p, 0) + 1
+        reserved = True
         try:
             key = self._keys[profile.key.label]
             alg = BY_NAME[profile.algorithm]
@@ -349,11 +350,14 @@ class Daemon:
                 "sign", client=client, profile=p, key=str(profile.key), name=name, format=fmt,
                 sha256=digest.hex(), size=size, sig_sha256=hashlib.sha256(out).hexdigest(),
                 request=rid)
-            with self._lock:
+            with self._lock:  # the slot becomes a logged signature in one step
                 self.state.apply(entry)
-        finally:
-            with self._lock:
                 self._inflight[p] -= 1
+                reserved = False
+        finally:
+            if reserved:
+                with self._lock:
+                    self._inflight[p] -= 1
         return out
 
     def _state_event(self, event: str, **fields: Any) -> dict[str, Any]:

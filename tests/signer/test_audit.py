@@ -1,0 +1,315 @@
+"""The audit log: tamper evidence (the first bad seq is named), fail closed, crash safety,
+concurrency."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from signer import audit, certs
+from signer.formats import cms
+from tests.signer.conftest import CLIENTS, CUSTODIANS, Signer, one_line_error, profiles
+from toolkit.signer_lab import Lab, sign_over_socket
+
+# --- tamper evidence ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def closed_log(lab: Lab) -> Iterator[tuple[list[bytes], Path]]:
+    """A log written by a daemon that stopped cleanly, checkpoints every 4 entries."""
+    cfg = lab.config("tamper", profiles(lab), CLIENTS, CUSTODIANS, checkpoint_interval=4)
+    s = Signer(lab, cfg)
+    s.start()
+    for i in range(8):
+        assert sign_over_socket(s.socket, "dev", b"artifact %d" % i, fmt="raw",
+                                name=f"a{i}.bin")[0] == 0
+    s.stop()
+    lines = s.audit_log.read_bytes().splitlines(keepends=True)
+    yield lines, lab.certs / "audit.pem"
+
+
+def _verify(tmp_path: Path, lines: list[bytes], cert: Path) -> tuple[bool, str]:
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b"".join(lines))
+    return audit.verify_file(path, certs.load_public_key(cert), live=False)
+
+
+def _edit(line: bytes, **changes: Any) -> bytes:
+    entry = json.loads(line)
+    entry.update(changes)
+    return audit.canonical(entry) + b"\n"
+
+
+def _rehash(line: bytes, prev: str | None = None, **changes: Any) -> bytes:
+    entry = json.loads(line)
+    entry.update(changes)
+    entry.pop("hash")
+    if prev is not None:
+        entry["prev"] = prev
+    return audit.seal(entry)[1]
+
+
+def _rechain(lines: list[bytes], start: int) -> list[bytes]:
+    """What an attacker without the audit key can do: rewrite every hash from `start` on."""
+    out = lines[:start]
+    prev = json.loads(out[-1])["hash"] if out else audit.GENESIS
+    for line in lines[start:]:
+        new = _rehash(line, prev=prev)
+        out.append(new)
+        prev = json.loads(new)["hash"]
+    return out
+
+
+K = 4  # the entry the attacks aim at (a sign entry)
+
+
+def _first_checkpoint_after(lines: list[bytes], seq: int) -> int:
+    return next(i for i, line in enumerate(lines)
+                if i >= seq and json.loads(line)["event"] == "checkpoint")
+
+
+TAMPERS: dict[str, Callable[[list[bytes]], tuple[list[bytes], int]]] = {
+    "modified": lambda ls: ([*ls[:K], _edit(ls[K], name="evil.bin"), *ls[K + 1:]], K),
+    "modified and rehashed": lambda ls: (
+        [*ls[:K], _rehash(ls[K], name="evil.bin"), *ls[K + 1:]], K),
+    "deleted": lambda ls: (ls[:K] + ls[K + 1:], K),
+    "reordered": lambda ls: ([*ls[:K], ls[K + 1], ls[K], *ls[K + 2:]], K),
+    "inserted copy": lambda ls: ([*ls[:K + 1], ls[K], *ls[K + 1:]], K),
+    "inserted forgery": lambda ls: (
+        [*ls[:K], _rehash(ls[K], name="forged.bin"), *ls[K:]], K),
+    "truncated (last entry)": lambda ls: (ls[:-1], len(ls) - 1),
+    "truncated (whole entries)": lambda ls: (ls[:-3], len(ls) - 3),
+    "truncated (mid-entry)": lambda ls: ([*ls[:-1], ls[-1][:40]], len(ls) - 1),
+    "first entries removed": lambda ls: (ls[2:], 0),
+    "not JSON": lambda ls: ([*ls[:K], b"garbage\n", *ls[K + 1:]], K),
+    "rechained without the audit key": lambda ls: (
+        _rechain([*ls[:K], _edit(ls[K], name="evil.bin"), *ls[K + 1:]], K),
+        _first_checkpoint_after(ls, K)),
+    "checkpoint signature swapped": lambda ls: _swap_checkpoint_sig(ls),
+}
+
+
+def _swap_checkpoint_sig(lines: list[bytes]) -> tuple[list[bytes], int]:
+    """A genuine signature from another checkpoint, on a rewritten entry."""
+    idx = [i for i, line in enumerate(lines) if json.loads(line)["event"] == "checkpoint"]
+    a, b = idx[1], idx[2]
+    forged = _rehash(lines[a], sig=json.loads(lines[b])["sig"])
+    return _rechain([*lines[:a], forged, *lines[a + 1:]], a + 1), a
+
+
+def test_a_clean_log_verifies(closed_log: tuple[list[bytes], Path], tmp_path: Path) -> None:
+    lines, cert = closed_log
+    ok, message = _verify(tmp_path, lines, cert)
+    assert ok, message
+    assert json.loads(lines[-1])["event"] == "checkpoint"
+    assert sum(json.loads(line)["event"] == "checkpoint" for line in lines) >= 3
+
+
+@pytest.mark.control("SGN-05")
+@pytest.mark.parametrize("tamper", list(TAMPERS))
+def test_tampering_is_detected_at_the_first_bad_seq(closed_log: tuple[list[bytes], Path],
+                                                    tmp_path: Path, tamper: str) -> None:
+    lines, cert = closed_log
+    changed, first_bad = TAMPERS[tamper](list(lines))
+    ok, message = _verify(tmp_path, changed, cert)
+    assert not ok
+    assert f"first bad seq {first_bad}:" in message, message
+
+
+@pytest.mark.control("SGN-05")
+def test_audit_verify_cli_names_the_seq_and_exits_1(closed_log: tuple[list[bytes], Path],
+                                                    tmp_path: Path, lab: Lab) -> None:
+    lines, cert = closed_log
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b"".join(lines[:K] + lines[K + 1:]))
+    r = lab.signer("audit", "verify", path, "--cert", cert)
+    assert r.returncode == 1
+    assert f"first bad seq {K}: missing".encode() in r.stdout
+    path.write_bytes(b"".join(lines))
+    r = lab.signer("audit", "verify", path, "--cert", cert)
+    assert r.returncode == 0 and b"checkpoint(s) verified" in r.stdout
+    r = lab.signer("audit", "show", path, "--last", "3")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 3
+
+
+@pytest.mark.control("SGN-05")
+def test_daemon_refuses_to_start_on_a_broken_log(make_signer: Any) -> None:
+    s: Signer = make_signer()
+    assert s.gw("sign --profile dev --format raw", b"x").returncode == 0
+    s.stop()
+    lines = s.audit_log.read_bytes().splitlines(keepends=True)
+    s.audit_log.write_bytes(b"".join(lines[:1] + lines[2:]))
+    r = s.lab.signer("serve", "--config", s.config, timeout=20)
+    assert r.returncode == 74
+    assert "broken at seq 1" in one_line_error(r)
+
+
+@pytest.mark.control("SGN-05")
+def test_a_torn_last_entry_from_a_crash_is_cut_and_noted(make_signer: Any) -> None:
+    s: Signer = make_signer()
+    s.stop()
+    with s.audit_log.open("ab") as f:
+        f.write(b'{"event":"sign","seq":')
+    s.start()
+    start = s.events("start")[-1]
+    assert "torn last entry of 22 bytes" in start["note"]
+    s.stop()
+    assert audit.verify_file(s.audit_log, None, live=False)[0]
+
+
+# --- fail closed ---------------------------------------------------------------------------
+
+
+def _sign_until_refused(s: Signer, limit: int = 200) -> tuple[list[bytes],
+                                                               subprocess.CompletedProcess[bytes]]:
+    received: list[bytes] = []
+    for i in range(limit):
+        r = s.gw("sign --profile dev --format raw", b"artifact %d" % i) if i % 10 == 9 else None
+        if r is None:
+            code, message, payload = sign_over_socket(s.socket, "dev", b"artifact %d" % i,
+                                                      fmt="raw")
+            if code == 0:
+                received.append(payload)
+                continue
+            assert code == 74 and payload == b"", message
+            return received, s.gw("sign --profile dev --format raw", b"after")
+        if r.returncode == 0:
+            received.append(r.stdout)
+            continue
+        return received, r
+    raise AssertionError("the audit log never filled up")
+
+
+@pytest.mark.control("SGN-05")
+def test_signing_fails_closed_when_the_audit_log_cannot_grow(make_signer: Any) -> None:
+    """A file size limit makes every write past 6 kB fail (EFBIG), like a full disk."""
+    s: Signer = make_signer(start=False)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))
+
+    s.lab.start(s.config, preexec_fn=limit)
+    received, refused = _sign_until_refused(s)
+    assert received
+    assert refused.returncode == 74
+    assert "audit log" in one_line_error(refused) and "fail closed" in refused.stderr.decode()
+    log = s.audit_log
+    ok, message = audit.verify_file(log, None, live=True)
+    assert ok, message
+    signed = {e["sig_sha256"] for e in s.events("sign")}
+    assert {hashlib.sha256(sig).hexdigest() for sig in received} == signed
+
+
+@pytest.mark.control("SGN-05")
+def test_signing_fails_closed_on_a_full_filesystem(make_signer: Any, tmp_path: Path) -> None:
+    """The audit log on a 16 kB tmpfs (private mount namespace): ENOSPC refuses signatures."""
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-m", "true"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot create a mount namespace here")
+    logdir = tmp_path / "small-disk"
+    logdir.mkdir()
+    s: Signer = make_signer(start=False, audit_log=str(logdir / "audit.jsonl"))
+    proc = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         'mount -t tmpfs -o size=16k tmpfs "$0" && exec "$@"', str(logdir),
+         *_serve_argv(s)], env=s.lab.env, stderr=(s.config.parent / "daemon.log").open("ab"))
+    s.lab.daemons[s.config] = proc
+    try:
+        s.lab.wait_ready(s.config)
+    except RuntimeError as exc:
+        if "mount" in str(exc) or "Operation not permitted" in s.log:
+            pytest.skip("cannot mount a tmpfs here")
+        raise
+    received, refused = _sign_until_refused(s)
+    assert received and refused.returncode == 74
+    assert "No space left on device" in one_line_error(refused)
+    inside = Path(f"/proc/{proc.pid}/root") / str(logdir / "audit.jsonl").lstrip("/")
+    ok, message = audit.verify_file(inside, None, live=True)
+    assert ok, message
+    entries = [json.loads(line) for line in inside.read_text().splitlines()]
+    assert {e["sig_sha256"] for e in entries if e["event"] == "sign"} == \
+        {hashlib.sha256(sig).hexdigest() for sig in received}
+
+
+def _serve_argv(s: Signer) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "signer", "serve", "--config", str(s.config)]
+
+
+# --- concurrency and crashes -------------------------------------------------------------
+
+
+@pytest.mark.control("SGN-05")
+def test_parallel_clients_all_get_valid_signatures_and_an_intact_log(signer: Signer) -> None:
+    spki = certs.load_public_key(signer.lab.certs / "dev.pem")
+    n = 32
+
+    def one(i: int) -> tuple[int, bytes, bytes]:
+        data = os.urandom(1000 + i)
+        code, message, sig = sign_over_socket(signer.socket, "dev", data, fmt="cms")
+        assert code == 0, message
+        return code, data, sig
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(one, range(n)))
+    for _code, data, sig in results:
+        cms.verify(hashlib.sha256(data).digest(), sig, spki)
+    signer.stop()
+    ok, message = audit.verify_file(signer.audit_log, certs.load_public_key(
+        signer.lab.certs / "audit.pem"), live=False)
+    assert ok, message
+    seqs = [e["seq"] for e in signer.entries()]
+    assert seqs == list(range(len(seqs)))
+    assert len(signer.events("sign")) == n
+
+
+@pytest.mark.control("SGN-05")
+def test_kill_9_in_a_stream_of_requests_loses_no_released_signature(signer: Signer) -> None:
+    received: list[bytes] = []
+    stop = threading.Event()
+
+    def client(k: int) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                code, _m, sig = sign_over_socket(signer.socket, "dev", b"%d-%d" % (k, i),
+                                                 fmt="raw")
+            except Exception:
+                continue
+            if code == 0:
+                received.append(sig)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.8)
+    signer.stop(signal.SIGKILL)
+    time.sleep(0.1)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert len(received) > 10
+    signer.start()
+    ok, message = audit.verify_file(signer.audit_log, None, live=True)
+    assert ok, message
+    logged = {e["sig_sha256"] for e in signer.events("sign")}
+    assert {hashlib.sha256(sig).hexdigest() for sig in received} <= logged
+    signer.stop()
+    ok, message = audit.verify_file(signer.audit_log, certs.load_public_key(
+        signer.lab.certs / "audit.pem"), live=False)
+    assert ok, message
