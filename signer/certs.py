@@ -20,8 +20,24 @@ def _time(when: datetime) -> x509.Time:
     return x509.Time({"utc_time" if when.year < 2050 else "general_time": when})
 
 
+_DN_KEYS = {"CN": "common_name", "O": "organization_name", "OU": "organizational_unit_name",
+            "C": "country_name", "L": "locality_name", "ST": "state_or_province_name",
+            "EMAILADDRESS": "email_address", "E": "email_address"}
+
+
 def _name(subject: str) -> x509.Name:
-    return x509.Name.build({"common_name": subject})
+    """`CN=signer dev, O=Example` (RFC 4514 order, no escapes) or a bare common name."""
+    if "=" not in subject:
+        return x509.Name.build({"common_name": subject})
+    attrs: dict[str, str] = {}
+    for part in subject.split(","):
+        key, _sep, value = part.partition("=")
+        name = _DN_KEYS.get(key.strip().upper())
+        if name is None or not value.strip():
+            raise SignerError(Exit.USAGE, f"subject {subject!r}: unknown or empty attribute "
+                              f"{key.strip()!r} (use CN, O, OU, C, L, ST, emailAddress)")
+        attrs[name] = value.strip()
+    return x509.Name.build(attrs)
 
 
 def self_signed(spki: keys.PublicKeyInfo, alg: Algorithm, sign_digest: Callable[[bytes], bytes],

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -559,7 +560,11 @@ def bind(path: Path, group: str) -> socket.socket:
         os.umask(old)
     if group:
         try:
-            os.chown(path, -1, _gid(group))
+            gid = _gid(group)
+            # chown is skipped when the group is already right (a setgid socket directory, or
+            # the group as the unit's Group=): a syscall filter may forbid @chown.
+            if path.stat().st_gid != gid:
+                os.chown(path, -1, gid)
         except (OSError, KeyError) as exc:
             sock.close()
             raise SignerError(Exit.CONFIG, f"cannot give {path} to group {group!r}: {exc}") \
@@ -589,7 +594,10 @@ def notify_ready() -> None:
 
 def run(cfg: Config, on_ready: Callable[[], None] | None = None) -> None:
     """`signer serve`: start, serve until SIGTERM/SIGINT, stop cleanly."""
-    pin.harden_process()
+    for missed in pin.harden_process():
+        log.warning("core dump protection: %s", missed)
+    if resource.getrlimit(resource.RLIMIT_CORE)[1] != 0:
+        log.warning("core dumps are possible (set LimitCORE=0 in the unit)")
     daemon = Daemon(cfg)
 
     def on_signal(_signum: int, _frame: object) -> None:

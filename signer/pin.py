@@ -50,11 +50,19 @@ def check(raw: bytes, where: str) -> str:
         raise SignerError(Exit.DATA, f"{where}: the PIN is not UTF-8") from None
 
 
-def harden_process() -> None:
-    """No core dumps and no ptrace attach by other processes of the same user."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+def harden_process() -> list[str]:
+    """No core dumps and no ptrace attach by other processes of the same user. Best effort: a
+    syscall filter may refuse setrlimit (systemd's ~@resources), in which case the unit's
+    LimitCORE=0 has to do it. Returns what could not be done."""
+    missed = []
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError) as exc:
+        missed.append(f"setrlimit(RLIMIT_CORE, 0): {exc}")
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+        if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            missed.append(f"prctl(PR_SET_DUMPABLE, 0): errno {ctypes.get_errno()}")
+    except (OSError, AttributeError) as exc:
+        missed.append(f"prctl(PR_SET_DUMPABLE, 0): {exc}")
+    return missed
