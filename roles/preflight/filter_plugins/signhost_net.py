@@ -15,6 +15,11 @@ def signhost_is_cidr(value: Any) -> bool:
     return "/" in str(value)
 
 
+def signhost_invalid_cidrs(values: list[Any]) -> list[str]:
+    """The entries of `values` that are not networks in CIDR notation."""
+    return [str(v) for v in values if not signhost_is_cidr(v)]
+
+
 def signhost_ip_in_networks(address: Any, networks: list[str]) -> bool:
     """True when `address` lies in one of `networks` (IPv4-mapped IPv6 is unmapped first)."""
     try:
@@ -48,6 +53,7 @@ class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {
             "signhost_is_cidr": signhost_is_cidr,
+            "signhost_invalid_cidrs": signhost_invalid_cidrs,
             "signhost_ip_in_networks": signhost_ip_in_networks,
             "signhost_key_blobs": signhost_key_blobs,
         }
