@@ -115,7 +115,7 @@ def test_custodian_not_listed_for_the_profile_cannot_approve(shared: Signer) -> 
     assert shared.gw("requests", custodian="mallory").stdout == b""
 
 
-@pytest.mark.control("SGN-04")
+@pytest.mark.control("SGN-02", "SGN-04")
 def test_another_client_cannot_see_or_fetch_a_request(shared: Signer) -> None:
     rid = queue(shared, b"data")
     for cmd in (f"status {rid}", f"fetch {rid}"):

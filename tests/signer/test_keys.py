@@ -117,7 +117,7 @@ def test_daemon_with_the_token_missing_exits_with_one_line(shared: Signer, tmp_p
 def test_csr_and_certificate_import(shared: Signer, tmp_path: Path) -> None:
     csr = tmp_path / "release.csr"
     r = shared.lab.signer("keys", "csr", "--config", shared.config, "--profile", "release",
-                          "--subject", "Example Release Signing", "--out", csr)
+                          "--subject", "CN=Example Release Signing, O=Example", "--out", csr)
     assert r.returncode == 0, r.stderr
     v = subprocess.run(["openssl", "req", "-verify", "-in", str(csr), "-noout", "-subject"],
                        capture_output=True, text=True, check=False)
@@ -156,6 +156,7 @@ def test_selfsign_refuses_to_overwrite(shared: Signer) -> None:
     assert r.returncode == 0
 
 
+@pytest.mark.control("TOK-03")
 def test_keys_commands_refuse_a_pin_file_readable_by_others(shared: Signer, tmp_path: Path,
                                                             make_signer: Any) -> None:
     pin = tmp_path / "pin"
