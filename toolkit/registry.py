@@ -94,6 +94,8 @@ class Control:
     procedure: str | None = None
     waiver_lab: str | None = None
     threats: tuple[str, ...] = ()
+    owner: str | None = None  # procedures: the role that carries it out
+    frequency: str | None = None  # procedures: how often it is done and audited
 
     def applies(self, target: str) -> bool:
         """Whether the control is expected to hold on a `lab` or `production` host."""
@@ -231,6 +233,8 @@ def _control(raw: dict[str, Any], source: str, problems: list[str]) -> Control |
         procedure=str(procedure).strip() if procedure else None,
         waiver_lab=str(waiver).strip() if waiver else None,
         threats=_strs(raw.get("threats")),
+        owner=str(raw["owner"]).strip() if raw.get("owner") else None,
+        frequency=str(raw["frequency"]).strip() if raw.get("frequency") else None,
     )
 
 
@@ -407,7 +411,8 @@ def check(reg: Registry, tests: list[TestRef], posture_dir: str = "tests/posture
 
 def tests_of(reg: Registry, tests: list[TestRef], control_id: str) -> list[str]:
     """Node ids that prove a control: those the registry lists and those whose marker names it."""
-    out = [n.split("[", 1)[0] for n in reg.controls[control_id].tests]
+    control = reg.controls.get(control_id)
+    out = [n.split("[", 1)[0] for n in control.tests] if control else []
     out += [t.nodeid for t in tests if control_id in t.controls]
     return list(dict.fromkeys(out))
 

@@ -78,7 +78,8 @@ def _control_entry(
     }
     if control.kind == "procedure":
         entry["status"] = "procedure"
-        entry["reason"] = "audited by people, not tested: " + (control.procedure or "")[:160]
+        who = ", ".join(x for x in (control.owner, control.frequency) if x)
+        entry["reason"] = "audited by people, not tested" + (f" ({who})" if who else "")
         entry["procedure"] = control.procedure
         return entry
     if not control.applies(kind):
@@ -119,6 +120,29 @@ def _control_entry(
     return entry
 
 
+def _undefined(
+    cid: str,
+    reg: Registry,
+    refs: list[TestRef],
+    results: list[dict[str, Any]],
+    kind: str,
+    keyword: str | None,
+) -> dict[str, Any]:
+    """A control a threat names but no controls/*.yml defines: judged by the tests that name it
+    in their markers, and flagged, so that a missing registry entry never hides a result."""
+    stub = registry.Control(
+        id=cid, title="(not in threat-model/controls/)", kind="technical", source=""
+    )
+    entry = _control_entry(stub, reg, refs, results, kind, keyword)
+    entry["registered"] = False
+    if entry["status"] == "untested":
+        entry["status"] = "undefined"
+        entry["reason"] = "a threat names it but no controls/*.yml defines it and no test names it"
+    else:
+        entry["reason"] = ("not defined in controls/*.yml; " + entry["reason"]).rstrip("; ")
+    return entry
+
+
 def _threat_status(statuses: list[str]) -> str:
     technical = [s for s in statuses if s not in ("procedure", "n/a")]
     if any(s in ("failed", "undefined") for s in technical):
@@ -153,18 +177,7 @@ def build(
     for t in sorted(reg.active, key=lambda t: (-t.risk, t.id)):
         for cid in t.controls:
             if cid not in controls:
-                controls[cid] = {
-                    "id": cid,
-                    "title": "(not defined in controls/*.yml)",
-                    "kind": "technical",
-                    "source": "",
-                    "applies_to": "both",
-                    "implemented_in": [],
-                    "threats": [t.id],
-                    "tests": [],
-                    "status": "undefined",
-                    "reason": "a threat names it but no controls/*.yml defines it",
-                }
+                controls[cid] = _undefined(cid, reg, refs, results, kind, keyword)
         res = t.residual
         threats.append(
             {

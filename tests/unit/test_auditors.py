@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import subprocess
+from pathlib import Path
+
+import pytest
+
 from toolkit import auditors, report
+from toolkit.verify import Target
 
 # ssh-audit 3.9 -j against the stock lab VM (OpenSSH 9.2, Debian 12), trimmed.
 SSH_AUDIT = {
@@ -100,3 +107,70 @@ def test_yardsticks_say_which_targets_are_met() -> None:
         "ssh-audit 2 fail, 3 warn (target 0/0: NOT met)",
         "systemd-analyze exposure 1.9 OK (target <= 2.0: met)",
     ]
+
+
+class FakeHost:
+    """Stands in for `ssh HOST CMD`: answers by the first word that matches."""
+
+    def __init__(self, answers: dict[str, tuple[int, str]]) -> None:
+        self.answers = answers
+        self.commands: list[str] = []
+
+    def ssh(self, target: object, command: str, **kw: object) -> subprocess.CompletedProcess[str]:
+        self.commands.append(command)
+        for needle, (rc, out) in self.answers.items():
+            if needle in command:
+                return subprocess.CompletedProcess(command, rc, out, "")
+        return subprocess.CompletedProcess(command, 1, "", "unexpected")
+
+
+class FakePopen:
+    returncode = 0
+
+    def __init__(self, argv: list[str], **kw: object) -> None:
+        self.argv = argv
+        self.stdout = io.StringIO("[+] Initializing program\nnoise\n[+] SSH Support\n")
+
+    def __enter__(self) -> FakePopen:
+        return self
+
+    def __exit__(self, *a: object) -> None:
+        pass
+
+
+TARGET = Target("signhost", "ssh://signhost", "lab", Path("/s/ssh_config"))
+
+
+def test_lynis_runs_and_records_the_host_fingerprint(monkeypatch: pytest.MonkeyPatch) -> None:
+    host = FakeHost(
+        {
+            "sha256sum": (0, "abc\n"),
+            "command -v": (0, "/usr/sbin/lynis"),
+            "cat /var/tmp": (0, LYNIS_DAT),
+        }
+    )
+    monkeypatch.setattr(auditors, "ssh", host.ssh)
+    monkeypatch.setattr(auditors.subprocess, "Popen", FakePopen)
+    out = auditors.run_lynis(TARGET, None, fresh=False)
+    assert out["figures"]["hardening_index"] == 62 and out["fingerprint"] == "abc"
+    assert "error" not in out
+
+
+def test_lynis_result_is_reused_while_the_host_is_unchanged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    host = FakeHost({"sha256sum": (0, "abc\n")})
+    monkeypatch.setattr(auditors, "ssh", host.ssh)
+    cached = {"figures": {"hardening_index": 90}, "fingerprint": "abc", "ran_at": "yesterday"}
+    out = auditors.run_lynis(TARGET, cached, fresh=False)
+    assert out["figures"]["hardening_index"] == 90
+    assert out["note"] == "cached: host unchanged since yesterday"
+    assert len(host.commands) == 1  # only the fingerprint
+
+
+def test_lynis_runs_again_when_the_host_changed_or_fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    host = FakeHost({"sha256sum": (0, "def\n"), "command -v": (1, "")})
+    monkeypatch.setattr(auditors, "ssh", host.ssh)
+    cached = {"figures": {"hardening_index": 90}, "fingerprint": "abc", "ran_at": "yesterday"}
+    out = auditors.run_lynis(TARGET, cached, fresh=False)
+    assert out["error"] == "lynis is not installed on the host (Debian package `lynis`)"

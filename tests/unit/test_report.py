@@ -214,3 +214,13 @@ def test_renderings_carry_the_same_facts(reg: registry.Registry, tmp_path: Path)
     page = paths[2].read_text()
     assert "&lt;b&gt;rc 0&lt;/b&gt;" in page and "<b>rc 0</b>" not in page
     assert "hardening_index: 87" in page
+
+
+def test_a_control_missing_from_the_registry_is_judged_by_its_tests(
+    reg: registry.Registry,
+) -> None:
+    m = build(reg, run(result("test_x.py::test_ghost", "failed", ["GHOST-01"], "boom")))
+    ghost = m["controls"]["GHOST-01"]
+    assert ghost["status"] == "failed" and ghost["registered"] is False
+    assert ghost["reason"].startswith("not defined in controls/*.yml; test_x.py::test_ghost: boom")
+    assert "1 applicable control(s) failed" in m["problems"]
