@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -76,15 +76,25 @@ class Recorder:
                 {"nodeid": report.nodeid, "message": str(report.longrepr).strip()[-2000:]}
             )
 
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+        # Carried on the report itself so that it also reaches the controller under xdist,
+        # where the collected items live in the workers.
+        outcome = yield
+        outcome.get_result().user_properties.append(
+            ("verify", {"controls": _controls(item), "lab_only": _lab_only(item)})
+        )
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        props = cast(dict[str, Any], dict(report.user_properties).get("verify") or {})
         rec = self.items.setdefault(
             report.nodeid,
             {
                 "nodeid": report.nodeid,
                 "outcome": None,
                 "duration": 0.0,
-                "controls": [],
-                "lab_only": None,
+                "controls": props.get("controls", []),
+                "lab_only": props.get("lab_only"),
                 "message": "",
             },
         )
