@@ -67,6 +67,7 @@ def check(c: Context, write_tables: bool = False, quiet: bool = False) -> None:
         "limit": "only these hosts (comma-separated names or shell patterns)",
         "keyword": "only tests matching this pytest -k expression",
         "report_dir": "where to write <host>.md/.json/.html (default: reports/verify)",
+        "workers": "parallel pytest workers per host (needs pytest-xdist; default 1)",
     }
 )
 def verify(
@@ -75,6 +76,7 @@ def verify(
     limit: str | None = None,
     keyword: str | None = None,
     report_dir: str | None = None,
+    workers: int = 1,
 ) -> None:
     """Posture tests on every host of the inventory; reports per host: threats, controls, tests."""
     from toolkit import verify as verify_mod
@@ -85,6 +87,7 @@ def verify(
             limit=limit,
             keyword=keyword,
             report_dir=Path(report_dir) if report_dir else None,
+            workers=workers,
         )
     except verify_mod.VerifyError as exc:
         raise Exit(f"verify: {exc}", code=2) from exc

@@ -18,6 +18,7 @@ not hide another's results, and each report stands alone.
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import json
 import os
 import shlex
@@ -157,7 +158,9 @@ def resolve_targets(inventory: str | None, limit: str | None, workdir: Path) -> 
     return targets
 
 
-def pytest_command(target: Target, results: Path, keyword: str | None) -> list[str]:
+def pytest_command(
+    target: Target, results: Path, keyword: str | None, workers: int = 1
+) -> list[str]:
     cmd = [
         sys.executable, "-m", "pytest", POSTURE,
         "-p", "toolkit.pytest_verify", f"--verify-json={results}",
@@ -167,15 +170,20 @@ def pytest_command(target: Target, results: Path, keyword: str | None) -> list[s
     ]  # fmt: skip
     if target.ssh_config:
         cmd.append(f"--ssh-config={target.ssh_config}")
+    if workers > 1:
+        # Each worker opens its own SSH connection; the guest's CPUs bound the gain.
+        cmd += ["-n", str(workers)]
     if keyword:
         cmd += ["-k", keyword]
     return cmd
 
 
-def run_tests(target: Target, workdir: Path, keyword: str | None) -> dict[str, Any]:
+def run_tests(
+    target: Target, workdir: Path, keyword: str | None, workers: int = 1
+) -> dict[str, Any]:
     results = workdir / f".{target.name}.results.json"
     results.unlink(missing_ok=True)
-    cmd = pytest_command(target, results, keyword)
+    cmd = pytest_command(target, results, keyword, workers)
     started = time.monotonic()
     # Output goes straight to the terminal: pytest -v prints one line per test with a counter.
     proc = subprocess.run(cmd, cwd=ROOT, env=os.environ.copy())
@@ -207,9 +215,12 @@ def verify(
     limit: str | None = None,
     keyword: str | None = None,
     report_dir: Path | None = None,
+    workers: int = 1,
 ) -> int:
     """Run, report, and return the exit code (0 when every host passed)."""
     report_dir = report_dir or DEFAULT_REPORT_DIR
+    if workers > 1 and importlib.util.find_spec("xdist") is None:
+        raise VerifyError("--workers needs pytest-xdist in the virtual environment")
     targets = resolve_targets(inventory, limit, report_dir)
     reg = registry.load()
     refs = registry.collect_tests()
@@ -217,7 +228,7 @@ def verify(
     lines: list[str] = []
     for target in targets:
         print(f"==> verify {target.name} ({target.kind}, {target.spec})", flush=True)
-        run = run_tests(target, report_dir, keyword)
+        run = run_tests(target, report_dir, keyword, workers)
         model = report.build(
             reg, refs, run, host=target.name, kind=target.kind, target=target.spec,
             keyword=keyword, auditors=load_auditors(report_dir, target.name),
