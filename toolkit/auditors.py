@@ -243,6 +243,8 @@ def audit(
         print(f"==> audit {target.name} ({target.kind})", flush=True)
         path = report_dir / f"{target.name}.auditors.json"
         previous: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        if previous and target.since is not None and path.stat().st_mtime < target.since:
+            previous = {}  # figures of an earlier lab VM
         aud = dict(previous)
         if "ssh-audit" in wanted:
             aud["ssh-audit"] = run_ssh_audit(target)

@@ -47,6 +47,7 @@ class Target:
     spec: str  # testinfra host spec
     kind: str  # "lab" or "production"
     ssh_config: Path | None = None
+    since: float | None = None  # when the host came up (lab): older auditor figures are stale
 
 
 def is_lab_inventory(inventory: str | None) -> bool:
@@ -72,8 +73,15 @@ def lab_targets(limit: str | None = None) -> list[Target]:
             f"no running lab ({state.instance_name()}): run `invoke lab.up` first, "
             "or pass --inventory for other hosts"
         )
-    names = _limited([lab.ssh_alias], limit)
-    return [Target(n, f"ssh://{n}", "lab", lab.ssh_config) for n in names]
+    # Instances run side by side (lab0 for the pipeline, others for experiments): their
+    # reports must not overwrite each other, so only lab0 reports under the bare alias.
+    instance = str(lab.raw.get("instance") or state.instance_name())
+    name = lab.ssh_alias if instance == "lab0" else f"{lab.ssh_alias}-{instance}"
+    if not _limited([name, lab.ssh_alias], limit):
+        return []
+    lab_json = lab.state_dir / "lab.json"
+    since = lab_json.stat().st_mtime if lab_json.exists() else None
+    return [Target(name, f"ssh://{lab.ssh_alias}", "lab", lab.ssh_config, since)]
 
 
 def _ssh_block(name: str, hv: dict[str, Any]) -> str:
@@ -202,9 +210,13 @@ def run_tests(
     return run
 
 
-def load_auditors(report_dir: Path, name: str) -> dict[str, Any] | None:
-    path = report_dir / f"{name}.auditors.json"
+def load_auditors(report_dir: Path, target: Target) -> dict[str, Any] | None:
+    """The host's latest `invoke audit` figures, unless they predate the host (a new lab VM)."""
+    path = report_dir / f"{target.name}.auditors.json"
     if not path.exists():
+        return None
+    if target.since is not None and path.stat().st_mtime < target.since:
+        print(f"    ({path.name} predates this lab VM: not merged; run `invoke audit`)")
         return None
     data: dict[str, Any] = json.loads(path.read_text())
     return data
@@ -231,7 +243,7 @@ def verify(
         run = run_tests(target, report_dir, keyword, workers)
         model = report.build(
             reg, refs, run, host=target.name, kind=target.kind, target=target.spec,
-            keyword=keyword, auditors=load_auditors(report_dir, target.name),
+            keyword=keyword, auditors=load_auditors(report_dir, target),
         )  # fmt: skip
         paths = report.write(model, report_dir)
         c = model["summary"]["controls"]

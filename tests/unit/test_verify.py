@@ -143,17 +143,21 @@ def test_lab_target_uses_the_labs_ssh_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SIGNLAB_STATE", str(tmp_path))
-    (tmp_path / "lab.json").write_text(
-        json.dumps(
-            {
-                "state_dir": str(tmp_path),
-                "ssh": {"config": str(tmp_path / "ssh_config"), "alias": "signhost"},
-            }
-        )
-    )
+    lab_json = tmp_path / "lab.json"
+    facts = {
+        "instance": "lab0",
+        "state_dir": str(tmp_path),
+        "ssh": {"config": str(tmp_path / "ssh_config"), "alias": "signhost"},
+    }
+    lab_json.write_text(json.dumps(facts))
+    since = lab_json.stat().st_mtime
     assert verify.resolve_targets(None, None, tmp_path) == [
-        verify.Target("signhost", "ssh://signhost", "lab", tmp_path / "ssh_config")
+        verify.Target("signhost", "ssh://signhost", "lab", tmp_path / "ssh_config", since)
     ]
+    # Another instance reports under its own name: parallel labs do not overwrite reports.
+    lab_json.write_text(json.dumps({**facts, "instance": "lab3"}))
+    [t] = verify.resolve_targets(None, "signhost", tmp_path)
+    assert (t.name, t.spec) == ("signhost-lab3", "ssh://signhost")
     with pytest.raises(verify.VerifyError, match="no host matches"):
         verify.resolve_targets(None, "other*", tmp_path)
 
@@ -208,6 +212,15 @@ def test_templated_connection_vars_are_refused(
     fake_inventory(monkeypatch, {"sign1": {"ansible_host": "{{ lookup('env', 'X') }}"}})
     with pytest.raises(verify.VerifyError, match="Jinja"):
         verify.resolve_targets("inventory/prod", None, tmp_path)
+
+
+def test_auditor_figures_older_than_the_lab_vm_are_not_merged(tmp_path: Path) -> None:
+    (tmp_path / "signhost.auditors.json").write_text('{"lynis": {"figures": {}}}')
+    now = (tmp_path / "signhost.auditors.json").stat().st_mtime
+    fresh = verify.Target("signhost", "ssh://signhost", "lab", None, since=now - 10)
+    stale = verify.Target("signhost", "ssh://signhost", "lab", None, since=now + 10)
+    assert verify.load_auditors(tmp_path, fresh) == {"lynis": {"figures": {}}}
+    assert verify.load_auditors(tmp_path, stale) is None
 
 
 def test_pytest_command() -> None:
