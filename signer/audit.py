@@ -6,9 +6,9 @@ Format (also in signer/README.md): one ASCII JSON object per line, keys sorted, 
 line or forge an entry. A `checkpoint` entry carries `sig`, the audit key's signature over the
 entry serialised without `hash` and `sig`; through `prev` it vouches for everything before it.
 
-The chain logic (`seal`, `Verifier`) is pure. `Writer` is the I/O edge: one thread owns the file
-and commits queued entries in groups, one `fdatasync` per group, so N concurrent signatures cost
-one disk flush instead of N (group commit). A failed write is rolled back (ftruncate) so the chain
+The chain logic (`seal`, `Verifier`) is pure. `Writer` is the I/O edge: it commits queued
+entries in groups, one `fdatasync` per group, so N concurrent signatures cost one disk flush
+instead of N (group commit). A failed write is rolled back (ftruncate) so the chain
 never carries a torn entry; if even that fails, or fsync fails (the page cache can no longer be
 trusted), the writer turns itself off and every later append fails: the daemon fails closed.
 """
@@ -55,7 +55,7 @@ def now_utc() -> str:
 
 
 def parse_time(text: str) -> float:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+    return datetime.fromisoformat(text).timestamp()  # 3.11 reads the trailing Z as UTC
 
 
 def checkpoint_message(body: Mapping[str, Any]) -> bytes:
@@ -214,7 +214,7 @@ class Writer:
     _cv: threading.Condition = field(default_factory=threading.Condition)
     _broken: str | None = None
     _closing: bool = False
-    _thread: threading.Thread | None = None
+    _flushing: bool = False
 
     def open(self) -> None:
         """Open for append and lock: a second daemon on the same log is refused."""
@@ -243,11 +243,14 @@ class Writer:
         except OSError as exc:
             os.close(self._fd)
             raise AuditError(f"cannot prepare audit log {self.path}: {exc.strerror}") from None
-        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
-        self._thread.start()
 
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
-        """Write one entry and return it once it is on disk; AuditError if it is not."""
+        """Write one entry and return it once it is on disk; AuditError if it is not.
+
+        Group commit without a writer thread: the first caller to find no flush running
+        becomes the leader, takes everything queued and writes and fsyncs it; the others wait
+        for that flush, and one of those queued meanwhile leads the next. Alone, a caller
+        flushes its own entry with no hand-off; under load, one fsync serves many entries."""
         slot = _Slot(event, fields)
         with self._cv:
             if self._broken is not None:
@@ -255,9 +258,25 @@ class Writer:
             if self._closing:
                 raise AuditError("the daemon is stopping")
             self._queue.append(slot)
-            self._cv.notify_all()
             while not slot.done:
-                self._cv.wait()
+                if self._flushing:
+                    self._cv.wait()
+                    continue
+                self._flushing = True
+                batch, self._queue = self._queue, []
+                self._cv.release()
+                try:
+                    self._commit(batch)
+                except Exception as exc:  # a bug must not leave callers waiting forever
+                    self._broken = f"audit writer failed: {type(exc).__name__}: {exc}"
+                    for s in batch:
+                        s.error = self._broken
+                finally:
+                    self._cv.acquire()
+                    self._flushing = False
+                    for s in batch:
+                        s.done = True
+                    self._cv.notify_all()
         if slot.error is not None or slot.entry is None:
             raise AuditError(slot.error or "audit entry not written")
         return slot.entry
@@ -269,37 +288,17 @@ class Writer:
     def close(self) -> None:
         with self._cv:
             self._closing = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            while self._flushing:
+                self._cv.wait()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
     @property
     def broken(self) -> str | None:
         return self._broken
 
-    # --- the writer thread -----------------------------------------------------------------
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._queue and not self._closing:
-                    self._cv.wait()
-                if not self._queue and self._closing:
-                    return
-                batch, self._queue = self._queue, []
-            try:
-                self._commit(batch)
-            except Exception as exc:  # never leave a caller waiting on a dead thread
-                self._broken = f"audit writer failed: {type(exc).__name__}: {exc}"
-                for slot in batch:
-                    slot.error = self._broken
-            with self._cv:
-                for slot in batch:
-                    slot.done = True
-                self._cv.notify_all()
+    # --- the flush (by whichever caller leads) -------------------------------------------
 
     def _build(self, batch: list[_Slot], seq: int, prev: str, since: int
                ) -> tuple[list[bytes], list[dict[str, Any]], int, str, int]:

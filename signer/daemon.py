@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import resource
 import secrets
 import signal
@@ -26,7 +27,6 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from io import BufferedIOBase
 from pathlib import Path
 from typing import Any
 
@@ -162,20 +162,20 @@ class Daemon:
         self._stopping.set()
 
     def serve(self, sock: socket.socket) -> None:
-        """Accept until asked to stop. Connection threads are daemon threads, bounded by a
-        semaphore: a stuck connection can delay the stop by STOP_GRACE, never block it."""
+        """Accept until asked to stop; a fixed pool of daemon threads serves the connections
+        (a stuck connection can delay the stop by STOP_GRACE, never block it). The queue is
+        bounded: when every worker is busy, accepting waits and callers queue in the kernel."""
         sock.settimeout(0.1)
-        slots = threading.BoundedSemaphore(WORKERS)
+        pending: queue.Queue[socket.socket] = queue.Queue(maxsize=WORKERS)
+        for i in range(WORKERS):
+            threading.Thread(target=self._worker, args=(pending,), name=f"conn-{i}",
+                             daemon=True).start()
         while not self._stopping.is_set():
-            if not slots.acquire(timeout=0.5):
-                continue
             try:
                 conn, _addr = sock.accept()
             except TimeoutError:
-                slots.release()
                 continue
             except OSError as exc:
-                slots.release()
                 if self._stopping.is_set():
                     break
                 log.error("accept: %s", exc)
@@ -183,41 +183,49 @@ class Daemon:
                 continue
             with self._active_cv:
                 self._active += 1
-            threading.Thread(target=self._connection, args=(conn, slots), daemon=True).start()
+            pending.put(conn)
         sock.close()
 
-    def _connection(self, conn: socket.socket, slots: threading.BoundedSemaphore) -> None:
+    def _worker(self, pending: queue.Queue[socket.socket]) -> None:
+        while True:
+            conn = pending.get()
+            try:
+                self._connection(conn)
+            finally:
+                with self._active_cv:
+                    self._active -= 1
+                    self._active_cv.notify_all()
+
+    def _connection(self, conn: socket.socket) -> None:
+        peer = None
         try:
             conn.settimeout(HEADER_TIMEOUT)
             with conn, conn.makefile("rb") as f:
-                self._handle(conn, f)
+                hdr = wire.read_line(f)
+                conn.settimeout(BODY_TIMEOUT)
+                peer = wire.Peer(conn, f, inline=hdr.get("inline") is True)
+                self._handle(peer, hdr)
         except (wire.ProtocolError, OSError) as exc:
             log.debug("connection dropped: %s", exc)
         except Exception:
             log.exception("internal error")
             try:
-                wire.reply(conn, Exit.SOFTWARE, "internal error in the signer daemon (details "
-                           "in its journal)")
+                if peer is not None:
+                    peer.reply(Exit.SOFTWARE, "internal error in the signer daemon (details "
+                               "in its journal)")
             except OSError:
                 pass
-        finally:
-            slots.release()
-            with self._active_cv:
-                self._active -= 1
-                self._active_cv.notify_all()
 
-    def _handle(self, conn: socket.socket, f: BufferedIOBase) -> None:
-        hdr = wire.read_line(f)
-        conn.settimeout(BODY_TIMEOUT)
+    def _handle(self, peer: wire.Peer, hdr: dict[str, Any]) -> None:
         role, name = hdr.get("role"), hdr.get("caller")
         if hdr.get("v") != wire.VERSION or role not in ("client", "custodian") \
                 or not isinstance(name, str):
-            wire.reply(conn, Exit.USAGE, "protocol mismatch: gateway and daemon versions differ")
+            peer.reply(Exit.USAGE, "protocol mismatch: gateway and daemon versions differ")
             return
         try:
             cmd = request.from_wire(hdr)
         except request.ParseError as exc:
-            wire.reply(conn, exc.code, str(exc))
+            peer.reply(exc.code, str(exc))
             return
         who = Caller(role, name)
         try:
@@ -228,17 +236,17 @@ class Daemon:
             if name not in known:
                 raise Denied(Exit.NOPERM, f"unknown {role} {name!r}: not in the signer's "
                              "configuration", f"unknown {role}")
-            self._dispatch(conn, f, who, cmd)
+            self._dispatch(peer, who, cmd)
         except Denied as exc:
             self._deny(who, cmd, exc.reason)
-            wire.reply(conn, exc.code, exc.message)
+            peer.reply(exc.code, exc.message)
         except audit.AuditError as exc:
             log.error("%s", exc.message)
-            wire.reply(conn, exc.code, f"{exc.message}: nothing was signed (fail closed); "
+            peer.reply(exc.code, f"{exc.message}: nothing was signed (fail closed); "
                        "tell the operators")
         except SignerError as exc:
             self._deny(who, cmd, exc.message)
-            wire.reply(conn, exc.code, exc.message)
+            peer.reply(exc.code, exc.message)
 
     def _deny(self, who: Caller, cmd: request.Command, reason: str) -> None:
         log.info("deny %s %s %s: %s", who.role, who.name, type(cmd).__name__.lower(), reason)
@@ -252,7 +260,7 @@ class Daemon:
         except audit.AuditError as exc:
             log.error("cannot log a denial: %s", exc.message)
 
-    def _dispatch(self, conn: socket.socket, f: BufferedIOBase, who: Caller,
+    def _dispatch(self, peer: wire.Peer, who: Caller,
                   cmd: request.Command) -> None:
         custodian_only = (request.Requests, request.Approve, request.Unlock, request.Freeze,
                           request.Thaw)
@@ -260,24 +268,24 @@ class Daemon:
             raise Denied(Exit.NOPERM, f"`{type(cmd).__name__.lower()}` is not a command for "
                          f"a {who.role}", "command not allowed for the role")
         if isinstance(cmd, request.Sign):
-            self._sign(conn, f, who.name, cmd)
+            self._sign(peer, who.name, cmd)
         elif isinstance(cmd, request.Status):
             with self._lock:
                 req = policy.own_request(self.state, who.name, cmd.id)
                 line = json.dumps(req.public(self.cfg.profiles.get(req.profile)))
-            wire.reply(conn, Exit.OK, "", line.encode() + b"\n")
+            peer.reply(Exit.OK, "", line.encode() + b"\n")
         elif isinstance(cmd, request.Fetch):
-            self._fetch(conn, who.name, cmd.id)
+            self._fetch(peer, who.name, cmd.id)
         elif isinstance(cmd, request.Requests):
-            self._requests(conn, who.name)
+            self._requests(peer, who.name)
         elif isinstance(cmd, request.Approve):
-            self._approve(conn, f, who.name, cmd.id)
+            self._approve(peer, who.name, cmd.id)
         elif isinstance(cmd, request.Unlock):
-            self._unlock(conn, f, who.name)
+            self._unlock(peer, who.name)
         elif isinstance(cmd, request.Freeze):
-            self._freeze(conn, who.name, cmd.profile)
+            self._freeze(peer, who.name, cmd.profile)
         else:
-            self._thaw(conn, who.name, cmd.profile)
+            self._thaw(peer, who.name, cmd.profile)
 
     # --- signing -----------------------------------------------------------------------------
 
@@ -296,26 +304,26 @@ class Daemon:
             raise SignerError(Exit.CONFIG, self._cert_problems.get(
                 profile.name, f"profile {profile.name!r} has no certificate"))
 
-    def _sign(self, conn: socket.socket, f: BufferedIOBase, client: str,
+    def _sign(self, peer: wire.Peer, client: str,
               cmd: request.Sign) -> None:
         with self._lock:
             profile = policy.check_sign(self.cfg, self.state, client, cmd.profile, cmd.format)
         self._ready(profile, cmd.format)
-        wire.send_line(conn, {"continue": True})
+        peer.go_ahead()
         h = hashlib.sha256()
         size = 0
         try:
-            for chunk in wire.iter_body(f, profile.max_size):
+            for chunk in peer.body(profile.max_size):
                 h.update(chunk)
                 size += len(chunk)
         except wire.BodyTooLarge:
             policy.check_size(profile, profile.max_size + 1)
         policy.check_size(profile, size)
         if profile.approvals:
-            self._queue(conn, client, profile, cmd, h.hexdigest(), size)
+            self._queue(peer, client, profile, cmd, h.hexdigest(), size)
             return
         out = self._produce(profile, cmd.format, h.digest(), size, client, cmd.name, None)
-        wire.reply(conn, Exit.OK, "", out)
+        peer.reply(Exit.OK, "", out)
 
     def _produce(self, profile: Profile, fmt: str, digest: bytes, size: int, client: str,
                  name: str, rid: str | None) -> bytes:
@@ -368,20 +376,20 @@ class Daemon:
         self.state.apply(entry)
         return entry
 
-    def _queue(self, conn: socket.socket, client: str, profile: Profile, cmd: request.Sign,
+    def _queue(self, peer: wire.Peer, client: str, profile: Profile, cmd: request.Sign,
                sha256: str, size: int) -> None:
         rid = secrets.token_hex(16)
         with self._lock:
             self._state_event("queue", request=rid, client=client, profile=profile.name,
                               name=cmd.name, format=cmd.format, sha256=sha256, size=size)
         who = ", ".join(sorted(profile.custodians))
-        wire.reply(conn, Exit.QUEUED, f"queued {rid}: needs {profile.approvals} approval(s) "
+        peer.reply(Exit.QUEUED, f"queued {rid}: needs {profile.approvals} approval(s) "
                    f"from {who}; poll with `status {rid}`, then `fetch {rid}`")
 
     def _signature_path(self, rid: str) -> Path:
         return self.cfg.daemon.state_dir / "signatures" / rid
 
-    def _fetch(self, conn: socket.socket, client: str, rid: str) -> None:
+    def _fetch(self, peer: wire.Peer, client: str, rid: str) -> None:
         with self._lock:
             req = policy.own_request(self.state, client, rid)
             profile = policy.profile_for(self.cfg, req.profile)
@@ -392,11 +400,11 @@ class Daemon:
                 counted = req.counted(profile)
                 if len(counted) < profile.approvals:
                     have = ", ".join(sorted(counted)) or "none yet"
-                    wire.reply(conn, Exit.QUEUED, f"request {rid} waits for approvals: "
+                    peer.reply(Exit.QUEUED, f"request {rid} waits for approvals: "
                                f"{len(counted)} of {profile.approvals} ({have})")
                     return
                 if rid in self._fetching:
-                    wire.reply(conn, Exit.QUEUED, f"request {rid} is being signed: fetch it "
+                    peer.reply(Exit.QUEUED, f"request {rid} is being signed: fetch it "
                                "again in a moment")
                     return
                 policy.check_sign(self.cfg, self.state, client, req.profile, req.format)
@@ -407,7 +415,7 @@ class Daemon:
             except OSError:
                 raise SignerError(Exit.SOFTWARE, f"request {rid} was signed but the signature "
                                   "is no longer stored: submit the artifact again") from None
-            wire.reply(conn, Exit.OK, "", out)
+            peer.reply(Exit.OK, "", out)
             return
         try:
             self._ready(profile, req.format)
@@ -417,7 +425,7 @@ class Daemon:
             with self._lock:
                 self._fetching.discard(rid)
         self._store(rid, out)
-        wire.reply(conn, Exit.OK, "", out)
+        peer.reply(Exit.OK, "", out)
 
     def _store(self, rid: str, out: bytes) -> None:
         """Keep a released approval signature so that a lost connection can fetch it again.
@@ -436,7 +444,7 @@ class Daemon:
 
     # --- custodians --------------------------------------------------------------------------
 
-    def _requests(self, conn: socket.socket, custodian: str) -> None:
+    def _requests(self, peer: wire.Peer, custodian: str) -> None:
         lines = []
         with self._lock:
             for req in self.state.requests.values():
@@ -446,9 +454,9 @@ class Daemon:
                 item = req.public(profile)
                 item["statement"] = req.statement().decode("ascii")
                 lines.append(json.dumps(item, ensure_ascii=True) + "\n")
-        wire.reply(conn, Exit.OK, "", "".join(lines).encode("ascii"))
+        peer.reply(Exit.OK, "", "".join(lines).encode("ascii"))
 
-    def _approve(self, conn: socket.socket, f: BufferedIOBase, custodian: str, rid: str) -> None:
+    def _approve(self, peer: wire.Peer, custodian: str, rid: str) -> None:
         with self._lock:
             req = self.state.requests.get(rid)
             if req is None or req.signed:
@@ -457,9 +465,9 @@ class Daemon:
         if custodian not in profile.custodians:
             raise Denied(Exit.NOPERM, f"custodian {custodian!r} may not approve requests for "
                          f"profile {profile.name!r}", "not a custodian of the profile")
-        wire.send_line(conn, {"continue": True})
+        peer.go_ahead()
         try:
-            sig = wire.read_body(f, approval.MAX_SIGNATURE)
+            sig = peer.read_body(approval.MAX_SIGNATURE)
         except wire.BodyTooLarge:
             raise Denied(Exit.DATA, "approval signature too large", "approval too large") \
                 from None
@@ -472,22 +480,22 @@ class Daemon:
         with self._lock:
             if custodian in req.approvals:
                 n = len(req.counted(profile))
-                wire.reply(conn, Exit.OK, f"{custodian} already approved request {rid} (counts "
+                peer.reply(Exit.OK, f"{custodian} already approved request {rid} (counts "
                            f"once): {n} of {profile.approvals}")
                 return
             self._state_event("approve", request=rid, custodian=custodian, profile=req.profile,
                               client=req.client, sha256=req.sha256)
             n = len(req.counted(profile))
-        wire.reply(conn, Exit.OK, f"approved request {rid}: {n} of {profile.approvals}")
+        peer.reply(Exit.OK, f"approved request {rid}: {n} of {profile.approvals}")
 
-    def _unlock(self, conn: socket.socket, f: BufferedIOBase, custodian: str) -> None:
+    def _unlock(self, peer: wire.Peer, custodian: str) -> None:
         assert self.token is not None and self.writer is not None
         if self.token.logged_in:
-            wire.reply(conn, Exit.OK, "already unlocked")
+            peer.reply(Exit.OK, "already unlocked")
             return
-        wire.send_line(conn, {"continue": True})
+        peer.go_ahead()
         try:
-            secret = pin.check(wire.read_body(f, pin.MAX_PIN + 1), "PIN on stdin")
+            secret = pin.check(peer.read_body(pin.MAX_PIN + 1), "PIN on stdin")
         except wire.BodyTooLarge:
             raise Denied(Exit.DATA, "PIN too long", "PIN too long") from None
         with self._unlock_lock:
@@ -505,25 +513,25 @@ class Daemon:
                     self.writer.checkpoint()
                 except audit.AuditError as exc:
                     log.warning("checkpoint after unlock: %s", exc)
-        wire.reply(conn, Exit.OK, "unlocked")
+        peer.reply(Exit.OK, "unlocked")
 
-    def _freeze(self, conn: socket.socket, custodian: str, name: str) -> None:
+    def _freeze(self, peer: wire.Peer, custodian: str, name: str) -> None:
         with self._lock:
             profile = policy.profile_for(self.cfg, name)
             if profile.name not in self.state.frozen:
                 self._state_event("freeze", profile=name, custodian=custodian,
                                   reason=f"frozen by custodian {custodian}")
-        wire.reply(conn, Exit.OK, f"profile {name!r} is frozen")
+        peer.reply(Exit.OK, f"profile {name!r} is frozen")
 
-    def _thaw(self, conn: socket.socket, custodian: str, name: str) -> None:
+    def _thaw(self, peer: wire.Peer, custodian: str, name: str) -> None:
         with self._lock:
             profile = policy.profile_for(self.cfg, name)
             policy.check_custodian_of(profile, custodian)
             if profile.name not in self.state.frozen:
-                wire.reply(conn, Exit.OK, f"profile {name!r} is not frozen")
+                peer.reply(Exit.OK, f"profile {name!r} is not frozen")
                 return
             self._state_event("thaw", profile=name, custodian=custodian)
-        wire.reply(conn, Exit.OK, f"profile {name!r} thawed; its budget window starts now")
+        peer.reply(Exit.OK, f"profile {name!r} thawed; its budget window starts now")
 
 
 class Caller:

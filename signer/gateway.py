@@ -8,6 +8,7 @@ complete reply was read; on any failure stdout stays empty and stderr gets exact
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import sys
@@ -53,11 +54,31 @@ def connect(path: Path) -> socket.socket:
     return sock
 
 
-def _stream(sock: socket.socket, stdin: BinaryIO, limit: int | None) -> None:
-    """Copy stdin to the socket as frames, then the end frame."""
+def _read_upto(stdin: BinaryIO, n: int) -> bytes:
+    """Up to n bytes of stdin (fewer only at end of input)."""
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        chunk = stdin.read(n - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _frames(data: bytes) -> bytes:
+    """A small body (<= INLINE_MAX < MAX_FRAME) as one frame and the end frame."""
+    return (wire.frame_header(len(data)) + data if data else b"") + wire.frame_header(0)
+
+
+def _stream(sock: socket.socket, head: bytes, stdin: BinaryIO, limit: int | None) -> None:
+    """Send what was already read, then the rest of stdin, as frames; then the end frame."""
+    if head:
+        wire.send_frame(sock, head)
+    total = len(head)
     buf = bytearray(CHUNK)
     view = memoryview(buf)
-    total = 0
     while True:
         n = stdin.readinto(view)  # type: ignore[attr-defined]
         if not n:
@@ -69,17 +90,27 @@ def _stream(sock: socket.socket, stdin: BinaryIO, limit: int | None) -> None:
     wire.send_frame(sock, b"")
 
 
-def exchange(sock: socket.socket, header: dict[str, object], stdin: BinaryIO,
+def exchange(sock: socket.socket, header: dict[str, object], stdin: BinaryIO | None,
              limit: int | None) -> tuple[int, str, bytes]:
-    """Send a request, stream stdin if the daemon asks for it, return its final reply."""
+    """Send a request (with stdin as its body unless stdin is None), return the final reply.
+    A body that ends within INLINE_MAX bytes goes with the header in one write; a longer one
+    waits for the daemon's go-ahead, so a refused request does not upload a gigabyte."""
     with sock.makefile("rb") as f:
         try:
-            wire.send_line(sock, header)
+            head = b""
+            if stdin is not None:
+                head = _read_upto(stdin, wire.INLINE_MAX + 1)
+                if limit is not None and len(head) > limit:
+                    raise SignerError(Exit.DATA, f"input larger than {limit} bytes")
+                if len(head) <= wire.INLINE_MAX:
+                    sock.sendall(wire.line({**header, "inline": True}) + _frames(head))
+                    return wire.read_reply(f)
+            sock.sendall(wire.line(header))
             first = wire.read_line(f)
             if first.get("continue") is not True:
                 return wire.finish_reply(first, f)
             try:
-                _stream(sock, stdin, limit)
+                _stream(sock, head, stdin or io.BytesIO(), limit)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the daemon stopped reading (too large?): its reply says why
             return wire.read_reply(f)
@@ -97,9 +128,11 @@ def run(role: str, name: str, config: Path | None, sock_path: Path | None,
         return exc.code, str(exc)
     header: dict[str, object] = {"v": wire.VERSION, "role": role, "caller": name}
     header.update(request.to_wire(cmd))
+    with_body = isinstance(cmd, request.Sign | request.Approve | request.Unlock)
     sock = connect(socket_path(config, sock_path))
     with sock:
-        code, message, payload = exchange(sock, header, stdin, _SMALL_BODY.get(type(cmd)))
+        code, message, payload = exchange(sock, header, stdin if with_body else None,
+                                          _SMALL_BODY.get(type(cmd)))
     if code == Exit.OK and payload:
         stdout.write(payload)
         stdout.flush()

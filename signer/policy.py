@@ -67,7 +67,6 @@ class Request:
 class State:
     frozen: dict[str, str] = field(default_factory=dict)  # profile -> why
     signatures: dict[str, deque[float]] = field(default_factory=dict)  # profile -> sign times
-    window_start: dict[str, float] = field(default_factory=dict)  # profile -> last thaw
     requests: dict[str, Request] = field(default_factory=dict)
 
     def apply(self, entry: Mapping[str, Any]) -> None:
@@ -84,7 +83,7 @@ class State:
             self.frozen[profile] = str(entry.get("reason") or event)
         elif event == "thaw":
             self.frozen.pop(profile, None)
-            self.window_start[profile] = audit.parse_time(entry["time"])
+            self.signatures.pop(profile, None)
         elif event == "queue":
             rid = str(entry["request"])
             self.requests[rid] = Request(
@@ -98,12 +97,12 @@ class State:
 
     def used(self, profile: Profile, now: float) -> int:
         """Signatures counted against the budget: those in the rolling window since the last
-        thaw. Old timestamps are dropped as a side effect (memory stays bounded)."""
+        thaw (a thaw empties the window). Expired timestamps are dropped here, so the cost is
+        amortised O(1) and memory stays bounded by the budget."""
         times = self.signatures.setdefault(profile.name, deque())
-        floor = max(now - profile.budget_window, self.window_start.get(profile.name, 0.0))
         while times and times[0] <= now - profile.budget_window:
             times.popleft()
-        return sum(1 for t in times if t > floor)
+        return len(times)
 
 
 def profile_for(cfg: Config, name: str) -> Profile:
