@@ -147,3 +147,46 @@ def test_gateway_reads_only_the_socket_from_the_config(shared: Signer, tmp_path:
     r = shared.lab.signer("gateway", "--client", "build1", "--config", bad, env=env)
     assert r.returncode == 78
     one_line_error(r)
+
+
+@pytest.mark.control("SGN-07")
+def test_daemon_dying_mid_upload_leaves_stdout_empty(make_signer: object) -> None:
+    """The gateway writes a signature only from a complete reply: a daemon killed while the
+    artifact streams in gives one line on stderr and nothing on stdout."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    s: Signer = make_signer(profile_overrides={"dev": {"max_size": 1 << 30}})  # type: ignore[operator]
+    env = dict(s.lab.env)
+    env["SSH_ORIGINAL_COMMAND"] = "sign --profile dev --format raw"
+    gw = subprocess.Popen([sys.executable, "-m", "signer", "gateway", "--client", "build1",
+                           "--config", str(s.config)], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert gw.stdin is not None
+
+    def feed() -> None:
+        try:
+            for _ in range(400):
+                gw.stdin.write(b"\0" * (1 << 20))  # type: ignore[union-attr]
+                time.sleep(0.005)
+        except (BrokenPipeError, ValueError):
+            pass
+        finally:
+            try:
+                gw.stdin.close()  # type: ignore[union-attr]
+            except BrokenPipeError:
+                pass
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    time.sleep(0.5)
+    s.stop(signal.SIGKILL)
+    feeder.join(timeout=60)
+    out, err = gw.communicate(timeout=60)
+    assert gw.returncode == 69
+    assert out == b""
+    assert err.count(b"\n") == 1 and b"Traceback" not in err
+    assert b"nothing was signed" in err
