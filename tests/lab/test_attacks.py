@@ -1,0 +1,112 @@
+"""Attacks from the lab network against the hardened VM (NET-01, NET-04, SSH-07).
+
+The intruder shares the VM's segment and must get nothing; the build host must reach SSH and
+nothing else. The roll-back test applies a ruleset that locks the controller out and watches
+the host come back by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from lab.state import LabState
+from toolkit.ansible_run import build_command, run_playbook
+
+pytestmark = pytest.mark.lab
+
+PROBE = """
+import socket, sys
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+s.settimeout(float(sys.argv[3]))
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    s.settimeout(10)
+    print("OPEN", s.recv(64)[:16])
+except ConnectionRefusedError:
+    print("REFUSED")
+except (socket.timeout, TimeoutError):
+    print("TIMEOUT")
+except OSError as e:
+    print("ERROR", e.errno)
+"""
+
+
+def probe(lab: LabState, who: str, addr: str, port: int, wait: float = 4) -> str:
+    r = lab.netns_run(who, ["python3", "-c", PROBE, addr, str(port), str(wait)],
+                      timeout=wait + 30)
+    return r.stdout.decode().strip()
+
+
+def vm_address(lab: LabState, family: str) -> str:
+    return lab.vm_ipv4 if family == "ipv4" else lab.vm_ipv6
+
+
+@pytest.mark.control("NET-01")
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+@pytest.mark.parametrize("port", [22, 80, 443, 2222, 8080])
+def test_intruder_gets_no_answer_from_any_tcp_port(lab: LabState, family: str, port: int) -> None:
+    # Dropped, not refused: a RST would already tell the intruder the host is there.
+    assert probe(lab, "intruder", vm_address(lab, family), port) == "TIMEOUT"
+
+
+@pytest.mark.control("NET-01")
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_build_host_reaches_ssh(lab: LabState, family: str) -> None:
+    out = probe(lab, "build", vm_address(lab, family), 22, wait=20)
+    assert out.startswith("OPEN") and "SSH-2.0" in out, out
+
+
+@pytest.mark.control("NET-01")
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_build_host_reaches_nothing_but_ssh(lab: LabState, family: str) -> None:
+    assert probe(lab, "build", vm_address(lab, family), 80) == "TIMEOUT"
+
+
+@pytest.mark.control("NET-01")
+def test_intruder_gets_no_ping_reply(lab: LabState) -> None:
+    r = lab.netns_run("intruder", ["ping", "-c", "2", "-W", "2", lab.vm_ipv4], timeout=30)
+    assert r.returncode != 0, r.stdout
+
+
+def _admin_ssh_ok(lab: LabState) -> bool:
+    r = subprocess.run(["ssh", "-F", str(lab.ssh_config), "-o", "ControlPath=none",
+                        "-o", "ConnectTimeout=10", "-o", "BatchMode=yes", lab.ssh_alias, "true"],
+                       capture_output=True, timeout=60)
+    return r.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.control("NET-04", "SSH-07")
+def test_a_lockout_ruleset_rolls_itself_back(lab: LabState, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Apply a ruleset without the admin network: the play cannot reconnect and fails, and
+    the host restores the previous ruleset by itself within the roll-back window."""
+    assert _admin_ssh_ok(lab), "the lab VM must be reachable before the test"
+    os.environ.setdefault("SIGNLAB_INSTANCE", lab.raw["instance"])
+    cmd = build_command("harden.yml", tags="preflight,firewall",
+                        extra_vars={"firewall_selftest_lock_out_admins": "true",
+                                    "firewall_rollback_seconds": "45"})
+    started = time.monotonic()
+    result = run_playbook(cmd, tmp_path / "lockout.log")
+    assert result.returncode != 0, "the lockout ruleset was confirmed: the test hook did nothing"
+    assert not _admin_ssh_ok(lab), "the controller could still log in: nothing was locked out"
+    deadline = started + 45 + 120
+    while time.monotonic() < deadline and not _admin_ssh_ok(lab):
+        time.sleep(5)
+    assert _admin_ssh_ok(lab), "the host did not come back: the roll-back failed"
+    log = subprocess.run(
+        ["ssh", "-F", str(lab.ssh_config), lab.ssh_alias,
+         "sudo journalctl -t signhost-rollback --no-pager -n 20"],
+        capture_output=True, text=True, timeout=60).stdout
+    assert "ROLLED BACK" in log, log
+    rules = subprocess.run(
+        ["ssh", "-F", str(lab.ssh_config), lab.ssh_alias,
+         "sudo nft -j list set inet signhost admin4"],
+        capture_output=True, text=True, timeout=60).stdout
+    assert lab.admin_subnet4.split("/")[0] in json.dumps(json.loads(rules)), rules
+

@@ -1,0 +1,94 @@
+"""Base posture (BASE-01..07) and the machine-checkable physical controls (PHY-03)."""
+
+from __future__ import annotations
+
+import pytest
+
+ABSENT = ["telnet", "inetutils-telnet", "rsh-client", "ftp", "nis", "avahi-daemon",
+          "cups-daemon", "rpcbind"]
+
+
+@pytest.mark.control("BASE-01")
+@pytest.mark.parametrize("package", ABSENT)
+def test_unneeded_packages_are_absent(host, package) -> None:  # type: ignore[no-untyped-def]
+    assert not host.package(package).is_installed
+
+
+@pytest.mark.control("BASE-01")
+@pytest.mark.parametrize("unit", ["ctrl-alt-del.target", "debug-shell.service"])
+def test_console_escape_units_are_masked(host, unit) -> None:  # type: ignore[no-untyped-def]
+    assert host.check_output(f"systemctl is-enabled {unit} || true") == "masked"
+
+
+@pytest.mark.control("BASE-02")
+def test_time_is_synchronised_from_the_configured_servers(host) -> None:  # type: ignore[no-untyped-def]
+    assert host.service("systemd-timesyncd.service").is_running
+    servers = host.check_output("timedatectl show-timesync -P SystemNTPServers")
+    fallback = host.check_output("timedatectl show-timesync -P FallbackNTPServers")
+    assert servers.strip(), "no NTP server configured"
+    assert fallback.strip() == "", "fallback servers would bypass the firewall allow-list"
+
+
+@pytest.mark.control("BASE-03")
+def test_security_updates_are_applied_automatically(host) -> None:  # type: ignore[no-untyped-def]
+    assert host.package("unattended-upgrades").is_installed
+    conf = host.check_output("apt-config dump")
+    assert 'APT::Periodic::Unattended-Upgrade "1";' in conf
+    assert 'APT::Periodic::Update-Package-Lists "1";' in conf
+    assert "-security" in conf  # the security origin is allowed
+    assert host.service("apt-daily-upgrade.timer").is_enabled
+
+
+@pytest.mark.control("BASE-04")
+def test_journal_is_persistent(host) -> None:  # type: ignore[no-untyped-def]
+    machine = host.file("/etc/machine-id").content_string.strip()
+    journal = host.file(f"/var/log/journal/{machine}")
+    assert journal.is_directory
+    assert host.run(f"ls {journal.path}/system.journal").rc == 0
+
+
+@pytest.mark.control("BASE-05")
+def test_admin_keys_are_private_and_sudo_is_logged(host) -> None:  # type: ignore[no-untyped-def]
+    keys = host.file("/home/admin/.ssh/authorized_keys")
+    assert keys.exists and keys.user == "admin" and keys.mode == 0o600
+    # Every command of this suite runs through sudo: the last ones are in the log.
+    host.check_output("true")
+    assert "COMMAND=" in host.check_output("tail -n 20 /var/log/sudo.log")
+    assert host.run("visudo -c").rc == 0
+
+
+@pytest.mark.control("BASE-06")
+def test_ssh_shows_the_login_banner_before_authentication(host) -> None:  # type: ignore[no-untyped-def]
+    r = host.run("ssh -n -o BatchMode=yes -o StrictHostKeyChecking=no "
+                 "-o UserKnownHostsFile=/dev/null -o PubkeyAuthentication=no nobody@127.0.0.1 true")
+    assert "Authorised access only" in r.stderr, r.stderr
+    assert "Authorised access only" in host.file("/etc/issue").content_string
+
+
+@pytest.mark.control("BASE-07")
+def test_aide_detects_a_change_in_a_watched_path(host) -> None:  # type: ignore[no-untyped-def]
+    assert host.file("/var/lib/aide/signhost.db").exists
+    probe = "/etc/ssh/zz-aide-probe"
+    host.check_output(f"echo probe > {probe}")
+    try:
+        r = host.run("aide --config /etc/aide/signhost.conf --check")
+    finally:
+        host.run(f"rm -f {probe}")
+    assert r.rc != 0 and probe in r.stdout, r.stdout[-2000:]
+    assert host.service("signhost-aide-check.timer").is_enabled
+
+
+@pytest.mark.control("PHY-03")
+def test_secure_boot_is_enabled(host, is_lab) -> None:  # type: ignore[no-untyped-def]
+    if is_lab:
+        pytest.skip("waived in the lab: QEMU boots the kernel directly, no UEFI (PHY-03 waiver_lab)")
+    out = host.run("mokutil --sb-state")
+    assert "SecureBoot enabled" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.control("PHY-03")
+def test_root_filesystem_is_encrypted(host, is_lab) -> None:  # type: ignore[no-untyped-def]
+    if is_lab:
+        pytest.skip("waived in the lab: the VM disk is a throw-away overlay (PHY-03 waiver_lab)")
+    tree = host.check_output("lsblk -s -n -o TYPE \"$(findmnt -n -o SOURCE /)\"")
+    assert "crypt" in tree.split(), tree

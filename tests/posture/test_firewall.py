@@ -1,0 +1,96 @@
+"""Firewall posture (NET-01..05) seen from the host: the live ruleset, what the host may
+send, and what listens. What other hosts can reach is proved from the lab network in
+tests/lab/test_attacks.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+RULESET = "/etc/nftables.d/signhost.nft"
+
+
+def chains(host) -> dict[str, dict]:  # type: ignore[no-untyped-def,type-arg]
+    data = json.loads(host.check_output("nft -j list table inet signhost"))
+    return {c["chain"]["name"]: c["chain"] for c in data["nftables"] if "chain" in c}
+
+
+def connect_from_host(host, addr: str, port: int, proto: str = "tcp") -> str:  # type: ignore[no-untyped-def]
+    """Try to reach addr:port from the host; returns the errno name (or OK)."""
+    kind = "SOCK_STREAM" if proto == "tcp" else "SOCK_DGRAM"
+    fam = "AF_INET6" if ":" in addr else "AF_INET"
+    code = (
+        "import errno,socket\n"
+        f"s=socket.socket(socket.{fam},socket.{kind});s.settimeout(5)\n"
+        "try:\n"
+        f"    s.connect(({addr!r},{port}))\n"
+        f"    {'s.send(bytes(48))' if proto == 'udp' else 'pass'}\n"
+        "    print('OK')\n"
+        "except OSError as e:\n"
+        "    print(errno.errorcode.get(e.errno, 'TIMEOUT') if e.errno else 'TIMEOUT')\n"
+    )
+    return host.check_output(f"python3 -c {json.dumps(code)}").strip()
+
+
+@pytest.mark.control("NET-01", "NET-02")
+@pytest.mark.parametrize("hook", ["input", "output", "forward"])
+def test_every_direction_drops_by_default(host, hook) -> None:  # type: ignore[no-untyped-def]
+    c = [c for c in chains(host).values() if c.get("hook") == hook]
+    assert c, f"no base chain on {hook} in table inet signhost"
+    assert all(x["policy"] == "drop" for x in c)
+
+
+@pytest.mark.control("NET-01")
+def test_the_firewall_covers_ipv4_and_ipv6(host) -> None:  # type: ignore[no-untyped-def]
+    data = json.loads(host.check_output("nft -j list tables"))
+    families = {t["table"]["family"] for t in data["nftables"] if "table" in t
+                and t["table"]["name"] == "signhost"}
+    assert families == {"inet"}
+
+
+@pytest.mark.control("NET-02")
+@pytest.mark.parametrize(
+    ("addr", "port", "proto"),
+    [("192.0.2.1", 443, "tcp"), ("192.0.2.1", 22, "tcp"), ("9.9.9.9", 53, "udp"),
+     ("192.0.2.1", 123, "udp")],
+)
+def test_host_cannot_connect_outside_its_allow_list(host, addr, port, proto) -> None:  # type: ignore[no-untyped-def]
+    # The output chain drops the first packet: the kernel reports EPERM to the socket at once.
+    assert connect_from_host(host, addr, port, proto) == "EPERM"
+
+
+@pytest.mark.control("NET-03")
+def test_dropped_packets_are_logged(host) -> None:  # type: ignore[no-untyped-def]
+    rules = host.check_output("nft list chain inet signhost output")
+    assert 'log prefix "signhost-drop-out: "' in rules and "limit rate" in rules
+    marker = host.check_output("date +%s").strip()
+    connect_from_host(host, "192.0.2.77", 4444)
+    log = host.run(f"journalctl -k --since @{int(marker) - 1} --no-pager -g signhost-drop-out")
+    assert "DST=192.0.2.77" in log.stdout, log.stdout
+
+
+@pytest.mark.control("NET-04")
+def test_installed_ruleset_is_valid_and_loaded_at_boot(host) -> None:  # type: ignore[no-untyped-def]
+    assert host.run(f"nft -c -f {RULESET}").rc == 0
+    assert host.service("signhost-firewall.service").is_enabled
+    # The ruleset never flushes others' tables.
+    assert "flush ruleset" not in host.file(RULESET).content_string
+
+
+@pytest.mark.control("NET-05")
+def test_only_sshd_listens_on_the_network(host) -> None:  # type: ignore[no-untyped-def]
+    out = host.check_output("ss -H -l -n -p -t -u -w")
+    offenders = []
+    for line in out.splitlines():
+        cols = line.split()
+        local = cols[4]
+        addr = local.rsplit(":", 1)[0].strip("[]").split("%")[0]
+        if addr in ("127.0.0.1", "::1") or addr.startswith("127."):
+            continue
+        if cols[0] == "tcp" and '"sshd"' in line:
+            continue
+        if cols[0] == "udp" and local.endswith(":68") and "systemd-network" in line:
+            continue  # the DHCP client of the admin NIC (answers accepted from the admin net only)
+        offenders.append(line)
+    assert offenders == [], "\n".join(offenders)
