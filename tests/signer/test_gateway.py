@@ -185,7 +185,8 @@ def test_daemon_dying_mid_upload_leaves_stdout_empty(make_signer: object) -> Non
     time.sleep(0.5)
     s.stop(signal.SIGKILL)
     feeder.join(timeout=60)
-    out, err = gw.communicate(timeout=60)
+    out, err = gw.stdout.read(), gw.stderr.read()  # type: ignore[union-attr]
+    gw.wait(timeout=60)
     assert gw.returncode == 69
     assert out == b""
     assert err.count(b"\n") == 1 and b"Traceback" not in err
