@@ -59,8 +59,9 @@ class Daemon:
         self._unlock_lock = threading.Lock()
         self._inflight: dict[str, int] = {}
         self._fetching: set[str] = set()
-        self._keys: dict[str, Any] = {}  # key label -> private key handle (resident keys only)
-        self._key_problems: dict[str, str] = {}  # key label -> why it is refused
+        # (key URI, algorithm) -> private key handle, for resident keys only; or why refused
+        self._keys: dict[tuple[PKCS11URI, str], Any] = {}
+        self._key_problems: dict[tuple[PKCS11URI, str], str] = {}
         self._certs: dict[str, x509.Certificate] = {}  # profile -> certificate (cms)
         self._cert_problems: dict[str, str] = {}
         self._stopping = threading.Event()
@@ -93,7 +94,10 @@ class Daemon:
         self.writer.append("start", pid=os.getpid(), note=note,
                            reason="PIN from file" if secret else "locked: waiting for unlock")
         if secret is not None:
-            self._login(secret)
+            try:
+                self._login(secret)
+            except SignerError as exc:
+                raise SignerError(exc.code, f"{exc.message} (PIN from {d.pin_file})") from None
 
     def stop(self) -> None:
         self._stopping.set()
@@ -128,17 +132,17 @@ class Daemon:
             (p.name, p.key, p.algorithm) for p in self.cfg.profiles.values()]
         wanted.append((None, d.audit_key, ECDSA_P256.name))
         for profile, uri, alg in wanted:
-            if uri.label in self._keys or uri.label in self._key_problems:
+            if (uri, alg) in self._keys or (uri, alg) in self._key_problems:
                 continue
             problems = self.token.residency_problems(uri, BY_NAME[alg])
             if problems:
                 why = "; ".join(problems)
-                self._key_problems[uri.label] = why
+                self._key_problems[uri, alg] = why
                 log.error("key %s refused: %s", uri, why)
                 self.writer.append("residency-failure", profile=profile, key=str(uri),
                                    reason=why)
             else:
-                self._keys[uri.label] = self.token.private_key(uri)
+                self._keys[uri, alg] = self.token.private_key(uri)
         for p in self.cfg.profiles.values():
             if p.cert is None:
                 continue
@@ -153,7 +157,7 @@ class Daemon:
                 log.error("profile %s: %s", p.name, exc.message)
 
     def _sign_checkpoint(self, digest: bytes) -> bytes | None:
-        key = self._keys.get(self.cfg.daemon.audit_key.label)
+        key = self._keys.get((self.cfg.daemon.audit_key, ECDSA_P256.name))
         if key is None or self.token is None or not self.token.logged_in:
             return None
         return self.token.sign_digest(key, ECDSA_P256, digest)
@@ -185,7 +189,16 @@ class Daemon:
                 continue
             with self._active_cv:
                 self._active += 1
-            pending.put(conn)
+            while True:
+                try:
+                    pending.put(conn, timeout=0.5)
+                    break
+                except queue.Full:
+                    if self._stopping.is_set():
+                        conn.close()
+                        with self._active_cv:
+                            self._active -= 1
+                        break
         sock.close()
 
     def _worker(self, pending: queue.Queue[socket.socket]) -> None:
@@ -298,8 +311,11 @@ class Daemon:
         assert self.writer is not None
         if self.writer.broken:
             raise audit.AuditError(self.writer.broken)
-        why = self._key_problems.get(profile.key.label)
-        if why is not None:
+        if (profile.key, profile.algorithm) not in self._keys:
+            why = self._key_problems.get((profile.key, profile.algorithm))
+            if why is None:  # unlocked a moment ago, residency not checked yet
+                raise SignerError(Exit.UNAVAILABLE, "the signer is being unlocked: try again "
+                                  "in a moment")
             raise Denied(Exit.NOPERM, f"the key of profile {profile.name!r} is not resident on "
                          f"the token ({why}): refusing to sign", "key not resident")
         if fmt == "cms" and profile.name not in self._certs:
@@ -346,7 +362,7 @@ class Daemon:
             self._inflight[p] = self._inflight.get(p, 0) + 1
         reserved = True
         try:
-            key = self._keys[profile.key.label]
+            key = self._keys[profile.key, profile.algorithm]
             alg = BY_NAME[profile.algorithm]
 
             def sign_digest(d: bytes) -> bytes:
@@ -626,8 +642,8 @@ def run(cfg: Config, on_ready: Callable[[], None] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    daemon.start()
     try:
+        daemon.start()
         sock = bind(cfg.daemon.socket, cfg.daemon.socket_group)
     except SignerError:
         daemon.stop()
