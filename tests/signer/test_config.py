@@ -1,0 +1,122 @@
+"""The config schema: every error names the file, the key and the problem on one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from signer import config, uri
+from signer.errors import SignerError
+from toolkit.signer_lab import toml
+
+BASE = {
+    "daemon": {
+        "socket": "/run/signer/signer.sock", "audit_log": "/var/lib/signer/audit.jsonl",
+        "state_dir": "/var/lib/signer/state", "token_module": "/usr/lib/softhsm/libsofthsm2.so",
+        "token_label": "signer", "pin_source": "file:/etc/signer/pin",
+        "audit_key": "pkcs11:token=signer;object=audit;type=private",
+    },
+    "profiles.dev": {
+        "key": "pkcs11:token=signer;object=dev;type=private", "algorithm": "ecdsa-p256",
+        "cert": "/etc/signer/certs/dev.pem", "formats": ["cms", "raw"], "max_size": 1024,
+        "clients": ["build1"], "budget_count": 10, "budget_window": 60,
+    },
+    "profiles.release": {
+        "key": "pkcs11:object=release", "algorithm": "rsa3072-pss", "formats": ["raw"],
+        "max_size": 1024, "clients": ["build1"], "approvals": 2,
+        "custodians": ["alice", "bob"], "budget_count": 10, "budget_window": 60,
+    },
+    "clients.build1": {"ssh_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA build1"},
+    "custodians.alice": {"ssh_key": "sk-ssh-ed25519@openssh.com AAAAGnNr alice@yubikey"},
+    "custodians.bob": {"ssh_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA bob"},
+}
+
+
+def parse(**changes: dict[str, object] | None) -> config.Config:
+    tables = {k: dict(v) for k, v in BASE.items()}
+    for table, values in changes.items():
+        name = table.replace("__", ".")
+        if values is None:
+            tables.pop(name)
+        else:
+            tables.setdefault(name, {}).update(values)
+    return config.parse(toml(tables), Path("/etc/signer/signer.toml"))
+
+
+def test_the_example_parses() -> None:
+    cfg = parse()
+    assert set(cfg.profiles) == {"dev", "release"}
+    assert cfg.profiles["release"].approvals == 2
+    assert cfg.daemon.pin_file == Path("/etc/signer/pin")
+    assert cfg.daemon.checkpoint_interval == 1000
+
+
+@pytest.mark.parametrize(("changes", "where", "problem"), [
+    ({"daemon": {"sockett": "/x"}}, "daemon.sockett", "unknown key"),
+    ({"daemon": {"socket": "run/x"}}, "daemon.socket", "absolute path"),
+    ({"daemon": {"pin_source": "env:PIN"}}, "daemon.pin_source", "'prompt' or 'file:"),
+    ({"daemon": {"audit_key": "pkcs11:object=audit;pin-value=1234"}}, "daemon.audit_key",
+     "unknown or malformed"),
+    ({"daemon": {"audit_key": "pkcs11:object=audit?pin-value=1234"}}, "daemon.audit_key",
+     "query attributes"),
+    ({"profiles__dev": {"key": "pkcs11:token=other;object=dev"}}, "profiles.dev.key",
+     "is not daemon.token_label"),
+    ({"profiles__dev": {"key": "pkcs11:object=audit"}}, "profiles.dev.key",
+     "must not sign artifacts"),
+    ({"profiles__dev": {"algorithm": "rsa1024"}}, "profiles.dev.algorithm", "must be one of"),
+    ({"profiles__dev": {"formats": ["pem"]}}, "profiles.dev.formats", "non-empty list"),
+    ({"profiles__dev": {"clients": ["nobody"]}}, "profiles.dev.clients",
+     "unknown client 'nobody'"),
+    ({"profiles__dev": {"max_size": 0}}, "profiles.dev.max_size", ">= 1"),
+    ({"profiles__dev": {"max_size": True}}, "profiles.dev.max_size", "integer"),
+    ({"profiles__release": {"approvals": 3}}, "profiles.release.approvals",
+     "needs 3 custodians, 2 listed"),
+    ({"profiles__release": {"formats": ["cms"]}}, "profiles.release.cert",
+     "required when formats include cms"),
+    ({"profiles__Dev": {"key": "pkcs11:object=x"}}, "profiles.Dev", "bad name"),
+    ({"clients__build1": {"ssh_key": "not a key"}}, "clients.build1.ssh_key",
+     "not an OpenSSH public key"),
+    ({"custodians__build1": {"ssh_key": "ssh-ed25519 AAAA x"}}, "custodians",
+     "used by a client too"),
+    ({"extra": {"x": 1}}, "extra", "unknown section"),
+    ({"daemon": None}, "daemon", "missing table"),
+])
+def test_config_errors_name_file_key_and_problem(changes: dict[str, dict[str, object] | None],
+                                                 where: str, problem: str) -> None:
+    with pytest.raises(SignerError) as exc:
+        parse(**changes)
+    message = exc.value.message
+    assert exc.value.code == 78
+    assert message.startswith(f"/etc/signer/signer.toml: {where}: "), message
+    assert problem in message
+    assert "\n" not in message
+
+
+def test_syntax_error_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[daemon\nsocket = 1\n")
+    with pytest.raises(SignerError) as exc:
+        config.load(path)
+    assert exc.value.message.startswith(f"{path}: (syntax): ")
+
+
+def test_uris_round_trip_and_refuse_pins() -> None:
+    u = uri.parse("pkcs11:token=my%20token;object=dev;id=%01%02;type=private")
+    assert (u.token, u.label, u.key_id) == ("my token", "dev", b"\x01\x02")
+    assert uri.parse(str(u)) == u
+    for bad in ("pkcs11:object=a;object=b", "pkcs11:token=t", "file:/x",
+                "pkcs11:object=a;type=weird"):
+        with pytest.raises(uri.URIError):
+            uri.parse(bad)
+
+
+def test_config_check_command(tmp_path: Path) -> None:
+    from signer.cli import main
+
+    good = tmp_path / "signer.toml"
+    good.write_text(toml(BASE))
+    assert main(["config", "check", str(good)]) == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text(toml({**BASE, "profiles.dev": {**BASE["profiles.dev"], "formats": []}}))
+    assert main(["config", "check", str(bad)]) == 78
