@@ -17,7 +17,7 @@ from asn1crypto import algos, core
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from pkcs11 import MGF, KeyType, Mechanism
 
@@ -50,7 +50,9 @@ class Algorithm:
     def encode(self, token_signature: bytes) -> bytes:
         """The token's output as openssl expects it: ECDSA r||s becomes a DER ECDSA-Sig-Value."""
         if self.key_type == KeyType.EC:
-            return bytes(algos.DSASignature.from_p1363(token_signature).dump())
+            half = len(token_signature) // 2
+            return encode_dss_signature(int.from_bytes(token_signature[:half], "big"),
+                                        int.from_bytes(token_signature[half:], "big"))
         return token_signature
 
     def signed_digest_algorithm(self) -> algos.SignedDigestAlgorithm:

@@ -322,8 +322,7 @@ class Daemon:
             raise SignerError(Exit.CONFIG, self._cert_problems.get(
                 profile.name, f"profile {profile.name!r} has no certificate"))
 
-    def _sign(self, peer: wire.Peer, client: str,
-              cmd: request.Sign) -> None:
+    def _sign(self, peer: wire.Peer, client: str, cmd: request.Sign) -> None:
         with self._lock:
             profile = policy.check_sign(self.cfg, self.state, client, cmd.profile, cmd.format)
         self._ready(profile, cmd.format)
@@ -354,9 +353,7 @@ class Daemon:
                     >= profile.budget_count:
                 why = (f"budget of {profile.budget_count} signatures per "
                        f"{profile.budget_window} s exhausted")
-                entry = self.writer.append("budget-exceeded", profile=p, client=client,
-                                           reason=why)
-                self.state.apply(entry)
+                self._state_event("budget-exceeded", profile=p, client=client, reason=why)
                 raise Denied(Exit.NOPERM, f"{why}: profile {p!r} is now frozen; a custodian "
                              f"must run `thaw {p}`", "budget exceeded")
             self._inflight[p] = self._inflight.get(p, 0) + 1
