@@ -16,6 +16,7 @@ from signer import uri
 from signer.errors import Exit, SignerError
 
 NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+ACCOUNT_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 ALGORITHMS = ("ecdsa-p256", "rsa3072-pkcs1", "rsa3072-pss")
 FORMATS = ("cms", "raw")
 SSH_KEY_RE = re.compile(
@@ -63,6 +64,8 @@ class Config:
     profiles: dict[str, Profile] = field(default_factory=dict)
     clients: dict[str, str] = field(default_factory=dict)  # name -> ssh public key line
     custodians: dict[str, str] = field(default_factory=dict)
+    # name -> the local account its gateway runs as (checked with SO_PEERCRED), when given
+    accounts: dict[str, str] = field(default_factory=dict)
 
 
 class _Reader:
@@ -128,7 +131,8 @@ class _Reader:
         return parsed
 
 
-def _principals(r: _Reader, data: dict[str, Any], kind: str) -> dict[str, str]:
+def _principals(r: _Reader, data: dict[str, Any], kind: str, accounts: dict[str, str]
+                ) -> dict[str, str]:
     section = data.get(kind, {})
     if not isinstance(section, dict):
         raise r.fail(kind, "must be a table")
@@ -137,11 +141,16 @@ def _principals(r: _Reader, data: dict[str, Any], kind: str) -> dict[str, str]:
         prefix = f"{kind}.{name}"
         if not NAME_RE.fullmatch(name):
             raise r.fail(prefix, "bad name (want [a-z][a-z0-9_-]{0,63})")
-        t = r.table(section, prefix, {"ssh_key"}, {"ssh_key"})
+        t = r.table(section, prefix, {"ssh_key", "account"}, {"ssh_key"})
         key = r.str_(t, prefix, "ssh_key").strip()
         if not SSH_KEY_RE.fullmatch(key):
             raise r.fail(f"{prefix}.ssh_key", "not an OpenSSH public key line")
         out[name] = key
+        if "account" in t:
+            account = r.str_(t, prefix, "account")
+            if not ACCOUNT_RE.fullmatch(account):
+                raise r.fail(f"{prefix}.account", "not a local account name")
+            accounts[name] = account
     return out
 
 
@@ -174,8 +183,9 @@ def parse(text: str, path: Path) -> Config:
         audit_key=r.key_uri(d, "daemon", "audit_key"),
         audit_cert=r.abspath(d, "daemon", "audit_cert") if "audit_cert" in d else None,
     )
-    clients = _principals(r, data, "clients")
-    custodians = _principals(r, data, "custodians")
+    accounts: dict[str, str] = {}
+    clients = _principals(r, data, "clients", accounts)
+    custodians = _principals(r, data, "custodians", accounts)
     overlap = set(clients) & set(custodians)
     if overlap:
         raise r.fail("custodians", f"name used by a client too: {sorted(overlap)[0]!r}")
@@ -221,7 +231,7 @@ def parse(text: str, path: Path) -> Config:
         if pr.key.label == daemon.audit_key.label:
             raise r.fail(f"profiles.{name}.key", "the audit key must not sign artifacts")
     return Config(path=path, daemon=daemon, profiles=profiles, clients=clients,
-                  custodians=custodians)
+                  custodians=custodians, accounts=accounts)
 
 
 def load(path: Path) -> Config:

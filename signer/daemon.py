@@ -19,12 +19,14 @@ import hashlib
 import json
 import logging
 import os
+import pwd
 import queue
 import resource
 import secrets
 import signal
 import socket
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -218,7 +220,8 @@ class Daemon:
             with conn, conn.makefile("rb") as f:
                 hdr = wire.read_line(f)
                 conn.settimeout(BODY_TIMEOUT)
-                peer = wire.Peer(conn, f, inline=hdr.get("inline") is True)
+                peer = wire.Peer(conn, f, inline=hdr.get("inline") is True,
+                                 uid=_peer_uid(conn))
                 self._handle(peer, hdr)
         except (wire.ProtocolError, OSError) as exc:
             log.debug("connection dropped: %s", exc)
@@ -251,6 +254,10 @@ class Daemon:
             if name not in known:
                 raise Denied(Exit.NOPERM, f"unknown {role} {name!r}: not in the signer's "
                              "configuration", f"unknown {role}")
+            account = self.cfg.accounts.get(name)
+            if account is not None and peer.uid != _uid(account):
+                raise Denied(Exit.NOPERM, f"{role} {name!r} must connect through the account "
+                             f"{account!r}", f"connected as uid {peer.uid}, not {account}")
             self._dispatch(peer, who, cmd)
         except Denied as exc:
             self._deny(who, cmd, exc.reason)
@@ -594,6 +601,19 @@ def bind(path: Path, group: str) -> socket.socket:
                 from None
     sock.listen(128)
     return sock
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    """The uid of the process at the other end of the socket (the gateway), from the kernel."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
+def _uid(account: str) -> int | None:
+    try:
+        return pwd.getpwnam(account).pw_uid
+    except KeyError:
+        return None
 
 
 def _gid(group: str) -> int:

@@ -110,10 +110,11 @@ def read_body(f: BufferedIOBase, limit: int) -> bytes:
 class Peer:
     """The daemon's side of one connection, after the header."""
 
-    def __init__(self, sock: socket.socket, f: BufferedIOBase, inline: bool) -> None:
+    def __init__(self, sock: socket.socket, f: BufferedIOBase, inline: bool, uid: int) -> None:
         self.sock = sock
         self.f = f
         self.inline = inline  # the body follows the header without waiting for "continue"
+        self.uid = uid  # of the connecting process (SO_PEERCRED)
 
     def go_ahead(self) -> None:
         if not self.inline:

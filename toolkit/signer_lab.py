@@ -112,7 +112,8 @@ class Lab:
     # --- the config ----------------------------------------------------------------------
 
     def config(self, name: str, profiles: Mapping[str, Mapping[str, Any]],
-               clients: Sequence[str], custodians: Sequence[str], **daemon: Any) -> Path:
+               clients: Sequence[str], custodians: Sequence[str],
+               accounts: Mapping[str, str] | None = None, **daemon: Any) -> Path:
         """Write a config; each config gets its own socket, audit log and state."""
         base = self.root / name
         base.mkdir(mode=0o700, exist_ok=True)
@@ -131,11 +132,15 @@ class Lab:
         }}
         for pname, p in profiles.items():
             tables[f"profiles.{pname}"] = dict(p)
+        accounts = accounts or {}
         for c in clients:
             tables[f"clients.{c}"] = {"ssh_key": f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA {c}"}
         for c in custodians:
             self.custodian(c)
             tables[f"custodians.{c}"] = {"ssh_key": self.custodian_pubs[c]}
+        for who, account in accounts.items():
+            kind = "clients" if who in clients else "custodians"
+            tables[f"{kind}.{who}"]["account"] = account
         path = base / "signer.toml"
         path.write_text(toml(tables))
         return path

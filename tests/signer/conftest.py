@@ -106,14 +106,14 @@ def make_signer(lab: Lab, request: pytest.FixtureRequest) -> Iterator[Any]:
     count = 0
 
     def make(start: bool = True, profile_overrides: dict[str, dict[str, Any]] | None = None,
-             **daemon: Any) -> Signer:
+             accounts: dict[str, str] | None = None, **daemon: Any) -> Signer:
         nonlocal count
         count += 1
         ps = profiles(lab)
         for name, over in (profile_overrides or {}).items():
             ps[name] = {**ps.get(name, ps["dev"]), **over}
         name = f"{request.node.originalname[:40]}-{secrets.token_hex(3)}-{count}"
-        s = Signer(lab, lab.config(name, ps, CLIENTS, CUSTODIANS, **daemon))
+        s = Signer(lab, lab.config(name, ps, CLIENTS, CUSTODIANS, accounts, **daemon))
         if start:
             s.start()
         return s

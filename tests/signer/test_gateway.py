@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import shlex
 from pathlib import Path
 
@@ -78,6 +80,22 @@ def test_policy_refusals_are_one_line_and_audited(shared: Signer, command: str,
     assert text in one_line_error(r)
     deny = shared.events("deny")
     assert len(deny) == before + 1 and deny[-1]["reason"].startswith(command.split()[0] + ":")
+
+
+@pytest.mark.control("SGN-02")
+def test_a_name_bound_to_an_account_only_works_from_that_account(make_signer: object) -> None:
+    """With `account`, the daemon checks the gateway's uid (SO_PEERCRED): another account in
+    the socket's group cannot claim to be that custodian or client."""
+    me = pwd.getpwuid(os.getuid()).pw_name
+    s: Signer = make_signer(accounts={"alice": me, "bob": "nobody",  # type: ignore[operator]
+                                      "build2": "nobody"})
+    assert s.gw("freeze dev", custodian="alice").returncode == 0
+    r = s.gw("thaw dev", custodian="bob")
+    assert r.returncode == 77
+    assert "must connect through the account 'nobody'" in one_line_error(r)
+    r = s.gw("sign --profile rawonly --format raw", b"x", client="build2")
+    assert r.returncode == 77
+    assert s.events("deny")[-1]["reason"] == f"sign: connected as uid {os.getuid()}, not nobody"
 
 
 @pytest.mark.control("SGN-07")
