@@ -109,18 +109,20 @@ def _parser() -> argparse.ArgumentParser:
 def _audit_show(path: Path, last: int | None) -> int:
     from signer import audit
 
-    try:
-        with path.open("rb") as f:
-            lines = deque(f, maxlen=last) if last else f.readlines()
-    except OSError as exc:
-        raise SignerError(Exit.USAGE, f"{path}: {exc.strerror}") from None
-    for line in lines:
+    def show(line: bytes) -> None:
         try:
             entry = json.loads(line)
             text = audit.show(entry) if isinstance(entry, dict) else None
         except ValueError:
             text = None
         print(text or f"?? unreadable line {json.dumps(line.decode('latin-1'))}")
+
+    try:
+        with path.open("rb") as f:
+            for line in deque(f, maxlen=last) if last else f:
+                show(line)
+    except OSError as exc:
+        raise SignerError(Exit.USAGE, f"{path}: {exc.strerror}") from None
     return Exit.OK
 
 

@@ -90,16 +90,24 @@ def approve(host: str, key: Path, rid: str, artifact: Path | None, yes: bool, ss
         _relay(r, err)
         return r.returncode
     item = None
-    for line in r.stdout.decode("utf-8", "replace").splitlines():
-        obj = json.loads(line)
-        if obj.get("id") == rid:
-            item = obj
+    try:
+        for line in r.stdout.decode("utf-8").splitlines():
+            obj = json.loads(line)
+            if isinstance(obj, dict) and obj.get("id") == rid:
+                item = obj
+    except ValueError:
+        raise SignerError(Exit.SOFTWARE, f"unexpected answer to `requests` from {host}") \
+            from None
     if item is None:
         raise SignerError(Exit.USAGE, f"no pending request {rid} for you on {host}")
     # Rebuild the statement from the fields: what is shown is exactly what gets signed.
-    req = Request(id=rid, profile=item["profile"], client=item["client"],
-                  sha256=item["sha256"], size=int(item["size"]), name=item["name"],
-                  format=item["format"])
+    try:
+        req = Request(id=rid, profile=str(item["profile"]), client=str(item["client"]),
+                      sha256=str(item["sha256"]), size=int(item["size"]),
+                      name=str(item["name"]), format=str(item["format"]))
+    except (KeyError, TypeError, ValueError):
+        raise SignerError(Exit.SOFTWARE, f"unexpected answer to `requests` from {host}") \
+            from None
     statement = req.statement()
     out.write(statement.decode("ascii"))
     if artifact is not None:
