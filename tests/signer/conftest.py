@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,12 +54,17 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     lab = Lab(tmp_path_factory.mktemp("signer-lab"))
     lab.init_token()
     cfg = lab.config("setup", profiles(lab), CLIENTS, CUSTODIANS)
-    for args in (["--profile", "dev"], ["--profile", "rsa"], ["--profile", "release"],
-                 ["--audit"]):
-        r = lab.signer("keys", "generate", "--config", cfg, *args)
-        assert r.returncode == 0, r.stderr
-        r = lab.signer("keys", "selfsign", "--config", cfg, *args)
-        assert r.returncode == 0, r.stderr
+    # `signer keys generate` and `selfsign` for each key, in one process (start-up time); the
+    # command line itself is tested in test_keys.
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom signer import config, keys\n"
+        "cfg = config.load(Path(sys.argv[1]))\n"
+        "for p in ('dev', 'rsa', 'release', None):\n"
+        "    keys.generate(cfg, p, False, sys.stdout)\n"
+        "    keys.selfsign(cfg, p, None, 30, None, False, sys.stdout)\n")
+    r = subprocess.run([sys.executable, "-c", script, str(cfg)], env=lab.env,
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
     lab.import_key("imported")
     yield lab
     lab.stop()

@@ -13,7 +13,15 @@ from tests.signer.conftest import Signer, one_line_error
 
 
 @pytest.mark.control("TOK-01")
-def test_generating_an_existing_key_refuses_instead_of_replacing(shared: Signer) -> None:
+def test_keys_generate_makes_a_resident_key_and_never_replaces_one(shared: Signer,
+                                                                   make_signer: Any) -> None:
+    s: Signer = make_signer(start=False, audit_key="pkcs11:token=signer;object=audit-gen")
+    r = s.lab.signer("keys", "generate", "--config", s.config, "--audit")
+    assert r.returncode == 0, r.stderr
+    assert b"generated: audit key" in r.stdout and b"not extractable" in r.stdout
+    listing = s.lab.signer("keys", "list", "--config", s.config).stdout.decode()
+    (line,) = [x for x in listing.splitlines() if x.startswith("private 'audit-gen'")]
+    assert "LOCAL=True" in line and "NEVER_EXTRACTABLE=True" in line
     r = shared.lab.signer("keys", "generate", "--config", shared.config, "--profile", "dev")
     assert r.returncode == 73
     assert b"already exists" in r.stderr and b"refusing to replace" in r.stderr
