@@ -60,7 +60,7 @@ def _run(ssh: list[str], remote: str, data: bytes | None = None) -> bytes:
     return proc.stdout
 
 
-@task(help=_HELP | {"out": "where to write the CSR (default: <lab state>/token/<host>/PROFILE.csr)",
+@task(help=_HELP | {"out": "CSR file (default: <lab state>/token/<host>/PROFILE-request.csr)",
                     "subject": "subject of the request, e.g. 'CN=Example release signing'"})
 def csr(c: Context, profile: str = "release", out: str | None = None, subject: str | None = None,
         host: str | None = None, ssh_config: str | None = None) -> None:
@@ -72,7 +72,9 @@ def csr(c: Context, profile: str = "release", out: str | None = None, subject: s
     pem = _run(ssh, _as_daemon(*argv))
     if not pem.startswith(PEM_CSR):
         raise Exit("token: the host did not answer with a PEM certificate request", code=1)
-    dest = Path(out) if out else (local / f"{profile}.csr" if local else Path(f"{profile}.csr"))
+    # Not <profile>.csr: that is the deploy's own copy (a fresh CSR has a fresh signature).
+    name = f"{profile}-request.csr"
+    dest = Path(out) if out else (local / name if local else Path(name))
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(pem)
     print(f"token: CSR for profile {profile!r} written to {dest}")

@@ -15,12 +15,15 @@ import os
 import re
 import secrets
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from invoke import Context
 
 from lab.state import LabState
+from toolkit import tasks_token
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -186,7 +189,51 @@ def test_intruder_gets_nothing_even_with_the_build_key(build, key):
     assert r.stdout == b""
 
 
-# -- release: M-of-N approval of the exact digest ------------------------------------------------
+# -- release: certificate from a CA through a CSR, then M-of-N approval of the exact digest ---
+
+@pytest.fixture(scope="module")
+def release_cert(lab: LabState, token_dir: Path, admin_ssh, tmp_path_factory) -> Path:
+    """The release certificate, issued by a lab CA for the CSR that `invoke token.csr`
+    fetched, and installed with `invoke token.import-cert` (once per lab)."""
+    cert = token_dir / "release.pem"
+    if cert.exists() and admin_ssh("test -s /etc/signer/certs/release.pem",
+                                   sudo=True).returncode == 0:
+        return cert
+    work = tmp_path_factory.mktemp("ca")
+    csr = work / "release.csr"
+    tasks_token.csr(Context(), profile="release", out=str(csr))
+    ca_key, ca_cert = token_dir / "lab-ca.key", token_dir / "lab-ca.pem"
+    if not ca_cert.exists():
+        made = _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-keyout", str(ca_key), "-out", str(ca_cert), "-days", "30",
+                        "-subj", "/CN=signlab lab CA")
+        assert made.returncode == 0, made.stderr.decode()
+        ca_key.chmod(0o600)
+    ext = work / "ext.cnf"
+    ext.write_text("keyUsage=critical,digitalSignature\nextendedKeyUsage=codeSigning\n"
+                   "basicConstraints=critical,CA:FALSE\n")
+    issued = _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey",
+                      str(ca_key), "-CAcreateserial", "-days", "30", "-extfile", str(ext),
+                      "-out", str(cert))
+    assert issued.returncode == 0, issued.stderr.decode()
+    tasks_token.import_cert(Context(), str(cert), profile="release")
+    for _ in range(60):  # signerd restarts with the new certificate
+        if admin_ssh("test -S /run/signer/signer.sock", sudo=True).returncode == 0:
+            break
+        time.sleep(2)
+    return cert
+
+
+@pytest.mark.control("SGN-09", "TOK-01")
+def test_release_certificate_from_the_ca_matches_the_token_key(release_cert, token_dir):
+    ca = token_dir / "lab-ca.pem"
+    ok = _openssl("verify", "-CAfile", str(ca), str(release_cert))
+    assert ok.returncode == 0, ok.stdout.decode()
+    from_cert = _openssl("x509", "-in", str(release_cert), "-pubkey", "-noout").stdout
+    from_csr = _openssl("req", "-in", str(token_dir / "release.csr"), "-pubkey", "-noout").stdout
+    assert from_cert and from_cert == from_csr
+
+
 
 def _approve(custodian, lab: LabState, name: str, rid: str, tmp_path: Path):
     reqs = custodian(name, "requests")
@@ -205,7 +252,7 @@ def _approve(custodian, lab: LabState, name: str, rid: str, tmp_path: Path):
 
 @pytest.mark.control("SGN-04", "SGN-05")
 def test_release_needs_two_custodians_and_every_step_is_audited(
-        build, custodian, lab, token_dir, admin_ssh, tmp_path):
+        build, custodian, lab, token_dir, admin_ssh, release_cert, tmp_path):
     art = _artifact(tmp_path)
     q = build("sign --profile release --format raw --name release.bin", art.read_bytes())
     assert q.returncode == EX_QUEUED, q.stderr.decode()
@@ -303,3 +350,51 @@ def test_a_custodian_cannot_sign_and_a_client_cannot_approve(build, custodian):
     assert c.stdout == b""
     b = build("thaw nightly")
     assert b.returncode != 0
+
+
+# -- pin_source prompt: after a reboot the daemon is locked until a custodian unlocks it --------
+
+def _deploy(lab: LabState, pin_source: str) -> None:
+    from toolkit.ansible_run import build_command, run_playbook
+
+    cmd = build_command("deploy.yml", extra_vars={"token_pin_source": pin_source})
+    log = lab.state_dir / f"deploy-pin-{pin_source}.log"
+    env_ok = os.environ.get("SIGNLAB_INSTANCE") or os.environ.get("SIGNLAB_STATE")
+    assert env_ok or lab.raw["instance"] == "lab0", "set SIGNLAB_INSTANCE for the deploy"
+    result = run_playbook(cmd, log)
+    assert result.returncode == 0, f"deploy with pin_source={pin_source} failed; see {log}"
+
+
+def _reboot(lab: LabState, admin_ssh) -> None:
+    subprocess.run(["ssh", "-F", str(lab.ssh_config), "-O", "exit", lab.ssh_alias],
+                   capture_output=True, timeout=10)
+    admin_ssh("systemctl reboot", sudo=True, timeout=30)
+    time.sleep(10)
+    deadline = time.monotonic() + 420
+    while time.monotonic() < deadline:
+        r = admin_ssh("systemctl is-active signerd", timeout=30)
+        if r.stdout.strip() in ("active", "activating"):
+            return
+        time.sleep(5)
+    pytest.fail("the VM did not come back with signerd within 420 s of the reboot")
+
+
+@pytest.mark.control("TOK-03")
+def test_after_a_reboot_with_pin_prompt_signing_waits_for_a_custodian_unlock(
+        build, custodian, lab, admin_ssh):
+    pin = (lab.state_dir / "token" / "signhost" / "user-pin").read_bytes()
+    _deploy(lab, "prompt")
+    try:
+        assert admin_ssh("test ! -e /etc/signer/pin", sudo=True).returncode == 0
+        _reboot(lab, admin_ssh)
+        locked = build("sign --profile dev --format raw", b"while locked")
+        assert locked.returncode == EX_UNAVAILABLE, locked.stderr.decode()
+        assert locked.stdout == b""
+        assert custodian("alice", "unlock", b"not-the-pin\n").returncode != 0
+        assert build("sign --profile dev --format raw", b"x").returncode == EX_UNAVAILABLE
+        unlocked = custodian("alice", "unlock", pin)
+        assert unlocked.returncode == 0, unlocked.stderr.decode()
+        ok = build("sign --profile dev --format raw", b"after unlock")
+        assert ok.returncode == 0, ok.stderr.decode()
+    finally:
+        _deploy(lab, "file")
