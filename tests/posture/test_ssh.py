@@ -16,14 +16,24 @@ import pytest
 
 SSH_LOCAL = (
     "ssh -n -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
-    "-o ConnectTimeout=20 -o LogLevel=ERROR"
+    "-o ConnectTimeout=20"
 )
 
 
-def local_attempt(host, options: str, user: str = "admin"):  # type: ignore[no-untyped-def]
-    """An SSH login attempt from the host to itself, without keys, with the given options."""
-    return host.run(f"{SSH_LOCAL} -o PubkeyAuthentication=no -o IdentitiesOnly=yes "
-                    f"-o IdentityFile=/dev/null {options} {user}@127.0.0.1 true")
+class Attempt:
+    def __init__(self, rc: int, stderr: str) -> None:
+        self.rc, self.stderr = rc, stderr
+
+
+def local_attempt(host, options: str, user: str = "admin") -> Attempt:  # type: ignore[no-untyped-def]
+    """An SSH login attempt from the host to itself, without keys, with the given options.
+
+    The client's exit status is reported on stderr: testinfra treats 255 from its own ssh
+    as a transport error."""
+    r = host.run(f"{SSH_LOCAL} -o PubkeyAuthentication=no -o IdentitiesOnly=yes "
+                 f"-o IdentityFile=/dev/null {options} {user}@127.0.0.1 true; echo \"rc=$?\" >&2")
+    err, _, rc = r.stderr.rstrip().rpartition("rc=")
+    return Attempt(int(rc), err)
 
 
 def sshd_effective(host) -> dict[str, str]:  # type: ignore[no-untyped-def]
