@@ -129,22 +129,44 @@ def test_configured_keys_are_resident_and_non_extractable(host):
     assert r.rc == 0, r.stdout + r.stderr
 
 
+# Root, with the PIN, asks the token for the private value of the dev key (python-pkcs11 from
+# the signer's venv) and tries pkcs11-tool's export: both must come back empty-handed.
+EXPORT_PROBE = """
+import sys, pkcs11
+from pkcs11 import Attribute, ObjectClass
+lib = pkcs11.lib(sys.argv[1])
+tok = lib.get_token(token_label="signer")
+with tok.open(user_pin=open(sys.argv[2]).read().strip()) as s:
+    k = s.get_key(object_class=ObjectClass.PRIVATE_KEY, label="dev")
+    print("extractable", k[Attribute.EXTRACTABLE])
+    try:
+        v = k[Attribute.VALUE]
+        print("VALUE-READ", len(v))
+    except pkcs11.exceptions.PKCS11Error as e:
+        print("refused", type(e).__name__)
+"""
+
+
 @pytest.mark.control("TOK-04")
 def test_root_cannot_export_the_signing_key(host):
     with host.sudo():
         if not host.file(PIN_FILE).exists:
             pytest.skip("pin_source prompt: no PIN on the host to log in with")
+        probe = host.run(f"SOFTHSM2_CONF={SOFTHSM_CONF} /opt/signer/venv/bin/python -c "
+                         f"'{EXPORT_PROBE}' {MODULE} {PIN_FILE}")
         base = (f"P=$(cat {PIN_FILE}) SOFTHSM2_CONF={SOFTHSM_CONF} pkcs11-tool --module {MODULE}"
                 " --token-label signer --login --pin env:P")
         listed = host.run(f"{base} --list-objects --type privkey")
-        exported = host.run(f"{base} --read-object --type privkey --label dev "
-                            "--output-file /root/dev.key")
+        host.run(f"{base} --read-object --type privkey --label dev --output-file /root/dev.key")
         leftover = host.file("/root/dev.key")
         leaked = leftover.exists and leftover.size > 0
         host.run("rm -f /root/dev.key")
+    assert probe.rc == 0, probe.stderr
+    assert "extractable False" in probe.stdout
+    assert "refused AttributeSensitive" in probe.stdout, probe.stdout
+    assert "VALUE-READ" not in probe.stdout
     assert listed.rc == 0, listed.stderr
     assert "never extractable" in listed.stdout and "sensitive" in listed.stdout
-    assert exported.rc != 0
     assert not leaked
 
 
