@@ -380,6 +380,8 @@ def _reboot(lab: LabState, admin_ssh) -> None:
 
 
 @pytest.mark.control("TOK-03")
+@pytest.mark.skipif(os.environ.get("SIGNLAB_E2E_REBOOT") != "1",
+                    reason="two deploys and a reboot (~25 min under TCG): set SIGNLAB_E2E_REBOOT=1")
 def test_after_a_reboot_with_pin_prompt_signing_waits_for_a_custodian_unlock(
         build, custodian, lab, admin_ssh):
     pin = (lab.state_dir / "token" / "signhost" / "user-pin").read_bytes()
