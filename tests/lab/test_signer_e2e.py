@@ -355,14 +355,16 @@ def test_a_custodian_cannot_sign_and_a_client_cannot_approve(build, custodian):
 # -- pin_source prompt: after a reboot the daemon is locked until a custodian unlocks it --------
 
 def _deploy(lab: LabState, pin_source: str) -> None:
-    from toolkit.ansible_run import build_command, run_playbook
+    from toolkit.ansible_run import ROOT, build_command
 
     cmd = build_command("deploy.yml", extra_vars={"token_pin_source": pin_source})
     log = lab.state_dir / f"deploy-pin-{pin_source}.log"
-    env_ok = os.environ.get("SIGNLAB_INSTANCE") or os.environ.get("SIGNLAB_STATE")
-    assert env_ok or lab.raw["instance"] == "lab0", "set SIGNLAB_INSTANCE for the deploy"
-    result = run_playbook(cmd, log)
-    assert result.returncode == 0, f"deploy with pin_source={pin_source} failed; see {log}"
+    # stdin from /dev/null: ansible refuses the non-blocking stdin that pytest may leave.
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0")
+    with log.open("w") as fh:
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=fh,
+                            stderr=subprocess.STDOUT, timeout=1500).returncode
+    assert rc == 0, f"deploy with pin_source={pin_source} failed; see {log}"
 
 
 def _reboot(lab: LabState, admin_ssh) -> None:
@@ -372,8 +374,11 @@ def _reboot(lab: LabState, admin_ssh) -> None:
     time.sleep(10)
     deadline = time.monotonic() + 420
     while time.monotonic() < deadline:
-        r = admin_ssh("systemctl is-active signerd", timeout=30)
-        if r.stdout.strip() in ("active", "activating"):
+        try:
+            r = admin_ssh("systemctl is-active signerd", timeout=30)
+        except subprocess.TimeoutExpired:
+            continue  # still booting
+        if r.stdout.strip() == "active":
             return
         time.sleep(5)
     pytest.fail("the VM did not come back with signerd within 420 s of the reboot")
