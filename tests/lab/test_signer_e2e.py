@@ -375,10 +375,10 @@ def _reboot(lab: LabState, admin_ssh) -> None:
     deadline = time.monotonic() + 420
     while time.monotonic() < deadline:
         try:
-            r = admin_ssh("systemctl is-active signerd", timeout=30)
+            r = admin_ssh("test -S /run/signer/signer.sock", sudo=True, timeout=30)
         except subprocess.TimeoutExpired:
             continue  # still booting
-        if r.stdout.strip() == "active":
+        if r.returncode == 0:  # the daemon listens (locked)
             return
         time.sleep(5)
     pytest.fail("the VM did not come back with signerd within 420 s of the reboot")
