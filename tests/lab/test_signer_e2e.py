@@ -368,6 +368,8 @@ def _deploy(lab: LabState, pin_source: str) -> None:
 
 
 def _reboot(lab: LabState, admin_ssh) -> None:
+    boot_id = admin_ssh("cat /proc/sys/kernel/random/boot_id").stdout.strip()
+    assert boot_id
     subprocess.run(["ssh", "-F", str(lab.ssh_config), "-O", "exit", lab.ssh_alias],
                    capture_output=True, timeout=10)
     admin_ssh("systemctl reboot", sudo=True, timeout=30)
@@ -375,11 +377,12 @@ def _reboot(lab: LabState, admin_ssh) -> None:
     deadline = time.monotonic() + 420
     while time.monotonic() < deadline:
         try:
-            r = admin_ssh("test -S /run/signer/signer.sock", sudo=True, timeout=30)
+            r = admin_ssh("test -S /run/signer/signer.sock && cat /proc/sys/kernel/random/boot_id",
+                          sudo=True, timeout=30)
         except subprocess.TimeoutExpired:
             continue  # still booting
-        if r.returncode == 0:  # the daemon listens (locked)
-            return
+        if r.returncode == 0 and r.stdout.strip() not in ("", boot_id):
+            return  # a new boot, and the daemon listens (locked)
         time.sleep(5)
     pytest.fail("the VM did not come back with signerd within 420 s of the reboot")
 
