@@ -101,7 +101,8 @@ def run_playbook(cmd: list[str], log: Path) -> PlaybookResult:
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0")
     with log.open("w") as fh, subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True
     ) as proc:
         assert proc.stdout is not None
         chunks: list[str] = []
