@@ -450,17 +450,8 @@ def html(m: dict[str, Any]) -> str:
     s = m["summary"]
     c = s["controls"]
     rows = []
-    for key in (
-        "passed",
-        "failed",
-        "waived",
-        "skipped",
-        "not run",
-        "untested",
-        "n/a",
-        "procedure",
-        "undefined",
-    ):
+    # The same statuses as the Markdown summary, passed first.
+    for key in ("passed", *(k for k in STATUSES if k != "passed")):
         rows.append(f"<tr><td class='{_cls(key)}'>{_h(key)}</td><td>{c[key]}</td></tr>")
     verdict = "<span class='good'>PASS</span>" if m["ok"] else "<span class='bad'>FAIL</span>"
     parts = [
