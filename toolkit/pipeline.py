@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -171,7 +170,3 @@ def lab_stages(instance: str) -> list[Stage]:
         Stage("lab.down", invoke("lab.down", *i), always=True),
         Stage("nothing left behind", invoke("lab.status", *i, "--expect-clean"), always=True),
     ]
-
-
-def have(binary: str) -> bool:
-    return shutil.which(binary) is not None
