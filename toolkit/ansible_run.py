@@ -11,8 +11,12 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from toolkit.controls import HostControls
 
 ROOT = Path(__file__).resolve().parent.parent
 RECAP = re.compile(
@@ -35,6 +39,10 @@ class PlaybookResult:
     returncode: int
     recap: tuple[HostRecap, ...]
     log: Path
+    # Per host: which controls this run applied, which failed or were not reached
+    # (toolkit/controls.py, from the signhost_events callback).
+    controls: list[HostControls] = field(default_factory=list)
+    events: Path | None = None
 
     @property
     def changed(self) -> int:
@@ -97,13 +105,32 @@ def build_command(
 
 
 def run_playbook(cmd: list[str], log: Path) -> PlaybookResult:
-    """Run ansible-playbook, streaming its output to the terminal and to `log`."""
+    """Run ansible-playbook, streaming its output to the terminal and to `log`.
+
+    Task results also go, as JSON lines, to `<log>.events.jsonl` (callback_plugins/), from
+    which the result says which controls are in place on each host.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0")
-    with log.open("w") as fh, subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True
-    ) as proc:
+    events = log.with_name(log.stem + ".events.jsonl")
+    events.unlink(missing_ok=True)
+    env = dict(
+        os.environ,
+        ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
+        ANSIBLE_FORCE_COLOR="0",
+        SIGNHOST_EVENTS=str(events),
+    )
+    with (
+        log.open("w") as fh,
+        subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        ) as proc,
+    ):
         assert proc.stdout is not None
         chunks: list[str] = []
         for line in proc.stdout:
@@ -112,4 +139,20 @@ def run_playbook(cmd: list[str], log: Path) -> PlaybookResult:
             fh.write(line)
             chunks.append(line)
         rc = proc.wait()
-    return PlaybookResult(returncode=rc, recap=parse_recap("".join(chunks)), log=log)
+    return PlaybookResult(
+        returncode=rc,
+        recap=parse_recap("".join(chunks)),
+        log=log,
+        controls=_controls(events),
+        events=events,
+    )
+
+
+def _controls(events: Path) -> list[HostControls]:
+    from toolkit import controls, registry
+
+    try:
+        return controls.host_status(controls.read_events(events), registry.load())
+    except (OSError, ValueError, KeyError) as exc:  # the summary must never hide the run's result
+        print(f"(could not work out which controls were applied: {exc})", file=sys.stderr)
+        return []

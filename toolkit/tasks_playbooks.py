@@ -34,8 +34,11 @@ def _require_lab_if_default(inventory: str | None) -> None:
     from lab import state
 
     if state.load() is None:
-        raise Exit(f"the lab ({state.instance_name()}) is not up: run `invoke lab.up` "
-                   "(or pass --inventory for another host)", code=3)
+        raise Exit(
+            f"the lab ({state.instance_name()}) is not up: run `invoke lab.up` "
+            "(or pass --inventory for another host)",
+            code=3,
+        )
 
 
 def play(
@@ -68,11 +71,27 @@ def play(
     started = time.monotonic()
     result = run_playbook(cmd, log)
     took = time.monotonic() - started
-    print(f"==> {name}: rc={result.returncode} changed={result.changed} in {took:.0f}s "
-          f"(log: {log})")
+    print(
+        f"==> {name}: rc={result.returncode} changed={result.changed} in {took:.0f}s (log: {log})"
+    )
+    if result.controls:
+        from toolkit import controls
+
+        controls.write_json(result.controls, log.with_name(log.stem + ".controls.json"))
+        if result.returncode != 0:
+            print(f"==> {name}: which controls are in place now", flush=True)
+            for line in controls.summary_lines(result.controls, check=check):
+                print(f"    {line}", flush=True)
+        else:
+            verb = "checked" if check else "applied"
+            for hc in result.controls:
+                done, total = len(hc.by_status(controls.APPLIED)), len(hc.controls)
+                rest = f" ({total - done} not selected by this run)" if done < total else ""
+                print(f"==> {name}: {hc.host}: {done} of {total} controls {verb}{rest}")
     if result.returncode != 0:
-        raise Exit(f"{name} failed (rc={result.returncode}); see {log}",
-                   code=result.returncode or 1)
+        raise Exit(
+            f"{name} failed (rc={result.returncode}); see {log}", code=result.returncode or 1
+        )
     if expect_unchanged and result.changed:
         raise Exit(f"{name}: expected changed=0, got changed={result.changed}; see {log}", code=3)
     return result
@@ -82,44 +101,85 @@ _PLAY_HELP = _HELP | {"expect_unchanged": "fail unless the run reports changed=0
 
 
 def _opts(
-    inventory: str | None, limit: str | None, check: bool, diff: bool, tags: str | None,
-    skip_tags: str | None, verbose: int, expect_unchanged: bool,
+    inventory: str | None,
+    limit: str | None,
+    check: bool,
+    diff: bool,
+    tags: str | None,
+    skip_tags: str | None,
+    verbose: int,
+    expect_unchanged: bool,
 ) -> dict[str, Any]:
-    return {"inventory": inventory, "limit": limit, "check": check, "diff": diff, "tags": tags,
-            "skip_tags": skip_tags, "verbose": verbose, "expect_unchanged": expect_unchanged}
+    return {
+        "inventory": inventory,
+        "limit": limit,
+        "check": check,
+        "diff": diff,
+        "tags": tags,
+        "skip_tags": skip_tags,
+        "verbose": verbose,
+        "expect_unchanged": expect_unchanged,
+    }
 
 
 @task(help=_PLAY_HELP, incrementable=["verbose"])
 def provision(
-    c: Context, inventory: str | None = None, limit: str | None = None, check: bool = False,
-    diff: bool = False, tags: str | None = None, skip_tags: str | None = None, verbose: int = 0,
+    c: Context,
+    inventory: str | None = None,
+    limit: str | None = None,
+    check: bool = False,
+    diff: bool = False,
+    tags: str | None = None,
+    skip_tags: str | None = None,
+    verbose: int = 0,
     expect_unchanged: bool = False,
 ) -> None:
     """Base system of a signing host: packages, services, time, updates, journald, admins, AIDE."""
-    play("provision", "provision.yml", **_opts(inventory, limit, check, diff, tags, skip_tags,
-                                               verbose, expect_unchanged))
+    play(
+        "provision",
+        "provision.yml",
+        **_opts(inventory, limit, check, diff, tags, skip_tags, verbose, expect_unchanged),
+    )
 
 
 @task(help=_PLAY_HELP, incrementable=["verbose"])
 def harden(
-    c: Context, inventory: str | None = None, limit: str | None = None, check: bool = False,
-    diff: bool = False, tags: str | None = None, skip_tags: str | None = None, verbose: int = 0,
+    c: Context,
+    inventory: str | None = None,
+    limit: str | None = None,
+    check: bool = False,
+    diff: bool = False,
+    tags: str | None = None,
+    skip_tags: str | None = None,
+    verbose: int = 0,
     expect_unchanged: bool = False,
 ) -> None:
     """Harden: ssh, firewall (nftables), usb (USBGuard), kernel, auditing. Lockout-safe."""
-    play("harden", "harden.yml", **_opts(inventory, limit, check, diff, tags, skip_tags,
-                                         verbose, expect_unchanged))
+    play(
+        "harden",
+        "harden.yml",
+        **_opts(inventory, limit, check, diff, tags, skip_tags, verbose, expect_unchanged),
+    )
 
 
 @task(help=_PLAY_HELP, incrementable=["verbose"])
 def deploy(
-    c: Context, inventory: str | None = None, limit: str | None = None, check: bool = False,
-    diff: bool = False, tags: str | None = None, skip_tags: str | None = None, verbose: int = 0,
+    c: Context,
+    inventory: str | None = None,
+    limit: str | None = None,
+    check: bool = False,
+    diff: bool = False,
+    tags: str | None = None,
+    skip_tags: str | None = None,
+    verbose: int = 0,
     expect_unchanged: bool = False,
 ) -> None:
     """Token and signer service: SoftHSM2/PKCS#11, keys on the token, signerd, gateway accounts."""
     if find_spec("toolkit.wheelhouse") and not check:
         # The signer's wheels are built on the controller: the host needs no PyPI.
         import_module("toolkit.wheelhouse").build()
-    play("deploy", "deploy.yml", **_opts(inventory, limit, check, diff, tags, skip_tags,
-                                         verbose, expect_unchanged))
+    play(
+        "deploy",
+        "deploy.yml",
+        **_opts(inventory, limit, check, diff, tags, skip_tags, verbose, expect_unchanged),
+    )

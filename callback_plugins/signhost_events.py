@@ -1,0 +1,89 @@
+"""Ansible callback: one JSON line per task result, so a run can say which controls it applied.
+
+Enabled by ansible.cfg (`callbacks_enabled`); silent unless $SIGNHOST_EVENTS names a file. The
+toolkit sets it for every play it runs (toolkit/ansible_run.py) and reads the file back
+(toolkit/controls.py) to tell the operator, after a failed run, exactly which controls are in
+place on each host and which are not. Normal output (the stdout callback) is not touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from ansible.plugins.callback import CallbackBase
+
+DOCUMENTATION = """
+    name: signhost_events
+    type: aggregate
+    short_description: task results as JSON lines for the signhost toolkit
+    description:
+      - Writes one JSON object per task result to the file named by $SIGNHOST_EVENTS.
+    requirements:
+      - enabled in ansible.cfg (callbacks_enabled)
+"""
+
+
+class CallbackModule(CallbackBase):
+    CALLBACK_VERSION = 2.0
+    CALLBACK_TYPE = "aggregate"
+    CALLBACK_NAME = "signhost_events"
+    CALLBACK_NEEDS_ENABLED = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        path = os.environ.get("SIGNHOST_EVENTS")
+        self._fh = open(path, "a", encoding="utf-8") if path else None
+
+    def _emit(self, event: dict) -> None:
+        if self._fh is None:
+            return
+        event["t"] = round(time.time(), 3)
+        self._fh.write(json.dumps(event, sort_keys=True) + "\n")
+        self._fh.flush()
+
+    @staticmethod
+    def _task(task) -> dict:
+        role = task._role.get_name() if getattr(task, "_role", None) else None
+        return {
+            "role": role,
+            "task": task.name or task.action,
+            "tags": sorted(set(task.tags or [])),
+        }
+
+    def v2_playbook_on_play_start(self, play) -> None:
+        self._emit(
+            {
+                "event": "play",
+                "play": play.get_name(),
+                "roles": [r.get_name() for r in play.get_roles()],
+            }
+        )
+
+    def _result(self, result, status: str, **extra) -> None:
+        event = {"event": "result", "host": result._host.get_name(), "status": status}
+        event.update(self._task(result._task))
+        event.update(extra)
+        if status in ("failed", "unreachable"):
+            msg = result._result.get("msg") or result._result.get("stderr") or ""
+            event["msg"] = str(msg)[:500]
+        self._emit(event)
+
+    def v2_runner_on_ok(self, result) -> None:
+        self._result(result, "changed" if result._result.get("changed") else "ok")
+
+    def v2_runner_on_failed(self, result, ignore_errors: bool = False) -> None:
+        self._result(result, "ignored" if ignore_errors else "failed")
+
+    def v2_runner_on_skipped(self, result) -> None:
+        self._result(result, "skipped")
+
+    def v2_runner_on_unreachable(self, result) -> None:
+        self._result(result, "unreachable")
+
+    def v2_playbook_on_stats(self, stats) -> None:
+        self._emit({"event": "end"})
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
