@@ -66,7 +66,7 @@ def parse_lynis_report(text: str) -> dict[str, Any]:
     """Figures from lynis-report.dat (key=value lines; `key[]=` repeats)."""
     values: dict[str, str] = {}
     warnings: list[str] = []
-    suggestions = 0
+    suggestions: list[str] = []
     for line in text.splitlines():
         key, sep, value = line.partition("=")
         if not sep:
@@ -74,7 +74,7 @@ def parse_lynis_report(text: str) -> dict[str, Any]:
         if key == "warning[]":
             warnings.append(value)
         elif key == "suggestion[]":
-            suggestions += 1
+            suggestions.append(value)
         else:
             values[key] = value
     index = int(values["hardening_index"]) if values.get("hardening_index", "").isdigit() else None
@@ -83,11 +83,13 @@ def parse_lynis_report(text: str) -> dict[str, Any]:
         "figures": {
             "hardening_index": index,
             "warnings": len(warnings),
-            "suggestions": suggestions,
+            "suggestions": len(suggestions),
             "tests_done": int(tests) if tests.isdigit() else None,
             "version": values.get("lynis_version"),
         },
-        "details": warnings[:30],
+        # Every warning, then the suggestions: what a reviewer reads to see what is left.
+        "details": [f"warning {w}" for w in warnings[:30]]
+        + [f"suggestion {x}" for x in suggestions[:40]],
     }
 
 
@@ -103,7 +105,9 @@ def run_lynis(target: Target, cached: dict[str, Any] | None, fresh: bool) -> dic
     ):
         print(f"    lynis: host unchanged since {cached.get('ran_at')}: reusing that result")
         return {**cached, "note": f"cached: host unchanged since {cached.get('ran_at')}"}
-    if ssh(target, "command -v lynis").returncode != 0:
+    # Through sudo: its secure_path has /usr/sbin, where Debian installs lynis; the admin's
+    # own PATH over a non-login SSH command does not.
+    if ssh(target, "sudo -n sh -c 'command -v lynis'").returncode != 0:
         return {
             "error": "lynis is not installed on the host (Debian package `lynis`)",
             "ran_at": _now(),

@@ -86,7 +86,9 @@ def test_lynis_report() -> None:
         "tests_done": 238,
         "version": "3.0.8",
     }
-    assert out["details"][0].startswith("SSH-7408|")
+    assert out["details"][0].startswith("warning SSH-7408|")
+    assert out["details"][2] == "suggestion BOOT-5122|Set a password on GRUB boot loader|-|-|"
+    assert len(out["details"]) == 5
 
 
 def test_systemd_exposure() -> None:
@@ -154,6 +156,8 @@ def test_lynis_runs_and_records_the_host_fingerprint(monkeypatch: pytest.MonkeyP
     out = auditors.run_lynis(TARGET, None, fresh=False)
     assert out["figures"]["hardening_index"] == 62 and out["fingerprint"] == "abc"
     assert "error" not in out
+    # Debian installs lynis in /usr/sbin, which only sudo's secure_path has, not the admin's PATH.
+    assert "sudo -n sh -c 'command -v lynis'" in host.commands
 
 
 def test_lynis_result_is_reused_while_the_host_is_unchanged(
