@@ -72,7 +72,11 @@ def host_status(events: list[dict[str, Any]], reg: registry.Registry) -> list[Ho
         failed_at = next((e for e in mine if e["status"] in _BAD), None)
         # Tasks skipped by a `when` ran (the role decided there was nothing to do); tasks left
         # out by --tags/--skip-tags produce no event at all.
-        ran_roles = {e["role"] for e in mine if e.get("role")}
+        # Tasks tagged only `always` (argument validation) run whatever --tags says: they do
+        # not make a role "ran".
+        ran_roles = {
+            e["role"] for e in mine if e.get("role") and set(e.get("tags", [])) - {"always"}
+        }
         ran_tags: dict[str, set[str]] = {}
         for e in mine:
             if e.get("role"):

@@ -5,9 +5,11 @@ The same tests run against the lab VM and a production host. `invoke verify` pas
 (`pytest tests/posture`), the target is the running lab ($SIGNLAB_INSTANCE, default lab0).
 
 Fixtures for test authors:
-- `host`: a testinfra host. Commands run as root through the admin's passwordless sudo, over
-  one reused SSH connection (the sudo log therefore shows every command of the suite); use
-  `with host.sudo("user"):` to run something as another user.
+- `host`: a testinfra host. Commands run as root over one channel: a single
+  `ssh host sudo -n python3` session that runs each command with `/bin/sh -c`
+  (toolkit/shell_channel.py; every command is logged on the host with the tag signhost-verify).
+  `--transport ssh` uses testinfra's stock ssh backend instead (one sudo per command, slower).
+  Use `with host.sudo("user"):` to run something as another user.
 - `is_lab`: True on the lab VM.
 - `lab`: the lab's LabState (addresses, keys, `netns_run` for the build and intruder hosts), or
   None on a production host. Tests that need the lab network take `lab` and skip when it is None
@@ -29,7 +31,7 @@ import testinfra
 
 from lab import state
 from lab.state import LabState
-from toolkit import registry
+from toolkit import registry, shell_channel
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -42,6 +44,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="lab or production (default: lab when --target is not given)",
     )
     group.addoption("--target-name", default=None, help="the host's inventory name")
+    group.addoption(
+        "--transport",
+        default="channel",
+        choices=("channel", "ssh"),
+        help="channel: one root session for the whole suite (default); ssh: testinfra's ssh "
+        "backend, a new session and a sudo per command",
+    )
     group.addoption(
         "--no-sudo",
         action="store_true",
@@ -139,7 +148,10 @@ def host(pytestconfig: pytest.Config) -> Any:
             pytest.fail(why)
         pytest.skip(why)
     sudo = not pytestconfig.getoption("--no-sudo")
-    h = testinfra.get_host(spec, ssh_config=ssh_config, sudo=sudo)
+    if pytestconfig.getoption("--transport") == "channel":
+        h = shell_channel.host_from_spec(spec, ssh_config, sudo=sudo)
+    else:
+        h = testinfra.get_host(spec, ssh_config=ssh_config, sudo=sudo)
     # Nothing else can pass when these fail: stop with one clear line instead of N errors.
     try:
         probe = h.run("id -u")
@@ -147,7 +159,9 @@ def host(pytestconfig: pytest.Config) -> Any:
         pytest.exit(f"cannot reach {spec}: {_last_line(str(exc))}", returncode=3)
     if sudo and (probe.rc != 0 or probe.stdout.strip() != "0"):
         pytest.exit(f"{spec}: sudo does not give root: {_last_line(probe.stderr)}", returncode=3)
-    return h
+    yield h
+    if isinstance(h.backend, shell_channel.ChannelBackend):
+        h.backend.close()
 
 
 def _last_line(text: str) -> str:

@@ -18,7 +18,10 @@ ROLES = {
         ("SECOND-02 | this one fails", ["second", "second-b"], True),
         ("SECOND-03 | never runs", ["second", "second-c"], False),
     ],
-    "third": [("THIRD-01 | never runs either", ["third"], False)],
+    "third": [
+        ("Validate arguments (runs whatever --tags says)", ["always"], False),
+        ("THIRD-01 | never runs either", ["third"], False),
+    ],
 }
 
 
@@ -36,6 +39,22 @@ def _project(tmp: Path, fail: bool) -> Path:
                   tags: {tags}
                 """)
         (d / "main.yml").write_text("---\n" + body)
+    handlers = tmp / "roles" / "first" / "handlers"
+    handlers.mkdir()
+    (handlers / "main.yml").write_text(textwrap.dedent("""\
+        ---
+        - name: Apply the first role's change
+          ansible.builtin.command: touch {tmp}/handler.marker
+          changed_when: true
+        """).format(tmp=tmp))
+    first = tmp / "roles" / "first" / "tasks" / "main.yml"
+    first.write_text(first.read_text() + textwrap.dedent("""\
+        - name: "FIRST-01 | a change that needs the handler"
+          ansible.builtin.command: "true"
+          changed_when: true
+          notify: Apply the first role's change
+          tags: [first, first-a]
+        """))
     (tmp / "play.yml").write_text(
         textwrap.dedent("""\
         ---
@@ -94,6 +113,8 @@ def test_a_failed_run_says_which_controls_are_applied_and_which_are_not(tmp_path
         "C-SECOND-C": "failed",
         "C-THIRD": "not reached",
     }
+    # ansible.cfg's force_handlers: the change of the first role is applied despite the failure
+    assert (tmp_path / "handler.marker").exists(), "a notified handler did not run after a failure"
     text = "\n".join(controls.summary_lines(hosts))
     assert "FAILED at [second : SECOND-02 | this one fails]" in text
     assert "C-THIRD" in text and "partly hardened" in text
@@ -123,3 +144,20 @@ def test_a_truncated_event_file_is_read_up_to_the_cut(tmp_path: Path) -> None:
     f = tmp_path / "e.jsonl"
     f.write_text('{"event": "play", "roles": ["a"]}\n{"event": "result", "host": "h", "sta')
     assert controls.read_events(f) == [{"event": "play", "roles": ["a"]}]
+
+
+def test_every_play_stops_at_the_first_failure_without_skipping_handlers() -> None:
+    """any_errors_fatal makes Ansible skip notified handlers after a failure (a sysctl written
+    but never applied); the plays use max_fail_percentage: 0 and ansible.cfg force_handlers."""
+    import configparser
+
+    import yaml
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ansible_run.ROOT / "ansible.cfg")
+    assert cfg.getboolean("defaults", "force_handlers")
+    assert not cfg.has_option("defaults", "any_errors_fatal")
+    for book in sorted((ansible_run.ROOT / "playbooks").glob("*.yml")):
+        for play in yaml.safe_load(book.read_text()):
+            assert "any_errors_fatal" not in play, book.name
+            assert play.get("max_fail_percentage") == 0, f"{book.name}: {play.get('name')}"
