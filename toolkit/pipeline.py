@@ -164,6 +164,8 @@ def lab_stages(instance: str) -> list[Stage]:
         Stage("harden --check (changed=0)", invoke("harden", "--check", "--expect-unchanged"),
               needs=["playbooks/harden.yml"]),
         Stage("deploy", invoke("deploy"), needs=["playbooks/deploy.yml"]),
+        Stage("deploy again (changed=0, daemon kept)", invoke("deploy", "--expect-unchanged"),
+              needs=["playbooks/deploy.yml"]),
         Stage("verify", invoke("verify"), needs=["toolkit/tasks_verify.py"]),
         Stage("lab tests", [_bin("pytest"), "-q", "-p", "no:cacheprovider", "tests/lab"],
               needs=["tests/lab"]),

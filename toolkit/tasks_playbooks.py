@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 import time
 from importlib import import_module
 from importlib.util import find_spec
@@ -174,12 +177,73 @@ def deploy(
     verbose: int = 0,
     expect_unchanged: bool = False,
 ) -> None:
-    """Token and signer service: SoftHSM2/PKCS#11, keys on the token, signerd, gateway accounts."""
+    """Token and signer service: SoftHSM2/PKCS#11, keys on the token, signerd, gateway accounts.
+
+    With --expect-unchanged the run must also leave the daemon alone: its systemd invocation id
+    is read before and after, and a restart fails the task like a change would.
+    """
     if find_spec("toolkit.wheelhouse") and not check:
         # The signer's wheels are built on the controller: the host needs no PyPI.
         import_module("toolkit.wheelhouse").build()
+    watch = expect_unchanged and not check
+    before = _daemon_invocations(inventory, limit) if watch else {}
     play(
         "deploy",
         "deploy.yml",
         **_opts(inventory, limit, check, diff, tags, skip_tags, verbose, expect_unchanged),
     )
+    if watch:
+        after = _daemon_invocations(inventory, limit)
+        restarted = sorted(h for h, inv in before.items() if after.get(h) != inv)
+        if restarted:
+            raise Exit(
+                f"deploy: the signer daemon was restarted on {', '.join(restarted)} "
+                "although nothing changed",
+                code=3,
+            )
+        print(
+            f"==> deploy: the signer daemon kept running on {', '.join(sorted(before))} "
+            "(same systemd invocation id before and after)"
+        )
+
+
+_AD_HOC_LINE = re.compile(
+    r"^(?P<host>\S+) \| (?:CHANGED|SUCCESS) \| rc=0 \| \(stdout\) (?P<out>\S+)$"
+)
+
+
+def _daemon_invocations(inventory: str | None, limit: str | None) -> dict[str, str]:
+    """host -> systemd InvocationID of the signer daemon (changes whenever it is restarted)."""
+    exe = ROOT / ".venv" / "bin" / "ansible"
+    cmd = [
+        str(exe) if exe.exists() else "ansible",
+        "signing_hosts",
+        "-o",
+        "-b",
+        "-m",
+        "ansible.builtin.command",
+        "-a",
+        "systemctl show -p InvocationID --value {{ signer_service | default('signerd') }}",
+    ]
+    if inventory:
+        cmd += ["-i", inventory]
+    if limit:
+        cmd += ["--limit", limit]
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"))
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=600,
+    )
+    found = {m["host"]: m["out"] for m in map(_AD_HOC_LINE.match, proc.stdout.splitlines()) if m}
+    if proc.returncode != 0 or not found:
+        raise Exit(
+            f"deploy: cannot read the signer daemon's invocation id: "
+            f"{(proc.stdout + proc.stderr).strip()[-300:]}",
+            code=3,
+        )
+    return found

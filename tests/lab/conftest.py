@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Callable
 
 import pytest
@@ -40,3 +41,19 @@ def admin_ssh(lab: LabState) -> Callable[..., subprocess.CompletedProcess[str]]:
                               check=check)
 
     return run
+
+
+def _wait_for(pred: Callable[[], object], timeout: float = 90, interval: float = 2) -> bool:
+    """Poll `pred` until it is true or `timeout` seconds pass; True when it became true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return bool(pred())
+
+
+@pytest.fixture(scope="session")
+def wait_for() -> Callable[..., bool]:
+    """`assert wait_for(lambda: ..., timeout=60)`: the guest is slow (TCG), things appear late."""
+    return _wait_for

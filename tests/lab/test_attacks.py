@@ -1,8 +1,9 @@
 """Attacks from the lab network against the hardened VM (NET-01, NET-04, SSH-07).
 
 The intruder shares the VM's segment and must get nothing; the build host must reach SSH and
-nothing else. The roll-back test applies a ruleset that locks the controller out and watches
-the host come back by itself.
+nothing else. The roll-back tests apply a ruleset, then an sshd_config, that lock the
+controller out and watch the host come back by itself; the failed run must say which controls
+it left unapplied.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def _admin_ssh_ok(lab: LabState) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.control("NET-04", "SSH-07")
-def test_a_lockout_ruleset_rolls_itself_back(lab: LabState, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_lockout_ruleset_rolls_itself_back(lab: LabState, wait_for, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Apply a ruleset without the admin network: the play cannot reconnect and fails, and
     the host restores the previous ruleset by itself within the roll-back window."""
     assert _admin_ssh_ok(lab), "the lab VM must be reachable before the test"
@@ -95,10 +96,8 @@ def test_a_lockout_ruleset_rolls_itself_back(lab: LabState, tmp_path) -> None:  
     result = run_playbook(cmd, tmp_path / "lockout.log")
     assert result.returncode != 0, "the lockout ruleset was confirmed: the test hook did nothing"
     assert not _admin_ssh_ok(lab), "the controller could still log in: nothing was locked out"
-    deadline = started + 45 + 120
-    while time.monotonic() < deadline and not _admin_ssh_ok(lab):
-        time.sleep(5)
-    assert _admin_ssh_ok(lab), "the host did not come back: the roll-back failed"
+    left = started + 45 + 120 - time.monotonic()
+    assert wait_for(lambda: _admin_ssh_ok(lab), left, 5), "the host did not come back: no roll-back"
     log = subprocess.run(
         ["ssh", "-F", str(lab.ssh_config), lab.ssh_alias,
          "sudo journalctl -t signhost-rollback --no-pager -n 20"],
@@ -110,3 +109,42 @@ def test_a_lockout_ruleset_rolls_itself_back(lab: LabState, tmp_path) -> None:  
         capture_output=True, text=True, timeout=60).stdout
     assert lab.admin_subnet4.split("/")[0] in json.dumps(json.loads(rules)), rules
 
+
+
+def _ssh_root(lab: LabState, command: str) -> str:
+    return subprocess.run(["ssh", "-F", str(lab.ssh_config), lab.ssh_alias, f"sudo {command}"],
+                          capture_output=True, text=True, timeout=60).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.control("SSH-07")
+def test_a_lockout_sshd_config_rolls_itself_back(lab: LabState, wait_for, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Install an sshd_config that lets nobody in (it passes `sshd -t`): the play cannot log in
+    again, fails, says the ssh controls are not in place, and the host restores the previous
+    sshd_config by itself within the roll-back window."""
+    assert _admin_ssh_ok(lab), "the lab VM must be reachable before the test"
+    allow_before = [ln for ln in _ssh_root(lab, "sshd -T").splitlines()
+                    if ln.startswith("allowusers ")]
+    assert allow_before, "sshd -T shows no AllowUsers before the test"
+    os.environ.setdefault("SIGNLAB_INSTANCE", lab.raw["instance"])
+    cmd = build_command("harden.yml", tags="preflight,ssh",
+                        extra_vars={"ssh_selftest_lock_out_admins": "true",
+                                    "ssh_rollback_seconds": "45"})
+    started = time.monotonic()
+    result = run_playbook(cmd, tmp_path / "ssh-lockout.log")
+    assert result.returncode != 0, "the lockout sshd_config was confirmed: the hook did nothing"
+    assert not _admin_ssh_ok(lab), "the controller could still log in: nothing was locked out"
+    # The failed run tells the operator exactly what is and is not in place.
+    [host] = result.controls
+    assert host.failed_at is not None and host.failed_at["role"] == "ssh", host.failed_at
+    assert host.roles["preflight"] == "applied" and host.roles["ssh"] == "failed", host.roles
+    assert host.controls.get("SSH-07") == "failed" and host.controls.get("SSH-04") == "failed"
+    assert host.roles["kernel"] == "not run", host.roles  # left out by --tags
+    assert host.controls.get("NET-01") in ("not reached", "not run"), host.controls
+    left = started + 45 + 120 - time.monotonic()
+    assert wait_for(lambda: _admin_ssh_ok(lab), left, 5), "the host did not come back: no roll-back"
+    assert "ROLLED BACK: /etc/ssh/sshd_config" in _ssh_root(
+        lab, "journalctl -t signhost-rollback --no-pager -n 20")
+    allow_after = [ln for ln in _ssh_root(lab, "sshd -T").splitlines()
+                   if ln.startswith("allowusers ")]
+    assert allow_after == allow_before, "the previous AllowUsers did not come back"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
-import time
 
 import pytest
 
@@ -19,15 +18,6 @@ def _usb_ids(admin_ssh) -> set[str]:  # type: ignore[no-untyped-def]
     out = admin_ssh("for d in /sys/bus/usb/devices/*/idVendor; do p=${d%/idVendor}; "
                     "echo $(cat $p/idVendor):$(cat $p/idProduct); done").stdout
     return {ln.strip() for ln in out.splitlines() if ":" in ln}
-
-
-def _wait(pred, timeout: float = 60) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(2)
-    return False
 
 
 def test_admin_ssh_with_pinned_host_key(lab: LabState, admin_ssh) -> None:  # type: ignore[no-untyped-def]
@@ -66,7 +56,7 @@ def test_lab_network_is_closed(lab: LabState) -> None:
 
 
 @pytest.mark.parametrize("device", ["token", "storage"])
-def test_usb_hot_plug_is_seen_by_the_guest(lab: LabState, admin_ssh, device: str) -> None:  # type: ignore[no-untyped-def]
+def test_usb_hot_plug_is_seen_by_the_guest(lab: LabState, admin_ssh, wait_for, device: str) -> None:  # type: ignore[no-untyped-def]
     """Plugging through the QEMU monitor makes the device appear in the guest's sysfs."""
     from lab import usb
 
@@ -75,10 +65,10 @@ def test_usb_hot_plug_is_seen_by_the_guest(lab: LabState, admin_ssh, device: str
     want = f"{spec['vendor']}:{spec['product']}"
     usb.plug(inst, device)
     try:
-        assert _wait(lambda: want in _usb_ids(admin_ssh)), f"{want} never appeared in the guest"
+        assert wait_for(lambda: want in _usb_ids(admin_ssh), 60), f"{want} never appeared"
     finally:
         usb.unplug(inst, device)
-    assert _wait(lambda: want not in _usb_ids(admin_ssh)), f"{want} still present after unplug"
+    assert wait_for(lambda: want not in _usb_ids(admin_ssh), 60), f"{want} still there"
 
 
 def test_intruder_sees_the_same_segment(lab: LabState) -> None:

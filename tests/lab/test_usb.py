@@ -15,15 +15,6 @@ from lab.state import LabState
 pytestmark = pytest.mark.lab
 
 
-def _wait(pred, timeout: float = 90) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(2)
-    return False
-
-
 def _devices(admin_ssh) -> str:  # type: ignore[no-untyped-def]
     return str(admin_ssh("usbguard list-devices", sudo=True).stdout)
 
@@ -41,10 +32,10 @@ def plugged(lab: LabState, request) -> Iterator[str]:  # type: ignore[no-untyped
 
 @pytest.mark.control("USB-01", "USB-02")
 @pytest.mark.parametrize("plugged", ["storage"], indirect=True)
-def test_usb_stick_is_blocked_when_plugged_in(admin_ssh, plugged) -> None:  # type: ignore[no-untyped-def]
+def test_usb_stick_is_blocked_when_plugged_in(admin_ssh, wait_for, plugged) -> None:  # type: ignore[no-untyped-def]
     spec = USB_DEVICES[plugged]
     want = f"{spec['vendor']}:{spec['product']}"
-    assert _wait(lambda: want in _devices(admin_ssh)), f"{want} never reached USBGuard"
+    assert wait_for(lambda: want in _devices(admin_ssh)), f"{want} never reached USBGuard"
     line = next(ln for ln in _devices(admin_ssh).splitlines() if want in ln)
     assert ": block id " in line, line
     time.sleep(5)  # give the kernel every chance to bind a driver
@@ -59,9 +50,9 @@ def test_usb_stick_is_blocked_when_plugged_in(admin_ssh, plugged) -> None:  # ty
 
 @pytest.mark.control("USB-02")
 @pytest.mark.parametrize("plugged", ["token"], indirect=True)
-def test_token_stand_in_is_allowed_when_plugged_in(admin_ssh, plugged) -> None:  # type: ignore[no-untyped-def]
+def test_token_stand_in_is_allowed_when_plugged_in(admin_ssh, wait_for, plugged) -> None:  # type: ignore[no-untyped-def]
     spec = USB_DEVICES[plugged]
     want = f"{spec['vendor']}:{spec['product']}"
-    assert _wait(lambda: want in _devices(admin_ssh)), f"{want} never reached USBGuard"
+    assert wait_for(lambda: want in _devices(admin_ssh)), f"{want} never reached USBGuard"
     line = next(ln for ln in _devices(admin_ssh).splitlines() if want in ln)
     assert ": allow id " in line, line
