@@ -67,3 +67,22 @@ def test_audit_events_go_to_the_collector(host, is_lab) -> None:  # type: ignore
     conf = host.file("/etc/audit/plugins.d/au-remote.conf").content_string
     assert "active = yes" in conf
     assert host.process.filter(comm="audisp-remote")
+
+
+@pytest.mark.control("AUD-02")
+@pytest.mark.parametrize(
+    ("directory", "key"),
+    [
+        ("/etc/signer/certs", "signhost-signer-config"),
+        ("/opt/signer/venv", "signhost-signer-bin"),
+        ("/var/lib/signer/state", "signhost-token"),
+    ],
+)
+def test_a_write_under_a_deployed_signer_directory_is_audited(host, directory, key) -> None:  # type: ignore[no-untyped-def]
+    # These directories appear with `invoke deploy`, after harden loaded the rules: only rules
+    # loaded again since then watch them recursively (a probe one level down proves it).
+    assert host.file(directory).is_directory, f"{directory} missing: run `invoke deploy` first"
+    probe = f"{directory}/zz-posture-probe.{uuid.uuid4().hex[:8]}"
+    host.check_output(f"touch {probe} && rm -f {probe}")
+    out = host.run(f"ausearch --input-logs -k {key} -f {probe.rsplit('/', 1)[1]} -i")
+    assert probe.rsplit("/", 1)[1] in out.stdout, out.stderr
