@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 ABSENT = ["telnet", "inetutils-telnet", "rsh-client", "ftp", "nis", "avahi-daemon",
@@ -55,9 +57,13 @@ def test_journal_is_persistent(host) -> None:  # type: ignore[no-untyped-def]
 def test_admin_keys_are_private_and_sudo_is_logged(host) -> None:  # type: ignore[no-untyped-def]
     keys = host.file("/home/admin/.ssh/authorized_keys")
     assert keys.exists and keys.user == "admin" and keys.mode == 0o600
-    # Every command of this suite runs through sudo: the last ones are in the log.
-    host.check_output("true")
-    assert "COMMAND=" in host.check_output("tail -n 20 /var/log/sudo.log")
+    # An admin's sudo lands in the sudo log, with the command it ran.
+    marker = f"signhost-posture-{uuid.uuid4().hex[:12]}"
+    with host.sudo("admin"):
+        assert host.run(f"sudo -n /bin/echo {marker}").rc == 0
+    # sudo wraps its log file at 80 columns: the entry's first line is the one before.
+    entry = " ".join(host.check_output(f"grep -F -B1 {marker} /var/log/sudo.log").split())
+    assert f"admin : PWD=/home/admin ; USER=root ; COMMAND=/bin/echo {marker}" in entry, entry
     assert host.run("visudo -c").rc == 0
 
 
