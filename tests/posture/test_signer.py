@@ -9,6 +9,7 @@ be observed from outside.
 from __future__ import annotations
 
 import re
+import shlex
 
 import pytest
 
@@ -19,6 +20,7 @@ SOFTHSM_CONF = "/etc/signer/softhsm2.conf"
 TOKEN_STORE = "/var/lib/signer/token"
 PIN_FILE = "/etc/signer/pin"
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+PCSCD_SOCKET = "/run/pcscd/pcscd.comm"
 EXPOSURE_MAX = 2.0
 
 
@@ -66,20 +68,23 @@ def test_signer_daemon_sees_the_system_read_only(host):
 
 
 @pytest.mark.control("SGN-06")
-@pytest.mark.parametrize(("prop", "want"), [
-    ("PrivateNetwork", "yes"),
-    ("ProtectSystem", "strict"),
-    ("ProtectHome", "yes"),
-    ("PrivateTmp", "yes"),
-    ("PrivateDevices", "yes"),
-    ("NoNewPrivileges", "yes"),
-    ("CapabilityBoundingSet", ""),
-    ("RestrictAddressFamilies", "AF_UNIX"),
-    ("MemoryDenyWriteExecute", "yes"),
-    ("RestrictNamespaces", "yes"),
-    ("LockPersonality", "yes"),
-    ("SystemCallArchitectures", "native"),
-])
+@pytest.mark.parametrize(
+    ("prop", "want"),
+    [
+        ("PrivateNetwork", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("PrivateDevices", "yes"),
+        ("NoNewPrivileges", "yes"),
+        ("CapabilityBoundingSet", ""),
+        ("RestrictAddressFamilies", "AF_UNIX"),
+        ("MemoryDenyWriteExecute", "yes"),
+        ("RestrictNamespaces", "yes"),
+        ("LockPersonality", "yes"),
+        ("SystemCallArchitectures", "native"),
+    ],
+)
 def test_signer_unit_sandbox_property(host, prop, want):
     assert host.check_output(f"systemctl show -p {prop} --value {UNIT}") == want
 
@@ -106,16 +111,64 @@ def test_token_store_belongs_to_the_daemon_user_only(host):
 
 @pytest.mark.control("TOK-02")
 def test_other_accounts_cannot_open_the_token(host):
-    r = host.run(f"sudo -n -u sign env SOFTHSM2_CONF={SOFTHSM_CONF} "
-                 f"pkcs11-tool --module {MODULE} --list-token-slots")
+    r = host.run(
+        f"sudo -n -u sign env SOFTHSM2_CONF={SOFTHSM_CONF} "
+        f"pkcs11-tool --module {MODULE} --list-token-slots"
+    )
     assert "token label" not in r.stdout
+
+
+# pcscd runs as root and drives the token's reader. Debian 12 ships its socket 0666 and the
+# daemon without polkit, so the socket's mode is what keeps other accounts away from the token.
+CONNECT_PROBE = (
+    "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
+    " print('connected')"
+)
+
+
+def _pcscd_listening(host) -> bool:
+    return host.run("systemctl is-active --quiet pcscd.socket").rc == 0
+
+
+@pytest.mark.control("TOK-02")
+@pytest.mark.parametrize("account", ["sign", "nobody"])
+def test_other_accounts_cannot_reach_pcscd(host, account):
+    # Off (no token reader needed): nothing listens. On: the socket is the token owner's.
+    r = host.run(f"sudo -n -u {account} python3 -c {shlex.quote(CONNECT_PROBE)} {PCSCD_SOCKET}")
+    assert r.rc != 0, f"{account} connected to pcscd"
+    assert "connected" not in r.stdout
+    assert re.search(r"PermissionError|FileNotFoundError|ConnectionRefusedError", r.stderr), (
+        r.stderr
+    )
+
+
+@pytest.mark.control("TOK-02")
+def test_token_owner_reaches_pcscd_from_inside_the_daemon_sandbox(host):
+    if not _pcscd_listening(host):
+        pytest.skip("pcscd is off on this host (token_pcscd false): the token needs no reader")
+    with host.sudo():
+        sock = host.file(PCSCD_SOCKET)
+        assert sock.is_socket
+        assert (sock.user, sock.group) == ("root", "signer")
+        assert sock.mode & 0o007 == 0, oct(sock.mode)
+    # The daemon's own mount and network namespaces (read-only /run, PrivateNetwork), its uid
+    # and gid: pcscd answers the PC/SC handshake (SCardEstablishContext) and lists readers.
+    pid = _daemon_pid(host)
+    uid, gid = host.user("signer").uid, host.group("signer").gid
+    with host.sudo():
+        boxed = host.run(
+            f"nsenter --target {pid} --mount --net --setuid {uid} --setgid {gid}"
+            " opensc-tool --list-readers"
+        )
+    assert boxed.rc == 0, boxed.stdout + boxed.stderr
+    assert "establish" not in (boxed.stdout + boxed.stderr).lower()
 
 
 @pytest.mark.control("TOK-02")
 def test_pin_file_is_readable_by_the_daemon_user_only(host):
     with host.sudo():
         if not host.file(PIN_FILE).exists:
-            assert "pin_source = \"prompt\"" in host.file(CONFIG).content_string
+            assert 'pin_source = "prompt"' in host.file(CONFIG).content_string
             return
         f = host.file(PIN_FILE)
         assert (f.user, f.mode) == ("signer", 0o600)
@@ -152,10 +205,14 @@ def test_root_cannot_export_the_signing_key(host):
     with host.sudo():
         if not host.file(PIN_FILE).exists:
             pytest.skip("pin_source prompt: no PIN on the host to log in with")
-        probe = host.run(f"SOFTHSM2_CONF={SOFTHSM_CONF} /opt/signer/venv/bin/python -c "
-                         f"'{EXPORT_PROBE}' {MODULE} {PIN_FILE}")
-        base = (f"P=$(cat {PIN_FILE}) SOFTHSM2_CONF={SOFTHSM_CONF} pkcs11-tool --module {MODULE}"
-                " --token-label signer --login --pin env:P")
+        probe = host.run(
+            f"SOFTHSM2_CONF={SOFTHSM_CONF} /opt/signer/venv/bin/python -c "
+            f"'{EXPORT_PROBE}' {MODULE} {PIN_FILE}"
+        )
+        base = (
+            f"P=$(cat {PIN_FILE}) SOFTHSM2_CONF={SOFTHSM_CONF} pkcs11-tool --module {MODULE}"
+            " --token-label signer --login --pin env:P"
+        )
         listed = host.run(f"{base} --list-objects --type privkey")
         host.run(f"{base} --read-object --type privkey --label dev --output-file /root/dev.key")
         leftover = host.file("/root/dev.key")
@@ -179,17 +236,22 @@ def test_forced_command_accounts_only_have_restricted_keys(host, account):
         lines = [ln for ln in ak.content_string.splitlines() if ln and not ln.startswith("#")]
     assert lines
     for line in lines:
-        assert re.match(r'^restrict,from="[^"]+",command="/opt/signer/venv/bin/signer gateway '
-                        r'--(client|custodian) [a-z][a-z0-9_-]*( --config \S+)?" ', line), line
+        assert re.match(
+            r'^restrict,from="[^"]+",command="/opt/signer/venv/bin/signer gateway '
+            r'--(client|custodian) [a-z][a-z0-9_-]*( --config \S+)?" ',
+            line,
+        ), line
 
 
 @pytest.mark.control("SGN-08")
 def test_a_broken_signer_config_is_rejected_by_the_validator(host):
     with host.sudo():
         good = host.run(f"{SIGNER} config check {CONFIG}")
-        bad = host.run(f"sed 's/^approvals = .*/approvals = \"two\"/' {CONFIG} > /root/bad.toml"
-                       f" && {SIGNER} config check /root/bad.toml; rc=$?; rm -f /root/bad.toml;"
-                       " exit $rc")
+        bad = host.run(
+            f"sed 's/^approvals = .*/approvals = \"two\"/' {CONFIG} > /root/bad.toml"
+            f" && {SIGNER} config check /root/bad.toml; rc=$?; rm -f /root/bad.toml;"
+            " exit $rc"
+        )
     assert good.rc == 0, good.stdout + good.stderr
     assert bad.rc == 78, bad.stdout + bad.stderr
     assert "approvals" in bad.stdout + bad.stderr
