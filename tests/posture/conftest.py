@@ -8,7 +8,8 @@ Fixtures for test authors:
 - `host`: a testinfra host. Commands run as root over one channel: a single
   `ssh host sudo -n python3` session that runs each command with `/bin/sh -c`
   (toolkit/shell_channel.py; every command is logged on the host with the tag signhost-verify).
-  `--transport ssh` uses testinfra's stock ssh backend instead (one sudo per command, slower).
+  `--transport ssh` uses testinfra's stock ssh backend instead (one sudo per command, slower);
+  targets other than ssh:// (local://, for the toolkit's own tests) use testinfra's backends.
   Use `with host.sudo("user"):` to run something as another user.
 - `is_lab`: True on the lab VM.
 - `lab`: the lab's LabState (addresses, keys, `netns_run` for the build and intruder hosts), or
@@ -148,7 +149,7 @@ def host(pytestconfig: pytest.Config) -> Any:
             pytest.fail(why)
         pytest.skip(why)
     sudo = not pytestconfig.getoption("--no-sudo")
-    if pytestconfig.getoption("--transport") == "channel":
+    if pytestconfig.getoption("--transport") == "channel" and spec.startswith("ssh://"):
         h = shell_channel.host_from_spec(spec, ssh_config, sudo=sudo)
     else:
         h = testinfra.get_host(spec, ssh_config=ssh_config, sudo=sudo)
