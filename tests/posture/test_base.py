@@ -67,6 +67,12 @@ def test_admin_keys_are_private_and_sudo_is_logged(host) -> None:  # type: ignor
     assert host.run("visudo -c").rc == 0
 
 
+@pytest.mark.control("BASE-05")
+def test_local_passwords_are_hashed_with_many_rounds(host) -> None:  # type: ignore[no-untyped-def]
+    defs = host.file("/etc/login.defs").content_string.splitlines()
+    assert "SHA_CRYPT_MIN_ROUNDS 65536" in defs and "SHA_CRYPT_MAX_ROUNDS 65536" in defs
+
+
 @pytest.mark.control("BASE-06")
 def test_ssh_shows_the_login_banner_before_authentication(host) -> None:  # type: ignore[no-untyped-def]
     r = host.run("ssh -n -o BatchMode=yes -o StrictHostKeyChecking=no "
