@@ -70,6 +70,17 @@ def parse_recap(text: str) -> tuple[HostRecap, ...]:
     return tuple(out)
 
 
+def venv_exe(name: str) -> str:
+    """A tool from the project's virtual environment, else from PATH."""
+    exe = ROOT / ".venv" / "bin" / name
+    return str(exe) if exe.exists() else name
+
+
+def ansible_env(**extra: str) -> dict[str, str]:
+    """The environment every Ansible command of the toolkit runs with (the project's config)."""
+    return dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), **extra)
+
+
 def build_command(
     playbook: str,
     *,
@@ -82,9 +93,7 @@ def build_command(
     extra_vars: dict[str, str] | None = None,
     verbose: int = 0,
 ) -> list[str]:
-    venv_bin = ROOT / ".venv" / "bin" / "ansible-playbook"
-    exe = str(venv_bin) if venv_bin.exists() else "ansible-playbook"
-    cmd = [exe, str(ROOT / "playbooks" / playbook)]
+    cmd = [venv_exe("ansible-playbook"), str(ROOT / "playbooks" / playbook)]
     if inventory:
         cmd += ["-i", inventory]
     if limit:
@@ -113,12 +122,7 @@ def run_playbook(cmd: list[str], log: Path) -> PlaybookResult:
     log.parent.mkdir(parents=True, exist_ok=True)
     events = log.with_name(log.stem + ".events.jsonl")
     events.unlink(missing_ok=True)
-    env = dict(
-        os.environ,
-        ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
-        ANSIBLE_FORCE_COLOR="0",
-        SIGNHOST_EVENTS=str(events),
-    )
+    env = ansible_env(ANSIBLE_FORCE_COLOR="0", SIGNHOST_EVENTS=str(events))
     with (
         log.open("w") as fh,
         subprocess.Popen(

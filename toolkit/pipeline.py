@@ -22,16 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from toolkit.ansible_run import ROOT
+from toolkit.ansible_run import ROOT, venv_exe
 
 REPORTS = ROOT / "reports"
 CI_DIR = REPORTS / "ci"
 VENV_BIN = ROOT / ".venv" / "bin"
 
 
-def _bin(name: str) -> str:
-    p = VENV_BIN / name
-    return str(p) if p.exists() else name
+_bin = venv_exe
 
 
 @dataclass

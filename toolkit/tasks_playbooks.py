@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import time
@@ -15,7 +14,14 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
 
-from toolkit.ansible_run import ROOT, PlaybookResult, build_command, run_playbook
+from toolkit.ansible_run import (
+    ROOT,
+    PlaybookResult,
+    ansible_env,
+    build_command,
+    run_playbook,
+    venv_exe,
+)
 
 LOG_DIR = ROOT / "reports" / "logs"
 
@@ -214,9 +220,8 @@ _AD_HOC_LINE = re.compile(
 
 def _daemon_invocations(inventory: str | None, limit: str | None) -> dict[str, str]:
     """host -> systemd InvocationID of the signer daemon (changes whenever it is restarted)."""
-    exe = ROOT / ".venv" / "bin" / "ansible"
     cmd = [
-        str(exe) if exe.exists() else "ansible",
+        venv_exe("ansible"),
         "signing_hosts",
         "-o",
         "-b",
@@ -229,11 +234,10 @@ def _daemon_invocations(inventory: str | None, limit: str | None) -> dict[str, s
         cmd += ["-i", inventory]
     if limit:
         cmd += ["--limit", limit]
-    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"))
     proc = subprocess.run(
         cmd,
         cwd=ROOT,
-        env=env,
+        env=ansible_env(),
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,

@@ -481,12 +481,12 @@ def test_a_custodian_cannot_sign_and_a_client_cannot_approve(build, custodian):
 
 
 def _deploy(lab: LabState, pin_source: str) -> None:
-    from toolkit.ansible_run import ROOT, build_command
+    from toolkit.ansible_run import ROOT, ansible_env, build_command
 
     cmd = build_command("deploy.yml", extra_vars={"token_pin_source": pin_source})
     log = lab.state_dir / f"deploy-pin-{pin_source}.log"
     # stdin from /dev/null: ansible refuses the non-blocking stdin that pytest may leave.
-    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0")
+    env = ansible_env(ANSIBLE_FORCE_COLOR="0")
     with log.open("w") as fh:
         rc = subprocess.run(
             cmd,
