@@ -349,6 +349,15 @@ def _approve(custodian, lab: LabState, name: str, rid: str, tmp_path: Path):
     return custodian(name, f"approve {rid}", Path(str(statement) + ".sig").read_bytes())
 
 
+def _audit_verify(copy: Path, token_dir: Path) -> subprocess.CompletedProcess[str]:
+    """`signer audit verify` on the controller, against the audit key's certificate."""
+    return subprocess.run(
+        [str(SIGNER), "audit", "verify", str(copy), "--cert", str(token_dir / "audit.pem"),
+         "--live"],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
 @pytest.mark.control("SGN-04", "SGN-05")
 def test_release_needs_two_custodians_and_every_step_is_audited(
     build, custodian, lab, token_dir, admin_ssh, release_cert, tmp_path
@@ -387,20 +396,7 @@ def test_release_needs_two_custodians_and_every_step_is_audited(
     assert log.returncode == 0, log.stderr
     copy = tmp_path / "audit.jsonl"
     copy.write_text(log.stdout)
-    verify = subprocess.run(
-        [
-            str(SIGNER),
-            "audit",
-            "verify",
-            str(copy),
-            "--cert",
-            str(token_dir / "audit.pem"),
-            "--live",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    verify = _audit_verify(copy, token_dir)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     entries = [json.loads(line) for line in log.stdout.splitlines()]
     events = [e["event"] for e in entries if e.get("request") == rid]
@@ -429,20 +425,7 @@ def test_editing_one_byte_of_the_audit_log_is_detected_at_its_sequence_number(
     assert lines[victim] != log.stdout.splitlines(keepends=True)[victim]
     copy = tmp_path / "audit.jsonl"
     copy.write_text("".join(lines))
-    r = subprocess.run(
-        [
-            str(SIGNER),
-            "audit",
-            "verify",
-            str(copy),
-            "--cert",
-            str(token_dir / "audit.pem"),
-            "--live",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = _audit_verify(copy, token_dir)
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"first bad seq {entry['seq']}" in r.stdout + r.stderr
 
