@@ -123,8 +123,9 @@ def invoke(*args: str) -> list[str]:
 
 
 # mypy --strict: the signer (it runs on the host), the lab and the pipeline itself.
-MYPY_TOOLKIT = ["toolkit/pipeline.py", "toolkit/hostvars.py", "toolkit/tasks_ci.py", "toolkit/tasks_playbooks.py",
-                "toolkit/ansible_run.py", "toolkit/bench.py", "toolkit/controls.py"]
+MYPY_TOOLKIT = ["toolkit/pipeline.py", "toolkit/tasks_ci.py", "toolkit/tasks_playbooks.py",
+                "toolkit/hostvars.py", "toolkit/ansible_run.py", "toolkit/bench.py",
+                "toolkit/controls.py"]
 
 
 def static_stages() -> list[Stage]:
