@@ -68,6 +68,8 @@ def check(c: Context, write_tables: bool = False, quiet: bool = False) -> None:
         "keyword": "only tests matching this pytest -k expression",
         "report_dir": "where to write <host>.md/.json/.html (default: reports/verify)",
         "workers": "parallel pytest workers per host (needs pytest-xdist; default 1)",
+        "vault_password_file": "Ansible vault password file (or $ANSIBLE_VAULT_PASSWORD_FILE)",
+        "ask_become_pass": "prompt for the sudo password (when the inventory has none)",
     }
 )
 def verify(
@@ -77,6 +79,8 @@ def verify(
     keyword: str | None = None,
     report_dir: str | None = None,
     workers: int = 1,
+    vault_password_file: str | None = None,
+    ask_become_pass: bool = False,
 ) -> None:
     """Posture tests on every host of the inventory; reports per host: threats, controls, tests."""
     from toolkit import verify as verify_mod
@@ -88,9 +92,13 @@ def verify(
             keyword=keyword,
             report_dir=Path(report_dir) if report_dir else None,
             workers=workers,
+            vault_password_file=vault_password_file,
+            ask_become_pass=ask_become_pass,
         )
     except verify_mod.VerifyError as exc:
         raise Exit(f"verify: {exc}", code=2) from exc
+    if code == verify_mod.UNREACHABLE_EXIT:
+        raise Exit("verify: a host could not be reached (see above)", code=code)
     if code:
         raise Exit("verify: FAILED (see the report above)", code=code)
 
@@ -104,6 +112,8 @@ def verify(
         "fresh": "run Lynis even when the host is unchanged since its cached result",
         "strict": "fail when a yardstick misses its target (Lynis >= 85, ssh-audit 0/0, "
         "exposure <= 2.0)",
+        "vault_password_file": "Ansible vault password file (or $ANSIBLE_VAULT_PASSWORD_FILE)",
+        "ask_become_pass": "prompt for the sudo password (when the inventory has none)",
     }
 )
 def audit(
@@ -114,6 +124,8 @@ def audit(
     only: str | None = None,
     fresh: bool = False,
     strict: bool = False,
+    vault_password_file: str | None = None,
+    ask_become_pass: bool = False,
 ) -> None:
     """Independent yardsticks: Lynis, ssh-audit, systemd-analyze security, into the report."""
     from toolkit import auditors
@@ -126,6 +138,8 @@ def audit(
             only=[s.strip() for s in only.split(",")] if only else None,
             fresh=fresh,
             strict=strict,
+            vault_password_file=vault_password_file,
+            ask_become_pass=ask_become_pass,
         )
     except auditors.AuditError as exc:
         raise Exit(f"audit: {exc}", code=2) from exc
