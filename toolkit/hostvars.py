@@ -169,7 +169,7 @@ def load(
         C.INVENTORY_UNPARSED_IS_FAILED, C.INVENTORY_ANY_UNPARSED_IS_FAILED = old
     if limit:
         inv.subset(limit)
-    hosts = sorted(h.name for h in inv.get_hosts())
+    hosts = sorted(str(h.name) for h in inv.get_hosts())
     if require_hosts and not hosts:
         if limit:
             raise InventoryError(f"inventory {inventory}: no host matches --limit {limit!r}")
