@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
 from lab import lifecycle, net, site
 from lab.config import Instance
