@@ -66,7 +66,7 @@ def test_the_jump_host_forwards_to_the_signing_host_only_and_goes_away(inst: Ins
         site.jump_up(inst)
         pid = site.jump_pid(inst)
         assert pid is not None
-        ctl, peer = site.jump_link_ipv4(inst)
+        peer = site.jump_link_ipv4(inst)[1]
         base = ["ssh", "-i", str(inst.keys_dir / "jump"), "-o", "IdentitiesOnly=yes",
                 "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10"]
