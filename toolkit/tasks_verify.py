@@ -6,6 +6,7 @@ toolkit.auditors.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from invoke.collection import Collection
@@ -13,7 +14,34 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
 
-from toolkit import registry
+from toolkit import exitcodes, registry
+
+
+def _prepare(
+    name: str, inventory: str | None, limit: str | None, vault_password_file: str | None
+) -> None:
+    """The lab is up (default inventory), the inventory passes inventory.check; the vault
+    password file, when given, is the one every Ansible read in this run uses."""
+    from toolkit.tasks_playbooks import prepare
+
+    if vault_password_file:
+        if not Path(vault_password_file).is_file():
+            raise Exit(f"{name}: --vault-password-file {vault_password_file}: no such file",
+                       code=exitcodes.BAD_INPUT)
+        os.environ["ANSIBLE_VAULT_PASSWORD_FILE"] = str(Path(vault_password_file).resolve())
+    prepare(name, inventory, limit, vault_password_file)
+
+
+def _positive_int(name: str, option: str, value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise Exit(f"{name}: --{option} wants a whole number >= 1, got {value!r}",
+                   code=exitcodes.BAD_INPUT)
+    return n
+
 
 # --- threat-model.check ---------------------------------------------------------------------
 
@@ -68,6 +96,7 @@ def check(c: Context, write_tables: bool = False, quiet: bool = False) -> None:
         "keyword": "only tests matching this pytest -k expression",
         "report_dir": "where to write <host>.md/.json/.html (default: reports/verify)",
         "workers": "parallel pytest workers per host (needs pytest-xdist; default 1)",
+        "vault_password_file": "vault password file (default: $ANSIBLE_VAULT_PASSWORD_FILE)",
     }
 )
 def verify(
@@ -76,10 +105,15 @@ def verify(
     limit: str | None = None,
     keyword: str | None = None,
     report_dir: str | None = None,
-    workers: int = 1,
+    workers: str = "1",
+    vault_password_file: str | None = None,
 ) -> None:
     """Posture tests on every host of the inventory; reports per host: threats, controls, tests."""
     from toolkit import verify as verify_mod
+
+    # A string on the command line: invoke's own int conversion ends in a traceback.
+    n_workers = _positive_int("verify", "workers", str(workers))
+    _prepare("verify", inventory, limit, vault_password_file)
 
     try:
         code = verify_mod.verify(
@@ -87,10 +121,10 @@ def verify(
             limit=limit,
             keyword=keyword,
             report_dir=Path(report_dir) if report_dir else None,
-            workers=workers,
+            workers=n_workers,
         )
     except verify_mod.VerifyError as exc:
-        raise Exit(f"verify: {exc}", code=2) from exc
+        raise Exit(f"verify: {exc}", code=exitcodes.BAD_INPUT) from exc
     if code:
         raise Exit("verify: FAILED (see the report above)", code=code)
 
@@ -104,6 +138,7 @@ def verify(
         "fresh": "run Lynis even when the host is unchanged since its cached result",
         "strict": "fail when a yardstick misses its target (Lynis >= 85, ssh-audit 0/0, "
         "exposure <= 2.0)",
+        "vault_password_file": "vault password file (default: $ANSIBLE_VAULT_PASSWORD_FILE)",
     }
 )
 def audit(
@@ -114,21 +149,30 @@ def audit(
     only: str | None = None,
     fresh: bool = False,
     strict: bool = False,
+    vault_password_file: str | None = None,
 ) -> None:
     """Independent yardsticks: Lynis, ssh-audit, systemd-analyze security, into the report."""
     from toolkit import auditors
+
+    chosen = [s.strip() for s in only.split(",")] if only else None
+    known = ("lynis", "ssh-audit", "systemd")
+    unknown = [s for s in chosen or [] if s not in known]
+    if unknown:
+        raise Exit(f"audit: --only {', '.join(unknown)}: unknown; choose from {', '.join(known)}",
+                   code=exitcodes.BAD_INPUT)
+    _prepare("audit", inventory, limit, vault_password_file)
 
     try:
         code = auditors.audit(
             inventory=inventory,
             limit=limit,
             report_dir=Path(report_dir) if report_dir else None,
-            only=[s.strip() for s in only.split(",")] if only else None,
+            only=chosen,
             fresh=fresh,
             strict=strict,
         )
     except auditors.AuditError as exc:
-        raise Exit(f"audit: {exc}", code=2) from exc
+        raise Exit(f"audit: {exc}", code=exitcodes.BAD_INPUT) from exc
     if code:
         raise Exit("audit: an auditor could not run or missed its target (see above)", code=code)
 
