@@ -206,3 +206,14 @@ def test_ask_become_pass_asks_once_on_the_command_line(unreachable: Path) -> Non
     assert out.count("sudo password (become): ") == 1
     assert "pw-typed-once" not in out
     assert proc.returncode == exitcodes.UNREACHABLE, out
+
+
+def test_lab_reset_of_a_lab_that_is_not_up_is_not_ready() -> None:
+    from lab import lifecycle
+
+    name = "lab7"
+    if lifecycle.is_up(lifecycle.instance(name)):
+        pytest.skip(f"{name} is up here")
+    proc = _invoke("lab.reset", "--instance", name)
+    assert proc.returncode == exitcodes.NOT_READY
+    assert proc.stderr.strip() == f"lab.reset: lab {name} is not up: run `invoke lab.up`"
