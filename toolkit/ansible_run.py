@@ -124,10 +124,17 @@ def host_become_password(inv: Inventory, host: str, ask: bool) -> str | None:
     typed = become_password(ask)
     if typed is not None:
         return typed
+    from ansible.errors import AnsibleError
+
+    from toolkit.hostvars import InventoryError
+
     for name in _BECOME_VARS:
         if inv.has(host, name):
             value = inv.get(host, name)
-            return None if value is None else str(value)
+            try:
+                return None if value is None else str(value)  # str() decrypts a vaulted value
+            except AnsibleError as exc:
+                raise InventoryError(f"{host}: {name}: {str(exc).strip()}") from None
     return None
 
 

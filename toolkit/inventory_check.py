@@ -149,18 +149,33 @@ def _warnings() -> Iterator[list[str]]:
 def _check_host(
     inv: hostvars.Inventory, host: str, all_plays: list[Play], specs: dict[str, dict[str, Any]]
 ) -> list[str]:
+    from ansible.errors import AnsibleError
+    from ansible.parsing.yaml.objects import AnsibleVaultEncryptedUnicode
+
     problems: list[str] = []
     failed: set[str] = set()
+    try:
+        # Reading the host's variables decrypts whole vault files (group_vars/all/vault.yml):
+        # a missing or wrong vault password fails here, for the host, not in a traceback.
+        raw = inv.raw(host)
+    except AnsibleError as exc:
+        return [f"variables: {' '.join(str(exc).split())[:300]}"]
 
     def value(name: str, default: Any = None) -> Any:
         if name in failed:
             return default
         try:
-            return inv.get(host, name, default)
+            got = inv.get(host, name, default)
+            # The templar hands a vaulted value back still encrypted: decrypt it here, so a
+            # wrong or missing vault password is this variable's error.
+            return str(got) if isinstance(got, AnsibleVaultEncryptedUnicode) else got
         except hostvars.InventoryError as exc:
             failed.add(name)
             problems.append(f"{name}: {_reason(exc)}")
-            return default
+        except AnsibleError as exc:
+            failed.add(name)
+            problems.append(f"{name}: {' '.join(str(exc).split())[:300]}")
+        return default
 
     # The roles this host's plays run, each entry point once.
     seen: list[tuple[str, str]] = []
@@ -181,6 +196,12 @@ def _check_host(
         params = {n: v for n, v in params.items() if n not in failed}
         spec = {n: o for n, o in options.items() if n not in failed}
         problems += [f"{role}: {m}" for m in _validate(spec, params)]
+
+    # Vaulted values (`!vault`) no role lists, the become password among them: a wrong vault
+    # password must fail here, not when the play first connects.
+    for name in sorted(raw):
+        if isinstance(raw[name], AnsibleVaultEncryptedUnicode):
+            value(name)
 
     signer = {n: value(n, []) for n in ("signer_clients", "signer_custodians", "signer_profiles")}
     if not failed & set(signer):  # rules across variables need all of them

@@ -235,3 +235,48 @@ def test_an_unusable_inventory_is_an_inventory_error(tmp_path: Path) -> None:
     (tmp_path / "hosts.yml").write_text("all:\n  hosts:\n   a: [\n")
     with pytest.raises(hostvars.InventoryError, match=r"YAML: .* line 4, column 1"):
         inventory_check.check(str(tmp_path))
+
+
+def _vault_pass(tmp: Path, text: str = "vault-pw-for-the-test") -> Path:
+    vpf = tmp / f"vault-pass-{len(text)}"
+    vpf.write_text(text + "\n")
+    return vpf
+
+
+def test_a_vaulted_become_password_needs_the_right_vault_password(
+    good: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vpf = _vault_pass(tmp_path)
+    vaulted = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-vault"), "encrypt_string",
+         "--vault-password-file", str(vpf), "--name", "ansible_become_password", "--", "s3cret"],
+        capture_output=True, text=True, check=True).stdout
+    inv = _write(tmp_path, good)
+    (Path(inv) / "group_vars" / "all").mkdir(parents=True)
+    (Path(inv) / "group_vars" / "all" / "become.yml").write_text(vaulted)
+    monkeypatch.delenv("ANSIBLE_VAULT_PASSWORD_FILE", raising=False)
+    assert inventory_check.check(inv).problems[HOST] == [
+        "ansible_become_password: Attempting to decrypt but no vault secrets found"]
+    wrong = _vault_pass(tmp_path, "wrong")
+    assert inventory_check.check(inv, vault_password_file=str(wrong)).problems[HOST] == [
+        "ansible_become_password: Decryption failed (no vault secrets were found that could "
+        "decrypt)"]
+    assert inventory_check.check(inv, vault_password_file=str(vpf)).ok
+    monkeypatch.setenv("ANSIBLE_VAULT_PASSWORD_FILE", str(vpf))  # honoured like Ansible does
+    assert inventory_check.check(inv).ok
+
+
+def test_a_vault_file_without_its_password(good: dict[str, Any], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    vpf = _vault_pass(tmp_path)
+    inv = _write(tmp_path, good)
+    secret = Path(inv) / "group_vars" / "all" / "vault.yml"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("token_so_pin: '12345678'\n")
+    subprocess.run([str(Path(sys.executable).parent / "ansible-vault"), "encrypt",
+                    "--vault-password-file", str(vpf), str(secret)], check=True,
+                   capture_output=True)
+    monkeypatch.delenv("ANSIBLE_VAULT_PASSWORD_FILE", raising=False)
+    assert inventory_check.check(inv).problems[HOST] == [
+        "variables: Attempting to decrypt but no vault secrets found"]
+    assert inventory_check.check(inv, vault_password_file=str(vpf)).ok

@@ -217,3 +217,28 @@ def test_lab_reset_of_a_lab_that_is_not_up_is_not_ready() -> None:
     proc = _invoke("lab.reset", "--instance", name)
     assert proc.returncode == exitcodes.NOT_READY
     assert proc.stderr.strip() == f"lab.reset: lab {name} is not up: run `invoke lab.up`"
+
+
+@pytest.mark.parametrize("name", ["harden", "token.csr", "inventory.check"])
+def test_a_vault_file_without_its_password(name: str, unreachable: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    inv = tmp_path / "inv"
+    shutil.copytree(unreachable, inv)
+    secret = inv / "group_vars" / "all" / "vault.yml"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("ansible_become_password: s3cret\n")
+    (tmp_path / "vpw").write_text("vault-pw\n")
+    subprocess.run([str(Path(sys.executable).parent / "ansible-vault"), "encrypt",
+                    "--vault-password-file", str(tmp_path / "vpw"), str(secret)],
+                   check=True, capture_output=True)
+    monkeypatch.delenv("ANSIBLE_VAULT_PASSWORD_FILE", raising=False)
+    proc = _invoke(name, "-i", str(inv))
+    assert proc.returncode == exitcodes.BAD_INPUT
+    assert f"{name}: h1: variables: Attempting to decrypt but no vault secrets found" \
+        in proc.stderr.splitlines()
+    missing = _invoke(name, "-i", str(inv), "--vault-password-file", str(tmp_path / "nope"))
+    assert missing.returncode == exitcodes.BAD_INPUT
+    assert missing.stderr.strip() == (
+        f"{name}: vault password: The vault password file {tmp_path / 'nope'} was not found")
