@@ -119,11 +119,11 @@ _BECOME_VARS = ("ansible_become_password", "ansible_become_pass", "ansible_sudo_
 
 
 def host_become_password(inv: Inventory, host: str, ask: bool) -> str | None:
-    """The sudo password for `host`, for a channel of our own (not Ansible's): the one typed
-    (asked once per process) when `ask`, else the inventory's, vault decrypted, else None."""
-    typed = become_password(ask)
-    if typed is not None:
-        return typed
+    """The sudo password Ansible would use on `host`, for a channel of our own.
+
+    Ansible's precedence: the inventory's `ansible_become_password` (vault decrypted) wins
+    over the one typed at --ask-become-pass (asked once per process); else None.
+    """
     from ansible.errors import AnsibleError
 
     from toolkit.hostvars import InventoryError
@@ -135,7 +135,7 @@ def host_become_password(inv: Inventory, host: str, ask: bool) -> str | None:
                 return None if value is None else str(value)  # str() decrypts a vaulted value
             except AnsibleError as exc:
                 raise InventoryError(f"{host}: {name}: {str(exc).strip()}") from None
-    return None
+    return become_password(ask)
 
 
 @contextmanager

@@ -153,4 +153,18 @@ def test_host_become_password_reads_the_vault_or_asks(
     assert ansible_run.host_become_password(inv, "h1", ask=False) == PASSWORD
     assert ansible_run.host_become_password(inv, "h2", ask=False) is None
     monkeypatch.setattr(ansible_run.getpass, "getpass", lambda p: "typed")
-    assert ansible_run.host_become_password(inv, "h1", ask=True) == "typed"
+    # Ansible's precedence: the inventory's password wins over the typed one.
+    assert ansible_run.host_become_password(inv, "h1", ask=True) == PASSWORD
+    assert ansible_run.host_become_password(inv, "h2", ask=True) == "typed"
+
+
+def test_the_inventorys_become_password_wins_over_the_typed_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What Ansible does; host_become_password follows it so verify's channel agrees."""
+    got, _, cmd = _setup(tmp_path, monkeypatch)
+    (tmp_path / "host_vars").mkdir()
+    (tmp_path / "host_vars" / "localhost.yml").write_text(
+        "ansible_become_password: from-inventory\n")
+    ansible_run.run_playbook(cmd, tmp_path / "run.log", become_pass="typed")
+    assert got.read_text() == "from-inventory"
