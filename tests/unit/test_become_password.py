@@ -55,7 +55,9 @@ class BecomeModule(BecomeBase):
 '''
 
 
-def _setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, list[str]]:
+def _setup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, Path, list[str]]:
     got, procs = tmp_path / "got", tmp_path / "procs"
     plugins = tmp_path / "become"
     plugins.mkdir()
@@ -63,11 +65,11 @@ def _setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path,
     monkeypatch.setenv("ANSIBLE_BECOME_PLUGINS", str(plugins))
     inv = tmp_path / "hosts.yml"
     inv.write_text(
-        "all:\n  hosts:\n    localhost:\n"
-        "      ansible_connection: local\n"
-        f"      ansible_python_interpreter: {sys.executable}\n"
-        "      ansible_become: true\n"
-        "      ansible_become_method: pwcheck\n"
+        "all:\n  children:\n    signing_hosts:\n      hosts:\n        localhost:\n"
+        "          ansible_connection: local\n"
+        f"          ansible_python_interpreter: {sys.executable}\n"
+        "          ansible_become: true\n"
+        "          ansible_become_method: pwcheck\n"
     )
     play = tmp_path / "play.yml"
     play.write_text(
@@ -131,7 +133,8 @@ def test_a_vaulted_become_password_reaches_ansible(
     vpf, vaulted = _vault(tmp_path, PASSWORD)
     (tmp_path / "host_vars").mkdir()
     (tmp_path / "host_vars" / "localhost.yml").write_text(vaulted)
-    cmd = ansible_run.build_command(str(tmp_path / "play.yml"), inventory=str(tmp_path / "hosts.yml"),
+    cmd = ansible_run.build_command(str(tmp_path / "play.yml"),
+                                    inventory=str(tmp_path / "hosts.yml"),
                                     vault_password_file=str(vpf))
     result = ansible_run.run_playbook(cmd, tmp_path / "run.log")
     assert result.returncode == 0, (tmp_path / "run.log").read_text()[-2000:]
@@ -168,3 +171,24 @@ def test_the_inventorys_become_password_wins_over_the_typed_one(
         "ansible_become_password: from-inventory\n")
     ansible_run.run_playbook(cmd, tmp_path / "run.log", become_pass="typed")
     assert got.read_text() == "from-inventory"
+
+
+def test_deploys_ad_hoc_daemon_check_gets_the_password_the_same_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`deploy --expect-unchanged` reads the daemon's invocation id with an ad-hoc `ansible`
+    call as root: the typed password reaches that one through the same pipe."""
+    from invoke.exceptions import Exit
+
+    from toolkit import tasks_playbooks
+
+    got, procs, _ = _setup(tmp_path, monkeypatch)
+    try:
+        tasks_playbooks._daemon_invocations(str(tmp_path / "hosts.yml"), None,
+                                            become_pass=PASSWORD)
+    except Exit:
+        pass  # no signer daemon on this machine: only the way the password went matters here
+    assert got.read_text() == PASSWORD
+    seen = procs.read_text()
+    assert "bin/ansible signing_hosts" in seen and "--become-password-file -" in seen
+    assert PASSWORD not in seen

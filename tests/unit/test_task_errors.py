@@ -242,3 +242,11 @@ def test_a_vault_file_without_its_password(name: str, unreachable: Path, tmp_pat
     assert missing.returncode == exitcodes.BAD_INPUT
     assert missing.stderr.strip() == (
         f"{name}: vault password: The vault password file {tmp_path / 'nope'} was not found")
+
+
+def test_deploy_expect_unchanged_with_an_unreachable_host(unreachable: Path) -> None:
+    """Its first step (the daemon's invocation id, ad hoc) meets the host first."""
+    proc = _invoke("deploy", "-i", str(unreachable), "--expect-unchanged")
+    assert proc.returncode == exitcodes.UNREACHABLE, proc.stdout + proc.stderr
+    assert _last_line(proc).startswith(
+        "deploy: unreachable while reading the signer daemon's invocation id: h1 | UNREACHABLE!")
