@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lab import image, net, vm
+from lab import image, net, site, vm
 from lab.config import KEY_NAMES, Instance, guest_network_config, ssh_config_text
 from lab.state import instance_name, state_dir
 
@@ -169,6 +169,7 @@ def down(inst: Instance) -> list[str]:
     """Remove everything of the instance; returns what was removed."""
     removed = []
     _close_ssh_master(inst)
+    removed += site.down(inst)
     if vm.stop(inst):
         removed.append("qemu")
     removed += net.down(inst)
@@ -217,5 +218,6 @@ def status(inst: Instance) -> dict[str, object]:
         "accel": facts.get("vm", {}).get("accel"),
         "state_dir": str(inst.state_dir),
         "ssh": f"ssh -F {inst.ssh_config} signhost" if pid else None,
-        "leftovers": [] if pid else net.leftovers(inst),
+        "leftovers": [] if pid else net.leftovers(inst) + (
+            [f"jump sshd pid {site.jump_pid(inst)}"] if site.jump_pid(inst) else []),
     }

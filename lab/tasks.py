@@ -10,6 +10,7 @@ import json
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 from invoke.collection import Collection
 from invoke.context import Context
@@ -53,6 +54,31 @@ def down(c: Context, instance: str | None = None) -> None:
     removed = lifecycle.down(inst)
     print(f"lab {inst.name}: " + (("removed " + ", ".join(removed)) if removed
                                   else "nothing to remove"))
+
+
+@task(help={**INSTANCE_HELP,
+            "example": "the inventory to render (default inventory/production.example)"})
+def site(c: Context, instance: str | None = None, example: str | None = None) -> None:
+    """Dress the running lab VM as a customer's host: jump host, named admin with password
+    sudo, and production.example rendered into <state>/site/inventory (vault beside it)."""
+    from lab import site as site_mod
+
+    inst = _inst(instance)
+    if not lifecycle.is_up(inst):
+        raise Exit(f"lab.site: lab {inst.name} is not up: run `invoke lab.up` first", code=3)
+    facts = json.loads(inst.lab_json.read_text())
+    if facts.get("site"):
+        print(f"lab {inst.name}: site mode already set up: {facts['site']['inventory']}")
+        return
+    try:
+        info = site_mod.up(inst, facts, Path(example) if example else site_mod.EXAMPLE)
+    except (site_mod.SiteError, OSError, subprocess.CalledProcessError) as e:
+        raise Exit(f"lab.site: {e}", code=1) from e
+    site_mod.record(inst, info)
+    print(f"lab {inst.name}: site mode ready\n  inventory: {info['inventory']}\n"
+          f"  vault password file: {info['vault_password_file']}\n"
+          f"  admin {info['admin']} (sudo asks for a password) through the jump host "
+          f"{info['jump']['ipv4']}")
 
 
 @task(help={**INSTANCE_HELP, "json_": "print machine-readable status",
@@ -147,7 +173,7 @@ def usb_(c: Context, action: str, device: str | None = None, instance: str | Non
 
 
 ns = Collection("lab")
-for t in (up, down, status, ssh, reset):
+for t in (up, down, status, ssh, reset, site):
     ns.add_task(t)
 ns.add_task(exec_, name="exec")
 ns.add_task(usb_, name="usb")

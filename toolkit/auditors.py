@@ -47,16 +47,40 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _alias(target: Target) -> str:
-    return target.spec.removeprefix("ssh://")
+_channels: dict[str, Any] = {}
+
+
+def _endpoint(target: Target) -> Any:
+    from toolkit import connection, hostvars
+
+    inv = hostvars.load(target.inventory, target.host)
+    return connection.endpoint(inv, target.host, password=target.become_password)
 
 
 def ssh(target: Target, command: str, *, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    argv = ["ssh"]
-    if target.ssh_config:
-        argv += ["-F", str(target.ssh_config)]
-    argv += [_alias(target), command]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    """`command` as root on the host, over the same root channel as verify (sudo with the
+    inventory's become password where sudo asks for one; reached as Ansible reaches it)."""
+    from toolkit import shell_channel
+
+    command = command.replace("sudo -n ", "")
+    host = _channels.get(target.name)
+    if host is None:
+        ep = _endpoint(target)
+        host = shell_channel.host_from_launcher(
+            target.host, list(ep.argv), sudo=True, password=ep.become_password, timeout=3600
+        )
+        _channels[target.name] = host
+    try:
+        r = host.run(command)
+    except RuntimeError as exc:
+        return subprocess.CompletedProcess(command, 255, "", str(exc))
+    return subprocess.CompletedProcess(command, r.rc, r.stdout, r.stderr)
+
+
+def close_channels() -> None:
+    for host in _channels.values():
+        host.backend.close()
+    _channels.clear()
 
 
 # --- Lynis ----------------------------------------------------------------------------------
@@ -114,21 +138,11 @@ def run_lynis(target: Target, cached: dict[str, Any] | None, fresh: bool) -> dic
         }
     print("    lynis: running `lynis audit system --quick` (minutes; ~10 under TCG)", flush=True)
     started = time.monotonic()
-    argv = ["ssh"] + (["-F", str(target.ssh_config)] if target.ssh_config else [])
-    argv += [
-        _alias(target),
-        f"sudo -n lynis audit system --quick --no-colors --report-file {LYNIS_REPORT}",
-    ]
-    with subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            # Section headers only: progress without Lynis's hundreds of lines.
-            if line.startswith("[+] "):
-                print(
-                    f"    lynis {time.monotonic() - started:4.0f}s {line[4:].strip()}", flush=True
-                )
+    proc = ssh(
+        target,
+        f"lynis audit system --quick --no-colors --report-file {LYNIS_REPORT} >/dev/null",
+        timeout=3600,
+    )
     took = round(time.monotonic() - started)
     dat = ssh(target, f"sudo -n cat {LYNIS_REPORT} && sudo -n rm -f {LYNIS_REPORT}")
     if proc.returncode != 0 or dat.returncode != 0:
@@ -188,10 +202,12 @@ def run_ssh_audit(target: Target) -> dict[str, Any]:
         proc = lab.netns_run("build", [*args, lab.vm_ipv4], timeout=180)
         stdout, stderr = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
     else:
-        cfg = ["-F", str(target.ssh_config)] if target.ssh_config else []
-        g = subprocess.run(["ssh", *cfg, "-G", _alias(target)], capture_output=True, text=True)
+        # Where ssh itself would go (the inventory's options, -F config), resolved by `ssh -G`.
+        # ssh-audit speaks TCP itself: a host behind a jump host is out of its reach.
+        argv = list(_endpoint(target).argv)
+        g = subprocess.run([*argv[:-1], "-G", argv[-1]], capture_output=True, text=True)
         opts = dict(line.split(" ", 1) for line in g.stdout.splitlines() if " " in line)
-        host, port = opts.get("hostname", _alias(target)), opts.get("port", "22")
+        host, port = opts.get("hostname", target.host), opts.get("port", "22")
         where = f"from the controller to {host}:{port}"
         p = subprocess.run([*args, "-p", port, host], capture_output=True, text=True, timeout=180)
         stdout, stderr = p.stdout, p.stderr
@@ -232,6 +248,9 @@ def audit(
     only: list[str] | None = None,
     fresh: bool = False,
     strict: bool = False,
+    *,
+    vault_password_file: str | None = None,
+    ask_become_pass: bool = False,
 ) -> int:
     report_dir = report_dir or verify.DEFAULT_REPORT_DIR
     wanted = set(only or ("lynis", "ssh-audit", "systemd"))
@@ -239,16 +258,26 @@ def audit(
     if unknown:
         raise AuditError(f"unknown auditor(s): {', '.join(sorted(unknown))}")
     try:
-        targets = verify.resolve_targets(inventory, limit, report_dir)
+        targets = verify.resolve_targets(
+            inventory, limit, vault_password_file=vault_password_file,
+            ask_become_pass=ask_become_pass,
+        )
     except verify.VerifyError as exc:
         raise AuditError(str(exc)) from exc
+    try:
+        return _audit(targets, report_dir, wanted, fresh, strict)
+    finally:
+        close_channels()
+
+
+def _audit(
+    targets: list[Target], report_dir: Path, wanted: set[str], fresh: bool, strict: bool
+) -> int:
     code = 0
     for target in targets:
         print(f"==> audit {target.name} ({target.kind})", flush=True)
         path = report_dir / f"{target.name}.auditors.json"
         previous: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-        if previous and target.since is not None and path.stat().st_mtime < target.since:
-            previous = {}  # figures of an earlier lab VM
         aud = dict(previous)
         if "ssh-audit" in wanted:
             aud["ssh-audit"] = run_ssh_audit(target)

@@ -77,6 +77,8 @@ class Inventory:
             return _plain(templar.template(values[name], fail_on_undefined=True))
         except AnsibleError as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "no vault secrets" in msg:
+                msg += " (give --vault-password-file or $ANSIBLE_VAULT_PASSWORD_FILE)"
             raise InventoryError(f"{host}: {name}: {msg}") from exc
 
     def render(self, host: str, names: Iterable[str]) -> dict[str, Any]:
@@ -86,6 +88,10 @@ class Inventory:
 
 def _plain(value: Any) -> Any:
     """Ansible's wrapped types (unsafe text, vault text) as plain Python values."""
+    from ansible.parsing.yaml.objects import AnsibleVaultEncryptedUnicode
+
+    if isinstance(value, AnsibleVaultEncryptedUnicode):
+        return str(value.data)  # decrypts here, inside the caller's error handling
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -163,7 +169,7 @@ def load(
         C.INVENTORY_UNPARSED_IS_FAILED, C.INVENTORY_ANY_UNPARSED_IS_FAILED = old
     if limit:
         inv.subset(limit)
-    hosts = sorted(h.name for h in inv.get_hosts())
+    hosts = sorted(str(h.name) for h in inv.get_hosts())
     if require_hosts and not hosts:
         if limit:
             raise InventoryError(f"inventory {inventory}: no host matches --limit {limit!r}")

@@ -38,6 +38,7 @@ _YAML_ERROR = re.compile(
     r"Syntax Error while loading YAML\.\s*(?P<what>.*?)\s*The error appears to be in "
     r"'(?P<file>[^']*)': line (?P<line>\d+), column (?P<col>\d+)"
 )
+_VAULT_HINT = " (give --vault-password-file or $ANSIBLE_VAULT_PASSWORD_FILE)"  # as hostvars says
 _INCLUDE = {
     "include_role",
     "import_role",
@@ -159,7 +160,10 @@ def _check_host(
         # a missing or wrong vault password fails here, for the host, not in a traceback.
         raw = inv.raw(host)
     except AnsibleError as exc:
-        return [f"variables: {' '.join(str(exc).split())[:300]}"]
+        msg = " ".join(str(exc).split())[:300]
+        if "vault secrets" in msg:
+            msg += _VAULT_HINT
+        return [f"variables: {msg}"]
 
     def value(name: str, default: Any = None) -> Any:
         if name in failed:
@@ -228,7 +232,8 @@ def _reason(exc: hostvars.InventoryError) -> str:
     if marker in text:
         text = text.rsplit(marker, 1)[1]
     text = " ".join(text.replace(", use -vvvvv to see paths searched", "").split())
-    return text if len(text) <= 300 else text[:297] + "..."
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return text + _VAULT_HINT if _VAULT_HINT in str(exc) and _VAULT_HINT not in text else text
 
 
 def _plugins_ready() -> None:

@@ -29,8 +29,15 @@ from typing import IO, Any
 
 from testinfra.backend import base
 
+BEGIN = "SIGNHOST-CHANNEL-BEGIN"
+
 SERVER = r"""
 import base64, json, os, signal, subprocess, sys, syslog
+# Whatever precedes the begin line is the sudo password that sudo did not need to read (cached
+# or NOPASSWD): dropped unread.
+for line in sys.stdin.buffer:
+    if line.rstrip(b"\n") == b"%(begin)s":
+        break
 syslog.openlog("signhost-verify", 0, syslog.LOG_AUTHPRIV)
 syslog.syslog(syslog.LOG_NOTICE, "posture channel opened (uid %d, sudo user %s)"
               % (os.getuid(), os.environ.get("SUDO_USER", "-")))
@@ -54,14 +61,22 @@ for line in sys.stdin.buffer:
                           "err": base64.b64encode(se).decode()}).encode() + b"\n")
     out.flush()
 syslog.syslog(syslog.LOG_NOTICE, "posture channel closed after %d commands" % n)
-"""
+""".replace("%(begin)s", BEGIN)
 
 
-def remote_command(*, sudo: bool) -> str:
-    """The command line that starts the server on the host (root through sudo, or as is)."""
+def remote_command(*, sudo: bool, password: bool = False) -> str:
+    """The command line that starts the server on the host (root through sudo, or as is).
+
+    `python3 -I`: isolated mode, so neither the admin's home (the current directory, where a
+    planted module would run as root and fake results) nor PYTHON* variables reach the import
+    path. With `password`, sudo reads it from the channel's first line (`-S`, no prompt); the
+    password never appears on a command line, in an environment or in a log.
+    """
     code = base64.b64encode(SERVER.encode()).decode()
-    py = f"python3 -u -c {shlex.quote(f'import base64;exec(base64.b64decode({code!r}))')}"
-    return f"sudo -n {py}" if sudo else py
+    py = f"python3 -I -u -c {shlex.quote(f'import base64;exec(base64.b64decode({code!r}))')}"
+    if not sudo:
+        return py
+    return f"sudo -S -p '' {py}" if password else f"sudo -n {py}"
 
 
 class ChannelBackend(base.BaseBackend):  # type: ignore[misc]
@@ -73,10 +88,11 @@ class ChannelBackend(base.BaseBackend):  # type: ignore[misc]
     NAME = "signhost-channel"
 
     def __init__(self, hostname: str, launcher: list[str], *, root: bool = True,
-                 timeout: float = 300, **kwargs: Any) -> None:
+                 timeout: float = 300, password: str | None = None, **kwargs: Any) -> None:
         super().__init__(hostname, **kwargs)
         self.launcher = list(launcher)
         self.root = root
+        self._password = password
         self.timeout = timeout
         self.commands = 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -86,10 +102,19 @@ class ChannelBackend(base.BaseBackend):  # type: ignore[misc]
     def _start(self) -> subprocess.Popen[bytes]:
         self.close()
         self._stderr = tempfile.TemporaryFile()
+        pw = self._password if self.root else None
         self._proc = subprocess.Popen(
-            [*self.launcher, remote_command(sudo=self.root)],
+            [*self.launcher, remote_command(sudo=self.root, password=pw is not None)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
         )
+        assert self._proc.stdin is not None
+        try:
+            if pw is not None:
+                self._proc.stdin.write(pw.encode() + b"\n")
+            self._proc.stdin.write(BEGIN.encode() + b"\n")
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # the next exchange reports why the channel closed
         return self._proc
 
     def _why(self) -> str:
@@ -163,6 +188,17 @@ def ssh_launcher(spec: base.HostSpec, ssh_config: str | None) -> list[str]:
     if spec.port:
         cmd += ["-p", str(spec.port)]
     return [*cmd, spec.name]
+
+
+def host_from_launcher(name: str, launcher: list[str], *, sudo: bool,
+                       password: str | None = None, timeout: float = 300) -> Any:
+    """A testinfra Host on the channel backend; `launcher + [remote command]` starts it."""
+    import testinfra.host
+
+    backend = ChannelBackend(name, launcher, root=sudo, password=password, timeout=timeout)
+    host = testinfra.host.Host(backend)
+    backend.set_host(host)
+    return host
 
 
 def host_from_spec(spec: str, ssh_config: str | None, *, sudo: bool) -> Any:

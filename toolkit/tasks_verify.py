@@ -6,7 +6,6 @@ toolkit.auditors.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from invoke.collection import Collection
@@ -20,15 +19,9 @@ from toolkit import exitcodes, registry
 def _prepare(
     name: str, inventory: str | None, limit: str | None, vault_password_file: str | None
 ) -> None:
-    """The lab is up (default inventory), the inventory passes inventory.check; the vault
-    password file, when given, is the one every Ansible read in this run uses."""
+    """The lab is up (default inventory) and the inventory passes inventory.check."""
     from toolkit.tasks_playbooks import prepare
 
-    if vault_password_file:
-        if not Path(vault_password_file).is_file():
-            raise Exit(f"{name}: --vault-password-file {vault_password_file}: no such file",
-                       code=exitcodes.BAD_INPUT)
-        os.environ["ANSIBLE_VAULT_PASSWORD_FILE"] = str(Path(vault_password_file).resolve())
     prepare(name, inventory, limit, vault_password_file)
 
 
@@ -96,7 +89,8 @@ def check(c: Context, write_tables: bool = False, quiet: bool = False) -> None:
         "keyword": "only tests matching this pytest -k expression",
         "report_dir": "where to write <host>.md/.json/.html (default: reports/verify)",
         "workers": "parallel pytest workers per host (needs pytest-xdist; default 1)",
-        "vault_password_file": "vault password file (default: $ANSIBLE_VAULT_PASSWORD_FILE)",
+        "vault_password_file": "Ansible vault password file (or $ANSIBLE_VAULT_PASSWORD_FILE)",
+        "ask_become_pass": "prompt for the sudo password (when the inventory has none)",
     }
 )
 def verify(
@@ -107,6 +101,7 @@ def verify(
     report_dir: str | None = None,
     workers: str = "1",
     vault_password_file: str | None = None,
+    ask_become_pass: bool = False,
 ) -> None:
     """Posture tests on every host of the inventory; reports per host: threats, controls, tests."""
     from toolkit import verify as verify_mod
@@ -122,9 +117,13 @@ def verify(
             keyword=keyword,
             report_dir=Path(report_dir) if report_dir else None,
             workers=n_workers,
+            vault_password_file=vault_password_file,
+            ask_become_pass=ask_become_pass,
         )
     except verify_mod.VerifyError as exc:
         raise Exit(f"verify: {exc}", code=exitcodes.BAD_INPUT) from exc
+    if code == verify_mod.UNREACHABLE_EXIT:
+        raise Exit("verify: a host could not be reached (see above)", code=code)
     if code:
         raise Exit("verify: FAILED (see the report above)", code=code)
 
@@ -138,7 +137,8 @@ def verify(
         "fresh": "run Lynis even when the host is unchanged since its cached result",
         "strict": "fail when a yardstick misses its target (Lynis >= 85, ssh-audit 0/0, "
         "exposure <= 2.0)",
-        "vault_password_file": "vault password file (default: $ANSIBLE_VAULT_PASSWORD_FILE)",
+        "vault_password_file": "Ansible vault password file (or $ANSIBLE_VAULT_PASSWORD_FILE)",
+        "ask_become_pass": "prompt for the sudo password (when the inventory has none)",
     }
 )
 def audit(
@@ -150,6 +150,7 @@ def audit(
     fresh: bool = False,
     strict: bool = False,
     vault_password_file: str | None = None,
+    ask_become_pass: bool = False,
 ) -> None:
     """Independent yardsticks: Lynis, ssh-audit, systemd-analyze security, into the report."""
     from toolkit import auditors
@@ -170,6 +171,8 @@ def audit(
             only=chosen,
             fresh=fresh,
             strict=strict,
+            vault_password_file=vault_password_file,
+            ask_become_pass=ask_become_pass,
         )
     except auditors.AuditError as exc:
         raise Exit(f"audit: {exc}", code=exitcodes.BAD_INPUT) from exc

@@ -52,6 +52,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="channel: one root session for the whole suite (default); ssh: testinfra's ssh "
         "backend, a new session and a sudo per command",
     )
+    group.addoption("--inventory", default=None,
+                    help="the inventory the target comes from (verify passes it)")
+    group.addoption("--inventory-host", default=None,
+                    help="the target's inventory name: connect as Ansible does")
+    group.addoption("--become-password-fd", type=int, default=None,
+                    help="read the sudo password from this inherited file descriptor")
     group.addoption(
         "--no-sudo",
         action="store_true",
@@ -149,20 +155,46 @@ def host(pytestconfig: pytest.Config) -> Any:
             pytest.fail(why)
         pytest.skip(why)
     sudo = not pytestconfig.getoption("--no-sudo")
-    if pytestconfig.getoption("--transport") == "channel" and spec.startswith("ssh://"):
+    inventory_host = pytestconfig.getoption("--inventory-host")
+    if inventory_host and pytestconfig.getoption("--transport") == "channel":
+        h = _inventory_channel(pytestconfig, inventory_host, sudo)
+    elif pytestconfig.getoption("--transport") == "channel" and spec.startswith("ssh://"):
         h = shell_channel.host_from_spec(spec, ssh_config, sudo=sudo)
     else:
         h = testinfra.get_host(spec, ssh_config=ssh_config, sudo=sudo)
     # Nothing else can pass when these fail: stop with one clear line instead of N errors.
     try:
         probe = h.run("id -u")
-    except RuntimeError as exc:  # ssh exit 255
-        pytest.exit(f"cannot reach {spec}: {_last_line(str(exc))}", returncode=3)
+    except RuntimeError as exc:  # ssh exit 255, or the channel's sudo refused
+        why = _last_line(str(exc))
+        if "sudo" in why.lower() or "password" in why.lower():
+            pytest.exit(f"{spec}: sudo does not give root: {why}", returncode=3)
+        pytest.exit(f"unreachable: {spec}: {why}", returncode=4)
     if sudo and (probe.rc != 0 or probe.stdout.strip() != "0"):
         pytest.exit(f"{spec}: sudo does not give root: {_last_line(probe.stderr)}", returncode=3)
     yield h
     if isinstance(h.backend, shell_channel.ChannelBackend):
         h.backend.close()
+
+
+def _inventory_channel(config: pytest.Config, inventory_host: str, sudo: bool) -> Any:
+    """The root channel to an inventory host, reached exactly as Ansible reaches it."""
+    from toolkit import connection, hostvars
+
+    password = None
+    fd = config.getoption("--become-password-fd")
+    if fd is not None:
+        with os.fdopen(fd, "rb") as fh:
+            password = fh.read().decode()
+    inventory = config.getoption("--inventory") or "inventory/lab"
+    try:
+        inv = hostvars.load(inventory, inventory_host)
+        ep = connection.endpoint(inv, inventory_host, password=password)
+    except (hostvars.InventoryError, connection.ConnectionError_) as exc:
+        pytest.exit(f"cannot connect to {inventory_host}: {exc}", returncode=3)
+    return shell_channel.host_from_launcher(
+        inventory_host, list(ep.argv), sudo=sudo, password=ep.become_password
+    )
 
 
 def _last_line(text: str) -> str:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -126,21 +124,7 @@ class FakeHost:
         return subprocess.CompletedProcess(command, 1, "", "unexpected")
 
 
-class FakePopen:
-    returncode = 0
-
-    def __init__(self, argv: list[str], **kw: object) -> None:
-        self.argv = argv
-        self.stdout = io.StringIO("[+] Initializing program\nnoise\n[+] SSH Support\n")
-
-    def __enter__(self) -> FakePopen:
-        return self
-
-    def __exit__(self, *a: object) -> None:
-        pass
-
-
-TARGET = Target("signhost", "ssh://signhost", "lab", Path("/s/ssh_config"))
+TARGET = Target("signhost", "signhost", "inventory/lab", "lab")
 
 
 def test_lynis_runs_and_records_the_host_fingerprint(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -148,11 +132,11 @@ def test_lynis_runs_and_records_the_host_fingerprint(monkeypatch: pytest.MonkeyP
         {
             "sha256sum": (0, "abc\n"),
             "command -v": (0, "/usr/sbin/lynis"),
+            "lynis audit system": (0, ""),
             "cat /var/tmp": (0, LYNIS_DAT),
         }
     )
     monkeypatch.setattr(auditors, "ssh", host.ssh)
-    monkeypatch.setattr(auditors.subprocess, "Popen", FakePopen)
     out = auditors.run_lynis(TARGET, None, fresh=False)
     assert out["figures"]["hardening_index"] == 62 and out["fingerprint"] == "abc"
     assert "error" not in out

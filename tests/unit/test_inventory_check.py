@@ -256,11 +256,12 @@ def test_a_vaulted_become_password_needs_the_right_vault_password(
     (Path(inv) / "group_vars" / "all" / "become.yml").write_text(vaulted)
     monkeypatch.delenv("ANSIBLE_VAULT_PASSWORD_FILE", raising=False)
     assert inventory_check.check(inv).problems[HOST] == [
-        "ansible_become_password: Attempting to decrypt but no vault secrets found"]
+        "ansible_become_password: Attempting to decrypt but no vault secrets found"
+        " (give --vault-password-file or $ANSIBLE_VAULT_PASSWORD_FILE)"]
     wrong = _vault_pass(tmp_path, "wrong")
     assert inventory_check.check(inv, vault_password_file=str(wrong)).problems[HOST] == [
         "ansible_become_password: Decryption failed (no vault secrets were found that could "
-        "decrypt)"]
+        "decrypt) (give --vault-password-file or $ANSIBLE_VAULT_PASSWORD_FILE)"]
     assert inventory_check.check(inv, vault_password_file=str(vpf)).ok
     monkeypatch.setenv("ANSIBLE_VAULT_PASSWORD_FILE", str(vpf))  # honoured like Ansible does
     assert inventory_check.check(inv).ok
@@ -278,5 +279,6 @@ def test_a_vault_file_without_its_password(good: dict[str, Any], tmp_path: Path,
                    capture_output=True)
     monkeypatch.delenv("ANSIBLE_VAULT_PASSWORD_FILE", raising=False)
     assert inventory_check.check(inv).problems[HOST] == [
-        "variables: Attempting to decrypt but no vault secrets found"]
+        "variables: Attempting to decrypt but no vault secrets found"
+        " (give --vault-password-file or $ANSIBLE_VAULT_PASSWORD_FILE)"]
     assert inventory_check.check(inv, vault_password_file=str(vpf)).ok

@@ -66,3 +66,84 @@ def test_a_channel_lost_during_a_command_raises(host) -> None:  # type: ignore[n
     with pytest.raises(RuntimeError, match="lost during"):
         host.run("kill -9 $PPID; sleep 1")
     assert host.run("true").rc == 0  # and the next command gets a new one
+
+
+def test_a_module_planted_in_the_working_directory_is_not_imported(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The root channel starts in the admin's home: `python3 -I` keeps it off the import path."""
+    marker = tmp_path / "planted-ran"
+    (tmp_path / "json.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    backend = ChannelBackend(
+        "local", ["sh", "-c", f"cd {tmp_path} && exec sh -c \"$0\""], root=False, timeout=5
+    )
+    h = testinfra.host.Host(backend)
+    backend.set_host(h)
+    try:
+        assert h.run("echo ok").stdout == "ok\n"
+    finally:
+        backend.close()
+    assert not marker.exists(), "a module from the working directory ran inside the channel"
+
+
+SUDO_USER = "signhost-sudotest"
+
+
+@pytest.fixture
+def password_sudo_user():  # type: ignore[no-untyped-def]
+    """A real account whose sudo asks for a password (made for the test, removed after)."""
+    import secrets
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or not shutil.which("sudo") or not shutil.which("useradd"):
+        pytest.skip("needs root and sudo on this machine to make an account with password sudo")
+    password = secrets.token_urlsafe(16)
+    subprocess.run(["userdel", "-r", SUDO_USER], capture_output=True)
+    subprocess.run(["useradd", "-m", SUDO_USER], check=True)
+    subprocess.run(["chpasswd"], input=f"{SUDO_USER}:{password}\n", text=True, check=True)
+    rule = f"/etc/sudoers.d/{SUDO_USER}"
+    with open(rule, "w") as fh:
+        fh.write(f"Defaults:{SUDO_USER} !lecture, timestamp_timeout=0\n{SUDO_USER} ALL=(ALL) ALL\n")
+    os.chmod(rule, 0o440)
+    try:
+        yield password
+    finally:
+        os.unlink(rule)
+        subprocess.run(["userdel", "-r", SUDO_USER], capture_output=True)
+
+
+def _channel_as(user: str, password: str | None):  # type: ignore[no-untyped-def]
+    backend = ChannelBackend(
+        "local", ["runuser", "-u", user, "--", "sh", "-c"], root=True, password=password, timeout=20
+    )
+    h = testinfra.host.Host(backend)
+    backend.set_host(h)
+    return h
+
+
+def test_sudo_with_a_password_gives_root_and_the_password_is_on_no_command_line(
+    password_sudo_user,  # type: ignore[no-untyped-def]
+) -> None:
+    h = _channel_as(SUDO_USER, password_sudo_user)
+    try:
+        assert h.run("id -u").stdout.strip() == "0"
+        leaked = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            for part in ("cmdline", "environ"):
+                try:
+                    with open(f"/proc/{pid}/{part}", "rb") as fh:
+                        if password_sudo_user.encode() in fh.read():
+                            leaked.append(f"{pid}/{part}")
+                except OSError:
+                    continue
+        assert not leaked, f"the sudo password is visible in /proc: {leaked}"
+    finally:
+        h.backend.close()
+
+
+def test_a_wrong_sudo_password_does_not_give_root(password_sudo_user) -> None:  # type: ignore[no-untyped-def]
+    h = _channel_as(SUDO_USER, "not-" + password_sudo_user)
+    try:
+        with pytest.raises(RuntimeError, match="posture channel"):
+            h.run("id -u")
+    finally:
+        h.backend.close()

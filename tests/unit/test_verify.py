@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,7 @@ def test_unreachable_host_stops_the_run_with_one_line(suite: pytest.Pytester) ->
     config.write_text("Host *\n  BatchMode yes\n  ConnectTimeout 3\n")
     run = run_suite(suite, "--target=ssh://nowhere.invalid", f"--ssh-config={config}")
     assert run["tests"] == [] or all(t["outcome"] != "passed" for t in run["tests"])
-    assert run["error"].startswith("run stopped: cannot reach ssh://nowhere.invalid")
+    assert run["error"].startswith("run stopped: unreachable: ssh://nowhere.invalid")
 
 
 # --- targets --------------------------------------------------------------------------------
@@ -135,102 +136,96 @@ def test_default_inventory_is_the_lab_and_needs_it_running(
     assert verify.is_lab_inventory(None)
     assert verify.is_lab_inventory(str(ROOT / "inventory" / "lab"))
     assert not verify.is_lab_inventory("inventory/production")
-    with pytest.raises(verify.VerifyError, match="no running lab"):
-        verify.resolve_targets(None, None, tmp_path)
+    with pytest.raises(verify.VerifyError, match=r"lab\.json"):
+        verify.resolve_targets(None, None)
 
 
-def test_lab_target_uses_the_labs_ssh_config(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("SIGNLAB_STATE", str(tmp_path))
-    lab_json = tmp_path / "lab.json"
-    facts = {
-        "instance": "lab0",
-        "state_dir": str(tmp_path),
-        "ssh": {"config": str(tmp_path / "ssh_config"), "alias": "signhost"},
-    }
-    lab_json.write_text(json.dumps(facts))
-    since = lab_json.stat().st_mtime
-    assert verify.resolve_targets(None, None, tmp_path) == [
-        verify.Target("signhost", "ssh://signhost", "lab", tmp_path / "ssh_config", since)
+def _inventory(tmp_path: Path, text: str) -> str:
+    (tmp_path / "inv").mkdir()
+    (tmp_path / "inv" / "hosts.yml").write_text(text)
+    return str(tmp_path / "inv")
+
+
+PROD = """
+all:
+  children:
+    signing_hosts:
+      hosts:
+        sign1:
+          ansible_host: 10.0.0.5
+          ansible_port: 2222
+          ansible_user: ops
+          ansible_ssh_private_key_file: /keys/ops
+          ansible_ssh_common_args: "-o ProxyJump=jump@bastion.example:2200 -F {{ cfg }}"
+          cfg: /etc/ssh/sign.conf
+        sign2:
+          ansible_become_password: s3cret
+          verify_kind: lab
+          verify_report_name: "{{ inventory_hostname }}-report"
+"""
+
+
+def test_targets_come_from_the_inventory_as_ansible_templates_it(tmp_path: Path) -> None:
+    inv = _inventory(tmp_path, PROD)
+    targets = verify.resolve_targets(inv, "sign*")
+    assert [(t.name, t.host, t.kind) for t in targets] == [
+        ("sign1", "sign1", "production"),
+        ("sign2-report", "sign2", "lab"),
     ]
-    # Another instance reports under its own name: parallel labs do not overwrite reports.
-    lab_json.write_text(json.dumps({**facts, "instance": "lab3"}))
-    [t] = verify.resolve_targets(None, "signhost", tmp_path)
-    assert (t.name, t.spec) == ("signhost-lab3", "ssh://signhost")
-    with pytest.raises(verify.VerifyError, match="no host matches"):
-        verify.resolve_targets(None, "other*", tmp_path)
+    assert targets[1].become_password == "s3cret" and "s3cret" not in repr(targets[1])
+    with pytest.raises(verify.VerifyError, match="no host matches --limit 'nope'"):
+        verify.resolve_targets(inv, "nope")
 
 
-def fake_inventory(monkeypatch: pytest.MonkeyPatch, hostvars: dict[str, Any]) -> list[list[str]]:
-    calls: list[list[str]] = []
+def test_the_connection_is_the_one_ansible_would_use(tmp_path: Path) -> None:
+    """User, port, key and the inventory's ssh args (ProxyJump, -F), templated, all kept."""
+    from toolkit import connection, hostvars
 
-    def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
-        calls.append(cmd)
-        out = json.dumps({"_meta": {"hostvars": hostvars}})
-        return subprocess.CompletedProcess(cmd, 0, out, "")
+    inv = hostvars.load(_inventory(tmp_path, PROD))
+    ep = connection.endpoint(inv, "sign1")
+    argv = list(ep.argv)
+    assert argv[0] == "ssh" and argv[-1] == "10.0.0.5"
+    joined = " ".join(argv)
+    for part in ("-o ProxyJump=jump@bastion.example:2200", "-F /etc/ssh/sign.conf",
+                 "-o User=ops", "-o Port=2222", "-i /keys/ops", "BatchMode=yes",
+                 "ControlPersist=300s"):  # the last from ansible.cfg's ssh_args
+        assert part in joined, (part, joined)
+    assert ep.become_password is None
+    assert connection.endpoint(inv, "sign2").become_password == "s3cret"
 
-    monkeypatch.setattr(verify.subprocess, "run", run)
-    return calls
 
-
-def test_production_inventory_gets_a_generated_ssh_config(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_vaulted_become_password_is_decrypted_with_the_vault_password_file(
+    tmp_path: Path,
 ) -> None:
-    calls = fake_inventory(
-        monkeypatch,
-        {
-            "sign1": {
-                "ansible_host": "10.0.0.5",
-                "ansible_port": 2222,
-                "ansible_user": "ops",
-                "ansible_ssh_private_key_file": "/keys/ops",
-            },
-            "sign2": {"ansible_ssh_common_args": "-F /etc/ssh/sign2.conf"},
-            "labhost": {"verify_kind": "lab"},
-        },
-    )
-    targets = verify.resolve_targets("inventory/prod", "sign*", tmp_path)
-    assert calls[0][-5:] == ["-i", "inventory/prod", "--list", "--limit", "sign*"]
-    assert targets == [
-        verify.Target("labhost", "ssh://labhost", "lab", tmp_path / ".ssh_config"),
-        verify.Target("sign1", "ssh://sign1", "production", tmp_path / ".ssh_config"),
-        verify.Target("sign2", "ssh://sign2", "production", Path("/etc/ssh/sign2.conf")),
-    ]
-    config = (tmp_path / ".ssh_config").read_text()
-    assert (
-        "Host sign1\n  HostName 10.0.0.5\n  Port 2222\n  User ops\n  IdentityFile /keys/ops"
-        in config
-    )
-    assert "ControlMaster auto" in config and "ControlPersist" in config
-    assert (tmp_path / ".ssh_config").stat().st_mode & 0o077 == 0
+    from toolkit import connection, hostvars
 
-
-def test_templated_connection_vars_are_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    fake_inventory(monkeypatch, {"sign1": {"ansible_host": "{{ lookup('env', 'X') }}"}})
-    with pytest.raises(verify.VerifyError, match="Jinja"):
-        verify.resolve_targets("inventory/prod", None, tmp_path)
-
-
-def test_auditor_figures_older_than_the_lab_vm_are_not_merged(tmp_path: Path) -> None:
-    (tmp_path / "signhost.auditors.json").write_text('{"lynis": {"figures": {}}}')
-    now = (tmp_path / "signhost.auditors.json").stat().st_mtime
-    fresh = verify.Target("signhost", "ssh://signhost", "lab", None, since=now - 10)
-    stale = verify.Target("signhost", "ssh://signhost", "lab", None, since=now + 10)
-    assert verify.load_auditors(tmp_path, fresh) == {"lynis": {"figures": {}}}
-    assert verify.load_auditors(tmp_path, stale) is None
+    vault_pw = tmp_path / "vault-pass"
+    vault_pw.write_text("vault-secret\n")
+    enc = subprocess.run(
+        [sys.executable, "-m", "ansible.cli.vault", "encrypt_string", "--vault-password-file",
+         str(vault_pw), "sudo-secret", "--name", "ansible_become_password"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    ).stdout
+    inv_dir = tmp_path / "vinv"
+    (inv_dir / "host_vars").mkdir(parents=True)
+    (inv_dir / "hosts.yml").write_text("all:\n  hosts:\n    h1: {ansible_host: 10.0.0.9}\n")
+    (inv_dir / "host_vars" / "h1.yml").write_text(enc)
+    inv = hostvars.load(str(inv_dir), vault_password_file=str(vault_pw))
+    assert connection.endpoint(inv, "h1").become_password == "sudo-secret"
+    with pytest.raises(hostvars.InventoryError, match="ansible_become_password"):
+        connection.endpoint(hostvars.load(str(inv_dir)), "h1")
 
 
 def test_pytest_command() -> None:
-    t = verify.Target("signhost", "ssh://signhost", "lab", Path("/s/ssh_config"))
-    cmd = verify.pytest_command(t, Path("/r/x.json"), "ssh and not slow")
+    t = verify.Target("signhost", "signhost", "inventory/lab", "lab")
+    cmd = verify.pytest_command(t, Path("/r/x.json"), "ssh and not slow", password_fd=7)
     assert cmd[1:4] == ["-m", "pytest", "tests/posture"]
     for arg in (
         "--target=ssh://signhost",
         "--target-kind=lab",
-        "--ssh-config=/s/ssh_config",
+        "--inventory=inventory/lab",
+        "--inventory-host=signhost",
+        "--become-password-fd=7",
         "--verify-json=/r/x.json",
         "-v",
     ):
@@ -238,12 +233,19 @@ def test_pytest_command() -> None:
     assert cmd[-2:] == ["-k", "ssh and not slow"]
 
 
-@pytest.mark.skipif(shutil.which("sudo") is not None, reason="needs a machine without sudo")
-def test_a_host_where_sudo_fails_stops_the_run_with_one_line(suite: pytest.Pytester) -> None:
-    out = suite.path / "results.json"
-    suite.runpytest_subprocess(
-        "tests/posture", "-p", "toolkit.pytest_verify", f"--verify-json={out}",
-        "--target=local://", "--target-kind=production",
-    )  # fmt: skip
-    run = json.loads(out.read_text())
-    assert run["error"].startswith("run stopped: local://: sudo does not give root")
+def test_an_unreachable_host_keeps_its_last_good_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inv = _inventory(tmp_path, "all:\n  hosts:\n    h1: {ansible_host: 127.0.0.1, ansible_port: 9}\n")
+    good = tmp_path / "reports"
+    good.mkdir()
+    (good / "h1.md").write_text("the last good report\n")
+    monkeypatch.setattr(verify, "run_tests", lambda *a, **k: {
+        "tests": [], "exitstatus": 4, "duration": 1.0,
+        "error": "run stopped: unreachable: ssh://h1: Connection refused"})
+    assert verify.verify(inv, report_dir=good) == verify.UNREACHABLE_EXIT
+    assert (good / "h1.md").read_text() == "the last good report\n"
+    record = json.loads((good / "h1.unreachable.json").read_text())
+    assert record["verdict"] == "UNREACHABLE" and "Connection refused" in record["reason"]
+    index = json.loads((good / "index.json").read_text())
+    assert index["hosts"] == [{"host": "h1", "verdict": "UNREACHABLE", "report": None}]

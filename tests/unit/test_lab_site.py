@@ -1,0 +1,86 @@
+"""lab/site.py: the jump host (a real sshd in a real namespace) and production.example rendered
+into the inventory the site-mode lab is driven with (no VM needed for either)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lab import lifecycle, net, site
+from lab.config import Instance
+from toolkit import hostvars
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def inst(tmp_path: Path) -> Instance:
+    i = Instance("lab8", tmp_path / "lab8")
+    lifecycle.write_runtime_files(i)
+    return i
+
+
+FACTS = {
+    "hosts": {"build": {"ipv4": "10.77.8.20", "ipv6": "fd77:8::20"}},
+    "usb": {"token": {"vendor": "08e6", "product": "4433"}},
+}
+
+
+def test_the_example_is_rendered_with_only_addresses_keys_and_the_back_end(
+    inst: Instance,
+) -> None:
+    (site.site_dir(inst) / "jump").mkdir(parents=True)
+    lifecycle._keygen(site.site_dir(inst) / "jump" / "ssh_host_ed25519_key", "jump")
+    for name in ("site-admin", "jump"):
+        lifecycle._keygen(inst.keys_dir / name, name)
+    info = site.render(inst, FACTS)
+    inv = hostvars.load(info["inventory"])
+    example = hostvars.load(str(site.EXAMPLE))
+    # The example's layout: the VM is its online host, in the online group, alone.
+    assert inv.hosts == [info["host"]]
+    assert set(inv.groups(info["host"])) == set(example.groups(info["host"]))
+    host = info["host"]
+    # The example's admin (not the lab's `admin`), sudo with a password, the ProxyJump kept.
+    assert inv.get(host, "ansible_user") == example.get(host, "ansible_user") != "admin"
+    assert inv.get(host, "base_sudo_nopasswd") is False
+    assert "-o ProxyJump=signlab-jump" in inv.get(host, "ansible_ssh_common_args")
+    # The example's profiles, clients and custodians by name; only their keys are the lab's.
+    assert inv.get(host, "signer_profiles") == example.get(host, "signer_profiles")
+    names = [c["name"] for c in inv.get(host, "signer_clients")]
+    assert names == [c["name"] for c in example.get(host, "signer_clients")]
+    build_key = (inst.keys_dir / "build.pub").read_text().strip()
+    assert inv.get(host, "signer_clients")[0]["ssh_key"] == build_key
+    assert inv.get(host, "token_backend") == "softhsm"
+    assert inv.get(host, "firewall_admin_networks") == [f"{site.jump_lab_ipv4(inst)}/32"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("/usr/sbin/sshd"),
+                    reason="needs root (namespaces) and Debian's openssh-server (scripts/bootstrap)")
+def test_the_jump_host_forwards_to_the_signing_host_only_and_goes_away(inst: Instance) -> None:
+    net.up(inst)
+    try:
+        site.jump_up(inst)
+        pid = site.jump_pid(inst)
+        assert pid is not None
+        peer = site.jump_link_ipv4(inst)[1]
+        base = ["ssh", "-i", str(inst.keys_dir / "jump"), "-o", "IdentitiesOnly=yes",
+                "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10"]
+        # No shell on the jump host.
+        shell = subprocess.run([*base, f"root@{peer}", "id"], capture_output=True, text=True,
+                               timeout=60)
+        assert "uid=" not in shell.stdout
+        # Forwarding anywhere but the VM's SSH port is refused by the jump sshd.
+        other = subprocess.run([*base, "-W", "10.77.8.20:22", f"root@{peer}"],
+                               capture_output=True, text=True, timeout=60, input="")
+        assert other.returncode != 0
+        assert "administratively prohibited" in other.stderr or "open failed" in other.stderr
+    finally:
+        removed = site.down(inst)
+        net.down(inst)
+    assert removed and site.jump_pid(inst) is None
+    assert not net.namespaces(inst.prefix) and not net.links(inst.prefix)
