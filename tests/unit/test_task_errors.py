@@ -251,3 +251,10 @@ def test_deploy_expect_unchanged_with_an_unreachable_host(unreachable: Path) -> 
     assert proc.returncode == exitcodes.UNREACHABLE, proc.stdout + proc.stderr
     assert _last_line(proc).startswith(
         "deploy: unreachable while reading the signer daemon's invocation id: h1 | UNREACHABLE!")
+
+
+def test_verify_with_an_unreachable_host(unreachable: Path, tmp_path: Path) -> None:
+    proc = _invoke("verify", "-i", str(unreachable), "--report-dir", str(tmp_path))
+    assert proc.returncode == exitcodes.UNREACHABLE, proc.stdout + proc.stderr
+    assert "h1: UNREACHABLE" in proc.stdout
+    assert _last_line(proc) == "verify: a host could not be reached (see above)"
