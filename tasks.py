@@ -6,10 +6,11 @@ Run `invoke --list` for every task, `invoke --help TASK` for its options.
 from invoke.collection import Collection
 
 from lab.tasks import ns as lab_ns
-from toolkit import bench, tasks_ci, tasks_playbooks, tasks_token, tasks_verify
+from toolkit import bench, tasks_ci, tasks_inventory, tasks_playbooks, tasks_token, tasks_verify
 
 ns = Collection()
 ns.add_collection(lab_ns, "lab")
+ns.add_collection(tasks_inventory.ns, "inventory")
 ns.add_task(tasks_ci.up)
 ns.add_task(tasks_ci.ci)
 ns.add_task(tasks_playbooks.provision)

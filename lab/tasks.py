@@ -128,8 +128,11 @@ def ssh(c: Context, instance: str | None = None, command: str = "") -> None:
 @task(help=INSTANCE_HELP)
 def reset(c: Context, instance: str | None = None) -> None:
     """Throw the VM's disk away (copy-on-write overlay) and boot it fresh from the image."""
+    inst = _inst(instance)
+    if not lifecycle.is_up(inst):  # not ready (3), like lab.ssh and lab.usb, not a failure (1)
+        raise Exit(f"lab.reset: lab {inst.name} is not up: run `invoke lab.up`", code=3)
     try:
-        lifecycle.reset(_inst(instance))
+        lifecycle.reset(inst)
     except lifecycle.LabError as e:
         raise Exit(f"lab.reset: {e}", code=1) from e
 

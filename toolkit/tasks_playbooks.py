@@ -14,14 +14,19 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
 
+from toolkit import exitcodes
 from toolkit.ansible_run import (
     ROOT,
     PlaybookResult,
     ansible_env,
+    become_password,
     build_command,
     run_playbook,
+    secret_args,
+    secret_fd,
     venv_exe,
 )
+from toolkit.tasks_inventory import checked
 
 LOG_DIR = ROOT / "reports" / "logs"
 
@@ -33,6 +38,8 @@ _HELP = {
     "tags": "only tasks with these tags (e.g. a control id family: ssh,firewall)",
     "skip_tags": "skip tasks with these tags",
     "verbose": "Ansible verbosity (repeat: -v -v)",
+    "ask_become_pass": "ask for the sudo password once (it reaches Ansible through a pipe)",
+    "vault_password_file": "vault password file (default: $ANSIBLE_VAULT_PASSWORD_FILE)",
 }
 
 
@@ -46,8 +53,16 @@ def _require_lab_if_default(inventory: str | None) -> None:
         raise Exit(
             f"the lab ({state.instance_name()}) is not up: run `invoke lab.up` "
             "(or pass --inventory for another host)",
-            code=3,
+            code=exitcodes.NOT_READY,
         )
+
+
+def prepare(
+    name: str, inventory: str | None, limit: str | None, vault_password_file: str | None
+) -> None:
+    """Before anything runs: the lab is up (default inventory), the inventory passes the check."""
+    _require_lab_if_default(inventory)
+    checked(name, inventory, limit, vault_password_file)
 
 
 def play(
@@ -62,8 +77,13 @@ def play(
     skip_tags: str | None,
     verbose: int,
     expect_unchanged: bool = False,
+    ask_become_pass: bool = False,
+    vault_password_file: str | None = None,
+    prepared: bool = False,
 ) -> PlaybookResult:
-    _require_lab_if_default(inventory)
+    if not prepared:
+        prepare(name, inventory, limit, vault_password_file)
+    become_pass = become_password(ask_become_pass)
     cmd = build_command(
         playbook,
         inventory=inventory,
@@ -73,40 +93,53 @@ def play(
         tags=tags,
         skip_tags=skip_tags,
         verbose=verbose,
+        vault_password_file=vault_password_file,
     )
     suffix = "-check" if check else ""
     log = LOG_DIR / f"{name}{suffix}-{time.strftime('%Y%m%dT%H%M%S')}.log"
     print(f"==> {name}{' (check mode)' if check else ''}: {' '.join(cmd[1:])}", flush=True)
     started = time.monotonic()
-    result = run_playbook(cmd, log)
+    result = run_playbook(cmd, log, become_pass=become_pass)
     took = time.monotonic() - started
     print(
         f"==> {name}: rc={result.returncode} changed={result.changed} in {took:.0f}s (log: {log})"
     )
+    unreachable = set(result.unreachable)
+    for host in sorted(unreachable):
+        # Nothing is known about a host that did not answer: no control is claimed for it.
+        print(f"==> {name}: {host}: UNREACHABLE: the run could not connect to it; "
+              "nothing about its controls is known from this run", flush=True)
     if result.controls:
         from toolkit import controls
 
         controls.write_json(result.controls, log.with_name(log.stem + ".controls.json"))
-        if result.returncode != 0:
+        reached = [hc for hc in result.controls if hc.host not in unreachable]
+        if result.returncode != 0 and reached:
             print(f"==> {name}: which controls are in place now", flush=True)
-            for line in controls.summary_lines(result.controls, check=check):
+            for line in controls.summary_lines(reached, check=check):
                 print(f"    {line}", flush=True)
-        else:
+        elif result.returncode == 0:
             verb = "checked" if check else "applied"
             for hc in result.controls:
                 done, total = len(hc.by_status(controls.APPLIED)), len(hc.controls)
                 rest = f" ({total - done} not selected by this run)" if done < total else ""
                 print(f"==> {name}: {hc.host}: {done} of {total} controls {verb}{rest}")
     if result.returncode != 0:
-        raise Exit(
-            f"{name} failed (rc={result.returncode}); see {log}", code=result.returncode or 1
-        )
+        if unreachable and not result.failed:
+            raise Exit(
+                f"{name}: unreachable: {', '.join(sorted(unreachable))}; see {log}",
+                code=exitcodes.UNREACHABLE,
+            )
+        raise Exit(f"{name} failed (ansible rc={result.returncode}); see {log}",
+                   code=exitcodes.FAILED)
     if expect_unchanged and result.changed:
-        raise Exit(f"{name}: expected changed=0, got changed={result.changed}; see {log}", code=3)
+        raise Exit(f"{name}: expected changed=0, got changed={result.changed}; see {log}",
+                   code=exitcodes.NOT_READY)
     return result
 
 
 _PLAY_HELP = _HELP | {"expect_unchanged": "fail unless the run reports changed=0"}
+_INCREMENTABLE = ["verbose"]
 
 
 def _opts(
@@ -118,8 +151,12 @@ def _opts(
     skip_tags: str | None,
     verbose: int,
     expect_unchanged: bool,
+    ask_become_pass: bool,
+    vault_password_file: str | None,
 ) -> dict[str, Any]:
     return {
+        "ask_become_pass": ask_become_pass,
+        "vault_password_file": vault_password_file,
         "inventory": inventory,
         "limit": limit,
         "check": check,
@@ -142,12 +179,15 @@ def provision(
     skip_tags: str | None = None,
     verbose: int = 0,
     expect_unchanged: bool = False,
+    ask_become_pass: bool = False,
+    vault_password_file: str | None = None,
 ) -> None:
     """Base system of a signing host: packages, services, time, updates, journald, admins, AIDE."""
     play(
         "provision",
         "provision.yml",
-        **_opts(inventory, limit, check, diff, tags, skip_tags, verbose, expect_unchanged),
+        **_opts(inventory, limit, check, diff, tags, skip_tags, verbose, expect_unchanged,
+              ask_become_pass, vault_password_file),
     )
 
 
@@ -162,12 +202,15 @@ def harden(
     skip_tags: str | None = None,
     verbose: int = 0,
     expect_unchanged: bool = False,
+    ask_become_pass: bool = False,
+    vault_password_file: str | None = None,
 ) -> None:
     """Harden: ssh, firewall (nftables), usb (USBGuard), kernel, auditing. Lockout-safe."""
     play(
         "harden",
         "harden.yml",
-        **_opts(inventory, limit, check, diff, tags, skip_tags, verbose, expect_unchanged),
+        **_opts(inventory, limit, check, diff, tags, skip_tags, verbose, expect_unchanged,
+              ask_become_pass, vault_password_file),
     )
 
 
@@ -182,30 +225,36 @@ def deploy(
     skip_tags: str | None = None,
     verbose: int = 0,
     expect_unchanged: bool = False,
+    ask_become_pass: bool = False,
+    vault_password_file: str | None = None,
 ) -> None:
     """Token and signer service: SoftHSM2/PKCS#11, keys on the token, signerd, gateway accounts.
 
     With --expect-unchanged the run must also leave the daemon alone: its systemd invocation id
     is read before and after, and a restart fails the task like a change would.
     """
+    prepare("deploy", inventory, limit, vault_password_file)
     if find_spec("toolkit.wheelhouse") and not check:
         # The signer's wheels are built on the controller: the host needs no PyPI.
         import_module("toolkit.wheelhouse").build()
     watch = expect_unchanged and not check
-    before = _daemon_invocations(inventory, limit) if watch else {}
+    secrets = (become_password(ask_become_pass), vault_password_file)
+    before = _daemon_invocations(inventory, limit, *secrets) if watch else {}
     play(
         "deploy",
         "deploy.yml",
-        **_opts(inventory, limit, check, diff, tags, skip_tags, verbose, expect_unchanged),
+        prepared=True,
+        **_opts(inventory, limit, check, diff, tags, skip_tags, verbose, expect_unchanged,
+              ask_become_pass, vault_password_file),
     )
     if watch:
-        after = _daemon_invocations(inventory, limit)
+        after = _daemon_invocations(inventory, limit, *secrets)
         restarted = sorted(h for h, inv in before.items() if after.get(h) != inv)
         if restarted:
             raise Exit(
                 f"deploy: the signer daemon was restarted on {', '.join(restarted)} "
                 "although nothing changed",
-                code=3,
+                code=exitcodes.NOT_READY,
             )
         print(
             f"==> deploy: the signer daemon kept running on {', '.join(sorted(before))} "
@@ -218,7 +267,12 @@ _AD_HOC_LINE = re.compile(
 )
 
 
-def _daemon_invocations(inventory: str | None, limit: str | None) -> dict[str, str]:
+def _daemon_invocations(
+    inventory: str | None,
+    limit: str | None,
+    become_pass: str | None = None,
+    vault_password_file: str | None = None,
+) -> dict[str, str]:
     """host -> systemd InvocationID of the signer daemon (changes whenever it is restarted)."""
     cmd = [
         venv_exe("ansible"),
@@ -234,20 +288,27 @@ def _daemon_invocations(inventory: str | None, limit: str | None) -> dict[str, s
         cmd += ["-i", inventory]
     if limit:
         cmd += ["--limit", limit]
-    proc = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        env=ansible_env(),
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=600,
-    )
+    with secret_fd(become_pass) as fd:
+        proc = subprocess.run(
+            cmd + secret_args(fd, vault_password_file),
+            cwd=ROOT,
+            env=ansible_env(),
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL if fd is None else fd,
+            timeout=600,
+        )
     found = {m["host"]: m["out"] for m in map(_AD_HOC_LINE.match, proc.stdout.splitlines()) if m}
+    if proc.returncode == 4:  # ansible: a host was unreachable
+        raise Exit(
+            f"deploy: unreachable while reading the signer daemon's invocation id: "
+            f"{(proc.stdout + proc.stderr).strip()[-300:]}",
+            code=exitcodes.UNREACHABLE,
+        )
     if proc.returncode != 0 or not found:
         raise Exit(
             f"deploy: cannot read the signer daemon's invocation id: "
             f"{(proc.stdout + proc.stderr).strip()[-300:]}",
-            code=3,
+            code=exitcodes.FAILED,
         )
     return found

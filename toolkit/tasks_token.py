@@ -3,100 +3,155 @@
 The key never leaves the token: `token.csr` has the host make a PKCS#10 request signed by the
 token key and brings it to the controller for the CA; `token.import-cert` takes the CA's answer
 back, and the signer installs it only if it matches the token key. Both run the signer's own
-`keys` commands as the daemon's user over the admin SSH connection of the target (the lab VM by
-default, or any host reachable as `--host` with `--ssh-config`).
+`keys` commands as the daemon's user, through Ansible (ad-hoc, become), so they reach the host
+exactly as the plays do (user, key, jump host, sudo password) and take their paths from the
+host's inventory values, not from constants.
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
+import tempfile
 from pathlib import Path
+from typing import Any
 
-from invoke import Collection, Context, task
+from invoke.collection import Collection
+from invoke.context import Context
 from invoke.exceptions import Exit
+from invoke.tasks import task
 
-from lab import state
+from toolkit import exitcodes, hostvars
+from toolkit.ansible_run import ROOT, ansible_env, become_password, secret_args, secret_fd, venv_exe
+from toolkit.tasks_inventory import checked
+from toolkit.tasks_playbooks import _require_lab_if_default
 
-SIGNER = "/opt/signer/venv/bin/signer"
-CONFIG = "/etc/signer/signer.toml"
-SOFTHSM2_CONF = "/etc/signer/softhsm2.conf"
-DAEMON_USER = "signer"
-SERVICE = "signerd"
 PEM_CSR = b"-----BEGIN CERTIFICATE REQUEST-----"
 PEM_CERT = b"-----BEGIN CERTIFICATE-----"
 
 _HELP = {
     "profile": "signing profile whose key the certificate is for (default: release)",
-    "host": "SSH host (default: the lab VM's alias)",
-    "ssh_config": "ssh_config file (default: the running lab's)",
+    "inventory": "inventory path (default: inventory/lab, the local lab VM)",
+    "limit": "the one host to talk to (Ansible --limit pattern; needed if the inventory has more)",
+    "ask_become_pass": "ask for the sudo password once (it reaches Ansible through a pipe)",
+    "vault_password_file": "vault password file (default: $ANSIBLE_VAULT_PASSWORD_FILE)",
 }
 
 
-def _target(host: str | None, ssh_config: str | None) -> tuple[list[str], Path | None]:
-    """ssh argv prefix for the target, and the lab's token directory when it is the lab."""
-    if host is None:
-        lab = state.load()
-        if lab is None:
-            raise Exit(f"token: no running lab ({state.instance_name()}) and no --host", code=3)
-        host, ssh_config = lab.ssh_alias, ssh_config or str(lab.ssh_config)
-        local = lab.state_dir / "token" / lab.ssh_alias
-    else:
-        local = None
-    return ["ssh", *(["-F", ssh_config] if ssh_config else []), host], local
+class _Target:
+    """The one host, its signer paths (from the inventory), and how to run a command on it."""
+
+    def __init__(self, name: str, inventory: str | None, limit: str | None,
+                 ask_become_pass: bool, vault_password_file: str | None) -> None:
+        self.name = name
+        _require_lab_if_default(inventory)
+        result = checked(name, inventory, limit, vault_password_file)
+        if len(result.hosts) != 1:
+            raise Exit(f"{name}: --limit must select one host; the inventory selects "
+                       f"{', '.join(result.hosts)}", code=exitcodes.BAD_INPUT)
+        self.host = result.hosts[0]
+        self.inventory = result.inventory
+        self.vault_password_file = vault_password_file
+        inv = hostvars.load(self.inventory, self.host, vault_password_file=vault_password_file)
+        try:
+            self.vars = {n: inv.get(self.host, n) for n in (
+                "signer_daemon_user", "signer_venv", "signer_config", "signer_softhsm_conf",
+                "signer_service", "signer_controller_dir")}
+        except hostvars.InventoryError as exc:
+            raise Exit(f"{name}: {exc}", code=exitcodes.BAD_INPUT) from None
+        self.become_pass = become_password(ask_become_pass)
+
+    def as_daemon(self, *argv: str) -> list[str]:
+        env = [f"SOFTHSM2_CONF={c}"] if (c := str(self.vars["signer_softhsm_conf"]).strip()) else []
+        signer = f"{self.vars['signer_venv']}/bin/signer"
+        return ["runuser", "-u", str(self.vars["signer_daemon_user"]), "--", "env", *env, signer,
+                *argv, "--config", str(self.vars["signer_config"])]
+
+    def run(self, argv: list[str], stdin: str | None = None) -> str:
+        """argv as root on the host (Ansible's command module); its stdout, or a one-line exit."""
+        args: dict[str, Any] = {"argv": argv}
+        if stdin is not None:
+            args["stdin"] = stdin
+        # The result as JSON from Ansible's own `tree` callback (the one in ansible-core).
+        with tempfile.TemporaryDirectory(prefix="token-") as tree, \
+                secret_fd(self.become_pass) as fd:
+            cmd = [venv_exe("ansible"), self.host, "-i", self.inventory, "-b", "--tree", tree,
+                   "-m", "ansible.builtin.command", "-a", json.dumps(args)]
+            proc = subprocess.run(
+                cmd + secret_args(fd, self.vault_password_file), cwd=ROOT, env=ansible_env(),
+                capture_output=True, text=True, timeout=600,
+                stdin=subprocess.DEVNULL if fd is None else fd)
+            out = Path(tree) / self.host
+            text = out.read_text() if out.exists() else ""
+        try:
+            res = json.loads(text)
+        except ValueError:
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise Exit(f"{self.name}: ansible: {last} (exit {proc.returncode})",
+                       code=exitcodes.FAILED) from None
+        if res.get("unreachable"):
+            raise Exit(f"{self.name}: {self.host}: unreachable: "
+                       f"{' '.join(str(res.get('msg', '')).split())[:300]}",
+                       code=exitcodes.UNREACHABLE)
+        if res.get("failed") or res.get("rc", 0) != 0:
+            why = (str(res.get("stderr") or res.get("msg") or "(no output)").strip()
+                   .splitlines() or ["(no output)"])[-1]
+            raise Exit(f"{self.name}: on {self.host}: {why} (exit {res.get('rc', '?')})",
+                       code=exitcodes.FAILED)
+        return str(res.get("stdout", ""))
 
 
-def _as_daemon(*argv: str) -> str:
-    env = f"SOFTHSM2_CONF={SOFTHSM2_CONF}"
-    return "sudo -n -u " + DAEMON_USER + " env " + env + " " + shlex.join([SIGNER, *argv])
-
-
-def _run(ssh: list[str], remote: str, data: bytes | None = None) -> bytes:
-    proc = subprocess.run([*ssh, remote], input=data, capture_output=True, timeout=300)
-    if proc.returncode != 0:
-        last = (proc.stderr.decode(errors="replace").strip().splitlines() or ["(no output)"])[-1]
-        raise Exit(f"token: on the host: {last} (exit {proc.returncode})",
-                   code=proc.returncode or 1)
-    return proc.stdout
-
-
-@task(help=_HELP | {"out": "CSR file (default: <lab state>/token/<host>/PROFILE-request.csr)",
+@task(help=_HELP | {"out": "CSR file (default: <signer_controller_dir>/PROFILE-request.csr, "
+                           "else ./PROFILE-request.csr)",
                     "subject": "subject of the request, e.g. 'CN=Example release signing'"})
 def csr(c: Context, profile: str = "release", out: str | None = None, subject: str | None = None,
-        host: str | None = None, ssh_config: str | None = None) -> None:
+        inventory: str | None = None, limit: str | None = None, ask_become_pass: bool = False,
+        vault_password_file: str | None = None) -> None:
     """Fetch a CSR for PROFILE's token key to the controller (for the CA)."""
-    ssh, local = _target(host, ssh_config)
-    argv = ["keys", "csr", "--config", CONFIG, "--profile", profile]
-    if subject:
-        argv += ["--subject", subject]
-    pem = _run(ssh, _as_daemon(*argv))
+    t = _Target("token.csr", inventory, limit, ask_become_pass, vault_password_file)
+    argv = ["keys", "csr", "--profile", profile, *(["--subject", subject] if subject else [])]
+    pem = (t.run(t.as_daemon(*argv)).strip() + "\n").encode()
     if not pem.startswith(PEM_CSR):
-        raise Exit("token: the host did not answer with a PEM certificate request", code=1)
+        raise Exit("token.csr: the host did not answer with a PEM certificate request",
+                   code=exitcodes.FAILED)
     # Not <profile>.csr: that is the deploy's own copy (a fresh CSR has a fresh signature).
     name = f"{profile}-request.csr"
-    dest = Path(out) if out else (local / name if local else Path(name))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_bytes(pem)
-    print(f"token: CSR for profile {profile!r} written to {dest}")
+    where = str(t.vars["signer_controller_dir"] or "").strip()
+    dest = Path(out) if out else (Path(where) / name if where else Path(name))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(pem)
+    except OSError as exc:
+        raise Exit(f"token.csr: cannot write {dest}: {exc.strerror}",
+                   code=exitcodes.BAD_INPUT) from None
+    print(f"token.csr: CSR for profile {profile!r} of {t.host} written to {dest}")
 
 
 @task(positional=["cert"], help=_HELP | {"cert": "PEM certificate issued by the CA for the CSR"})
-def import_cert(c: Context, cert: str, profile: str = "release", host: str | None = None,
-                ssh_config: str | None = None) -> None:
+def import_cert(c: Context, cert: str, profile: str = "release", inventory: str | None = None,
+                limit: str | None = None, ask_become_pass: bool = False,
+                vault_password_file: str | None = None) -> None:
     """Install the CA's certificate for PROFILE (checked against the token key), restart signerd."""
-    pem = Path(cert).read_bytes()
+    if cert.startswith("-"):  # invoke hands `-h` to the positional argument, not to help
+        raise Exit(f"token.import-cert: {cert!r} is an option, not a certificate file; "
+                   "help: invoke --help token.import-cert", code=exitcodes.BAD_INPUT)
+    try:
+        pem = Path(cert).read_bytes()
+    except OSError as exc:
+        raise Exit(f"token.import-cert: {cert}: {exc.strerror}", code=exitcodes.BAD_INPUT) from None
     if not pem.lstrip().startswith(PEM_CERT):
-        raise Exit(f"token: {cert} is not a PEM certificate", code=2)
-    ssh, _ = _target(host, ssh_config)
+        raise Exit(f"token.import-cert: {cert} is not a PEM certificate", code=exitcodes.BAD_INPUT)
+    t = _Target("token.import-cert", inventory, limit, ask_become_pass, vault_password_file)
+    user = str(t.vars["signer_daemon_user"])
     tmp = f"/run/signer-import-{profile}.pem"
     # The daemon's user must read it; /run is tmpfs and root-owned, the file is removed after.
-    install = _as_daemon("keys", "import-cert", "--config", CONFIG, "--profile", profile, tmp)
-    script = (f"sudo -n install -o {DAEMON_USER} -g {DAEMON_USER} -m 0400 /dev/stdin {tmp} && "
-              f"{{ {install};"
-              f" rc=$?; sudo -n rm -f {tmp}; [ $rc -eq 0 ] || exit $rc; }} && "
-              f"sudo -n systemctl restart {SERVICE}")
-    out = _run(ssh, script, pem)
-    print(out.decode(errors="replace").strip() or f"token: certificate installed for {profile!r}")
+    install = shlex.join(t.as_daemon("keys", "import-cert", "--profile", profile, tmp))
+    script = (f"install -o {shlex.quote(user)} -g {shlex.quote(user)} -m 0400 /dev/stdin {tmp}"
+              f" && {{ {install}; rc=$?; rm -f {tmp}; [ $rc -eq 0 ] || exit $rc; }}"
+              f" && systemctl restart {shlex.quote(str(t.vars['signer_service']))}")
+    out = t.run(["sh", "-c", script], stdin=pem.decode("ascii", errors="replace"))
+    print(out.strip() or f"token.import-cert: certificate installed for {profile!r} on {t.host}")
 
 
 ns = Collection("token")

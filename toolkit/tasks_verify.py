@@ -13,7 +13,28 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
 
-from toolkit import registry
+from toolkit import exitcodes, registry
+
+
+def _prepare(
+    name: str, inventory: str | None, limit: str | None, vault_password_file: str | None
+) -> None:
+    """The lab is up (default inventory) and the inventory passes inventory.check."""
+    from toolkit.tasks_playbooks import prepare
+
+    prepare(name, inventory, limit, vault_password_file)
+
+
+def _positive_int(name: str, option: str, value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise Exit(f"{name}: --{option} wants a whole number >= 1, got {value!r}",
+                   code=exitcodes.BAD_INPUT)
+    return n
+
 
 # --- threat-model.check ---------------------------------------------------------------------
 
@@ -78,12 +99,16 @@ def verify(
     limit: str | None = None,
     keyword: str | None = None,
     report_dir: str | None = None,
-    workers: int = 1,
+    workers: str = "1",
     vault_password_file: str | None = None,
     ask_become_pass: bool = False,
 ) -> None:
     """Posture tests on every host of the inventory; reports per host: threats, controls, tests."""
     from toolkit import verify as verify_mod
+
+    # A string on the command line: invoke's own int conversion ends in a traceback.
+    n_workers = _positive_int("verify", "workers", str(workers))
+    _prepare("verify", inventory, limit, vault_password_file)
 
     try:
         code = verify_mod.verify(
@@ -91,12 +116,12 @@ def verify(
             limit=limit,
             keyword=keyword,
             report_dir=Path(report_dir) if report_dir else None,
-            workers=workers,
+            workers=n_workers,
             vault_password_file=vault_password_file,
             ask_become_pass=ask_become_pass,
         )
     except verify_mod.VerifyError as exc:
-        raise Exit(f"verify: {exc}", code=2) from exc
+        raise Exit(f"verify: {exc}", code=exitcodes.BAD_INPUT) from exc
     if code == verify_mod.UNREACHABLE_EXIT:
         raise Exit("verify: a host could not be reached (see above)", code=code)
     if code:
@@ -130,19 +155,27 @@ def audit(
     """Independent yardsticks: Lynis, ssh-audit, systemd-analyze security, into the report."""
     from toolkit import auditors
 
+    chosen = [s.strip() for s in only.split(",")] if only else None
+    known = ("lynis", "ssh-audit", "systemd")
+    unknown = [s for s in chosen or [] if s not in known]
+    if unknown:
+        raise Exit(f"audit: --only {', '.join(unknown)}: unknown; choose from {', '.join(known)}",
+                   code=exitcodes.BAD_INPUT)
+    _prepare("audit", inventory, limit, vault_password_file)
+
     try:
         code = auditors.audit(
             inventory=inventory,
             limit=limit,
             report_dir=Path(report_dir) if report_dir else None,
-            only=[s.strip() for s in only.split(",")] if only else None,
+            only=chosen,
             fresh=fresh,
             strict=strict,
             vault_password_file=vault_password_file,
             ask_become_pass=ask_become_pass,
         )
     except auditors.AuditError as exc:
-        raise Exit(f"audit: {exc}", code=2) from exc
+        raise Exit(f"audit: {exc}", code=exitcodes.BAD_INPUT) from exc
     if code:
         raise Exit("audit: an auditor could not run or missed its target (see above)", code=code)
 
