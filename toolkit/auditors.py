@@ -274,8 +274,15 @@ def _audit(
     targets: list[Target], report_dir: Path, wanted: set[str], fresh: bool, strict: bool
 ) -> int:
     code = 0
+    unreachable = []
     for target in targets:
         print(f"==> audit {target.name} ({target.kind})", flush=True)
+        probe = ssh(target, "true")
+        if probe.returncode == 255:
+            # Nothing is claimed for a host that did not answer; its earlier figures stay.
+            print(f"    UNREACHABLE: {probe.stderr.strip()[-300:]}", flush=True)
+            unreachable.append(target.name)
+            continue
         path = report_dir / f"{target.name}.auditors.json"
         previous: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
         aud = dict(previous)
@@ -295,7 +302,7 @@ def _audit(
         for line in lines:
             print(f"    {line}")
         if strict and any("NOT met" in line for line in lines):
-            code = code or 4
+            code = code or 1  # a target missed is a failure (exit codes: 4 means unreachable)
         model_path = report_dir / f"{target.name}.json"
         if model_path.exists():
             model = json.loads(model_path.read_text())
@@ -304,4 +311,6 @@ def _audit(
             print(f"    figures added to {paths[1]}")
         else:
             print(f"    figures in {path}; `invoke verify` puts them in the report")
+    if unreachable and not code:
+        return verify.UNREACHABLE_EXIT
     return code

@@ -13,7 +13,6 @@ usually vaulted) or from a prompt; it is written to the remote sudo's stdin and 
 
 from __future__ import annotations
 
-import getpass
 import shlex
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +31,6 @@ CONNECTION_VARS = (
     "ansible_become",
     "ansible_become_user",
 )
-BECOME_PASSWORD_VARS = ("ansible_become_password", "ansible_become_pass", "ansible_sudo_pass")
 
 
 class ConnectionError_(Exception):
@@ -77,15 +75,10 @@ def ssh_argv(values: dict[str, Any], host: str) -> list[str]:
 
 
 def become_password(inv: hostvars.Inventory, host: str, *, ask: bool = False) -> str | None:
-    """The sudo password for `host`: the inventory's (vault) or, with `ask`, a prompt."""
-    for name in BECOME_PASSWORD_VARS:
-        if inv.has(host, name):
-            value = inv.get(host, name)
-            if value:
-                return str(value)
-    if ask:
-        return getpass.getpass(f"BECOME password for {host}: ")
-    return None
+    """The sudo password for `host`, as Ansible would pick it (toolkit.ansible_run)."""
+    from toolkit.ansible_run import host_become_password
+
+    return host_become_password(inv, host, ask)
 
 
 def endpoint(

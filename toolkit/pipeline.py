@@ -125,7 +125,10 @@ def invoke(*args: str) -> list[str]:
 # mypy --strict: the signer (it runs on the host), the lab and the pipeline itself.
 MYPY_TOOLKIT = ["toolkit/pipeline.py", "toolkit/tasks_ci.py", "toolkit/tasks_playbooks.py",
                 "toolkit/hostvars.py", "toolkit/ansible_run.py", "toolkit/bench.py",
-                "toolkit/controls.py"]
+                "toolkit/controls.py", "toolkit/connection.py", "toolkit/verify.py",
+                "toolkit/inventory_check.py", "toolkit/tasks_inventory.py",
+                "toolkit/tasks_token.py", "toolkit/tasks_verify.py", "toolkit/exitcodes.py",
+                "toolkit/shell_channel.py"]
 
 
 def static_stages() -> list[Stage]:

@@ -176,6 +176,8 @@ def audit(
         )
     except auditors.AuditError as exc:
         raise Exit(f"audit: {exc}", code=exitcodes.BAD_INPUT) from exc
+    if code == exitcodes.UNREACHABLE:
+        raise Exit("audit: a host could not be reached (see above)", code=code)
     if code:
         raise Exit("audit: an auditor could not run or missed its target (see above)", code=code)
 

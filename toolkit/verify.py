@@ -76,15 +76,11 @@ def resolve_targets(
     path = str(LAB_INVENTORY) if inventory in (None, "", "lab") else str(inventory)
     try:
         inv = hostvars.load(path, limit, vault_password_file=vault_password_file)
-        asked: str | None = None
         targets = []
         for host in inv.hosts:
             kind = "lab" if inv.get(host, "verify_kind") == "lab" else "production"
             name = str(inv.get(host, "verify_report_name") or host)
-            password = connection.become_password(inv, host)
-            if password is None and ask_become_pass:
-                asked = asked or connection.become_password(inv, host, ask=True)
-                password = asked
+            password = connection.become_password(inv, host, ask=ask_become_pass)
             targets.append(Target(name, host, path, kind, password))
     except hostvars.InventoryError as exc:
         raise VerifyError(str(exc)) from exc
