@@ -15,9 +15,10 @@ controller --(veth slbN-jc, 10.78.N.0/30)--> jump ns: sshd (ProxyJump only, Perm
   for a password: made on the VM here, as the OS installation would on a real host, with a
   password generated at run time and kept only in the inventory's vault;
 - the inventory is production.example rendered: hosts.yml keeps the example's groups with the
-  VM as the online host, and host_vars/<host>/ fills in only addresses, keys, the vault
-  secrets and the SoftHSM back end (`lab.yml`, `vault.yml`). Everything else (group layout,
-  profiles, clients, custodians, sudo with a password, the ProxyJump) is the example's.
+  VM as the online host, host_vars/<host>/lab.yml fills in only addresses, keys and the
+  SoftHSM back end, and group_vars/all/vault.yml holds the vault secrets. Everything else
+  (group layout, profiles, clients, custodians, sudo with a password, the ProxyJump) is the
+  example's.
 
 All of it lives in `<state dir>/site/` and goes away with `lab.down`; the jump sshd is ended by
 its pid (`site.down`). Nothing here is reachable from outside this machine.
@@ -311,9 +312,11 @@ def up(inst: Instance, facts: dict[str, Any], example: Path = EXAMPLE) -> dict[s
     site = render(inst, facts, example)
     become = secrets.token_urlsafe(18)
     make_admin(inst, site["admin"], become)
-    hv = Path(site["inventory"]) / "host_vars" / site["host"]
-    (hv / "vault.yml").write_text(_vault_encrypt(vault_pass, {"vault_become_password": become}))
-    (hv / "vault.yml").chmod(0o600)
+    # Where the README tells an operator to put it: group_vars/all (tasks delegated to the
+    # controller template the connection variables too, and see only group `all`'s vault).
+    vault = Path(site["inventory"]) / "group_vars" / "all" / "vault.yml"
+    vault.write_text(_vault_encrypt(vault_pass, {"vault_become_password": become}))
+    vault.chmod(0o600)
     return site
 
 
