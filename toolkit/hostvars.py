@@ -129,6 +129,16 @@ def _vault_secrets(loader: Any, vault_password_file: str | None) -> None:
     loader.set_vault_secrets(secrets)
 
 
+def _init_plugins() -> None:
+    """What ansible's CLI does before templating: without the collection loader, every
+    `lookup('ansible.builtin.…')` fails with "lookup plugin not found"."""
+    from ansible.plugins.loader import init_plugin_loader
+    from ansible.utils.collection_loader import AnsibleCollectionConfig
+
+    if AnsibleCollectionConfig.collection_finder is None:
+        init_plugin_loader()
+
+
 def load(
     inventory: str,
     limit: str | None = None,
@@ -150,6 +160,7 @@ def load(
     path = Path(inventory).expanduser()
     if not path.exists():
         raise InventoryError(f"inventory {inventory}: no such file or directory")
+    _init_plugins()
     loader = DataLoader()
     loader.set_basedir(str(ROOT))
     try:

@@ -138,6 +138,8 @@ def static_stages() -> list[Stage]:
         Stage("ruff", [_bin("ruff"), "check", "."]),
         Stage("mypy", [_bin("mypy"), "signer", "lab", *MYPY_TOOLKIT], needs=["signer/__init__.py"]),
         Stage("yamllint", [_bin("yamllint"), "."], needs=[".yamllint"]),
+        Stage("no lab coupling", [_bin("python"), "-m", "toolkit.lab_coupling"],
+              needs=["toolkit/lab_coupling.py"]),
     ]
     if playbooks:
         stages.append(Stage("ansible-syntax", [

@@ -1,8 +1,10 @@
-"""Fixtures of the posture suite: the host under test, whether it is the lab, the lab's facts.
+"""Fixtures of the posture suite: the host under test and what its inventory says it should be.
 
-The same tests run against the lab VM and a production host. `invoke verify` passes the target:
-`--target ssh://NAME --target-kind lab|production [--ssh-config FILE]`. Run by hand
-(`pytest tests/posture`), the target is the running lab ($SIGNLAB_INSTANCE, default lab0).
+The same tests run against every inventory. `invoke verify` passes the target and its inventory:
+`--target ssh://NAME --target-kind lab|production --target-name NAME [--ssh-config FILE]
+--inventory DIR --inventory-host HOST`. Run by hand (`pytest tests/posture`), the inventory is
+inventory/lab and the target is its host, reached as its inventory says (ansible_host,
+ansible_user, ansible_port, and the `-F` ssh config of ansible_ssh_common_args).
 
 Fixtures for test authors:
 - `host`: a testinfra host. Commands run as root over one channel: a single
@@ -11,28 +13,69 @@ Fixtures for test authors:
   `--transport ssh` uses testinfra's stock ssh backend instead (one sudo per command, slower);
   targets other than ssh:// (local://, for the toolkit's own tests) use testinfra's backends.
   Use `with host.sudo("user"):` to run something as another user.
-- `is_lab`: True on the lab VM.
-- `lab`: the lab's LabState (addresses, keys, `netns_run` for the build and intruder hosts), or
-  None on a production host. Tests that need the lab network take `lab` and skip when it is None
-  (or carry `@pytest.mark.lab_only("reason")`).
+- `expected`: the host's inventory values (toolkit/expectations.py), e.g.
+  `expected["signer_custodians"]`. A value the inventory does not give is a test error that
+  names it, never a silent pass.
+- `admin_ssh`: argv of an ssh command from the controller to the host as the admin (the
+  connection the suite itself uses), for what needs a real client session (forwarding).
+- `vantage(name)`: another point of view than the controller's (`verify_vantage_points` in the
+  inventory: `build`, an authorised build server; `outside`, a host on no allow-list): runs a
+  command there and knows the target's addresses from there. A test whose vantage point the
+  inventory does not have is skipped with that reason.
+- `is_lab` / `target_kind`: the registry's kind of host (waivers), from `--target-kind` or the
+  inventory's `verify_kind` (default production).
+
+Parametrised by the inventory: a test that takes `admin_user` runs once per base_admin_users
+entry, `forced_command_account` once per signer account (gateway and custodians),
+`usb_hotplug_device` once per device of `verify_usb_hotplug` (a hook that plugs and unplugs
+USB devices: argv + plug|unplug + name, and each name's vendor:product id).
 
 Markers: `@pytest.mark.control("SSH-01", ...)` names the controls a test proves (required here,
 checked by `invoke threat-model.check`); `@pytest.mark.lab_only("reason")` skips the test on
-production hosts with that reason in the report. On the lab, tests whose controls are all waived
-(`waiver_lab`) or production-only are skipped with the waiver as the reason.
+production hosts with that reason in the report. On a lab host, tests whose controls are all
+waived (`waiver_lab`) or production-only are skipped with the waiver as the reason.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 import testinfra
+from testinfra.backend import base
 
-from lab import state
-from lab.state import LabState
-from toolkit import registry, shell_channel
+from toolkit import expectations, hostvars, registry, shell_channel
+
+DEFAULT_INVENTORY = "inventory/lab"
+# Set to 1 where a missing target must fail the run instead of skipping it (CI).
+REQUIRE_TARGET = "SIGNHOST_REQUIRE_TARGET"
+
+
+class Expected(dict[str, Any]):
+    """The inventory's values for the host; a missing one fails the test that asked for it."""
+
+    def __missing__(self, name: str) -> Any:
+        pytest.fail(expectations.missing(self, name), pytrace=False)
+
+
+@dataclass
+class Run:
+    spec: str | None  # testinfra host spec
+    kind: str  # "lab" or "production" (the registry's host kinds)
+    ssh_config: str | None
+    why: str = ""  # why there is no target
+    expected: Expected = field(default_factory=Expected)
+    inventory: str = DEFAULT_INVENTORY  # where the target comes from ...
+    host_name: str | None = None  # ... and its name there: reached as Ansible reaches it
+
+
+_KEY = pytest.StashKey[Run]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -42,9 +85,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--target-kind",
         default=None,
         choices=("lab", "production"),
-        help="lab or production (default: lab when --target is not given)",
+        help="lab or production (default: the inventory host's verify_kind, else production)",
     )
-    group.addoption("--target-name", default=None, help="the host's inventory name")
+    group.addoption("--target-name", default=None, help="the host's name in the report")
+    group.addoption(
+        "--inventory",
+        default=DEFAULT_INVENTORY,
+        help=f"the inventory the expectations come from (default {DEFAULT_INVENTORY})",
+    )
+    group.addoption(
+        "--inventory-host",
+        default=None,
+        help="the target's host in that inventory (default: --target-name when the inventory "
+        "has it, else the inventory's only host)",
+    )
     group.addoption(
         "--transport",
         default="channel",
@@ -52,10 +106,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="channel: one root session for the whole suite (default); ssh: testinfra's ssh "
         "backend, a new session and a sudo per command",
     )
-    group.addoption("--inventory", default=None,
-                    help="the inventory the target comes from (verify passes it)")
-    group.addoption("--inventory-host", default=None,
-                    help="the target's inventory name: connect as Ansible does")
     group.addoption("--become-password-fd", type=int, default=None,
                     help="read the sudo password from this inherited file descriptor")
     group.addoption(
@@ -65,32 +115,59 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def _target(config: pytest.Config) -> tuple[str | None, str, str | None, str]:
-    """(spec, kind, ssh_config, why-not) for this run."""
+def _inventory_target(inv: hostvars.Inventory, name: str) -> tuple[str | None, str | None, str]:
+    """(spec, ssh_config, why-not) for reaching `name` as its inventory says."""
+    try:
+        address = inv.get(name, "ansible_host", name)
+        user = inv.get(name, "ansible_user")
+        port = inv.get(name, "ansible_port")
+        common = shlex.split(str(inv.get(name, "ansible_ssh_common_args", "") or ""))
+    except hostvars.InventoryError as exc:
+        return None, None, f"no target: {exc}"
+    config: str | None = None
+    if "-F" in common and common.index("-F") + 1 < len(common):
+        i = common.index("-F")
+        config = str(Path(common[i + 1]).expanduser())
+        common = common[:i] + common[i + 2:]
+    if config is not None and not Path(config).exists():
+        return None, None, f"no target: {config} (the ssh config of {name}) does not exist; is the host up?"
+    spec = f"ssh://{user + '@' if user else ''}{address}{':' + str(port) if port else ''}"
+    return spec, config, ""
+
+
+def _run(config: pytest.Config) -> Run:
     spec = config.getoption("--target")
-    kind = config.getoption("--target-kind") or ("lab" if spec is None else "production")
     ssh_config = config.getoption("--ssh-config", default=None)
-    if spec:
-        return spec, kind, ssh_config, ""
-    lab = state.load()
-    if lab is None:
-        return (
-            None,
-            "lab",
-            None,
-            (
-                f"no target: no running lab ({state.instance_name()}) and no --target; "
-                "run `invoke lab.up` or use `invoke verify --inventory ...`"
-            ),
+    path = config.getoption("--inventory")
+    if not Path(path).is_absolute() and not Path(path).exists():
+        path = str(hostvars.ROOT / path)  # relative to the toolkit, wherever pytest runs
+    try:
+        inv = hostvars.load(path)
+        name = config.getoption("--inventory-host") or expectations.default_host(
+            inv, config.getoption("--target-name"))
+        values = expectations.for_host(inv, name)
+    except hostvars.InventoryError as exc:
+        raise pytest.UsageError(f"posture expectations: {exc}") from exc
+    inv_kind = values.get("verify_kind") or "production"
+    kind = config.getoption("--target-kind") or inv_kind
+    if kind != inv_kind:
+        raise pytest.UsageError(
+            f"posture expectations: the target is a {kind} host but {values[expectations.SOURCE]} "
+            f"is a {inv_kind} host (verify_kind); pass the target's own --inventory"
         )
-    return f"ssh://{lab.ssh_alias}", "lab", str(lab.ssh_config), ""
+    why = ""
+    explicit = bool(spec)
+    if not spec:
+        spec, ssh_config, why = _inventory_target(inv, name)
+    # Without an explicit --target (or with verify's --inventory-host), the suite connects
+    # exactly as Ansible does (toolkit.connection), whatever the inventory's ssh arguments.
+    via_inventory = not explicit or bool(config.getoption("--inventory-host"))
+    return Run(spec, kind, ssh_config, why, Expected(values), path,
+               name if via_inventory else None)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.stash[_KEY] = _target(config)
-
-
-_KEY = pytest.StashKey[tuple[str | None, str, str | None, str]]()
+    config.stash[_KEY] = _run(config)
 
 
 def _waived(controls: list[str], kind: str, reg: registry.Registry) -> str | None:
@@ -109,12 +186,44 @@ def _waived(controls: list[str], kind: str, reg: registry.Registry) -> str | Non
     return "; ".join(reasons) if reasons else None
 
 
+def _accounts(expected: Expected) -> list[str]:
+    return [str(expected["signer_gateway_user"])] + [
+        str(c["name"]) for c in expected["signer_custodians"]]
+
+
+def _hotplug_devices(expected: Expected) -> list[str]:
+    return sorted(str(d) for d in (expected.get("verify_usb_hotplug") or {}).get("devices", {}))
+
+
+# Fixture -> the inventory values a test runs once for each of, and why it does not apply
+# when there are none.
+_PARAMETRISED: dict[str, tuple[Callable[[Expected], list[str]], str]] = {
+    "admin_user": (lambda e: [str(u["name"]) for u in e["base_admin_users"]],
+                   "the inventory lists no admin (base_admin_users)"),
+    "forced_command_account": (_accounts, "the inventory lists no signer account"),
+    "usb_hotplug_device": (_hotplug_devices,
+                           "no USB hot-plug hook in the inventory (verify_usb_hotplug)"),
+}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    run = metafunc.config.stash[_KEY]
+    for fixture, (values, _) in _PARAMETRISED.items():
+        if fixture not in metafunc.fixturenames:
+            continue
+        try:
+            params = values(run.expected) if run.spec else [_NONE]
+        except pytest.fail.Exception as exc:  # the inventory lacks the list: one failing case
+            params = [f"{_ERROR}{exc.msg}"]
+        params = params or [_NONE]
+        metafunc.parametrize(fixture, params,
+                             ids=[p if not p.startswith("(") else "n/a" for p in params])
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    spec, kind, _, why = config.stash[_KEY]
-    if spec is None:
-        mark = (
-            pytest.mark.skip(reason=why) if os.environ.get("SIGNLAB_REQUIRE_LAB") != "1" else None
-        )
+    run = config.stash[_KEY]
+    if run.spec is None:
+        mark = pytest.mark.skip(reason=run.why) if os.environ.get(REQUIRE_TARGET) != "1" else None
         for item in items:
             if mark is not None:
                 item.add_marker(mark)
@@ -122,19 +231,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     reg = registry.load()
     for item in items:
         lab_only = item.get_closest_marker("lab_only")
-        if lab_only is not None and kind != "lab":
+        if lab_only is not None and run.kind != "lab":
             reason = lab_only.args[0] if lab_only.args else lab_only.kwargs.get("reason", "")
             item.add_marker(pytest.mark.skip(reason=f"lab only: {reason}"))
             continue
         controls = [str(a) for m in item.iter_markers("control") for a in m.args]
-        waived = _waived(controls, kind, reg) if controls else None
+        waived = _waived(controls, run.kind, reg) if controls else None
         if waived:
             item.add_marker(pytest.mark.skip(reason=waived))
 
 
 @pytest.fixture(scope="session")
 def target_kind(pytestconfig: pytest.Config) -> str:
-    return pytestconfig.stash[_KEY][1]
+    return pytestconfig.stash[_KEY].kind
 
 
 @pytest.fixture(scope="session")
@@ -143,41 +252,125 @@ def is_lab(target_kind: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def lab(is_lab: bool) -> LabState | None:
-    return state.load() if is_lab else None
+def expected(pytestconfig: pytest.Config) -> Expected:
+    return pytestconfig.stash[_KEY].expected
+
+
+_NONE = "(none)"
+_ERROR = "(error) "
+
+
+@pytest.fixture
+def admin_user(request: pytest.FixtureRequest) -> str:
+    return _param(request)
+
+
+@pytest.fixture
+def forced_command_account(request: pytest.FixtureRequest) -> str:
+    return _param(request)
+
+
+@pytest.fixture
+def usb_hotplug_device(request: pytest.FixtureRequest) -> str:
+    return _param(request)
+
+
+def _param(request: pytest.FixtureRequest) -> str:
+    value = str(request.param)
+    if value.startswith(_ERROR):
+        pytest.fail(value[len(_ERROR):], pytrace=False)
+    if value == _NONE:
+        pytest.skip(f"does not apply: {_PARAMETRISED[request.fixturename][1]}")
+    return value
+
+
+@pytest.fixture(scope="session")
+def admin_ssh(pytestconfig: pytest.Config) -> Callable[..., list[str]]:
+    """`admin_ssh("-N", "-L", spec)`: ssh argv from the controller to the host, options first."""
+    run = pytestconfig.stash[_KEY]
+    if run.spec is None or not run.spec.startswith("ssh://"):
+        pytest.skip(f"needs an ssh:// target for a client session, not {run.spec!r}")
+    hostspec = base.BaseBackend.parse_hostspec(run.spec[len("ssh://"):])
+    argv = ["ssh", "-o", "ControlPath=none", "-o", "BatchMode=yes"]
+    if run.ssh_config:
+        argv += ["-F", run.ssh_config]
+    if hostspec.user:
+        argv += ["-l", hostspec.user]
+    if hostspec.port:
+        argv += ["-p", str(hostspec.port)]
+
+    def command(*options: str) -> list[str]:
+        return [*argv, *options, hostspec.name]
+
+    return command
+
+
+@dataclass(frozen=True)
+class Vantage:
+    """A point of view other than the controller's (verify_vantage_points.NAME in the inventory):
+    `argv` runs one shell command line there (appended as the last argument: `ip netns exec NS
+    sh -c`, `ssh bastion`), `addresses` are the target's addresses as seen from there."""
+
+    name: str
+    argv: tuple[str, ...]
+    addresses: tuple[str, ...]
+
+    def run(self, command: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*self.argv, command], capture_output=True, text=True,
+                              timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def vantage(expected: Expected) -> Callable[[str], Vantage]:
+    """`vantage("outside")`: that vantage point, or a skip saying the inventory has none."""
+
+    def point(name: str) -> Vantage:
+        points = expected.get("verify_vantage_points") or {}
+        entry = points.get(name)
+        if not entry:
+            pytest.skip(f"does not apply: no vantage point {name!r} in the inventory "
+                        "(verify_vantage_points)")
+        argv, addresses = entry.get("argv"), entry.get("addresses")
+        if not argv or not addresses:
+            pytest.fail(f"verify_vantage_points.{name} needs argv and addresses", pytrace=False)
+        return Vantage(name, tuple(str(a) for a in argv), tuple(str(a) for a in addresses))
+
+    return point
 
 
 @pytest.fixture(scope="session")
 def host(pytestconfig: pytest.Config) -> Any:
-    spec, _, ssh_config, why = pytestconfig.stash[_KEY]
-    if spec is None:
-        if os.environ.get("SIGNLAB_REQUIRE_LAB") == "1":
-            pytest.fail(why)
-        pytest.skip(why)
+    run = pytestconfig.stash[_KEY]
+    if run.spec is None:
+        if os.environ.get(REQUIRE_TARGET) == "1":
+            pytest.fail(run.why)
+        pytest.skip(run.why)
     sudo = not pytestconfig.getoption("--no-sudo")
-    inventory_host = pytestconfig.getoption("--inventory-host")
-    if inventory_host and pytestconfig.getoption("--transport") == "channel":
-        h = _inventory_channel(pytestconfig, inventory_host, sudo)
-    elif pytestconfig.getoption("--transport") == "channel" and spec.startswith("ssh://"):
-        h = shell_channel.host_from_spec(spec, ssh_config, sudo=sudo)
+    channel = pytestconfig.getoption("--transport") == "channel"
+    if channel and run.host_name:
+        h = _inventory_channel(pytestconfig, run.inventory, run.host_name, sudo)
+    elif channel and run.spec.startswith("ssh://"):
+        h = shell_channel.host_from_spec(run.spec, run.ssh_config, sudo=sudo)
     else:
-        h = testinfra.get_host(spec, ssh_config=ssh_config, sudo=sudo)
+        h = testinfra.get_host(run.spec, ssh_config=run.ssh_config, sudo=sudo)
     # Nothing else can pass when these fail: stop with one clear line instead of N errors.
     try:
         probe = h.run("id -u")
     except RuntimeError as exc:  # ssh exit 255, or the channel's sudo refused
         why = _last_line(str(exc))
         if "sudo" in why.lower() or "password" in why.lower():
-            pytest.exit(f"{spec}: sudo does not give root: {why}", returncode=3)
-        pytest.exit(f"unreachable: {spec}: {why}", returncode=4)
+            pytest.exit(f"{run.spec}: sudo does not give root: {why}", returncode=3)
+        pytest.exit(f"unreachable: {run.spec}: {why}", returncode=4)
     if sudo and (probe.rc != 0 or probe.stdout.strip() != "0"):
-        pytest.exit(f"{spec}: sudo does not give root: {_last_line(probe.stderr)}", returncode=3)
+        pytest.exit(f"{run.spec}: sudo does not give root: {_last_line(probe.stderr)}", returncode=3)
     yield h
     if isinstance(h.backend, shell_channel.ChannelBackend):
         h.backend.close()
 
 
-def _inventory_channel(config: pytest.Config, inventory_host: str, sudo: bool) -> Any:
+def _inventory_channel(
+    config: pytest.Config, inventory: str, inventory_host: str, sudo: bool
+) -> Any:
     """The root channel to an inventory host, reached exactly as Ansible reaches it."""
     from toolkit import connection, hostvars
 
@@ -186,7 +379,6 @@ def _inventory_channel(config: pytest.Config, inventory_host: str, sudo: bool) -
     if fd is not None:
         with os.fdopen(fd, "rb") as fh:
             password = fh.read().decode()
-    inventory = config.getoption("--inventory") or "inventory/lab"
     try:
         inv = hostvars.load(inventory, inventory_host)
         ep = connection.endpoint(inv, inventory_host, password=password)

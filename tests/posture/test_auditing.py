@@ -61,11 +61,14 @@ def test_clock_changes_are_audited(host) -> None:  # type: ignore[no-untyped-def
 
 
 @pytest.mark.control("AUD-04")
-def test_audit_events_go_to_the_collector(host, is_lab) -> None:  # type: ignore[no-untyped-def]
-    if is_lab:
-        pytest.skip("waived in the lab: no log collector (AUD-04 waiver_lab)")
+def test_audit_events_go_to_the_collector(host, expected) -> None:  # type: ignore[no-untyped-def]
+    # AUD-04 applies to production hosts (the conftest skips it elsewhere with the waiver).
+    server = expected["auditing_remote_server"]
+    assert server, "no log collector in the inventory (auditing_remote_server is empty)"
     conf = host.file("/etc/audit/plugins.d/au-remote.conf").content_string
-    assert "active = yes" in conf
+    assert "active = yes" in conf.splitlines()
+    remote = host.file("/etc/audit/audisp-remote.conf").content_string.splitlines()
+    assert f"remote_server = {server}" in remote, remote
     assert host.process.filter(comm="audisp-remote")
 
 

@@ -35,13 +35,15 @@ def test_time_is_synchronised_from_the_configured_servers(host) -> None:  # type
 
 
 @pytest.mark.control("BASE-03")
-def test_security_updates_are_applied_automatically(host, is_lab) -> None:  # type: ignore[no-untyped-def]
+def test_security_updates_are_applied_automatically(host, expected) -> None:  # type: ignore[no-untyped-def]
     assert host.package("unattended-upgrades").is_installed
     conf = host.check_output("apt-config dump")
     assert 'APT::Periodic::Unattended-Upgrade "1";' in conf
     assert 'APT::Periodic::Update-Package-Lists "1";' in conf
     assert "-security" in conf  # the security origin is allowed
-    if not is_lab:  # the lab image masks the apt timers (base_apt_timers: false in the lab)
+    # base_apt_timers false: the host's image masks the timers (nothing else runs apt); the
+    # configuration above is what a timer would use.
+    if expected["base_apt_timers"]:
         assert host.service("apt-daily-upgrade.timer").is_enabled
 
 
@@ -53,17 +55,42 @@ def test_journal_is_persistent(host) -> None:  # type: ignore[no-untyped-def]
     assert host.run(f"ls {journal.path}/system.journal").rc == 0
 
 
+def _admin(expected, name: str) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    return next(u for u in expected["base_admin_users"] if u["name"] == name)
+
+
 @pytest.mark.control("BASE-05")
-def test_admin_keys_are_private_and_sudo_is_logged(host) -> None:  # type: ignore[no-untyped-def]
-    keys = host.file("/home/admin/.ssh/authorized_keys")
-    assert keys.exists and keys.user == "admin" and keys.mode == 0o600
-    # An admin's sudo lands in the sudo log, with the command it ran.
+def test_admin_keys_are_private_and_sudo_is_logged(host, expected, admin_user) -> None:  # type: ignore[no-untyped-def]
+    admin = _admin(expected, admin_user)
+    home = host.user(admin_user).home
+    # The account has exactly the inventory's keys, in a file only it can write.
+    keys = host.file(f"{home}/.ssh/authorized_keys")
+    assert keys.exists and keys.user == admin_user and keys.mode == 0o600
+    with host.sudo():
+        lines = [ln.strip() for ln in keys.content_string.splitlines() if ln.strip()]
+    assert lines == [k.strip() for k in admin["public_keys"]], lines
+    # Every sudo of an admin lands in the sudo log with the command it asked for: run without
+    # a password where the inventory says so (base_sudo_nopasswd), refused and still logged
+    # where sudo wants a password or the admin has no sudo.
     marker = f"signhost-posture-{uuid.uuid4().hex[:12]}"
-    with host.sudo("admin"):
-        assert host.run(f"sudo -n /bin/echo {marker}").rc == 0
+    with host.sudo(admin_user):
+        r = host.run(f"sudo -n /bin/echo {marker}")
+    log = f"grep -F -B1 {marker} {expected['base_sudo_logfile']}"
+    if not admin.get("sudo", True):
+        assert r.rc != 0, f"{admin_user} has sudo, the inventory gives it none"
+        entry = " ".join(host.check_output(log).split())
+        assert "NOT in sudoers" in entry and f"COMMAND=/bin/echo {marker}" in entry, entry
+        return
+    if expected["base_sudo_nopasswd"]:
+        assert r.rc == 0, r.stderr
+        why = ""
+    else:
+        assert r.rc != 0, f"{admin_user} used sudo without a password"
+        why = "a password is required ; "
     # sudo wraps its log file at 80 columns: the entry's first line is the one before.
-    entry = " ".join(host.check_output(f"grep -F -B1 {marker} /var/log/sudo.log").split())
-    assert f"admin : PWD=/home/admin ; USER=root ; COMMAND=/bin/echo {marker}" in entry, entry
+    entry = " ".join(host.check_output(log).split())
+    want = f"{admin_user} : {why}PWD={home} ; USER=root ; COMMAND=/bin/echo {marker}"
+    assert want in entry, entry
     assert host.run("visudo -c").rc == 0
 
 
@@ -95,16 +122,13 @@ def test_aide_detects_a_change_in_a_watched_path(host) -> None:  # type: ignore[
 
 
 @pytest.mark.control("PHY-03")
-def test_secure_boot_is_enabled(host, is_lab) -> None:  # type: ignore[no-untyped-def]
-    if is_lab:
-        pytest.skip("waived in the lab: QEMU boots the kernel directly, no UEFI (PHY-03 waiver_lab)")
+def test_secure_boot_is_enabled(host) -> None:  # type: ignore[no-untyped-def]
+    # PHY-03 applies to production hosts: the conftest skips it elsewhere with the waiver.
     out = host.run("mokutil --sb-state")
     assert "SecureBoot enabled" in out.stdout, out.stdout + out.stderr
 
 
 @pytest.mark.control("PHY-03")
-def test_root_filesystem_is_encrypted(host, is_lab) -> None:  # type: ignore[no-untyped-def]
-    if is_lab:
-        pytest.skip("waived in the lab: the VM disk is a throw-away overlay (PHY-03 waiver_lab)")
+def test_root_filesystem_is_encrypted(host) -> None:  # type: ignore[no-untyped-def]
     tree = host.check_output("lsblk -s -n -o TYPE \"$(findmnt -n -o SOURCE /)\"")
     assert "crypt" in tree.split(), tree

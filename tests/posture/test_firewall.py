@@ -1,6 +1,6 @@
 """Firewall posture (NET-01..05) seen from the host: the live ruleset, what the host may
-send, and what listens. What other hosts can reach is proved from the lab network in
-tests/lab/test_attacks.py."""
+send, and what listens. What other hosts can reach is proved from elsewhere (the inventory's
+vantage points; tests/lab/test_attacks.py in CI)."""
 
 from __future__ import annotations
 
@@ -50,19 +50,19 @@ def test_the_firewall_covers_ipv4_and_ipv6(host) -> None:  # type: ignore[no-unt
     assert families == {"inet"}
 
 
-def probe_addr(is_lab: bool) -> str:
-    """Where the egress probes go. In the lab: QEMU's gateway 10.0.2.2, which is the
-    controller's loopback, so a probe that a broken firewall let through still never leaves
-    the machine. Elsewhere: TEST-NET-1 (RFC 5737), never routed on the internet."""
-    return "10.0.2.2" if is_lab else "192.0.2.1"
+def probe_addr(expected) -> str:  # type: ignore[no-untyped-def]
+    """Where the egress probes go: the inventory's verify_egress_probe (an address a probe that
+    a broken firewall let through would harm no one at; a VM's own host, say), else
+    TEST-NET-1 (RFC 5737), never routed on the internet."""
+    return str(expected.get("verify_egress_probe") or "192.0.2.1")
 
 
 @pytest.mark.control("NET-02")
 @pytest.mark.parametrize(
     ("port", "proto"), [(443, "tcp"), (22, "tcp"), (53, "udp"), (5353, "udp")],
 )
-def test_host_cannot_connect_outside_its_allow_list(host, is_lab, port, proto) -> None:  # type: ignore[no-untyped-def]
-    addr = probe_addr(is_lab)
+def test_host_cannot_connect_outside_its_allow_list(host, expected, port, proto) -> None:  # type: ignore[no-untyped-def]
+    addr = probe_addr(expected)
     since = int(host.check_output("date +%s")) - 1
     # TCP: the SYN is dropped, connect() times out; UDP: sendto() gets EPERM at once.
     assert connect_from_host(host, addr, port, proto) in ("EPERM", "TIMEOUT")
@@ -72,12 +72,12 @@ def test_host_cannot_connect_outside_its_allow_list(host, is_lab, port, proto) -
 
 
 @pytest.mark.control("NET-03")
-def test_dropped_packets_are_logged(host, is_lab) -> None:  # type: ignore[no-untyped-def]
+def test_dropped_packets_are_logged(host, expected) -> None:  # type: ignore[no-untyped-def]
     rules = host.check_output("nft list chain inet signhost output")
     assert 'log prefix "signhost-drop-out: "' in rules and "limit rate" in rules
     marker = host.check_output("date +%s").strip()
     host.run("sleep 6")  # let the rate limit (10/minute) refill after the tests above
-    addr = probe_addr(is_lab)
+    addr = probe_addr(expected)
     connect_from_host(host, addr, 4444, "udp")
     log = host.run(f"journalctl -k --since @{int(marker) - 1} --no-pager -g signhost-drop-out")
     assert f"DST={addr} " in log.stdout and "DPT=4444 " in log.stdout, log.stdout
@@ -109,3 +109,50 @@ def test_only_sshd_listens_on_the_network(host) -> None:  # type: ignore[no-unty
             continue  # the NTP client's socket for its current query (ephemeral port)
         offenders.append(line)
     assert offenders == [], "\n".join(offenders)
+
+
+# --- seen from other hosts (the inventory's vantage points) ----------------------------------
+
+PROBE = """
+import socket, sys
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+s.settimeout(float(sys.argv[3]))
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    s.settimeout(10)
+    print("OPEN", s.recv(64)[:16])
+except ConnectionRefusedError:
+    print("REFUSED")
+except (socket.timeout, TimeoutError):
+    print("TIMEOUT")
+except OSError as e:
+    print("ERROR", e.errno)
+"""
+
+
+def probe_from(point, addr: str, port: int, wait: float = 4) -> str:  # type: ignore[no-untyped-def]
+    """A TCP connection from the vantage point: OPEN (with the banner), REFUSED or TIMEOUT."""
+    r = point.run(shlex.join(["python3", "-c", PROBE, addr, str(port), str(wait)]),
+                  timeout=wait + 60)
+    assert r.returncode == 0, f"the probe did not run at {point.name}: {r.stderr.strip()}"
+    return r.stdout.strip()
+
+
+@pytest.mark.control("NET-01")
+@pytest.mark.parametrize("port", ["ssh", 443, 8080])
+def test_an_unauthorised_host_gets_no_answer(vantage, expected, port) -> None:  # type: ignore[no-untyped-def]
+    # Dropped, not refused: a RST would already tell the outsider the host is there.
+    point = vantage("outside")
+    port = expected["ssh_port"] if port == "ssh" else port
+    for addr in point.addresses:
+        assert probe_from(point, addr, port) == "TIMEOUT", f"{addr}:{port} answered the outsider"
+
+
+@pytest.mark.control("NET-01")
+def test_an_authorised_build_host_reaches_ssh_and_nothing_else(vantage, expected) -> None:  # type: ignore[no-untyped-def]
+    point = vantage("build")
+    for addr in point.addresses:
+        out = probe_from(point, addr, expected["ssh_port"], wait=20)
+        assert out.startswith("OPEN") and "SSH-2.0" in out, f"{addr}: {out}"
+        assert probe_from(point, addr, 443) == "TIMEOUT", f"{addr}:443 answered the build host"

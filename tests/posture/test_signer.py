@@ -13,31 +13,50 @@ import shlex
 
 import pytest
 
-CONFIG = "/etc/signer/signer.toml"
-SIGNER = "/opt/signer/venv/bin/signer"
-UNIT = "signerd.service"
-SOFTHSM_CONF = "/etc/signer/softhsm2.conf"
-TOKEN_STORE = "/var/lib/signer/token"
-PIN_FILE = "/etc/signer/pin"
-MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 PCSCD_SOCKET = "/run/pcscd/pcscd.comm"
 EXPOSURE_MAX = 2.0
 
 
-def _daemon_pid(host) -> int:
-    pid = host.check_output(f"systemctl show -p MainPID --value {UNIT}")
-    assert pid.isdigit() and int(pid) > 0, f"{UNIT} is not running"
+# Names and paths come from the host's inventory (the roles' defaults underneath).
+def _unit(expected) -> str:  # type: ignore[no-untyped-def]
+    return f"{expected['signer_service']}.service"
+
+
+def _signer(expected) -> str:  # type: ignore[no-untyped-def]
+    return f"{expected['signer_venv']}/bin/signer"
+
+
+def _softhsm(expected) -> bool:  # type: ignore[no-untyped-def]
+    return bool(expected["token_backend"] == "softhsm")
+
+
+def _token_env(expected) -> str:  # type: ignore[no-untyped-def]
+    """The environment a PKCS#11 client needs for the host's token (SoftHSM2: its config)."""
+    return f"SOFTHSM2_CONF={expected['token_softhsm_conf']} " if _softhsm(expected) else ""
+
+
+def _only_softhsm(expected) -> None:  # type: ignore[no-untyped-def]
+    if not _softhsm(expected):
+        pytest.skip(f"does not apply: token_backend is {expected['token_backend']}, "
+                    "there is no SoftHSM2 store on this host")
+
+
+def _daemon_pid(host, expected) -> int:  # type: ignore[no-untyped-def]
+    unit = _unit(expected)
+    pid = host.check_output(f"systemctl show -p MainPID --value {unit}")
+    assert pid.isdigit() and int(pid) > 0, f"{unit} is not running"
     return int(pid)
 
 
 @pytest.mark.control("SGN-06")
-def test_signer_daemon_runs_as_its_own_user_without_capabilities(host):
-    pid = _daemon_pid(host)
+def test_signer_daemon_runs_as_its_own_user_without_capabilities(host, expected):
+    pid = _daemon_pid(host, expected)
     with host.sudo():
         status = host.file(f"/proc/{pid}/status").content_string
     uid = int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))
-    assert host.user("signer").uid == uid
-    assert host.user("signer").shell in ("/usr/sbin/nologin", "/bin/false")
+    daemon = expected["signer_daemon_user"]
+    assert host.user(daemon).uid == uid
+    assert host.user(daemon).shell in ("/usr/sbin/nologin", "/bin/false")
     for cap in ("CapEff", "CapPrm", "CapBnd", "CapAmb"):
         assert int(re.search(rf"^{cap}:\s+([0-9a-f]+)", status, re.M).group(1), 16) == 0, cap
     assert re.search(r"^NoNewPrivs:\s+1", status, re.M)
@@ -45,8 +64,8 @@ def test_signer_daemon_runs_as_its_own_user_without_capabilities(host):
 
 
 @pytest.mark.control("SGN-06")
-def test_signer_daemon_has_no_network_but_loopback(host):
-    pid = _daemon_pid(host)
+def test_signer_daemon_has_no_network_but_loopback(host, expected):
+    pid = _daemon_pid(host, expected)
     with host.sudo():
         dev = host.file(f"/proc/{pid}/net/dev").content_string
     ifaces = {line.split(":")[0].strip() for line in dev.splitlines()[2:] if ":" in line}
@@ -54,8 +73,8 @@ def test_signer_daemon_has_no_network_but_loopback(host):
 
 
 @pytest.mark.control("SGN-06")
-def test_signer_daemon_sees_the_system_read_only(host):
-    pid = _daemon_pid(host)
+def test_signer_daemon_sees_the_system_read_only(host, expected):
+    pid = _daemon_pid(host, expected)
     with host.sudo():
         mounts = host.file(f"/proc/{pid}/mountinfo").content_string
     opts = {}
@@ -64,7 +83,7 @@ def test_signer_daemon_sees_the_system_read_only(host):
         opts[f[4]] = f[5].split(",")
     assert "ro" in opts["/"], opts["/"]
     assert "ro" in opts.get("/etc", opts["/"])
-    assert "rw" in opts["/var/lib/signer"]
+    assert "rw" in opts[expected["signer_daemon_home"]]
 
 
 @pytest.mark.control("SGN-06")
@@ -85,37 +104,48 @@ def test_signer_daemon_sees_the_system_read_only(host):
         ("SystemCallArchitectures", "native"),
     ],
 )
-def test_signer_unit_sandbox_property(host, prop, want):
-    assert host.check_output(f"systemctl show -p {prop} --value {UNIT}") == want
+def test_signer_unit_sandbox_property(host, expected, prop, want):
+    assert host.check_output(f"systemctl show -p {prop} --value {_unit(expected)}") == want
 
 
 @pytest.mark.control("SGN-06")
-def test_signer_unit_exposure_is_at_most_two(host):
+def test_signer_unit_exposure_is_at_most_two(host, expected):
     with host.sudo():
-        out = host.check_output(f"systemd-analyze security --no-pager {UNIT}")
+        out = host.check_output(f"systemd-analyze security --no-pager {_unit(expected)}")
     m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out)
     assert m, out[-300:]
     assert float(m.group(1)) <= EXPOSURE_MAX, f"exposure {m.group(1)}"
 
 
 @pytest.mark.control("TOK-02")
-def test_token_store_belongs_to_the_daemon_user_only(host):
+def test_token_store_belongs_to_the_daemon_user_only(host, expected):
+    _only_softhsm(expected)
+    owner, path = expected["token_owner"], expected["token_softhsm_store"]
     with host.sudo():
-        store = host.file(TOKEN_STORE)
+        store = host.file(path)
         assert store.is_directory
-        assert (store.user, store.group, store.mode) == ("signer", "signer", 0o700)
+        assert (store.user, store.group, store.mode) == (owner, owner, 0o700)
         # Every object file inside too: no other account can read the token.
-        others = host.check_output(f"find {TOKEN_STORE} ! -user signer -o -perm /077")
+        others = host.check_output(f"find {path} ! -user {owner} -o -perm /077")
     assert others == ""
 
 
-@pytest.mark.control("TOK-02")
-def test_other_accounts_cannot_open_the_token(host):
-    r = host.run(
-        f"sudo -n -u sign env SOFTHSM2_CONF={SOFTHSM_CONF} "
-        f"pkcs11-tool --module {MODULE} --list-token-slots"
+def _token_slots(host, expected, account: str):  # type: ignore[no-untyped-def]
+    return host.run(
+        f"sudo -n -u {account} env {_token_env(expected)}"
+        f"pkcs11-tool --module {expected['token_module']} --list-token-slots"
     )
-    assert "token label" not in r.stdout
+
+
+@pytest.mark.control("TOK-02")
+def test_other_accounts_cannot_open_the_token(host, expected):
+    # The same command as the token's owner sees the token: the module loads and the command
+    # works on this host, so the other account's empty answer means it was kept out.
+    owner = _token_slots(host, expected, expected["token_owner"])
+    label = re.compile(rf"(?m)^\s*token label\s*:\s*{re.escape(expected['token_label'])}\s*$")
+    assert owner.rc == 0 and label.search(owner.stdout), owner.stdout + owner.stderr
+    other = _token_slots(host, expected, expected["signer_gateway_user"])
+    assert "token label" not in other.stdout, other.stdout
 
 
 # pcscd runs as root and drives the token's reader. Debian 12 ships its socket 0666 and the
@@ -126,13 +156,10 @@ CONNECT_PROBE = (
 )
 
 
-def _pcscd_listening(host) -> bool:
-    return host.run("systemctl is-active --quiet pcscd.socket").rc == 0
-
-
 @pytest.mark.control("TOK-02")
-@pytest.mark.parametrize("account", ["sign", "nobody"])
-def test_other_accounts_cannot_reach_pcscd(host, account):
+@pytest.mark.parametrize("account", ["gateway", "nobody"])
+def test_other_accounts_cannot_reach_pcscd(host, expected, account):
+    account = expected["signer_gateway_user"] if account == "gateway" else account
     # Off (no token reader needed): nothing listens. On: the socket is the token owner's.
     r = host.run(f"sudo -n -u {account} python3 -c {shlex.quote(CONNECT_PROBE)} {PCSCD_SOCKET}")
     assert r.rc != 0, f"{account} connected to pcscd"
@@ -143,18 +170,20 @@ def test_other_accounts_cannot_reach_pcscd(host, account):
 
 
 @pytest.mark.control("TOK-02")
-def test_token_owner_reaches_pcscd_from_inside_the_daemon_sandbox(host):
-    if not _pcscd_listening(host):
-        pytest.skip("pcscd is off on this host (token_pcscd false): the token needs no reader")
+def test_token_owner_reaches_pcscd_from_inside_the_daemon_sandbox(host, expected):
+    if not expected["token_pcscd"]:
+        pytest.skip("does not apply: token_pcscd is false, the token needs no reader")
+    assert host.run("systemctl is-active --quiet pcscd.socket").rc == 0, "pcscd.socket is not active"
+    owner = expected["token_owner"]
     with host.sudo():
         sock = host.file(PCSCD_SOCKET)
         assert sock.is_socket
-        assert (sock.user, sock.group) == ("root", "signer")
+        assert (sock.user, sock.group) == ("root", owner)
         assert sock.mode & 0o007 == 0, oct(sock.mode)
     # The daemon's own mount and network namespaces (read-only /run, PrivateNetwork), its uid
     # and gid: pcscd answers the PC/SC handshake (SCardEstablishContext) and lists readers.
-    pid = _daemon_pid(host)
-    uid, gid = host.user("signer").uid, host.group("signer").gid
+    pid = _daemon_pid(host, expected)
+    uid, gid = host.user(owner).uid, host.group(owner).gid
     with host.sudo():
         boxed = host.run(
             f"nsenter --target {pid} --mount --net --setuid {uid} --setgid {gid}"
@@ -165,91 +194,129 @@ def test_token_owner_reaches_pcscd_from_inside_the_daemon_sandbox(host):
 
 
 @pytest.mark.control("TOK-02")
-def test_pin_file_is_readable_by_the_daemon_user_only(host):
+def test_pin_file_is_readable_by_the_daemon_user_only(host, expected):
+    pin_file = expected["token_pin_file"]
     with host.sudo():
-        if not host.file(PIN_FILE).exists:
-            assert 'pin_source = "prompt"' in host.file(CONFIG).content_string
+        f = host.file(pin_file)
+        config = host.file(expected["signer_config"]).content_string
+        if expected["token_pin_source"] == "prompt":
+            # No PIN on the host at all: the daemon starts locked until a custodian unlocks it.
+            assert not f.exists, f"{pin_file} exists although the PIN is entered by custodians"
+            assert 'pin_source = "prompt"' in config, "the daemon is not configured to prompt"
             return
-        f = host.file(PIN_FILE)
-        assert (f.user, f.mode) == ("signer", 0o600)
-    assert host.run(f"sudo -n -u sign cat {PIN_FILE}").rc != 0
+        assert f.exists, f"{pin_file} is missing (token_pin_source file)"
+        assert (f.user, f.mode) == (expected["token_owner"], 0o600)
+        assert f'pin_source = "file:{pin_file}"' in config
+    assert host.run(f"sudo -n -u {expected['signer_gateway_user']} cat {pin_file}").rc != 0
 
 
 @pytest.mark.control("TOK-04", "TOK-01")
-def test_configured_keys_are_resident_and_non_extractable(host):
-    with host.sudo("signer"):
-        r = host.run(f"env SOFTHSM2_CONF={SOFTHSM_CONF} {SIGNER} keys check --config {CONFIG}")
+def test_configured_keys_are_resident_and_non_extractable(host, expected):
+    with host.sudo(expected["token_owner"]):
+        r = host.run(f"env {_token_env(expected)}{_signer(expected)} keys check "
+                     f"--config {expected['signer_config']}")
     assert r.rc == 0, r.stdout + r.stderr
 
 
-# Root, with the PIN, asks the token for the private value of the dev key (python-pkcs11 from
-# the signer's venv) and tries pkcs11-tool's export: both must come back empty-handed.
+# Root, with the PIN, asks the token for the private value of every profile's key (python-pkcs11
+# from the signer's venv) and tries pkcs11-tool's export: both must come back empty-handed.
 EXPORT_PROBE = """
 import sys, pkcs11
 from pkcs11 import Attribute, ObjectClass
-lib = pkcs11.lib(sys.argv[1])
-tok = lib.get_token(token_label="signer")
-with tok.open(user_pin=open(sys.argv[2]).read().strip()) as s:
-    k = s.get_key(object_class=ObjectClass.PRIVATE_KEY, label="dev")
-    print("extractable", k[Attribute.EXTRACTABLE])
-    try:
-        v = k[Attribute.VALUE]
-        print("VALUE-READ", len(v))
-    except pkcs11.exceptions.PKCS11Error as e:
-        print("refused", type(e).__name__)
+module, pin_file, token_label, *labels = sys.argv[1:]
+lib = pkcs11.lib(module)
+tok = lib.get_token(token_label=token_label)
+with tok.open(user_pin=open(pin_file).read().strip()) as s:
+    for label in labels:
+        k = s.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label)
+        print(label, "extractable", k[Attribute.EXTRACTABLE])
+        try:
+            v = k[Attribute.VALUE]
+            print(label, "VALUE-READ", len(v))
+        except pkcs11.exceptions.PKCS11Error as e:
+            print(label, "refused", type(e).__name__)
 """
 
 
 @pytest.mark.control("TOK-04")
-def test_root_cannot_export_the_signing_key(host):
+def test_root_cannot_export_the_signing_key(host, expected):
+    if expected["token_pin_source"] == "prompt":
+        pytest.skip("does not apply: token_pin_source prompt, no PIN on the host to log in with")
+    pin_file, module, token = expected["token_pin_file"], expected["token_module"], expected["token_label"]
+    labels = [str(p["name"]) for p in expected["signer_profiles"]]
+    assert labels, "the inventory has no signer_profiles: no key to try"
+    env = _token_env(expected)
     with host.sudo():
-        if not host.file(PIN_FILE).exists:
-            pytest.skip("pin_source prompt: no PIN on the host to log in with")
         probe = host.run(
-            f"SOFTHSM2_CONF={SOFTHSM_CONF} /opt/signer/venv/bin/python -c "
-            f"'{EXPORT_PROBE}' {MODULE} {PIN_FILE}"
+            f"{env}{expected['signer_venv']}/bin/python -c {shlex.quote(EXPORT_PROBE)} "
+            f"{module} {pin_file} {shlex.quote(token)} {shlex.join(labels)}"
         )
         base = (
-            f"P=$(cat {PIN_FILE}) SOFTHSM2_CONF={SOFTHSM_CONF} pkcs11-tool --module {MODULE}"
-            " --token-label signer --login --pin env:P"
+            f"P=$(cat {pin_file}) {env}pkcs11-tool --module {module}"
+            f" --token-label {shlex.quote(token)} --login --pin env:P"
         )
         listed = host.run(f"{base} --list-objects --type privkey")
-        host.run(f"{base} --read-object --type privkey --label dev --output-file /root/dev.key")
-        leftover = host.file("/root/dev.key")
-        leaked = leftover.exists and leftover.size > 0
-        host.run("rm -f /root/dev.key")
+        leaked = []
+        for label in labels:
+            out = f"/root/posture-export-{label}.key"
+            host.run(f"{base} --read-object --type privkey --label {shlex.quote(label)} "
+                     f"--output-file {out}")
+            leftover = host.file(out)
+            if leftover.exists and leftover.size > 0:
+                leaked.append(label)
+            host.run(f"rm -f {out}")
     assert probe.rc == 0, probe.stderr
-    assert "extractable False" in probe.stdout
-    assert "refused AttributeSensitive" in probe.stdout, probe.stdout
+    for label in labels:
+        assert f"{label} extractable False" in probe.stdout, probe.stdout
+        assert f"{label} refused AttributeSensitive" in probe.stdout, probe.stdout
     assert "VALUE-READ" not in probe.stdout
     assert listed.rc == 0, listed.stderr
     assert "never extractable" in listed.stdout and "sensitive" in listed.stdout
-    assert not leaked
+    assert not leaked, f"exported: {leaked}"
+
+
+def _authorized_lines(expected, account: str) -> list[str]:  # type: ignore[no-untyped-def]
+    """The lines the inventory gives `account`: one per build client on the gateway account,
+    the custodian's own key on a custodian's."""
+    if account == expected["signer_gateway_user"]:
+        role, entries = "client", expected["signer_clients"]
+    else:
+        role = "custodian"
+        entries = [c for c in expected["signer_custodians"] if c["name"] == account]
+    command = f"{_signer(expected)} gateway --{role} {{name}} --config {expected['signer_config']}"
+    return [
+        f'restrict,from="{",".join(e["from"])}",command="{command.format(name=e["name"])}" '
+        f'{str(e["ssh_key"]).strip()}'
+        for e in entries
+    ]
 
 
 @pytest.mark.control("SGN-01")
-@pytest.mark.parametrize("account", ["sign", "alice", "bob"])
-def test_forced_command_accounts_only_have_restricted_keys(host, account):
+def test_forced_command_accounts_only_have_restricted_keys(host, expected, forced_command_account):
+    account = forced_command_account
     with host.sudo():
-        ak = host.file(f"/home/{account}/.ssh/authorized_keys")
+        ak = host.file(f"{host.user(account).home}/.ssh/authorized_keys")
         assert ak.user == "root" and not ak.mode & 0o022
         lines = [ln for ln in ak.content_string.splitlines() if ln and not ln.startswith("#")]
-    assert lines
+    venv = re.escape(expected["signer_venv"])
     for line in lines:
         assert re.match(
-            r'^restrict,from="[^"]+",command="/opt/signer/venv/bin/signer gateway '
+            rf'^restrict,from="[^"]+",command="{venv}/bin/signer gateway '
             r'--(client|custodian) [a-z][a-z0-9_-]*( --config \S+)?" ',
             line,
         ), line
+    # exactly the inventory's keys, each with its own name and from=
+    assert sorted(lines) == sorted(_authorized_lines(expected, account))
 
 
 @pytest.mark.control("SGN-08")
-def test_a_broken_signer_config_is_rejected_by_the_validator(host):
+def test_a_broken_signer_config_is_rejected_by_the_validator(host, expected):
+    signer, config = _signer(expected), expected["signer_config"]
     with host.sudo():
-        good = host.run(f"{SIGNER} config check {CONFIG}")
+        good = host.run(f"{signer} config check {config}")
         bad = host.run(
-            f"sed 's/^approvals = .*/approvals = \"two\"/' {CONFIG} > /root/bad.toml"
-            f" && {SIGNER} config check /root/bad.toml; rc=$?; rm -f /root/bad.toml;"
+            f"sed 's/^approvals = .*/approvals = \"two\"/' {config} > /root/bad.toml"
+            f" && {signer} config check /root/bad.toml; rc=$?; rm -f /root/bad.toml;"
             " exit $rc"
         )
     assert good.rc == 0, good.stdout + good.stderr
@@ -258,9 +325,9 @@ def test_a_broken_signer_config_is_rejected_by_the_validator(host):
 
 
 @pytest.mark.control("SGN-06")
-def test_signer_socket_is_reachable_by_the_gateway_group_only(host):
+def test_signer_socket_is_reachable_by_the_gateway_group_only(host, expected):
     with host.sudo():
-        s = host.file("/run/signer/signer.sock")
+        s = host.file(expected["signer_socket"])
         assert s.is_socket
-        assert (s.user, s.group) == ("signer", "signer-gw")
+        assert (s.user, s.group) == (expected["signer_daemon_user"], expected["signer_gateway_group"])
         assert s.mode & 0o007 == 0

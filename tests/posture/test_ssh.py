@@ -2,12 +2,13 @@
 
 Most tests run the OpenSSH client on the host itself against 127.0.0.1: the firewall allows
 loopback, so what is tried is sshd's own decision, and the suite needs nothing but the
-host (lab or production). Forwarding needs an authenticated session: those tests log in
-from the controller with the admin key and are lab-only.
+host. Forwarding needs an authenticated session: those tests log in from the controller the
+way the suite itself does (the admin's connection, `admin_ssh`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import subprocess
 import time
@@ -25,39 +26,61 @@ class Attempt:
         self.rc, self.stderr = rc, stderr
 
 
-def local_attempt(host, options: str, user: str = "admin") -> Attempt:  # type: ignore[no-untyped-def]
-    """An SSH login attempt from the host to itself, without keys, with the given options.
+def an_admin(expected) -> str:  # type: ignore[no-untyped-def]
+    admins = expected["base_admin_users"]
+    assert admins, "the inventory has no base_admin_users"
+    return str(admins[0]["name"])
+
+
+def an_admin_address(expected) -> str:  # type: ignore[no-untyped-def]
+    """An address of the first admin network (where an admin connects from), else TEST-NET-1."""
+    for net in expected["firewall_admin_networks"]:
+        network = ipaddress.ip_network(str(net), strict=False)
+        return str(next(network.hosts(), network.network_address))
+    return "192.0.2.1"
+
+
+def local_attempt(host, expected, options: str, user: str | None = None) -> Attempt:  # type: ignore[no-untyped-def]
+    """An SSH login attempt from the host to itself, without keys, with the given options
+    (as an admin unless `user` is given).
 
     The client's exit status is reported on stderr: testinfra treats 255 from its own ssh
     as a transport error."""
+    user = user or an_admin(expected)
     r = host.run(f"{SSH_LOCAL} -o PubkeyAuthentication=no -o IdentitiesOnly=yes "
                  f"-o IdentityFile=/dev/null {options} {user}@127.0.0.1 true; echo \"rc=$?\" >&2")
     err, _, rc = r.stderr.rstrip().rpartition("rc=")
     return Attempt(int(rc), err)
 
 
-def sshd_effective(host) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    out = host.check_output("/usr/sbin/sshd -T -C user=admin,host=probe,addr=10.0.2.2")
+def sshd_effective_lines(host, expected) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    """sshd's effective configuration for an admin's connection from an admin network."""
+    out = host.check_output(f"/usr/sbin/sshd -T -C user={an_admin(expected)},host=probe,"
+                            f"addr={an_admin_address(expected)}")
+    return [(k.lower(), v) for k, _, v in (line.partition(" ") for line in out.splitlines())]
+
+
+def sshd_effective(host, expected) -> dict[str, str]:  # type: ignore[no-untyped-def]
     conf: dict[str, str] = {}
-    for line in out.splitlines():
-        key, _, value = line.partition(" ")
-        conf.setdefault(key.lower(), value)
+    for key, value in sshd_effective_lines(host, expected):
+        conf.setdefault(key, value)
     return conf
 
 
 @pytest.mark.control("SSH-01")
 @pytest.mark.parametrize("methods", ["password", "keyboard-interactive"])
-def test_password_and_keyboard_interactive_logins_are_refused(host, methods) -> None:  # type: ignore[no-untyped-def]
-    r = local_attempt(host, f"-o PreferredAuthentications={methods}")
+def test_password_and_keyboard_interactive_logins_are_refused(host, expected, methods) -> None:  # type: ignore[no-untyped-def]
+    r = local_attempt(host, expected, f"-o PreferredAuthentications={methods}")
     assert r.rc == 255, r.stderr
     # The server lists what it would accept: public keys, nothing else.
     assert "Permission denied (publickey)" in r.stderr, r.stderr
 
 
 @pytest.mark.control("SSH-02")
-def test_root_login_is_refused(host) -> None:  # type: ignore[no-untyped-def]
-    assert sshd_effective(host)["permitrootlogin"] == "no"
-    r = local_attempt(host, "-o PreferredAuthentications=password,keyboard-interactive", user="root")
+def test_root_login_is_refused(host, expected) -> None:  # type: ignore[no-untyped-def]
+    assert sshd_effective(host, expected)["permitrootlogin"] == "no"
+    r = local_attempt(host, expected, "-o PreferredAuthentications=password,keyboard-interactive",
+                      user="root")
     assert r.rc == 255 and "Permission denied" in r.stderr, r.stderr
 
 
@@ -74,12 +97,8 @@ def test_root_login_is_refused(host) -> None:  # type: ignore[no-untyped-def]
         ("gatewayports", "no"),
     ],
 )
-def test_no_forwarding_or_tunnel_is_configured(host, option, value) -> None:  # type: ignore[no-untyped-def]
-    assert sshd_effective(host)[option] == value
-
-
-def _controller_ssh(lab) -> list[str]:  # type: ignore[no-untyped-def]
-    return ["ssh", "-F", str(lab.ssh_config), "-o", "ControlPath=none", "-o", "BatchMode=yes"]
+def test_no_forwarding_or_tunnel_is_configured(host, expected, option, value) -> None:  # type: ignore[no-untyped-def]
+    assert sshd_effective(host, expected)[option] == value
 
 
 def _free_port() -> int:
@@ -89,25 +108,21 @@ def _free_port() -> int:
 
 
 @pytest.mark.control("SSH-03")
-def test_remote_forwarding_is_refused(lab) -> None:  # type: ignore[no-untyped-def]
-    if lab is None:
-        pytest.skip("needs the lab's admin session from the controller")
+def test_remote_forwarding_is_refused(admin_ssh) -> None:  # type: ignore[no-untyped-def]
     r = subprocess.run(
-        [*_controller_ssh(lab), "-o", "ExitOnForwardFailure=yes", "-R", "127.0.0.1:0:127.0.0.1:22",
-         lab.ssh_alias, "true"], capture_output=True, text=True, timeout=120)
+        admin_ssh("-o", "ExitOnForwardFailure=yes", "-R", "127.0.0.1:0:127.0.0.1:22", "true"),
+        capture_output=True, text=True, timeout=120)
     assert r.returncode == 255, r.stderr
     assert "forwarding failed" in r.stderr, r.stderr
 
 
 @pytest.mark.control("SSH-03")
 @pytest.mark.parametrize("kind", ["-L", "-D"])
-def test_local_and_dynamic_forwarding_are_refused(lab, kind) -> None:  # type: ignore[no-untyped-def]
+def test_local_and_dynamic_forwarding_are_refused(admin_ssh, kind) -> None:  # type: ignore[no-untyped-def]
     """The client opens the local port; sshd must refuse the channel when it is used."""
-    if lab is None:
-        pytest.skip("needs the lab's admin session from the controller")
     port = _free_port()
     spec = f"127.0.0.1:{port}:127.0.0.1:22" if kind == "-L" else f"127.0.0.1:{port}"
-    proc = subprocess.Popen([*_controller_ssh(lab), "-N", kind, spec, lab.ssh_alias],
+    proc = subprocess.Popen(admin_ssh("-N", kind, spec),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         got = b""
@@ -136,12 +151,15 @@ def test_local_and_dynamic_forwarding_are_refused(lab, kind) -> None:  # type: i
 
 
 @pytest.mark.control("SSH-04")
-def test_only_allow_listed_accounts_may_log_in(host) -> None:  # type: ignore[no-untyped-def]
-    allowed = sshd_effective(host).get("allowusers", "").split()
+def test_only_allow_listed_accounts_may_log_in(host, expected) -> None:  # type: ignore[no-untyped-def]
+    # sshd -T prints one `allowusers` line per entry
+    allowed = [v for k, v in sshd_effective_lines(host, expected) if k == "allowusers"]
     assert allowed, "AllowUsers is empty: every account may log in"
     assert "root" not in allowed
     for user in allowed:
         assert host.user(user.split("@")[0]).exists, f"AllowUsers names a missing account {user}"
+    # exactly the inventory's list: no account is let in that the inventory does not name
+    assert sorted(allowed) == sorted(str(u) for u in expected["ssh_allowed_users"])
 
 
 @pytest.mark.control("SSH-05")
@@ -158,8 +176,8 @@ def test_only_allow_listed_accounts_may_log_in(host) -> None:  # type: ignore[no
         "HostKeyAlgorithms=ssh-rsa",
     ],
 )
-def test_weak_algorithms_are_refused(host, weak) -> None:  # type: ignore[no-untyped-def]
-    r = local_attempt(host, f"-o {weak}")
+def test_weak_algorithms_are_refused(host, expected, weak) -> None:  # type: ignore[no-untyped-def]
+    r = local_attempt(host, expected, f"-o {weak}")
     assert r.rc == 255
     assert "no matching" in r.stderr, r.stderr
 
@@ -172,18 +190,18 @@ def test_weak_dh_moduli_are_removed(host) -> None:  # type: ignore[no-untyped-de
 
 
 @pytest.mark.control("SSH-06", "SSH-01")
-def test_a_password_drop_in_cannot_enable_password_logins(host) -> None:  # type: ignore[no-untyped-def]
+def test_a_password_drop_in_cannot_enable_password_logins(host, expected) -> None:  # type: ignore[no-untyped-def]
     dropin = "/etc/ssh/sshd_config.d/50-cloud-init.conf"
     assert not host.file(dropin).exists, f"{dropin} exists already; not touching it"
     host.check_output(f"printf 'PasswordAuthentication yes\\nKbdInteractiveAuthentication yes\\n"
                       f"PermitRootLogin yes\\n' > {dropin} && systemctl reload ssh.service")
     try:
         time.sleep(1)
-        conf = sshd_effective(host)
+        conf = sshd_effective(host, expected)
         assert conf["passwordauthentication"] == "no"
         assert conf["kbdinteractiveauthentication"] == "no"
         assert conf["permitrootlogin"] == "no"
-        r = local_attempt(host, "-o PreferredAuthentications=password,keyboard-interactive")
+        r = local_attempt(host, expected, "-o PreferredAuthentications=password,keyboard-interactive")
         assert "Permission denied (publickey)" in r.stderr, r.stderr
     finally:
         host.run(f"rm -f {dropin} && systemctl reload ssh.service")

@@ -1,6 +1,10 @@
-"""USB posture (USB-01..02) on the host. Hot-plugging real devices is in tests/lab/test_usb.py."""
+"""USB posture (USB-01..02) on the host, and devices hot-plugged where the inventory gives a
+way to plug them (verify_usb_hotplug)."""
 
 from __future__ import annotations
+
+import subprocess
+import time
 
 import pytest
 
@@ -27,16 +31,55 @@ def test_usbguard_blocks_by_default(host) -> None:  # type: ignore[no-untyped-de
 
 
 @pytest.mark.control("USB-02")
-def test_usbguard_allows_only_listed_device_ids(host, lab) -> None:  # type: ignore[no-untyped-def]
+def test_usbguard_allows_only_listed_device_ids(host, expected) -> None:  # type: ignore[no-untyped-def]
+    listed = {str(d["id"]).lower() for d in expected["usb_allowed_devices"]}
     rules = [r for r in host.check_output("usbguard list-rules").splitlines() if r.strip()]
-    assert rules, "USBGuard has no rules: nothing could be allowed, not even the token"
+    allowed: set[str] = set()
     for rule in rules:
         target = rule.split(": ", 1)[1]
         assert target.startswith("allow id "), f"not an id allow-list rule: {rule}"
         # never "what was plugged in": no serial, hash or port pinning from generate-policy
         assert " hash " not in target and " serial " not in target, rule
-    if lab is not None:
-        token = lab.raw["usb"]["token"]
-        assert any(f"allow id {token['vendor']}:{token['product']}" in r for r in rules)
-        stick = lab.raw["usb"]["storage"]
-        assert not any(f"{stick['vendor']}:{stick['product']}" in r for r in rules)
+        allowed.add(target.split()[2].lower())
+    # exactly the inventory's ids: none missing (the token would be blocked), none added
+    assert allowed == listed, f"USBGuard allows {sorted(allowed)}, the inventory lists {sorted(listed)}"
+
+
+@pytest.mark.control("USB-01", "USB-02")
+def test_a_plugged_usb_device_is_allowed_only_when_listed(host, expected, usb_hotplug_device) -> None:  # type: ignore[no-untyped-def]
+    """Plug the device in (the inventory's hook) and watch USBGuard decide: an id on the
+    allow-list is allowed, anything else is blocked and no driver binds it."""
+    hook = expected["verify_usb_hotplug"]
+    want = str(hook["devices"][usb_hotplug_device]).lower()
+    listed = {str(d["id"]).lower() for d in expected["usb_allowed_devices"]}
+
+    def hotplug(action: str) -> None:
+        r = subprocess.run([*map(str, hook["argv"]), action, usb_hotplug_device],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"{action} {usb_hotplug_device}: {r.stdout}{r.stderr}"
+
+    def line() -> str:
+        devices = host.check_output("usbguard list-devices").splitlines()
+        return next((ln for ln in devices if f" id {want} " in ln + " "), "")
+
+    hotplug("plug")
+    try:
+        deadline = time.monotonic() + 90  # the guest is slow to enumerate a new device
+        while not line() and time.monotonic() < deadline:
+            time.sleep(2)
+        seen = line()
+        assert seen, f"{want} never reached USBGuard"
+        if want in listed:
+            assert ": allow id " in seen, seen
+            return
+        assert ": block id " in seen, seen
+        time.sleep(5)  # give the kernel every chance to bind a driver
+        assert not [b for b in host.check_output("ls /sys/block").split() if b.startswith("sd")]
+        assert "usb_storage " not in host.file("/proc/modules").content_string
+        auth = host.check_output(
+            "for a in /sys/bus/usb/devices/*/authorized; do p=${a%/authorized}; "
+            "echo $(cat $p/idVendor 2>/dev/null):$(cat $p/idProduct 2>/dev/null)=$(cat $a); done"
+        ).split()
+        assert f"{want}=0" in auth, auth
+    finally:
+        hotplug("unplug")

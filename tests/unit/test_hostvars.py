@@ -52,6 +52,25 @@ def test_a_broken_lookup_fails_only_the_variable_that_uses_it(tmp_path: Path) ->
         inv.get("h1", "bad")
 
 
+def test_lookups_work_as_in_a_play(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOSTVARS_PROBE", "from-env")
+    key = tmp_path / "k.pub"
+    key.write_text("ssh-ed25519 AAAA k\n")
+    (tmp_path / "inv").mkdir()
+    inv = hostvars.load(
+        str(
+            _inventory(
+                tmp_path / "inv",
+                "all:\n  hosts:\n    h1: {}\n",
+                "e: \"{{ lookup('ansible.builtin.env', 'HOSTVARS_PROBE') }}\"\n"
+                f"f: \"{{{{ lookup('ansible.builtin.file', '{key}') }}}}\"\n",
+            )
+        )
+    )
+    assert inv.get("h1", "e") == "from-env"
+    assert inv.get("h1", "f") == "ssh-ed25519 AAAA k"
+
+
 def test_missing_inventory_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(hostvars.InventoryError, match="no such file or directory"):
         hostvars.load(str(tmp_path / "nope"))

@@ -24,9 +24,9 @@ DEMO = """
 import pytest
 
 @pytest.mark.control("NET-01")
-def test_host_answers(host, is_lab, lab):
+def test_host_answers(host, is_lab, expected):
     assert host.run("true").rc == 0
-    assert is_lab is False and lab is None
+    assert is_lab is False and expected["signer_gateway_user"] == "sign"
 
 @pytest.mark.control("SSH-01")
 def test_a_failing_check(host):
@@ -62,11 +62,17 @@ def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.
     posture.mkdir()
     shutil.copy(ROOT / "tests" / "posture" / "conftest.py", posture / "conftest.py")
     (posture / "test_demo.py").write_text(DEMO)
+    # The target's inventory (the posture conftest reads its expectations from it).
+    for kind in ("production", "lab"):
+        inv = pytester.mkdir(f"inventory-{kind}")
+        (inv / "hosts.yml").write_text(f"all:\n  hosts:\n    local:\n      verify_kind: {kind}\n")
     return pytester
 
 
-def run_suite(suite: pytest.Pytester, *args: str) -> dict[str, Any]:
+def run_suite(suite: pytest.Pytester, *args: str, inventory: str | None = "production"
+              ) -> dict[str, Any]:
     out = suite.path / "results.json"
+    inv = [f"--inventory={suite.path / f'inventory-{inventory}'}"] if inventory else []
     suite.runpytest_subprocess(
         "tests/posture",
         "-p",
@@ -74,6 +80,7 @@ def run_suite(suite: pytest.Pytester, *args: str) -> dict[str, Any]:
         f"--verify-json={out}",
         "-v",
         "--no-sudo",
+        *inv,
         *args,
     )
     data: dict[str, Any] = json.loads(out.read_text())
@@ -100,21 +107,30 @@ def test_pipeline_against_a_production_kind_host(suite: pytest.Pytester) -> None
     assert not m["ok"]
 
 
-def test_lab_kind_without_a_running_lab_gives_lab_none(suite: pytest.Pytester) -> None:
+def test_the_kind_of_host_comes_from_its_inventory(suite: pytest.Pytester) -> None:
     (suite.path / "tests" / "posture" / "test_demo.py").write_text(
         "import pytest\n\n"
         "@pytest.mark.control('NET-01')\n"
-        "def test_lab_fixture(host, is_lab, lab):\n"
-        "    assert is_lab and lab is None\n"
+        "def test_kind(host, is_lab):\n"
+        "    assert is_lab\n"
     )
-    run = run_suite(suite, "--target=local://", "--target-kind=lab")
+    run = run_suite(suite, "--target=local://", inventory="lab")
     assert [t["outcome"] for t in run["tests"]] == ["passed"]
 
 
-def test_no_target_and_no_lab_skips_with_the_reason(suite: pytest.Pytester) -> None:
-    run = run_suite(suite)
+def test_a_target_kind_its_inventory_contradicts_is_refused(suite: pytest.Pytester) -> None:
+    result = suite.runpytest_subprocess(
+        "tests/posture", "--no-sudo", "--target=local://", "--target-kind=production",
+        f"--inventory={suite.path / 'inventory-lab'}",
+    )  # fmt: skip
+    assert result.ret != 0
+    assert "is a lab host (verify_kind)" in result.stderr.str()
+
+
+def test_no_target_and_no_host_skips_with_the_reason(suite: pytest.Pytester) -> None:
+    run = run_suite(suite, inventory=None)  # inventory/lab, its host's ssh config absent
     assert {t["outcome"] for t in run["tests"]} == {"skipped"}
-    assert "no running lab" in run["tests"][0]["message"]
+    assert "does not exist; is the host up?" in run["tests"][0]["message"]
 
 
 @pytest.mark.skipif(shutil.which("ssh") is None, reason="needs the OpenSSH client")
