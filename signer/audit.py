@@ -162,20 +162,28 @@ class Scan:
     seq: int = -1
     last_hash: str = GENESIS
     end: int = 0  # offset after the last good entry
-    torn: int = 0  # bytes of an incomplete last line (a crash in the middle of a write)
+    torn: bytes = b""  # an incomplete last line (a crash in the middle of a write), exactly
     since_checkpoint: int = 0
 
 
 def scan(path: Path, on_entry: Callable[[dict[str, Any]], None]) -> Scan:
     """Verify the chain of an existing log (a missing file is an empty log) and replay it.
-    An incomplete last line is tolerated (and reported in `torn`); anything else raises."""
+
+    Only an incomplete *last* line is tolerated (returned in `torn`, byte for byte, for the
+    caller to keep and report): the writer never writes a line longer than MAX_LINE, so a line
+    without its newline that has anything after it is not a torn write but a broken log, and
+    raises like any other damage (cutting there would drop every later entry)."""
     v = Verifier()
     out = Scan()
     if not path.exists():
         return out
+    size = path.stat().st_size
     for offset, line in read_lines(path):
         if not line.endswith(b"\n"):
-            out.torn = offset - out.end
+            if offset != size:
+                raise ChainError(v.seq + 1, f"entry longer than {MAX_LINE} bytes (not a torn "
+                                            "last line: entries follow it)")
+            out.torn = line
             break
         entry = v.feed(line)
         out.end = offset
@@ -231,7 +239,12 @@ class Writer:
             raise AuditError(f"audit log {self.path} is locked by another process (another "
                              "daemon running?)") from None
         try:
-            if self.scan.torn or os.fstat(self._fd).st_size != self.scan.end:
+            size = os.fstat(self._fd).st_size
+            if size != self.scan.end + len(self.scan.torn):
+                os.close(self._fd)
+                raise AuditError(f"audit log {self.path} changed while it was being read: "
+                                 "start again")
+            if self.scan.torn:  # only the incomplete last line, nothing else
                 os.ftruncate(self._fd, self.scan.end)
                 os.fsync(self._fd)
             if new:
@@ -318,6 +331,10 @@ class Writer:
             else:
                 sealed = seal(body(seq + 1, prev, slot.event, slot.fields, time))
             entry, line = sealed
+            if len(line) > MAX_LINE:  # a reader would take it for a torn write: never write it
+                slot.error = f"audit entry longer than {MAX_LINE} bytes: not written"
+                entries.append({})
+                continue
             seq, prev = seq + 1, entry["hash"]
             since = 0 if slot.event == "checkpoint" else since + 1
             lines.append(line)

@@ -137,8 +137,9 @@ def dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "serve":
         cfg = config.load(args.config)
-        logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                            format="%(levelname)s %(message)s")
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(daemon.EscapingFormatter("%(levelname)s %(message)s"))
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
         daemon.run(cfg)
         return Exit.OK
     if args.command == "config":

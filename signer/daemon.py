@@ -37,7 +37,7 @@ from asn1crypto import x509
 
 from signer import approval, audit, certs, pin, policy, request, wire
 from signer.algorithms import BY_NAME, ECDSA_P256
-from signer.config import Config, Profile
+from signer.config import NAME_RE, Config, Profile
 from signer.errors import Exit, SignerError
 from signer.formats import cms, raw
 from signer.policy import Denied
@@ -92,7 +92,7 @@ class Daemon:
         self.writer = audit.Writer(d.audit_log, scan, d.checkpoint_interval,
                                    self._sign_checkpoint)
         self.writer.open()
-        note = f"cut a torn last entry of {scan.torn} bytes" if scan.torn else None
+        note = self._keep_torn(scan) if scan.torn else None
         self.writer.append("start", pid=os.getpid(), note=note,
                            reason="PIN from file" if secret else "locked: waiting for unlock")
         if secret is not None:
@@ -100,6 +100,25 @@ class Daemon:
                 self._login(secret)
             except SignerError as exc:
                 raise SignerError(exc.code, f"{exc.message} (PIN from {d.pin_file})") from None
+
+    def _keep_torn(self, scan: audit.Scan) -> str:
+        """Keep the incomplete last line that start-up cuts (a crash in the middle of a write)
+        for the investigation, and say exactly what was cut: offset, length, digest, where."""
+        digest = hashlib.sha256(scan.torn).hexdigest()
+        kept = self.cfg.daemon.state_dir / f"torn-{scan.end}-{digest[:16]}.bin"
+        try:
+            fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(scan.torn)
+                fh.flush()
+                os.fsync(fh.fileno())
+            where = f"kept in {kept}"
+        except OSError as exc:
+            where = f"not kept: {exc.strerror}"
+        note = (f"cut a torn last entry: {len(scan.torn)} bytes at offset {scan.end}, "
+                f"sha256 {digest}, {where}")
+        log.warning("audit log: %s", note)
+        return note
 
     def stop(self) -> None:
         self._stopping.set()
@@ -239,6 +258,18 @@ class Daemon:
         if hdr.get("v") != wire.VERSION or role not in ("client", "custodian") \
                 or not isinstance(name, str):
             peer.reply(Exit.USAGE, "protocol mismatch: gateway and daemon versions differ")
+            return
+        if not NAME_RE.fullmatch(name):
+            # Never logged as given: an odd or over-long name must not reach the log or the
+            # journal (it could make a line a reader takes for a torn write, or forge one).
+            why = f"bad caller name ({len(name)} characters, not {NAME_RE.pattern})"
+            log.info("deny %s: %s", role, why)
+            if self.writer is not None:
+                try:
+                    self.writer.append("deny", reason=f"{role}: {why}")
+                except audit.AuditError as exc:
+                    log.error("cannot log a denial: %s", exc.message)
+            peer.reply(Exit.USAGE, f"bad {role} name: want {NAME_RE.pattern}")
             return
         try:
             cmd = request.from_wire(hdr)
@@ -618,6 +649,26 @@ def _uid(account: str) -> int | None:
 
 def _gid(group: str) -> int:
     return grp.getgrnam(group).gr_gid
+
+
+class EscapingFormatter(logging.Formatter):
+    """Journal lines escaped as the audit log escapes its entries: a caller-provided string
+    (a name, a reason that quotes one) cannot start a new line or hide text in the journal.
+    A traceback keeps its lines, each one escaped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = _escape(record.getMessage())
+        text = self.formatMessage(record)
+        if record.exc_info:
+            record.exc_text = record.exc_text or self.formatException(record.exc_info)
+        if record.exc_text:
+            text += "\n" + "\n".join(_escape(x) for x in record.exc_text.splitlines())
+        return text
+
+
+def _escape(text: str) -> str:
+    """JSON string escaping without the quotes: controls and non-ASCII as \\uXXXX."""
+    return json.dumps(text, ensure_ascii=True)[1:-1]
 
 
 def notify_ready() -> None:

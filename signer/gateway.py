@@ -122,6 +122,9 @@ def exchange(sock: socket.socket, header: dict[str, object], stdin: BinaryIO | N
 def run(role: str, name: str, config: Path | None, sock_path: Path | None,
         raw_command: bytes | None, stdin: BinaryIO, stdout: BinaryIO) -> tuple[int, str]:
     """Returns (exit code, message for stderr)."""
+    if not request.PROFILE_RE.fullmatch(name):  # names share the profiles' rule
+        return Exit.CONFIG, (f"bad {role} name in the forced command (want "
+                             f"{request.PROFILE_RE.pattern})")
     try:
         cmd = request.parse(raw_command)
     except request.ParseError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import resource
 import shutil
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from signer import audit, certs
+from signer import audit, certs, daemon
 from signer.formats import cms
 from tests.signer.conftest import CLIENTS, CUSTODIANS, Signer, one_line_error, profiles
 from toolkit.signer_lab import Lab, sign_over_socket
@@ -161,13 +162,81 @@ def test_daemon_refuses_to_start_on_a_broken_log(make_signer: Any) -> None:
 def test_a_torn_last_entry_from_a_crash_is_cut_and_noted(make_signer: Any) -> None:
     s: Signer = make_signer()
     s.stop()
+    end = s.audit_log.stat().st_size
+    torn = b'{"event":"sign","seq":'
     with s.audit_log.open("ab") as f:
-        f.write(b'{"event":"sign","seq":')
+        f.write(torn)
     s.start()
     start = s.events("start")[-1]
-    assert "torn last entry of 22 bytes" in start["note"]
+    digest = hashlib.sha256(torn).hexdigest()
+    assert f"cut a torn last entry: 22 bytes at offset {end}, sha256 {digest}" in start["note"]
+    kept = Path(start["note"].rsplit("kept in ", 1)[1])
+    assert kept.read_bytes() == torn
     s.stop()
     assert audit.verify_file(s.audit_log, None, live=False)[0]
+
+
+def _raw_request(s: Signer, header: dict[str, Any]) -> tuple[int, str, bytes]:
+    """A request straight on the socket, as any process of the gateway's group can send it:
+    the header as raw UTF-8 JSON (3 bytes on the wire for a character that the log escapes
+    into 6), the body inline."""
+    from signer import gateway, wire
+
+    line = json.dumps({"v": wire.VERSION, "inline": True, **header},
+                      ensure_ascii=False).encode() + b"\n"
+    assert len(line) <= wire.MAX_LINE
+    with gateway.connect(s.socket) as sock, sock.makefile("rb") as f:
+        sock.sendall(line + wire.frame_header(1) + b"x" + wire.frame_header(0))
+        return wire.read_reply(f)
+
+
+@pytest.mark.control("SGN-05")
+def test_an_odd_caller_name_cannot_make_the_log_cut_later_entries(make_signer: Any) -> None:
+    """A caller name that escapes to more than a line's worth of JSON used to be logged raw
+    (a 64 KiB+ deny line); the restart took it for a torn write and cut it and everything
+    after it: here a signature and a custodian's freeze."""
+    s: Signer = make_signer()
+    odd = "\u00e9" * 30000  # 60 kB of UTF-8 on the wire, 180 kB once escaped
+    code, message, _ = _raw_request(s, {"role": "client", "caller": odd, "cmd": "sign",
+                                        "profile": "dev", "format": "raw", "name": ""})
+    assert code == 64 and len(message) < 200, message
+    assert s.gw("sign --profile dev --format raw", b"after the odd name").returncode == 0
+    assert s.gw("freeze dev", client=None, custodian="alice").returncode == 0
+    s.stop()
+    assert max(len(line) for line in s.audit_log.read_bytes().splitlines()) < audit.MAX_LINE
+    s.start()
+    assert "note" not in s.events("start")[-1]
+    assert len(s.events("sign")) == 1 and len(s.events("freeze")) == 1
+    r = s.gw("sign --profile dev --format raw", b"still frozen")
+    assert r.returncode == 77 and b"frozen" in r.stderr
+
+
+def test_only_an_incomplete_last_line_counts_as_torn(tmp_path: Path) -> None:
+    """A line without its newline that has entries after it is damage, not a torn write."""
+    log = tmp_path / "audit.jsonl"
+    lines = [audit.seal(audit.body(0, audit.GENESIS, "start", {"pid": 1}, audit.now_utc()))[1]]
+    prev = json.loads(lines[0])["hash"]
+    lines.append(audit.seal(audit.body(1, prev, "stop", {"pid": 1}, audit.now_utc()))[1])
+    log.write_bytes(lines[0] + b"x" * (audit.MAX_LINE + 10) + b"\n" + lines[1])
+    with pytest.raises(audit.ChainError, match="seq 1: entry longer than"):
+        audit.scan(log, lambda _e: None)
+    log.write_bytes(lines[0] + lines[1][:-1])
+    scan = audit.scan(log, lambda _e: None)
+    assert scan.torn == lines[1][:-1] and scan.end == len(lines[0]) and scan.seq == 0
+
+
+def test_the_journal_escapes_caller_provided_strings(make_signer: Any) -> None:
+    s: Signer = make_signer()
+    _raw_request(s, {"role": "client", "caller": "x\nINFO sign forged-line", "cmd": "sign",
+                     "profile": "dev", "format": "raw", "name": ""})
+    s.stop()
+    journal = s.log
+    assert "deny client: bad caller name" in journal
+    assert not any(line.startswith("INFO sign forged-line") for line in journal.splitlines())
+    fmt = daemon.EscapingFormatter("%(levelname)s %(message)s")
+    rec = logging.LogRecord("signerd", logging.INFO, __file__, 1, "deny %s: %s",
+                            ("evil\nINFO forged", "a\u202eb"), None)
+    assert fmt.format(rec) == "INFO deny evil\\nINFO forged: a\\u202eb"
 
 
 # --- fail closed ---------------------------------------------------------------------------
