@@ -405,8 +405,13 @@ def show(entry: Mapping[str, Any]) -> str:
     return f"{head} {rest}".rstrip()
 
 
-def verify_file(path: Path, spki: bytes | None, live: bool) -> tuple[bool, str]:
-    """`signer audit verify`: (valid, one line naming the first bad sequence number)."""
+def verify_file(path: Path, spki: bytes | None, live: bool, chain_only: bool = False
+                ) -> tuple[bool, str]:
+    """`signer audit verify`: (valid, one line naming the first bad sequence number).
+
+    Valid means vouched for by the audit key: without a key (`spki` None) or without a single
+    checkpoint, the chain alone proves nothing (anyone can recompute it), so the answer is
+    "not valid" unless the caller asked for exactly that weaker check (`chain_only`)."""
     v = Verifier(spki)
     try:
         for _offset, line in read_lines(path):
@@ -416,17 +421,28 @@ def verify_file(path: Path, spki: bytes | None, live: bool) -> tuple[bool, str]:
     except OSError as exc:
         return False, f"{path}: cannot read: {exc.strerror}"
     if v.seq < 0:
-        return (live, f"{path}: empty log" if live
+        return (live and chain_only, f"{path}: empty log" if live
                 else f"{path}: first bad seq 0: missing (the log is empty)")
-    signed = (f"{v.checkpoints} checkpoint(s) verified" if spki is not None
-              else f"{v.checkpoints} checkpoint(s), signatures NOT checked (give --cert or "
-                   "--pubkey)")
+    if spki is None:
+        signed = f"{v.checkpoints} checkpoint(s), signatures NOT checked"
+    else:
+        signed = f"{v.checkpoints} checkpoint(s) verified"
+    if v.last_event != "checkpoint" and not live:
+        return False, (f"{path}: first bad seq {v.seq + 1}: missing: the log ends at seq "
+                       f"{v.seq} without a closing checkpoint (truncated, or written by a "
+                       "running or crashed daemon: use --live)")
+    tail = ""
     if v.last_event != "checkpoint":
-        tail = v.seq - (v.last_checkpoint if v.last_checkpoint is not None else -1)
-        if not live:
-            return False, (f"{path}: first bad seq {v.seq + 1}: missing: the log ends at seq "
-                           f"{v.seq} without a closing checkpoint (truncated, or written by a "
-                           "running or crashed daemon: use --live)")
-        return True, (f"{path}: ok: seq 0..{v.seq}, {signed}; the last {tail} entries are not "
-                      "yet covered by a checkpoint")
-    return True, f"{path}: ok: seq 0..{v.seq}, {signed}"
+        n = v.seq - (v.last_checkpoint if v.last_checkpoint is not None else -1)
+        tail = f"; the last {n} entries are not yet covered by a checkpoint"
+    if chain_only:
+        return True, f"{path}: chain ok: seq 0..{v.seq}, {signed} (--chain-only){tail}"
+    if spki is None:
+        return False, (f"{path}: NOT verified: seq 0..{v.seq} chain ok, but {signed}: without "
+                       "the audit key anyone can recompute the chain (give --cert or --pubkey; "
+                       "--chain-only to check the chain alone)")
+    if v.checkpoints == 0:
+        return False, (f"{path}: NOT verified: seq 0..{v.seq} chain ok, but no checkpoint: "
+                       "nothing in it is vouched for by the audit key (--chain-only to check "
+                       "the chain alone)")
+    return True, f"{path}: ok: seq 0..{v.seq}, {signed}{tail}"

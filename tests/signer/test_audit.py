@@ -42,6 +42,10 @@ def closed_log(lab: Lab) -> Iterator[tuple[list[bytes], Path]]:
     yield lines, lab.certs / "audit.pem"
 
 
+def _audit_pub(lab: Lab) -> bytes:
+    return certs.load_public_key(lab.certs / "audit.pem")
+
+
 def _verify(tmp_path: Path, lines: list[bytes], cert: Path) -> tuple[bool, str]:
     path = tmp_path / "audit.jsonl"
     path.write_bytes(b"".join(lines))
@@ -147,6 +151,30 @@ def test_audit_verify_cli_names_the_seq_and_exits_1(closed_log: tuple[list[bytes
 
 
 @pytest.mark.control("SGN-05")
+def test_audit_verify_passes_only_what_the_audit_key_vouches_for(
+        closed_log: tuple[list[bytes], Path], tmp_path: Path, lab: Lab) -> None:
+    """Without a key, or with --live on a log without a checkpoint, the chain alone is all
+    that was checked (anyone can recompute it): not a pass, unless asked for (--chain-only)."""
+    lines, cert = closed_log
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b"".join(lines))
+    r = lab.signer("audit", "verify", path)
+    assert r.returncode == 1 and b"NOT verified" in r.stdout, r.stdout
+    r = lab.signer("audit", "verify", path, "--live")
+    assert r.returncode == 1 and b"NOT verified" in r.stdout, r.stdout
+    r = lab.signer("audit", "verify", path, "--chain-only")
+    assert r.returncode == 0 and b"signatures NOT checked (--chain-only)" in r.stdout, r.stdout
+    first = next(i for i, line in enumerate(lines) if json.loads(line)["event"] == "checkpoint")
+    path.write_bytes(b"".join(lines[:first]))  # a live log cut before its first checkpoint
+    r = lab.signer("audit", "verify", path, "--live", "--cert", cert)
+    assert r.returncode == 1 and b"no checkpoint" in r.stdout, r.stdout
+    r = lab.signer("audit", "verify", path, "--live", "--chain-only")
+    assert r.returncode == 0, r.stdout
+    path.write_bytes(b"")
+    assert lab.signer("audit", "verify", path, "--live", "--cert", cert).returncode == 1
+
+
+@pytest.mark.control("SGN-05")
 def test_daemon_refuses_to_start_on_a_broken_log(make_signer: Any) -> None:
     s: Signer = make_signer()
     assert s.gw("sign --profile dev --format raw", b"x").returncode == 0
@@ -173,7 +201,7 @@ def test_a_torn_last_entry_from_a_crash_is_cut_and_noted(make_signer: Any) -> No
     kept = Path(start["note"].rsplit("kept in ", 1)[1])
     assert kept.read_bytes() == torn
     s.stop()
-    assert audit.verify_file(s.audit_log, None, live=False)[0]
+    assert audit.verify_file(s.audit_log, _audit_pub(s.lab), live=False)[0]
 
 
 def _raw_request(s: Signer, header: dict[str, Any]) -> tuple[int, str, bytes]:
@@ -276,7 +304,7 @@ def test_signing_fails_closed_when_the_audit_log_cannot_grow(make_signer: Any) -
     assert refused.returncode == 74
     assert "audit log" in one_line_error(refused) and "fail closed" in refused.stderr.decode()
     log = s.audit_log
-    ok, message = audit.verify_file(log, None, live=True)
+    ok, message = audit.verify_file(log, _audit_pub(s.lab), live=True)
     assert ok, message
     signed = {e["sig_sha256"] for e in s.events("sign")}
     assert {hashlib.sha256(sig).hexdigest() for sig in received} == signed
@@ -306,7 +334,7 @@ def test_signing_fails_closed_on_a_full_filesystem(make_signer: Any, tmp_path: P
     assert received and refused.returncode == 74
     assert "No space left on device" in one_line_error(refused)
     inside = Path(f"/proc/{proc.pid}/root") / str(logdir / "audit.jsonl").lstrip("/")
-    ok, message = audit.verify_file(inside, None, live=True)
+    ok, message = audit.verify_file(inside, _audit_pub(s.lab), live=True)
     assert ok, message
     entries = [json.loads(line) for line in inside.read_text().splitlines()]
     assert {e["sig_sha256"] for e in entries if e["event"] == "sign"} == \
@@ -374,7 +402,7 @@ def test_kill_9_in_a_stream_of_requests_loses_no_released_signature(signer: Sign
         t.join()
     assert len(received) > 10
     signer.start()
-    ok, message = audit.verify_file(signer.audit_log, None, live=True)
+    ok, message = audit.verify_file(signer.audit_log, _audit_pub(signer.lab), live=True)
     assert ok, message
     logged = {e["sig_sha256"] for e in signer.events("sign")}
     assert {hashlib.sha256(sig).hexdigest() for sig in received} <= logged
