@@ -349,6 +349,16 @@ class Daemon:
         assert self.writer is not None
         if self.writer.broken:
             raise audit.AuditError(self.writer.broken)
+        audit_key = (self.cfg.daemon.audit_key, ECDSA_P256.name)
+        if audit_key not in self._keys:
+            # Without the audit key no checkpoint can vouch for what is signed: fail closed,
+            # exactly as when the log cannot be written.
+            why = self._key_problems.get(audit_key)
+            if why is None:
+                raise SignerError(Exit.UNAVAILABLE, "the signer is being unlocked: try again "
+                                  "in a moment")
+            raise audit.AuditError(f"the audit key {self.cfg.daemon.audit_key} is not "
+                                   f"resident on the token ({why})")
         if (profile.key, profile.algorithm) not in self._keys:
             why = self._key_problems.get((profile.key, profile.algorithm))
             if why is None:  # unlocked a moment ago, residency not checked yet

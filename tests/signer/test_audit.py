@@ -270,6 +270,25 @@ def test_the_journal_escapes_caller_provided_strings(make_signer: Any) -> None:
 # --- fail closed ---------------------------------------------------------------------------
 
 
+@pytest.mark.control("SGN-05")
+@pytest.mark.parametrize("audit_key", ["no-such-key", "imported"])
+def test_nothing_is_signed_without_a_resident_audit_key(make_signer: Any, audit_key: str
+                                                        ) -> None:
+    """A missing audit key, or one that is not resident (imported from outside the token):
+    no checkpoint could vouch for a signature, so none is made (74, as for an unwritable
+    log), and the refusal is logged."""
+    s: Signer = make_signer(
+        audit_key=f"pkcs11:token=signer;object={audit_key};type=private",
+        profile_overrides={"imported": {"key": "pkcs11:token=signer;object=dev;type=private"}})
+    for profile in ("dev", "release"):
+        r = s.gw(f"sign --profile {profile} --format raw", b"artifact")
+        assert r.returncode == 74, r.stderr
+        assert "audit key" in one_line_error(r) and "fail closed" in r.stderr.decode()
+    assert s.events("sign") == [] and s.events("queue") == []
+    assert any(e.get("key", "").endswith(f"object={audit_key};type=private")
+               for e in s.events("residency-failure"))
+
+
 def _sign_until_refused(s: Signer, limit: int = 200) -> tuple[list[bytes],
                                                                subprocess.CompletedProcess[bytes]]:
     received: list[bytes] = []
