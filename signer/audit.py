@@ -34,6 +34,12 @@ GENESIS = "0" * 64
 EVENTS = frozenset({"start", "stop", "sign", "deny", "queue", "approve", "unlock", "freeze", "thaw",
                     "residency-failure", "budget-exceeded", "checkpoint"})
 MAX_LINE = 64 * 1024
+# A flush holding one of these ends with a checkpoint: the audit key vouches for it at once.
+CLOSE_WITH_CHECKPOINT = frozenset({"sign", "queue", "approve", "freeze", "thaw",
+                                   "budget-exceeded", "unlock"})
+# Never written unless that checkpoint can be made: a signature is not released, a request
+# not queued, a profile not thawed on the word of a log the audit key does not vouch for.
+NEEDS_PROOF = frozenset({"sign", "queue", "thaw"})
 
 
 class ChainError(Exception):
@@ -164,19 +170,30 @@ class Scan:
     end: int = 0  # offset after the last good entry
     torn: bytes = b""  # an incomplete last line (a crash in the middle of a write), exactly
     since_checkpoint: int = 0
+    verified: int | None = None  # seq of the last checkpoint (verified when a key was given)
+    tail: list[dict[str, Any]] = field(default_factory=list)  # entries after it: unproven
 
 
-def scan(path: Path, on_entry: Callable[[dict[str, Any]], None]) -> Scan:
+def scan(path: Path, on_entry: Callable[[dict[str, Any]], None], spki: bytes | None = None
+         ) -> Scan:
     """Verify the chain of an existing log (a missing file is an empty log) and replay it.
 
     Only an incomplete *last* line is tolerated (returned in `torn`, byte for byte, for the
     caller to keep and report): the writer never writes a line longer than MAX_LINE, so a line
     without its newline that has anything after it is not a torn write but a broken log, and
-    raises like any other damage (cutting there would drop every later entry)."""
+    raises like any other damage (cutting there would drop every later entry).
+
+    Anyone who can write the file can recompute the chain, so only what a checkpoint vouches
+    for is replayed through `on_entry`; with the audit key (`spki`) the last checkpoint is
+    verified (through the chain it vouches for every entry before it; one that does not
+    verify is tampering and raises). The entries after it are returned in `tail`, not
+    replayed: the caller decides what, if anything, to believe of them."""
     v = Verifier()
     out = Scan()
     if not path.exists():
         return out
+    pending: list[dict[str, Any]] = []
+    last_cp: dict[str, Any] | None = None
     size = path.stat().st_size
     for offset, line in read_lines(path):
         if not line.endswith(b"\n"):
@@ -188,7 +205,17 @@ def scan(path: Path, on_entry: Callable[[dict[str, Any]], None]) -> Scan:
         entry = v.feed(line)
         out.end = offset
         out.since_checkpoint = 0 if entry["event"] == "checkpoint" else out.since_checkpoint + 1
-        on_entry(entry)
+        pending.append(entry)
+        if entry["event"] == "checkpoint":
+            last_cp = entry
+            for e in pending:
+                on_entry(e)
+            pending = []
+    if last_cp is not None:
+        if spki is not None:
+            Verifier(spki)._checkpoint(last_cp)
+        out.verified = last_cp["seq"]
+    out.tail = pending
     out.seq, out.last_hash = v.seq, v.last_hash
     return out
 
@@ -315,10 +342,32 @@ class Writer:
 
     def _build(self, batch: list[_Slot], seq: int, prev: str, since: int
                ) -> tuple[list[bytes], list[dict[str, Any]], int, str, int]:
+        """The lines of one flush. A flush that holds a state-changing or sign entry ends
+        with a checkpoint, so the audit key vouches for it in the same write (a restart
+        believes nothing else). An entry that must not exist unproven (NEEDS_PROOF) is not
+        written at all when that checkpoint cannot be made: its caller gets an error."""
+        while True:
+            lines, entries, s2, p2, since2 = self._build_once(batch, seq, prev, since)
+            if since2 == 0:
+                return lines, entries, s2, p2, since2
+            unproven = [slot for slot, e in zip(batch, entries, strict=True)
+                        if e and slot.event in NEEDS_PROOF]
+            if not unproven:
+                return lines, entries, s2, p2, since2
+            for slot in unproven:
+                slot.error = ("no checkpoint: the audit key cannot vouch for this entry "
+                              "(locked, or the key is not available): not written")
+
+    def _build_once(self, batch: list[_Slot], seq: int, prev: str, since: int
+                    ) -> tuple[list[bytes], list[dict[str, Any]], int, str, int]:
         lines: list[bytes] = []
         entries: list[dict[str, Any]] = []
         time = now_utc()
+        close = False
         for slot in batch:
+            if slot.error is not None:
+                entries.append({})
+                continue
             if slot.event == "checkpoint":
                 if since == 0:  # nothing new to vouch for
                     entries.append({})
@@ -337,6 +386,7 @@ class Writer:
                 continue
             seq, prev = seq + 1, entry["hash"]
             since = 0 if slot.event == "checkpoint" else since + 1
+            close = close or slot.event in CLOSE_WITH_CHECKPOINT
             lines.append(line)
             entries.append(entry)
             if since >= self.interval:
@@ -344,6 +394,11 @@ class Writer:
                 if auto is not None:
                     seq, prev, since = seq + 1, auto[0]["hash"], 0
                     lines.append(auto[1])
+        if close and since:
+            closing = self._checkpoint_line(seq + 1, prev, time)
+            if closing is not None:
+                seq, prev, since = seq + 1, closing[0]["hash"], 0
+                lines.append(closing[1])
         return lines, entries, seq, prev, since
 
     def _checkpoint_line(self, seq: int, prev: str, time: str

@@ -80,8 +80,13 @@ class Daemon:
         self.token = Token(d.token_module, d.token_label)
         d.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         (d.state_dir / "signatures").mkdir(mode=0o700, exist_ok=True)
+        spki, source = self._audit_public_key()
+        if spki is None and d.audit_log.exists() and d.audit_log.stat().st_size:
+            raise SignerError(Exit.IOERR, f"cannot check the checkpoints of {d.audit_log}: "
+                              f"{source}; refusing to rebuild state from a log that nothing "
+                              "vouches for")
         try:
-            scan = audit.scan(d.audit_log, self.state.apply)
+            scan = audit.scan(d.audit_log, self.state.apply, spki)
         except audit.ChainError as exc:
             raise SignerError(Exit.IOERR, f"audit log {d.audit_log} is broken at seq {exc.seq}: "
                               f"{exc.reason}. Keep it for the investigation (`signer audit "
@@ -92,7 +97,10 @@ class Daemon:
         self.writer = audit.Writer(d.audit_log, scan, d.checkpoint_interval,
                                    self._sign_checkpoint)
         self.writer.open()
-        note = self._keep_torn(scan) if scan.torn else None
+        notes = [self._keep_torn(scan)] if scan.torn else []
+        notes += self._replay_tail(scan)
+        notes += self._recheck_approvals()
+        note = "; ".join(notes) or None
         self.writer.append("start", pid=os.getpid(), note=note,
                            reason="PIN from file" if secret else "locked: waiting for unlock")
         if secret is not None:
@@ -100,6 +108,71 @@ class Daemon:
                 self._login(secret)
             except SignerError as exc:
                 raise SignerError(exc.code, f"{exc.message} (PIN from {d.pin_file})") from None
+
+    def _audit_public_key(self) -> tuple[bytes | None, str]:
+        """The audit key's public half that checkpoints are checked with at start: from the
+        token (a public session: a locked daemon can read it), else the configured audit
+        certificate. (None, why) when neither is there."""
+        assert self.token is not None
+        d = self.cfg.daemon
+        try:
+            info = self.token.public_key_info_unlocked(d.audit_key)
+        except SignerError:
+            info = None
+        if info is not None:
+            return bytes(info.dump()), "token"
+        if d.audit_cert is not None and d.audit_cert.exists():
+            try:
+                return certs.load_public_key(d.audit_cert), str(d.audit_cert)
+            except SignerError as exc:
+                return None, exc.message
+        return None, (f"the audit key {d.audit_key} has no public key on the token and no "
+                      "audit_cert is installed")
+
+    def _replay_tail(self, scan: audit.Scan) -> list[str]:
+        """The entries after the last checkpoint: nothing signed by the token vouches for
+        them (anyone who can write the file could have appended them with a recomputed
+        chain). Quarantine: believe only what can make the signer stricter (a signature
+        counted against the budget, a freeze) and approvals, which are re-verified with the
+        custodian's key like every other; ignore the rest (a thaw, a queued request)."""
+        if not scan.tail:
+            return []
+        ignored = []
+        for entry in scan.tail:
+            event = entry["event"]
+            if event in policy.TIGHTENING or event == "approve":
+                self.state.apply(entry)
+            elif event in ("queue", "thaw"):
+                ignored.append(f"{event} seq {entry['seq']}")
+        after = "the start of the log" if scan.verified is None else \
+            f"the last checkpoint (seq {scan.verified})"
+        log.warning("audit log: %d entries after %s are not vouched for by the audit key: "
+                    "only what makes the signer stricter is kept%s", len(scan.tail), after,
+                    f"; ignored: {', '.join(ignored)}" if ignored else "")
+        if not ignored:
+            return []
+        return [f"ignored {len(ignored)} entries after {after} that no checkpoint vouches "
+                f"for: {', '.join(ignored[:20])}{' ...' if len(ignored) > 20 else ''}"]
+
+    def _recheck_approvals(self) -> list[str]:
+        """An approval counts after a restart only if its SSH signature, kept in the log,
+        still verifies for that request with the custodian's configured key."""
+        dropped = []
+        for req in self.state.requests.values():
+            if req.signed:
+                continue
+            for custodian, sig in list(req.approvals.items()):
+                key = self.cfg.custodians.get(custodian)
+                if sig is None or key is None or not approval.verify(
+                        req.statement(), sig.encode("ascii"), custodian, key,
+                        self.cfg.daemon.state_dir):
+                    del req.approvals[custodian]
+                    dropped.append(f"{custodian} on {req.id}")
+        if not dropped:
+            return []
+        log.warning("approvals that do not verify (not counted): %s", ", ".join(dropped))
+        return [f"approvals not counted (their signature does not verify with the configured "
+                f"key): {', '.join(dropped[:20])}{' ...' if len(dropped) > 20 else ''}"]
 
     def _keep_torn(self, scan: audit.Scan) -> str:
         """Keep the incomplete last line that start-up cuts (a crash in the middle of a write)
@@ -534,8 +607,9 @@ class Daemon:
         except wire.BodyTooLarge:
             raise Denied(Exit.DATA, "approval signature too large", "approval too large") \
                 from None
-        if not approval.verify(req.statement(), sig, custodian, self.cfg.custodians[custodian],
-                               self.cfg.daemon.state_dir):
+        if not sig.isascii() or not approval.verify(
+                req.statement(), sig, custodian, self.cfg.custodians[custodian],
+                self.cfg.daemon.state_dir):
             raise Denied(Exit.DATA, f"the approval signature does not verify for request {rid} "
                          f"and custodian {custodian!r}: sign that request's statement (from "
                          f"`requests`) with `ssh-keygen -Y sign -n {approval.NAMESPACE}`",
@@ -546,8 +620,11 @@ class Daemon:
                 peer.reply(Exit.OK, f"{custodian} already approved request {rid} (counts "
                            f"once): {n} of {profile.approvals}")
                 return
+            # The signature goes into the log: a restart counts the approval again only if
+            # it still verifies, so an approve entry nobody signed counts for nothing.
             self._state_event("approve", request=rid, custodian=custodian, profile=req.profile,
-                              client=req.client, sha256=req.sha256)
+                              client=req.client, sha256=req.sha256,
+                              approval=sig.decode("ascii"))
             n = len(req.counted(profile))
         peer.reply(Exit.OK, f"approved request {rid}: {n} of {profile.approvals}")
 

@@ -3,7 +3,9 @@
 The state (frozen profiles, budget windows, requests waiting for approvals) is a fold over the
 audit log: `State.apply` is called for every entry the daemon replays at start and for every entry
 it writes. There is no second store that could disagree with the log, and a restart cannot reset
-a budget or forget a freeze.
+a budget or forget a freeze. What the replay may believe is the daemon's call (`TIGHTENING`):
+entries a checkpoint vouches for all count; of an unproven tail only those that can only make
+the signer stricter, and approvals, which carry their own proof (the custodian's signature).
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from typing import Any
 from signer import audit
 from signer.config import Config, Profile
 from signer.errors import Exit
+
+# Entries that can only make the signer stricter: believed even when nothing vouches for them
+# (forging one is a denial of service, which deleting the log already is).
+TIGHTENING = frozenset({"sign", "freeze", "budget-exceeded"})
 
 
 class Denied(Exception):
@@ -40,7 +46,8 @@ class Request:
     size: int
     name: str
     format: str
-    approvals: set[str] = field(default_factory=set)
+    # custodian -> the armored SSH signature of the statement, as logged (None: not kept)
+    approvals: dict[str, str | None] = field(default_factory=dict)
     signed: bool = False
 
     def statement(self) -> bytes:
@@ -51,7 +58,7 @@ class Request:
 
     def counted(self, profile: Profile) -> set[str]:
         """Approvals that count now: distinct, and from custodians the profile still lists."""
-        return self.approvals & profile.custodians
+        return set(self.approvals) & profile.custodians
 
     def public(self, profile: Profile | None) -> dict[str, Any]:
         counted = self.counted(profile) if profile else set()
@@ -92,8 +99,9 @@ class State:
                 name=str(entry.get("name", "")), format=str(entry["format"]))
         elif event == "approve":
             req = self.requests.get(str(entry.get("request")))
+            sig = entry.get("approval")
             if req is not None:
-                req.approvals.add(str(entry["custodian"]))
+                req.approvals[str(entry["custodian"])] = sig if isinstance(sig, str) else None
 
     def used(self, profile: Profile, now: float) -> int:
         """Signatures counted against the budget: those in the rolling window since the last

@@ -196,3 +196,57 @@ def test_submit_and_approve_wrappers_over_ssh(signer: Signer, tmp_path: Path) ->
     v = signer.lab.signer("verify", "--format", "raw", "--cert", signer.lab.certs / "dev.pem",
                           art, tmp_path / "release.bin.sig")
     assert v.returncode == 0, v.stdout
+
+
+def _append_forged(s: Signer, *fields: dict[str, Any]) -> None:
+    """What anyone who can write the log at rest can do without a key: append entries with a
+    correctly recomputed hash chain."""
+    from signer import audit
+
+    last = s.entries()[-1]
+    seq, prev = last["seq"], last["hash"]
+    with s.audit_log.open("ab") as f:
+        for extra in fields:
+            seq += 1
+            entry, line = audit.seal(audit.body(seq, prev, extra.pop("event"), extra,
+                                                audit.now_utc()))
+            prev = entry["hash"]
+            f.write(line)
+
+
+@pytest.mark.control("SGN-04", "SGN-05")
+def test_a_forged_approve_entry_does_not_release_a_release_signature(signer: Signer) -> None:
+    rid = queue(signer, b"release artifact")
+    assert approve(signer, "alice", rid).returncode == 0
+    genuine = signer.events("approve")[-1]
+    signer.stop()
+    forged = {k: v for k, v in genuine.items() if k not in ("seq", "time", "prev", "hash")}
+    # bob: an approve entry without a signature; carol: alice's genuine signature as hers
+    _append_forged(signer, {**forged, "custodian": "bob", "approval": None},
+                   {**forged, "custodian": "carol"})
+    signer.start()
+    r = signer.gw(f"fetch {rid}")
+    assert r.returncode == 75 and r.stdout == b"", r.stderr
+    assert "1 of 2 (alice)" in r.stderr.decode()
+    assert signer.events("sign") == []
+    assert "carol on " + rid in signer.events("start")[-1]["note"]
+    # the genuine approvals still work: a second real custodian releases it
+    assert approve(signer, "bob", rid).returncode == 0
+    assert signer.gw(f"fetch {rid}").returncode == 0
+
+
+@pytest.mark.control("SGN-04", "SGN-05")
+def test_an_approval_counts_after_a_restart_only_with_its_signature(signer: Signer) -> None:
+    """The approve entry keeps the custodian's SSH signature and a restart verifies it again;
+    one whose custodian key is no longer configured does not count."""
+    rid = queue(signer, b"data")
+    assert approve(signer, "alice", rid).returncode == 0
+    entry = signer.events("approve")[-1]
+    assert entry["approval"].startswith("-----BEGIN SSH SIGNATURE-----")
+    signer.stop()
+    text = signer.config.read_text()
+    alice = signer.lab.custodian_pubs["alice"]
+    signer.config.write_text(text.replace(alice, signer.lab.custodian_pubs["mallory"]))
+    signer.start()
+    st = json.loads(signer.gw(f"status {rid}").stdout)
+    assert st["approvals"] == [], st

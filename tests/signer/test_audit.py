@@ -267,6 +267,72 @@ def test_the_journal_escapes_caller_provided_strings(make_signer: Any) -> None:
     assert fmt.format(rec) == "INFO deny evil\\nINFO forged: a\\u202eb"
 
 
+# --- state only from what the audit key vouches for ----------------------------------------
+
+
+def _renumber(lines: list[bytes]) -> list[bytes]:
+    """Rewrite a log (entries removed) with fresh seq numbers and a recomputed chain: all an
+    attacker without the audit key can do. Checkpoint signatures are kept as they were."""
+    out: list[bytes] = []
+    prev = audit.GENESIS
+    for seq, line in enumerate(lines):
+        new = _rehash(line, prev=prev, seq=seq)
+        out.append(new)
+        prev = json.loads(new)["hash"]
+    return out
+
+
+@pytest.mark.control("SGN-05")
+def test_a_rewritten_log_with_an_entry_removed_is_refused_at_start(make_signer: Any) -> None:
+    s: Signer = make_signer()
+    assert s.gw("sign --profile dev --format raw", b"before").returncode == 0
+    assert s.gw("freeze dev", client=None, custodian="alice").returncode == 0
+    s.stop()
+    lines = s.audit_log.read_bytes().splitlines(keepends=True)
+    (freeze,) = [i for i, line in enumerate(lines) if json.loads(line)["event"] == "freeze"]
+    s.audit_log.write_bytes(b"".join(_renumber(lines[:freeze] + lines[freeze + 1:])))
+    assert audit.verify_file(s.audit_log, None, live=False, chain_only=True)[0]
+    r = s.lab.signer("serve", "--config", s.config, timeout=20)
+    assert r.returncode == 74
+    err = one_line_error(r)
+    assert "checkpoint signature does not verify with the audit key" in err, err
+
+
+@pytest.mark.control("SGN-05")
+def test_what_follows_the_last_checkpoint_is_quarantined(make_signer: Any) -> None:
+    """Entries appended after the last checkpoint with a recomputed chain: a thaw and a queued
+    request are ignored (noted in the start entry), a freeze is kept (it can only make the
+    signer stricter)."""
+    from tests.signer.test_approvals import _append_forged
+
+    s: Signer = make_signer()
+    assert s.gw("freeze dev", client=None, custodian="alice").returncode == 0
+    s.stop()
+    assert s.entries()[-1]["event"] == "checkpoint"
+    _append_forged(s, {"event": "thaw", "profile": "dev", "custodian": "alice"},
+                   {"event": "queue", "request": "ab" * 16, "client": "build1",
+                    "profile": "release", "name": "", "format": "raw", "sha256": "00" * 32,
+                    "size": 1},
+                   {"event": "freeze", "profile": "rsa", "custodian": "bob", "reason": "x"})
+    s.start()
+    note = s.events("start")[-1]["note"]
+    assert "ignored 2 entries after the last checkpoint" in note, note
+    r = s.gw("sign --profile dev --format raw", b"x")
+    assert r.returncode == 77 and b"frozen" in r.stderr
+    assert s.gw("sign --profile rsa --format raw", b"x").returncode == 77
+    assert s.gw(f"status {'ab' * 16}").returncode == 64
+    assert s.gw("requests", client=None, custodian="alice").stdout == b""
+
+
+@pytest.mark.control("SGN-05")
+def test_every_signature_is_vouched_for_by_a_checkpoint_before_it_is_released(
+        signer: Signer) -> None:
+    for i in range(3):
+        assert signer.gw("sign --profile dev --format raw", b"a%d" % i).returncode == 0
+        assert signer.entries()[-1]["event"] == "checkpoint"
+    assert audit.verify_file(signer.audit_log, _audit_pub(signer.lab), live=True)[0]
+
+
 # --- fail closed ---------------------------------------------------------------------------
 
 
