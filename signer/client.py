@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -63,6 +64,9 @@ def submit(host: str, profile: str, fmt: str, name: str | None, out: Path | None
     remote = ["sign", "--profile", profile, "--format", fmt, "--name", name or artifact.name]
     try:
         with artifact.open("rb") as f:
+            # The size, declared up front, lets the gateway refuse a stream cut short (a
+            # connection dropped mid-upload) instead of signing its prefix.
+            remote += ["--size", str(os.fstat(f.fileno()).st_size)]
             r = _ssh(ssh, host, remote, stdin=f)
     except OSError as exc:
         raise SignerError(Exit.USAGE, f"{artifact}: {exc.strerror}") from None

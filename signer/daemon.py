@@ -457,6 +457,9 @@ class Daemon:
         except wire.BodyTooLarge:
             policy.check_size(profile, profile.max_size + 1)
         policy.check_size(profile, size)
+        if cmd.size is not None and size != cmd.size:
+            raise Denied(Exit.DATA, f"the artifact is {size} bytes, declared {cmd.size}: not "
+                         "signed", "artifact size differs from the declared size")
         if profile.approvals:
             self._queue(peer, client, profile, cmd, h.hexdigest(), size)
             return
@@ -516,6 +519,13 @@ class Daemon:
                sha256: str, size: int) -> None:
         rid = secrets.token_hex(16)
         with self._lock:
+            waiting = sum(1 for r in self.state.requests.values()
+                          if r.client == client and r.profile == profile.name and not r.signed)
+            if waiting >= profile.max_queued:
+                raise Denied(Exit.NOPERM, f"{waiting} requests of yours already wait for "
+                             f"approval on profile {profile.name!r} (at most "
+                             f"{profile.max_queued}): fetch or wait for them first",
+                             "too many queued requests")
             self._state_event("queue", request=rid, client=client, profile=profile.name,
                               name=cmd.name, format=cmd.format, sha256=sha256, size=size)
         who = ", ".join(sorted(profile.custodians))
@@ -529,6 +539,10 @@ class Daemon:
         with self._lock:
             req = policy.own_request(self.state, client, rid)
             profile = policy.profile_for(self.cfg, req.profile)
+            if rid in self._fetching:  # signed by another fetch right now: not stored yet
+                peer.reply(Exit.QUEUED, f"request {rid} is being signed: fetch it again in a "
+                           "moment")
+                return
             if req.signed:
                 signed = True
             else:
@@ -538,10 +552,6 @@ class Daemon:
                     have = ", ".join(sorted(counted)) or "none yet"
                     peer.reply(Exit.QUEUED, f"request {rid} waits for approvals: "
                                f"{len(counted)} of {profile.approvals} ({have})")
-                    return
-                if rid in self._fetching:
-                    peer.reply(Exit.QUEUED, f"request {rid} is being signed: fetch it "
-                               "again in a moment")
                     return
                 policy.check_sign(self.cfg, self.state, client, req.profile, req.format)
                 self._fetching.add(rid)
@@ -557,10 +567,10 @@ class Daemon:
             self._ready(profile, req.format)
             out = self._produce(profile, req.format, bytes.fromhex(req.sha256), req.size,
                                 client, req.name, rid)
+            self._store(rid, out)  # before another fetch may look for it
         finally:
             with self._lock:
                 self._fetching.discard(rid)
-        self._store(rid, out)
         peer.reply(Exit.OK, "", out)
 
     def _store(self, rid: str, out: bytes) -> None:

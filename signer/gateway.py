@@ -72,8 +72,21 @@ def _frames(data: bytes) -> bytes:
     return (wire.frame_header(len(data)) + data if data else b"") + wire.frame_header(0)
 
 
-def _stream(sock: socket.socket, head: bytes, stdin: BinaryIO, limit: int | None) -> None:
-    """Send what was already read, then the rest of stdin, as frames; then the end frame."""
+def _check_declared(total: int, declared: int | None, done: bool) -> None:
+    """A stream that ends before (or runs past) its declared size is not sent to be signed:
+    an SSH session killed mid-upload must not get its prefix signed."""
+    if declared is None:
+        return
+    if total > declared or (done and total != declared):
+        raise SignerError(Exit.DATA, f"input is {'at least ' if not done else ''}{total} bytes, "
+                          f"declared {declared} (--size): nothing was signed")
+
+
+def _stream(sock: socket.socket, head: bytes, stdin: BinaryIO, limit: int | None,
+            declared: int | None = None) -> None:
+    """Send what was already read, then the rest of stdin, as frames; then the end frame
+    (only when the stream has its declared size: without the end frame the daemon signs
+    nothing)."""
     if head:
         wire.send_frame(sock, head)
     total = len(head)
@@ -86,12 +99,14 @@ def _stream(sock: socket.socket, head: bytes, stdin: BinaryIO, limit: int | None
         total += n
         if limit is not None and total > limit:
             raise SignerError(Exit.DATA, f"input larger than {limit} bytes")
+        _check_declared(total, declared, done=False)
         wire.send_frame(sock, view[:n])
+    _check_declared(total, declared, done=True)
     wire.send_frame(sock, b"")
 
 
 def exchange(sock: socket.socket, header: dict[str, object], stdin: BinaryIO | None,
-             limit: int | None) -> tuple[int, str, bytes]:
+             limit: int | None, declared: int | None = None) -> tuple[int, str, bytes]:
     """Send a request (with stdin as its body unless stdin is None), return the final reply.
     A body that ends within INLINE_MAX bytes goes with the header in one write; a longer one
     waits for the daemon's go-ahead, so a refused request does not upload a gigabyte."""
@@ -103,6 +118,7 @@ def exchange(sock: socket.socket, header: dict[str, object], stdin: BinaryIO | N
                 if limit is not None and len(head) > limit:
                     raise SignerError(Exit.DATA, f"input larger than {limit} bytes")
                 if len(head) <= wire.INLINE_MAX:
+                    _check_declared(len(head), declared, done=True)
                     sock.sendall(wire.line({**header, "inline": True}) + _frames(head))
                     return wire.read_reply(f)
             sock.sendall(wire.line(header))
@@ -110,7 +126,8 @@ def exchange(sock: socket.socket, header: dict[str, object], stdin: BinaryIO | N
             if first.get("continue") is not True:
                 return wire.finish_reply(first, f)
             try:
-                _stream(sock, head, stdin or io.BytesIO(), limit)
+                _check_declared(len(head), declared, done=False)
+                _stream(sock, head, stdin or io.BytesIO(), limit, declared)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the daemon stopped reading (too large?): its reply says why
             return wire.read_reply(f)
@@ -135,7 +152,8 @@ def run(role: str, name: str, config: Path | None, sock_path: Path | None,
     sock = connect(socket_path(config, sock_path))
     with sock:
         code, message, payload = exchange(sock, header, stdin if with_body else None,
-                                          _SMALL_BODY.get(type(cmd)))
+                                          _SMALL_BODY.get(type(cmd)),
+                                          cmd.size if isinstance(cmd, request.Sign) else None)
     if code == Exit.OK and payload:
         stdout.write(payload)
         stdout.flush()

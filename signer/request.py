@@ -18,6 +18,7 @@ MAX_COMMAND = 4096
 MAX_NAME = 255
 PROFILE_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 ID_RE = re.compile(r"[0-9a-f]{32}")
+SIZE_RE = re.compile(r"[1-9][0-9]{0,15}")
 # Control (C0, DEL, C1), format (bidi overrides, zero-width), line/paragraph separators,
 # surrogates and private use: nothing that can start a new line or disguise text in a log, a
 # terminal or the statement a custodian reads before approving.
@@ -41,6 +42,7 @@ class Sign:
     profile: str
     format: str
     name: str
+    size: int | None = None  # declared by the client: a shorter (cut) stream is not signed
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ def _parse_sign(args: list[str]) -> Sign:
     i = 0
     while i < len(args):
         opt = args[i]
-        if opt not in ("--profile", "--format", "--name"):
+        if opt not in ("--profile", "--format", "--name", "--size"):
             raise ParseError(f"sign: unknown option {opt[:40]!r}")
         if opt in opts:
             raise ParseError(f"sign: {opt} given twice")
@@ -119,8 +121,15 @@ def _parse_sign(args: list[str]) -> Sign:
     fmt = opts.get("--format", "cms")
     if fmt not in ("cms", "raw"):
         raise ParseError("sign: --format must be cms or raw")
+    size = _size(opts["--size"]) if "--size" in opts else None
     return Sign(profile=_profile(opts["--profile"]), format=fmt,
-                name=check_name(opts.get("--name", "")))
+                name=check_name(opts.get("--name", "")), size=size)
+
+
+def _size(tok: str) -> int:
+    if not SIZE_RE.fullmatch(tok):
+        raise ParseError("sign: --size must be a byte count")
+    return int(tok)
 
 
 def parse(raw: bytes | None) -> Command:
@@ -165,11 +174,13 @@ def parse(raw: bytes | None) -> Command:
     return Unlock()
 
 
-def to_wire(cmd: Command) -> dict[str, str]:
-    """The command as the gateway sends it to the daemon (JSON object of strings)."""
-    out: dict[str, str] = {"cmd": type(cmd).__name__.lower()}
+def to_wire(cmd: Command) -> dict[str, str | int]:
+    """The command as the gateway sends it to the daemon (JSON object; strings, and the
+    declared size as an integer, left out when not declared so older daemons understand)."""
+    out: dict[str, str | int] = {"cmd": type(cmd).__name__.lower()}
     for k, v in vars(cmd).items():
-        out[k] = v
+        if v is not None:
+            out[k] = v
     return out
 
 
@@ -185,7 +196,12 @@ def from_wire(obj: dict[str, object]) -> Command:
         fmt = s("format")
         if fmt not in ("cms", "raw"):
             raise ParseError("bad format")
-        return Sign(profile=_profile(s("profile")), format=fmt, name=check_name(s("name")))
+        size = obj.get("size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool)
+                                 or not 0 < size < 1 << 53):
+            raise ParseError("bad size")
+        return Sign(profile=_profile(s("profile")), format=fmt, name=check_name(s("name")),
+                    size=size)
     if cmd == "status":
         return Status(_id(s("id")))
     if cmd == "fetch":

@@ -246,7 +246,45 @@ def test_an_approval_counts_after_a_restart_only_with_its_signature(signer: Sign
     signer.stop()
     text = signer.config.read_text()
     alice = signer.lab.custodian_pubs["alice"]
-    signer.config.write_text(text.replace(alice, signer.lab.custodian_pubs["mallory"]))
+    signer.lab.custodian("alice-new-key")
+    signer.config.write_text(text.replace(alice, signer.lab.custodian_pubs["alice-new-key"]))
     signer.start()
     st = json.loads(signer.gw(f"status {rid}").stdout)
     assert st["approvals"] == [], st
+
+
+@pytest.mark.control("SGN-04")
+def test_queued_requests_are_limited_per_client_and_profile(make_signer: Any) -> None:
+    s: Signer = make_signer(profile_overrides={"release": {"max_queued": 2}})
+    queue(s, b"one")
+    queue(s, b"two")
+    r = s.gw("sign --profile release --format raw", b"three")
+    assert r.returncode == 77 and "at most 2" in one_line_error(r)
+    assert len(s.events("queue")) == 2
+    assert s.events("deny")[-1]["reason"].endswith("too many queued requests")
+
+
+@pytest.mark.control("SGN-04")
+def test_a_fetch_racing_the_signing_never_answers_no_longer_stored(signer: Signer) -> None:
+    """Several fetches of a request the moment it is approved: each gets the signature or
+    'being signed, fetch again', never 'signed but no longer stored'."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from signer import gateway, wire
+
+    def fetch(rid: str) -> tuple[int, str, bytes]:
+        with gateway.connect(signer.socket) as sock:
+            return gateway.exchange(sock, {"v": wire.VERSION, "role": "client",
+                                           "caller": "build1", "cmd": "fetch", "id": rid},
+                                    None, None)
+
+    for i in range(6):
+        rid = queue(signer, b"race %d" % i)
+        assert approve(signer, "alice", rid).returncode == 0
+        assert approve(signer, "bob", rid).returncode == 0
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(fetch, [rid] * 16))
+        assert all(code in (0, 75) for code, _m, _p in answers), answers
+        assert not any("no longer stored" in m for _c, m, _p in answers)
+        sigs = {p for code, _m, p in answers if code == 0}
+        assert len(sigs) == 1 and len(signer.events("sign")) == i + 1

@@ -22,7 +22,7 @@ import pytest
 
 from signer import audit, certs, daemon
 from signer.formats import cms
-from tests.signer.conftest import CLIENTS, CUSTODIANS, Signer, one_line_error, profiles
+from tests.signer.conftest import Signer, config, one_line_error, profiles
 from toolkit.signer_lab import Lab, sign_over_socket
 
 # --- tamper evidence ---------------------------------------------------------------------
@@ -31,7 +31,7 @@ from toolkit.signer_lab import Lab, sign_over_socket
 @pytest.fixture(scope="module")
 def closed_log(lab: Lab) -> Iterator[tuple[list[bytes], Path]]:
     """A log written by a daemon that stopped cleanly, checkpoints every 4 entries."""
-    cfg = lab.config("tamper", profiles(lab), CLIENTS, CUSTODIANS, checkpoint_interval=4)
+    cfg = config(lab, "tamper", profiles(lab), checkpoint_interval=4)
     s = Signer(lab, cfg)
     s.start()
     for i in range(8):

@@ -209,3 +209,20 @@ def test_daemon_dying_mid_upload_leaves_stdout_empty(make_signer: object) -> Non
     assert out == b""
     assert err.count(b"\n") == 1 and b"Traceback" not in err
     assert b"nothing was signed" in err
+
+
+@pytest.mark.control("SGN-07")
+@pytest.mark.parametrize("size", [1000, 300_000])
+def test_a_stream_shorter_than_its_declared_size_is_not_signed(signer: Signer, size: int
+                                                               ) -> None:
+    """An SSH session cut mid-upload: stdin ends early. With the size declared (`signer
+    submit` always declares it) the gateway refuses; nothing is signed or logged as signed."""
+    data = os.urandom(size)
+    r = signer.gw(f"sign --profile dev --format raw --size {size}", data[: size // 2])
+    assert r.returncode == 65 and "declared" in one_line_error(r)
+    r = signer.gw(f"sign --profile dev --format raw --size {size}", data + b"x")
+    assert r.returncode == 65
+    assert signer.events("sign") == []
+    r = signer.gw(f"sign --profile dev --format raw --size {size}", data)
+    assert r.returncode == 0, r.stderr
+    assert signer.events("sign")[-1]["size"] == size
