@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import pwd
-import queue
 import resource
 import secrets
 import signal
@@ -46,9 +45,19 @@ from signer.uri import PKCS11URI
 
 log = logging.getLogger("signerd")
 
-WORKERS = 16  # concurrent requests; more wait in the kernel's accept queue
-HEADER_TIMEOUT = 30.0
-BODY_TIMEOUT = 300.0  # per read: a stalled upload is dropped, a slow one is not
+# Custodians are always heard: a connection holds no slot until its header says who it is
+# (a thread each, with a total deadline), build clients share CLIENT_SLOTS with at most
+# PER_CLIENT each, and custodians have CUSTODIAN_SLOTS that clients can never take. Over a
+# limit a request waits (holding a thread, not a slot) up to SLOT_WAIT, then gets "busy" (69).
+MAX_CONNECTIONS = 256  # open connections in all
+MAX_PER_UID = 64  # open connections from one local account (the gateway's, or a bound one)
+CLIENT_SLOTS = 16  # client requests being served at once
+PER_CLIENT = 8  # of which one client may hold
+SLOT_WAIT = 60.0
+CUSTODIAN_SLOTS = 4  # custodian requests being served at once, apart from the clients'
+HEADER_TIMEOUT = 10.0  # total, from accept to the end of the header line
+BODY_TIMEOUT = 300.0  # per read: a stalled upload is dropped, a slow one is not ...
+REQUEST_DEADLINE = 3600.0  # ... until this total: a trickle cannot hold a slot for ever
 STOP_GRACE = 10.0
 _M_ARENA_MAX = -8
 
@@ -68,7 +77,10 @@ class Daemon:
         self._cert_problems: dict[str, str] = {}
         self._stopping = threading.Event()
         self._active = 0
-        self._active_cv = threading.Condition()
+        self._active_cv = threading.Condition()  # also guards the counters below
+        self._per_uid: dict[int, int] = {}
+        self._slots: dict[tuple[str, str], int] = {}  # (role, name) -> requests being served
+        self._deadlines: dict[socket.socket, float] = {}
         self.token: Token | None = None
         self.writer: audit.Writer | None = None
 
@@ -262,14 +274,10 @@ class Daemon:
         self._stopping.set()
 
     def serve(self, sock: socket.socket) -> None:
-        """Accept until asked to stop; a fixed pool of daemon threads serves the connections
-        (a stuck connection can delay the stop by STOP_GRACE, never block it). The queue is
-        bounded: when every worker is busy, accepting waits and callers queue in the kernel."""
+        """Accept until asked to stop; one daemon thread per connection, within the limits
+        above (a stuck connection can delay the stop by STOP_GRACE, never block it)."""
         sock.settimeout(0.1)
-        pending: queue.Queue[socket.socket] = queue.Queue(maxsize=WORKERS)
-        for i in range(WORKERS):
-            threading.Thread(target=self._worker, args=(pending,), name=f"conn-{i}",
-                             daemon=True).start()
+        threading.Thread(target=self._reaper, name="deadlines", daemon=True).start()
         while not self._stopping.is_set():
             try:
                 conn, _addr = sock.accept()
@@ -281,39 +289,66 @@ class Daemon:
                 log.error("accept: %s", exc)
                 time.sleep(0.1)
                 continue
+            try:
+                uid = _peer_uid(conn)
+            except OSError:
+                conn.close()
+                continue
             with self._active_cv:
-                self._active += 1
-            while True:
-                try:
-                    pending.put(conn, timeout=0.5)
-                    break
-                except queue.Full:
-                    if self._stopping.is_set():
-                        conn.close()
-                        with self._active_cv:
-                            self._active -= 1
-                        break
+                if self._active >= MAX_CONNECTIONS or \
+                        self._per_uid.get(uid, 0) >= MAX_PER_UID:
+                    full = True
+                else:
+                    full = False
+                    self._active += 1
+                    self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
+                    self._deadlines[conn] = time.monotonic() + HEADER_TIMEOUT
+            if full:
+                _busy(conn, "too many connections to the signer daemon: try again later")
+                continue
+            threading.Thread(target=self._serve_one, args=(conn, uid), name="conn",
+                             daemon=True).start()
         sock.close()
 
-    def _worker(self, pending: queue.Queue[socket.socket]) -> None:
-        while True:
-            conn = pending.get()
-            try:
-                self._connection(conn)
-            finally:
-                with self._active_cv:
-                    self._active -= 1
-                    self._active_cv.notify_all()
+    def _reaper(self) -> None:
+        """Enforce total deadlines: a connection past its deadline is shut down, whatever
+        it is blocked in (a trickle of one byte per read timeout would otherwise last)."""
+        while not self._stopping.is_set():
+            time.sleep(0.5)
+            now = time.monotonic()
+            with self._active_cv:
+                late = [c for c, t in self._deadlines.items() if t <= now]
+                for c in late:
+                    del self._deadlines[c]
+            for c in late:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
-    def _connection(self, conn: socket.socket) -> None:
+    def _serve_one(self, conn: socket.socket, uid: int) -> None:
+        try:
+            self._connection(conn, uid)
+        finally:
+            with self._active_cv:
+                self._deadlines.pop(conn, None)
+                self._active -= 1
+                self._per_uid[uid] -= 1
+                if not self._per_uid[uid]:
+                    del self._per_uid[uid]
+                self._active_cv.notify_all()
+
+    def _connection(self, conn: socket.socket, uid: int) -> None:
         peer = None
         try:
             conn.settimeout(HEADER_TIMEOUT)
             with conn, conn.makefile("rb") as f:
                 hdr = wire.read_line(f)
+                with self._active_cv:
+                    if conn in self._deadlines:
+                        self._deadlines[conn] = time.monotonic() + REQUEST_DEADLINE
                 conn.settimeout(BODY_TIMEOUT)
-                peer = wire.Peer(conn, f, inline=hdr.get("inline") is True,
-                                 uid=_peer_uid(conn))
+                peer = wire.Peer(conn, f, inline=hdr.get("inline") is True, uid=uid)
                 self._handle(peer, hdr)
         except (wire.ProtocolError, OSError) as exc:
             log.debug("connection dropped: %s", exc)
@@ -325,6 +360,34 @@ class Daemon:
                                "in its journal)")
             except OSError:
                 pass
+
+    def _slot(self, role: str, name: str) -> bool:
+        """Take a slot for a request of `name`, waiting up to SLOT_WAIT (False: busy).
+        Clients share CLIENT_SLOTS, at most PER_CLIENT each; custodians have their own
+        CUSTODIAN_SLOTS."""
+        deadline = time.monotonic() + SLOT_WAIT
+        with self._active_cv:
+            while True:
+                mine = self._slots.get((role, name), 0)
+                total = sum(n for (r, _n), n in self._slots.items() if r == role)
+                if role == "client":
+                    free = total < CLIENT_SLOTS and mine < PER_CLIENT
+                else:
+                    free = total < CUSTODIAN_SLOTS
+                if free:
+                    self._slots[role, name] = mine + 1
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopping.is_set():
+                    return False
+                self._active_cv.wait(min(left, 0.5))
+
+    def _release(self, role: str, name: str) -> None:
+        with self._active_cv:
+            self._slots[role, name] -= 1
+            if not self._slots[role, name]:
+                del self._slots[role, name]
+            self._active_cv.notify_all()
 
     def _handle(self, peer: wire.Peer, hdr: dict[str, Any]) -> None:
         role, name = hdr.get("role"), hdr.get("caller")
@@ -362,7 +425,16 @@ class Daemon:
             if account is not None and peer.uid != _uid(account):
                 raise Denied(Exit.NOPERM, f"{role} {name!r} must connect through the account "
                              f"{account!r}", f"connected as uid {peer.uid}, not {account}")
-            self._dispatch(peer, who, cmd)
+            if not self._slot(role, name):
+                raise SignerError(Exit.UNAVAILABLE, f"the signer is busy with other requests "
+                                  f"of yours (at most {PER_CLIENT} at once for a client): try "
+                                  "again in a moment" if role == "client" else
+                                  "the signer is busy with other custodians' requests: try "
+                                  "again in a moment")
+            try:
+                self._dispatch(peer, who, cmd)
+            finally:
+                self._release(role, name)
         except Denied as exc:
             self._deny(who, cmd, exc.reason)
             peer.reply(exc.code, exc.message)
@@ -729,6 +801,17 @@ def bind(path: Path, group: str) -> socket.socket:
                 from None
     sock.listen(128)
     return sock
+
+
+def _busy(conn: socket.socket, message: str) -> None:
+    """Refuse a connection at once, without reading it (never blocks the accept loop)."""
+    try:
+        conn.setblocking(False)
+        wire.reply(conn, Exit.UNAVAILABLE, message)
+    except OSError:
+        pass
+    finally:
+        conn.close()
 
 
 def _peer_uid(conn: socket.socket) -> int:

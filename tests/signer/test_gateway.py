@@ -7,6 +7,7 @@ import os
 import pwd
 import shlex
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -226,3 +227,61 @@ def test_a_stream_shorter_than_its_declared_size_is_not_signed(signer: Signer, s
     r = signer.gw(f"sign --profile dev --format raw --size {size}", data)
     assert r.returncode == 0, r.stderr
     assert signer.events("sign")[-1]["size"] == size
+
+
+@pytest.mark.control("SGN-07")
+def test_custodians_are_heard_while_build_clients_hold_every_slot(make_signer: Any) -> None:
+    """Slow build-client sessions (a valid header, then one byte a second) as many as the
+    daemon lets in and more, plus silent connections that never send a header: while all of
+    them are still connected, a custodian's `freeze` and `requests` answer."""
+    import socket
+    import threading
+
+    from signer import daemon, wire
+
+    signer: Signer = make_signer(profile_overrides={"dev": {"clients": ["build1", "build2"]}})
+
+    stop = threading.Event()
+    held: list[socket.socket] = []
+    trickling: list[threading.Thread] = []
+
+    def slow_sign(client: str) -> None:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(signer.socket))
+        held.append(sock)
+        f = sock.makefile("rb")
+        sock.sendall(wire.line({"v": wire.VERSION, "role": "client", "caller": client,
+                                "cmd": "sign", "profile": "dev", "format": "raw", "name": ""}))
+        if wire.read_line(f).get("continue") is not True:
+            return  # refused at once (busy): that is the point
+        trickling.append(threading.current_thread())
+        while not stop.wait(1.0):
+            sock.sendall(wire.frame_header(1) + b"x")
+
+    threads = [threading.Thread(target=slow_sign, args=(c,), daemon=True)
+               for c in ("build1", "build2") for _ in range(daemon.PER_CLIENT + 4)]
+    for t in threads:
+        t.start()
+    for _ in range(16):
+        silent = socket.socket(socket.AF_UNIX)
+        silent.connect(str(signer.socket))
+        held.append(silent)
+    try:
+        for _ in range(100):  # wait until the abusers are in (no timing assert: a bound)
+            if len(trickling) >= 2 * daemon.PER_CLIENT:
+                break
+            stop.wait(0.1)
+        r = signer.lab.gateway(signer.config, "freeze dev", client=None, custodian="alice",
+                               timeout=30)
+        assert r.returncode == 0, r.stderr
+        r = signer.lab.gateway(signer.config, "requests", client=None, custodian="bob",
+                               timeout=30)
+        assert r.returncode == 0, r.stderr
+        # the abusers were connected and trickling the whole time
+        assert len(trickling) >= 2 * daemon.PER_CLIENT
+        assert all(t.is_alive() for t in trickling)
+    finally:
+        stop.set()
+        for sock in held:
+            sock.close()
+    assert signer.events("freeze")[-1]["custodian"] == "alice"
