@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import shlex
 import unicodedata
-from dataclasses import dataclass
 
 from signer.errors import Exit
 
@@ -37,47 +36,89 @@ class ParseError(ValueError):
         self.code = code
 
 
-@dataclass(frozen=True)
-class Sign:
-    profile: str
-    format: str
-    name: str
-    size: int | None = None  # declared by the client: a shorter (cut) stream is not signed
+class _Command:
+    """A parsed command: immutable values, compared by type and fields. (Not a dataclass:
+    `dataclasses` costs the gateway, which starts once per SSH request, milliseconds.)"""
+
+    __slots__: tuple[str, ...] = ()
+    _fields: tuple[str, ...] = ()  # in wire order; subclasses keep their parent's
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, f) for f in self._fields)
+
+    def fields(self) -> dict[str, object]:
+        return dict(zip(self._fields, self._values(), strict=True))
+
+    def __eq__(self, other: object) -> bool:
+        return (type(self) is type(other) and isinstance(other, _Command)
+                and self._values() == other._values())
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._values()))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.fields().items())
+        return f"{type(self).__name__}({args})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if hasattr(self, name):
+            raise AttributeError(f"{type(self).__name__} is immutable")
+        object.__setattr__(self, name, value)
 
 
-@dataclass(frozen=True)
-class Status:
-    id: str
+class Sign(_Command):
+    __slots__ = ("format", "name", "profile", "size")
+    _fields = ("profile", "format", "name", "size")
+
+    def __init__(self, profile: str, format: str, name: str, size: int | None = None) -> None:
+        self.profile = profile
+        self.format = format
+        self.name = name
+        self.size = size  # declared by the client: a shorter (cut) stream is not signed
 
 
-@dataclass(frozen=True)
-class Fetch:
-    id: str
+class _Id(_Command):
+    __slots__ = ("id",)
+    _fields = ("id",)
+
+    def __init__(self, id: str) -> None:
+        self.id = id
 
 
-@dataclass(frozen=True)
-class Requests:
-    pass
+class Status(_Id):
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Approve:
-    id: str
+class Fetch(_Id):
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Unlock:
-    pass
+class Approve(_Id):
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Freeze:
-    profile: str
+class _Profile(_Command):
+    __slots__ = ("profile",)
+    _fields = ("profile",)
+
+    def __init__(self, profile: str) -> None:
+        self.profile = profile
 
 
-@dataclass(frozen=True)
-class Thaw:
-    profile: str
+class Freeze(_Profile):
+    __slots__ = ()
+
+
+class Thaw(_Profile):
+    __slots__ = ()
+
+
+class Requests(_Command):
+    __slots__ = ()
+
+
+class Unlock(_Command):
+    __slots__ = ()
 
 
 Command = Sign | Status | Fetch | Requests | Approve | Unlock | Freeze | Thaw
@@ -178,8 +219,8 @@ def to_wire(cmd: Command) -> dict[str, str | int]:
     """The command as the gateway sends it to the daemon (JSON object; strings, and the
     declared size as an integer, left out when not declared so older daemons understand)."""
     out: dict[str, str | int] = {"cmd": type(cmd).__name__.lower()}
-    for k, v in vars(cmd).items():
-        if v is not None:
+    for k, v in cmd.fields().items():
+        if isinstance(v, str | int):
             out[k] = v
     return out
 

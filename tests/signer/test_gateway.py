@@ -285,3 +285,49 @@ def test_custodians_are_heard_while_build_clients_hold_every_slot(make_signer: A
         for sock in held:
             sock.close()
     assert signer.events("freeze")[-1]["custodian"] == "alice"
+
+
+@pytest.mark.parametrize("text", [
+    '[daemon]\nsocket = "/run/a.sock"\nsocket_group = "gw"\n[profiles.dev]\nsocket = "/x"\n',
+    "[daemon]\nsocket = '/run/a.sock'\n",
+    '[daemon]\nsocket = "/run/\\u0061.sock"\n',
+    'daemon.socket = "/run/a.sock"\n',
+    '[ daemon ] # the daemon\n  socket="/run/a.sock"  # here\n',
+    '[daemon]\nnote = """\n[daemon]\nsocket = "/elsewhere"\n"""\nsocket = "/run/a.sock"\n',
+])
+def test_the_gateway_reads_the_socket_exactly_as_toml_does(tmp_path: Path, text: str) -> None:
+    """The gateway's fast path for the plain `socket = "..."` line (tomllib is most of its
+    start-up) gives what tomllib gives, or leaves the file to tomllib."""
+    import tomllib
+
+    from signer import gateway
+
+    path = tmp_path / "signer.toml"
+    path.write_text(text)
+    assert gateway.socket_path(path, None) == tomllib.loads(text)["daemon"]["socket"]
+
+
+def test_the_gateway_starts_without_the_heavy_imports() -> None:
+    """What the forced command imports to answer one request: not argparse, tomllib (for the
+    config the role renders), dataclasses, typing, pathlib, nor the daemon's modules."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom signer.cli import main\n"
+            "try:\n    main(['gateway', '--client', 'build1', '--config', sys.argv[1]])\n"
+            "finally:\n    print(' '.join(sorted(sys.modules)))")
+    cfg = Path(__file__).parent / "_gateway_probe.toml"
+    try:
+        cfg.write_text('[daemon]\nsocket = "/nonexistent/signer.sock"\nsocket_group = "gw"\n')
+        # -S: without site (the editable install's finder imports pathlib; a wheel's not)
+        r = subprocess.run([sys.executable, "-S", "-c", code, str(cfg)], capture_output=True,
+                           text=True, env={"SSH_ORIGINAL_COMMAND": "status " + "0" * 32,
+                                           "PATH": "/usr/bin:/bin"}, check=False,
+                           cwd=Path(__file__).parents[2])
+    finally:
+        cfg.unlink()
+    loaded = set(r.stdout.split())
+    assert "signer.gateway" in loaded, r.stderr
+    heavy = {"argparse", "tomllib", "dataclasses", "typing", "pathlib", "logging", "pkcs11",
+             "cryptography", "asn1crypto", "signer.daemon", "signer.config", "signer.audit"}
+    assert not heavy & loaded, sorted(heavy & loaded)
