@@ -32,11 +32,11 @@ from signer.errors import Exit, SignerError
 
 GENESIS = "0" * 64
 EVENTS = frozenset({"start", "stop", "sign", "deny", "queue", "approve", "unlock", "freeze", "thaw",
-                    "residency-failure", "budget-exceeded", "checkpoint"})
+                    "residency-failure", "budget-exceeded", "checkpoint", "cancel", "reject"})
 MAX_LINE = 64 * 1024
 # A flush holding one of these ends with a checkpoint: the audit key vouches for it at once.
 CLOSE_WITH_CHECKPOINT = frozenset({"sign", "queue", "approve", "freeze", "thaw",
-                                   "budget-exceeded", "unlock"})
+                                   "budget-exceeded", "unlock", "cancel", "reject"})
 # Never written unless that checkpoint can be made: a signature is not released, a request
 # not queued, a profile not thawed on the word of a log the audit key does not vouch for.
 NEEDS_PROOF = frozenset({"sign", "queue", "thaw"})
@@ -58,6 +58,10 @@ def canonical(obj: Mapping[str, Any]) -> bytes:
 
 def now_utc() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def format_time(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_time(text: str) -> float:

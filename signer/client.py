@@ -108,7 +108,8 @@ def approve(host: str, key: Path, rid: str, artifact: Path | None, yes: bool, ss
     try:
         req = Request(id=rid, profile=str(item["profile"]), client=str(item["client"]),
                       sha256=str(item["sha256"]), size=int(item["size"]),
-                      name=str(item["name"]), format=str(item["format"]))
+                      name=str(item["name"]), format=str(item["format"]),
+                      requested=str(item["requested"]), expires=str(item["expires"]))
     except (KeyError, TypeError, ValueError):
         raise SignerError(Exit.SOFTWARE, f"unexpected answer to `requests` from {host}") \
             from None

@@ -460,8 +460,8 @@ class Daemon:
 
     def _dispatch(self, peer: wire.Peer, who: Caller,
                   cmd: request.Command) -> None:
-        custodian_only = (request.Requests, request.Approve, request.Unlock, request.Freeze,
-                          request.Thaw)
+        custodian_only = (request.Requests, request.Approve, request.Reject, request.Unlock,
+                          request.Freeze, request.Thaw)
         if isinstance(cmd, custodian_only) != (who.role == "custodian"):
             raise Denied(Exit.NOPERM, f"`{type(cmd).__name__.lower()}` is not a command for "
                          f"a {who.role}", "command not allowed for the role")
@@ -470,14 +470,18 @@ class Daemon:
         elif isinstance(cmd, request.Status):
             with self._lock:
                 req = policy.own_request(self.state, who.name, cmd.id)
-                line = json.dumps(req.public(self.cfg.profiles.get(req.profile)))
+                line = json.dumps(req.public(self.cfg.profiles.get(req.profile), time.time()))
             peer.reply(Exit.OK, "", line.encode() + b"\n")
         elif isinstance(cmd, request.Fetch):
             self._fetch(peer, who.name, cmd.id)
         elif isinstance(cmd, request.Requests):
             self._requests(peer, who.name)
+        elif isinstance(cmd, request.Cancel):
+            self._cancel(peer, who.name, cmd.id)
         elif isinstance(cmd, request.Approve):
             self._approve(peer, who.name, cmd.id)
+        elif isinstance(cmd, request.Reject):
+            self._reject(peer, who.name, cmd.id)
         elif isinstance(cmd, request.Unlock):
             self._unlock(peer, who.name)
         elif isinstance(cmd, request.Freeze):
@@ -591,14 +595,16 @@ class Daemon:
                sha256: str, size: int) -> None:
         rid = secrets.token_hex(16)
         with self._lock:
+            now = time.time()
             waiting = sum(1 for r in self.state.requests.values()
-                          if r.client == client and r.profile == profile.name and not r.signed)
+                          if r.client == client and r.profile == profile.name and r.open(now))
             if waiting >= profile.max_queued:
                 raise Denied(Exit.NOPERM, f"{waiting} requests of yours already wait for "
                              f"approval on profile {profile.name!r} (at most "
                              f"{profile.max_queued}): fetch or wait for them first",
                              "too many queued requests")
             self._state_event("queue", request=rid, client=client, profile=profile.name,
+                              expires=audit.format_time(now + profile.request_ttl),
                               name=cmd.name, format=cmd.format, sha256=sha256, size=size)
         who = ", ".join(sorted(profile.custodians))
         peer.reply(Exit.QUEUED, f"queued {rid}: needs {profile.approvals} approval(s) "
@@ -619,6 +625,7 @@ class Daemon:
                 signed = True
             else:
                 signed = False
+                _check_open(req)
                 counted = req.counted(profile)
                 if len(counted) < profile.approvals:
                     have = ", ".join(sorted(counted)) or "none yet"
@@ -664,12 +671,15 @@ class Daemon:
 
     def _requests(self, peer: wire.Peer, custodian: str) -> None:
         lines = []
+        now = time.time()
         with self._lock:
             for req in self.state.requests.values():
                 profile = self.cfg.profiles.get(req.profile)
-                if req.signed or profile is None or custodian not in profile.custodians:
+                if profile is None or custodian not in profile.custodians:
                     continue
-                item = req.public(profile)
+                if not req.open(now) and not (req.rejected_by and not req.expired(now)):
+                    continue  # signed, cancelled or expired; a rejection shows until expiry
+                item = req.public(profile, now)
                 item["statement"] = req.statement().decode("ascii")
                 lines.append(json.dumps(item, ensure_ascii=True) + "\n")
         peer.reply(Exit.OK, "", "".join(lines).encode("ascii"))
@@ -679,6 +689,7 @@ class Daemon:
             req = self.state.requests.get(rid)
             if req is None or req.signed:
                 raise Denied(Exit.USAGE, f"no pending request {rid}", "unknown request")
+            _check_open(req)
             profile = policy.profile_for(self.cfg, req.profile)
         if custodian not in profile.custodians:
             raise Denied(Exit.NOPERM, f"custodian {custodian!r} may not approve requests for "
@@ -697,6 +708,7 @@ class Daemon:
                          f"`requests`) with `ssh-keygen -Y sign -n {approval.NAMESPACE}`",
                          "bad approval signature")
         with self._lock:
+            _check_open(req)  # cancelled, rejected or expired while the signature came in
             if custodian in req.approvals:
                 n = len(req.counted(profile))
                 peer.reply(Exit.OK, f"{custodian} already approved request {rid} (counts "
@@ -709,6 +721,26 @@ class Daemon:
                               approval=sig.decode("ascii"))
             n = len(req.counted(profile))
         peer.reply(Exit.OK, f"approved request {rid}: {n} of {profile.approvals}")
+
+    def _cancel(self, peer: wire.Peer, client: str, rid: str) -> None:
+        with self._lock:
+            req = policy.own_request(self.state, client, rid)
+            _check_open(req)
+            self._state_event("cancel", request=rid, client=client, profile=req.profile)
+        peer.reply(Exit.OK, f"request {rid} cancelled")
+
+    def _reject(self, peer: wire.Peer, custodian: str, rid: str) -> None:
+        """One custodian of the profile is enough to stop a request (recorded, and shown in
+        `requests` until the request would have expired)."""
+        with self._lock:
+            req = self.state.requests.get(rid)
+            profile = self.cfg.profiles.get(req.profile) if req is not None else None
+            if req is None or profile is None or custodian not in profile.custodians:
+                raise Denied(Exit.USAGE, f"no pending request {rid}", "unknown request")
+            _check_open(req)
+            self._state_event("reject", request=rid, custodian=custodian, profile=req.profile,
+                              client=req.client, sha256=req.sha256)
+        peer.reply(Exit.OK, f"request {rid} rejected")
 
     def _unlock(self, peer: wire.Peer, custodian: str) -> None:
         assert self.token is not None and self.writer is not None
@@ -754,6 +786,17 @@ class Daemon:
                 return
             self._state_event("thaw", profile=name, custodian=custodian)
         peer.reply(Exit.OK, f"profile {name!r} thawed; its budget window starts now")
+
+
+def _check_open(req: policy.Request) -> None:
+    """A request that can still be approved and signed, or the reason it cannot."""
+    if req.open(time.time()):
+        return
+    why = ("it was signed" if req.signed else "its client cancelled it" if req.cancelled
+           else f"custodian {req.rejected_by} rejected it" if req.rejected_by
+           else f"it expired at {req.expires}")
+    raise Denied(Exit.NOPERM, f"request {req.id} is closed: {why}; submit the artifact again",
+                 f"request closed ({why})")
 
 
 class Caller:

@@ -97,6 +97,14 @@ class Approve(_Id):
     __slots__ = ()
 
 
+class Cancel(_Id):
+    __slots__ = ()
+
+
+class Reject(_Id):
+    __slots__ = ()
+
+
 class _Profile(_Command):
     __slots__ = ("profile",)
     _fields = ("profile",)
@@ -121,7 +129,8 @@ class Unlock(_Command):
     __slots__ = ()
 
 
-Command = Sign | Status | Fetch | Requests | Approve | Unlock | Freeze | Thaw
+Command = (Sign | Status | Fetch | Cancel | Requests | Approve | Reject | Unlock | Freeze
+           | Thaw)
 
 
 def check_name(name: str) -> str:
@@ -193,11 +202,11 @@ def parse(raw: bytes | None) -> Command:
     verb, args = tokens[0], tokens[1:]
     if verb == "sign":
         return _parse_sign(args)
-    arity = {"status": 1, "fetch": 1, "approve": 1, "freeze": 1, "thaw": 1, "requests": 0,
-             "unlock": 0}
+    arity = {"status": 1, "fetch": 1, "cancel": 1, "approve": 1, "reject": 1, "freeze": 1,
+             "thaw": 1, "requests": 0, "unlock": 0}
     if verb not in arity:
-        raise ParseError(f"unknown command {verb[:40]!r} (sign, status, fetch, requests, "
-                         "approve, unlock, freeze, thaw)")
+        raise ParseError(f"unknown command {verb[:40]!r} (sign, status, fetch, cancel, "
+                         "requests, approve, reject, unlock, freeze, thaw)")
     if len(args) != arity[verb]:
         raise ParseError(f"{verb}: expects {arity[verb]} argument(s)")
     if verb == "status":
@@ -206,6 +215,10 @@ def parse(raw: bytes | None) -> Command:
         return Fetch(_id(args[0]))
     if verb == "approve":
         return Approve(_id(args[0]))
+    if verb == "cancel":
+        return Cancel(_id(args[0]))
+    if verb == "reject":
+        return Reject(_id(args[0]))
     if verb == "freeze":
         return Freeze(_profile(args[0]))
     if verb == "thaw":
@@ -249,6 +262,10 @@ def from_wire(obj: dict[str, object]) -> Command:
         return Fetch(_id(s("id")))
     if cmd == "approve":
         return Approve(_id(s("id")))
+    if cmd == "cancel":
+        return Cancel(_id(s("id")))
+    if cmd == "reject":
+        return Reject(_id(s("id")))
     if cmd == "freeze":
         return Freeze(_profile(s("profile")))
     if cmd == "thaw":

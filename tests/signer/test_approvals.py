@@ -58,9 +58,9 @@ def test_release_needs_two_distinct_custodians(signer: Signer, tmp_path: Path) -
     assert st["state"] == "pending" and st["required"] == 2
     assert st["sha256"] == hashlib.sha256(data).hexdigest() and st["size"] == len(data)
     text = statement(signer, "alice", rid).decode()
-    assert text == (f"signer-approval-v1\nid={rid}\nprofile=release\nclient=build1\n"
+    assert text == (f"signer-approval-v2\nid={rid}\nprofile=release\nclient=build1\n"
                     f"sha256={hashlib.sha256(data).hexdigest()}\nsize={len(data)}\n"
-                    'name="app.bin"\n')
+                    f'name="app.bin"\nrequested={st["requested"]}\nexpires={st["expires"]}\n')
 
     assert approve(signer, "alice", rid).returncode == 0
     r = signer.gw(f"fetch {rid}")
@@ -288,3 +288,56 @@ def test_a_fetch_racing_the_signing_never_answers_no_longer_stored(signer: Signe
         assert not any("no longer stored" in m for _c, m, _p in answers)
         sigs = {p for code, _m, p in answers if code == 0}
         assert len(sigs) == 1 and len(signer.events("sign")) == i + 1
+
+
+@pytest.mark.control("SGN-04")
+def test_an_expired_request_is_not_signed_whatever_its_approvals_after_a_restart_too(
+        make_signer: Any) -> None:
+    """The statement carries the request's time and expiry; once it has passed, approvals
+    given in time do not release it, and a restart does not revive it."""
+    from signer import audit
+
+    s: Signer = make_signer(profile_overrides={"release": {"request_ttl": 15}})
+    rid = queue(s, b"expiring")
+    text = statement(s, "alice", rid).decode()
+    st = json.loads(s.gw(f"status {rid}").stdout)
+    assert f"requested={st['requested']}\nexpires={st['expires']}\n" in text
+    assert text.startswith("signer-approval-v2\n")
+    assert approve(s, "alice", rid).returncode == 0
+    assert approve(s, "bob", rid).returncode == 0
+    time.sleep(max(0.0, audit.parse_time(st["expires"]) - time.time()) + 0.5)
+    for _ in range(2):
+        r = s.gw(f"fetch {rid}")
+        assert r.returncode == 77 and "expired" in one_line_error(r)
+        assert json.loads(s.gw(f"status {rid}").stdout)["state"] == "expired"
+        assert s.gw("requests", custodian="carol").stdout == b""
+        s.stop()
+        s.start()
+    assert s.events("sign") == []
+
+
+@pytest.mark.control("SGN-04")
+def test_a_client_cancels_and_a_custodian_rejects(signer: Signer) -> None:
+    rid = queue(signer, b"cancel me")
+    text = statement(signer, "alice", rid)
+    assert signer.gw(f"cancel {rid}", client="build2").returncode == 64  # not its request
+    assert signer.gw(f"cancel {rid}").returncode == 0
+    assert json.loads(signer.gw(f"status {rid}").stdout)["state"] == "cancelled"
+    r = approve(signer, "alice", rid, message=text)
+    assert r.returncode == 77 and "cancelled" in one_line_error(r)
+    assert signer.gw(f"fetch {rid}").returncode == 77
+
+    rid = queue(signer, b"reject me")
+    assert approve(signer, "alice", rid).returncode == 0
+    assert signer.gw(f"reject {rid}", custodian="mallory").returncode == 64  # not of release
+    assert signer.gw(f"reject {rid}", custodian="bob").returncode == 0
+    items = [json.loads(line) for line in signer.gw("requests", custodian="carol")
+             .stdout.splitlines()]
+    assert [(i["id"], i["state"], i["rejected_by"]) for i in items] == [(rid, "rejected", "bob")]
+    r = signer.gw(f"fetch {rid}")
+    assert r.returncode == 77 and "bob rejected" in one_line_error(r)
+    signer.stop()
+    signer.start()
+    assert json.loads(signer.gw(f"status {rid}").stdout)["state"] == "rejected"
+    assert [e["custodian"] for e in signer.events("reject")] == ["bob"]
+    assert len(signer.events("cancel")) == 1 and signer.events("sign") == []
