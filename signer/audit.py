@@ -32,8 +32,14 @@ from signer.errors import Exit, SignerError
 
 GENESIS = "0" * 64
 EVENTS = frozenset({"start", "stop", "sign", "deny", "queue", "approve", "unlock", "freeze", "thaw",
-                    "residency-failure", "budget-exceeded", "checkpoint"})
+                    "residency-failure", "budget-exceeded", "checkpoint", "cancel", "reject"})
 MAX_LINE = 64 * 1024
+# A flush holding one of these ends with a checkpoint: the audit key vouches for it at once.
+CLOSE_WITH_CHECKPOINT = frozenset({"sign", "queue", "approve", "freeze", "thaw",
+                                   "budget-exceeded", "unlock", "cancel", "reject"})
+# Never written unless that checkpoint can be made: a signature is not released, a request
+# not queued, a profile not thawed on the word of a log the audit key does not vouch for.
+NEEDS_PROOF = frozenset({"sign", "queue", "thaw"})
 
 
 class ChainError(Exception):
@@ -52,6 +58,10 @@ def canonical(obj: Mapping[str, Any]) -> bytes:
 
 def now_utc() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def format_time(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_time(text: str) -> float:
@@ -162,25 +172,54 @@ class Scan:
     seq: int = -1
     last_hash: str = GENESIS
     end: int = 0  # offset after the last good entry
-    torn: int = 0  # bytes of an incomplete last line (a crash in the middle of a write)
+    torn: bytes = b""  # an incomplete last line (a crash in the middle of a write), exactly
     since_checkpoint: int = 0
+    verified: int | None = None  # seq of the last checkpoint (verified when a key was given)
+    tail: list[dict[str, Any]] = field(default_factory=list)  # entries after it: unproven
 
 
-def scan(path: Path, on_entry: Callable[[dict[str, Any]], None]) -> Scan:
+def scan(path: Path, on_entry: Callable[[dict[str, Any]], None], spki: bytes | None = None
+         ) -> Scan:
     """Verify the chain of an existing log (a missing file is an empty log) and replay it.
-    An incomplete last line is tolerated (and reported in `torn`); anything else raises."""
+
+    Only an incomplete *last* line is tolerated (returned in `torn`, byte for byte, for the
+    caller to keep and report): the writer never writes a line longer than MAX_LINE, so a line
+    without its newline that has anything after it is not a torn write but a broken log, and
+    raises like any other damage (cutting there would drop every later entry).
+
+    Anyone who can write the file can recompute the chain, so only what a checkpoint vouches
+    for is replayed through `on_entry`; with the audit key (`spki`) the last checkpoint is
+    verified (through the chain it vouches for every entry before it; one that does not
+    verify is tampering and raises). The entries after it are returned in `tail`, not
+    replayed: the caller decides what, if anything, to believe of them."""
     v = Verifier()
     out = Scan()
     if not path.exists():
         return out
+    pending: list[dict[str, Any]] = []
+    last_cp: dict[str, Any] | None = None
+    size = path.stat().st_size
     for offset, line in read_lines(path):
         if not line.endswith(b"\n"):
-            out.torn = offset - out.end
+            if offset != size:
+                raise ChainError(v.seq + 1, f"entry longer than {MAX_LINE} bytes (not a torn "
+                                            "last line: entries follow it)")
+            out.torn = line
             break
         entry = v.feed(line)
         out.end = offset
         out.since_checkpoint = 0 if entry["event"] == "checkpoint" else out.since_checkpoint + 1
-        on_entry(entry)
+        pending.append(entry)
+        if entry["event"] == "checkpoint":
+            last_cp = entry
+            for e in pending:
+                on_entry(e)
+            pending = []
+    if last_cp is not None:
+        if spki is not None:
+            Verifier(spki)._checkpoint(last_cp)
+        out.verified = last_cp["seq"]
+    out.tail = pending
     out.seq, out.last_hash = v.seq, v.last_hash
     return out
 
@@ -231,7 +270,12 @@ class Writer:
             raise AuditError(f"audit log {self.path} is locked by another process (another "
                              "daemon running?)") from None
         try:
-            if self.scan.torn or os.fstat(self._fd).st_size != self.scan.end:
+            size = os.fstat(self._fd).st_size
+            if size != self.scan.end + len(self.scan.torn):
+                os.close(self._fd)
+                raise AuditError(f"audit log {self.path} changed while it was being read: "
+                                 "start again")
+            if self.scan.torn:  # only the incomplete last line, nothing else
                 os.ftruncate(self._fd, self.scan.end)
                 os.fsync(self._fd)
             if new:
@@ -302,10 +346,32 @@ class Writer:
 
     def _build(self, batch: list[_Slot], seq: int, prev: str, since: int
                ) -> tuple[list[bytes], list[dict[str, Any]], int, str, int]:
+        """The lines of one flush. A flush that holds a state-changing or sign entry ends
+        with a checkpoint, so the audit key vouches for it in the same write (a restart
+        believes nothing else). An entry that must not exist unproven (NEEDS_PROOF) is not
+        written at all when that checkpoint cannot be made: its caller gets an error."""
+        while True:
+            lines, entries, s2, p2, since2 = self._build_once(batch, seq, prev, since)
+            if since2 == 0:
+                return lines, entries, s2, p2, since2
+            unproven = [slot for slot, e in zip(batch, entries, strict=True)
+                        if e and slot.event in NEEDS_PROOF]
+            if not unproven:
+                return lines, entries, s2, p2, since2
+            for slot in unproven:
+                slot.error = ("no checkpoint: the audit key cannot vouch for this entry "
+                              "(locked, or the key is not available): not written")
+
+    def _build_once(self, batch: list[_Slot], seq: int, prev: str, since: int
+                    ) -> tuple[list[bytes], list[dict[str, Any]], int, str, int]:
         lines: list[bytes] = []
         entries: list[dict[str, Any]] = []
         time = now_utc()
+        close = False
         for slot in batch:
+            if slot.error is not None:
+                entries.append({})
+                continue
             if slot.event == "checkpoint":
                 if since == 0:  # nothing new to vouch for
                     entries.append({})
@@ -318,8 +384,13 @@ class Writer:
             else:
                 sealed = seal(body(seq + 1, prev, slot.event, slot.fields, time))
             entry, line = sealed
+            if len(line) > MAX_LINE:  # a reader would take it for a torn write: never write it
+                slot.error = f"audit entry longer than {MAX_LINE} bytes: not written"
+                entries.append({})
+                continue
             seq, prev = seq + 1, entry["hash"]
             since = 0 if slot.event == "checkpoint" else since + 1
+            close = close or slot.event in CLOSE_WITH_CHECKPOINT
             lines.append(line)
             entries.append(entry)
             if since >= self.interval:
@@ -327,6 +398,11 @@ class Writer:
                 if auto is not None:
                     seq, prev, since = seq + 1, auto[0]["hash"], 0
                     lines.append(auto[1])
+        if close and since:
+            closing = self._checkpoint_line(seq + 1, prev, time)
+            if closing is not None:
+                seq, prev, since = seq + 1, closing[0]["hash"], 0
+                lines.append(closing[1])
         return lines, entries, seq, prev, since
 
     def _checkpoint_line(self, seq: int, prev: str, time: str
@@ -388,8 +464,13 @@ def show(entry: Mapping[str, Any]) -> str:
     return f"{head} {rest}".rstrip()
 
 
-def verify_file(path: Path, spki: bytes | None, live: bool) -> tuple[bool, str]:
-    """`signer audit verify`: (valid, one line naming the first bad sequence number)."""
+def verify_file(path: Path, spki: bytes | None, live: bool, chain_only: bool = False
+                ) -> tuple[bool, str]:
+    """`signer audit verify`: (valid, one line naming the first bad sequence number).
+
+    Valid means vouched for by the audit key: without a key (`spki` None) or without a single
+    checkpoint, the chain alone proves nothing (anyone can recompute it), so the answer is
+    "not valid" unless the caller asked for exactly that weaker check (`chain_only`)."""
     v = Verifier(spki)
     try:
         for _offset, line in read_lines(path):
@@ -399,17 +480,28 @@ def verify_file(path: Path, spki: bytes | None, live: bool) -> tuple[bool, str]:
     except OSError as exc:
         return False, f"{path}: cannot read: {exc.strerror}"
     if v.seq < 0:
-        return (live, f"{path}: empty log" if live
+        return (live and chain_only, f"{path}: empty log" if live
                 else f"{path}: first bad seq 0: missing (the log is empty)")
-    signed = (f"{v.checkpoints} checkpoint(s) verified" if spki is not None
-              else f"{v.checkpoints} checkpoint(s), signatures NOT checked (give --cert or "
-                   "--pubkey)")
+    if spki is None:
+        signed = f"{v.checkpoints} checkpoint(s), signatures NOT checked"
+    else:
+        signed = f"{v.checkpoints} checkpoint(s) verified"
+    if v.last_event != "checkpoint" and not live:
+        return False, (f"{path}: first bad seq {v.seq + 1}: missing: the log ends at seq "
+                       f"{v.seq} without a closing checkpoint (truncated, or written by a "
+                       "running or crashed daemon: use --live)")
+    tail = ""
     if v.last_event != "checkpoint":
-        tail = v.seq - (v.last_checkpoint if v.last_checkpoint is not None else -1)
-        if not live:
-            return False, (f"{path}: first bad seq {v.seq + 1}: missing: the log ends at seq "
-                           f"{v.seq} without a closing checkpoint (truncated, or written by a "
-                           "running or crashed daemon: use --live)")
-        return True, (f"{path}: ok: seq 0..{v.seq}, {signed}; the last {tail} entries are not "
-                      "yet covered by a checkpoint")
-    return True, f"{path}: ok: seq 0..{v.seq}, {signed}"
+        n = v.seq - (v.last_checkpoint if v.last_checkpoint is not None else -1)
+        tail = f"; the last {n} entries are not yet covered by a checkpoint"
+    if chain_only:
+        return True, f"{path}: chain ok: seq 0..{v.seq}, {signed} (--chain-only){tail}"
+    if spki is None:
+        return False, (f"{path}: NOT verified: seq 0..{v.seq} chain ok, but {signed}: without "
+                       "the audit key anyone can recompute the chain (give --cert or --pubkey; "
+                       "--chain-only to check the chain alone)")
+    if v.checkpoints == 0:
+        return False, (f"{path}: NOT verified: seq 0..{v.seq} chain ok, but no checkpoint: "
+                       "nothing in it is vouched for by the audit key (--chain-only to check "
+                       "the chain alone)")
+    return True, f"{path}: ok: seq 0..{v.seq}, {signed}{tail}"

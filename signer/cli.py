@@ -5,26 +5,29 @@ traceback is a bug."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import sys
-from collections import deque
-from pathlib import Path
-from typing import NoReturn
 
 from signer.errors import Exit, SignerError
 
-# Each command imports what it needs: the gateway runs once per SSH connection and must not
-# pay for PKCS#11, cryptography and asn1crypto that it never uses.
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    import argparse
+    from pathlib import Path
+    from typing import NoReturn
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise SignerError(Exit.USAGE, f"{self.prog}: {message}")
+# Each command imports what it needs. The gateway runs once per SSH request and must not pay
+# for PKCS#11, cryptography and asn1crypto, nor even for argparse: `main` hands `gateway` to
+# signer.gateway's own small parser before anything else is imported.
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+    from pathlib import Path
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            raise SignerError(Exit.USAGE, f"{self.prog}: {message}")
+
     p = _Parser(prog="signer", description="code-signing service: daemon, gateway, client")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -70,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     key = a.add_mutually_exclusive_group()
     key.add_argument("--cert", type=Path)
     key.add_argument("--pubkey", type=Path)
+    key.add_argument("--chain-only", action="store_true",
+                     help="check the hash chain alone (proves nothing against a forger)")
     a.add_argument("--live", action="store_true")
     a = asub.add_parser("show")
     a.add_argument("file", type=Path)
@@ -107,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _audit_show(path: Path, last: int | None) -> int:
+    import json
+    from collections import deque
+
     from signer import audit
 
     def show(line: bytes) -> None:
@@ -136,9 +144,12 @@ def dispatch(args: argparse.Namespace) -> int:
     from signer import audit, certs, client, config, daemon, keys
 
     if args.command == "serve":
+        import logging
+
         cfg = config.load(args.config)
-        logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                            format="%(levelname)s %(message)s")
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(daemon.EscapingFormatter("%(levelname)s %(message)s"))
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
         daemon.run(cfg)
         return Exit.OK
     if args.command == "config":
@@ -166,7 +177,7 @@ def dispatch(args: argparse.Namespace) -> int:
             return _audit_show(args.file, args.last)
         key_file = args.cert or args.pubkey
         spki = certs.load_public_key(key_file) if key_file else None
-        ok, message = audit.verify_file(args.file, spki, args.live)
+        ok, message = audit.verify_file(args.file, spki, args.live, args.chain_only)
         out.write(message + "\n")
         return Exit.OK if ok else Exit.INVALID
     if args.command == "submit":
@@ -180,6 +191,11 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gateway"]:
+        from signer import gateway
+
+        return gateway.main_argv(argv[1:])
     try:
         args = _parser().parse_args(argv)
         return dispatch(args)

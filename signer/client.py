@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -63,6 +64,9 @@ def submit(host: str, profile: str, fmt: str, name: str | None, out: Path | None
     remote = ["sign", "--profile", profile, "--format", fmt, "--name", name or artifact.name]
     try:
         with artifact.open("rb") as f:
+            # The size, declared up front, lets the gateway refuse a stream cut short (a
+            # connection dropped mid-upload) instead of signing its prefix.
+            remote += ["--size", str(os.fstat(f.fileno()).st_size)]
             r = _ssh(ssh, host, remote, stdin=f)
     except OSError as exc:
         raise SignerError(Exit.USAGE, f"{artifact}: {exc.strerror}") from None
@@ -104,7 +108,8 @@ def approve(host: str, key: Path, rid: str, artifact: Path | None, yes: bool, ss
     try:
         req = Request(id=rid, profile=str(item["profile"]), client=str(item["client"]),
                       sha256=str(item["sha256"]), size=int(item["size"]),
-                      name=str(item["name"]), format=str(item["format"]))
+                      name=str(item["name"]), format=str(item["format"]),
+                      requested=str(item["requested"]), expires=str(item["expires"]))
     except (KeyError, TypeError, ValueError):
         raise SignerError(Exit.SOFTWARE, f"unexpected answer to `requests` from {host}") \
             from None

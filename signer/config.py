@@ -15,6 +15,7 @@ from typing import Any
 from signer import uri
 from signer.errors import Exit, SignerError
 
+DEFAULT_REQUEST_TTL = 86400
 NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 ACCOUNT_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 ALGORITHMS = ("ecdsa-p256", "rsa3072-pkcs1", "rsa3072-pss")
@@ -37,6 +38,8 @@ class Profile:
     custodians: frozenset[str]
     budget_count: int
     budget_window: int
+    max_queued: int = 16  # requests waiting for approval, per client
+    request_ttl: int = 86400  # seconds a queued request (and its approvals) stays valid
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,15 @@ def parse(text: str, path: Path) -> Config:
     overlap = set(clients) & set(custodians)
     if overlap:
         raise r.fail("custodians", f"name used by a client too: {sorted(overlap)[0]!r}")
+    # One key, one name: a holder of two names could approve twice (2-of-N alone) or act as
+    # a client and its custodian. The key material decides, not the comment.
+    holder: dict[str, str] = {}
+    for kind, table in (("clients", clients), ("custodians", custodians)):
+        for name, line in table.items():
+            material = " ".join(line.split()[:2])
+            if material in holder:
+                raise r.fail(f"{kind}.{name}.ssh_key", f"the same key as {holder[material]}")
+            holder[material] = f"{kind}.{name}"
     profiles_t = data.get("profiles", {})
     if not isinstance(profiles_t, dict):
         raise r.fail("profiles", "must be a table")
@@ -199,7 +211,8 @@ def parse(text: str, path: Path) -> Config:
             raise r.fail(p, "bad name (want [a-z][a-z0-9_-]{0,63})")
         t = r.table(profiles_t, p,
                     {"key", "algorithm", "cert", "formats", "max_size", "clients", "approvals",
-                     "custodians", "budget_count", "budget_window"},
+                     "custodians", "budget_count", "budget_window", "max_queued",
+                     "request_ttl"},
                     {"key", "algorithm", "formats", "max_size", "clients", "budget_count",
                      "budget_window"})
         algorithm = r.str_(t, p, "algorithm")
@@ -221,7 +234,9 @@ def parse(text: str, path: Path) -> Config:
             formats=tuple(formats), max_size=r.int_(t, p, "max_size", 1),
             clients=r.names(t, p, "clients", clients, "client"), approvals=approvals,
             custodians=custs, budget_count=r.int_(t, p, "budget_count", 1),
-            budget_window=r.int_(t, p, "budget_window", 1))
+            budget_window=r.int_(t, p, "budget_window", 1),
+            max_queued=r.int_(t, p, "max_queued", 1, 16),
+            request_ttl=r.int_(t, p, "request_ttl", 1, DEFAULT_REQUEST_TTL))
     for where, key in [("daemon.audit_key", daemon.audit_key)] + [
             (f"profiles.{n}.key", pr.key) for n, pr in profiles.items()]:
         if key.token is not None and key.token != daemon.token_label:

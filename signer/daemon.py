@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import pwd
-import queue
 import resource
 import secrets
 import signal
@@ -37,7 +36,7 @@ from asn1crypto import x509
 
 from signer import approval, audit, certs, pin, policy, request, wire
 from signer.algorithms import BY_NAME, ECDSA_P256
-from signer.config import Config, Profile
+from signer.config import NAME_RE, Config, Profile
 from signer.errors import Exit, SignerError
 from signer.formats import cms, raw
 from signer.policy import Denied
@@ -46,9 +45,19 @@ from signer.uri import PKCS11URI
 
 log = logging.getLogger("signerd")
 
-WORKERS = 16  # concurrent requests; more wait in the kernel's accept queue
-HEADER_TIMEOUT = 30.0
-BODY_TIMEOUT = 300.0  # per read: a stalled upload is dropped, a slow one is not
+# Custodians are always heard: a connection holds no slot until its header says who it is
+# (a thread each, with a total deadline), build clients share CLIENT_SLOTS with at most
+# PER_CLIENT each, and custodians have CUSTODIAN_SLOTS that clients can never take. Over a
+# limit a request waits (holding a thread, not a slot) up to SLOT_WAIT, then gets "busy" (69).
+MAX_CONNECTIONS = 256  # open connections in all
+MAX_PER_UID = 64  # open connections from one local account (the gateway's, or a bound one)
+CLIENT_SLOTS = 16  # client requests being served at once
+PER_CLIENT = 8  # of which one client may hold
+SLOT_WAIT = 60.0
+CUSTODIAN_SLOTS = 4  # custodian requests being served at once, apart from the clients'
+HEADER_TIMEOUT = 10.0  # total, from accept to the end of the header line
+BODY_TIMEOUT = 300.0  # per read: a stalled upload is dropped, a slow one is not ...
+REQUEST_DEADLINE = 3600.0  # ... until this total: a trickle cannot hold a slot for ever
 STOP_GRACE = 10.0
 _M_ARENA_MAX = -8
 
@@ -68,7 +77,10 @@ class Daemon:
         self._cert_problems: dict[str, str] = {}
         self._stopping = threading.Event()
         self._active = 0
-        self._active_cv = threading.Condition()
+        self._active_cv = threading.Condition()  # also guards the counters below
+        self._per_uid: dict[int, int] = {}
+        self._slots: dict[tuple[str, str], int] = {}  # (role, name) -> requests being served
+        self._deadlines: dict[socket.socket, float] = {}
         self.token: Token | None = None
         self.writer: audit.Writer | None = None
 
@@ -80,8 +92,13 @@ class Daemon:
         self.token = Token(d.token_module, d.token_label)
         d.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         (d.state_dir / "signatures").mkdir(mode=0o700, exist_ok=True)
+        spki, source = self._audit_public_key()
+        if spki is None and d.audit_log.exists() and d.audit_log.stat().st_size:
+            raise SignerError(Exit.IOERR, f"cannot check the checkpoints of {d.audit_log}: "
+                              f"{source}; refusing to rebuild state from a log that nothing "
+                              "vouches for")
         try:
-            scan = audit.scan(d.audit_log, self.state.apply)
+            scan = audit.scan(d.audit_log, self.state.apply, spki)
         except audit.ChainError as exc:
             raise SignerError(Exit.IOERR, f"audit log {d.audit_log} is broken at seq {exc.seq}: "
                               f"{exc.reason}. Keep it for the investigation (`signer audit "
@@ -92,7 +109,10 @@ class Daemon:
         self.writer = audit.Writer(d.audit_log, scan, d.checkpoint_interval,
                                    self._sign_checkpoint)
         self.writer.open()
-        note = f"cut a torn last entry of {scan.torn} bytes" if scan.torn else None
+        notes = [self._keep_torn(scan)] if scan.torn else []
+        notes += self._replay_tail(scan)
+        notes += self._recheck_approvals()
+        note = "; ".join(notes) or None
         self.writer.append("start", pid=os.getpid(), note=note,
                            reason="PIN from file" if secret else "locked: waiting for unlock")
         if secret is not None:
@@ -100,6 +120,90 @@ class Daemon:
                 self._login(secret)
             except SignerError as exc:
                 raise SignerError(exc.code, f"{exc.message} (PIN from {d.pin_file})") from None
+
+    def _audit_public_key(self) -> tuple[bytes | None, str]:
+        """The audit key's public half that checkpoints are checked with at start: from the
+        token (a public session: a locked daemon can read it), else the configured audit
+        certificate. (None, why) when neither is there."""
+        assert self.token is not None
+        d = self.cfg.daemon
+        try:
+            info = self.token.public_key_info_unlocked(d.audit_key)
+        except SignerError:
+            info = None
+        if info is not None:
+            return bytes(info.dump()), "token"
+        if d.audit_cert is not None and d.audit_cert.exists():
+            try:
+                return certs.load_public_key(d.audit_cert), str(d.audit_cert)
+            except SignerError as exc:
+                return None, exc.message
+        return None, (f"the audit key {d.audit_key} has no public key on the token and no "
+                      "audit_cert is installed")
+
+    def _replay_tail(self, scan: audit.Scan) -> list[str]:
+        """The entries after the last checkpoint: nothing signed by the token vouches for
+        them (anyone who can write the file could have appended them with a recomputed
+        chain). Quarantine: believe only what can make the signer stricter (a signature
+        counted against the budget, a freeze) and approvals, which are re-verified with the
+        custodian's key like every other; ignore the rest (a thaw, a queued request)."""
+        if not scan.tail:
+            return []
+        ignored = []
+        for entry in scan.tail:
+            event = entry["event"]
+            if event in policy.TIGHTENING or event == "approve":
+                self.state.apply(entry)
+            elif event in ("queue", "thaw"):
+                ignored.append(f"{event} seq {entry['seq']}")
+        after = "the start of the log" if scan.verified is None else \
+            f"the last checkpoint (seq {scan.verified})"
+        log.warning("audit log: %d entries after %s are not vouched for by the audit key: "
+                    "only what makes the signer stricter is kept%s", len(scan.tail), after,
+                    f"; ignored: {', '.join(ignored)}" if ignored else "")
+        if not ignored:
+            return []
+        return [f"ignored {len(ignored)} entries after {after} that no checkpoint vouches "
+                f"for: {', '.join(ignored[:20])}{' ...' if len(ignored) > 20 else ''}"]
+
+    def _recheck_approvals(self) -> list[str]:
+        """An approval counts after a restart only if its SSH signature, kept in the log,
+        still verifies for that request with the custodian's configured key."""
+        dropped = []
+        for req in self.state.requests.values():
+            if req.signed:
+                continue
+            for custodian, sig in list(req.approvals.items()):
+                key = self.cfg.custodians.get(custodian)
+                if sig is None or key is None or not approval.verify(
+                        req.statement(), sig.encode("ascii"), custodian, key,
+                        self.cfg.daemon.state_dir):
+                    del req.approvals[custodian]
+                    dropped.append(f"{custodian} on {req.id}")
+        if not dropped:
+            return []
+        log.warning("approvals that do not verify (not counted): %s", ", ".join(dropped))
+        return [f"approvals not counted (their signature does not verify with the configured "
+                f"key): {', '.join(dropped[:20])}{' ...' if len(dropped) > 20 else ''}"]
+
+    def _keep_torn(self, scan: audit.Scan) -> str:
+        """Keep the incomplete last line that start-up cuts (a crash in the middle of a write)
+        for the investigation, and say exactly what was cut: offset, length, digest, where."""
+        digest = hashlib.sha256(scan.torn).hexdigest()
+        kept = self.cfg.daemon.state_dir / f"torn-{scan.end}-{digest[:16]}.bin"
+        try:
+            fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(scan.torn)
+                fh.flush()
+                os.fsync(fh.fileno())
+            where = f"kept in {kept}"
+        except OSError as exc:
+            where = f"not kept: {exc.strerror}"
+        note = (f"cut a torn last entry: {len(scan.torn)} bytes at offset {scan.end}, "
+                f"sha256 {digest}, {where}")
+        log.warning("audit log: %s", note)
+        return note
 
     def stop(self) -> None:
         self._stopping.set()
@@ -170,14 +274,10 @@ class Daemon:
         self._stopping.set()
 
     def serve(self, sock: socket.socket) -> None:
-        """Accept until asked to stop; a fixed pool of daemon threads serves the connections
-        (a stuck connection can delay the stop by STOP_GRACE, never block it). The queue is
-        bounded: when every worker is busy, accepting waits and callers queue in the kernel."""
+        """Accept until asked to stop; one daemon thread per connection, within the limits
+        above (a stuck connection can delay the stop by STOP_GRACE, never block it)."""
         sock.settimeout(0.1)
-        pending: queue.Queue[socket.socket] = queue.Queue(maxsize=WORKERS)
-        for i in range(WORKERS):
-            threading.Thread(target=self._worker, args=(pending,), name=f"conn-{i}",
-                             daemon=True).start()
+        threading.Thread(target=self._reaper, name="deadlines", daemon=True).start()
         while not self._stopping.is_set():
             try:
                 conn, _addr = sock.accept()
@@ -189,39 +289,66 @@ class Daemon:
                 log.error("accept: %s", exc)
                 time.sleep(0.1)
                 continue
+            try:
+                uid = _peer_uid(conn)
+            except OSError:
+                conn.close()
+                continue
             with self._active_cv:
-                self._active += 1
-            while True:
-                try:
-                    pending.put(conn, timeout=0.5)
-                    break
-                except queue.Full:
-                    if self._stopping.is_set():
-                        conn.close()
-                        with self._active_cv:
-                            self._active -= 1
-                        break
+                if self._active >= MAX_CONNECTIONS or \
+                        self._per_uid.get(uid, 0) >= MAX_PER_UID:
+                    full = True
+                else:
+                    full = False
+                    self._active += 1
+                    self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
+                    self._deadlines[conn] = time.monotonic() + HEADER_TIMEOUT
+            if full:
+                _busy(conn, "too many connections to the signer daemon: try again later")
+                continue
+            threading.Thread(target=self._serve_one, args=(conn, uid), name="conn",
+                             daemon=True).start()
         sock.close()
 
-    def _worker(self, pending: queue.Queue[socket.socket]) -> None:
-        while True:
-            conn = pending.get()
-            try:
-                self._connection(conn)
-            finally:
-                with self._active_cv:
-                    self._active -= 1
-                    self._active_cv.notify_all()
+    def _reaper(self) -> None:
+        """Enforce total deadlines: a connection past its deadline is shut down, whatever
+        it is blocked in (a trickle of one byte per read timeout would otherwise last)."""
+        while not self._stopping.is_set():
+            time.sleep(0.5)
+            now = time.monotonic()
+            with self._active_cv:
+                late = [c for c, t in self._deadlines.items() if t <= now]
+                for c in late:
+                    del self._deadlines[c]
+            for c in late:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
-    def _connection(self, conn: socket.socket) -> None:
+    def _serve_one(self, conn: socket.socket, uid: int) -> None:
+        try:
+            self._connection(conn, uid)
+        finally:
+            with self._active_cv:
+                self._deadlines.pop(conn, None)
+                self._active -= 1
+                self._per_uid[uid] -= 1
+                if not self._per_uid[uid]:
+                    del self._per_uid[uid]
+                self._active_cv.notify_all()
+
+    def _connection(self, conn: socket.socket, uid: int) -> None:
         peer = None
         try:
             conn.settimeout(HEADER_TIMEOUT)
             with conn, conn.makefile("rb") as f:
                 hdr = wire.read_line(f)
+                with self._active_cv:
+                    if conn in self._deadlines:
+                        self._deadlines[conn] = time.monotonic() + REQUEST_DEADLINE
                 conn.settimeout(BODY_TIMEOUT)
-                peer = wire.Peer(conn, f, inline=hdr.get("inline") is True,
-                                 uid=_peer_uid(conn))
+                peer = wire.Peer(conn, f, inline=hdr.get("inline") is True, uid=uid)
                 self._handle(peer, hdr)
         except (wire.ProtocolError, OSError) as exc:
             log.debug("connection dropped: %s", exc)
@@ -234,11 +361,51 @@ class Daemon:
             except OSError:
                 pass
 
+    def _slot(self, role: str, name: str) -> bool:
+        """Take a slot for a request of `name`, waiting up to SLOT_WAIT (False: busy).
+        Clients share CLIENT_SLOTS, at most PER_CLIENT each; custodians have their own
+        CUSTODIAN_SLOTS."""
+        deadline = time.monotonic() + SLOT_WAIT
+        with self._active_cv:
+            while True:
+                mine = self._slots.get((role, name), 0)
+                total = sum(n for (r, _n), n in self._slots.items() if r == role)
+                if role == "client":
+                    free = total < CLIENT_SLOTS and mine < PER_CLIENT
+                else:
+                    free = total < CUSTODIAN_SLOTS
+                if free:
+                    self._slots[role, name] = mine + 1
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopping.is_set():
+                    return False
+                self._active_cv.wait(min(left, 0.5))
+
+    def _release(self, role: str, name: str) -> None:
+        with self._active_cv:
+            self._slots[role, name] -= 1
+            if not self._slots[role, name]:
+                del self._slots[role, name]
+            self._active_cv.notify_all()
+
     def _handle(self, peer: wire.Peer, hdr: dict[str, Any]) -> None:
         role, name = hdr.get("role"), hdr.get("caller")
         if hdr.get("v") != wire.VERSION or role not in ("client", "custodian") \
                 or not isinstance(name, str):
             peer.reply(Exit.USAGE, "protocol mismatch: gateway and daemon versions differ")
+            return
+        if not NAME_RE.fullmatch(name):
+            # Never logged as given: an odd or over-long name must not reach the log or the
+            # journal (it could make a line a reader takes for a torn write, or forge one).
+            why = f"bad caller name ({len(name)} characters, not {NAME_RE.pattern})"
+            log.info("deny %s: %s", role, why)
+            if self.writer is not None:
+                try:
+                    self.writer.append("deny", reason=f"{role}: {why}")
+                except audit.AuditError as exc:
+                    log.error("cannot log a denial: %s", exc.message)
+            peer.reply(Exit.USAGE, f"bad {role} name: want {NAME_RE.pattern}")
             return
         try:
             cmd = request.from_wire(hdr)
@@ -258,7 +425,16 @@ class Daemon:
             if account is not None and peer.uid != _uid(account):
                 raise Denied(Exit.NOPERM, f"{role} {name!r} must connect through the account "
                              f"{account!r}", f"connected as uid {peer.uid}, not {account}")
-            self._dispatch(peer, who, cmd)
+            if not self._slot(role, name):
+                raise SignerError(Exit.UNAVAILABLE, f"the signer is busy with other requests "
+                                  f"of yours (at most {PER_CLIENT} at once for a client): try "
+                                  "again in a moment" if role == "client" else
+                                  "the signer is busy with other custodians' requests: try "
+                                  "again in a moment")
+            try:
+                self._dispatch(peer, who, cmd)
+            finally:
+                self._release(role, name)
         except Denied as exc:
             self._deny(who, cmd, exc.reason)
             peer.reply(exc.code, exc.message)
@@ -284,8 +460,8 @@ class Daemon:
 
     def _dispatch(self, peer: wire.Peer, who: Caller,
                   cmd: request.Command) -> None:
-        custodian_only = (request.Requests, request.Approve, request.Unlock, request.Freeze,
-                          request.Thaw)
+        custodian_only = (request.Requests, request.Approve, request.Reject, request.Unlock,
+                          request.Freeze, request.Thaw)
         if isinstance(cmd, custodian_only) != (who.role == "custodian"):
             raise Denied(Exit.NOPERM, f"`{type(cmd).__name__.lower()}` is not a command for "
                          f"a {who.role}", "command not allowed for the role")
@@ -294,14 +470,18 @@ class Daemon:
         elif isinstance(cmd, request.Status):
             with self._lock:
                 req = policy.own_request(self.state, who.name, cmd.id)
-                line = json.dumps(req.public(self.cfg.profiles.get(req.profile)))
+                line = json.dumps(req.public(self.cfg.profiles.get(req.profile), time.time()))
             peer.reply(Exit.OK, "", line.encode() + b"\n")
         elif isinstance(cmd, request.Fetch):
             self._fetch(peer, who.name, cmd.id)
         elif isinstance(cmd, request.Requests):
             self._requests(peer, who.name)
+        elif isinstance(cmd, request.Cancel):
+            self._cancel(peer, who.name, cmd.id)
         elif isinstance(cmd, request.Approve):
             self._approve(peer, who.name, cmd.id)
+        elif isinstance(cmd, request.Reject):
+            self._reject(peer, who.name, cmd.id)
         elif isinstance(cmd, request.Unlock):
             self._unlock(peer, who.name)
         elif isinstance(cmd, request.Freeze):
@@ -318,6 +498,16 @@ class Daemon:
         assert self.writer is not None
         if self.writer.broken:
             raise audit.AuditError(self.writer.broken)
+        audit_key = (self.cfg.daemon.audit_key, ECDSA_P256.name)
+        if audit_key not in self._keys:
+            # Without the audit key no checkpoint can vouch for what is signed: fail closed,
+            # exactly as when the log cannot be written.
+            why = self._key_problems.get(audit_key)
+            if why is None:
+                raise SignerError(Exit.UNAVAILABLE, "the signer is being unlocked: try again "
+                                  "in a moment")
+            raise audit.AuditError(f"the audit key {self.cfg.daemon.audit_key} is not "
+                                   f"resident on the token ({why})")
         if (profile.key, profile.algorithm) not in self._keys:
             why = self._key_problems.get((profile.key, profile.algorithm))
             if why is None:  # unlocked a moment ago, residency not checked yet
@@ -343,6 +533,9 @@ class Daemon:
         except wire.BodyTooLarge:
             policy.check_size(profile, profile.max_size + 1)
         policy.check_size(profile, size)
+        if cmd.size is not None and size != cmd.size:
+            raise Denied(Exit.DATA, f"the artifact is {size} bytes, declared {cmd.size}: not "
+                         "signed", "artifact size differs from the declared size")
         if profile.approvals:
             self._queue(peer, client, profile, cmd, h.hexdigest(), size)
             return
@@ -402,7 +595,16 @@ class Daemon:
                sha256: str, size: int) -> None:
         rid = secrets.token_hex(16)
         with self._lock:
+            now = time.time()
+            waiting = sum(1 for r in self.state.requests.values()
+                          if r.client == client and r.profile == profile.name and r.open(now))
+            if waiting >= profile.max_queued:
+                raise Denied(Exit.NOPERM, f"{waiting} requests of yours already wait for "
+                             f"approval on profile {profile.name!r} (at most "
+                             f"{profile.max_queued}): fetch or wait for them first",
+                             "too many queued requests")
             self._state_event("queue", request=rid, client=client, profile=profile.name,
+                              expires=audit.format_time(now + profile.request_ttl),
                               name=cmd.name, format=cmd.format, sha256=sha256, size=size)
         who = ", ".join(sorted(profile.custodians))
         peer.reply(Exit.QUEUED, f"queued {rid}: needs {profile.approvals} approval(s) "
@@ -415,19 +617,20 @@ class Daemon:
         with self._lock:
             req = policy.own_request(self.state, client, rid)
             profile = policy.profile_for(self.cfg, req.profile)
+            if rid in self._fetching:  # signed by another fetch right now: not stored yet
+                peer.reply(Exit.QUEUED, f"request {rid} is being signed: fetch it again in a "
+                           "moment")
+                return
             if req.signed:
                 signed = True
             else:
                 signed = False
+                _check_open(req)
                 counted = req.counted(profile)
                 if len(counted) < profile.approvals:
                     have = ", ".join(sorted(counted)) or "none yet"
                     peer.reply(Exit.QUEUED, f"request {rid} waits for approvals: "
                                f"{len(counted)} of {profile.approvals} ({have})")
-                    return
-                if rid in self._fetching:
-                    peer.reply(Exit.QUEUED, f"request {rid} is being signed: fetch it "
-                               "again in a moment")
                     return
                 policy.check_sign(self.cfg, self.state, client, req.profile, req.format)
                 self._fetching.add(rid)
@@ -443,10 +646,10 @@ class Daemon:
             self._ready(profile, req.format)
             out = self._produce(profile, req.format, bytes.fromhex(req.sha256), req.size,
                                 client, req.name, rid)
+            self._store(rid, out)  # before another fetch may look for it
         finally:
             with self._lock:
                 self._fetching.discard(rid)
-        self._store(rid, out)
         peer.reply(Exit.OK, "", out)
 
     def _store(self, rid: str, out: bytes) -> None:
@@ -468,12 +671,15 @@ class Daemon:
 
     def _requests(self, peer: wire.Peer, custodian: str) -> None:
         lines = []
+        now = time.time()
         with self._lock:
             for req in self.state.requests.values():
                 profile = self.cfg.profiles.get(req.profile)
-                if req.signed or profile is None or custodian not in profile.custodians:
+                if profile is None or custodian not in profile.custodians:
                     continue
-                item = req.public(profile)
+                if not req.open(now) and not (req.rejected_by and not req.expired(now)):
+                    continue  # signed, cancelled or expired; a rejection shows until expiry
+                item = req.public(profile, now)
                 item["statement"] = req.statement().decode("ascii")
                 lines.append(json.dumps(item, ensure_ascii=True) + "\n")
         peer.reply(Exit.OK, "", "".join(lines).encode("ascii"))
@@ -483,6 +689,7 @@ class Daemon:
             req = self.state.requests.get(rid)
             if req is None or req.signed:
                 raise Denied(Exit.USAGE, f"no pending request {rid}", "unknown request")
+            _check_open(req)
             profile = policy.profile_for(self.cfg, req.profile)
         if custodian not in profile.custodians:
             raise Denied(Exit.NOPERM, f"custodian {custodian!r} may not approve requests for "
@@ -493,22 +700,47 @@ class Daemon:
         except wire.BodyTooLarge:
             raise Denied(Exit.DATA, "approval signature too large", "approval too large") \
                 from None
-        if not approval.verify(req.statement(), sig, custodian, self.cfg.custodians[custodian],
-                               self.cfg.daemon.state_dir):
+        if not sig.isascii() or not approval.verify(
+                req.statement(), sig, custodian, self.cfg.custodians[custodian],
+                self.cfg.daemon.state_dir):
             raise Denied(Exit.DATA, f"the approval signature does not verify for request {rid} "
                          f"and custodian {custodian!r}: sign that request's statement (from "
                          f"`requests`) with `ssh-keygen -Y sign -n {approval.NAMESPACE}`",
                          "bad approval signature")
         with self._lock:
+            _check_open(req)  # cancelled, rejected or expired while the signature came in
             if custodian in req.approvals:
                 n = len(req.counted(profile))
                 peer.reply(Exit.OK, f"{custodian} already approved request {rid} (counts "
                            f"once): {n} of {profile.approvals}")
                 return
+            # The signature goes into the log: a restart counts the approval again only if
+            # it still verifies, so an approve entry nobody signed counts for nothing.
             self._state_event("approve", request=rid, custodian=custodian, profile=req.profile,
-                              client=req.client, sha256=req.sha256)
+                              client=req.client, sha256=req.sha256,
+                              approval=sig.decode("ascii"))
             n = len(req.counted(profile))
         peer.reply(Exit.OK, f"approved request {rid}: {n} of {profile.approvals}")
+
+    def _cancel(self, peer: wire.Peer, client: str, rid: str) -> None:
+        with self._lock:
+            req = policy.own_request(self.state, client, rid)
+            _check_open(req)
+            self._state_event("cancel", request=rid, client=client, profile=req.profile)
+        peer.reply(Exit.OK, f"request {rid} cancelled")
+
+    def _reject(self, peer: wire.Peer, custodian: str, rid: str) -> None:
+        """One custodian of the profile is enough to stop a request (recorded, and shown in
+        `requests` until the request would have expired)."""
+        with self._lock:
+            req = self.state.requests.get(rid)
+            profile = self.cfg.profiles.get(req.profile) if req is not None else None
+            if req is None or profile is None or custodian not in profile.custodians:
+                raise Denied(Exit.USAGE, f"no pending request {rid}", "unknown request")
+            _check_open(req)
+            self._state_event("reject", request=rid, custodian=custodian, profile=req.profile,
+                              client=req.client, sha256=req.sha256)
+        peer.reply(Exit.OK, f"request {rid} rejected")
 
     def _unlock(self, peer: wire.Peer, custodian: str) -> None:
         assert self.token is not None and self.writer is not None
@@ -554,6 +786,17 @@ class Daemon:
                 return
             self._state_event("thaw", profile=name, custodian=custodian)
         peer.reply(Exit.OK, f"profile {name!r} thawed; its budget window starts now")
+
+
+def _check_open(req: policy.Request) -> None:
+    """A request that can still be approved and signed, or the reason it cannot."""
+    if req.open(time.time()):
+        return
+    why = ("it was signed" if req.signed else "its client cancelled it" if req.cancelled
+           else f"custodian {req.rejected_by} rejected it" if req.rejected_by
+           else f"it expired at {req.expires}")
+    raise Denied(Exit.NOPERM, f"request {req.id} is closed: {why}; submit the artifact again",
+                 f"request closed ({why})")
 
 
 class Caller:
@@ -603,6 +846,17 @@ def bind(path: Path, group: str) -> socket.socket:
     return sock
 
 
+def _busy(conn: socket.socket, message: str) -> None:
+    """Refuse a connection at once, without reading it (never blocks the accept loop)."""
+    try:
+        conn.setblocking(False)
+        wire.reply(conn, Exit.UNAVAILABLE, message)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
 def _peer_uid(conn: socket.socket) -> int:
     """The uid of the process at the other end of the socket (the gateway), from the kernel."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -618,6 +872,26 @@ def _uid(account: str) -> int | None:
 
 def _gid(group: str) -> int:
     return grp.getgrnam(group).gr_gid
+
+
+class EscapingFormatter(logging.Formatter):
+    """Journal lines escaped as the audit log escapes its entries: a caller-provided string
+    (a name, a reason that quotes one) cannot start a new line or hide text in the journal.
+    A traceback keeps its lines, each one escaped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = _escape(record.getMessage())
+        text = self.formatMessage(record)
+        if record.exc_info:
+            record.exc_text = record.exc_text or self.formatException(record.exc_info)
+        if record.exc_text:
+            text += "\n" + "\n".join(_escape(x) for x in record.exc_text.splitlines())
+        return text
+
+
+def _escape(text: str) -> str:
+    """JSON string escaping without the quotes: controls and non-ASCII as \\uXXXX."""
+    return json.dumps(text, ensure_ascii=True)[1:-1]
 
 
 def notify_ready() -> None:

@@ -10,43 +10,85 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import socket
 import sys
-import tomllib
-from pathlib import Path
-from typing import BinaryIO
 
 from signer import request, wire
 from signer.errors import Exit, SignerError
 
-DEFAULT_SOCKET = Path("/run/signer/signer.sock")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import BinaryIO
+
+DEFAULT_SOCKET = "/run/signer/signer.sock"
 CHUNK = 1 << 20
 # Commands whose body is small and read whole (approval signature, PIN), with their limit.
 _SMALL_BODY = {request.Approve: 64 * 1024, request.Unlock: 1024}
 
 
-def socket_path(config: Path | None, explicit: Path | None) -> Path:
+def socket_path(config: Path | str | None, explicit: Path | str | None) -> str:
     """--socket, else [daemon].socket from the config, else the default. Only that key is read:
     the gateway runs as another user and needs nothing else from the file."""
     if explicit is not None:
-        return explicit
+        return os.fspath(explicit)
     if config is None:
         return DEFAULT_SOCKET
     try:
-        data = tomllib.loads(config.read_text(encoding="utf-8"))
+        with open(config, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SignerError(Exit.CONFIG, f"{config}: cannot read daemon.socket "
+                          f"({type(exc).__name__})") from None
+    simple = _simple_socket(text)
+    if simple is not None:
+        return simple
+    import tomllib  # anything but the plain form: the real parser (16 ms of imports)
+
+    try:
+        data = tomllib.loads(text)
         value = data["daemon"]["socket"]
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
         raise SignerError(Exit.CONFIG, f"{config}: cannot read daemon.socket "
                           f"({type(exc).__name__})") from None
     if not isinstance(value, str):
         raise SignerError(Exit.CONFIG, f"{config}: daemon.socket: must be a string")
-    return Path(value)
+    return value
 
 
-def connect(path: Path) -> socket.socket:
+_SOCKET_LINE = re.compile(r'[ \t]*socket[ \t]*=[ \t]*"([^"\\\x00-\x1f\x7f]*)"[ \t]*(#.*)?')
+_SOCKET_KEY = re.compile(r"[ \t]*(socket|\"socket\"|'socket')[ \t]*=")
+_TABLE_LINE = re.compile(r"[ \t]*\[[ \t]*([A-Za-z0-9_.\- \t\"']*)[ \t]*\][ \t]*(#.*)?")
+
+
+def _simple_socket(text: str) -> str | None:
+    """daemon.socket when the file has it in the plain form that the signer role renders
+    (`socket = "..."`, no escapes, once, under `[daemon]`, no multi-line strings anywhere);
+    None for anything else, which then goes to tomllib. Importing tomllib costs the gateway
+    more than the rest of its start-up."""
+    if '"""' in text or "'''" in text:
+        return None
+    table = None
+    found: list[str] = []
+    for line in text.splitlines():
+        head = _TABLE_LINE.fullmatch(line)
+        if head is not None:
+            table = head.group(1).strip()
+            continue
+        if table == "daemon":
+            m = _SOCKET_LINE.fullmatch(line)
+            if m is not None:
+                found.append(m.group(1))
+            elif _SOCKET_KEY.match(line):  # socket = '...', an escape: not the plain form
+                return None
+    return found[0] if len(found) == 1 and found[0].startswith("/") else None
+
+
+def connect(path: Path | str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.connect(str(path))
+        sock.connect(os.fspath(path))
     except OSError:
         sock.close()
         raise SignerError(Exit.UNAVAILABLE, "the signer daemon is not running (no answer on "
@@ -72,8 +114,21 @@ def _frames(data: bytes) -> bytes:
     return (wire.frame_header(len(data)) + data if data else b"") + wire.frame_header(0)
 
 
-def _stream(sock: socket.socket, head: bytes, stdin: BinaryIO, limit: int | None) -> None:
-    """Send what was already read, then the rest of stdin, as frames; then the end frame."""
+def _check_declared(total: int, declared: int | None, done: bool) -> None:
+    """A stream that ends before (or runs past) its declared size is not sent to be signed:
+    an SSH session killed mid-upload must not get its prefix signed."""
+    if declared is None:
+        return
+    if total > declared or (done and total != declared):
+        raise SignerError(Exit.DATA, f"input is {'at least ' if not done else ''}{total} bytes, "
+                          f"declared {declared} (--size): nothing was signed")
+
+
+def _stream(sock: socket.socket, head: bytes, stdin: BinaryIO, limit: int | None,
+            declared: int | None = None) -> None:
+    """Send what was already read, then the rest of stdin, as frames; then the end frame
+    (only when the stream has its declared size: without the end frame the daemon signs
+    nothing)."""
     if head:
         wire.send_frame(sock, head)
     total = len(head)
@@ -86,12 +141,14 @@ def _stream(sock: socket.socket, head: bytes, stdin: BinaryIO, limit: int | None
         total += n
         if limit is not None and total > limit:
             raise SignerError(Exit.DATA, f"input larger than {limit} bytes")
+        _check_declared(total, declared, done=False)
         wire.send_frame(sock, view[:n])
+    _check_declared(total, declared, done=True)
     wire.send_frame(sock, b"")
 
 
 def exchange(sock: socket.socket, header: dict[str, object], stdin: BinaryIO | None,
-             limit: int | None) -> tuple[int, str, bytes]:
+             limit: int | None, declared: int | None = None) -> tuple[int, str, bytes]:
     """Send a request (with stdin as its body unless stdin is None), return the final reply.
     A body that ends within INLINE_MAX bytes goes with the header in one write; a longer one
     waits for the daemon's go-ahead, so a refused request does not upload a gigabyte."""
@@ -103,6 +160,7 @@ def exchange(sock: socket.socket, header: dict[str, object], stdin: BinaryIO | N
                 if limit is not None and len(head) > limit:
                     raise SignerError(Exit.DATA, f"input larger than {limit} bytes")
                 if len(head) <= wire.INLINE_MAX:
+                    _check_declared(len(head), declared, done=True)
                     sock.sendall(wire.line({**header, "inline": True}) + _frames(head))
                     return wire.read_reply(f)
             sock.sendall(wire.line(header))
@@ -110,7 +168,8 @@ def exchange(sock: socket.socket, header: dict[str, object], stdin: BinaryIO | N
             if first.get("continue") is not True:
                 return wire.finish_reply(first, f)
             try:
-                _stream(sock, head, stdin or io.BytesIO(), limit)
+                _check_declared(len(head), declared, done=False)
+                _stream(sock, head, stdin or io.BytesIO(), limit, declared)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the daemon stopped reading (too large?): its reply says why
             return wire.read_reply(f)
@@ -119,9 +178,12 @@ def exchange(sock: socket.socket, header: dict[str, object], stdin: BinaryIO | N
                               f"({exc}): nothing was signed; try again") from None
 
 
-def run(role: str, name: str, config: Path | None, sock_path: Path | None,
+def run(role: str, name: str, config: Path | str | None, sock_path: Path | str | None,
         raw_command: bytes | None, stdin: BinaryIO, stdout: BinaryIO) -> tuple[int, str]:
     """Returns (exit code, message for stderr)."""
+    if not request.PROFILE_RE.fullmatch(name):  # names share the profiles' rule
+        return Exit.CONFIG, (f"bad {role} name in the forced command (want "
+                             f"{request.PROFILE_RE.pattern})")
     try:
         cmd = request.parse(raw_command)
     except request.ParseError as exc:
@@ -132,14 +194,39 @@ def run(role: str, name: str, config: Path | None, sock_path: Path | None,
     sock = connect(socket_path(config, sock_path))
     with sock:
         code, message, payload = exchange(sock, header, stdin if with_body else None,
-                                          _SMALL_BODY.get(type(cmd)))
+                                          _SMALL_BODY.get(type(cmd)),
+                                          cmd.size if isinstance(cmd, request.Sign) else None)
     if code == Exit.OK and payload:
         stdout.write(payload)
         stdout.flush()
     return code, message
 
 
-def main(role: str, name: str, config: Path | None, sock_path: Path | None) -> int:
+_USAGE = ("signer gateway: usage: signer gateway (--client NAME | --custodian NAME) "
+          "[--config FILE] [--socket PATH]")
+
+
+def main_argv(argv: list[str]) -> int:
+    """`signer gateway ...`, parsed here rather than by argparse: the forced command runs once
+    per SSH request, so its start-up is the latency every request pays."""
+    opts: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        opt = argv[i]
+        if opt not in ("--client", "--custodian", "--config", "--socket") or opt in opts \
+                or i + 1 >= len(argv):
+            sys.stderr.write(f"signer: {_USAGE}\n")
+            return Exit.USAGE
+        opts[opt] = argv[i + 1]
+        i += 2
+    if ("--client" in opts) == ("--custodian" in opts):
+        sys.stderr.write(f"signer: {_USAGE}\n")
+        return Exit.USAGE
+    role = "client" if "--client" in opts else "custodian"
+    return main(role, opts[f"--{role}"], opts.get("--config"), opts.get("--socket"))
+
+
+def main(role: str, name: str, config: Path | str | None, sock_path: Path | str | None) -> int:
     raw = os.environb.get(b"SSH_ORIGINAL_COMMAND")
     try:
         code, message = run(role, name, config, sock_path, raw, sys.stdin.buffer,

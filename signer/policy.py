@@ -3,7 +3,9 @@
 The state (frozen profiles, budget windows, requests waiting for approvals) is a fold over the
 audit log: `State.apply` is called for every entry the daemon replays at start and for every entry
 it writes. There is no second store that could disagree with the log, and a restart cannot reset
-a budget or forget a freeze.
+a budget or forget a freeze. What the replay may believe is the daemon's call (`TIGHTENING`):
+entries a checkpoint vouches for all count; of an unproven tail only those that can only make
+the signer stricter, and approvals, which carry their own proof (the custodian's signature).
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from signer import audit
-from signer.config import Config, Profile
+from signer.config import DEFAULT_REQUEST_TTL, Config, Profile
 from signer.errors import Exit
+
+# Entries that can only make the signer stricter: believed even when nothing vouches for them
+# (forging one is a denial of service, which deleting the log already is).
+TIGHTENING = frozenset({"sign", "freeze", "budget-exceeded", "cancel", "reject"})
 
 
 class Denied(Exception):
@@ -40,27 +46,47 @@ class Request:
     size: int
     name: str
     format: str
-    approvals: set[str] = field(default_factory=set)
+    requested: str = ""  # UTC times, as in the log
+    expires: str = ""
+    # custodian -> the armored SSH signature of the statement, as logged (None: not kept)
+    approvals: dict[str, str | None] = field(default_factory=dict)
     signed: bool = False
+    cancelled: bool = False
+    rejected_by: str | None = None
 
     def statement(self) -> bytes:
-        """What a custodian signs (`ssh-keygen -Y sign -n signer-approval`); README format."""
-        return (f"signer-approval-v1\nid={self.id}\nprofile={self.profile}\n"
+        """What a custodian signs (`ssh-keygen -Y sign -n signer-approval`); README format.
+        It carries the request's time and expiry: an approval is for this request only, and
+        only until then."""
+        return (f"signer-approval-v2\nid={self.id}\nprofile={self.profile}\n"
                 f"client={self.client}\nsha256={self.sha256}\nsize={self.size}\n"
-                f"name={json.dumps(self.name, ensure_ascii=True)}\n").encode("ascii")
+                f"name={json.dumps(self.name, ensure_ascii=True)}\n"
+                f"requested={self.requested}\nexpires={self.expires}\n").encode("ascii")
+
+    def expired(self, now: float) -> bool:
+        return not self.signed and audit.parse_time(self.expires) <= now
+
+    def open(self, now: float) -> bool:
+        """Still waiting: not signed, cancelled, rejected or expired."""
+        return not (self.signed or self.cancelled or self.rejected_by or self.expired(now))
 
     def counted(self, profile: Profile) -> set[str]:
         """Approvals that count now: distinct, and from custodians the profile still lists."""
-        return self.approvals & profile.custodians
+        return set(self.approvals) & profile.custodians
 
-    def public(self, profile: Profile | None) -> dict[str, Any]:
+    def public(self, profile: Profile | None, now: float) -> dict[str, Any]:
         counted = self.counted(profile) if profile else set()
         required = profile.approvals if profile else 0
-        state = "signed" if self.signed else "approved" if len(counted) >= required \
-            else "pending"
-        return {"id": self.id, "state": state, "profile": self.profile, "client": self.client,
-                "sha256": self.sha256, "size": self.size, "name": self.name,
-                "format": self.format, "approvals": sorted(counted), "required": required}
+        state = ("signed" if self.signed else "cancelled" if self.cancelled
+                 else "rejected" if self.rejected_by else "expired" if self.expired(now)
+                 else "approved" if len(counted) >= required else "pending")
+        out = {"id": self.id, "state": state, "profile": self.profile, "client": self.client,
+               "sha256": self.sha256, "size": self.size, "name": self.name,
+               "format": self.format, "approvals": sorted(counted), "required": required,
+               "requested": self.requested, "expires": self.expires}
+        if self.rejected_by:
+            out["rejected_by"] = self.rejected_by
+        return out
 
 
 @dataclass
@@ -86,14 +112,27 @@ class State:
             self.signatures.pop(profile, None)
         elif event == "queue":
             rid = str(entry["request"])
+            requested = str(entry["time"])
+            # a queue entry from before expiry existed: one day from its time
+            expires = str(entry.get("expires") or audit.format_time(
+                audit.parse_time(requested) + DEFAULT_REQUEST_TTL))
             self.requests[rid] = Request(
                 id=rid, profile=profile, client=str(entry["client"]),
                 sha256=str(entry["sha256"]), size=int(entry["size"]),
-                name=str(entry.get("name", "")), format=str(entry["format"]))
+                name=str(entry.get("name", "")), format=str(entry["format"]),
+                requested=requested, expires=expires)
+        elif event in ("cancel", "reject"):
+            req = self.requests.get(str(entry.get("request")))
+            if req is not None and not req.signed:
+                if event == "cancel":
+                    req.cancelled = True
+                else:
+                    req.rejected_by = str(entry.get("custodian"))
         elif event == "approve":
             req = self.requests.get(str(entry.get("request")))
+            sig = entry.get("approval")
             if req is not None:
-                req.approvals.add(str(entry["custodian"]))
+                req.approvals[str(entry["custodian"])] = sig if isinstance(sig, str) else None
 
     def used(self, profile: Profile, now: float) -> int:
         """Signatures counted against the budget: those in the rolling window since the last

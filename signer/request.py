@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import shlex
 import unicodedata
-from dataclasses import dataclass
 
 from signer.errors import Exit
 
@@ -18,6 +17,7 @@ MAX_COMMAND = 4096
 MAX_NAME = 255
 PROFILE_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 ID_RE = re.compile(r"[0-9a-f]{32}")
+SIZE_RE = re.compile(r"[1-9][0-9]{0,15}")
 # Control (C0, DEL, C1), format (bidi overrides, zero-width), line/paragraph separators,
 # surrogates and private use: nothing that can start a new line or disguise text in a log, a
 # terminal or the statement a custodian reads before approving.
@@ -36,49 +36,101 @@ class ParseError(ValueError):
         self.code = code
 
 
-@dataclass(frozen=True)
-class Sign:
-    profile: str
-    format: str
-    name: str
+class _Command:
+    """A parsed command: immutable values, compared by type and fields. (Not a dataclass:
+    `dataclasses` costs the gateway, which starts once per SSH request, milliseconds.)"""
+
+    __slots__: tuple[str, ...] = ()
+    _fields: tuple[str, ...] = ()  # in wire order; subclasses keep their parent's
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, f) for f in self._fields)
+
+    def fields(self) -> dict[str, object]:
+        return dict(zip(self._fields, self._values(), strict=True))
+
+    def __eq__(self, other: object) -> bool:
+        return (type(self) is type(other) and isinstance(other, _Command)
+                and self._values() == other._values())
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._values()))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.fields().items())
+        return f"{type(self).__name__}({args})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if hasattr(self, name):
+            raise AttributeError(f"{type(self).__name__} is immutable")
+        object.__setattr__(self, name, value)
 
 
-@dataclass(frozen=True)
-class Status:
-    id: str
+class Sign(_Command):
+    __slots__ = ("format", "name", "profile", "size")
+    _fields = ("profile", "format", "name", "size")
+
+    def __init__(self, profile: str, format: str, name: str, size: int | None = None) -> None:
+        self.profile = profile
+        self.format = format
+        self.name = name
+        self.size = size  # declared by the client: a shorter (cut) stream is not signed
 
 
-@dataclass(frozen=True)
-class Fetch:
-    id: str
+class _Id(_Command):
+    __slots__ = ("id",)
+    _fields = ("id",)
+
+    def __init__(self, id: str) -> None:
+        self.id = id
 
 
-@dataclass(frozen=True)
-class Requests:
-    pass
+class Status(_Id):
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Approve:
-    id: str
+class Fetch(_Id):
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Unlock:
-    pass
+class Approve(_Id):
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Freeze:
-    profile: str
+class Cancel(_Id):
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Thaw:
-    profile: str
+class Reject(_Id):
+    __slots__ = ()
 
 
-Command = Sign | Status | Fetch | Requests | Approve | Unlock | Freeze | Thaw
+class _Profile(_Command):
+    __slots__ = ("profile",)
+    _fields = ("profile",)
+
+    def __init__(self, profile: str) -> None:
+        self.profile = profile
+
+
+class Freeze(_Profile):
+    __slots__ = ()
+
+
+class Thaw(_Profile):
+    __slots__ = ()
+
+
+class Requests(_Command):
+    __slots__ = ()
+
+
+class Unlock(_Command):
+    __slots__ = ()
+
+
+Command = (Sign | Status | Fetch | Cancel | Requests | Approve | Reject | Unlock | Freeze
+           | Thaw)
 
 
 def check_name(name: str) -> str:
@@ -106,7 +158,7 @@ def _parse_sign(args: list[str]) -> Sign:
     i = 0
     while i < len(args):
         opt = args[i]
-        if opt not in ("--profile", "--format", "--name"):
+        if opt not in ("--profile", "--format", "--name", "--size"):
             raise ParseError(f"sign: unknown option {opt[:40]!r}")
         if opt in opts:
             raise ParseError(f"sign: {opt} given twice")
@@ -119,8 +171,15 @@ def _parse_sign(args: list[str]) -> Sign:
     fmt = opts.get("--format", "cms")
     if fmt not in ("cms", "raw"):
         raise ParseError("sign: --format must be cms or raw")
+    size = _size(opts["--size"]) if "--size" in opts else None
     return Sign(profile=_profile(opts["--profile"]), format=fmt,
-                name=check_name(opts.get("--name", "")))
+                name=check_name(opts.get("--name", "")), size=size)
+
+
+def _size(tok: str) -> int:
+    if not SIZE_RE.fullmatch(tok):
+        raise ParseError("sign: --size must be a byte count")
+    return int(tok)
 
 
 def parse(raw: bytes | None) -> Command:
@@ -143,11 +202,11 @@ def parse(raw: bytes | None) -> Command:
     verb, args = tokens[0], tokens[1:]
     if verb == "sign":
         return _parse_sign(args)
-    arity = {"status": 1, "fetch": 1, "approve": 1, "freeze": 1, "thaw": 1, "requests": 0,
-             "unlock": 0}
+    arity = {"status": 1, "fetch": 1, "cancel": 1, "approve": 1, "reject": 1, "freeze": 1,
+             "thaw": 1, "requests": 0, "unlock": 0}
     if verb not in arity:
-        raise ParseError(f"unknown command {verb[:40]!r} (sign, status, fetch, requests, "
-                         "approve, unlock, freeze, thaw)")
+        raise ParseError(f"unknown command {verb[:40]!r} (sign, status, fetch, cancel, "
+                         "requests, approve, reject, unlock, freeze, thaw)")
     if len(args) != arity[verb]:
         raise ParseError(f"{verb}: expects {arity[verb]} argument(s)")
     if verb == "status":
@@ -156,6 +215,10 @@ def parse(raw: bytes | None) -> Command:
         return Fetch(_id(args[0]))
     if verb == "approve":
         return Approve(_id(args[0]))
+    if verb == "cancel":
+        return Cancel(_id(args[0]))
+    if verb == "reject":
+        return Reject(_id(args[0]))
     if verb == "freeze":
         return Freeze(_profile(args[0]))
     if verb == "thaw":
@@ -165,11 +228,13 @@ def parse(raw: bytes | None) -> Command:
     return Unlock()
 
 
-def to_wire(cmd: Command) -> dict[str, str]:
-    """The command as the gateway sends it to the daemon (JSON object of strings)."""
-    out: dict[str, str] = {"cmd": type(cmd).__name__.lower()}
-    for k, v in vars(cmd).items():
-        out[k] = v
+def to_wire(cmd: Command) -> dict[str, str | int]:
+    """The command as the gateway sends it to the daemon (JSON object; strings, and the
+    declared size as an integer, left out when not declared so older daemons understand)."""
+    out: dict[str, str | int] = {"cmd": type(cmd).__name__.lower()}
+    for k, v in cmd.fields().items():
+        if isinstance(v, str | int):
+            out[k] = v
     return out
 
 
@@ -185,13 +250,22 @@ def from_wire(obj: dict[str, object]) -> Command:
         fmt = s("format")
         if fmt not in ("cms", "raw"):
             raise ParseError("bad format")
-        return Sign(profile=_profile(s("profile")), format=fmt, name=check_name(s("name")))
+        size = obj.get("size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool)
+                                 or not 0 < size < 1 << 53):
+            raise ParseError("bad size")
+        return Sign(profile=_profile(s("profile")), format=fmt, name=check_name(s("name")),
+                    size=size)
     if cmd == "status":
         return Status(_id(s("id")))
     if cmd == "fetch":
         return Fetch(_id(s("id")))
     if cmd == "approve":
         return Approve(_id(s("id")))
+    if cmd == "cancel":
+        return Cancel(_id(s("id")))
+    if cmd == "reject":
+        return Reject(_id(s("id")))
     if cmd == "freeze":
         return Freeze(_profile(s("profile")))
     if cmd == "thaw":

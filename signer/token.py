@@ -178,6 +178,25 @@ class Token:
         rsa_pub = asn1keys.RSAPublicKey.load(encode_rsa_public_key(pub))
         return asn1keys.PublicKeyInfo({"algorithm": {"algorithm": "rsa"}, "public_key": rsa_pub})
 
+    def public_key_info_unlocked(self, uri: PKCS11URI) -> asn1keys.PublicKeyInfo | None:
+        """The public half read in a public session (no PIN): what a locked daemon uses to
+        check the audit log's checkpoints at start. None when the token keeps it private."""
+        if self._session is not None:
+            return self.public_key_info(uri)
+        try:
+            with self._token.open() as s:
+                pub = s.get_key(object_class=ObjectClass.PUBLIC_KEY, label=uri.label,
+                                id=uri.key_id)
+                if pub.key_type != KeyType.EC:
+                    return None
+                return asn1keys.PublicKeyInfo.load(encode_ec_public_key(pub))
+        except (p11e.NoSuchKey, p11e.MultipleObjectsReturned):
+            return None
+        except _GONE as exc:
+            raise _unavailable(self.label, exc) from None
+        except p11e.PKCS11Error:
+            return None
+
     def exists(self, label: str) -> bool:
         return any(True for _ in self._s().get_objects({Attribute.LABEL: label}))
 

@@ -22,9 +22,12 @@ from __future__ import annotations
 import json
 import socket
 import struct
-from collections.abc import Iterator
-from io import BufferedIOBase
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:  # the gateway starts once per SSH request: no import it does not use
+    from collections.abc import Iterator
+    from io import BufferedIOBase
+    from typing import Any
 
 VERSION = 1
 MAX_LINE = 64 * 1024

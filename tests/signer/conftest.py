@@ -46,6 +46,19 @@ def profiles(lab: Lab) -> dict[str, dict[str, Any]]:
     }
 
 
+def config(lab: Lab, name: str, ps: dict[str, dict[str, Any]], *args: Any, **kw: Any) -> Path:
+    """lab.config, with a key of its own for each client: `Lab.config` gives every client the
+    same placeholder key, which `config check` refuses (one key, one name)."""
+    path = lab.config(name, ps, CLIENTS, CUSTODIANS, *args, **kw)
+    text = path.read_text()
+    for i, c in enumerate(CLIENTS):
+        placeholder = f'"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA {c}"'
+        assert placeholder in text
+        text = text.replace(placeholder, f'"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA{i:04d} {c}"')
+    path.write_text(text)
+    return path
+
+
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     why = signer_lab.available()
@@ -53,7 +66,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         pytest.skip(why)
     lab = Lab(tmp_path_factory.mktemp("signer-lab"))
     lab.init_token()
-    cfg = lab.config("setup", profiles(lab), CLIENTS, CUSTODIANS)
+    cfg = config(lab, "setup", profiles(lab))
     # `signer keys generate` and `selfsign` for each key, in one process (start-up time); the
     # command line itself is tested in test_keys.
     script = (
@@ -119,7 +132,7 @@ def make_signer(lab: Lab, request: pytest.FixtureRequest) -> Iterator[Any]:
         for name, over in (profile_overrides or {}).items():
             ps[name] = {**ps.get(name, ps["dev"]), **over}
         name = f"{request.node.originalname[:40]}-{secrets.token_hex(3)}-{count}"
-        s = Signer(lab, lab.config(name, ps, CLIENTS, CUSTODIANS, accounts, **daemon))
+        s = Signer(lab, config(lab, name, ps, accounts, **daemon))
         if start:
             s.start()
         return s
@@ -147,7 +160,7 @@ def signer(make_signer: Any) -> Signer:
 def shared(lab: Lab, request: pytest.FixtureRequest) -> Iterator[Signer]:
     """One daemon for a whole module of tests that only need signatures and refusals."""
     name = f"shared-{request.module.__name__.rsplit('.', 1)[-1]}"
-    s = Signer(lab, lab.config(name, profiles(lab), CLIENTS, CUSTODIANS))
+    s = Signer(lab, config(lab, name, profiles(lab)))
     s.start()
     yield s
     s.stop()

@@ -58,9 +58,9 @@ def test_release_needs_two_distinct_custodians(signer: Signer, tmp_path: Path) -
     assert st["state"] == "pending" and st["required"] == 2
     assert st["sha256"] == hashlib.sha256(data).hexdigest() and st["size"] == len(data)
     text = statement(signer, "alice", rid).decode()
-    assert text == (f"signer-approval-v1\nid={rid}\nprofile=release\nclient=build1\n"
+    assert text == (f"signer-approval-v2\nid={rid}\nprofile=release\nclient=build1\n"
                     f"sha256={hashlib.sha256(data).hexdigest()}\nsize={len(data)}\n"
-                    'name="app.bin"\n')
+                    f'name="app.bin"\nrequested={st["requested"]}\nexpires={st["expires"]}\n')
 
     assert approve(signer, "alice", rid).returncode == 0
     r = signer.gw(f"fetch {rid}")
@@ -196,3 +196,148 @@ def test_submit_and_approve_wrappers_over_ssh(signer: Signer, tmp_path: Path) ->
     v = signer.lab.signer("verify", "--format", "raw", "--cert", signer.lab.certs / "dev.pem",
                           art, tmp_path / "release.bin.sig")
     assert v.returncode == 0, v.stdout
+
+
+def _append_forged(s: Signer, *fields: dict[str, Any]) -> None:
+    """What anyone who can write the log at rest can do without a key: append entries with a
+    correctly recomputed hash chain."""
+    from signer import audit
+
+    last = s.entries()[-1]
+    seq, prev = last["seq"], last["hash"]
+    with s.audit_log.open("ab") as f:
+        for extra in fields:
+            seq += 1
+            entry, line = audit.seal(audit.body(seq, prev, extra.pop("event"), extra,
+                                                audit.now_utc()))
+            prev = entry["hash"]
+            f.write(line)
+
+
+@pytest.mark.control("SGN-04", "SGN-05")
+def test_a_forged_approve_entry_does_not_release_a_release_signature(signer: Signer) -> None:
+    rid = queue(signer, b"release artifact")
+    assert approve(signer, "alice", rid).returncode == 0
+    genuine = signer.events("approve")[-1]
+    signer.stop()
+    forged = {k: v for k, v in genuine.items() if k not in ("seq", "time", "prev", "hash")}
+    # bob: an approve entry without a signature; carol: alice's genuine signature as hers
+    _append_forged(signer, {**forged, "custodian": "bob", "approval": None},
+                   {**forged, "custodian": "carol"})
+    signer.start()
+    r = signer.gw(f"fetch {rid}")
+    assert r.returncode == 75 and r.stdout == b"", r.stderr
+    assert "1 of 2 (alice)" in r.stderr.decode()
+    assert signer.events("sign") == []
+    assert "carol on " + rid in signer.events("start")[-1]["note"]
+    # the genuine approvals still work: a second real custodian releases it
+    assert approve(signer, "bob", rid).returncode == 0
+    assert signer.gw(f"fetch {rid}").returncode == 0
+
+
+@pytest.mark.control("SGN-04", "SGN-05")
+def test_an_approval_counts_after_a_restart_only_with_its_signature(signer: Signer) -> None:
+    """The approve entry keeps the custodian's SSH signature and a restart verifies it again;
+    one whose custodian key is no longer configured does not count."""
+    rid = queue(signer, b"data")
+    assert approve(signer, "alice", rid).returncode == 0
+    entry = signer.events("approve")[-1]
+    assert entry["approval"].startswith("-----BEGIN SSH SIGNATURE-----")
+    signer.stop()
+    text = signer.config.read_text()
+    alice = signer.lab.custodian_pubs["alice"]
+    signer.lab.custodian("alice-new-key")
+    signer.config.write_text(text.replace(alice, signer.lab.custodian_pubs["alice-new-key"]))
+    signer.start()
+    st = json.loads(signer.gw(f"status {rid}").stdout)
+    assert st["approvals"] == [], st
+
+
+@pytest.mark.control("SGN-04")
+def test_queued_requests_are_limited_per_client_and_profile(make_signer: Any) -> None:
+    s: Signer = make_signer(profile_overrides={"release": {"max_queued": 2}})
+    queue(s, b"one")
+    queue(s, b"two")
+    r = s.gw("sign --profile release --format raw", b"three")
+    assert r.returncode == 77 and "at most 2" in one_line_error(r)
+    assert len(s.events("queue")) == 2
+    assert s.events("deny")[-1]["reason"].endswith("too many queued requests")
+
+
+@pytest.mark.control("SGN-04")
+def test_a_fetch_racing_the_signing_never_answers_no_longer_stored(signer: Signer) -> None:
+    """Several fetches of a request the moment it is approved: each gets the signature or
+    'being signed, fetch again', never 'signed but no longer stored'."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from signer import gateway, wire
+
+    def fetch(rid: str) -> tuple[int, str, bytes]:
+        with gateway.connect(signer.socket) as sock:
+            return gateway.exchange(sock, {"v": wire.VERSION, "role": "client",
+                                           "caller": "build1", "cmd": "fetch", "id": rid},
+                                    None, None)
+
+    for i in range(6):
+        rid = queue(signer, b"race %d" % i)
+        assert approve(signer, "alice", rid).returncode == 0
+        assert approve(signer, "bob", rid).returncode == 0
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(fetch, [rid] * 16))
+        assert all(code in (0, 75) for code, _m, _p in answers), answers
+        assert not any("no longer stored" in m for _c, m, _p in answers)
+        sigs = {p for code, _m, p in answers if code == 0}
+        assert len(sigs) == 1 and len(signer.events("sign")) == i + 1
+
+
+@pytest.mark.control("SGN-04")
+def test_an_expired_request_is_not_signed_whatever_its_approvals_after_a_restart_too(
+        make_signer: Any) -> None:
+    """The statement carries the request's time and expiry; once it has passed, approvals
+    given in time do not release it, and a restart does not revive it."""
+    from signer import audit
+
+    s: Signer = make_signer(profile_overrides={"release": {"request_ttl": 15}})
+    rid = queue(s, b"expiring")
+    text = statement(s, "alice", rid).decode()
+    st = json.loads(s.gw(f"status {rid}").stdout)
+    assert f"requested={st['requested']}\nexpires={st['expires']}\n" in text
+    assert text.startswith("signer-approval-v2\n")
+    assert approve(s, "alice", rid).returncode == 0
+    assert approve(s, "bob", rid).returncode == 0
+    time.sleep(max(0.0, audit.parse_time(st["expires"]) - time.time()) + 0.5)
+    for _ in range(2):
+        r = s.gw(f"fetch {rid}")
+        assert r.returncode == 77 and "expired" in one_line_error(r)
+        assert json.loads(s.gw(f"status {rid}").stdout)["state"] == "expired"
+        assert s.gw("requests", custodian="carol").stdout == b""
+        s.stop()
+        s.start()
+    assert s.events("sign") == []
+
+
+@pytest.mark.control("SGN-04")
+def test_a_client_cancels_and_a_custodian_rejects(signer: Signer) -> None:
+    rid = queue(signer, b"cancel me")
+    text = statement(signer, "alice", rid)
+    assert signer.gw(f"cancel {rid}", client="build2").returncode == 64  # not its request
+    assert signer.gw(f"cancel {rid}").returncode == 0
+    assert json.loads(signer.gw(f"status {rid}").stdout)["state"] == "cancelled"
+    r = approve(signer, "alice", rid, message=text)
+    assert r.returncode == 77 and "cancelled" in one_line_error(r)
+    assert signer.gw(f"fetch {rid}").returncode == 77
+
+    rid = queue(signer, b"reject me")
+    assert approve(signer, "alice", rid).returncode == 0
+    assert signer.gw(f"reject {rid}", custodian="mallory").returncode == 64  # not of release
+    assert signer.gw(f"reject {rid}", custodian="bob").returncode == 0
+    items = [json.loads(line) for line in signer.gw("requests", custodian="carol")
+             .stdout.splitlines()]
+    assert [(i["id"], i["state"], i["rejected_by"]) for i in items] == [(rid, "rejected", "bob")]
+    r = signer.gw(f"fetch {rid}")
+    assert r.returncode == 77 and "bob rejected" in one_line_error(r)
+    signer.stop()
+    signer.start()
+    assert json.loads(signer.gw(f"status {rid}").stdout)["state"] == "rejected"
+    assert [e["custodian"] for e in signer.events("reject")] == ["bob"]
+    assert len(signer.events("cancel")) == 1 and signer.events("sign") == []

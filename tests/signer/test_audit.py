@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import resource
 import shutil
@@ -19,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from signer import audit, certs
+from signer import audit, certs, daemon
 from signer.formats import cms
-from tests.signer.conftest import CLIENTS, CUSTODIANS, Signer, one_line_error, profiles
+from tests.signer.conftest import Signer, config, one_line_error, profiles
 from toolkit.signer_lab import Lab, sign_over_socket
 
 # --- tamper evidence ---------------------------------------------------------------------
@@ -30,7 +31,7 @@ from toolkit.signer_lab import Lab, sign_over_socket
 @pytest.fixture(scope="module")
 def closed_log(lab: Lab) -> Iterator[tuple[list[bytes], Path]]:
     """A log written by a daemon that stopped cleanly, checkpoints every 4 entries."""
-    cfg = lab.config("tamper", profiles(lab), CLIENTS, CUSTODIANS, checkpoint_interval=4)
+    cfg = config(lab, "tamper", profiles(lab), checkpoint_interval=4)
     s = Signer(lab, cfg)
     s.start()
     for i in range(8):
@@ -39,6 +40,10 @@ def closed_log(lab: Lab) -> Iterator[tuple[list[bytes], Path]]:
     s.stop()
     lines = s.audit_log.read_bytes().splitlines(keepends=True)
     yield lines, lab.certs / "audit.pem"
+
+
+def _audit_pub(lab: Lab) -> bytes:
+    return certs.load_public_key(lab.certs / "audit.pem")
 
 
 def _verify(tmp_path: Path, lines: list[bytes], cert: Path) -> tuple[bool, str]:
@@ -146,6 +151,30 @@ def test_audit_verify_cli_names_the_seq_and_exits_1(closed_log: tuple[list[bytes
 
 
 @pytest.mark.control("SGN-05")
+def test_audit_verify_passes_only_what_the_audit_key_vouches_for(
+        closed_log: tuple[list[bytes], Path], tmp_path: Path, lab: Lab) -> None:
+    """Without a key, or with --live on a log without a checkpoint, the chain alone is all
+    that was checked (anyone can recompute it): not a pass, unless asked for (--chain-only)."""
+    lines, cert = closed_log
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b"".join(lines))
+    r = lab.signer("audit", "verify", path)
+    assert r.returncode == 1 and b"NOT verified" in r.stdout, r.stdout
+    r = lab.signer("audit", "verify", path, "--live")
+    assert r.returncode == 1 and b"NOT verified" in r.stdout, r.stdout
+    r = lab.signer("audit", "verify", path, "--chain-only")
+    assert r.returncode == 0 and b"signatures NOT checked (--chain-only)" in r.stdout, r.stdout
+    first = next(i for i, line in enumerate(lines) if json.loads(line)["event"] == "checkpoint")
+    path.write_bytes(b"".join(lines[:first]))  # a live log cut before its first checkpoint
+    r = lab.signer("audit", "verify", path, "--live", "--cert", cert)
+    assert r.returncode == 1 and b"no checkpoint" in r.stdout, r.stdout
+    r = lab.signer("audit", "verify", path, "--live", "--chain-only")
+    assert r.returncode == 0, r.stdout
+    path.write_bytes(b"")
+    assert lab.signer("audit", "verify", path, "--live", "--cert", cert).returncode == 1
+
+
+@pytest.mark.control("SGN-05")
 def test_daemon_refuses_to_start_on_a_broken_log(make_signer: Any) -> None:
     s: Signer = make_signer()
     assert s.gw("sign --profile dev --format raw", b"x").returncode == 0
@@ -161,16 +190,169 @@ def test_daemon_refuses_to_start_on_a_broken_log(make_signer: Any) -> None:
 def test_a_torn_last_entry_from_a_crash_is_cut_and_noted(make_signer: Any) -> None:
     s: Signer = make_signer()
     s.stop()
+    end = s.audit_log.stat().st_size
+    torn = b'{"event":"sign","seq":'
     with s.audit_log.open("ab") as f:
-        f.write(b'{"event":"sign","seq":')
+        f.write(torn)
     s.start()
     start = s.events("start")[-1]
-    assert "torn last entry of 22 bytes" in start["note"]
+    digest = hashlib.sha256(torn).hexdigest()
+    assert f"cut a torn last entry: 22 bytes at offset {end}, sha256 {digest}" in start["note"]
+    kept = Path(start["note"].rsplit("kept in ", 1)[1])
+    assert kept.read_bytes() == torn
     s.stop()
-    assert audit.verify_file(s.audit_log, None, live=False)[0]
+    assert audit.verify_file(s.audit_log, _audit_pub(s.lab), live=False)[0]
+
+
+def _raw_request(s: Signer, header: dict[str, Any]) -> tuple[int, str, bytes]:
+    """A request straight on the socket, as any process of the gateway's group can send it:
+    the header as raw UTF-8 JSON (3 bytes on the wire for a character that the log escapes
+    into 6), the body inline."""
+    from signer import gateway, wire
+
+    line = json.dumps({"v": wire.VERSION, "inline": True, **header},
+                      ensure_ascii=False).encode() + b"\n"
+    assert len(line) <= wire.MAX_LINE
+    with gateway.connect(s.socket) as sock, sock.makefile("rb") as f:
+        sock.sendall(line + wire.frame_header(1) + b"x" + wire.frame_header(0))
+        return wire.read_reply(f)
+
+
+@pytest.mark.control("SGN-05")
+def test_an_odd_caller_name_cannot_make_the_log_cut_later_entries(make_signer: Any) -> None:
+    """A caller name that escapes to more than a line's worth of JSON used to be logged raw
+    (a 64 KiB+ deny line); the restart took it for a torn write and cut it and everything
+    after it: here a signature and a custodian's freeze."""
+    s: Signer = make_signer()
+    odd = "\u00e9" * 30000  # 60 kB of UTF-8 on the wire, 180 kB once escaped
+    code, message, _ = _raw_request(s, {"role": "client", "caller": odd, "cmd": "sign",
+                                        "profile": "dev", "format": "raw", "name": ""})
+    assert code == 64 and len(message) < 200, message
+    assert s.gw("sign --profile dev --format raw", b"after the odd name").returncode == 0
+    assert s.gw("freeze dev", client=None, custodian="alice").returncode == 0
+    s.stop()
+    assert max(len(line) for line in s.audit_log.read_bytes().splitlines()) < audit.MAX_LINE
+    s.start()
+    assert "note" not in s.events("start")[-1]
+    assert len(s.events("sign")) == 1 and len(s.events("freeze")) == 1
+    r = s.gw("sign --profile dev --format raw", b"still frozen")
+    assert r.returncode == 77 and b"frozen" in r.stderr
+
+
+def test_only_an_incomplete_last_line_counts_as_torn(tmp_path: Path) -> None:
+    """A line without its newline that has entries after it is damage, not a torn write."""
+    log = tmp_path / "audit.jsonl"
+    lines = [audit.seal(audit.body(0, audit.GENESIS, "start", {"pid": 1}, audit.now_utc()))[1]]
+    prev = json.loads(lines[0])["hash"]
+    lines.append(audit.seal(audit.body(1, prev, "stop", {"pid": 1}, audit.now_utc()))[1])
+    log.write_bytes(lines[0] + b"x" * (audit.MAX_LINE + 10) + b"\n" + lines[1])
+    with pytest.raises(audit.ChainError, match="seq 1: entry longer than"):
+        audit.scan(log, lambda _e: None)
+    log.write_bytes(lines[0] + lines[1][:-1])
+    scan = audit.scan(log, lambda _e: None)
+    assert scan.torn == lines[1][:-1] and scan.end == len(lines[0]) and scan.seq == 0
+
+
+def test_the_journal_escapes_caller_provided_strings(make_signer: Any) -> None:
+    s: Signer = make_signer()
+    _raw_request(s, {"role": "client", "caller": "x\nINFO sign forged-line", "cmd": "sign",
+                     "profile": "dev", "format": "raw", "name": ""})
+    s.stop()
+    journal = s.log
+    assert "deny client: bad caller name" in journal
+    assert not any(line.startswith("INFO sign forged-line") for line in journal.splitlines())
+    fmt = daemon.EscapingFormatter("%(levelname)s %(message)s")
+    rec = logging.LogRecord("signerd", logging.INFO, __file__, 1, "deny %s: %s",
+                            ("evil\nINFO forged", "a\u202eb"), None)
+    assert fmt.format(rec) == "INFO deny evil\\nINFO forged: a\\u202eb"
+
+
+# --- state only from what the audit key vouches for ----------------------------------------
+
+
+def _renumber(lines: list[bytes]) -> list[bytes]:
+    """Rewrite a log (entries removed) with fresh seq numbers and a recomputed chain: all an
+    attacker without the audit key can do. Checkpoint signatures are kept as they were."""
+    out: list[bytes] = []
+    prev = audit.GENESIS
+    for seq, line in enumerate(lines):
+        new = _rehash(line, prev=prev, seq=seq)
+        out.append(new)
+        prev = json.loads(new)["hash"]
+    return out
+
+
+@pytest.mark.control("SGN-05")
+def test_a_rewritten_log_with_an_entry_removed_is_refused_at_start(make_signer: Any) -> None:
+    s: Signer = make_signer()
+    assert s.gw("sign --profile dev --format raw", b"before").returncode == 0
+    assert s.gw("freeze dev", client=None, custodian="alice").returncode == 0
+    s.stop()
+    lines = s.audit_log.read_bytes().splitlines(keepends=True)
+    (freeze,) = [i for i, line in enumerate(lines) if json.loads(line)["event"] == "freeze"]
+    s.audit_log.write_bytes(b"".join(_renumber(lines[:freeze] + lines[freeze + 1:])))
+    assert audit.verify_file(s.audit_log, None, live=False, chain_only=True)[0]
+    r = s.lab.signer("serve", "--config", s.config, timeout=20)
+    assert r.returncode == 74
+    err = one_line_error(r)
+    assert "checkpoint signature does not verify with the audit key" in err, err
+
+
+@pytest.mark.control("SGN-05")
+def test_what_follows_the_last_checkpoint_is_quarantined(make_signer: Any) -> None:
+    """Entries appended after the last checkpoint with a recomputed chain: a thaw and a queued
+    request are ignored (noted in the start entry), a freeze is kept (it can only make the
+    signer stricter)."""
+    from tests.signer.test_approvals import _append_forged
+
+    s: Signer = make_signer()
+    assert s.gw("freeze dev", client=None, custodian="alice").returncode == 0
+    s.stop()
+    assert s.entries()[-1]["event"] == "checkpoint"
+    _append_forged(s, {"event": "thaw", "profile": "dev", "custodian": "alice"},
+                   {"event": "queue", "request": "ab" * 16, "client": "build1",
+                    "profile": "release", "name": "", "format": "raw", "sha256": "00" * 32,
+                    "size": 1},
+                   {"event": "freeze", "profile": "rsa", "custodian": "bob", "reason": "x"})
+    s.start()
+    note = s.events("start")[-1]["note"]
+    assert "ignored 2 entries after the last checkpoint" in note, note
+    r = s.gw("sign --profile dev --format raw", b"x")
+    assert r.returncode == 77 and b"frozen" in r.stderr
+    assert s.gw("sign --profile rsa --format raw", b"x").returncode == 77
+    assert s.gw(f"status {'ab' * 16}").returncode == 64
+    assert s.gw("requests", client=None, custodian="alice").stdout == b""
+
+
+@pytest.mark.control("SGN-05")
+def test_every_signature_is_vouched_for_by_a_checkpoint_before_it_is_released(
+        signer: Signer) -> None:
+    for i in range(3):
+        assert signer.gw("sign --profile dev --format raw", b"a%d" % i).returncode == 0
+        assert signer.entries()[-1]["event"] == "checkpoint"
+    assert audit.verify_file(signer.audit_log, _audit_pub(signer.lab), live=True)[0]
 
 
 # --- fail closed ---------------------------------------------------------------------------
+
+
+@pytest.mark.control("SGN-05")
+@pytest.mark.parametrize("audit_key", ["no-such-key", "imported"])
+def test_nothing_is_signed_without_a_resident_audit_key(make_signer: Any, audit_key: str
+                                                        ) -> None:
+    """A missing audit key, or one that is not resident (imported from outside the token):
+    no checkpoint could vouch for a signature, so none is made (74, as for an unwritable
+    log), and the refusal is logged."""
+    s: Signer = make_signer(
+        audit_key=f"pkcs11:token=signer;object={audit_key};type=private",
+        profile_overrides={"imported": {"key": "pkcs11:token=signer;object=dev;type=private"}})
+    for profile in ("dev", "release"):
+        r = s.gw(f"sign --profile {profile} --format raw", b"artifact")
+        assert r.returncode == 74, r.stderr
+        assert "audit key" in one_line_error(r) and "fail closed" in r.stderr.decode()
+    assert s.events("sign") == [] and s.events("queue") == []
+    assert any(e.get("key", "").endswith(f"object={audit_key};type=private")
+               for e in s.events("residency-failure"))
 
 
 def _sign_until_refused(s: Signer, limit: int = 200) -> tuple[list[bytes],
@@ -207,7 +389,7 @@ def test_signing_fails_closed_when_the_audit_log_cannot_grow(make_signer: Any) -
     assert refused.returncode == 74
     assert "audit log" in one_line_error(refused) and "fail closed" in refused.stderr.decode()
     log = s.audit_log
-    ok, message = audit.verify_file(log, None, live=True)
+    ok, message = audit.verify_file(log, _audit_pub(s.lab), live=True)
     assert ok, message
     signed = {e["sig_sha256"] for e in s.events("sign")}
     assert {hashlib.sha256(sig).hexdigest() for sig in received} == signed
@@ -237,7 +419,7 @@ def test_signing_fails_closed_on_a_full_filesystem(make_signer: Any, tmp_path: P
     assert received and refused.returncode == 74
     assert "No space left on device" in one_line_error(refused)
     inside = Path(f"/proc/{proc.pid}/root") / str(logdir / "audit.jsonl").lstrip("/")
-    ok, message = audit.verify_file(inside, None, live=True)
+    ok, message = audit.verify_file(inside, _audit_pub(s.lab), live=True)
     assert ok, message
     entries = [json.loads(line) for line in inside.read_text().splitlines()]
     assert {e["sig_sha256"] for e in entries if e["event"] == "sign"} == \
@@ -305,7 +487,7 @@ def test_kill_9_in_a_stream_of_requests_loses_no_released_signature(signer: Sign
         t.join()
     assert len(received) > 10
     signer.start()
-    ok, message = audit.verify_file(signer.audit_log, None, live=True)
+    ok, message = audit.verify_file(signer.audit_log, _audit_pub(signer.lab), live=True)
     assert ok, message
     logged = {e["sig_sha256"] for e in signer.events("sign")}
     assert {hashlib.sha256(sig).hexdigest() for sig in received} <= logged

@@ -29,7 +29,7 @@ BASE = {
     },
     "clients.build1": {"ssh_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA build1"},
     "custodians.alice": {"ssh_key": "sk-ssh-ed25519@openssh.com AAAAGnNr alice@yubikey"},
-    "custodians.bob": {"ssh_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA bob"},
+    "custodians.bob": {"ssh_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAbob0 bob"},
 }
 
 
@@ -79,6 +79,11 @@ def test_the_example_parses() -> None:
      "not an OpenSSH public key"),
     ({"custodians__build1": {"ssh_key": "ssh-ed25519 AAAA x"}}, "custodians",
      "used by a client too"),
+    ({"custodians__carol": {"ssh_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAbob0 carol"}},
+     "custodians.carol.ssh_key", "the same key as custodians.bob"),
+    ({"custodians__carol": {"ssh_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA other"}},
+     "custodians.carol.ssh_key", "the same key as clients.build1"),
+    ({"profiles__release": {"max_queued": 0}}, "profiles.release.max_queued", ">= 1"),
     ({"extra": {"x": 1}}, "extra", "unknown section"),
     ({"daemon": None}, "daemon", "missing table"),
 ])

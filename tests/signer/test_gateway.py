@@ -7,6 +7,7 @@ import os
 import pwd
 import shlex
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -209,3 +210,124 @@ def test_daemon_dying_mid_upload_leaves_stdout_empty(make_signer: object) -> Non
     assert out == b""
     assert err.count(b"\n") == 1 and b"Traceback" not in err
     assert b"nothing was signed" in err
+
+
+@pytest.mark.control("SGN-07")
+@pytest.mark.parametrize("size", [1000, 300_000])
+def test_a_stream_shorter_than_its_declared_size_is_not_signed(signer: Signer, size: int
+                                                               ) -> None:
+    """An SSH session cut mid-upload: stdin ends early. With the size declared (`signer
+    submit` always declares it) the gateway refuses; nothing is signed or logged as signed."""
+    data = os.urandom(size)
+    r = signer.gw(f"sign --profile dev --format raw --size {size}", data[: size // 2])
+    assert r.returncode == 65 and "declared" in one_line_error(r)
+    r = signer.gw(f"sign --profile dev --format raw --size {size}", data + b"x")
+    assert r.returncode == 65
+    assert signer.events("sign") == []
+    r = signer.gw(f"sign --profile dev --format raw --size {size}", data)
+    assert r.returncode == 0, r.stderr
+    assert signer.events("sign")[-1]["size"] == size
+
+
+@pytest.mark.control("SGN-07")
+def test_custodians_are_heard_while_build_clients_hold_every_slot(make_signer: Any) -> None:
+    """Slow build-client sessions (a valid header, then one byte a second) as many as the
+    daemon lets in and more, plus silent connections that never send a header: while all of
+    them are still connected, a custodian's `freeze` and `requests` answer."""
+    import socket
+    import threading
+
+    from signer import daemon, wire
+
+    signer: Signer = make_signer(profile_overrides={"dev": {"clients": ["build1", "build2"]}})
+
+    stop = threading.Event()
+    held: list[socket.socket] = []
+    trickling: list[threading.Thread] = []
+
+    def slow_sign(client: str) -> None:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(signer.socket))
+        held.append(sock)
+        f = sock.makefile("rb")
+        sock.sendall(wire.line({"v": wire.VERSION, "role": "client", "caller": client,
+                                "cmd": "sign", "profile": "dev", "format": "raw", "name": ""}))
+        if wire.read_line(f).get("continue") is not True:
+            return  # refused at once (busy): that is the point
+        trickling.append(threading.current_thread())
+        while not stop.wait(1.0):
+            sock.sendall(wire.frame_header(1) + b"x")
+
+    threads = [threading.Thread(target=slow_sign, args=(c,), daemon=True)
+               for c in ("build1", "build2") for _ in range(daemon.PER_CLIENT + 4)]
+    for t in threads:
+        t.start()
+    for _ in range(16):
+        silent = socket.socket(socket.AF_UNIX)
+        silent.connect(str(signer.socket))
+        held.append(silent)
+    try:
+        for _ in range(100):  # wait until the abusers are in (no timing assert: a bound)
+            if len(trickling) >= 2 * daemon.PER_CLIENT:
+                break
+            stop.wait(0.1)
+        r = signer.lab.gateway(signer.config, "freeze dev", client=None, custodian="alice",
+                               timeout=30)
+        assert r.returncode == 0, r.stderr
+        r = signer.lab.gateway(signer.config, "requests", client=None, custodian="bob",
+                               timeout=30)
+        assert r.returncode == 0, r.stderr
+        # the abusers were connected and trickling the whole time
+        assert len(trickling) >= 2 * daemon.PER_CLIENT
+        assert all(t.is_alive() for t in trickling)
+    finally:
+        stop.set()
+        for sock in held:
+            sock.close()
+    assert signer.events("freeze")[-1]["custodian"] == "alice"
+
+
+@pytest.mark.parametrize("text", [
+    '[daemon]\nsocket = "/run/a.sock"\nsocket_group = "gw"\n[profiles.dev]\nsocket = "/x"\n',
+    "[daemon]\nsocket = '/run/a.sock'\n",
+    '[daemon]\nsocket = "/run/\\u0061.sock"\n',
+    'daemon.socket = "/run/a.sock"\n',
+    '[ daemon ] # the daemon\n  socket="/run/a.sock"  # here\n',
+    '[daemon]\nnote = """\n[daemon]\nsocket = "/elsewhere"\n"""\nsocket = "/run/a.sock"\n',
+])
+def test_the_gateway_reads_the_socket_exactly_as_toml_does(tmp_path: Path, text: str) -> None:
+    """The gateway's fast path for the plain `socket = "..."` line (tomllib is most of its
+    start-up) gives what tomllib gives, or leaves the file to tomllib."""
+    import tomllib
+
+    from signer import gateway
+
+    path = tmp_path / "signer.toml"
+    path.write_text(text)
+    assert gateway.socket_path(path, None) == tomllib.loads(text)["daemon"]["socket"]
+
+
+def test_the_gateway_starts_without_the_heavy_imports() -> None:
+    """What the forced command imports to answer one request: not argparse, tomllib (for the
+    config the role renders), dataclasses, typing, pathlib, nor the daemon's modules."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom signer.cli import main\n"
+            "try:\n    main(['gateway', '--client', 'build1', '--config', sys.argv[1]])\n"
+            "finally:\n    print(' '.join(sorted(sys.modules)))")
+    cfg = Path(__file__).parent / "_gateway_probe.toml"
+    try:
+        cfg.write_text('[daemon]\nsocket = "/nonexistent/signer.sock"\nsocket_group = "gw"\n')
+        # -S: without site (the editable install's finder imports pathlib; a wheel's not)
+        r = subprocess.run([sys.executable, "-S", "-c", code, str(cfg)], capture_output=True,
+                           text=True, env={"SSH_ORIGINAL_COMMAND": "status " + "0" * 32,
+                                           "PATH": "/usr/bin:/bin"}, check=False,
+                           cwd=Path(__file__).parents[2])
+    finally:
+        cfg.unlink()
+    loaded = set(r.stdout.split())
+    assert "signer.gateway" in loaded, r.stderr
+    heavy = {"argparse", "tomllib", "dataclasses", "typing", "pathlib", "logging", "pkcs11",
+             "cryptography", "asn1crypto", "signer.daemon", "signer.config", "signer.audit"}
+    assert not heavy & loaded, sorted(heavy & loaded)
