@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import tomllib
 
 import pytest
 
@@ -331,3 +332,39 @@ def test_signer_socket_is_reachable_by_the_gateway_group_only(host, expected):
         assert s.is_socket
         assert (s.user, s.group) == (expected["signer_daemon_user"], expected["signer_gateway_group"])
         assert s.mode & 0o007 == 0
+
+
+@pytest.mark.control("SGN-02")
+def test_every_client_and_custodian_is_bound_to_its_own_account(host, expected):
+    """The deployed policy names, for each principal, the one local account it may speak
+    through (the daemon checks it with SO_PEERCRED)."""
+    with host.sudo():
+        text = host.file(expected["signer_config"]).content_string
+    cfg = tomllib.loads(text)
+    gateway = expected["signer_gateway_user"]
+    for c in expected["signer_clients"]:
+        assert cfg["clients"][c["name"]].get("account") == gateway, c["name"]
+    for c in expected["signer_custodians"]:
+        assert cfg["custodians"][c["name"]].get("account") == c["name"], c["name"]
+
+
+@pytest.mark.control("SGN-02")
+def test_the_gateway_account_cannot_speak_as_a_custodian(host, expected):
+    """A build client that escaped its forced command runs as the gateway account: claiming a
+    custodian's name from there is refused by the daemon, and the refusal is audited."""
+    custodians = expected["signer_custodians"]
+    if not custodians:
+        pytest.skip("does not apply: the inventory has no custodians")
+    name = custodians[0]["name"]
+    gateway = expected["signer_gateway_user"]
+    cmd = (f"SSH_ORIGINAL_COMMAND=requests {_signer(expected)} gateway --custodian {name} "
+           f"--config {expected['signer_config']}")
+    with host.sudo():
+        before = host.run(f"wc -l < {expected['signer_audit_log']}").stdout.strip()
+    with host.sudo(gateway):
+        r = host.run(cmd)
+    assert r.rc != 0, r.stdout + r.stderr
+    assert "account" in r.stderr, r.stderr
+    with host.sudo():
+        tail = host.run(f"tail -n +{int(before) + 1} {expected['signer_audit_log']}").stdout
+    assert '"deny"' in tail and name in tail, tail
