@@ -279,6 +279,7 @@ def render(inst: Instance, facts: dict[str, Any], example: Path = EXAMPLE) -> di
         # the token back end: SoftHSM2 instead of the example's hardware token
         "token_backend": "softhsm",
         "token_module": "/usr/lib/softhsm/libsofthsm2.so",
+        "token_serial": "",  # SoftHSM2 picks a new serial at every initialisation
         "token_pin_dir": str(inst.path("token") / host),
         # short roll-back windows and reloadable audit rules, as in the plain lab
         "ssh_rollback_seconds": 90,

@@ -54,6 +54,9 @@ class Daemon:
     checkpoint_interval: int
     audit_key: uri.PKCS11URI
     audit_cert: Path | None
+    # The token's serial number (RFC 7512 `serial`): with two tokens of the same label
+    # plugged in (a spare, an attacker's), the daemon opens only the one it was given.
+    token_serial: str | None = None
 
     @property
     def pin_file(self) -> Path | None:
@@ -168,7 +171,8 @@ def parse(text: str, path: Path) -> Config:
             raise r.fail(k, "unknown section")
     d = r.table(data, "daemon",
                 {"socket", "socket_group", "audit_log", "state_dir", "token_module",
-                 "token_label", "pin_source", "checkpoint_interval", "audit_key", "audit_cert"},
+                 "token_label", "token_serial", "pin_source", "checkpoint_interval",
+                 "audit_key", "audit_cert"},
                 {"socket", "audit_log", "state_dir", "token_module", "token_label", "pin_source",
                  "audit_key"})
     pin_source = r.str_(d, "daemon", "pin_source")
@@ -185,6 +189,7 @@ def parse(text: str, path: Path) -> Config:
         checkpoint_interval=r.int_(d, "daemon", "checkpoint_interval", 1, 1000),
         audit_key=r.key_uri(d, "daemon", "audit_key"),
         audit_cert=r.abspath(d, "daemon", "audit_cert") if "audit_cert" in d else None,
+        token_serial=r.str_(d, "daemon", "token_serial") if "token_serial" in d else None,
     )
     accounts: dict[str, str] = {}
     clients = _principals(r, data, "clients", accounts)

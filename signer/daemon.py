@@ -89,7 +89,7 @@ class Daemon:
     def start(self) -> None:
         d = self.cfg.daemon
         secret = pin.read_file(d.pin_file) if d.pin_file is not None else None
-        self.token = Token(d.token_module, d.token_label)
+        self.token = Token(d.token_module, d.token_label, d.token_serial)
         d.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         (d.state_dir / "signatures").mkdir(mode=0o700, exist_ok=True)
         spki, source = self._audit_public_key()

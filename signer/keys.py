@@ -34,7 +34,7 @@ def _pin(cfg: Config) -> str:
 
 
 def open_token(cfg: Config, rw: bool = False) -> Token:
-    token = Token(cfg.daemon.token_module, cfg.daemon.token_label)
+    token = Token(cfg.daemon.token_module, cfg.daemon.token_label, cfg.daemon.token_serial)
     token.login(_pin(cfg), rw=rw)
     return token
 

@@ -58,15 +58,23 @@ class KeyInfo:
 class Token:
     """A token found by label in a PKCS#11 module."""
 
-    def __init__(self, module: Path, label: str) -> None:
+    def __init__(self, module: Path, label: str, serial: str | None = None) -> None:
         self.label = label
+        which = f"token {label!r}" + (f" with serial {serial!r}" if serial else "")
         try:
             self._lib = pkcs11.lib(str(module))
-            self._token = self._lib.get_token(token_label=label)
+            if serial:
+                self._token = self._lib.get_token(token_label=label, token_serial=serial.encode())
+            else:
+                self._token = self._lib.get_token(token_label=label)
         except p11e.NoSuchToken:
             raise SignerError(Exit.UNAVAILABLE,
-                              f"token {label!r} not found in {module}: plug it in or initialise "
+                              f"{which} not found in {module}: plug it in or initialise "
                               "it (softhsm2-util --init-token in the lab)") from None
+        except p11e.MultipleTokensReturned:
+            raise SignerError(Exit.UNAVAILABLE,
+                              f"several tokens labelled {label!r} in {module}: give "
+                              "token_serial") from None
         except (RuntimeError, OSError, p11e.PKCS11Error) as exc:
             raise SignerError(Exit.UNAVAILABLE,
                               f"cannot load PKCS#11 module {module}: {exc}") from None

@@ -173,3 +173,17 @@ def test_keys_commands_refuse_a_pin_file_readable_by_others(shared: Signer, tmp_
     s: Signer = make_signer(start=False, pin_source="prompt")
     r = s.lab.signer("keys", "list", "--config", s.config, env={"SIGNER_PIN_FILE": str(pin)})
     assert r.returncode == 78 and b"must not be readable by group or others" in r.stderr
+
+
+def test_the_token_is_chosen_by_label_and_serial(shared: Signer, monkeypatch: Any) -> None:
+    """`token_serial` (RFC 7512 `serial`): only the token with that serial is opened, so a
+    second token with the same label (a spare, a planted one) is never used by mistake."""
+    from signer.errors import SignerError
+    from signer.token import Token
+    from toolkit.signer_lab import SOFTHSM_MODULE, TOKEN_LABEL
+
+    monkeypatch.setenv("SOFTHSM2_CONF", str(shared.lab.conf))
+    serial = Token(SOFTHSM_MODULE, TOKEN_LABEL)._token.serial.decode()
+    assert Token(SOFTHSM_MODULE, TOKEN_LABEL, serial).label == TOKEN_LABEL
+    with pytest.raises(SignerError, match="with serial 'not-this-one' not found"):
+        Token(SOFTHSM_MODULE, TOKEN_LABEL, "not-this-one")
