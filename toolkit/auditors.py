@@ -53,7 +53,8 @@ _channels: dict[str, Any] = {}
 def _endpoint(target: Target) -> Any:
     from toolkit import connection, hostvars
 
-    inv = hostvars.load(target.inventory, target.host)
+    inv = hostvars.load(target.inventory, target.host,
+                        vault_password_file=target.vault_password_file)
     return connection.endpoint(inv, target.host, password=target.become_password)
 
 

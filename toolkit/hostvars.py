@@ -48,10 +48,19 @@ class Inventory:
     def raw(self, host: str) -> dict[str, Any]:
         """The host's variables as a play sees them, untemplated (role defaults underneath)."""
         if host not in self._cache:
+            from ansible.errors import AnsibleError
+
             h = self._inv.get_host(host)
             if h is None:
                 raise InventoryError(f"{self.path}: no host {host!r}")
-            found = self._vm.get_vars(host=h, include_hostvars=False)
+            try:
+                found = self._vm.get_vars(host=h, include_hostvars=False)
+            except AnsibleError as exc:  # a vault file without its password, a bad vars file
+                msg = " ".join(str(exc).split())[:300]
+                if "no vault secrets" in msg:
+                    msg = ("a vault file needs its password (give --vault-password-file or "
+                           "$ANSIBLE_VAULT_PASSWORD_FILE)")
+                raise InventoryError(f"{host}: {msg}") from None
             merged = dict(self._defaults)
             merged.update(found)
             self._cache[host] = merged

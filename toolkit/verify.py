@@ -51,6 +51,7 @@ class Target:
     inventory: str
     kind: str  # "lab" or "production"
     become_password: str | None = field(default=None, repr=False)
+    vault_password_file: str | None = None  # a path: the suite reads the inventory too
 
     @property
     def spec(self) -> str:
@@ -81,7 +82,7 @@ def resolve_targets(
             kind = "lab" if inv.get(host, "verify_kind") == "lab" else "production"
             name = str(inv.get(host, "verify_report_name") or host)
             password = connection.become_password(inv, host, ask=ask_become_pass)
-            targets.append(Target(name, host, path, kind, password))
+            targets.append(Target(name, host, path, kind, password, vault_password_file))
     except hostvars.InventoryError as exc:
         raise VerifyError(str(exc)) from exc
     return targets
@@ -132,9 +133,14 @@ def run_tests(
     cmd = pytest_command(target, results, keyword, workers, read_fd)
     started = time.monotonic()
     out = log.open("w") if log else None
+    env = os.environ.copy()
+    if target.vault_password_file:
+        # The path of the operator's vault password file (not the password): the suite reads
+        # the same inventory for its expectations.
+        env["ANSIBLE_VAULT_PASSWORD_FILE"] = str(Path(target.vault_password_file).resolve())
     try:
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=os.environ.copy(), stdout=out,
+            cmd, cwd=ROOT, env=env, stdout=out,
             stderr=subprocess.STDOUT if out else None,
             pass_fds=(read_fd,) if read_fd is not None else (),
         )

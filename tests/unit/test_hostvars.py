@@ -97,3 +97,17 @@ def test_public_drops_secrets() -> None:
         "ssh_allowed_users": ["a"],
     }
     assert hostvars.public(values) == {"ssh_allowed_users": ["a"]}
+
+
+def test_a_vault_file_without_its_password_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    from ansible.parsing.vault import VaultLib, VaultSecret
+
+    inv = _inventory(tmp_path, "all:\n  hosts:\n    h1: {}\n")
+    vault = VaultLib([("default", VaultSecret(b"pw"))])
+    (inv / "group_vars" / "all").mkdir(parents=True)
+    (inv / "group_vars" / "all" / "vault.yml").write_bytes(vault.encrypt("x: 1\n"))
+    with pytest.raises(hostvars.InventoryError, match="needs its password"):
+        hostvars.load(str(inv)).raw("h1")
+    pw = tmp_path / "pw"
+    pw.write_text("pw\n")
+    assert hostvars.load(str(inv), vault_password_file=str(pw)).get("h1", "x") == 1
