@@ -41,7 +41,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,7 +286,8 @@ def _param(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="session")
 def admin_ssh(pytestconfig: pytest.Config) -> Callable[..., list[str]]:
-    """`admin_ssh("-N", "-L", spec)`: ssh argv from the controller to the host, options first."""
+    """`admin_ssh("-N", "-L", spec)`, `admin_ssh(..., remote=["true"])`: ssh argv from the
+    controller to the host, these options before the destination, `remote` after it."""
     run = pytestconfig.stash[_KEY]
     if run.spec is None or not run.spec.startswith("ssh://"):
         pytest.skip(f"needs an ssh:// target for a client session, not {run.spec!r}")
@@ -299,8 +300,8 @@ def admin_ssh(pytestconfig: pytest.Config) -> Callable[..., list[str]]:
     if hostspec.port:
         argv += ["-p", str(hostspec.port)]
 
-    def command(*options: str) -> list[str]:
-        return [*argv, *options, hostspec.name]
+    def command(*options: str, remote: Sequence[str] = ()) -> list[str]:
+        return [*argv, *options, hostspec.name, *remote]
 
     return command
 

@@ -110,7 +110,8 @@ def _free_port() -> int:
 @pytest.mark.control("SSH-03")
 def test_remote_forwarding_is_refused(admin_ssh) -> None:  # type: ignore[no-untyped-def]
     r = subprocess.run(
-        admin_ssh("-o", "ExitOnForwardFailure=yes", "-R", "127.0.0.1:0:127.0.0.1:22", "true"),
+        admin_ssh("-o", "ExitOnForwardFailure=yes", "-R", "127.0.0.1:0:127.0.0.1:22",
+                  remote=["true"]),
         capture_output=True, text=True, timeout=120)
     assert r.returncode == 255, r.stderr
     assert "forwarding failed" in r.stderr, r.stderr
