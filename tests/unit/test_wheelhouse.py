@@ -7,17 +7,19 @@ the signer's wheel from this checkout; each test tampers with its own copy.
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import subprocess
 import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 from invoke.context import Context
 from invoke.exceptions import Exit
 
 from toolkit import tasks_playbooks, wheelhouse
-from toolkit.wheelhouse import WheelhouseError
+from toolkit.wheelhouse import ROOT, WheelhouseError
 
 pytestmark = pytest.mark.slow
 
@@ -61,21 +63,51 @@ def test_the_wheelhouse_holds_the_locked_wheels_and_the_signer_pinned_by_hash(bu
     wheelhouse.verify(built)
 
 
-def test_the_host_installs_it_offline_with_hashes_required(built: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def host_venv(built: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     # The same command the signer role runs, with Debian 12's own python3 and pip.
-    venv = tmp_path / "venv"
+    venv = tmp_path_factory.mktemp("host") / "venv"
     subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)
     subprocess.run(
         [venv / "bin" / "pip", "install", "--quiet", "--no-index", "--find-links", built,
          "--require-hashes", "-r", built / "requirements.txt"],
         check=True,
     )
+    return venv
+
+
+def test_the_host_installs_it_offline_with_hashes_required(host_venv: Path) -> None:
     out = subprocess.run(
-        [venv / "bin" / "python", "-c",
+        [host_venv / "bin" / "python", "-c",
          "import signer, pkcs11, cryptography, asn1crypto; print(cryptography.__version__)"],
         check=True, capture_output=True, text=True,
     ).stdout.strip()
     assert out == wheelhouse.read_lock()["cryptography"].version
+
+
+def _role_probe() -> str:
+    tasks = yaml.safe_load((ROOT / "roles/signer/tasks/install.yml").read_text())
+    (task,) = [t for t in tasks if t["name"].startswith("Find installed distributions")]
+    script: str = task["ansible.builtin.command"]["argv"][2]
+    return script
+
+
+@pytest.mark.parametrize("dropped", [[], ["asn1crypto"], ["cffi", "pycparser"]])
+def test_the_role_finds_what_an_earlier_lock_left_in_the_venv(
+    host_venv: Path, built: Path, tmp_path: Path, dropped: list[str]
+) -> None:
+    # The signer role's own probe, run by the host's python against a lock that no longer
+    # lists `dropped`: exactly those are reported (and nothing when the venv matches).
+    text = (built / "requirements.txt").read_text()
+    for name in dropped:
+        text = re.sub(rf"(?ms)^{name}==.*?(?=^[a-z])", "", text)
+    req = tmp_path / "requirements.txt"
+    req.write_text(text)
+    assert set(wheelhouse.parse_requirements(text, "r")) | set(dropped) == {
+        "signing-host", *wheelhouse.read_lock()}
+    out = subprocess.run([host_venv / "bin" / "python", "-c", _role_probe(), req],
+                         check=True, capture_output=True, text=True).stdout.split()
+    assert out == dropped
 
 
 def test_an_unchanged_checkout_reuses_the_wheelhouse(wh: Path) -> None:
