@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-from importlib import import_module
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,7 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
 
-from toolkit import exitcodes
+from toolkit import exitcodes, wheelhouse
 from toolkit.ansible_run import (
     ROOT,
     PlaybookResult,
@@ -234,9 +232,12 @@ def deploy(
     is read before and after, and a restart fails the task like a change would.
     """
     prepare("deploy", inventory, limit, vault_password_file)
-    if find_spec("toolkit.wheelhouse") and not check:
-        # The signer's wheels are built on the controller: the host needs no PyPI.
-        import_module("toolkit.wheelhouse").build()
+    try:
+        # The signer's wheels are built on the controller from the hash lock (the host needs no
+        # PyPI); a wheelhouse that does not match the lock is refused before any host is touched.
+        wheelhouse.build()
+    except wheelhouse.WheelhouseError as e:
+        raise Exit(f"deploy: {e}", code=exitcodes.FAILED) from None
     watch = expect_unchanged and not check
     secrets = (become_password(ask_become_pass), vault_password_file)
     before = _daemon_invocations(inventory, limit, *secrets) if watch else {}
@@ -312,3 +313,25 @@ def _daemon_invocations(
             code=exitcodes.FAILED,
         )
     return found
+
+
+@task(
+    help={
+        "upgrade": "move every pin to the newest release the ranges in pyproject.toml allow",
+        "package": "move only this project's pin (repeatable)",
+    },
+    iterable=["package"],
+)
+def lock_deps(c: Context, upgrade: bool = False, package: list[str] | None = None) -> None:
+    """Update the signing host's locked dependencies (requirements/signer-host.lock).
+
+    Resolves pyproject.toml's run-time dependencies for the host (CPython 3.11, x86_64 Linux)
+    with `uv pip compile --generate-hashes`, keeping the current pins unless told to upgrade.
+    """
+    try:
+        wheelhouse.lock(upgrade=upgrade, packages=tuple(package or ()))
+    except wheelhouse.WheelhouseError as e:
+        raise Exit(f"lock-deps: {e}", code=1) from None
+    pins = wheelhouse.read_lock()
+    print(f"==> lock-deps: {wheelhouse.LOCK.relative_to(ROOT)}: "
+          + ", ".join(f"{p.name}=={p.version}" for p in pins.values()))
