@@ -1,0 +1,131 @@
+"""SSH clients other than a recent OpenSSH reach the signer (SSH-05, issue 11 point 8).
+
+Build servers are often CI agents that speak SSH through a library, not through OpenSSH.
+paramiko (Python: Fabric, Ansible's paramiko connection, home-grown deploy scripts) is the
+one tried here, from the build host's network namespace with the build client's key, exactly
+as `test_signer_e2e` does it with OpenSSH. paramiko has no sntrup761 key exchange, so it gets
+in only through the classical one the ssh role adds for such clients; weaker ones stay out.
+
+The client runs as a small script under the controller's venv Python inside the namespace
+(`ip netns exec`), and answers with one JSON object on stdout: what was negotiated, the
+remote command's exit status, stdout and stderr.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lab.state import LabState
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = ROOT / ".venv" / "bin" / "python"
+# The lab inventory keeps the ssh role's algorithm defaults: they are what sshd offers.
+SSH_DEFAULTS = yaml.safe_load((ROOT / "roles" / "ssh" / "defaults" / "main.yml").read_text())
+
+# The client: host, user, key, known_hosts, key exchange(s) (comma-separated, "" for
+# paramiko's defaults), remote command; the artifact on stdin. Host key checked against the
+# lab's known_hosts (never accepted blindly), only the given key offered, no agent.
+CLIENT = r"""
+import base64, json, socket, sys
+import paramiko
+
+host, user, key, known_hosts, kex, command = sys.argv[1:7]
+out = {"paramiko": paramiko.__version__}
+try:
+    t = paramiko.Transport(socket.create_connection((host, 22), timeout=30))
+    if kex:
+        t.get_security_options().kex = kex.split(",")
+    t.start_client(timeout=60)
+    out.update(cipher=t.local_cipher, mac=t.local_mac, hostkey=t.host_key_type)
+    if not paramiko.HostKeys(known_hosts).check(host, t.get_remote_server_key()):
+        raise paramiko.SSHException(f"host key of {host} not in {known_hosts}")
+    t.auth_publickey(user, paramiko.PKey.from_path(key))
+    chan = t.open_session(timeout=30)
+    chan.exec_command(command)
+    chan.sendall(sys.stdin.buffer.read())
+    chan.shutdown_write()
+    stdout, stderr = chan.makefile("rb").read(), chan.makefile_stderr("rb").read()
+    out.update(rc=chan.recv_exit_status(), stdout=base64.b64encode(stdout).decode(),
+               stderr=stderr.decode(errors="replace"))
+    t.close()
+except Exception as exc:
+    out["error"] = f"{type(exc).__name__}: {exc}"
+print(json.dumps(out))
+"""
+
+
+def _paramiko(lab: LabState, command: str, data: bytes = b"", *,
+              kex: str = "") -> dict[str, Any]:
+    argv = [str(PYTHON), "-c", CLIENT, lab.vm_ipv4, "sign", str(lab.key("build")),
+            str(lab.state_dir / "known_hosts"), kex, command]
+    r = lab.netns_run("build", argv, input=data, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+    answer: dict[str, Any] = json.loads(r.stdout)
+    return answer
+
+
+def _openssl(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["openssl", *args], capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def dev_pubkey(lab: LabState, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cert = lab.state_dir / "token" / "signhost" / "dev.pem"
+    if not cert.exists():
+        pytest.fail(f"{cert} is missing: run `invoke deploy` on this lab first")
+    r = _openssl("x509", "-in", str(cert), "-pubkey", "-noout")
+    assert r.returncode == 0, r.stderr.decode()
+    pub = tmp_path_factory.mktemp("dev") / "dev.pub"
+    pub.write_bytes(r.stdout)
+    return pub
+
+
+@pytest.mark.control("SSH-05", "SGN-09")
+@pytest.mark.parametrize(
+    "kex",
+    [
+        "",  # paramiko's own preferences, what a CI agent uses without tuning
+        "curve25519-sha256@libssh.org",  # the classical exchange every SSH library has
+    ],
+)
+def test_a_paramiko_build_client_gets_a_raw_signature_that_openssl_verifies(
+        lab, dev_pubkey, tmp_path, kex):
+    art = tmp_path / "artifact.bin"
+    art.write_bytes(secrets.token_bytes(4096))
+    r = _paramiko(lab, "sign --profile dev --format raw", art.read_bytes(), kex=kex)
+    assert "error" not in r, r
+    assert r["rc"] == 0, r["stderr"]
+    assert r["hostkey"] in SSH_DEFAULTS["ssh_host_key_algorithms"], r
+    assert r["cipher"] in SSH_DEFAULTS["ssh_ciphers"], r
+    sig = tmp_path / "artifact.sig"
+    sig.write_bytes(base64.b64decode(r["stdout"]))
+    ok = _openssl("dgst", "-sha256", "-verify", str(dev_pubkey), "-signature", str(sig), str(art))
+    assert ok.returncode == 0, (ok.stdout + ok.stderr).decode()
+    art.write_bytes(art.read_bytes() + b"\0")
+    bad = _openssl("dgst", "-sha256", "-verify", str(dev_pubkey), "-signature", str(sig), str(art))
+    assert bad.returncode != 0
+
+
+@pytest.mark.control("SSH-05")
+@pytest.mark.parametrize(
+    "weak",
+    [
+        "diffie-hellman-group14-sha256",  # 2048-bit group
+        "diffie-hellman-group-exchange-sha256",  # server-chosen groups, no post-quantum part
+        "ecdh-sha2-nistp256",  # NIST P-256
+    ],
+)
+def test_paramiko_restricted_to_a_weak_key_exchange_is_refused(lab, weak):
+    r = _paramiko(lab, "sign --profile dev --format raw", b"artifact", kex=weak)
+    assert "rc" not in r, f"sshd accepted {weak}: {r}"
+    assert "no acceptable kex algorithm" in r.get("error", ""), r
