@@ -159,6 +159,8 @@ def _check_host(
         # Reading the host's variables decrypts whole vault files (group_vars/all/vault.yml):
         # a missing or wrong vault password fails here, for the host, not in a traceback.
         raw = inv.raw(host)
+    except hostvars.InventoryError as exc:
+        return [f"variables: {str(exc).removeprefix(host + ': ')}"]
     except AnsibleError as exc:
         msg = " ".join(str(exc).split())[:300]
         if "vault secrets" in msg:

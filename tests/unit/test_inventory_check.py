@@ -279,6 +279,6 @@ def test_a_vault_file_without_its_password(good: dict[str, Any], tmp_path: Path,
                    capture_output=True)
     monkeypatch.delenv("ANSIBLE_VAULT_PASSWORD_FILE", raising=False)
     assert inventory_check.check(inv).problems[HOST] == [
-        "variables: Attempting to decrypt but no vault secrets found"
+        "variables: a vault file needs its password"
         " (give --vault-password-file or $ANSIBLE_VAULT_PASSWORD_FILE)"]
     assert inventory_check.check(inv, vault_password_file=str(vpf)).ok

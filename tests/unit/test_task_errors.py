@@ -236,7 +236,7 @@ def test_a_vault_file_without_its_password(name: str, unreachable: Path, tmp_pat
     monkeypatch.delenv("ANSIBLE_VAULT_PASSWORD_FILE", raising=False)
     proc = _invoke(name, "-i", str(inv))
     assert proc.returncode == exitcodes.BAD_INPUT
-    assert (f"{name}: h1: variables: Attempting to decrypt but no vault secrets found"
+    assert (f"{name}: h1: variables: a vault file needs its password"
             " (give --vault-password-file or $ANSIBLE_VAULT_PASSWORD_FILE)") \
         in proc.stderr.splitlines()
     missing = _invoke(name, "-i", str(inv), "--vault-password-file", str(tmp_path / "nope"))
