@@ -281,6 +281,8 @@ def render(inst: Instance, facts: dict[str, Any], example: Path = EXAMPLE) -> di
         "token_module": "/usr/lib/softhsm/libsofthsm2.so",
         "token_serial": "",  # SoftHSM2 picks a new serial at every initialisation
         "token_pin_dir": str(inst.path("token") / host),
+        # the report's kind: lab waivers apply (no secure boot, LUKS or log collector here)
+        "verify_kind": "lab",
         # short roll-back windows and reloadable audit rules, as in the plain lab
         "ssh_rollback_seconds": 90,
         "firewall_rollback_seconds": 90,

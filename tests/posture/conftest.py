@@ -216,7 +216,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         except pytest.fail.Exception as exc:  # the inventory lacks the list: one failing case
             params = [f"{_ERROR}{exc.msg}"]
         params = params or [_NONE]
-        metafunc.parametrize(fixture, params,
+        # indirect: through the fixture, which skips "(none)" with its reason and fails
+        # "(error)" (directly, the test body would get the placeholder and run on it).
+        metafunc.parametrize(fixture, params, indirect=True,
                              ids=[p if not p.startswith("(") else "n/a" for p in params])
 
 
@@ -291,6 +293,21 @@ def admin_ssh(pytestconfig: pytest.Config) -> Callable[..., list[str]]:
     run = pytestconfig.stash[_KEY]
     if run.spec is None or not run.spec.startswith("ssh://"):
         pytest.skip(f"needs an ssh:// target for a client session, not {run.spec!r}")
+    if run.host_name:
+        # As Ansible reaches the host (user, key, ProxyJump, -F config): toolkit.connection.
+        from toolkit import connection
+
+        try:
+            ep = connection.endpoint(hostvars.load(run.inventory, run.host_name), run.host_name,
+                                     password="")
+        except (hostvars.InventoryError, connection.ConnectionError_) as exc:
+            pytest.fail(f"cannot build the admin's ssh command: {exc}")
+        *base_argv, destination = ep.argv
+
+        def via_inventory(*options: str, remote: Sequence[str] = ()) -> list[str]:
+            return [*base_argv, "-o", "ControlPath=none", *options, destination, *remote]
+
+        return via_inventory
     hostspec = base.BaseBackend.parse_hostspec(run.spec[len("ssh://"):])
     argv = ["ssh", "-o", "ControlPath=none", "-o", "BatchMode=yes"]
     if run.ssh_config:

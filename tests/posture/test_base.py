@@ -74,7 +74,9 @@ def test_admin_keys_are_private_and_sudo_is_logged(host, expected, admin_user) -
     # where sudo wants a password or the admin has no sudo.
     marker = f"signhost-posture-{uuid.uuid4().hex[:12]}"
     with host.sudo(admin_user):
-        r = host.run(f"sudo -n /bin/echo {marker}")
+        # From the admin's home: the channel's own working directory is the connecting
+        # admin's, and sudo logs the directory it was asked from.
+        r = host.run(f"cd {home} && sudo -n /bin/echo {marker}")
     log = f"grep -F -B1 {marker} {expected['base_sudo_logfile']}"
     if not admin.get("sudo", True):
         assert r.rc != 0, f"{admin_user} has sudo, the inventory gives it none"

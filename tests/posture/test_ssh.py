@@ -36,7 +36,8 @@ def an_admin_address(expected) -> str:  # type: ignore[no-untyped-def]
     """An address of the first admin network (where an admin connects from), else TEST-NET-1."""
     for net in expected["firewall_admin_networks"]:
         network = ipaddress.ip_network(str(net), strict=False)
-        return str(next(network.hosts(), network.network_address))
+        # iter(): for a /32 (or /128) hosts() is a list holding the one address, not an iterator.
+    return str(next(iter(network.hosts()), network.network_address))
     return "192.0.2.1"
 
 
