@@ -43,7 +43,7 @@ NAMES: tuple[str, ...] = (
     # signer
     "signer_gateway_user", "signer_gateway_group", "signer_daemon_user", "signer_daemon_home",
     "signer_clients", "signer_custodians", "signer_profiles", "signer_config", "signer_venv",
-    "signer_socket", "signer_service",
+    "signer_socket", "signer_service", "signer_audit_log",
     # how the suite observes the host (inventory values, no role reads them)
     "verify_kind", "verify_egress_probe", "verify_vantage_points", "verify_usb_hotplug",
 )
