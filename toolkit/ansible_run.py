@@ -124,17 +124,11 @@ def host_become_password(inv: Inventory, host: str, ask: bool) -> str | None:
     Ansible's precedence: the inventory's `ansible_become_password` (vault decrypted) wins
     over the one typed at --ask-become-pass (asked once per process); else None.
     """
-    from ansible.errors import AnsibleError
-
-    from toolkit.hostvars import InventoryError
-
     for name in _BECOME_VARS:
         if inv.has(host, name):
+            # hostvars decrypts a vaulted value and turns its errors into InventoryError.
             value = inv.get(host, name)
-            try:
-                return None if value is None else str(value)  # str() decrypts a vaulted value
-            except AnsibleError as exc:
-                raise InventoryError(f"{host}: {name}: {str(exc).strip()}") from None
+            return None if value is None else str(value)
     return become_password(ask)
 
 

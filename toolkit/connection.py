@@ -74,17 +74,12 @@ def ssh_argv(values: dict[str, Any], host: str) -> list[str]:
     return [*argv[:-2], "-o", "BatchMode=yes", argv[-2]]
 
 
-def become_password(inv: hostvars.Inventory, host: str, *, ask: bool = False) -> str | None:
-    """The sudo password for `host`, as Ansible would pick it (toolkit.ansible_run)."""
-    from toolkit.ansible_run import host_become_password
-
-    return host_become_password(inv, host, ask)
-
-
 def endpoint(
     inv: hostvars.Inventory, host: str, *, password: str | None = None
 ) -> Endpoint:
     values = inv.render(host, CONNECTION_VARS)
     values.setdefault("ansible_host", host)
-    pw = password if password is not None else become_password(inv, host)
+    from toolkit.ansible_run import host_become_password
+
+    pw = password if password is not None else host_become_password(inv, host, False)
     return Endpoint(host, tuple(ssh_argv(values, host)), pw)

@@ -58,13 +58,6 @@ class Target:
         return f"ssh://{self.host}"
 
 
-def is_lab_inventory(inventory: str | None) -> bool:
-    if inventory in (None, "", "lab"):
-        return True
-    assert inventory is not None
-    return Path(inventory).resolve() == LAB_INVENTORY.resolve()
-
-
 def resolve_targets(
     inventory: str | None,
     limit: str | None,
@@ -72,7 +65,7 @@ def resolve_targets(
     vault_password_file: str | None = None,
     ask_become_pass: bool = False,
 ) -> list[Target]:
-    from toolkit import connection
+    from toolkit.ansible_run import host_become_password
 
     path = str(LAB_INVENTORY) if inventory in (None, "", "lab") else str(inventory)
     try:
@@ -81,7 +74,7 @@ def resolve_targets(
         for host in inv.hosts:
             kind = "lab" if inv.get(host, "verify_kind") == "lab" else "production"
             name = str(inv.get(host, "verify_report_name") or host)
-            password = connection.become_password(inv, host, ask=ask_become_pass)
+            password = host_become_password(inv, host, ask_become_pass)
             targets.append(Target(name, host, path, kind, password, vault_password_file))
     except hostvars.InventoryError as exc:
         raise VerifyError(str(exc)) from exc

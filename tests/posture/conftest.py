@@ -1,10 +1,12 @@
 """Fixtures of the posture suite: the host under test and what its inventory says it should be.
 
 The same tests run against every inventory. `invoke verify` passes the target and its inventory:
-`--target ssh://NAME --target-kind lab|production --target-name NAME [--ssh-config FILE]
---inventory DIR --inventory-host HOST`. Run by hand (`pytest tests/posture`), the inventory is
-inventory/lab and the target is its host, reached as its inventory says (ansible_host,
-ansible_user, ansible_port, and the `-F` ssh config of ansible_ssh_common_args).
+`--target ssh://NAME --target-kind lab|production --target-name NAME --inventory DIR
+--inventory-host HOST [--become-password-fd N]`. Run by hand (`pytest tests/posture`), the
+inventory is inventory/lab and the target is its host. Either way the host is reached exactly as
+Ansible reaches it (toolkit.connection: user, port, key, ansible_ssh_common_args with its
+ProxyJump or -F); an explicit `--target` with `--ssh-config` and no `--inventory-host` is
+used as given.
 
 Fixtures for test authors:
 - `host`: a testinfra host. Commands run as root over one channel: a single
@@ -39,7 +41,6 @@ waived (`waiver_lab`) or production-only are skipped with the waiver as the reas
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -115,26 +116,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def _inventory_target(inv: hostvars.Inventory, name: str) -> tuple[str | None, str | None, str]:
-    """(spec, ssh_config, why-not) for reaching `name` as its inventory says."""
-    try:
-        address = inv.get(name, "ansible_host", name)
-        user = inv.get(name, "ansible_user")
-        port = inv.get(name, "ansible_port")
-        common = shlex.split(str(inv.get(name, "ansible_ssh_common_args", "") or ""))
-    except hostvars.InventoryError as exc:
-        return None, None, f"no target: {exc}"
-    config: str | None = None
-    if "-F" in common and common.index("-F") + 1 < len(common):
-        i = common.index("-F")
-        config = str(Path(common[i + 1]).expanduser())
-        common = common[:i] + common[i + 2:]
-    if config is not None and not Path(config).exists():
-        return None, None, f"no target: {config} (the ssh config of {name}) does not exist; is the host up?"
-    spec = f"ssh://{user + '@' if user else ''}{address}{':' + str(port) if port else ''}"
-    return spec, config, ""
-
-
 def _run(config: pytest.Config) -> Run:
     spec = config.getoption("--target")
     ssh_config = config.getoption("--ssh-config", default=None)
@@ -155,14 +136,10 @@ def _run(config: pytest.Config) -> Run:
             f"posture expectations: the target is a {kind} host but {values[expectations.SOURCE]} "
             f"is a {inv_kind} host (verify_kind); pass the target's own --inventory"
         )
-    why = ""
-    explicit = bool(spec)
-    if not spec:
-        spec, ssh_config, why = _inventory_target(inv, name)
     # Without an explicit --target (or with verify's --inventory-host), the suite connects
     # exactly as Ansible does (toolkit.connection), whatever the inventory's ssh arguments.
-    via_inventory = not explicit or bool(config.getoption("--inventory-host"))
-    return Run(spec, kind, ssh_config, why, Expected(values), path,
+    via_inventory = not spec or bool(config.getoption("--inventory-host"))
+    return Run(spec or f"ssh://{name}", kind, ssh_config, "", Expected(values), path,
                name if via_inventory else None)
 
 
