@@ -74,6 +74,7 @@ class Run:
     expected: Expected = field(default_factory=Expected)
     inventory: str = DEFAULT_INVENTORY  # where the target comes from ...
     host_name: str | None = None  # ... and its name there: reached as Ansible reaches it
+    inv: hostvars.Inventory | None = None  # read once, for the expectations and the connection
 
 
 _KEY = pytest.StashKey[Run]()
@@ -140,7 +141,7 @@ def _run(config: pytest.Config) -> Run:
     # exactly as Ansible does (toolkit.connection), whatever the inventory's ssh arguments.
     via_inventory = not spec or bool(config.getoption("--inventory-host"))
     return Run(spec or f"ssh://{name}", kind, ssh_config, "", Expected(values), path,
-               name if via_inventory else None)
+               name if via_inventory else None, inv)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -274,9 +275,9 @@ def admin_ssh(pytestconfig: pytest.Config) -> Callable[..., list[str]]:
         # As Ansible reaches the host (user, key, ProxyJump, -F config): toolkit.connection.
         from toolkit import connection
 
+        assert run.inv is not None
         try:
-            ep = connection.endpoint(hostvars.load(run.inventory, run.host_name), run.host_name,
-                                     password="")
+            ep = connection.endpoint(run.inv, run.host_name, password="")
         except (hostvars.InventoryError, connection.ConnectionError_) as exc:
             pytest.fail(f"cannot build the admin's ssh command: {exc}")
         *base_argv, destination = ep.argv
@@ -343,7 +344,7 @@ def host(pytestconfig: pytest.Config) -> Any:
     sudo = not pytestconfig.getoption("--no-sudo")
     channel = pytestconfig.getoption("--transport") == "channel"
     if channel and run.host_name:
-        h = _inventory_channel(pytestconfig, run.inventory, run.host_name, sudo)
+        h = _inventory_channel(pytestconfig, run, sudo)
     elif channel and run.spec.startswith("ssh://"):
         h = shell_channel.host_from_spec(run.spec, run.ssh_config, sudo=sudo)
     else:
@@ -363,24 +364,22 @@ def host(pytestconfig: pytest.Config) -> Any:
         h.backend.close()
 
 
-def _inventory_channel(
-    config: pytest.Config, inventory: str, inventory_host: str, sudo: bool
-) -> Any:
+def _inventory_channel(config: pytest.Config, run: Run, sudo: bool) -> Any:
     """The root channel to an inventory host, reached exactly as Ansible reaches it."""
-    from toolkit import connection, hostvars
+    from toolkit import connection
 
+    assert run.inv is not None and run.host_name is not None
     password = None
     fd = config.getoption("--become-password-fd")
     if fd is not None:
         with os.fdopen(fd, "rb") as fh:
             password = fh.read().decode()
     try:
-        inv = hostvars.load(inventory, inventory_host)
-        ep = connection.endpoint(inv, inventory_host, password=password)
+        ep = connection.endpoint(run.inv, run.host_name, password=password)
     except (hostvars.InventoryError, connection.ConnectionError_) as exc:
-        pytest.exit(f"cannot connect to {inventory_host}: {exc}", returncode=3)
+        pytest.exit(f"cannot connect to {run.host_name}: {exc}", returncode=3)
     return shell_channel.host_from_launcher(
-        inventory_host, list(ep.argv), sudo=sudo, password=ep.become_password
+        run.host_name, list(ep.argv), sudo=sudo, password=ep.become_password
     )
 
 
