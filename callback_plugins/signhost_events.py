@@ -61,6 +61,13 @@ class CallbackModule(CallbackBase):
             }
         )
 
+    def v2_playbook_on_task_start(self, task, is_conditional) -> None:
+        # The start of each task, so `invoke timings` can say where a run spends its time.
+        self._emit({"event": "task", **self._task(task)})
+
+    def v2_playbook_on_handler_task_start(self, task) -> None:
+        self._emit({"event": "task", "handler": True, **self._task(task)})
+
     def _result(self, result, status: str, **extra) -> None:
         event = {"event": "result", "host": result._host.get_name(), "status": status}
         event.update(self._task(result._task))
