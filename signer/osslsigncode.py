@@ -14,7 +14,7 @@ from signer.formats import authenticode
 TOOL = "osslsigncode"
 
 
-def _run(*args: str | Path) -> None:
+def _run(*args: str | Path, code: Exit = Exit.DATA) -> None:
     if shutil.which(TOOL) is None:
         raise SignerError(Exit.UNAVAILABLE, f"{TOOL} not found: install it on this machine "
                           "(Debian: apt install osslsigncode)")
@@ -24,7 +24,7 @@ def _run(*args: str | Path) -> None:
         # osslsigncode prints its verdict last; its first error line says why
         why = next((x for x in lines if "rror" in x or "ailed" in x or "mismatch" in x),
                    lines[-1] if lines else f"exit {r.returncode}")
-        raise SignerError(Exit.DATA, f"{TOOL} {args[0]}: {why}")
+        raise SignerError(code, f"{TOOL} {args[0]}: {why}")
 
 
 def extract(artifact: Path, out: Path) -> authenticode.Content:
@@ -47,4 +47,5 @@ def attach(artifact: Path, signature: Path, out: Path, cafile: Path | None) -> N
 
 def timestamp(signed: Path, url: str, out: Path) -> None:
     """Add an RFC 3161 timestamp from the TSA at `url` (an unsigned attribute)."""
-    _run("add", "-ts", url, "-in", signed, "-out", out)
+    # A TSA that does not answer is "try again later", like the signer being busy.
+    _run("add", "-ts", url, "-in", signed, "-out", out, code=Exit.UNAVAILABLE)

@@ -98,7 +98,7 @@ ess_cert_id_alg = sha256
         tsa = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            def do_POST(self) -> None:
                 query = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 reply = tsa.reply(query)
                 self.send_response(200 if reply else 400)
