@@ -71,8 +71,9 @@ class TSA:
         self.root = root
         self.key, self.cert = root / "tsa.key", root / "tsa.pem"
         csr = root / "tsa.csr"
-        _openssl("req", "-new", "-newkey", "rsa:3072", "-nodes", "-keyout", self.key,
-                 "-out", csr, "-subj", "/CN=signer lab TSA")
+        # P-256: generated in milliseconds; the TSA's key type is independent of the signer's
+        _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                 "-nodes", "-keyout", self.key, "-out", csr, "-subj", "/CN=signer lab TSA")
         ca.issue(csr, self.cert, "time_stamping")
         (root / "serial").write_text("01\n")
         self.config = root / "tsa.cnf"

@@ -74,25 +74,21 @@ def win(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Win]:
     tsa = TSA(ca, root / "tsa")
     cert = lab.certs / "win.pem"
     ps = profiles(lab)
-    win = {"key": "pkcs11:token=signer;object=win;type=private", "algorithm": "rsa3072-pkcs1",
+    # The session's RSA-3072 token key (conftest), with a certificate of its own from the lab
+    # CA: no second key to generate. A real release profile has a key of its own.
+    win = {"key": "pkcs11:token=signer;object=rsa;type=private", "algorithm": "rsa3072-pkcs1",
            "cert": str(cert), "chain": str(ca.cert), "formats": ["authenticode", "cms", "raw"],
            "max_size": MiB, "clients": ["build1"], "budget_count": 10000,
            "budget_window": 3600}
-    # One token key for both profiles keeps the module fast; a real release profile has its own.
     ps["win"] = win
     ps["winrel"] = {**win, "formats": ["authenticode"], "approvals": 2,
                     "custodians": ["alice", "bob", "carol"]}
     cfg = config(lab, "authenticode", ps)
     csr = root / "win.csr"
-    # The real path of a CA-issued release certificate: key generated on the token, CSR signed
-    # by it, certificate from the CA, `keys import-cert` checks it matches the key.
-    script = ("import sys\nfrom pathlib import Path\nfrom signer import config, keys\n"
-              "cfg = config.load(Path(sys.argv[1]))\n"
-              "keys.generate(cfg, 'win', False, sys.stdout)\n"
-              "keys.csr(cfg, 'win', 'CN=Example Corp, O=Example Corp', Path(sys.argv[2]), "
-              "sys.stdout)\n")
-    r = subprocess.run([sys.executable, "-c", script, str(cfg), str(csr)], env=lab.env,
-                       capture_output=True, text=True, check=False)
+    # The real path of a CA-issued release certificate: CSR signed by the token key,
+    # certificate from the CA, `keys import-cert` checks it matches the key and installs it.
+    r = lab.signer("keys", "csr", "--config", cfg, "--profile", "win", "--subject",
+                   "CN=Example Corp, O=Example Corp", "--out", csr)
     assert r.returncode == 0, r.stderr
     issued = ca.issue(csr, root / "win-issued.pem")
     r2 = lab.signer("keys", "import-cert", "--config", cfg, "--profile", "win", issued)
@@ -242,13 +238,13 @@ def test_release_authenticode_needs_two_custodians_who_recompute_the_digest(
         env=lab.env, stderr=subprocess.PIPE)
     try:
         item = None
-        for _ in range(200):
+        for _ in range(100):  # each look is a gateway process: not too often
             mine = [json.loads(x) for x in s.gw("requests", custodian="alice").stdout.splitlines()]
             mine = [i for i in mine if i["name"] == "setup.exe" and i["state"] == "pending"]
             if mine:
                 item = mine[0]
                 break
-            time.sleep(0.05)
+            time.sleep(0.3)
         assert item is not None
         rid = item["id"]
         assert item["authenticode"] == label and item["format"] == "authenticode"
