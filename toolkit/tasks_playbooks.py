@@ -303,13 +303,13 @@ def _daemon_invocations(
     if proc.returncode == 4:  # ansible: a host was unreachable
         raise Exit(
             f"deploy: unreachable while reading the signer daemon's invocation id: "
-            f"{(proc.stdout + proc.stderr).strip()[-300:]}",
+            f"{' '.join((proc.stdout + proc.stderr).split())[:400]}",  # one line, cause kept
             code=exitcodes.UNREACHABLE,
         )
     if proc.returncode != 0 or not found:
         raise Exit(
             f"deploy: cannot read the signer daemon's invocation id: "
-            f"{(proc.stdout + proc.stderr).strip()[-300:]}",
+            f"{' '.join((proc.stdout + proc.stderr).split())[-400:]}",
             code=exitcodes.FAILED,
         )
     return found
