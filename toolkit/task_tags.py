@@ -114,7 +114,7 @@ def selected(tags: Iterable[str], only: Iterable[str] = ("all",),
         )
     if run and skip:
         if "all" in skip:
-            run = ALWAYS not in have or ALWAYS in skip
+            run = ALWAYS in have and ALWAYS not in skip
         elif not have.isdisjoint(skip) or ("tagged" in skip and have != UNTAGGED):
             run = False
     return run
@@ -132,7 +132,8 @@ class TaskRef:
     kind: str  # task | include (dynamic: selected on its own tags) | block | import
     playbook: str | None = None  # the playbook (file name) that runs it; None: none does
     index: int = 0  # its place in the playbook's run order
-    rescue: bool = False  # in a block's rescue: runs only when the block failed
+    section: str = "block"  # of its block: block | rescue (only when it failed) | always
+    dynamic: bool = False  # reached through include_tasks/include_role (known only at run time)
     inner: frozenset[str] = frozenset()  # block, import, include: control ids of what is inside
     registers: tuple[str, ...] = ()  # variables it sets (register:, set_fact:)
     text: str = ""  # the task and the conditions around it, to find the variables it uses
@@ -195,6 +196,17 @@ def _text(value: Any) -> str:
     return json.dumps(strip(value), default=str, sort_keys=True)
 
 
+@dataclass(frozen=True)
+class _Ctx:
+    """What a task inherits from where it stands."""
+
+    role: str | None = None
+    tags: frozenset[str] = frozenset()
+    conditions: tuple[str, ...] = ()
+    section: str = "block"
+    dynamic: bool = False
+
+
 class _Walker:
     def __init__(self, project: Path, playbook: str | None, problems: list[str]) -> None:
         self.root = project
@@ -219,53 +231,46 @@ class _Walker:
         if data is None:
             return []
         if not isinstance(data, list):
-            self.problems.append(f"{self.rel(path)}: expected a list of tasks")
+            self.problems.append(f"{self.rel(path)}: expected a list")
             return []
         return data
 
-    def role_file(self, role: str, name: str | None, where: str) -> Path | None:
-        base = self.root / "roles" / role / "tasks"
-        stem = name or "main"
-        for cand in (base / stem, base / f"{stem}.yml", base / f"{stem}.yaml"):
-            if cand.is_file():
-                return cand
-        self.problems.append(f"{where}: role {role}: no tasks file {stem!r}")
-        return None
-
-    def tasks_file(self, path: Path, role: str | None, inherited: frozenset[str],
-                   conditions: tuple[str, ...]) -> frozenset[str]:
+    def tasks_file(self, path: Path, ctx: _Ctx) -> frozenset[str]:
         if path in self._stack:
             self.problems.append(f"{self.rel(path)}: imports itself")
             return frozenset()
         self.files.add(path.resolve())
         self._stack.append(path)
         try:
-            return self.tasks(self.load(path), path, role, inherited, conditions, False)
+            return self.tasks(self.load(path), path, ctx)
         finally:
             self._stack.pop()
 
-    def role(self, role: str, tasks_from: str | None, inherited: frozenset[str],
-             conditions: tuple[str, ...], where: str) -> frozenset[str]:
-        path = self.role_file(role, tasks_from, where)
-        return self.tasks_file(path, role, inherited, conditions) if path else frozenset()
+    def role(self, role: str, tasks_from: str | None, ctx: _Ctx, where: str) -> frozenset[str]:
+        base = self.root / "roles" / role / "tasks"
+        stem = tasks_from or "main"
+        for cand in (base / stem, base / f"{stem}.yml", base / f"{stem}.yaml"):
+            if cand.is_file():
+                return self.tasks_file(cand, replace(ctx, role=role))
+        self.problems.append(f"{where}: role {role}: no tasks file {stem!r}")
+        return frozenset()
 
-    def add(self, item: dict[str, Any], path: Path, role: str | None, tags: frozenset[str],
-            kind: str, rescue: bool, conditions: tuple[str, ...],
+    def add(self, item: dict[str, Any], path: Path, ctx: _Ctx, kind: str,
             registers: tuple[str, ...] = ()) -> int:
         """Record a task in run order (a container before what it holds); returns its slot."""
         body = {k: v for k, v in item.items() if k not in ("block", "rescue", "always")}
         self.out.append(TaskRef(
             file=self.rel(path), line=int(item.get(_LINE, 0)), name=str(item.get("name") or ""),
-            role=role, tags=tags, kind=kind, playbook=self.playbook, index=len(self.out),
-            rescue=rescue, registers=registers, text=" ".join((*conditions, _text(body))),
+            role=ctx.role, tags=ctx.tags, kind=kind, playbook=self.playbook,
+            index=len(self.out), section=ctx.section, dynamic=ctx.dynamic, registers=registers,
+            text=" ".join((*ctx.conditions, _text(body))),
         ))
         return len(self.out) - 1
 
     def holds(self, slot: int, inner: frozenset[str]) -> None:
         self.out[slot] = replace(self.out[slot], inner=inner)
 
-    def tasks(self, items: list[Any], path: Path, role: str | None, inherited: frozenset[str],
-              conditions: tuple[str, ...], rescue: bool) -> frozenset[str]:
+    def tasks(self, items: list[Any], path: Path, outer: _Ctx) -> frozenset[str]:
         """Walk a task list; returns the control ids tagged on the tasks in it."""
         found: set[str] = set()
         for item in items or ():
@@ -273,40 +278,39 @@ class _Walker:
                 self.problems.append(f"{self.rel(path)}: a task that is not a mapping: {item!r}")
                 continue
             where = f"{self.rel(path)}:{item.get(_LINE, 0)}"
-            own = _tags(item.get("tags"))
-            tags = inherited | own
-            cond = (*conditions, _text(item["when"])) if "when" in item else conditions
+            here = replace(outer, tags=outer.tags | _tags(item.get("tags")))
+            inside = replace(here, conditions=(*here.conditions, _text(item["when"]))) \
+                if "when" in item else here
             if "block" in item:
-                slot = self.add(item, path, role, tags, "block", rescue, conditions)
-                inner = self.tasks(item.get("block") or [], path, role, tags, cond, rescue)
-                inner |= self.tasks(item.get("rescue") or [], path, role, tags, cond, True)
-                inner |= self.tasks(item.get("always") or [], path, role, tags, cond, rescue)
-                self.holds(slot, inner)
-                found |= inner | control_ids(tags)
+                slot = self.add(item, path, here, "block")
+                held = self.tasks(item.get("block") or [], path, inside)
+                for section in ("rescue", "always"):
+                    held |= self.tasks(item.get(section) or [], path,
+                                       replace(inside, section=section))
+                self.holds(slot, held)
+                found |= held | control_ids(here.tags)
                 continue
             action, args = _action(item)
             spec = args if isinstance(args, dict) else {}
             apply: dict[str, Any] = spec["apply"] if isinstance(spec.get("apply"), dict) else {}
-            # A dynamic include passes down only its `apply:` tags; a static import, its own.
             static = action in _IMPORT_TASKS | _IMPORT_ROLE
-            down = tags if static else inherited | _tags(apply.get("tags"))
+            # A dynamic include passes down only its `apply:` tags; a static import, its own.
+            down = inside if static else replace(
+                inside, tags=outer.tags | _tags(apply.get("tags")), dynamic=True)
+            inner: frozenset[str] = frozenset()
             if action in _IMPORT_TASKS | _INCLUDE_TASKS:
-                slot = self.add(item, path, role, tags, "import" if static else "include",
-                                rescue, conditions)
+                slot = self.add(item, path, here, "import" if static else "include")
                 file_arg = spec.get("file") if spec else args
                 target = (path.parent / str(file_arg)) if file_arg else None
                 if target is None or not target.is_file():
                     self.problems.append(f"{where}: {action}: no such file {file_arg!r}")
-                    inner = frozenset()
                 else:
-                    inner = self.tasks_file(target, role, down, cond)
+                    inner = self.tasks_file(target, down)
                 self.holds(slot, inner)
             elif action in _IMPORT_ROLE | _INCLUDE_ROLE:
-                slot = self.add(item, path, role, tags, "import" if static else "include",
-                                rescue, conditions)
-                name = str(spec.get("name") or "")
-                inner = self.role(name, spec.get("tasks_from"), down, cond, where) if name \
-                    else frozenset()
+                slot = self.add(item, path, here, "import" if static else "include")
+                if spec.get("name"):
+                    inner = self.role(str(spec["name"]), spec.get("tasks_from"), down, where)
                 self.holds(slot, inner)
             else:
                 registers: tuple[str, ...] = ()
@@ -314,29 +318,27 @@ class _Walker:
                     registers += (str(item["register"]),)
                 if action in _SET_FACT:
                     registers += tuple(str(k) for k in spec if k not in ("cacheable", _LINE))
-                self.add(item, path, role, tags, "task", rescue, cond, registers)
-                inner = frozenset()
-            found |= inner | control_ids(tags)
+                self.add(item, path, inside, "task", registers)
+            found |= inner | control_ids(here.tags)
         return frozenset(found)
 
     def playbook_file(self, path: Path) -> None:
-        plays = self.load(path)
-        for play in plays:
+        for play in self.load(path):
             if not isinstance(play, dict):
                 continue
             if "import_playbook" in play or "ansible.builtin.import_playbook" in play:
                 continue  # walked on its own
-            base = _tags(play.get("tags"))
-            for section in ("pre_tasks",):
-                self.tasks(play.get(section) or [], path, None, base, (), False)
+            ctx = _Ctx(tags=_tags(play.get("tags")))
+            self.tasks(play.get("pre_tasks") or [], path, ctx)
             for entry in play.get("roles") or ():
                 spec = {"role": entry} if isinstance(entry, str) else dict(entry)
                 name = str(spec.get("role") or spec.get("name") or "")
-                cond = (_text(spec["when"]),) if "when" in spec else ()
                 where = f"{self.rel(path)}:{spec.get(_LINE, 0)}"
-                self.role(name, None, base | _tags(spec.get("tags")), cond, where)
+                here = replace(ctx, tags=ctx.tags | _tags(spec.get("tags")),
+                               conditions=(_text(spec["when"]),) if "when" in spec else ())
+                self.role(name, None, here, where)
             for section in ("tasks", "post_tasks"):
-                self.tasks(play.get(section) or [], path, None, base, (), False)
+                self.tasks(play.get(section) or [], path, ctx)
 
 
 def _role_of(path: Path, root: Path) -> str | None:
@@ -358,7 +360,7 @@ def load(project: Path) -> Project:
         if path.resolve() in reached:
             continue
         walker = _Walker(project, None, proj.problems)
-        walker.tasks_file(path, _role_of(path, project), frozenset(), ())
+        walker.tasks_file(path, _Ctx(role=_role_of(path, project)))
         proj.tasks += walker.out
         reached |= walker.files
     proj.problems[:] = list(dict.fromkeys(proj.problems))
