@@ -291,12 +291,13 @@ def _control(raw: dict[str, Any], source: str) -> Control | None:
     )
 
 
-def _where(control: Control, tasks: list[task_tags.TaskRef]) -> tuple[dict[str, Any], ...]:
+def _where(control: Control, project: task_tags.Project) -> tuple[dict[str, Any], ...]:
     """Where a control lives, for readers and the report: roles from the tags first."""
     out: list[dict[str, Any]] = []
+    tasks = control.tasks
     for role in dict.fromkeys(t.role for t in tasks):
         mine = [t for t in tasks if t.role == role]
-        books = sorted({t.playbook for t in mine if t.playbook})
+        books = sorted({b for t in mine for b in project.playbooks_of(t)})
         # A play's own task (an include in post_tasks) lives in its playbook, not in a role.
         where = {"role": role} if role else {"play": ", ".join(books)}
         out.append(where | {
@@ -346,14 +347,13 @@ def load(root: Path = THREAT_MODEL, project: Path | None = None) -> Registry:
     reg.tasks = task_tags.load(project)
     reg.tests = collect_tests(project / "tests", project) if (project / "tests").is_dir() else []
     for cid, control in controls.items():
-        tasks = reg.tasks.implementing(cid)
-        reg.controls[cid] = replace(
+        control = replace(
             control,
-            tasks=tuple(tasks),
-            implemented_in=_where(control, tasks),
+            tasks=tuple(reg.tasks.implementing(cid)),
             tests=tuple(t.nodeid for t in reg.tests if cid in t.controls),
             threats=tuple(t.id for t in reg.active if cid in t.controls),
         )
+        reg.controls[cid] = replace(control, implemented_in=_where(control, reg.tasks))
     return reg
 
 

@@ -167,6 +167,11 @@ class Project:
         name = Path(playbook).name
         return [t for t in self.tasks if t.playbook == name]
 
+    def playbooks_of(self, task: TaskRef) -> list[str]:
+        """Every playbook that runs this task (a role can be in several)."""
+        return sorted({t.playbook for t in self.tasks
+                       if t.playbook and (t.file, t.line) == (task.file, task.line)})
+
     def implementing(self, control_id: str) -> list[TaskRef]:
         """The tasks a playbook runs that carry the control's id (one entry per task)."""
         seen: set[tuple[str, int]] = set()
