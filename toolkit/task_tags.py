@@ -8,8 +8,9 @@ derives where a control lives from here instead of keeping a copy (toolkit/regis
 The YAML is read the way Ansible composes it: static imports (import_tasks, import_role) and
 blocks pass their tags down, a playbook's role entry tags every task of the role, a dynamic
 include (include_tasks, include_role) passes down only its `apply:` tags and must itself be
-selected. Ansible is not imported: the check runs anywhere in well under a second, and
-`ansible-playbook --list-tasks` is the cross-check (tests/unit/test_task_tags.py).
+selected. Ansible is not imported (the walk takes a fraction of a second where
+`ansible-playbook --list-tasks` takes seconds); that command is the cross-check
+(tests/unit/test_task_tags.py).
 """
 
 from __future__ import annotations

@@ -238,6 +238,7 @@ def test_high_risk_threat_on_a_single_control_is_reported(tmp_path: Path) -> Non
         ("    tests: [tests/posture/test_net.py::test_intruder_gets_nothing]\n", "tests"),
         ("    implemented_in: [{role: net, tag: net}]\n", "implemented_in"),
     ],
+    ids=["threats", "tests", "implemented_in"],
 )
 def test_a_copy_of_a_derived_link_is_refused(tmp_path: Path, copy: str, key: str) -> None:
     """Threats, tests and tasks of a control come from threats.yml, markers and tags."""
@@ -251,6 +252,7 @@ def test_a_copy_of_a_derived_link_is_refused(tmp_path: Path, copy: str, key: str
         ("    aplies_to: both\n", "aplies_to", "did you mean 'applies_to'"),
         ("    procedur: Read it.\n", "procedur", "did you mean 'procedure'"),
     ],
+    ids=["aplies_to", "procedur"],
 )
 def test_a_typo_in_a_key_names_the_file_the_control_and_the_key(
     tmp_path: Path, typo: str, key: str, hint: str
