@@ -43,7 +43,7 @@ def _group(problems: list[str]) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
     for line in problems:
         head = line.split(" ", 1)[0].rstrip(":")
-        key = head if head in ("threat", "control", "test") else "registry"
+        key = head if head in ("threat", "control", "task", "test") else "registry"
         groups.setdefault(key, []).append(line)
     return groups
 
