@@ -217,6 +217,30 @@ def test_stages() -> list[Stage]:
     return [Stage("unit+signer tests", [_bin("pytest"), "-q", *paths])]
 
 
+def site_stages(instance: str) -> list[Stage]:
+    """The same VM, fresh again, as a customer's host: inventory/production.example rendered by
+    `lab.site`, reached through a jump host (ProxyJump) as an admin whose sudo asks for a
+    password kept in ansible-vault. Every play and verify take that inventory, as an operator's
+    would; nothing of the lab inventory is used."""
+    from lab.state import state_dir  # the lab's own paths, known only to the pipeline
+
+    site = state_dir(instance) / "site"
+    inv = ["-i", str(site / "inventory"), "--vault-password-file", str(site / "vault-pass")]
+    i = ["--instance", instance]
+    return [
+        Stage("site: lab.reset (fresh disk)", invoke("lab.reset", *i)),
+        Stage("site: lab.site (jump host, password sudo, vault)", invoke("lab.site", *i)),
+        Stage("site: provision", invoke("provision", *inv)),
+        Stage("site: harden", invoke("harden", *inv)),
+        Stage("site: deploy", invoke("deploy", *inv)),
+        Stage("site: harden+deploy --check (changed=0)", [
+            "sh", "-c", " && ".join(
+                " ".join([_bin("invoke"), play, "--check", "--expect-unchanged", *inv])
+                for play in ("harden", "deploy"))]),
+        Stage("site: verify", invoke("verify", *inv)),
+    ]
+
+
 def lab_stages(instance: str) -> list[Stage]:
     i = ["--instance", instance]
     return [
@@ -233,6 +257,7 @@ def lab_stages(instance: str) -> list[Stage]:
         Stage("verify", invoke("verify"), needs=["toolkit/tasks_verify.py"]),
         Stage("lab tests", [_bin("pytest"), "-q", "-p", "no:cacheprovider", "tests/lab"],
               needs=["tests/lab"]),
+        *site_stages(instance),
         Stage("lab.down", invoke("lab.down", *i), always=True),
         Stage("nothing left behind", invoke("lab.status", *i, "--expect-clean"), always=True),
     ]
