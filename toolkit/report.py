@@ -674,8 +674,14 @@ def attention(m: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _md(text: Any) -> str:
-    """One Markdown table cell: one line, pipes escaped."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """Text for Markdown: one line, pipes escaped (table cells), and no raw HTML: a test's
+    message is data, never markup."""
+    return " ".join(str(text).split()).replace("|", "\\|").replace("<", "&lt;")
+
+
+def _mdcode(text: Any) -> str:
+    """Text inside `code`: pipes escaped (a table cell), nothing else (no entities there)."""
+    return " ".join(str(text).split()).replace("|", "\\|").replace("`", "'")
 
 
 def _cls(status: str) -> str:
@@ -689,13 +695,15 @@ def _emoji(status: str) -> str:
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
-        autoescape=jinja2.select_autoescape(["html"], default_for_string=False),
+        # HTML escapes everything it is given; Markdown has its own filters (md, mdcode).
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",),
+                                            default_for_string=False, default=False),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    env.filters.update(md=_md, short=_short, cls=_cls, emoji=_emoji, colour=colour)
+    env.filters.update(md=_md, mdcode=_mdcode, short=_short, cls=_cls, emoji=_emoji, colour=colour)
     env.globals.update(
         CONTROL_STATUSES=CONTROL_STATUSES, THREAT_STATUSES=THREAT_STATUSES, TIMES=TIMES,
         yardsticks=yardsticks, PLACES=PLACES, provenance_rows=provenance_rows,
