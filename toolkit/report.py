@@ -279,10 +279,11 @@ def _threat_status(
 
 
 def _residual(
-    threat: registry.Threat, status: str, blocking: list[str]
+    threat: registry.Threat, status: str, blocking: list[str], absent: list[str]
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """The residual risk as the threat model states it, whether it holds on this host, and
-    the risk that applies here: the residual only while its controls hold."""
+    the risk that applies here: the residual only while its controls hold (`absent`: its
+    procedures that are not carried out for this kind of host, e.g. a lab VM's key ceremony)."""
     inherent = {"risk": threat.risk, "band": threat.band, "basis": "inherent"}
     res = threat.residual
     if res is None:
@@ -305,6 +306,10 @@ def _residual(
         "incomplete": ("unknown", f"not established: {_ids(blocking)} not evidenced here; "
                                   f"until proven {fallback}"),
     }[status]
+    if absent and status in ("covered + procedures", "procedures only"):
+        holds, condition = "not here", (
+            f"holds where its procedures are carried out; {_ids(absent)} not for this kind "
+            f"of host, so here {fallback}")
     band = registry.band(res.risk) if res.risk else None
     entry = {
         "accepted": res.accepted,
@@ -350,7 +355,9 @@ def build(
     threats: list[dict[str, Any]] = []
     for t in sorted(reg.active, key=lambda t: (-t.risk, t.id)):
         status, note, blocking = _threat_status(t, controls)
-        residual, here = _residual(t, status, blocking)
+        absent = [c for c in dict.fromkeys(t.controls)
+                  if controls[c]["status"] == "procedure" and not controls[c]["applies_here"]]
+        residual, here = _residual(t, status, blocking, absent)
         threats.append(
             {
                 "id": t.id,
@@ -417,6 +424,9 @@ def build(
     if facts.get("error"):
         warnings.append(f"host facts could not be read: {facts['error']}")
     prov = dict(provenance or {})
+    skew = clock_skew(prov.get("started"), facts.get("clock"), run.get("duration"))
+    if skew:
+        warnings.append(skew)
     prov["host_facts"] = facts
     model: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -446,6 +456,26 @@ def build(
     }
     model["changes"] = changes(previous, model)
     return model
+
+
+# The host's clock is read at the start of the run; the controller's when verify started.
+# Beyond this, log times on the host (audit, signer) cannot be matched with the world's.
+CLOCK_TOLERANCE_S = 300
+
+
+def clock_skew(started: str | None, clock: str | None, duration: float | None) -> str | None:
+    """A warning when the host's clock disagrees with the controller's, else None."""
+    fmt = "%Y-%m-%dT%H:%M:%SZ"
+    try:
+        ours = dt.datetime.strptime(str(started), fmt)
+        theirs = dt.datetime.strptime(str(clock), fmt)
+    except ValueError:
+        return None
+    skew = (theirs - ours).total_seconds()
+    if -CLOCK_TOLERANCE_S <= skew <= (duration or 0) + CLOCK_TOLERANCE_S:
+        return None
+    return (f"the host's clock ({clock}) is {abs(skew):.0f} s "
+            f"{'ahead of' if skew > 0 else 'behind'} the controller's ({started})")
 
 
 # --- history ----------------------------------------------------------------------------------

@@ -529,3 +529,49 @@ def test_a_recorded_lab_run_renders_consistently() -> None:
     assert m["provenance"]["host_facts"]["boot_id"] in page
     assert ("control", "SSH-05") in [(i["what"], i["id"]) for i in m["changes"]["items"]]
     ET.fromstring(report.junit(m))
+
+
+def test_a_residual_that_rests_on_production_procedures_does_not_hold_in_the_lab(
+    tmp_path: Path,
+) -> None:
+    tm = tmp_path / "tm"
+    (tm / "controls").mkdir(parents=True)
+    (tm / "threats.yml").write_text(textwrap.dedent("""
+        threats:
+          - {id: T-01, title: Key copied, stride: [I], likelihood: 4, impact: 5,
+             controls: [TOK-01, ORG-01],
+             residual: {accepted: true, likelihood: 1, impact: 5, rationale: r, owner: o}}
+    """))
+    (tm / "controls" / "all.yml").write_text(textwrap.dedent("""
+        controls:
+          - {id: TOK-01, title: Resident keys, kind: technical}
+          - {id: ORG-01, title: Key ceremony, kind: procedure, applies_to: production,
+             procedure: Read the minutes.}
+    """))
+    reg = registry.load(tm)
+    passing = run(result("test_tok.py::test_resident", "passed", ["TOK-01"]))
+    prod = build(reg, passing, kind="production")["threats"][0]
+    lab = build(reg, passing, kind="lab")["threats"][0]
+    assert prod["status"] == lab["status"] == "covered + procedures"
+    assert prod["risk_here"]["basis"] == "residual"
+    assert lab["residual"]["holds"] == "not here"
+    assert "ORG-01 not for this kind of host" in lab["residual"]["condition"]
+    assert lab["risk_here"] == {"risk": 20, "band": "critical", "basis": "inherent"}
+    assert "ORG-01 (production only)" in lab["note"]
+
+
+@pytest.mark.parametrize(("clock", "warned"), [
+    ("2026-12-01T17:00:30Z", False),  # within the run
+    ("2026-12-01T16:57:00Z", False),  # 3 min behind: tolerated
+    ("2026-12-01T16:50:00Z", True),
+    ("2026-12-01T17:20:00Z", True),
+])
+def test_a_host_clock_far_from_the_controllers_is_a_warning(
+    reg: registry.Registry, clock: str, warned: bool
+) -> None:
+    m = build(reg, {**run(result("test_ssh.py::test_password_refused", "passed", ["SSH-01"])),
+                    "host_facts": {"clock": clock}},
+              provenance={"started": "2026-12-01T17:00:00Z"})
+    skew = [w for w in m["warnings"] if "clock" in w]
+    assert bool(skew) is warned, skew
+    assert m["ok"]
