@@ -324,6 +324,8 @@ def _residual(
     }
     if res.risk is not None and holds in ("yes", "if the procedures are carried out"):
         return entry, {"risk": res.risk, "band": band, "basis": "residual"}
+    if absent and holds == "not here":
+        return entry, dict(inherent, basis="inherent: its procedures are not carried out here")
     return entry, inherent
 
 

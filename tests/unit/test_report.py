@@ -526,6 +526,8 @@ def test_a_recorded_lab_run_renders_consistently() -> None:
     assert all(t["status"] in report.THREAT_STATUSES for t in m["threats"])
     md, page = report.markdown(m), report.html(m)
     assert _headings_md(md) == _headings_html(page)
+    ids = re.findall(r'\bid="([^"]+)"', page)
+    assert len(ids) == len(set(ids))
     assert m["provenance"]["host_facts"]["boot_id"] in page
     assert ("control", "SSH-05") in [(i["what"], i["id"]) for i in m["changes"]["items"]]
     ET.fromstring(report.junit(m))
@@ -556,7 +558,8 @@ def test_a_residual_that_rests_on_production_procedures_does_not_hold_in_the_lab
     assert prod["risk_here"]["basis"] == "residual"
     assert lab["residual"]["holds"] == "not here"
     assert "ORG-01 not for this kind of host" in lab["residual"]["condition"]
-    assert lab["risk_here"] == {"risk": 20, "band": "critical", "basis": "inherent"}
+    assert lab["risk_here"] == {"risk": 20, "band": "critical",
+                                "basis": "inherent: its procedures are not carried out here"}
     assert "ORG-01 (production only)" in lab["note"]
 
 
@@ -575,3 +578,11 @@ def test_a_host_clock_far_from_the_controllers_is_a_warning(
     skew = [w for w in m["warnings"] if "clock" in w]
     assert bool(skew) is warned, skew
     assert m["ok"]
+
+
+def test_html_anchors_are_unique_and_every_link_lands(reg: registry.Registry) -> None:
+    page = report.html(_everything(reg))
+    ids = re.findall(r'\bid="([^"]+)"', page)
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+    for target in set(re.findall(r'href="#([^"]+)"', page)):
+        assert target in ids, target
