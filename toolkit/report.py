@@ -620,7 +620,8 @@ def signature_text(m: dict[str, Any]) -> str:
     if sig.get("signed"):
         return (f"signed by the operator's key {sig.get('key')} (ssh-keygen -Y sign, namespace "
                 f"{sig.get('namespace')}); the signature covers every file of this run "
-                f"({sig.get('file')}); check it with `invoke verify.check-signature`")
+                f"({sig.get('file')}). This page cannot prove its own signature: check it "
+                "with `invoke verify.check-signature`")
     return f"NOT signed: {sig.get('reason') or 'no signing key given'}"
 
 
