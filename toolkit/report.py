@@ -637,6 +637,8 @@ def provenance_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     if facts.get("error"):
         rows.append(("host facts", f"could not be read: {facts['error']}"))
+    elif not facts:
+        rows.append(("host facts", "not read: no test reached the host"))
     else:
         rows += [
             ("host OS", str(facts.get("os") or "?")),
