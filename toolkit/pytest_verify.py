@@ -20,14 +20,14 @@ import pytest
 
 OUTCOME_ORDER = ("error", "failed", "xpassed", "skipped", "xfailed", "passed")
 
-FACTS_SCRIPT = """\
-. /etc/os-release 2>/dev/null
-echo "os=${PRETTY_NAME:-$(uname -s)}"
-echo "kernel=$(uname -srvm)"
-echo "boot_id=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)"
-echo "hostname=$(hostname -f 2>/dev/null || hostname)"
-echo "clock=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-"""
+# One line: the host's journal logs every command of the channel (tag signhost-verify).
+FACTS_SCRIPT = (
+    '. /etc/os-release 2>/dev/null; echo "os=${PRETTY_NAME:-$(uname -s)}"; '
+    'echo "kernel=$(uname -srvm)"; '
+    'echo "boot_id=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)"; '
+    'echo "hostname=$(hostname -f 2>/dev/null || hostname)"; '
+    'echo "clock=$(date -u +%Y-%m-%dT%H:%M:%SZ)"'
+)
 FACTS = ("os", "kernel", "boot_id", "hostname", "clock")
 
 
