@@ -6,7 +6,15 @@ Run `invoke --list` for every task, `invoke --help TASK` for its options.
 from invoke.collection import Collection
 
 from lab.tasks import ns as lab_ns
-from toolkit import bench, tasks_ci, tasks_inventory, tasks_playbooks, tasks_token, tasks_verify
+from toolkit import (
+    bench,
+    tasks_ci,
+    tasks_inventory,
+    tasks_playbooks,
+    tasks_token,
+    tasks_verify,
+    timings,
+)
 
 ns = Collection()
 ns.add_collection(lab_ns, "lab")
@@ -22,3 +30,4 @@ ns.add_task(tasks_verify.audit)
 ns.add_collection(tasks_verify.threat_model_ns, "threat-model")
 ns.add_collection(tasks_token.ns, "token")
 ns.add_task(bench.bench)
+ns.add_task(timings.timings)

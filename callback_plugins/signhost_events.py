@@ -2,8 +2,9 @@
 
 Enabled by ansible.cfg (`callbacks_enabled`); silent unless $SIGNHOST_EVENTS names a file. The
 toolkit sets it for every play it runs (toolkit/ansible_run.py) and reads the file back
-(toolkit/controls.py) to tell the operator, after a failed run, exactly which controls are in
-place on each host and which are not. Normal output (the stdout callback) is not touched.
+(toolkit/controls.py) to tell the operator, per host and per control id, which controls the run
+applied, changed or failed and which are not in place. Each result carries the task's effective
+tags, control ids among them. Normal output (the stdout callback) is not touched.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class CallbackModule(CallbackBase):
         super().__init__()
         path = os.environ.get("SIGNHOST_EVENTS")
         self._fh = open(path, "a", encoding="utf-8") if path else None
+        self._playbook: str | None = None
 
     def _emit(self, event: dict) -> None:
         if self._fh is None:
@@ -52,14 +54,29 @@ class CallbackModule(CallbackBase):
             "tags": sorted(set(task.tags or [])),
         }
 
+    def v2_playbook_on_start(self, playbook) -> None:
+        self._playbook = os.path.basename(playbook._file_name or "")
+
     def v2_playbook_on_play_start(self, play) -> None:
+        # The playbook and the tag selection let the toolkit tell, per control id, the tasks
+        # this run selected from those it left out (toolkit/controls.py).
         self._emit(
             {
                 "event": "play",
                 "play": play.get_name(),
+                "playbook": self._playbook,
                 "roles": [r.get_name() for r in play.get_roles()],
+                "only_tags": sorted(getattr(play, "only_tags", None) or ["all"]),
+                "skip_tags": sorted(getattr(play, "skip_tags", None) or []),
             }
         )
+
+    def v2_playbook_on_task_start(self, task, is_conditional) -> None:
+        # The start of each task, so `invoke timings` can say where a run spends its time.
+        self._emit({"event": "task", **self._task(task)})
+
+    def v2_playbook_on_handler_task_start(self, task) -> None:
+        self._emit({"event": "task", "handler": True, **self._task(task)})
 
     def _result(self, result, status: str, **extra) -> None:
         event = {"event": "result", "host": result._host.get_name(), "status": status}

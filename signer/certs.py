@@ -120,3 +120,20 @@ def load_public_key(path: Path) -> bytes:
 
 def matches(cert: x509.Certificate, spki: keys.PublicKeyInfo) -> bool:
     return bool(cert.public_key.dump() == spki.dump())
+
+
+def load_chain(path: Path) -> tuple[x509.Certificate, ...]:
+    """The CA certificates (PEM, issuer after subject) sent with a profile's signatures."""
+    try:
+        data = path.read_bytes()
+        chain = tuple(x509.Certificate.load(der) for _k, _h, der in pem.unarmor(data, True))
+        for cert in chain:
+            cert.native  # noqa: B018
+    except OSError as exc:
+        raise SignerError(Exit.CONFIG, f"{path}: cannot read certificate chain: "
+                          f"{exc.strerror}") from None
+    except (ValueError, TypeError) as exc:
+        raise SignerError(Exit.CONFIG, f"{path}: not a PEM certificate chain: {exc}") from None
+    if not chain:
+        raise SignerError(Exit.CONFIG, f"{path}: no certificate in the chain file")
+    return chain

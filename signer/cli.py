@@ -83,9 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="send an artifact for signing (over ssh)")
     s.add_argument("--host", required=True)
     s.add_argument("--profile", required=True)
-    s.add_argument("--format", choices=("cms", "raw"), default="cms")
+    s.add_argument("--format", choices=("cms", "raw", "authenticode"), default="cms")
     s.add_argument("--name")
     s.add_argument("--out", type=Path)
+    s.add_argument("--timestamp", metavar="URL",
+                   help="add an RFC 3161 timestamp from this TSA (cms, authenticode)")
+    s.add_argument("--cafile", type=Path,
+                   help="authenticode: trust anchors the signed file must chain to "
+                        "(default: the system's)")
     s.add_argument("--wait", action="store_true")
     s.add_argument("--poll", type=float, default=5.0,
                    help="seconds between `fetch` polls with --wait")
@@ -182,7 +187,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return Exit.OK if ok else Exit.INVALID
     if args.command == "submit":
         return client.submit(args.host, args.profile, args.format, args.name, args.out,
-                             args.wait, args.ssh, args.artifact, err, args.poll)
+                             args.wait, args.ssh, args.artifact, err, args.poll,
+                             args.timestamp, args.cafile)
     if args.command == "approve":
         return client.approve(args.host, args.key, args.id, args.artifact, args.yes, args.ssh,
                               out, err)

@@ -9,16 +9,18 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from signer import approval, certs
+from signer import approval, certs, osslsigncode, timestamp
 from signer.errors import Exit, SignerError
 from signer.formats import cms, raw
-from signer.policy import Request
+from signer.policy import FORMAT_FIELDS, Request
 
 _QUEUED_RE = re.compile(r"queued ([0-9a-f]{32})")
 
@@ -59,32 +61,72 @@ def sha256_file(path: Path) -> tuple[bytes, int]:
 
 
 def submit(host: str, profile: str, fmt: str, name: str | None, out: Path | None, wait: bool,
-           ssh: str, artifact: Path, err: TextIO, poll: float) -> int:
-    dest = out or artifact.with_name(artifact.name + (".p7s" if fmt == "cms" else ".sig"))
-    remote = ["sign", "--profile", profile, "--format", fmt, "--name", name or artifact.name]
+           ssh: str, artifact: Path, err: TextIO, poll: float, tsa: str | None = None,
+           cafile: Path | None = None) -> int:
+    """Sign `artifact` and write the result: a detached signature (cms, raw) or, for
+    authenticode, the signed file itself (in place unless --out), as signtool does."""
+    if tsa is not None and fmt == "raw":
+        raise SignerError(Exit.USAGE, "--timestamp needs --format cms or authenticode")
+    if fmt != "authenticode":
+        dest = out or artifact.with_name(artifact.name + (".p7s" if fmt == "cms" else ".sig"))
+        code, sig = _sign_remote(host, profile, fmt, name or artifact.name, wait, ssh,
+                                 artifact, err, poll)
+        if code != Exit.OK:
+            return code
+        _write_atomic(dest, timestamp.add_to_cms(sig, tsa) if tsa else sig)
+        err.write(f"wrote {dest}\n")
+        return Exit.OK
+    # Authenticode: only the request (the file's Authenticode digest in a few hundred bytes)
+    # travels; the file is signed here, by osslsigncode, with the host's signature.
+    dest = out or artifact
+    with tempfile.TemporaryDirectory(prefix="signer-") as tmp:
+        work = Path(tmp)
+        content = osslsigncode.extract(artifact, work / "request.der")
+        err.write(f"{artifact}: Authenticode {content.subject} {content.label}\n")
+        code, sig = _sign_remote(host, profile, fmt, name or artifact.name, wait, ssh,
+                                 work / "request.der", err, poll)
+        if code != Exit.OK:
+            return code
+        (work / "signature.p7").write_bytes(sig)
+        signed = work / f"signed{artifact.suffix}"
+        osslsigncode.attach(artifact, work / "signature.p7", signed, cafile)
+        if tsa:
+            stamped = work / f"stamped{artifact.suffix}"
+            osslsigncode.timestamp(signed, tsa, stamped)
+            signed = stamped
+        tmp_dest = dest.with_name(dest.name + ".part")
+        shutil.copyfile(signed, tmp_dest)
+        tmp_dest.replace(dest)
+    err.write(f"wrote {dest}\n")
+    return Exit.OK
+
+
+def _sign_remote(host: str, profile: str, fmt: str, name: str, wait: bool, ssh: str,
+                 body: Path, err: TextIO, poll: float) -> tuple[int, bytes]:
+    """`sign` over ssh with `body` on stdin (and `fetch` polls with --wait): (0, signature)
+    or (exit code, b"") with the host's message relayed to `err`."""
+    remote = ["sign", "--profile", profile, "--format", fmt, "--name", name]
     try:
-        with artifact.open("rb") as f:
+        with body.open("rb") as f:
             # The size, declared up front, lets the gateway refuse a stream cut short (a
             # connection dropped mid-upload) instead of signing its prefix.
             remote += ["--size", str(os.fstat(f.fileno()).st_size)]
             r = _ssh(ssh, host, remote, stdin=f)
     except OSError as exc:
-        raise SignerError(Exit.USAGE, f"{artifact}: {exc.strerror}") from None
+        raise SignerError(Exit.USAGE, f"{body}: {exc.strerror}") from None
     if r.returncode == Exit.QUEUED:
         _relay(r, err)
         match = _QUEUED_RE.search(r.stderr.decode("ascii", "replace"))
         if not wait or match is None:
-            return Exit.QUEUED
+            return Exit.QUEUED, b""
         rid = match.group(1)
         while r.returncode == Exit.QUEUED:
             time.sleep(poll)
             r = _ssh(ssh, host, ["fetch", rid])
     if r.returncode != 0 or not r.stdout:
         _relay(r, err)
-        return r.returncode or Exit.SOFTWARE
-    _write_atomic(dest, r.stdout)
-    err.write(f"wrote {dest}\n")
-    return Exit.OK
+        return r.returncode or Exit.SOFTWARE, b""
+    return Exit.OK, r.stdout
 
 
 def approve(host: str, key: Path, rid: str, artifact: Path | None, yes: bool, ssh: str,
@@ -109,17 +151,15 @@ def approve(host: str, key: Path, rid: str, artifact: Path | None, yes: bool, ss
         req = Request(id=rid, profile=str(item["profile"]), client=str(item["client"]),
                       sha256=str(item["sha256"]), size=int(item["size"]),
                       name=str(item["name"]), format=str(item["format"]),
-                      requested=str(item["requested"]), expires=str(item["expires"]))
+                      requested=str(item["requested"]), expires=str(item["expires"]),
+                      extra={k: str(item[k]) for k in FORMAT_FIELDS if k in item})
     except (KeyError, TypeError, ValueError):
         raise SignerError(Exit.SOFTWARE, f"unexpected answer to `requests` from {host}") \
             from None
     statement = req.statement()
     out.write(statement.decode("ascii"))
     if artifact is not None:
-        digest, size = sha256_file(artifact)
-        if digest.hex() != req.sha256 or size != req.size:
-            raise SignerError(Exit.DATA, f"{artifact} is not the artifact of request {rid} "
-                              "(digest or size differ): not approving")
+        _same_artifact(req, artifact)
         out.write(f"matches {artifact}\n")
     if not yes:
         out.write("approve this request? [y/N] ")
@@ -134,6 +174,23 @@ def approve(host: str, key: Path, rid: str, artifact: Path | None, yes: bool, ss
     r = _ssh(ssh, host, ["approve", rid], data=sig)
     _relay(r, err)
     return r.returncode
+
+
+def _same_artifact(req: Request, artifact: Path) -> None:
+    """The custodian's own copy of the release is the one the request is for: the same SHA-256
+    and size, or for authenticode (where the host sees only the request) the same Authenticode
+    digest, recomputed here from the file."""
+    if req.format == "authenticode":
+        with tempfile.TemporaryDirectory(prefix="signer-") as tmp:
+            label = osslsigncode.extract(artifact, Path(tmp) / "request.der").label
+        if label != req.extra.get("authenticode"):
+            raise SignerError(Exit.DATA, f"{artifact} is not the artifact of request {req.id} "
+                              f"(its Authenticode digest is {label}): not approving")
+        return
+    digest, size = sha256_file(artifact)
+    if digest.hex() != req.sha256 or size != req.size:
+        raise SignerError(Exit.DATA, f"{artifact} is not the artifact of request {req.id} "
+                          "(digest or size differ): not approving")
 
 
 def verify(fmt: str, key_file: Path, pss: bool, artifact: Path, signature: Path,

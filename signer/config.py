@@ -12,14 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from signer import uri
+from signer import request, uri
 from signer.errors import Exit, SignerError
 
 DEFAULT_REQUEST_TTL = 86400
 NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 ACCOUNT_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 ALGORITHMS = ("ecdsa-p256", "rsa3072-pkcs1", "rsa3072-pss")
-FORMATS = ("cms", "raw")
+FORMATS = request.FORMATS
+# Formats that embed the profile's certificate (and `chain`), and the algorithms each can carry;
+# kept here, not imported from signer.formats, so `config check` needs no crypto libraries.
+NEEDS_CERT = ("cms", "authenticode")
+FORMAT_ALGORITHMS = {"authenticode": ("rsa3072-pkcs1", "ecdsa-p256")}
 SSH_KEY_RE = re.compile(
     r"(ssh-ed25519|ecdsa-sha2-nistp(256|384|521)|ssh-rsa|sk-ssh-ed25519@openssh\.com"
     r"|sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/=]+( [^\x00-\x1f\x7f]*)?")
@@ -40,6 +44,7 @@ class Profile:
     budget_window: int
     max_queued: int = 16  # requests waiting for approval, per client
     request_ttl: int = 86400  # seconds a queued request (and its approvals) stays valid
+    chain: Path | None = None  # PEM certificates sent with the profile's (authenticode)
 
 
 @dataclass(frozen=True)
@@ -217,7 +222,7 @@ def parse(text: str, path: Path) -> Config:
         t = r.table(profiles_t, p,
                     {"key", "algorithm", "cert", "formats", "max_size", "clients", "approvals",
                      "custodians", "budget_count", "budget_window", "max_queued",
-                     "request_ttl"},
+                     "request_ttl", "chain"},
                     {"key", "algorithm", "formats", "max_size", "clients", "budget_count",
                      "budget_window"})
         algorithm = r.str_(t, p, "algorithm")
@@ -228,8 +233,12 @@ def parse(text: str, path: Path) -> Config:
                 or not all(isinstance(f, str) and f in FORMATS for f in formats)):
             raise r.fail(f"{p}.formats", f"must be a non-empty list of {', '.join(FORMATS)}")
         cert = r.abspath(t, p, "cert") if "cert" in t else None
-        if "cms" in formats and cert is None:
-            raise r.fail(f"{p}.cert", "required when formats include cms")
+        for f in formats:
+            if f in NEEDS_CERT and cert is None:
+                raise r.fail(f"{p}.cert", f"required when formats include {f}")
+            if algorithm not in FORMAT_ALGORITHMS.get(f, ALGORITHMS):
+                raise r.fail(f"{p}.algorithm", f"{algorithm} cannot sign {f} (use "
+                             f"{' or '.join(FORMAT_ALGORITHMS[f])})")
         custs = r.names(t, p, "custodians", custodians, "custodian")
         approvals = r.int_(t, p, "approvals", 0, 0)
         if approvals > len(custs):
@@ -241,7 +250,8 @@ def parse(text: str, path: Path) -> Config:
             custodians=custs, budget_count=r.int_(t, p, "budget_count", 1),
             budget_window=r.int_(t, p, "budget_window", 1),
             max_queued=r.int_(t, p, "max_queued", 1, 16),
-            request_ttl=r.int_(t, p, "request_ttl", 1, DEFAULT_REQUEST_TTL))
+            request_ttl=r.int_(t, p, "request_ttl", 1, DEFAULT_REQUEST_TTL),
+            chain=r.abspath(t, p, "chain") if "chain" in t else None)
     for where, key in [("daemon.audit_key", daemon.audit_key)] + [
             (f"profiles.{n}.key", pr.key) for n, pr in profiles.items()]:
         if key.token is not None and key.token != daemon.token_label:

@@ -13,6 +13,7 @@ concurrent requests can never overrun the budget.
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import grp
 import hashlib
@@ -38,7 +39,7 @@ from signer import approval, audit, certs, pin, policy, request, wire
 from signer.algorithms import BY_NAME, ECDSA_P256
 from signer.config import NAME_RE, Config, Profile
 from signer.errors import Exit, SignerError
-from signer.formats import cms, raw
+from signer.formats import REGISTRY, FormatError, Job
 from signer.policy import Denied
 from signer.token import Token
 from signer.uri import PKCS11URI
@@ -73,7 +74,8 @@ class Daemon:
         # (key URI, algorithm) -> private key handle, for resident keys only; or why refused
         self._keys: dict[tuple[PKCS11URI, str], Any] = {}
         self._key_problems: dict[tuple[PKCS11URI, str], str] = {}
-        self._certs: dict[str, x509.Certificate] = {}  # profile -> certificate (cms)
+        self._certs: dict[str, x509.Certificate] = {}  # profile -> certificate (cms, ...)
+        self._chains: dict[str, tuple[x509.Certificate, ...]] = {}  # profile -> its CA chain
         self._cert_problems: dict[str, str] = {}
         self._stopping = threading.Event()
         self._active = 0
@@ -257,6 +259,7 @@ class Daemon:
                 if not certs.matches(cert, self.token.public_key_info(p.key)):
                     raise SignerError(Exit.CONFIG, f"{p.cert}: certificate is not for the key "
                                       f"{p.key}")
+                self._chains[p.name] = certs.load_chain(p.chain) if p.chain else ()
                 self._certs[p.name] = cert
             except SignerError as exc:
                 self._cert_problems[p.name] = exc.message
@@ -515,7 +518,7 @@ class Daemon:
                                   "in a moment")
             raise Denied(Exit.NOPERM, f"the key of profile {profile.name!r} is not resident on "
                          f"the token ({why}): refusing to sign", "key not resident")
-        if fmt == "cms" and profile.name not in self._certs:
+        if REGISTRY[fmt].needs_cert and profile.name not in self._certs:
             raise SignerError(Exit.CONFIG, self._cert_problems.get(
                 profile.name, f"profile {profile.name!r} has no certificate"))
 
@@ -523,27 +526,45 @@ class Daemon:
         with self._lock:
             profile = policy.check_sign(self.cfg, self.state, client, cmd.profile, cmd.format)
         self._ready(profile, cmd.format)
+        fmt = REGISTRY[cmd.format]
         peer.go_ahead()
         h = hashlib.sha256()
         size = 0
+        # A format that keeps its body (authenticode: a small request, never the binary) has
+        # its own limit; the others stream any size up to the profile's, holding nothing.
+        limit = min(fmt.keep, profile.max_size) if fmt.keep else profile.max_size
+        kept = bytearray()
         try:
-            for chunk in peer.body(profile.max_size):
+            for chunk in peer.body(limit):
                 h.update(chunk)
                 size += len(chunk)
+                if fmt.keep:
+                    kept += chunk
         except wire.BodyTooLarge:
+            if fmt.keep and limit < profile.max_size:
+                raise Denied(Exit.DATA, f"{fmt.name} request larger than {limit} bytes: send "
+                             "what `osslsigncode extract-data` writes, not the file",
+                             f"{fmt.name} request too large") from None
             policy.check_size(profile, profile.max_size + 1)
         policy.check_size(profile, size)
         if cmd.size is not None and size != cmd.size:
             raise Denied(Exit.DATA, f"the artifact is {size} bytes, declared {cmd.size}: not "
                          "signed", "artifact size differs from the declared size")
+        body = bytes(kept)
+        try:
+            extra = dict(fmt.check(body)) if fmt.keep else {}
+        except FormatError as exc:
+            raise Denied(Exit.DATA, f"{fmt.name}: {exc}: not signed",
+                         f"malformed {fmt.name} request: {exc}") from None
         if profile.approvals:
-            self._queue(peer, client, profile, cmd, h.hexdigest(), size)
+            self._queue(peer, client, profile, cmd, h.hexdigest(), size, body, extra)
             return
-        out = self._produce(profile, cmd.format, h.digest(), size, client, cmd.name, None)
+        out = self._produce(profile, cmd.format, h.digest(), size, client, cmd.name, None,
+                            body, extra)
         peer.reply(Exit.OK, "", out)
 
     def _produce(self, profile: Profile, fmt: str, digest: bytes, size: int, client: str,
-                 name: str, rid: str | None) -> bytes:
+                 name: str, rid: str | None, body: bytes, extra: dict[str, str]) -> bytes:
         """Reserve a budget slot, sign, log (fsynced), and only then return the signature."""
         assert self.token is not None and self.writer is not None
         p = profile.name
@@ -566,14 +587,13 @@ class Daemon:
                 assert self.token is not None
                 return self.token.sign_digest(key, alg, d)
 
-            if fmt == "cms":
-                out = cms.sign(digest, self._certs[p], alg, sign_digest)
-            else:
-                out = raw.sign(digest, sign_digest)
+            out = REGISTRY[fmt].sign(Job(digest=digest, body=body, cert=self._certs.get(p),
+                                         chain=self._chains.get(p, ()), alg=alg,
+                                         sign_digest=sign_digest))
             entry = self.writer.append(
                 "sign", client=client, profile=p, key=str(profile.key), name=name, format=fmt,
                 sha256=digest.hex(), size=size, sig_sha256=hashlib.sha256(out).hexdigest(),
-                request=rid)
+                request=rid, **extra)
             with self._lock:  # the slot becomes a logged signature in one step
                 self.state.apply(entry)
                 self._inflight[p] -= 1
@@ -592,7 +612,7 @@ class Daemon:
         return entry
 
     def _queue(self, peer: wire.Peer, client: str, profile: Profile, cmd: request.Sign,
-               sha256: str, size: int) -> None:
+               sha256: str, size: int, body: bytes, extra: dict[str, str]) -> None:
         rid = secrets.token_hex(16)
         with self._lock:
             now = time.time()
@@ -603,9 +623,13 @@ class Daemon:
                              f"approval on profile {profile.name!r} (at most "
                              f"{profile.max_queued}): fetch or wait for them first",
                              "too many queued requests")
+            # A kept body (an authenticode request, a few hundred bytes) goes into the log with
+            # the queue entry: the checkpoint vouches for what will be signed at `fetch`.
+            kept = base64.b64encode(body).decode("ascii") if body else None
             self._state_event("queue", request=rid, client=client, profile=profile.name,
                               expires=audit.format_time(now + profile.request_ttl),
-                              name=cmd.name, format=cmd.format, sha256=sha256, size=size)
+                              name=cmd.name, format=cmd.format, sha256=sha256, size=size,
+                              body=kept, **extra)
         who = ", ".join(sorted(profile.custodians))
         peer.reply(Exit.QUEUED, f"queued {rid}: needs {profile.approvals} approval(s) "
                    f"from {who}; poll with `status {rid}`, then `fetch {rid}`")
@@ -644,8 +668,12 @@ class Daemon:
             return
         try:
             self._ready(profile, req.format)
+            body = base64.b64decode(req.body) if req.body is not None else b""
+            if hashlib.sha256(body).hexdigest() != req.sha256 and REGISTRY[req.format].keep:
+                raise SignerError(Exit.SOFTWARE, f"request {rid}: the kept request does not "
+                                  "match its logged digest: submit it again")
             out = self._produce(profile, req.format, bytes.fromhex(req.sha256), req.size,
-                                client, req.name, rid)
+                                client, req.name, rid, body, req.extra)
             self._store(rid, out)  # before another fetch may look for it
         finally:
             with self._lock:

@@ -23,6 +23,9 @@ from signer.errors import Exit
 # Entries that can only make the signer stricter: believed even when nothing vouches for them
 # (forging one is a denial of service, which deleting the log already is).
 TIGHTENING = frozenset({"sign", "freeze", "budget-exceeded", "cancel", "reject"})
+# What a format's check adds to the log and the statement besides the body's SHA-256
+# (signer.formats: `authenticode`, the digest of the Windows file the request is for).
+FORMAT_FIELDS = ("authenticode",)
 
 
 class Denied(Exception):
@@ -48,6 +51,8 @@ class Request:
     format: str
     requested: str = ""  # UTC times, as in the log
     expires: str = ""
+    extra: dict[str, str] = field(default_factory=dict)  # FORMAT_FIELDS that apply
+    body: str | None = None  # base64 of a kept request body (authenticode), as logged
     # custodian -> the armored SSH signature of the statement, as logged (None: not kept)
     approvals: dict[str, str | None] = field(default_factory=dict)
     signed: bool = False
@@ -57,11 +62,16 @@ class Request:
     def statement(self) -> bytes:
         """What a custodian signs (`ssh-keygen -Y sign -n signer-approval`); README format.
         It carries the request's time and expiry: an approval is for this request only, and
-        only until then."""
-        return (f"signer-approval-v2\nid={self.id}\nprofile={self.profile}\n"
+        only until then. A format with fields of its own (authenticode) adds `format=` and
+        them, so the custodian sees what the host can know of the file: its digest."""
+        text = (f"signer-approval-v2\nid={self.id}\nprofile={self.profile}\n"
                 f"client={self.client}\nsha256={self.sha256}\nsize={self.size}\n"
                 f"name={json.dumps(self.name, ensure_ascii=True)}\n"
-                f"requested={self.requested}\nexpires={self.expires}\n").encode("ascii")
+                f"requested={self.requested}\nexpires={self.expires}\n")
+        if self.extra:
+            text += f"format={self.format}\n" + "".join(
+                f"{k}={self.extra[k]}\n" for k in FORMAT_FIELDS if k in self.extra)
+        return text.encode("ascii")
 
     def expired(self, now: float) -> bool:
         return not self.signed and audit.parse_time(self.expires) <= now
@@ -83,7 +93,7 @@ class Request:
         out = {"id": self.id, "state": state, "profile": self.profile, "client": self.client,
                "sha256": self.sha256, "size": self.size, "name": self.name,
                "format": self.format, "approvals": sorted(counted), "required": required,
-               "requested": self.requested, "expires": self.expires}
+               "requested": self.requested, "expires": self.expires, **self.extra}
         if self.rejected_by:
             out["rejected_by"] = self.rejected_by
         return out
@@ -120,7 +130,9 @@ class State:
                 id=rid, profile=profile, client=str(entry["client"]),
                 sha256=str(entry["sha256"]), size=int(entry["size"]),
                 name=str(entry.get("name", "")), format=str(entry["format"]),
-                requested=requested, expires=expires)
+                requested=requested, expires=expires,
+                extra={k: str(entry[k]) for k in FORMAT_FIELDS if k in entry},
+                body=str(entry["body"]) if "body" in entry else None)
         elif event in ("cancel", "reject"):
             req = self.requests.get(str(entry.get("request")))
             if req is not None and not req.signed:

@@ -1,7 +1,9 @@
-"""Signer figures for `invoke bench`: throughput through the daemon against the raw token, and
-hashing through the gateway against `sha256sum`, side by side in one run on the same SoftHSM2
-token and the same file. Ratios, no asserts: the note on the issue compares them with the
-targets (1,000 P-256 signatures/s through the daemon; RSA-3072 and hashing at 0.9 of raw;
+"""Signer figures for `invoke bench`: throughput through the daemon against the raw token,
+hashing through the gateway against `sha256sum`, and Authenticode signing of a 100 MiB PE
+through the host (`signer submit`) against `osslsigncode sign` with the same token key through
+a local PKCS#11 module (the "key on the build server" baseline), side by side in one run on the
+same SoftHSM2 token and the same file. Ratios, no asserts: the note on the issue compares them
+with the targets (1,000 P-256 signatures/s through the daemon; RSA-3072 and hashing at 0.9 of raw;
 under 100 MiB peak for a 1 GiB artifact).
 
 Every daemon request here is a full protocol exchange on a fresh Unix socket connection, with
@@ -13,6 +15,7 @@ reported separately ("per SSH connection").
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,9 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from toolkit.signer_lab import SOFTHSM_MODULE, Lab, available, sign_over_socket
+from toolkit.signer_lab import SOFTHSM_MODULE, Lab, available, sign_over_socket, write_pe
 
 GiB = 1 << 30
+MiB = 1 << 20
+PKCS11_ENGINE = Path("/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so")  # libengine-pkcs11-openssl
 SECONDS = 3.0
 
 
@@ -118,10 +123,15 @@ def _run(root: Path, seconds: float, artifact_size: int) -> dict[str, Any]:
         "rsa": {"key": "pkcs11:object=rsa", "algorithm": "rsa3072-pkcs1", "formats": ["raw"],
                 "max_size": big, "clients": ["build1"], "budget_count": 10**9,
                 "budget_window": 3600},
+        "win": {"key": "pkcs11:object=rsa", "algorithm": "rsa3072-pkcs1",
+                "cert": str(lab.certs / "win.pem"), "formats": ["authenticode"],
+                "max_size": big, "clients": ["build1"], "budget_count": 10**9,
+                "budget_window": 3600},
     }
     config = lab.config("bench", profiles, ["build1"], [], checkpoint_interval=1000)
     for args in (["--profile", "ec"], ["--profile", "rsa"], ["--audit"]):
         lab.signer("keys", "generate", "--config", config, *args).check_returncode()
+    lab.signer("keys", "selfsign", "--config", config, "--profile", "win").check_returncode()
     out: dict[str, Any] = {"seconds_per_figure": seconds, "audit_fsync": True}
     sock = Lab.socket_of(config)
     lab.start(config)
@@ -171,9 +181,67 @@ def _run(root: Path, seconds: float, artifact_size: int) -> dict[str, Any]:
             "daemon_peak_rss_MiB": round(daemon_peak / 1024, 1),
             "gateway_peak_rss_MiB": round(gw_peak / 1024, 1),
         }
+        out["authenticode_100MiB_pe"] = authenticode_figures(lab, config, root)
     finally:
         lab.stop()
     return out
+
+
+def authenticode_figures(lab: Lab, config: Path, root: Path, size: int = 100 * MiB
+                         ) -> dict[str, Any]:
+    """One 100 MiB PE signed twice with the same token key: through the host (extract-data,
+    ssh round trip through the gateway, daemon, attach-signature) and by osslsigncode alone
+    with the key through PKCS#11 on this machine. The ratio is what keeping the key off the
+    build server costs; the bytes are what travels per signature."""
+    if shutil.which("osslsigncode") is None:
+        return {"skipped": "osslsigncode not installed"}
+    exe = write_pe(root / "big.exe", size)
+    cert = lab.certs / "win.pem"
+    ssh = root / "fake-ssh"  # runs the gateway as the forced command would, without sshd
+    ssh.write_text(f"#!{sys.executable}\nimport os, sys\n"
+                   "os.environ['SSH_ORIGINAL_COMMAND'] = sys.argv[2]\n"
+                   f"os.execv(sys.executable, [sys.executable, '-m', 'signer', 'gateway', "
+                   f"'--client', 'build1', '--config', {str(config)!r}])\n")
+    ssh.chmod(0o700)
+    started = time.monotonic()
+    r = lab.signer("submit", "--host", "build1@signer", "--profile", "win", "--format",
+                   "authenticode", "--cafile", cert, "--ssh", ssh, "--out",
+                   root / "via-host.exe", exe, timeout=600)
+    via_host = time.monotonic() - started
+    if r.returncode != 0:
+        return {"failed": r.stderr.decode(errors="replace").strip()}
+    entry = _last_sign(config)
+    out: dict[str, Any] = {
+        "pe_bytes": exe.stat().st_size,
+        "via_host_s": round(via_host, 2),
+        "bytes_sent_to_host": entry.get("size"),
+        "bytes_returned": len((root / "via-host.exe").read_bytes()) - exe.stat().st_size,
+    }
+    if not PKCS11_ENGINE.exists():
+        out["local_pkcs11"] = f"skipped: {PKCS11_ENGINE} missing (libengine-pkcs11-openssl)"
+        return out
+    started = time.monotonic()
+    local = subprocess.run(
+        ["osslsigncode", "sign", "-pkcs11engine", str(PKCS11_ENGINE), "-pkcs11module",
+         str(SOFTHSM_MODULE), "-certs", str(cert), "-key",
+         "pkcs11:token=signer;object=rsa;type=private", "-readpass", str(lab.pin_file),
+         "-h", "sha256", "-in", str(exe), "-out", str(root / "local.exe")],
+        env=lab.env, capture_output=True, text=True, check=False)
+    local_s = time.monotonic() - started
+    if local.returncode != 0:
+        out["local_pkcs11"] = f"failed: {local.stderr.strip().splitlines()[-1:]}"
+        return out
+    out["local_osslsigncode_pkcs11_s"] = round(local_s, 2)
+    out["ratio_via_host_over_local"] = round(via_host / local_s, 2)
+    return out
+
+
+def _last_sign(config: Path) -> dict[str, Any]:
+    import json
+
+    lines = (config.parent / "audit.jsonl").read_text().splitlines()
+    signs = [e for e in map(json.loads, lines) if e.get("event") == "sign"]
+    return signs[-1] if signs else {}
 
 
 if __name__ == "__main__":

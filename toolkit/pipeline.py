@@ -6,6 +6,12 @@ its log tail, and the lab instance is torn down (`invoke ci`) so nothing is left
 The summary at the end says what ran, how long each stage took and where the logs and
 reports are; it is also written to `reports/ci/summary.json`.
 
+A stage may run in the background (`until=`): it starts, the stages after it run beside it,
+and it is joined before the stage it names begins (CI's unit tests run while the lab VM is
+built and provisioned, which is mostly waiting on the network and the emulated guest). Its
+output goes to its log only; its result is printed when it is joined, and a failure there
+fails the run like any other.
+
 Stages whose parts are not in the tree (e.g. no `playbooks/deploy.yml` yet) are not run
 and are listed in the summary as "absent" so that a reader never mistakes a missing stage
 for a passing one.
@@ -38,6 +44,7 @@ class Stage:
     argv: list[str]
     needs: list[str] = field(default_factory=list)  # paths (relative to ROOT) that must exist
     always: bool = False  # run even after a failure (teardown)
+    until: str | None = None  # run in the background until the stage of this name starts
     status: str = "pending"
     seconds: float = 0.0
     log: Path | None = None
@@ -51,6 +58,38 @@ def _tail(path: Path, n: int = 40) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
     except OSError:
         return ""
+
+
+@dataclass
+class _Background:
+    stage: Stage
+    proc: subprocess.Popen[bytes]
+    started: float
+
+
+def start_background(stage: Stage, env: dict[str, str]) -> _Background:
+    CI_DIR.mkdir(parents=True, exist_ok=True)
+    stage.log = CI_DIR / f"{stage.name}.log"
+    print(f"\n\033[1m==> [{stage.name}] {' '.join(stage.argv)}\033[0m\n"
+          f"    (in the background until [{stage.until}]; output: {stage.log})", flush=True)
+    with stage.log.open("wb") as fh:
+        proc = subprocess.Popen(stage.argv, cwd=ROOT, env=env, stdout=fh,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    stage.status = "running"
+    return _Background(stage, proc, time.monotonic())
+
+
+def join_background(bg: _Background) -> bool:
+    stage = bg.stage
+    if bg.proc.poll() is None:
+        print(f"==> waiting for [{stage.name}] (background)", flush=True)
+    rc = bg.proc.wait()
+    stage.seconds = time.monotonic() - bg.started
+    stage.status = "passed" if rc == 0 else f"FAILED (exit {rc})"
+    tail = _tail(stage.log, 3 if rc == 0 else 40) if stage.log else ""
+    print(f"{tail}\n==> [{stage.name}] {stage.status} in {stage.seconds:.0f}s (background)",
+          flush=True)
+    return rc == 0
 
 
 def run_stage(stage: Stage, env: dict[str, str]) -> bool:
@@ -80,20 +119,39 @@ def run(stages: list[Stage], *, title: str, env_extra: dict[str, str],
     env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '')}"
     started = time.monotonic()
     failed: Stage | None = None
+    background: list[_Background] = []
+
+    def fail(st: Stage) -> None:
+        nonlocal failed
+        if failed is None:
+            failed = st
+            print(f"\n\033[1;31m!! stage {st.name} failed; last lines of {st.log}:\033[0m\n"
+                  f"{_tail(st.log) if st.log else ''}", flush=True)
+            if on_failure:
+                on_failure(st)
+
+    def join(name: str | None) -> None:
+        for bg in [b for b in background if name is None or b.stage.until == name]:
+            background.remove(bg)
+            if not join_background(bg):
+                fail(bg.stage)
+
     for st in stages:
+        if not st.always:
+            join(st.name)
         if not st.present():
             st.status = "absent"
             continue
         if failed is not None and not st.always:
             st.status = "not run"
             continue
+        if st.until is not None:
+            background.append(start_background(st, env))
+            continue
         ok = run_stage(st, env)
-        if not ok and failed is None and not st.always:
-            failed = st
-            print(f"\n\033[1;31m!! stage {st.name} failed; last lines of {st.log}:\033[0m\n"
-                  f"{_tail(st.log) if st.log else ''}", flush=True)
-            if on_failure:
-                on_failure(st)
+        if not ok and not st.always:
+            fail(st)
+    join(None)  # a background stage whose `until` never came (a failure before it)
     total = time.monotonic() - started
     summary(stages, title=title, total=total)
     return failed is None and all(s.status in ("passed", "absent") for s in stages)
@@ -129,7 +187,8 @@ MYPY_TOOLKIT = ["toolkit/pipeline.py", "toolkit/tasks_ci.py", "toolkit/tasks_pla
                 "toolkit/inventory_check.py", "toolkit/tasks_inventory.py",
                 "toolkit/tasks_token.py", "toolkit/tasks_verify.py", "toolkit/exitcodes.py",
                 "toolkit/shell_channel.py", "toolkit/lab_coupling.py",
-                "toolkit/expectations.py", "toolkit/wheelhouse.py", "toolkit/report.py",
+                "toolkit/expectations.py", "toolkit/wheelhouse.py", "toolkit/registry.py",
+                "toolkit/task_tags.py", "toolkit/timings.py", "toolkit/report.py",
                 "toolkit/report_signing.py", "toolkit/pytest_verify.py"]
 
 

@@ -1,24 +1,41 @@
-"""The threat-model registry: threats, controls, and the tests that prove them.
+"""The threat-model registry: threats, controls, and what implements and proves each control.
 
-`load()` reads `threat-model/threats.yml` and `threat-model/controls/*.yml`; `check()` returns
-every broken link in the chain threat -> control -> test as one line per problem. Test markers
-are read by parsing the test files (AST), not by importing them: collection would import
-testinfra, fixtures and whatever the tests import, and the check must run anywhere in a second.
+Each link is written once, where it belongs, and everything else is derived from it:
+
+- threat -> control: `controls:` of each threat in `threat-model/threats.yml`;
+- control -> task:   the control's id as a tag on the Ansible tasks that implement it
+                     (toolkit/task_tags.py reads roles/ and playbooks/);
+- control -> test:   `@pytest.mark.control(ID)` on the tests that prove it (read by AST, not
+                     by importing the tests: collection would import testinfra, fixtures and
+                     whatever the tests import, and the check must run anywhere in a second);
+- control -> code:   `code:` in `threat-model/controls/*.yml`, for what the signer's own
+                     modules enforce (checked to exist).
+
+`load()` reads the registry files (validated by the JSON Schemas in threat-model/schema/) and
+joins them with the tags and markers; `Control.threats`, `.tests` and `.implemented_in` are
+those derived links. `check()` returns every broken link, one line per problem.
 """
 
 from __future__ import annotations
 
 import ast
+import difflib
+import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import yaml
+
+from toolkit import task_tags
 
 ROOT = Path(__file__).resolve().parent.parent
 THREAT_MODEL = ROOT / "threat-model"
 TESTS = ROOT / "tests"
+SCHEMAS = THREAT_MODEL / "schema"
 
 STRIDE = {
     "S": "Spoofing",
@@ -88,14 +105,22 @@ class Control:
     title: str
     kind: str
     source: str  # the registry file that defines it
+    # Derived by load(): where it lives ({role, tag, tasks, playbooks} from the tags, then
+    # {module, where} from `code:`, {where} from `implemented_outside:`, {owner, where} for a
+    # procedure), the tests whose markers name it, the active threats that list it.
     implemented_in: tuple[dict[str, Any], ...] = ()
     tests: tuple[str, ...] = ()
+    threats: tuple[str, ...] = ()
     applies_to: str = "both"
     procedure: str | None = None
     waiver_lab: str | None = None
-    threats: tuple[str, ...] = ()
     owner: str | None = None  # procedures: the role that carries it out
     frequency: str | None = None  # procedures: how often it is done and audited
+    evidence: str | None = None  # procedures: what the audit looks at
+    where: str | None = None  # procedures: where it is carried out
+    code: tuple[dict[str, str], ...] = ()  # the modules that implement it (signer/...)
+    implemented_outside: str | None = None  # technical, but no task or module here does it
+    tasks: tuple[task_tags.TaskRef, ...] = ()  # the tasks a playbook runs that carry its id
 
     def applies(self, target: str) -> bool:
         """Whether the control is expected to hold on a `lab` or `production` host."""
@@ -107,6 +132,9 @@ class Registry:
     threats: dict[str, Threat] = field(default_factory=dict)
     controls: dict[str, Control] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)  # found while loading
+    tasks: task_tags.Project = field(default_factory=task_tags.Project)
+    tests: list[TestRef] = field(default_factory=list)
+    project: Path | None = None  # where roles/, playbooks/, tests/ and the code were read from
 
     @property
     def active(self) -> list[Threat]:
@@ -125,21 +153,62 @@ class TestRef:
     line: int
 
 
-# --- loading -------------------------------------------------------------------------------
+# --- the files and their schema ----------------------------------------------------------
 
 
-def _load_yaml(path: Path, problems: list[str]) -> dict[str, Any]:
+@cache
+def schema(name: str) -> dict[str, Any]:
+    """threat-model/schema/<name>.schema.json (threats, controls)."""
+    data: dict[str, Any] = json.loads((SCHEMAS / f"{name}.schema.json").read_text())
+    return data
+
+
+def _allowed(err: jsonschema.ValidationError) -> list[str]:
+    props = err.schema.get("properties", {}) if isinstance(err.schema, dict) else {}
+    return sorted(props)
+
+
+def _schema_problems(data: Any, name: str, where: str) -> list[str]:
+    """One line per schema violation: file, the entry's id, the key, what is wrong."""
+    validator = jsonschema.Draft202012Validator(schema(name))
+    out: list[str] = []
+    for err in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.path))):
+        path = list(err.absolute_path)
+        entry = ""
+        if len(path) >= 2 and isinstance(data, dict):
+            items = data.get(path[0])
+            if isinstance(items, list) and isinstance(path[1], int) and path[1] < len(items):
+                item = items[path[1]]
+                entry = f" {item.get('id') or f'entry {path[1] + 1}'}" if isinstance(
+                    item, dict) else f" entry {path[1] + 1}"
+        key = ".".join(str(p) for p in path[2:])
+        at = f"{where}{entry}" + (f": {key}" if key else "")
+        if err.validator == "additionalProperties":
+            allowed = _allowed(err)
+            given = err.instance if isinstance(err.instance, dict) else {}
+            for extra in sorted(set(given) - set(allowed)):
+                close = difflib.get_close_matches(str(extra), allowed, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                kind = f" of a {given.get('kind')} control" if name == "controls" and \
+                    given.get("kind") in KINDS and not close else ""
+                out.append(f"{at}: unknown key {extra!r}{kind}{hint}; allowed: "
+                           + ", ".join(allowed))
+        elif err.validator == "required":
+            missing = str(err.message).split("'")[1] if "'" in err.message else err.message
+            out.append(f"{at}: {missing}: missing")
+        else:
+            out.append(f"{at}: {err.message}")
+    return list(dict.fromkeys(out))
+
+
+def _load_yaml(path: Path, name: str, where: str, problems: list[str]) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
-        problems.append(f"{path.name}: cannot be read: {exc}".splitlines()[0])
+        problems.append(f"{where}: cannot be read: {exc}".splitlines()[0])
         return {}
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        problems.append(f"{path.name}: expected a mapping at the top")
-        return {}
-    return data
+    problems += _schema_problems(data, name, where)
+    return data if isinstance(data, dict) else {}
 
 
 def _strs(value: Any) -> tuple[str, ...]:
@@ -147,103 +216,115 @@ def _strs(value: Any) -> tuple[str, ...]:
         return ()
     if isinstance(value, str):
         return (value,)
+    if not isinstance(value, list | tuple):
+        return (str(value),)
     return tuple(str(v) for v in value)
 
 
-def _int_1_5(value: Any, where: str, name: str, problems: list[str]) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 5:
-        return value
-    problems.append(f"{where}: {name} must be an integer 1-5, got {value!r}")
-    return 1
+def _rating(value: Any) -> int:
+    """A 1-5 rating as written; the schema reports one that is not (and this reads it as 1)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 5
+    return value if ok else 1
+
+
+def _text(raw: dict[str, Any], key: str) -> str | None:
+    value = raw.get(key)
+    return str(value).strip() if value else None
 
 
 def _residual(raw: Any, where: str, problems: list[str]) -> Residual | None:
-    if raw is None:
-        return None
     if not isinstance(raw, dict):
-        problems.append(f"{where}: residual must be a mapping")
         return None
     res = Residual(
         accepted=bool(raw.get("accepted", False)),
         rationale=str(raw.get("rationale") or "").strip(),
         owner=str(raw.get("owner") or "").strip(),
-        likelihood=raw.get("likelihood"),
-        impact=raw.get("impact"),
+        likelihood=_rating(raw["likelihood"]) if raw.get("likelihood") is not None else None,
+        impact=_rating(raw["impact"]) if raw.get("impact") is not None else None,
     )
     if res.accepted and (not res.rationale or not res.owner):
         problems.append(f"{where}: an accepted residual risk needs a rationale and an owner")
-    for name in ("likelihood", "impact"):
-        if raw.get(name) is not None:
-            _int_1_5(raw[name], where, f"residual {name}", problems)
     return res
 
 
 def _threat(raw: dict[str, Any], problems: list[str]) -> Threat | None:
     tid = str(raw.get("id") or "")
     if not tid:
-        problems.append(f"threats.yml: a threat without id: {raw.get('title')!r}")
-        return None
-    where = f"threats.yml {tid}"
-    stride = _strs(raw.get("stride"))
-    for letter in stride:
-        if letter not in STRIDE:
-            problems.append(f"{where}: unknown STRIDE category {letter!r}")
-    if not stride:
-        problems.append(f"{where}: no STRIDE category")
-    if not raw.get("title"):
-        problems.append(f"{where}: no title")
+        return None  # the schema said so
     return Threat(
         id=tid,
         title=str(raw.get("title") or ""),
-        stride=stride,
-        likelihood=_int_1_5(raw.get("likelihood"), where, "likelihood", problems),
-        impact=_int_1_5(raw.get("impact"), where, "impact", problems),
+        stride=_strs(raw.get("stride")),
+        likelihood=_rating(raw.get("likelihood")),
+        impact=_rating(raw.get("impact")),
         controls=_strs(raw.get("controls")),
-        residual=_residual(raw.get("residual"), where, problems),
+        residual=_residual(raw.get("residual"), f"threats.yml {tid}", problems),
         description=str(raw.get("description") or "").strip(),
         retired=bool(raw.get("retired", False)),
     )
 
 
-def _control(raw: dict[str, Any], source: str, problems: list[str]) -> Control | None:
+def _control(raw: dict[str, Any], source: str) -> Control | None:
     cid = str(raw.get("id") or "")
     if not cid:
-        problems.append(f"{source}: a control without id: {raw.get('title')!r}")
-        return None
-    where = f"{source} {cid}"
+        return None  # the schema said so
     kind = str(raw.get("kind") or "technical")
-    if kind not in KINDS:
-        problems.append(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
     applies = str(raw.get("applies_to") or "both")
-    if applies not in APPLIES:
-        problems.append(f"{where}: applies_to must be one of {', '.join(APPLIES)}, got {applies!r}")
-    impl = raw.get("implemented_in") or ()
-    if isinstance(impl, dict):
-        impl = (impl,)
-    procedure = raw.get("procedure")
-    waiver = raw.get("waiver_lab")
+    code: list[Any] = raw["code"] if isinstance(raw.get("code"), list) else []
     return Control(
         id=cid,
         title=str(raw.get("title") or ""),
-        kind=kind,
+        kind=kind if kind in KINDS else "technical",
         source=source,
-        implemented_in=tuple(i if isinstance(i, dict) else {"where": str(i)} for i in impl),
-        tests=_strs(raw.get("tests")),
-        applies_to=applies,
-        procedure=str(procedure).strip() if procedure else None,
-        waiver_lab=str(waiver).strip() if waiver else None,
-        threats=_strs(raw.get("threats")),
-        owner=str(raw["owner"]).strip() if raw.get("owner") else None,
-        frequency=str(raw["frequency"]).strip() if raw.get("frequency") else None,
+        applies_to=applies if applies in APPLIES else "both",
+        procedure=_text(raw, "procedure"),
+        waiver_lab=_text(raw, "waiver_lab"),
+        owner=_text(raw, "owner"),
+        frequency=_text(raw, "frequency"),
+        evidence=_text(raw, "evidence"),
+        where=_text(raw, "where"),
+        code=tuple(
+            {k: str(v) for k, v in c.items() if k in ("module", "where")}
+            for c in code if isinstance(c, dict) and c.get("module")
+        ),
+        implemented_outside=_text(raw, "implemented_outside"),
     )
 
 
-def load(root: Path = THREAT_MODEL) -> Registry:
-    reg = Registry()
+def _where(control: Control, project: task_tags.Project) -> tuple[dict[str, Any], ...]:
+    """Where a control lives, for readers and the report: roles from the tags first."""
+    out: list[dict[str, Any]] = []
+    tasks = control.tasks
+    for role in dict.fromkeys(t.role for t in tasks):
+        mine = [t for t in tasks if t.role == role]
+        books = sorted({b for t in mine for b in project.playbooks_of(t)})
+        # A play's own task (an include in post_tasks) lives in its playbook, not in a role.
+        where = {"role": role} if role else {"play": ", ".join(books)}
+        out.append(where | {
+            "tag": control.id,
+            "tasks": [f"{t.where} {t.name}" for t in mine],
+            "playbooks": books,
+        })
+    out += [dict(c) for c in control.code]
+    if control.implemented_outside:
+        out.append({"where": control.implemented_outside})
+    if control.kind == "procedure" and (control.owner or control.where):
+        out.append({k: v for k, v in (("owner", control.owner), ("where", control.where)) if v})
+    return tuple(out)
+
+
+def load(root: Path = THREAT_MODEL, project: Path | None = None) -> Registry:
+    """The registry under `root`, joined with the tags and markers of `project` (its parent).
+
+    A file that breaks the schema is still read as far as it goes, so that a report never
+    hides a control; `problems` says what is wrong, and check() returns it.
+    """
+    project = project if project is not None else root.parent
+    reg = Registry(project=project)
     tpath = root / "threats.yml"
     if not tpath.exists():
         reg.problems.append(f"{tpath}: missing")
-    data = _load_yaml(tpath, reg.problems) if tpath.exists() else {}
+    data = _load_yaml(tpath, "threats", "threats.yml", reg.problems) if tpath.exists() else {}
     for raw in data.get("threats") or ():
         threat = _threat(raw, reg.problems) if isinstance(raw, dict) else None
         if threat is None:
@@ -251,17 +332,28 @@ def load(root: Path = THREAT_MODEL) -> Registry:
         if threat.id in reg.threats:
             reg.problems.append(f"threats.yml: threat {threat.id} defined twice")
         reg.threats[threat.id] = threat
+    controls: dict[str, Control] = {}
     for cpath in sorted((root / "controls").glob("*.yml")):
         source = f"controls/{cpath.name}"
-        for raw in _load_yaml(cpath, reg.problems).get("controls") or ():
-            control = _control(raw, source, reg.problems) if isinstance(raw, dict) else None
+        for raw in _load_yaml(cpath, "controls", source, reg.problems).get("controls") or ():
+            control = _control(raw, source) if isinstance(raw, dict) else None
             if control is None:
                 continue
-            if control.id in reg.controls:
-                first = reg.controls[control.id].source
+            if control.id in controls:
+                first = controls[control.id].source
                 reg.problems.append(f"{source}: control {control.id} already defined in {first}")
                 continue
-            reg.controls[control.id] = control
+            controls[control.id] = control
+    reg.tasks = task_tags.load(project)
+    reg.tests = collect_tests(project / "tests", project) if (project / "tests").is_dir() else []
+    for cid, control in controls.items():
+        control = replace(
+            control,
+            tasks=tuple(reg.tasks.implementing(cid)),
+            tests=tuple(t.nodeid for t in reg.tests if cid in t.controls),
+            threats=tuple(t.id for t in reg.active if cid in t.controls),
+        )
+        reg.controls[cid] = replace(control, implemented_in=_where(control, reg.tasks))
     return reg
 
 
@@ -346,10 +438,17 @@ def _id_key(cid: str) -> tuple[str, int]:
     return (family, int(num)) if num.isdigit() else (cid, 0)
 
 
-def check(reg: Registry, tests: list[TestRef], posture_dir: str = "tests/posture/") -> list[str]:
-    """Every broken link between threats, controls and tests, one line each (empty: all good)."""
+def _module_exists(project: Path, module: str) -> bool:
+    base = project.joinpath(*module.split("."))
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def check(
+    reg: Registry, tests: list[TestRef] | None = None, posture_dir: str = "tests/posture/"
+) -> list[str]:
+    """Every broken link between threats, controls, tasks, code and tests, one line each."""
+    tests = reg.tests if tests is None else tests
     problems = list(reg.problems)
-    by_node = {t.nodeid: t for t in tests}
     marked: dict[str, list[str]] = {}
     for t in tests:
         for cid in t.controls:
@@ -376,29 +475,31 @@ def check(reg: Registry, tests: list[TestRef], posture_dir: str = "tests/posture
         )
 
     referenced = {cid for t in reg.active for cid in t.controls}
+    technical: list[str] = []
+    elsewhere: list[str] = []
     for control in reg.controls.values():
         where = f"control {control.id} ({control.source})"
         if control.id not in referenced:
             problems.append(f"{where}: mitigates no threat in threats.yml")
-        for tid in control.threats:
-            if tid not in reg.threats:
-                problems.append(f"{where}: lists threat {tid}, which threats.yml does not define")
-            elif control.id not in reg.threats[tid].controls:
-                problems.append(f"{where}: lists threat {tid}, but {tid} does not list it")
         if control.kind == "procedure":
             if not control.procedure:
                 problems.append(f"{where}: procedure without audit text (procedure:)")
             continue
-        if not control.tests and not marked.get(control.id):
+        technical.append(control.id)
+        if control.code or control.implemented_outside:
+            elsewhere.append(control.id)
+        if control.implemented_outside and control.tasks:
+            problems.append(
+                f"{where}: implemented_outside, but tasks are tagged {control.id} "
+                f"({control.tasks[0].where}): one of the two is wrong"
+            )
+        for entry in control.code:
+            if reg.project is not None and not _module_exists(reg.project, entry["module"]):
+                problems.append(f"{where}: code: module {entry['module']} does not exist")
+        if not marked.get(control.id):
             problems.append(f"{where}: technical control without a test")
-        for nodeid in control.tests:
-            ref = by_node.get(nodeid.split("[", 1)[0])
-            if ref is None:
-                problems.append(f"{where}: lists test {nodeid}, which does not exist")
-            elif control.id not in ref.controls:
-                problems.append(
-                    f"{where}: lists test {nodeid}, whose control marker does not name it"
-                )
+
+    problems += task_tags.check(reg.tasks, reg.controls, technical, elsewhere)
 
     for t in tests:
         for cid in t.controls:
@@ -410,16 +511,18 @@ def check(reg: Registry, tests: list[TestRef], posture_dir: str = "tests/posture
 
 
 def tests_of(reg: Registry, tests: list[TestRef], control_id: str) -> list[str]:
-    """Node ids that prove a control: those the registry lists and those whose marker names it."""
+    """Node ids that prove a control: those whose marker names it."""
     control = reg.controls.get(control_id)
-    out = [n.split("[", 1)[0] for n in control.tests] if control else []
+    out = list(control.tests) if control else []
     out += [t.nodeid for t in tests if control_id in t.controls]
     return list(dict.fromkeys(out))
 
 
-# --- the README's tables --------------------------------------------------------------------
+# --- the generated tables of threat-model/ ----------------------------------------------------
 
-TABLES = ("threats", "residuals")
+# Which document of threat-model/ holds which generated tables.
+DOCS = {"README.md": ("threats", "residuals"), "CONTROL_IDS.md": ("controls",)}
+TABLES = DOCS["README.md"]
 TIMES = "\u00d7"  # multiplication sign, as the README writes risks
 
 
@@ -427,8 +530,26 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
+def _implemented_by(control: Control) -> str:
+    parts: list[str] = []
+    roles = list(dict.fromkeys(t.role for t in control.tasks if t.role))
+    plays = sorted({t.playbook for t in control.tasks if not t.role and t.playbook})
+    if roles:
+        parts.append("roles: " + ", ".join(roles))
+    if plays:
+        parts.append("plays: " + ", ".join(plays))
+    if control.code:
+        parts.append("code: " + ", ".join(c["module"] for c in control.code))
+    if control.implemented_outside:
+        parts.append("outside: " + control.implemented_outside)
+    if control.kind == "procedure":
+        parts.append("people: " + (control.owner or "(no owner)"))
+    return _cell("; ".join(parts)) or "**nothing**"
+
+
 def render_table(reg: Registry, name: str) -> str:
-    """A Markdown table generated from threats.yml, for threat-model/README.md."""
+    """A Markdown table generated from the registry, for threat-model/README.md and
+    CONTROL_IDS.md."""
     rows: list[str] = []
     if name == "threats":
         rows += [
@@ -457,6 +578,16 @@ def render_table(reg: Registry, name: str) -> str:
             )
             why = _cell(r.rationale) + ("" if r.accepted else " **(not accepted)**")
             rows.append(f"| {t.id} | {t.risk} | {res} | {_cell(r.owner)} | {why} |")
+    elif name == "controls":
+        rows += [
+            "| id | file | kind | applies to | control | mitigates | implemented by |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in sorted(reg.controls.values(), key=lambda c: _id_key(c.id)):
+            rows.append(
+                f"| {c.id} | {c.source} | {c.kind} | {c.applies_to} | {_cell(c.title)} | "
+                f"{', '.join(c.threats) or '-'} | {_implemented_by(c)} |"
+            )
     else:
         raise ValueError(f"unknown table {name!r}")
     return "\n".join(rows) + "\n"
@@ -469,26 +600,32 @@ def _markers(name: str) -> tuple[str, str]:
     )
 
 
-def sync_tables(reg: Registry, readme: Path, write: bool = False) -> list[str]:
-    """Problems where README.md's generated tables differ from threats.yml; rewrite if asked."""
-    if not readme.exists():
-        return [f"{readme.name}: missing"]
-    text = original = readme.read_text()
+def sync_tables(reg: Registry, doc: Path, write: bool = False) -> list[str]:
+    """Problems where a document's generated tables (DOCS) differ from the registry; rewrite
+    them if asked."""
+    if not doc.exists():
+        return [f"{doc.name}: missing"]
+    text = original = doc.read_text()
     problems: list[str] = []
-    for name in TABLES:
+    for name in DOCS.get(doc.name, TABLES):
         begin, end = _markers(name)
         start, stop = text.find(begin), text.find(end)
         if start < 0 or stop < start:
-            problems.append(f"{readme.name}: no generated '{name}' table (markers missing)")
+            problems.append(f"{doc.name}: no generated '{name}' table (markers missing)")
             continue
         body = render_table(reg, name)
         if text[start + len(begin) : stop] != body:
             text = text[: start + len(begin)] + body + text[stop:]
             if not write:
                 problems.append(
-                    f"{readme.name}: the '{name}' table is out of date with threats.yml "
+                    f"{doc.name}: the '{name}' table is out of date with the registry "
                     "(run: invoke threat-model.check --write-tables)"
                 )
     if write and text != original:
-        readme.write_text(text)
+        doc.write_text(text)
     return problems
+
+
+def sync_docs(reg: Registry, root: Path = THREAT_MODEL, write: bool = False) -> list[str]:
+    """sync_tables over every document of threat-model/ that has generated tables."""
+    return [p for name in DOCS for p in sync_tables(reg, root / name, write)]

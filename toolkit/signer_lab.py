@@ -228,3 +228,31 @@ def sign_over_socket(sock_path: Path, profile: str, data: bytes, fmt: str = "cms
               "profile": profile, "format": fmt, "name": name}
     with gateway.connect(sock_path) as sock:
         return gateway.exchange(sock, header, io.BytesIO(data), None)
+
+
+def write_pe(path: Path, code_size: int = 4096) -> Path:
+    """A minimal, valid Windows PE32+ console executable (x86-64; its entry point returns at
+    once) with a `.text` section of about `code_size` random bytes. Made here, so that no test
+    binary is downloaded; osslsigncode, signify and Windows' own parser read it like any
+    linker's output (headers in the order and alignment the PE/COFF specification gives)."""
+    import struct
+
+    file_align, section_align = 0x200, 0x1000
+    raw = b"\xc3" + os.urandom(max(code_size - 1, 0))  # ret, then filler
+    raw_size = max(file_align, -(-len(raw) // file_align) * file_align)
+    raw = raw.ljust(raw_size, b"\0")
+    dos = bytearray(0x40)
+    dos[0:2] = b"MZ"
+    struct.pack_into("<I", dos, 0x3C, len(dos))  # e_lfanew: the PE header follows
+    coff = struct.pack("<HHIIIHH", 0x8664, 1, 0, 0, 0, 240, 0x22)  # AMD64, 1 section
+    image_size = -(-(section_align + raw_size) // section_align) * section_align
+    optional = struct.pack(
+        "<HBBIIIIIQIIHHHHHHIIIIHHQQQQII", 0x20B, 14, 0, raw_size, 0, 0, section_align,
+        section_align, 0x140000000, section_align, file_align, 6, 0, 0, 0, 6, 0, 0,
+        image_size, file_align, 0, 3, 0x8160, 0x100000, 0x1000, 0x100000, 0x1000, 0, 16,
+    ) + b"\0" * 16 * 8  # 16 empty data directories (the certificate table is #4)
+    section = struct.pack("<8sIIIIIIHHI", b".text", raw_size, section_align, raw_size,
+                          file_align, 0, 0, 0, 0, 0x60000020)
+    headers = bytes(dos) + b"PE\0\0" + coff + optional + section
+    path.write_bytes(headers.ljust(file_align, b"\0") + raw)
+    return path

@@ -33,7 +33,7 @@ _HELP = {
     "limit": "only these hosts (Ansible --limit pattern)",
     "check": "dry run: report what would change, change nothing",
     "diff": "show the changes made to files",
-    "tags": "only tasks with these tags (e.g. a control id family: ssh,firewall)",
+    "tags": "only tasks with these tags: control ids (SSH-05,NET-02) or roles' (ssh,firewall)",
     "skip_tags": "skip tasks with these tags",
     "verbose": "Ansible verbosity (repeat: -v -v)",
     "ask_become_pass": "ask for the sudo password once (it reaches Ansible through a pipe)",
@@ -121,7 +121,8 @@ def play(
             for hc in result.controls:
                 done, total = len(hc.by_status(controls.APPLIED)), len(hc.controls)
                 rest = f" ({total - done} not selected by this run)" if done < total else ""
-                print(f"==> {name}: {hc.host}: {done} of {total} controls {verb}{rest}")
+                changed = f"; changed: {' '.join(hc.changed())}" if hc.changed() else ""
+                print(f"==> {name}: {hc.host}: {done} of {total} controls {verb}{rest}{changed}")
     if result.returncode != 0:
         if unreachable and not result.failed:
             raise Exit(
@@ -303,13 +304,13 @@ def _daemon_invocations(
     if proc.returncode == 4:  # ansible: a host was unreachable
         raise Exit(
             f"deploy: unreachable while reading the signer daemon's invocation id: "
-            f"{(proc.stdout + proc.stderr).strip()[-300:]}",
+            f"{' '.join((proc.stdout + proc.stderr).split())[:400]}",  # one line, cause kept
             code=exitcodes.UNREACHABLE,
         )
     if proc.returncode != 0 or not found:
         raise Exit(
             f"deploy: cannot read the signer daemon's invocation id: "
-            f"{(proc.stdout + proc.stderr).strip()[-300:]}",
+            f"{' '.join((proc.stdout + proc.stderr).split())[-400:]}",
             code=exitcodes.FAILED,
         )
     return found

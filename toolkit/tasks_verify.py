@@ -43,7 +43,7 @@ def _group(problems: list[str]) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
     for line in problems:
         head = line.split(" ", 1)[0].rstrip(":")
-        key = head if head in ("threat", "control", "test") else "registry"
+        key = head if head in ("threat", "control", "task", "test") else "registry"
         groups.setdefault(key, []).append(line)
     return groups
 
@@ -51,27 +51,29 @@ def _group(problems: list[str]) -> dict[str, list[str]]:
 @task(
     name="check",
     help={
-        "write_tables": "rewrite the generated tables of threat-model/README.md from threats.yml",
+        "write_tables": "rewrite the generated tables of threat-model/README.md and CONTROL_IDS.md",
         "quiet": "print only problems, no summary",
     },
 )
 def check(c: Context, write_tables: bool = False, quiet: bool = False) -> None:
-    """Consistency of threats -> controls -> tests; prints every missing link, fails if any."""
+    """Consistency of threats -> controls -> tasks (tags) -> tests (markers); prints every
+    missing link, fails if any."""
     reg = registry.load()
-    tests = registry.collect_tests()
-    problems = registry.check(reg, tests)
-    problems += registry.sync_tables(reg, registry.THREAT_MODEL / "README.md", write=write_tables)
+    problems = registry.check(reg)
+    problems += registry.sync_docs(reg, write=write_tables)
     if not quiet:
         kinds = [ctl.kind for ctl in reg.controls.values()]
-        marked = sum(1 for t in tests if t.controls)
+        marked = sum(1 for t in reg.tests if t.controls)
         high = sum(1 for t in reg.active if t.high)
+        tagged = {(t.file, t.line) for t in reg.tasks.tasks if t.playbook and t.controls}
         print(
             f"threat model: {len(reg.active)} threats ({high} high or critical), "
             f"{len(reg.controls)} controls ({kinds.count('technical')} technical, "
-            f"{kinds.count('procedure')} procedures), {marked} tests with control markers"
+            f"{kinds.count('procedure')} procedures), {len(tagged)} tasks tagged with "
+            f"control ids, {marked} tests with control markers"
         )
     if write_tables:
-        print("threat-model/README.md: generated tables written")
+        print("threat-model/README.md, CONTROL_IDS.md: generated tables written")
     if not problems:
         print("threat model: consistent")
         return

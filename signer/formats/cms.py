@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from asn1crypto import algos, cms, x509
 
 from signer.algorithms import Algorithm, is_pss, verify_digest
+from signer.formats.base import Format, Job
 
 
 class CMSError(ValueError):
@@ -95,3 +96,12 @@ def verify(digest: bytes, der: bytes, spki_der: bytes) -> None:
         raise CMSError(f"not a valid CMS structure: {exc}") from None
 
 
+
+
+def _sign_job(job: Job) -> bytes:
+    assert job.cert is not None
+    return sign(job.digest, job.cert, job.alg, job.sign_digest)
+
+
+FORMAT = Format(name="cms", keep=0, needs_cert=True,
+                algorithms=("ecdsa-p256", "rsa3072-pkcs1", "rsa3072-pss"), sign=_sign_job)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from signer.algorithms import verify_digest
+from signer.formats.base import Format
 
 
 def sign(digest: bytes, sign_digest: Callable[[bytes], bytes]) -> bytes:
@@ -14,3 +15,8 @@ def sign(digest: bytes, sign_digest: Callable[[bytes], bytes]) -> bytes:
 
 def verify(digest: bytes, signature: bytes, spki_der: bytes, pss: bool) -> bool:
     return verify_digest(spki_der, signature, digest, pss)
+
+
+FORMAT = Format(name="raw", keep=0, needs_cert=False,
+                algorithms=("ecdsa-p256", "rsa3072-pkcs1", "rsa3072-pss"),
+                sign=lambda job: sign(job.digest, job.sign_digest))

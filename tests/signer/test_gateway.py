@@ -25,7 +25,7 @@ BAD_COMMANDS = [
     (b"sign --profile $(id)", 64, "bad profile name"),
     (b"sign --profile `id`", 64, "bad profile name"),
     (b"sign --profile dev | nc evil 80", 64, "unknown option"),
-    (b"sign --profile dev --format pem", 64, "--format must be cms or raw"),
+    (b"sign --profile dev --format pem", 64, "--format must be one of cms, raw, authenticode"),
     (b"sign --profile dev --profile rsa", 64, "given twice"),
     (b"sign --format raw", 64, "--profile is required"),
     (b"sign --profile dev --name 'a\nb'", 64, "control"),

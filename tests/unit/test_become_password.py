@@ -63,6 +63,10 @@ def _setup(
     plugins.mkdir()
     (plugins / "pwcheck.py").write_text(PLUGIN.format(got=got, procs=procs))
     monkeypatch.setenv("ANSIBLE_BECOME_PLUGINS", str(plugins))
+    # This proves the toolkit -> Ansible leg (the pipe). A become plugin of the test's own runs
+    # only under Ansible's own executor: Mitogen (ansible.cfg's strategy) speaks sudo, su and
+    # doas itself and skips a become to the user it already is.
+    monkeypatch.setenv("ANSIBLE_STRATEGY", "linear")
     inv = tmp_path / "hosts.yml"
     inv.write_text(
         "all:\n  children:\n    signing_hosts:\n      hosts:\n        localhost:\n"

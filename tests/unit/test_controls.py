@@ -1,5 +1,6 @@
 """Which controls a run applied: a real ansible-playbook (local connection) through the real
-signhost_events callback, with a play whose second role fails half way."""
+signhost_events callback, with a play whose second role fails half way. Controls are the
+control-id tags of the tasks (toolkit/task_tags reads them as the registry does)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import ansible_run, controls, registry
+from toolkit import ansible_run, controls, registry, task_tags
 
 ROLES = {
-    # role -> tasks (name, tags, fails?)
-    "first": [("FIRST-01 | write a marker", ["first", "first-a"], False)],
+    # role -> tasks (name, tags, fails?). SPN-01 spans two roles; SEC-01 has a task on each
+    # side of the failure.
+    "first": [("FIR-01 | write a marker", ["first", "FIR-01", "SPN-01"], False)],
     "second": [
-        ("SECOND-01 | ok before the failure", ["second", "second-a"], False),
-        ("SECOND-02 | this one fails", ["second", "second-b"], True),
-        ("SECOND-03 | never runs", ["second", "second-c"], False),
+        ("SEC-01 | ok before the failure", ["second", "SEC-01"], False),
+        ("SEC-02 | this one fails", ["second", "SEC-02"], True),
+        ("SEC-01/03 | never runs", ["second", "SEC-01", "SEC-03"], False),
     ],
     "third": [
         ("Validate arguments (runs whatever --tags says)", ["always"], False),
-        ("THIRD-01 | never runs either", ["third"], False),
+        ("THI-01 | never runs either", ["third", "THI-01", "SPN-01"], False),
     ],
 }
 
@@ -49,13 +51,15 @@ def _project(tmp: Path, fail: bool) -> Path:
         """).format(tmp=tmp))
     first = tmp / "roles" / "first" / "tasks" / "main.yml"
     first.write_text(first.read_text() + textwrap.dedent("""\
-        - name: "FIRST-01 | a change that needs the handler"
+        - name: "FIR-01 | a change that needs the handler"
           ansible.builtin.command: "true"
           changed_when: true
           notify: Apply the first role's change
-          tags: [first, first-a]
+          tags: [first, FIR-01]
         """))
-    (tmp / "play.yml").write_text(
+    (tmp / "playbooks").mkdir()
+    (tmp / "playbooks" / "roles").symlink_to("../roles")  # where Ansible looks first
+    (tmp / "playbooks" / "play.yml").write_text(
         textwrap.dedent("""\
         ---
         - name: Test play
@@ -65,79 +69,91 @@ def _project(tmp: Path, fail: bool) -> Path:
           roles: [first, second, third]
         """)
     )
-    return tmp / "play.yml"
+    return tmp / "playbooks" / "play.yml"
 
 
-def _registry() -> registry.Registry:
-    def ctl(cid: str, role: str, tag: str | None) -> registry.Control:
-        impl = {"role": role, "tag": tag} if tag else {"role": role}
-        return registry.Control(
-            id=cid, title=cid, kind="technical", source="test", implemented_in=(impl,)
-        )
-
-    reg = registry.Registry()
-    for c in (
-        ctl("C-FIRST", "first", "first-a"),
-        ctl("C-SECOND-A", "second", "second-a"),
-        ctl("C-SECOND-C", "second", "second-c"),
-        ctl("C-THIRD", "third", None),
-        ctl("C-ELSEWHERE", "not-in-this-play", None),
-    ):
-        reg.controls[c.id] = c
-    reg.controls["P-1"] = registry.Control(
-        id="P-1", title="a procedure", kind="procedure", source="test"
-    )
-    return reg
-
-
-def _run(tmp_path: Path, fail: bool, tags: str | None = None) -> ansible_run.PlaybookResult:
+def _run(tmp_path: Path, fail: bool, tags: str | None = None) -> list[controls.HostControls]:
     play = _project(tmp_path, fail)
     cmd = [str(Path(ansible_run.build_command("x.yml")[0])), str(play), "-i", "localhost,"]
     if tags:
         cmd += ["--tags", tags]
-    return ansible_run.run_playbook(cmd, tmp_path / "run.log")
+    result = ansible_run.run_playbook(cmd, tmp_path / "run.log")
+    assert result.events is not None
+    reg = registry.Registry(tasks=task_tags.load(tmp_path))
+    return controls.host_status(controls.read_events(result.events), reg)
 
 
 @pytest.mark.slow
 def test_a_failed_run_says_which_controls_are_applied_and_which_are_not(tmp_path: Path) -> None:
-    result = _run(tmp_path, fail=True)
-    assert result.returncode != 0
-    hosts = controls.host_status(controls.read_events(result.events), _registry())
+    hosts = _run(tmp_path, fail=True)
     assert [h.host for h in hosts] == ["localhost"]
     hc = hosts[0]
     assert hc.roles == {"first": "applied", "second": "failed", "third": "not reached"}
-    assert hc.failed_at is not None and hc.failed_at["task"].startswith("SECOND-02")
+    assert hc.failed_at is not None and hc.failed_at["task"].startswith("SEC-02")
     assert hc.controls == {
-        "C-FIRST": "applied",
-        "C-SECOND-A": "failed",
-        "C-SECOND-C": "failed",
-        "C-THIRD": "not reached",
+        "FIR-01": "applied",
+        "SEC-01": "failed",  # one task ran before the failure, one did not
+        "SEC-02": "failed",
+        "SEC-03": "not reached",
+        "SPN-01": "not reached",  # its first-role task ran, its third-role task did not
+        "THI-01": "not reached",
     }
+    assert hc.results["FIR-01"] == {"changed": 1, "ok": 1}
+    assert hc.results["SEC-02"] == {"failed": 1}
+    assert hc.changed() == ["FIR-01"]
     # ansible.cfg's force_handlers: the change of the first role is applied despite the failure
     assert (tmp_path / "handler.marker").exists(), "a notified handler did not run after a failure"
     text = "\n".join(controls.summary_lines(hosts))
-    assert "FAILED at [second : SECOND-02 | this one fails]" in text
-    assert "C-THIRD" in text and "partly hardened" in text
+    assert "FAILED at [second : SEC-02 | this one fails]" in text
+    assert "THI-01" in text and "partly hardened" in text
+    assert "changed the host            controls: FIR-01" in text
 
 
 @pytest.mark.slow
-def test_a_clean_run_applies_every_control_and_tags_select_some(tmp_path: Path) -> None:
-    result = _run(tmp_path, fail=False)
-    assert result.returncode == 0
-    hc = controls.host_status(controls.read_events(result.events), _registry())[0]
-    assert set(hc.controls.values()) == {"applied"} and len(hc.controls) == 4
+def test_a_clean_run_applies_every_control(tmp_path: Path) -> None:
+    hc = _run(tmp_path, fail=False)[0]
+    assert set(hc.controls.values()) == {"applied"} and len(hc.controls) == 6
 
 
 @pytest.mark.slow
-def test_controls_left_out_by_tags_are_not_run_not_applied(tmp_path: Path) -> None:
-    result = _run(tmp_path, fail=False, tags="first,second-a")
-    hc = controls.host_status(controls.read_events(result.events), _registry())[0]
+def test_tags_select_controls_and_a_failure_does_not_make_the_rest_unreached(
+    tmp_path: Path,
+) -> None:
+    """--tags FIR-01,SEC-02: what it left out is "not run", before and after the failure."""
+    hc = _run(tmp_path, fail=True, tags="FIR-01,SEC-02")[0]
     assert hc.controls == {
-        "C-FIRST": "applied",
-        "C-SECOND-A": "applied",
-        "C-SECOND-C": "not run",
-        "C-THIRD": "not run",
+        "FIR-01": "applied",
+        "SEC-01": "not run",
+        "SEC-02": "failed",
+        "SEC-03": "not run",
+        "SPN-01": "not run",  # its first-role task ran; its third-role task was not selected
+        "THI-01": "not run",
     }
+
+
+def test_control_status_from_events_alone() -> None:
+    """The judgement without a run: a templated task name still locates the failure."""
+    tasks = task_tags.Project(tasks=[
+        task_tags.TaskRef("r/a.yml", 1, "ABC-01 | install {{ x }}", "a", frozenset({"ABC-01"}),
+                          "task", "p.yml", 0),
+        task_tags.TaskRef("r/a.yml", 5, "ABC-02 | check", "a", frozenset({"ABC-02"}), "task",
+                          "p.yml", 1),
+        task_tags.TaskRef("r/a.yml", 9, "ABC-01 | reload", "a", frozenset({"ABC-01"}), "task",
+                          "p.yml", 2),
+    ])
+    events = [
+        {"event": "play", "playbook": "p.yml", "roles": ["a"], "only_tags": ["all"]},
+        {"event": "result", "host": "h", "role": "a", "task": "ABC-01 | install now",
+         "status": "changed", "tags": ["ABC-01"]},
+        {"event": "result", "host": "h", "role": "a", "task": "ABC-02 | check",
+         "status": "failed", "tags": ["ABC-02"]},
+    ]
+    [hc] = controls.host_status(events, registry.Registry(tasks=tasks))
+    assert hc.controls == {"ABC-01": "failed", "ABC-02": "failed"}
+    assert hc.results == {"ABC-01": {"changed": 1}, "ABC-02": {"failed": 1}}
+    events[2]["status"] = "ok"
+    [hc] = controls.host_status(events, registry.Registry(tasks=tasks))
+    assert hc.controls == {"ABC-01": "not run", "ABC-02": "applied"}
 
 
 def test_a_truncated_event_file_is_read_up_to_the_cut(tmp_path: Path) -> None:

@@ -222,15 +222,6 @@ def test_production_example_passes() -> None:
     assert result.ok, "\n".join(result.lines())
 
 
-def test_the_lab_inventory_passes() -> None:
-    from lab import state
-
-    if state.load() is None:
-        pytest.skip(f"no running lab ({state.instance_name()}): inventory/lab reads its state")
-    result = inventory_check.check(str(ROOT / "inventory" / "lab"))
-    assert result.ok, "\n".join(result.lines())
-
-
 def test_an_unusable_inventory_is_an_inventory_error(tmp_path: Path) -> None:
     (tmp_path / "hosts.yml").write_text("all:\n  hosts:\n   a: [\n")
     with pytest.raises(hostvars.InventoryError, match=r"YAML: .* line 4, column 1"):

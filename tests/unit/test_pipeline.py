@@ -49,3 +49,47 @@ def test_failing_teardown_fails_the_run() -> None:
     stages = [Stage("ok", py("pass")),
               Stage("down", py("import sys; sys.exit(1)"), always=True)]
     assert pipeline.run(stages, title="t", env_extra={}) is False
+
+
+def test_a_background_stage_runs_beside_the_next_stages_and_is_joined_before_its_until(
+    tmp_path: Path,
+) -> None:
+    """Ordering by files, not by time: `bg` waits for `two` to have run, so it can only pass
+    if `two` ran beside it; `three` checks that `bg` had finished before it started."""
+    seen, done = tmp_path / "two-ran", tmp_path / "bg-done"
+    wait_two = (f"import pathlib, time\np = pathlib.Path({str(seen)!r})\n"
+                "for _ in range(600):\n    if p.exists(): break\n    time.sleep(0.05)\n"
+                f"assert p.exists()\npathlib.Path({str(done)!r}).write_text('x')")
+    stages = [
+        Stage("bg", py(wait_two), until="three"),
+        Stage("two", py(f"open({str(seen)!r}, 'w').write('x')")),
+        Stage("three", py(f"import os, sys; sys.exit(0 if os.path.exists({str(done)!r}) else 3)")),
+    ]
+    assert pipeline.run(stages, title="t", env_extra={}) is True
+    assert [s.status for s in stages] == ["passed", "passed", "passed"]
+
+
+def test_a_failed_background_stage_fails_the_run_at_its_join(tmp_path: Path) -> None:
+    marker = tmp_path / "teardown-ran"
+    stages = [
+        Stage("bg", py("import sys; print('unit test failed'); sys.exit(1)"), until="three"),
+        Stage("two", py("print('ok')")),
+        Stage("three", py("print('never')")),
+        Stage("down", py(f"open({str(marker)!r}, 'w').write('x')"), always=True),
+    ]
+    assert pipeline.run(stages, title="t", env_extra={}) is False
+    assert [s.status for s in stages] == ["FAILED (exit 1)", "passed", "not run", "passed"]
+    assert marker.exists()
+    assert "unit test failed" in (tmp_path / "ci" / "bg.log").read_text()
+
+
+def test_a_background_stage_is_joined_even_when_the_run_stops_before_its_until(
+    tmp_path: Path,
+) -> None:
+    stages = [
+        Stage("bg", py("print('fine')"), until="three"),
+        Stage("two", py("import sys; sys.exit(2)")),
+        Stage("three", py("print('never')")),
+    ]
+    assert pipeline.run(stages, title="t", env_extra={}) is False
+    assert [s.status for s in stages] == ["passed", "FAILED (exit 2)", "not run"]

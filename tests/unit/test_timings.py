@@ -1,0 +1,57 @@
+"""invoke timings: per-task durations from the events the callback writes during a real play."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from toolkit import timings
+from toolkit.ansible_run import ROOT
+
+
+def _write(path: Path, events: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    return path
+
+
+def test_task_time_runs_from_its_start_to_the_next_start(tmp_path: Path) -> None:
+    ev = [
+        {"event": "play", "t": 100.0, "roles": ["ssh"]},
+        {"event": "task", "t": 100.5, "role": "ssh", "task": "A"},
+        {"event": "result", "t": 101.0, "status": "ok", "host": "h"},
+        {"event": "result", "t": 102.0, "status": "changed", "host": "h"},
+        {"event": "task", "t": 103.5, "role": "firewall", "task": "B"},
+        {"event": "result", "t": 104.0, "status": "ok", "host": "h"},
+        {"event": "end", "t": 110.0},
+    ]
+    times, total = timings.task_times(timings.read(_write(tmp_path / "x.events.jsonl", ev)))
+    assert [(t.name, t.seconds, t.results, t.changed) for t in times] == [
+        ("A", 3.0, 2, 1), ("B", 6.5, 1, 0)]
+    assert total == 10.0
+    assert timings.by_role(times) == {"firewall": 6.5, "ssh": 3.0}
+
+
+def test_runs_of_a_play_exclude_its_check_mode_runs(tmp_path: Path) -> None:
+    for name in ("harden-20261201T100000", "harden-check-20261201T100500",
+                 "harden-20261201T101000", "deploy-20261201T100000"):
+        _write(tmp_path / f"{name}.events.jsonl", [])
+    assert [p.name for p in timings.runs("harden", tmp_path)] == [
+        "harden-20261201T100000.events.jsonl", "harden-20261201T101000.events.jsonl"]
+
+
+def test_the_callback_records_task_starts_in_a_real_play(tmp_path: Path) -> None:
+    play = tmp_path / "p.yml"
+    play.write_text(
+        "- hosts: localhost\n  gather_facts: false\n  tasks:\n"
+        "    - name: first\n      ansible.builtin.command: sleep 0.3\n      changed_when: false\n"
+        "    - name: second\n      ansible.builtin.debug: {msg: hi}\n")
+    events = tmp_path / "run.events.jsonl"
+    env = dict(os.environ, SIGNHOST_EVENTS=str(events), ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"))
+    subprocess.run([str(ROOT / ".venv/bin/ansible-playbook"), "-i", "localhost,", "-c", "local",
+                    str(play)], check=True, env=env, cwd=ROOT, capture_output=True)
+    times, _ = timings.task_times(timings.read(events))
+    assert [t.name for t in times] == ["first", "second"]
+    assert times[0].results == 1
+    assert times[0].seconds > 0
