@@ -130,6 +130,25 @@ def _proof(known: list[str], ran: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def implemented(control: registry.Control) -> list[str]:
+    """Where the control lives, one short phrase per place: the role whose tasks carry its tag,
+    the signer module, or what the registry says is outside this repository (procedures: the
+    Procedures section says who and where)."""
+    out: list[str] = []
+    for place in control.implemented_in:
+        if control.kind == "procedure":
+            continue
+        if place.get("role"):
+            out.append(f"role {place['role']} (tag {place.get('tag', control.id)})")
+        elif place.get("play"):
+            out.append(f"play {place['play']} (tag {place.get('tag', control.id)})")
+        elif place.get("module"):
+            out.append(str(place["module"]))
+        elif place.get("where"):
+            out.append(str(place["where"]))
+    return list(dict.fromkeys(out))
+
+
 def _control_entry(
     control: registry.Control,
     reg: Registry,
@@ -149,6 +168,7 @@ def _control_entry(
         "source": control.source,
         "applies_to": control.applies_to,
         "threats": [t.id for t in reg.threats_of(control.id)],
+        "implemented_in": implemented(control),
         "tests": [{k: r[k] for k in ("nodeid", "outcome", "duration", "message")} for r in mine],
         "proof": proof,
         "where": [PLACES[p] for p in ("host", "ci_unit", "ci_lab") if proof[p]],
@@ -383,6 +403,8 @@ def build(
             "title": c.title,
             "owner": c.owner,
             "frequency": c.frequency,
+            "evidence": c.evidence,
+            "where": c.where,
             "applies_to": c.applies_to,
             "applies_here": c.applies(kind),
             "threats": [t.id for t in reg.threats_of(c.id)],

@@ -586,3 +586,18 @@ def test_html_anchors_are_unique_and_every_link_lands(reg: registry.Registry) ->
     assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
     for target in set(re.findall(r'href="#([^"]+)"', page)):
         assert target in ids, target
+
+
+def test_the_control_table_says_where_each_control_is_implemented() -> None:
+    """The chain risk -> control -> task -> test -> report: the registry derives where a control
+    lives from the tags and `code:`; the report shows it beside the proof."""
+    m = sample_model(previous=False)
+    ssh05 = m["controls"]["SSH-05"]
+    assert ssh05["implemented_in"] == ["role ssh (tag SSH-05)"]
+    assert "signer.policy" in m["controls"]["SGN-03"]["implemented_in"]
+    assert m["controls"]["ORG-01"]["implemented_in"] == []  # procedures: see Procedures
+    org01 = next(p for p in m["procedures"] if p["id"] == "ORG-01")
+    for text in (report.markdown(m), html_mod.unescape(report.html(m))):
+        assert "in role ssh (tag SSH-05)" in text
+        if org01["evidence"]:
+            assert f"Evidence: {org01['evidence']}" in text.replace("\\|", "|")
