@@ -10,8 +10,8 @@
   the host's SSH address otherwise. Counts of `fail` and `warn` lines and CVEs.
 - **systemd-analyze security** for the signer's unit: the exposure score (0 best, 10 worst).
 
-Figures go to `reports/verify/<host>.auditors.json`; when a verify report for the host exists it
-is re-rendered with them, and `invoke verify` always merges the latest auditors file.
+Figures go to `reports/verify/<host>/auditors.json`; the next `invoke verify` puts them in its
+report (a past run's report is never rewritten: it may be signed, and it is history).
 """
 
 from __future__ import annotations
@@ -284,7 +284,7 @@ def _audit(
             print(f"    UNREACHABLE: {probe.stderr.strip()[-300:]}", flush=True)
             unreachable.append(target.name)
             continue
-        path = report_dir / f"{target.name}.auditors.json"
+        path = report_dir / target.name / "auditors.json"
         previous: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
         aud = dict(previous)
         if "ssh-audit" in wanted:
@@ -293,7 +293,7 @@ def _audit(
             aud["systemd-analyze"] = run_systemd_analyze(target)
         if "lynis" in wanted:
             aud["lynis"] = run_lynis(target, previous.get("lynis"), fresh)
-        report_dir.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(aud, indent=1) + "\n")
         for name, data in aud.items():
             if data.get("error"):
@@ -304,14 +304,7 @@ def _audit(
             print(f"    {line}")
         if strict and any("NOT met" in line for line in lines):
             code = code or 1  # a target missed is a failure (exit codes: 4 means unreachable)
-        model_path = report_dir / f"{target.name}.json"
-        if model_path.exists():
-            model = json.loads(model_path.read_text())
-            model["auditors"] = aud
-            paths = report.write(model, report_dir)
-            print(f"    figures added to {paths[1]}")
-        else:
-            print(f"    figures in {path}; `invoke verify` puts them in the report")
+        print(f"    figures in {path}; the next `invoke verify` puts them in the report")
     if unreachable and not code:
         return verify.UNREACHABLE_EXIT
     return code

@@ -161,7 +161,7 @@ def summary(stages: list[Stage], *, title: str, total: float) -> None:
     CI_DIR.mkdir(parents=True, exist_ok=True)
     rows = [{"stage": s.name, "status": s.status, "seconds": round(s.seconds, 1),
              "log": str(s.log) if s.log else None} for s in stages]
-    reports = sorted(str(p) for p in (REPORTS / "verify").glob("*.md")) if (
+    reports = sorted(str(p) for p in (REPORTS / "verify").glob("*/latest/*.md")) if (
         REPORTS / "verify").exists() else []
     (CI_DIR / "summary.json").write_text(json.dumps(
         {"title": title, "total_seconds": round(total, 1), "stages": rows,
@@ -188,7 +188,8 @@ MYPY_TOOLKIT = ["toolkit/pipeline.py", "toolkit/tasks_ci.py", "toolkit/tasks_pla
                 "toolkit/tasks_token.py", "toolkit/tasks_verify.py", "toolkit/exitcodes.py",
                 "toolkit/shell_channel.py", "toolkit/lab_coupling.py",
                 "toolkit/expectations.py", "toolkit/wheelhouse.py", "toolkit/registry.py",
-                "toolkit/task_tags.py", "toolkit/timings.py"]
+                "toolkit/task_tags.py", "toolkit/timings.py", "toolkit/report.py",
+                "toolkit/report_signing.py", "toolkit/pytest_verify.py"]
 
 
 def static_stages() -> list[Stage]:

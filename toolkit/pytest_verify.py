@@ -3,6 +3,10 @@
 Loaded with `-p toolkit.pytest_verify --verify-json PATH`. It records what pytest itself decided
 (outcome per phase, skip reasons, the control markers of the collected item, parametrised or
 not), so the report does not have to parse pytest's console output or JUnit XML.
+
+It also records the host's facts (OS, kernel, boot id, name, clock) for the report's provenance,
+read once through the suite's own `host` fixture when the first test that uses it is set up: the
+same root channel as the tests, so the facts cannot describe another machine than the results.
 """
 
 from __future__ import annotations
@@ -15,6 +19,32 @@ from typing import Any, cast
 import pytest
 
 OUTCOME_ORDER = ("error", "failed", "xpassed", "skipped", "xfailed", "passed")
+
+# One line: the host's journal logs every command of the channel (tag signhost-verify).
+FACTS_SCRIPT = (
+    '. /etc/os-release 2>/dev/null; echo "os=${PRETTY_NAME:-$(uname -s)}"; '
+    'echo "kernel=$(uname -srvm)"; '
+    'echo "boot_id=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)"; '
+    'echo "hostname=$(hostname -f 2>/dev/null || hostname)"; '
+    'echo "clock=$(date -u +%Y-%m-%dT%H:%M:%SZ)"'
+)
+FACTS = ("os", "kernel", "boot_id", "hostname", "clock")
+
+
+def host_facts(host: Any) -> dict[str, str]:
+    """The facts of a testinfra host, or {"error": why}: never an exception into the run."""
+    try:
+        out = host.run(FACTS_SCRIPT)
+    except Exception as exc:  # the report says why instead of losing the run
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    if out.rc != 0:
+        return {"error": f"exit {out.rc}: {out.stderr.strip()[-300:]}"}
+    facts = {}
+    for line in out.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key in FACTS:
+            facts[key] = value.strip()
+    return facts
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -51,8 +81,11 @@ def _message(report: pytest.TestReport) -> str:
 
 
 class Recorder:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, worker: bool = False) -> None:
         self.path = path
+        self.worker = worker  # an xdist worker: the controller writes the file
+        self.facts: dict[str, str] | None = None
+        self.facts_read = False
         self.started = time.time()
         self.items: dict[str, dict[str, Any]] = {}
         self.collect_errors: list[dict[str, str]] = []
@@ -81,11 +114,19 @@ class Recorder:
         # Carried on the report itself so that it also reaches the controller under xdist,
         # where the collected items live in the workers.
         outcome = yield
-        outcome.get_result().user_properties.append(
+        report = outcome.get_result()
+        report.user_properties.append(
             ("verify", {"controls": _controls(item), "lab_only": _lab_only(item)})
         )
+        funcargs = getattr(item, "funcargs", {})
+        if call.when == "setup" and not self.facts_read and "host" in funcargs:
+            self.facts_read = True
+            report.user_properties.append(("verify_host_facts", host_facts(funcargs["host"])))
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        facts = dict(report.user_properties).get("verify_host_facts")
+        if facts is not None and self.facts is None:
+            self.facts = cast(dict[str, str], facts)
         props = cast(dict[str, Any], dict(report.user_properties).get("verify") or {})
         rec = self.items.setdefault(
             report.nodeid,
@@ -121,13 +162,16 @@ class Recorder:
         self.stopped = str(excinfo.value.args[0] if excinfo.value.args else excinfo.typename)
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        data = {
+        if self.worker:
+            return
+        data: dict[str, Any] = {
             "started": self.started,
             "duration": round(time.time() - self.started, 2),
             "exitstatus": int(exitstatus),
             "tests": [r for r in self.items.values() if r["outcome"] is not None],
             "not_run": [r["nodeid"] for r in self.items.values() if r["outcome"] is None],
             "collect_errors": self.collect_errors,
+            "host_facts": self.facts or {},
         }
         if self.stopped:
             data["error"] = f"run stopped: {self.stopped}"
@@ -138,4 +182,5 @@ class Recorder:
 def pytest_configure(config: pytest.Config) -> None:
     path = config.getoption("--verify-json")
     if path:
-        config.pluginmanager.register(Recorder(Path(path)), "verify-recorder")
+        worker = hasattr(config, "workerinput")
+        config.pluginmanager.register(Recorder(Path(path), worker), "verify-recorder")

@@ -1,47 +1,107 @@
 """The posture report: threats -> controls -> tests -> results, for one host.
 
 `build()` is pure: it joins the registry (threats, controls), the test index (control markers
-read from the test files) and one pytest run's results (toolkit.pytest_verify) into a model;
-`markdown()`, `html()` and `write()` render it. The JSON file is that model, so tools and the
-reader see the same thing.
+read from the test files) and one pytest run's results (toolkit.pytest_verify) into a model.
+`changes()` compares a model with the previous run's. `markdown()`, `html()` and `junit()`
+render that one model (Jinja2 templates in toolkit/templates/ for the two a person reads), and
+`write()` puts the four files in a run directory. The JSON file is the model, so tools and the
+reader see the same thing; `SCHEMA_VERSION` changes when a key changes meaning or goes.
 
-Control status, per host kind (lab or production):
-- passed: every applicable test that ran passed (skips are listed with their reasons);
-- failed: a test failed or errored;
-- waived: the control has a `waiver_lab` reason and the host is the lab;
-- skipped: all its tests were skipped (lab-only tests on a production host, for instance);
-- not run: it has tests, but none ran here (deselected with -k, or they live outside
-  tests/posture, e.g. the end-to-end lab suite);
-- untested: no test names it (`invoke threat-model.check` reports the same);
-- n/a: the control applies only to the other kind of host;
-- procedure: carried out by people; audited, not tested (threat-model/controls/procedures.yml);
-- undefined: a threat names it but no controls/*.yml defines it.
-A run fails when any applicable control failed, any test failed, or nothing could be tested.
+Where a control is proven: on this host (tests/posture, this run), in CI (tests/signer and
+tests/unit prove the signer's own behaviour; tests/lab the end-to-end paths on the lab VM), or
+by procedure (people, audited). A control that can be proven on the host is proven there; CI
+evidence is named as such and never counted as a result of this run.
+
+Control status, per host kind (lab or production): see CONTROL_STATUSES. Threat status: see
+THREAT_STATUSES. A run fails when any applicable control failed, any test failed, or nothing
+could be tested.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import html as html_mod
 import json
+import re
+import xml.etree.ElementTree as ET  # writes XML, parses none
 from pathlib import Path
 from typing import Any
+
+import jinja2
 
 from toolkit import registry
 from toolkit.registry import TIMES, Registry, TestRef
 
-STATUSES = (
-    "failed",
-    "passed",
-    "waived",
-    "skipped",
-    "not run",
-    "untested",
-    "n/a",
-    "procedure",
-    "undefined",
-)
+# 2: provenance, signature, per-control proof, threat notes and residual conditions,
+# procedures, changes since the previous run (1 had no schema_version key).
+SCHEMA_VERSION = 2
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+# status -> (colour, what it means). The order is the summary's.
+CONTROL_STATUSES: dict[str, tuple[str, str]] = {
+    "passed": ("green", "every applicable test of it ran on this host and passed"),
+    "failed": ("red", "a test of it failed or errored on this host"),
+    "in CI": ("blue", "no test can run on the host; CI's tests of the toolkit prove it "
+                      "(the signer's own behaviour), not re-run here"),
+    "waived": ("yellow", "lab host only: the control cannot exist in the lab (written reason)"),
+    "skipped": ("amber", "its tests ran but all skipped, each with its reason"),
+    "not run": ("amber", "it has tests on the host, but none ran in this run"),
+    "untested": ("amber", "no test names it: nothing proves it"),
+    "undefined": ("red", "a threat names it but the registry does not define it"),
+    "n/a": ("grey", "applies only to the other kind of host"),
+    "procedure": ("purple", "carried out by people and audited (see Procedures), not tested"),
+}
+STATUSES = tuple(CONTROL_STATUSES)
+
+THREAT_STATUSES: dict[str, tuple[str, str]] = {
+    "at risk": ("red", "a control failed or is undefined: the residual risk does not hold"),
+    "incomplete": ("amber", "a technical control is skipped, not run or untested here"),
+    "covered with waivers": ("yellow", "every technical control passed except those waived "
+                                       "in the lab"),
+    "covered": ("green", "every technical control is proven (on this host, or in CI)"),
+    "covered + procedures": ("green", "every technical control is proven and the rest are "
+                                      "procedures: the best a run can attest"),
+    "procedures only": ("purple", "no technical control applies here; it rests on procedures"),
+    "accepted": ("grey", "no control; the residual risk is accepted"),
+}
+
+TEST_STATUSES: dict[str, str] = {
+    "passed": "green",
+    "failed": "red",
+    "error": "red",
+    "skipped": "amber",
+    "xfailed": "grey",
+    "xpassed": "amber",
+}
+
+COLOUR_EMOJI = {
+    "green": "\U0001f7e2",
+    "red": "\U0001f534",
+    "amber": "\U0001f7e0",
+    "yellow": "\U0001f7e1",
+    "blue": "\U0001f535",
+    "purple": "\U0001f7e3",
+    "grey": "\u26aa",
+}
+
 TEST_BAD = ("failed", "error")
+# Where a test lives says where it proves its control.
+PLACES = {
+    "host": "on this host",
+    "ci_unit": "in CI (unit tests)",
+    "ci_lab": "in CI (lab VM)",
+    "procedure": "by procedure",
+}
+
+
+VERDICTS = {"PASS": "green", "FAIL": "red", "UNREACHABLE": "red"}
+
+
+def colour(status: str) -> str:
+    """The colour of any status the report shows ("" for a value that is not a status)."""
+    for table in (CONTROL_STATUSES, THREAT_STATUSES):
+        if status in table:
+            return table[status][0]
+    return TEST_STATUSES.get(status) or VERDICTS.get(status, "")
 
 
 def _base(nodeid: str) -> str:
@@ -54,6 +114,41 @@ def _short(nodeid: str) -> str:
     return f"{path.rsplit('/', 1)[-1]}{sep}{rest}"
 
 
+def _place(nodeid: str) -> str:
+    if nodeid.startswith("tests/posture/"):
+        return "host"
+    if nodeid.startswith("tests/lab/"):
+        return "ci_lab"
+    return "ci_unit"
+
+
+def _proof(known: list[str], ran: list[str]) -> dict[str, list[str]]:
+    """Node ids that prove a control, by place."""
+    out: dict[str, list[str]] = {"host": [], "ci_unit": [], "ci_lab": []}
+    for nodeid in dict.fromkeys([*known, *(_base(n) for n in ran)]):
+        out[_place(nodeid)].append(nodeid)
+    return out
+
+
+def implemented(control: registry.Control) -> list[str]:
+    """Where the control lives, one short phrase per place: the role whose tasks carry its tag,
+    the signer module, or what the registry says is outside this repository (procedures: the
+    Procedures section says who and where)."""
+    out: list[str] = []
+    for place in control.implemented_in:
+        if control.kind == "procedure":
+            continue
+        if place.get("role"):
+            out.append(f"role {place['role']} (tag {place.get('tag', control.id)})")
+        elif place.get("play"):
+            out.append(f"play {place['play']} (tag {place.get('tag', control.id)})")
+        elif place.get("module"):
+            out.append(str(place["module"]))
+        elif place.get("where"):
+            out.append(str(place["where"]))
+    return list(dict.fromkeys(out))
+
+
 def _control_entry(
     control: registry.Control,
     reg: Registry,
@@ -62,27 +157,35 @@ def _control_entry(
     kind: str,
     keyword: str | None,
 ) -> dict[str, Any]:
-    listed = {_base(n) for n in control.tests}
+    known = registry.tests_of(reg, refs, control.id)
+    listed = set(known)
     mine = [r for r in results if _base(r["nodeid"]) in listed or control.id in r["controls"]]
+    proof = _proof(known, [r["nodeid"] for r in mine])
     entry: dict[str, Any] = {
         "id": control.id,
         "title": control.title,
         "kind": control.kind,
         "source": control.source,
         "applies_to": control.applies_to,
-        "implemented_in": list(control.implemented_in),
         "threats": [t.id for t in reg.threats_of(control.id)],
+        "implemented_in": implemented(control),
         "tests": [{k: r[k] for k in ("nodeid", "outcome", "duration", "message")} for r in mine],
+        "proof": proof,
+        "where": [PLACES[p] for p in ("host", "ci_unit", "ci_lab") if proof[p]],
         "status": "",
         "reason": "",
     }
+    entry["applies_here"] = control.applies(kind)
     if control.kind == "procedure":
+        entry["where"] = [PLACES["procedure"]]
         entry["status"] = "procedure"
         who = ", ".join(x for x in (control.owner, control.frequency) if x)
         entry["reason"] = "audited by people, not tested" + (f" ({who})" if who else "")
         entry["procedure"] = control.procedure
         return entry
     if not control.applies(kind):
+        if proof["host"]:
+            entry["where"][0] = f"on {control.applies_to} hosts"
         entry["status"] = "n/a"
         entry["reason"] = f"applies to {control.applies_to} hosts only"
         return entry
@@ -92,14 +195,22 @@ def _control_entry(
         return entry
     outcomes = [r["outcome"] for r in mine]
     if not mine:
-        known = registry.tests_of(reg, refs, control.id)
+        elsewhere = proof["ci_unit"] + proof["ci_lab"]
         if not known:
             entry["status"], entry["reason"] = "untested", "no test names this control"
+        elif not proof["host"]:
+            entry["status"] = "in CI"
+            entry["reason"] = (
+                f"not testable on the host; proven by {len(elsewhere)} test(s) of the toolkit "
+                "in CI: " + ", ".join(_short(n) for n in elsewhere[:3])
+                + (", ..." if len(elsewhere) > 3 else "")
+            )
         elif keyword:
             entry["status"], entry["reason"] = "not run", f"deselected by -k {keyword!r}"
         else:
             entry["status"] = "not run"
-            entry["reason"] = "proven outside this suite: " + ", ".join(known[:3])
+            entry["reason"] = "its tests did not run: " + ", ".join(
+                _short(n) for n in proof["host"][:3])
         return entry
     if any(o in TEST_BAD for o in outcomes):
         bad = [r for r in mine if r["outcome"] in TEST_BAD]
@@ -143,17 +254,99 @@ def _undefined(
     return entry
 
 
-def _threat_status(statuses: list[str]) -> str:
-    technical = [s for s in statuses if s not in ("procedure", "n/a")]
-    if any(s in ("failed", "undefined") for s in technical):
-        return "at risk"
-    if technical and all(s == "passed" for s in technical):
-        return "covered"
-    if technical and all(s in ("passed", "waived") for s in technical) and "passed" in technical:
-        return "covered with waivers"
+def _ids(ids: list[str]) -> str:
+    return ", ".join(ids)
+
+
+def _threat_status(
+    threat: registry.Threat, controls: dict[str, dict[str, Any]]
+) -> tuple[str, str, list[str]]:
+    """The threat's status, one sentence that says what it rests on, and the controls that keep
+    it from being covered (failed, undefined, or not evidenced here)."""
+    mine = [controls[c] for c in dict.fromkeys(threat.controls)]
+    technical = [c for c in mine if c["status"] not in ("procedure", "n/a")]
+    procedures = [c["id"] + ("" if c["applies_here"] else f" ({c['applies_to']} only)")
+                  for c in mine if c["status"] == "procedure"]
+    by: dict[str, list[str]] = {}
+    for c in technical:
+        by.setdefault(c["status"], []).append(c["id"])
+    also = (f"; it also rests on procedure(s) {_ids(procedures)}, audited by people"
+            if procedures else "")
+    bad = by.get("failed", []) + by.get("undefined", [])
+    if bad:
+        why = "; ".join(f"{_ids(by[s])} {s}" for s in ("failed", "undefined") if by.get(s))
+        return "at risk", f"{why}{also}", bad
+    missing = by.get("skipped", []) + by.get("not run", []) + by.get("untested", [])
+    if missing:
+        return "incomplete", f"not evidenced here: {_ids(missing)}{also}", missing
+    if not mine:
+        return "accepted", "no control: the residual risk is accepted as it stands", []
     if not technical:
-        return "procedural"
-    return "partly evidenced"
+        return "procedures only", (
+            f"no technical control applies to this host; it rests on procedure(s) "
+            f"{_ids(procedures)}, audited by people"), []
+    ci = by.get("in CI", [])
+    proven = (f"all {len(technical)} technical control(s) proven"
+              + (f" ({len(ci)} by CI's tests: {_ids(ci)})" if ci else ""))
+    if by.get("waived"):
+        return "covered with waivers", (
+            f"{proven} except {_ids(by['waived'])}, waived in the lab{also}"), by["waived"]
+    if procedures:
+        return "covered + procedures", (
+            f"complete as far as a run can attest: {proven}; the rest is procedure(s) "
+            f"{_ids(procedures)}, audited by people (see Procedures)"), []
+    return "covered", proven, []
+
+
+def _residual(
+    threat: registry.Threat, status: str, blocking: list[str], absent: list[str]
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The residual risk as the threat model states it, whether it holds on this host, and
+    the risk that applies here: the residual only while its controls hold (`absent`: its
+    procedures that are not carried out for this kind of host, e.g. a lab VM's key ceremony)."""
+    inherent = {"risk": threat.risk, "band": threat.band, "basis": "inherent"}
+    res = threat.residual
+    if res is None:
+        return None, inherent
+    fallback = f"the inherent risk {threat.risk} ({threat.band}) applies"
+    holds, condition = {
+        "covered": ("yes", "holds: every control it rests on is proven"),
+        "accepted": ("yes", "holds: accepted as it stands"),
+        "covered + procedures": (
+            "if the procedures are carried out",
+            "holds if its procedures are carried out: its technical controls are proven"),
+        "procedures only": ("if the procedures are carried out",
+                            "holds if its procedures are carried out"),
+        "covered with waivers": (
+            "not here",
+            f"holds only where {_ids(blocking)} are in place (waived in the lab); here "
+            + fallback),
+        "at risk": ("no", f"does not hold: {_ids(blocking)} not in place; until fixed "
+                          + fallback),
+        "incomplete": ("unknown", f"not established: {_ids(blocking)} not evidenced here; "
+                                  f"until proven {fallback}"),
+    }[status]
+    if absent and status in ("covered + procedures", "procedures only"):
+        holds, condition = "not here", (
+            f"holds where its procedures are carried out; {_ids(absent)} not for this kind "
+            f"of host, so here {fallback}")
+    band = registry.band(res.risk) if res.risk else None
+    entry = {
+        "accepted": res.accepted,
+        "likelihood": res.likelihood,
+        "impact": res.impact,
+        "risk": res.risk,
+        "band": band,
+        "owner": res.owner,
+        "rationale": res.rationale,
+        "holds": holds,
+        "condition": condition,
+    }
+    if res.risk is not None and holds in ("yes", "if the procedures are carried out"):
+        return entry, {"risk": res.risk, "band": band, "basis": "residual"}
+    if absent and holds == "not here":
+        return entry, dict(inherent, basis="inherent: its procedures are not carried out here")
+    return entry, inherent
 
 
 def build(
@@ -166,42 +359,60 @@ def build(
     target: str,
     keyword: str | None = None,
     auditors: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
+    previous: dict[str, Any] | None = None,
+    generated: str | None = None,
 ) -> dict[str, Any]:
-    """The report model for one host."""
+    """The report model for one host; `previous` is the last run's model on that host."""
     results: list[dict[str, Any]] = run.get("tests", [])
     controls = {
         cid: _control_entry(c, reg, refs, results, kind, keyword)
         for cid, c in sorted(reg.controls.items(), key=lambda kv: registry._id_key(kv[0]))
     }
-    threats: list[dict[str, Any]] = []
-    for t in sorted(reg.active, key=lambda t: (-t.risk, t.id)):
+    for t in reg.active:
         for cid in t.controls:
             if cid not in controls:
                 controls[cid] = _undefined(cid, reg, refs, results, kind, keyword)
-        res = t.residual
+    controls = dict(sorted(controls.items(), key=lambda kv: registry._id_key(kv[0])))
+    threats: list[dict[str, Any]] = []
+    for t in sorted(reg.active, key=lambda t: (-t.risk, t.id)):
+        status, note, blocking = _threat_status(t, controls)
+        absent = [c for c in dict.fromkeys(t.controls)
+                  if controls[c]["status"] == "procedure" and not controls[c]["applies_here"]]
+        residual, here = _residual(t, status, blocking, absent)
         threats.append(
             {
                 "id": t.id,
                 "title": t.title,
+                "description": t.description,
                 "stride": list(t.stride),
                 "likelihood": t.likelihood,
                 "impact": t.impact,
                 "risk": t.risk,
                 "band": t.band,
-                "residual": None
-                if res is None
-                else {
-                    "accepted": res.accepted,
-                    "risk": res.risk,
-                    "band": registry.band(res.risk) if res.risk else None,
-                    "owner": res.owner,
-                    "rationale": res.rationale,
-                },
-                "controls": list(t.controls),
-                "status": _threat_status([controls[c]["status"] for c in t.controls]),
+                "residual": residual,
+                "risk_here": here,
+                "controls": list(dict.fromkeys(t.controls)),
+                "status": status,
+                "note": note,
             }
         )
-    controls = dict(sorted(controls.items(), key=lambda kv: registry._id_key(kv[0])))
+    procedures = [
+        {
+            "id": c.id,
+            "title": c.title,
+            "owner": c.owner,
+            "frequency": c.frequency,
+            "evidence": c.evidence,
+            "where": c.where,
+            "applies_to": c.applies_to,
+            "applies_here": c.applies(kind),
+            "threats": [t.id for t in reg.threats_of(c.id)],
+            "procedure": c.procedure or "",
+        }
+        for c in sorted(reg.controls.values(), key=lambda c: registry._id_key(c.id))
+        if c.kind == "procedure"
+    ]
     known = set(reg.controls)
     unmapped = [r for r in results if not r["controls"] or not set(r["controls"]) & known]
     counts = {s: 0 for s in STATUSES}
@@ -210,9 +421,9 @@ def build(
     tcounts: dict[str, int] = {}
     for r in results:
         tcounts[r["outcome"]] = tcounts.get(r["outcome"], 0) + 1
-    threat_counts: dict[str, int] = {}
+    threat_counts = {s: 0 for s in THREAT_STATUSES}
     for entry in threats:
-        threat_counts[entry["status"]] = threat_counts.get(entry["status"], 0) + 1
+        threat_counts[entry["status"]] += 1
     failing_tests = [r for r in results if r["outcome"] in TEST_BAD]
     problems: list[str] = []
     if counts["failed"]:
@@ -233,16 +444,28 @@ def build(
         )
     if counts["untested"]:
         warnings.append(f"{counts['untested']} applicable control(s) have no test at all")
-    return {
+    facts = run.get("host_facts") or {}
+    if facts.get("error"):
+        warnings.append(f"host facts could not be read: {facts['error']}")
+    prov = dict(provenance or {})
+    skew = clock_skew(prov.get("started"), facts.get("clock"), run.get("duration"))
+    if skew:
+        warnings.append(skew)
+    prov["host_facts"] = facts
+    model: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
         "host": host,
         "kind": kind,
         "target": target,
-        "generated": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "generated": generated or dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "duration": run.get("duration"),
         "keyword": keyword,
         "ok": not problems,
+        "verdict": "PASS" if not problems else "FAIL",
         "problems": problems,
         "warnings": warnings,
+        "provenance": prov,
+        "signature": {"signed": False, "reason": "not requested"},
         "summary": {
             "controls": counts,
             "tests": tcounts,
@@ -250,10 +473,123 @@ def build(
         },
         "threats": threats,
         "controls": controls,
+        "procedures": procedures,
         "unmapped_tests": unmapped,
         "collect_errors": run.get("collect_errors", []),
         "auditors": auditors,
     }
+    model["changes"] = changes(previous, model)
+    return model
+
+
+# The host's clock is read at the start of the run; the controller's when verify started.
+# Beyond this, log times on the host (audit, signer) cannot be matched with the world's.
+CLOCK_TOLERANCE_S = 300
+
+
+def clock_skew(started: str | None, clock: str | None, duration: float | None) -> str | None:
+    """A warning when the host's clock disagrees with the controller's, else None."""
+    fmt = "%Y-%m-%dT%H:%M:%SZ"
+    try:
+        ours = dt.datetime.strptime(str(started), fmt)
+        theirs = dt.datetime.strptime(str(clock), fmt)
+    except ValueError:
+        return None
+    skew = (theirs - ours).total_seconds()
+    if -CLOCK_TOLERANCE_S <= skew <= (duration or 0) + CLOCK_TOLERANCE_S:
+        return None
+    return (f"the host's clock ({clock}) is {abs(skew):.0f} s "
+            f"{'ahead of' if skew > 0 else 'behind'} the controller's ({started})")
+
+
+# --- history ----------------------------------------------------------------------------------
+
+# Provenance facts whose change a reviewer wants to see (a reboot, an upgrade, a new toolkit).
+_FACTS = (
+    ("toolkit commit", ("provenance", "toolkit", "commit")),
+    ("inventory", ("provenance", "inventory")),
+    ("host OS", ("provenance", "host_facts", "os")),
+    ("kernel", ("provenance", "host_facts", "kernel")),
+    ("boot id", ("provenance", "host_facts", "boot_id")),
+)
+
+
+def _dig(m: dict[str, Any], path: tuple[str, ...]) -> Any:
+    value: Any = m
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def changes(previous: dict[str, Any] | None, current: dict[str, Any]) -> dict[str, Any]:
+    """What changed since the previous run on the host: verdict, controls, threats, tests,
+    host facts, auditor figures. Reads schema 1 models too (they lack provenance)."""
+    if previous is None:
+        return {"previous": None, "items": []}
+    items: list[dict[str, Any]] = []
+
+    def add(what: str, ident: str, before: Any, after: Any, title: str = "") -> None:
+        if before != after:
+            items.append({"what": what, "id": ident, "title": title,
+                          "before": "-" if before is None else str(before),
+                          "after": "-" if after is None else str(after)})
+
+    add("verdict", current["host"], previous.get("verdict")
+        or ("PASS" if previous.get("ok") else "FAIL"), current["verdict"])
+    for label, path in _FACTS:
+        before, after = _dig(previous, path), _dig(current, path)
+        if before is not None and after is not None:
+            add("host" if path[1] == "host_facts" else "provenance", label, before, after)
+    pc, cc = previous.get("controls") or {}, current["controls"]
+    for cid in dict.fromkeys([*cc, *pc]):
+        add("control", cid, (pc.get(cid) or {}).get("status"), (cc.get(cid) or {}).get("status"),
+            (cc.get(cid) or pc.get(cid) or {}).get("title", ""))
+    pt = {t["id"]: t for t in previous.get("threats") or []}
+    ct = {t["id"]: t for t in current["threats"]}
+    for tid in dict.fromkeys([*ct, *pt]):
+        add("threat", tid, (pt.get(tid) or {}).get("status"), (ct.get(tid) or {}).get("status"),
+            (ct.get(tid) or pt.get(tid) or {}).get("title", ""))
+
+    def outcomes(m: dict[str, Any]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for c in (m.get("controls") or {}).values():
+            for r in c.get("tests", []):
+                out[r["nodeid"]] = r["outcome"]
+        for r in m.get("unmapped_tests") or []:
+            out[r["nodeid"]] = r["outcome"]
+        return out
+
+    po, co = outcomes(previous), outcomes(current)
+    for nodeid in dict.fromkeys([*co, *po]):
+        add("test", _short(nodeid), po.get(nodeid), co.get(nodeid))
+    pa, ca = previous.get("auditors") or {}, current.get("auditors") or {}
+    for name in dict.fromkeys([*ca, *pa]):
+        pf = (pa.get(name) or {}).get("figures") or {}
+        cf = (ca.get(name) or {}).get("figures") or {}
+        for key in dict.fromkeys([*cf, *pf]):
+            add("auditor", f"{name} {key}", pf.get(key), cf.get(key))
+    prov = previous.get("provenance") or {}
+    return {
+        "previous": {
+            "run": previous.get("run"),
+            "generated": previous.get("generated"),
+            "verdict": previous.get("verdict") or ("PASS" if previous.get("ok") else "FAIL"),
+            "commit": (prov.get("toolkit") or {}).get("commit"),
+        },
+        "items": items,
+    }
+
+
+def change_lines(m: dict[str, Any]) -> list[str]:
+    """The changes since the previous run, for the console (`invoke verify --diff`)."""
+    ch = m.get("changes") or {}
+    prev = ch.get("previous")
+    if not prev:
+        return [f"{m['host']}: first report on this host, nothing to compare"]
+    items = ch.get("items") or []
+    head = (f"{m['host']}: {len(items)} change(s) since {prev.get('run') or prev['generated']} "
+            f"({prev['verdict']})")
+    return [head] + [f"  {i['what']} {i['id']}: {i['before']} -> {i['after']}" for i in items]
 
 
 # --- auditors ---------------------------------------------------------------------------------
@@ -290,273 +626,293 @@ def yardsticks(aud: dict[str, Any]) -> list[str]:
     return out
 
 
-# --- Markdown -------------------------------------------------------------------------------
+# --- rendering --------------------------------------------------------------------------------
 
-ICON = {
-    "passed": "PASS",
-    "failed": "**FAIL**",
-    "error": "**ERROR**",
-    "waived": "waived",
-    "skipped": "skipped",
-    "not run": "not run",
-    "untested": "**untested**",
-    "n/a": "n/a",
-    "procedure": "procedure",
-    "undefined": "**undefined**",
-    "xfailed": "xfail",
-    "xpassed": "xpass",
-}
+
+def _short_commit(toolkit: dict[str, Any]) -> str:
+    commit = str(toolkit.get("commit") or "unknown")
+    text = f"{toolkit.get('version') or '?'}, commit {commit[:12]}"
+    if toolkit.get("dirty"):
+        text += " (with uncommitted changes: not reproducible from the commit alone)"
+    return text
+
+
+def signature_text(m: dict[str, Any]) -> str:
+    sig = m.get("signature") or {}
+    if sig.get("signed"):
+        return (f"signed by the operator's key {sig.get('key')} (ssh-keygen -Y sign, namespace "
+                f"{sig.get('namespace')}); the signature covers every file of this run "
+                f"({sig.get('file')}). This page cannot prove its own signature: check it "
+                "with `invoke verify.check-signature`")
+    return f"NOT signed: {sig.get('reason') or 'no signing key given'}"
+
+
+def provenance_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
+    """Who produced the report, from what, about which host, when: label, value."""
+    prov = m.get("provenance") or {}
+    facts = prov.get("host_facts") or {}
+    op = prov.get("operator") or {}
+    rows = [
+        ("host", f"{m['host']} ({m['kind']} host), reached as {m['target']}"),
+        ("inventory", f"{prov.get('inventory') or '?'}"
+                      + (f", host {prov['inventory_host']}" if prov.get("inventory_host") else "")),
+    ]
+    if facts.get("error"):
+        rows.append(("host facts", f"could not be read: {facts['error']}"))
+    elif not facts:
+        rows.append(("host facts", "not read: no test reached the host"))
+    else:
+        rows += [
+            ("host OS", str(facts.get("os") or "?")),
+            ("kernel", str(facts.get("kernel") or "?")),
+            ("boot id", str(facts.get("boot_id") or "?")),
+            ("host name, host clock", f"{facts.get('hostname') or '?'}, "
+                                      f"{facts.get('clock') or '?'}"),
+        ]
+    rows += [
+        ("toolkit", _short_commit(prov.get("toolkit") or {})),
+        ("generated", f"{m['generated']}"
+                      + (f", the tests took {m['duration']:.0f} s" if m.get("duration") else "")),
+        ("operator", f"{op.get('user') or '?'} on {op.get('controller') or '?'}"),
+        ("tests", f"selected with -k {m['keyword']!r}" if m.get("keyword")
+                  else "the whole posture suite (tests/posture)"),
+        ("signature", signature_text(m)),
+    ]
+    return rows
+
+
+def summary_rows(m: dict[str, Any]) -> dict[str, list[tuple[str, int, str]]]:
+    """Counts by status with their meaning, for the summary tables (zero rows left out)."""
+    s = m["summary"]
+    controls = [(k, s["controls"].get(k, 0), v[1]) for k, v in CONTROL_STATUSES.items()
+                if s["controls"].get(k)]
+    threats = [(k, s["threats"].get(k, 0), v[1]) for k, v in THREAT_STATUSES.items()
+               if s["threats"].get(k)]
+    tests = [(k, v, "") for k, v in sorted(s["tests"].items())]
+    return {"controls": controls, "threats": threats, "tests": tests}
+
+
+def test_groups(tests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A control's tests, the parametrised cases of one test function with the same outcome
+    and message folded into one line: `passed test_x.py::test_y [a, b, c]`."""
+    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for r in tests:
+        base = _base(r["nodeid"])
+        param = r["nodeid"][len(base) + 1 : -1] if r["nodeid"] != base else ""
+        key = (base, r["outcome"], r.get("message") or "")
+        g = groups.setdefault(key, {"outcome": r["outcome"], "name": _short(base), "params": [],
+                                    "message": r.get("message") or ""})
+        if param:
+            g["params"].append(param)
+    return list(groups.values())
+
+
+_STEP = re.compile(r"(?:^|(?<=\s))(\d{1,2})\.\s+")
+
+
+def steps(text: str) -> list[str]:
+    """A procedure written as "1. ... 2. ..." as its numbered steps; else the text as one."""
+    text = text.strip()
+    marks: list[re.Match[str]] = []
+    for match in _STEP.finditer(text):
+        if int(match.group(1)) == len(marks) + 1:  # only 1, 2, 3, ... in order
+            marks.append(match)
+    if len(marks) < 2 or marks[0].start() != 0:
+        return [text] if text else []
+    ends = [m.start() for m in marks[1:]] + [len(text)]
+    return [text[m.end() : e].strip() for m, e in zip(marks, ends, strict=True)]
+
+
+def attention(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """Applicable technical controls that are not proven here, worst first."""
+    order = ("failed", "undefined", "untested", "not run", "skipped", "waived")
+    return sorted((c for c in m["controls"].values() if c["status"] in order),
+                  key=lambda c: (order.index(c["status"]), registry._id_key(c["id"])))
 
 
 def _md(text: Any) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """Text for Markdown: one line, pipes escaped (table cells), and no raw HTML: a test's
+    message is data, never markup."""
+    return " ".join(str(text).split()).replace("|", "\\|").replace("<", "&lt;")
 
 
-def _auditor_lines(aud: dict[str, Any]) -> list[str]:
-    lines = ["| auditor | figures | when | note |", "|---|---|---|---|"]
-    details: list[str] = []
-    for name, data in aud.items():
-        if not isinstance(data, dict):
-            continue
-        figures = ", ".join(f"{k}: {v}" for k, v in data.get("figures", {}).items())
-        note = data.get("error") or data.get("note") or ""
-        lines.append(f"| {name} | {_md(figures) or '-'} | {data.get('ran_at', '')} | {_md(note)} |")
-        if data.get("details"):
-            details += ["", f"{name}:", ""] + [f"- {_md(d)}" for d in data["details"]]
-    lines += [""] + [f"- {y}" for y in yardsticks(aud)]
-    return lines + details
-
-
-def markdown(m: dict[str, Any]) -> str:
-    s = m["summary"]
-    c = s["controls"]
-    verdict = "PASS" if m["ok"] else "FAIL"
-    out = [
-        f"# Posture report: {m['host']} ({m['kind']})",
-        "",
-        f"**{verdict}** - generated {m['generated']} against `{m['target']}`"
-        + (f" in {m['duration']:.0f} s" if m.get("duration") else "")
-        + (f", tests selected with `-k {m['keyword']}`" if m.get("keyword") else ""),
-        "",
-    ]
-    notes = [f"- {p}" for p in m["problems"]] + [f"- warning: {w}" for w in m["warnings"]]
-    out += notes + ([""] if notes else [])
-    technical = sum(c[k] for k in ("passed", "failed", "waived", "skipped", "not run", "untested"))
-    out += [
-        "## Summary",
-        "",
-        "| | count |",
-        "|---|---|",
-        f"| technical controls applicable here | {technical} |",
-        f"| passed | {c['passed']} |",
-        f"| failed | {c['failed']} |",
-        f"| waived (with reason) | {c['waived']} |",
-        f"| skipped (with reason) | {c['skipped']} |",
-        f"| not run here / untested | {c['not run']} / {c['untested']} |",
-        f"| not applicable to a {m['kind']} host | {c['n/a']} |",
-        f"| procedures (audited by people) | {c['procedure']} |",
-        f"| named by a threat but undefined | {c['undefined']} |",
-        f"| threats covered (every technical control passed) | "
-        f"{s['threats'].get('covered', 0)} of {s['threats']['total']} |",
-        f"| threats covered except for waived controls | "
-        f"{s['threats'].get('covered with waivers', 0)} |",
-        "| threats at risk (a control failed or is undefined) | "
-        f"{s['threats'].get('at risk', 0)} |",
-        "| tests | " + ", ".join(f"{v} {k}" for k, v in sorted(s["tests"].items())) + " |",
-        "",
-    ]
-    failed = [x for x in m["controls"].values() if x["status"] == "failed"]
-    if failed:
-        out += ["### Failed controls", "", "| control | title | why |", "|---|---|---|"]
-        out += [f"| {x['id']} | {_md(x['title'])} | {_md(x['reason'])} |" for x in failed]
-        out.append("")
-    reasons = [
-        x
-        for x in m["controls"].values()
-        if x["status"] in ("waived", "skipped", "not run", "untested", "undefined")
-    ]
-    if reasons:
-        out += [
-            "### Waived, skipped, not run or untested, with reasons",
-            "",
-            "| control | status | reason |",
-            "|---|---|---|",
-        ]
-        out += [f"| {x['id']} | {x['status']} | {_md(x['reason'])} |" for x in reasons]
-        out.append("")
-    if m.get("auditors"):
-        out += ["## Independent auditors", "", *_auditor_lines(m["auditors"]), ""]
-    out += ["## Threats, highest risk first", ""]
-    for t in m["threats"]:
-        res = t["residual"]
-        rtxt = f", residual {res['risk']} ({res['band']}), owner: {res['owner']}" if res else ""
-        out += [
-            f"### {t['id']} {t['title']}",
-            "",
-            f"Risk **{t['risk']}** ({t['band']}: likelihood {t['likelihood']} {TIMES} impact "
-            f"{t['impact']}), STRIDE {''.join(t['stride'])}{rtxt}. Status: **{t['status']}**.",
-            "",
-            "| control | title | status | tests |",
-            "|---|---|---|---|",
-        ]
-        for cid in t["controls"]:
-            x = m["controls"][cid]
-            tests = (
-                "<br>".join(
-                    f"{ICON.get(r['outcome'], r['outcome'])} `{_short(r['nodeid'])}`"
-                    for r in x["tests"]
-                )
-                or _md(x["reason"])[:200]
-            )
-            out.append(f"| {cid} | {_md(x['title'])} | {ICON[x['status']]} | {tests} |")
-        out.append("")
-    if m["unmapped_tests"]:
-        out += ["## Tests that name no known control", ""]
-        out += [f"- `{r['nodeid']}`: {r['outcome']}" for r in m["unmapped_tests"]]
-        out.append("")
-    if m["collect_errors"]:
-        out += ["## Collection errors", ""]
-        for e in m["collect_errors"]:
-            out += [f"`{e['nodeid']}`:", "", "```", e["message"], "```", ""]
-    procs = [x for x in m["controls"].values() if x["status"] == "procedure"]
-    if procs:
-        out += ["## Procedural controls (audited, not tested)", ""]
-        out += [f"- **{x['id']}** {x['title']}" for x in procs]
-        out.append("")
-    return "\n".join(out)
-
-
-# --- HTML -----------------------------------------------------------------------------------
-
-CSS = """
-body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:75em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.3em .6em;
-vertical-align:top;text-align:left}th{background:#f4f4f4}code{font-size:90%}
-.s-passed{color:#176b2c}.s-failed,.s-error,.s-undefined,.s-untested{color:#b00020;font-weight:600}
-.s-waived,.s-skipped,.s-not-run{color:#8a5a00}.verdict{font-size:1.4em;font-weight:700}
-.bad{color:#b00020}.good{color:#176b2c}details{margin:.3em 0}
-"""
-
-
-def _h(text: Any) -> str:
-    return html_mod.escape(str(text))
+def _mdcode(text: Any) -> str:
+    """Text inside `code`: pipes escaped (a table cell), nothing else (no entities there)."""
+    return " ".join(str(text).split()).replace("|", "\\|").replace("`", "'")
 
 
 def _cls(status: str) -> str:
-    return "s-" + status.replace(" ", "-").replace("/", "")
+    return "c-" + (colour(status) or "none")
+
+
+def _emoji(status: str) -> str:
+    return COLOUR_EMOJI.get(colour(status), "")
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        # HTML escapes everything it is given; Markdown has its own filters (md, mdcode).
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",),
+                                            default_for_string=False, default=False),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters.update(md=_md, mdcode=_mdcode, short=_short, cls=_cls, emoji=_emoji, colour=colour)
+    env.globals.update(
+        CONTROL_STATUSES=CONTROL_STATUSES, THREAT_STATUSES=THREAT_STATUSES, TIMES=TIMES,
+        yardsticks=yardsticks, PLACES=PLACES, provenance_rows=provenance_rows,
+        summary_rows=summary_rows, attention=attention, signature_text=signature_text,
+        test_groups=test_groups, steps=steps,
+    )
+    return env
+
+
+_ENV: jinja2.Environment | None = None
+
+
+def _render(name: str, m: dict[str, Any]) -> str:
+    global _ENV
+    if _ENV is None:
+        _ENV = _environment()
+    return _ENV.get_template(name).render(m=m, sections=sections(m))
+
+
+def sections(m: dict[str, Any]) -> list[tuple[str, str]]:
+    """The report's sections, in order, as (anchor, heading): both renderings follow this list,
+    so they cannot drift apart. Optional ones appear only when they have content."""
+    out = [
+        ("provenance", "Provenance"),
+        ("summary", "Summary"),
+        ("changes", "Changes since the previous run"),
+        ("controls", "Controls"),
+        ("threats", "Threats, highest risk first"),
+        ("procedures", "Procedures (audited by people, not tested)"),
+        ("auditors", "Independent auditors"),
+    ]
+    if m["unmapped_tests"]:
+        out.append(("unmapped", "Tests that name no known control"))
+    if m["collect_errors"]:
+        out.append(("collect-errors", "Collection errors"))
+    out.append(("legend", "How to read the statuses"))
+    return out
+
+
+def markdown(m: dict[str, Any]) -> str:
+    return _render("report.md.j2", m)
 
 
 def html(m: dict[str, Any]) -> str:
-    s = m["summary"]
-    c = s["controls"]
-    rows = []
-    # The same statuses as the Markdown summary, passed first.
-    for key in ("passed", *(k for k in STATUSES if k != "passed")):
-        rows.append(f"<tr><td class='{_cls(key)}'>{_h(key)}</td><td>{c[key]}</td></tr>")
-    verdict = "<span class='good'>PASS</span>" if m["ok"] else "<span class='bad'>FAIL</span>"
-    parts = [
-        "<!doctype html><meta charset='utf-8'>",
-        f"<title>Posture report: {_h(m['host'])}</title><style>{CSS}</style>",
-        f"<h1>Posture report: {_h(m['host'])} ({_h(m['kind'])})</h1>",
-        f"<p class='verdict'>{verdict}</p>",
-        f"<p>Generated {_h(m['generated'])} against <code>{_h(m['target'])}</code>"
-        + (f", tests selected with <code>-k {_h(m['keyword'])}</code>" if m.get("keyword") else "")
-        + "</p>",
-    ]
-    if m["problems"] or m["warnings"]:
-        parts.append(
-            "<ul>"
-            + "".join(f"<li class='bad'>{_h(p)}</li>" for p in m["problems"])
-            + "".join(f"<li>warning: {_h(w)}</li>" for w in m["warnings"])
-            + "</ul>"
-        )
-    parts += [
-        "<h2>Summary</h2><table><tr><th>controls</th><th>count</th></tr>",
-        *rows,
-        "</table>",
-        f"<p>Threats covered: {s['threats'].get('covered', 0)} of {s['threats']['total']} "
-        f"(and {s['threats'].get('covered with waivers', 0)} except for waived controls); "
-        f"at risk: {s['threats'].get('at risk', 0)}. Tests: "
-        + _h(", ".join(f"{v} {k}" for k, v in sorted(s["tests"].items())))
-        + "</p>",
-    ]
-    notable = [
-        x
-        for x in m["controls"].values()
-        if x["status"] in ("failed", "waived", "skipped", "not run", "untested", "undefined")
-    ]
-    if notable:
-        parts.append(
-            "<h3>Controls that did not pass, with reasons</h3><table>"
-            "<tr><th>control</th><th>status</th><th>reason</th></tr>"
-        )
-        parts += [
-            f"<tr><td>{_h(x['id'])} {_h(x['title'])}</td><td class='{_cls(x['status'])}'>"
-            f"{_h(x['status'])}</td><td>{_h(x['reason'])}</td></tr>"
-            for x in notable
-        ]
-        parts.append("</table>")
-    if m.get("auditors"):
-        parts.append(
-            "<h2>Independent auditors</h2><table><tr><th>auditor</th><th>figures</th>"
-            "<th>when</th><th>note</th></tr>"
-        )
-        for name, data in m["auditors"].items():
-            if isinstance(data, dict):
-                figures = ", ".join(f"{k}: {v}" for k, v in data.get("figures", {}).items())
-                details = "".join(f"<li>{_h(d)}</li>" for d in data.get("details") or [])
-                parts.append(
-                    f"<tr><td>{_h(name)}</td><td>{_h(figures)}"
-                    + (
-                        f"<details><summary>details</summary><ul>{details}</ul></details>"
-                        if details
-                        else ""
-                    )
-                    + f"</td><td>{_h(data.get('ran_at', ''))}</td>"
-                    f"<td>{_h(data.get('error') or data.get('note') or '')}</td></tr>"
-                )
-        parts.append("</table>")
-        parts.append(
-            "<ul>" + "".join(f"<li>{_h(y)}</li>" for y in yardsticks(m["auditors"])) + "</ul>"
-        )
-    parts.append("<h2>Threats, highest risk first</h2>")
-    for t in m["threats"]:
-        res = t["residual"]
-        parts.append(
-            f"<h3 id='{_h(t['id'])}'>{_h(t['id'])} {_h(t['title'])}</h3><p>Risk <b>{t['risk']}</b>"
-            f" ({_h(t['band'])}: L{t['likelihood']} {TIMES} I{t['impact']}), STRIDE "
-            f"{_h(''.join(t['stride']))}"
-            + (
-                f"; residual {res['risk']} ({_h(res['band'])}), owner {_h(res['owner'])}"
-                if res
-                else ""
-            )
-            + f". Status: <b class='{_cls(t['status'])}'>{_h(t['status'])}</b>.</p>"
-        )
-        parts.append("<table><tr><th>control</th><th>status</th><th>tests</th></tr>")
-        for cid in t["controls"]:
-            x = m["controls"][cid]
-            tests = (
-                "<br>".join(
-                    f"<span class='{_cls(r['outcome'])}'>{_h(r['outcome'])}</span> "
-                    f"<code>{_h(_short(r['nodeid']))}</code>"
-                    + (f"<br><small>{_h(r['message'])}</small>" if r["message"] else "")
-                    for r in x["tests"]
-                )
-                or f"<small>{_h(x['reason'])}</small>"
-            )
-            parts.append(
-                f"<tr><td>{_h(cid)} {_h(x['title'])}</td>"
-                f"<td class='{_cls(x['status'])}'>{_h(x['status'])}</td><td>{tests}</td></tr>"
-            )
-        parts.append("</table>")
-    return "\n".join(parts) + "\n"
+    return _render("report.html.j2", m)
+
+
+def junit(m: dict[str, Any]) -> str:
+    """JUnit XML for CI systems: one suite of the posture tests, one of the controls (a failed
+    control is a failure; every other status that is not a pass is a skip with its reason)."""
+    prov = m.get("provenance") or {}
+    props = {
+        "schema_version": str(SCHEMA_VERSION),
+        "host": m["host"],
+        "kind": m["kind"],
+        "verdict": m["verdict"],
+        "generated": m["generated"],
+        "toolkit_commit": str((prov.get("toolkit") or {}).get("commit") or ""),
+        "boot_id": str((prov.get("host_facts") or {}).get("boot_id") or ""),
+    }
+    root = ET.Element("testsuites", name=f"posture {m['host']}")
+
+    def suite(name: str) -> ET.Element:
+        s = ET.SubElement(root, "testsuite", name=name, timestamp=m["generated"],
+                          hostname=m["host"])
+        pe = ET.SubElement(s, "properties")
+        for k, v in props.items():
+            ET.SubElement(pe, "property", name=k, value=v)
+        return s
+
+    def count(s: ET.Element, cases: int, fails: int, errors: int, skips: int,
+              time: float) -> None:
+        s.set("tests", str(cases))
+        s.set("failures", str(fails))
+        s.set("errors", str(errors))
+        s.set("skipped", str(skips))
+        s.set("time", f"{time:.3f}")
+
+    tests = suite(f"posture tests: {m['host']}")
+    seen: dict[str, dict[str, Any]] = {}
+    controls_of: dict[str, list[str]] = {}
+    for c in m["controls"].values():
+        for r in c["tests"]:
+            seen.setdefault(r["nodeid"], r)
+            controls_of.setdefault(r["nodeid"], []).append(c["id"])
+    for r in m["unmapped_tests"]:
+        seen.setdefault(r["nodeid"], r)
+    fails = errors = skips = 0
+    total = 0.0
+    for nodeid, r in seen.items():
+        path, _, name = nodeid.partition("::")
+        case = ET.SubElement(tests, "testcase", name=name or nodeid,
+                             classname=path.removesuffix(".py").replace("/", "."),
+                             file=path, time=f"{float(r.get('duration') or 0):.3f}")
+        total += float(r.get("duration") or 0)
+        if controls_of.get(nodeid):
+            pe = ET.SubElement(case, "properties")
+            for cid in controls_of[nodeid]:
+                ET.SubElement(pe, "property", name="control", value=cid)
+        message = r.get("message") or ""
+        if r["outcome"] == "failed":
+            fails += 1
+            ET.SubElement(case, "failure", message=message.splitlines()[0] if message
+                          else "failed").text = message
+        elif r["outcome"] == "error":
+            errors += 1
+            ET.SubElement(case, "error", message=message.splitlines()[0] if message
+                          else "error").text = message
+        elif r["outcome"] in ("skipped", "xfailed"):
+            skips += 1
+            ET.SubElement(case, "skipped", message=message)
+    for e in m["collect_errors"]:
+        errors += 1
+        case = ET.SubElement(tests, "testcase", name=f"collect {e['nodeid'] or 'the suite'}",
+                             classname="collection")
+        ET.SubElement(case, "error", message="collection error").text = e["message"]
+    if not seen and not m["collect_errors"] and not m["ok"]:
+        # A run that tested nothing must not read as green in CI.
+        errors += 1
+        case = ET.SubElement(tests, "testcase", name="posture run", classname="run")
+        ET.SubElement(case, "error", message="; ".join(m["problems"]))
+    count(tests, len(tests.findall("testcase")), fails, errors, skips, total)
+
+    ctl = suite(f"controls: {m['host']}")
+    cfails = cskips = 0
+    for c in m["controls"].values():
+        case = ET.SubElement(ctl, "testcase", name=f"{c['id']} {c['title']}",
+                             classname=f"controls.{c['id'].split('-')[0]}", time="0")
+        if c["status"] in ("failed", "undefined"):
+            cfails += 1
+            ET.SubElement(case, "failure", message=f"{c['status']}: {c['reason']}"[:500])
+        elif c["status"] != "passed":
+            cskips += 1
+            ET.SubElement(case, "skipped", message=f"{c['status']}: {c['reason']}"[:500])
+    count(ctl, len(m["controls"]), cfails, 0, cskips, 0.0)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, "unicode") + "\n"
+
+
+def files(host: str) -> dict[str, str]:
+    """The report files of a run directory, by format."""
+    return {"json": f"{host}.json", "md": f"{host}.md", "html": f"{host}.html",
+            "junit": f"{host}.junit.xml"}
 
 
 def write(m: dict[str, Any], directory: Path) -> list[Path]:
+    """The model's four renderings into one run directory: JSON, Markdown, HTML, JUnit."""
     directory.mkdir(parents=True, exist_ok=True)
-    paths = [directory / f"{m['host']}.{ext}" for ext in ("json", "md", "html")]
+    names = files(m["host"])
+    paths = [directory / names[k] for k in ("json", "md", "html", "junit")]
     paths[0].write_text(json.dumps(m, indent=1, sort_keys=False) + "\n")
     paths[1].write_text(markdown(m))
     paths[2].write_text(html(m))
+    paths[3].write_text(junit(m))
     return paths

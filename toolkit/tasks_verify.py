@@ -1,7 +1,7 @@
-"""`invoke verify`, `invoke audit`, `invoke threat-model.check`.
+"""`invoke verify`, `invoke verify.check-signature`, `invoke audit`, `invoke threat-model.check`.
 
-Thin: options are parsed here, the work is in toolkit.registry, toolkit.verify, toolkit.report and
-toolkit.auditors.
+Thin: options are parsed here, the work is in toolkit.registry, toolkit.verify, toolkit.report,
+toolkit.report_signing and toolkit.auditors.
 """
 
 from __future__ import annotations
@@ -89,11 +89,17 @@ def check(c: Context, write_tables: bool = False, quiet: bool = False) -> None:
         "inventory": "Ansible inventory (default: the running lab, inventory/lab)",
         "limit": "only these hosts (comma-separated names or shell patterns)",
         "keyword": "only tests matching this pytest -k expression",
-        "report_dir": "where to write <host>.md/.json/.html (default: reports/verify)",
+        "report_dir": "where the reports go: <host>/<time>/ per run, <host>/latest "
+        "(default: reports/verify)",
         "workers": "parallel pytest workers per host (needs pytest-xdist; default 1)",
         "vault_password_file": "Ansible vault password file (or $ANSIBLE_VAULT_PASSWORD_FILE)",
         "ask_become_pass": "prompt for the sudo password (when the inventory has none)",
-    }
+        "sign_key": "sign each report with this SSH key of yours (ssh-keygen -Y sign; default: "
+        "the inventory's verify_report_signing_key, else unsigned)",
+        "diff": "print what changed since each host's previous run",
+    },
+    name="run",
+    default=True,
 )
 def verify(
     c: Context,
@@ -104,6 +110,8 @@ def verify(
     workers: str = "1",
     vault_password_file: str | None = None,
     ask_become_pass: bool = False,
+    sign_key: str | None = None,
+    diff: bool = False,
 ) -> None:
     """Posture tests on every host of the inventory; reports per host: threats, controls, tests."""
     from toolkit import verify as verify_mod
@@ -121,6 +129,8 @@ def verify(
             workers=n_workers,
             vault_password_file=vault_password_file,
             ask_become_pass=ask_become_pass,
+            sign_key=sign_key,
+            diff=diff,
         )
     except verify_mod.VerifyError as exc:
         raise Exit(f"verify: {exc}", code=exitcodes.BAD_INPUT) from exc
@@ -128,6 +138,31 @@ def verify(
         raise Exit("verify: a host could not be reached (see above)", code=code)
     if code:
         raise Exit("verify: FAILED (see the report above)", code=code)
+
+
+@task(
+    help={
+        "report": "a run directory, a file in it, or a host's directory (its latest run)",
+        "allowed_signers": "ssh-keygen allowed-signers file: the operators whose reports you "
+        "accept (principal, key)",
+    },
+    name="check-signature",
+)
+def check_signature(c: Context, report: str, allowed_signers: str | None = None) -> None:
+    """Who signed a report, and that no file of it changed since (ssh-keygen -Y verify)."""
+    from toolkit import report_signing
+
+    if not allowed_signers:
+        raise Exit("verify.check-signature: --allowed-signers FILE is required",
+                   code=exitcodes.BAD_INPUT)
+    try:
+        ok = report_signing.check(Path(report), Path(allowed_signers))
+    except report_signing.BadInput as exc:
+        raise Exit(f"verify.check-signature: {exc}", code=exitcodes.BAD_INPUT) from exc
+    except report_signing.NotVerified as exc:
+        raise Exit(f"verify.check-signature: NOT VERIFIED: {exc}", code=exitcodes.FAILED) from exc
+    print(f"{ok.directory}: good signature by {', '.join(ok.principals)} ({ok.key}); "
+          f"{len(ok.files)} file(s) unchanged: {', '.join(ok.files)}")
 
 
 @task(
@@ -187,4 +222,10 @@ def audit(
 threat_model_ns = Collection("threat-model")
 threat_model_ns.add_task(check)
 
-__all__ = ["Path", "audit", "check", "threat_model_ns", "verify"]
+# `invoke verify` runs the posture tests (the collection's default task);
+# `invoke verify.check-signature` checks a report someone hands you.
+verify_ns = Collection("verify")
+verify_ns.add_task(verify)
+verify_ns.add_task(check_signature)
+
+__all__ = ["Path", "audit", "check", "check_signature", "threat_model_ns", "verify", "verify_ns"]

@@ -8,30 +8,40 @@ every command runs as root over one channel (toolkit.shell_channel), through sud
 inventory's become password (vault) or `--ask-become-pass` when sudo asks for one.
 
 Inventory variables verify reads (all optional): `verify_kind` (lab|production, default
-production), `verify_report_name` (the report's file name, default the inventory name).
+production), `verify_report_name` (the report's file name, default the inventory name),
+`verify_report_signing_key` (the operator's SSH key that signs the report; `--sign-key` wins).
 
 Each host gets its own pytest run (tests/posture), so one host's failure or unreachability does
 not hide another's results, and each report stands alone. Hosts run in parallel (Ansible's
-forks); an index of all hosts with their verdicts is written beside the reports. A host that
-cannot be reached gets the verdict UNREACHABLE, claims nothing else, and its last good report is
-kept.
+forks); an index of all hosts with their verdicts is written beside the reports.
+
+History: each run of a host gets its own directory, reports/verify/<host>/<UTC time>/, written
+under a hidden name and renamed when complete, and `latest` then points to it; the report says
+what changed since the run `latest` pointed to before. A host that cannot be reached gets the
+verdict UNREACHABLE, claims nothing else, and gets no run directory: `latest` keeps pointing to
+its last report. With a signing key, the operator signs every run (toolkit.report_signing).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import getpass
 import importlib.util
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from toolkit import hostvars, registry, report
+from toolkit import hostvars, registry, report, report_signing
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB_INVENTORY = ROOT / "inventory" / "lab"
@@ -52,6 +62,7 @@ class Target:
     kind: str  # "lab" or "production"
     become_password: str | None = field(default=None, repr=False)
     vault_password_file: str | None = None  # a path: the suite reads the inventory too
+    signing_key: str | None = None  # the operator's SSH key that signs the report
 
     @property
     def spec(self) -> str:
@@ -75,7 +86,9 @@ def resolve_targets(
             kind = "lab" if inv.get(host, "verify_kind") == "lab" else "production"
             name = str(inv.get(host, "verify_report_name") or host)
             password = host_become_password(inv, host, ask_become_pass)
-            targets.append(Target(name, host, path, kind, password, vault_password_file))
+            key = inv.get(host, "verify_report_signing_key")
+            targets.append(Target(name, host, path, kind, password, vault_password_file,
+                                  str(key) if key else None))
     except hostvars.InventoryError as exc:
         raise VerifyError(str(exc)) from exc
     return targets
@@ -171,48 +184,156 @@ def unreachable(run: dict[str, Any]) -> bool:
 
 def load_auditors(report_dir: Path, target: Target) -> dict[str, Any] | None:
     """The host's latest `invoke audit` figures."""
-    path = report_dir / f"{target.name}.auditors.json"
+    path = report_dir / target.name / "auditors.json"
     if not path.exists():
         return None
     data: dict[str, Any] = json.loads(path.read_text())
     return data
 
 
+def provenance(inventory: str, host: str) -> dict[str, Any]:
+    """What the report was produced from and by whom (the host's own facts come from the run)."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True,
+                                 text=True, timeout=30, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    try:
+        version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        version = None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return {
+        "toolkit": {"version": version, "commit": git("rev-parse", "HEAD"),
+                    "dirty": bool(status) if status is not None else None},
+        "inventory": str(Path(inventory).resolve()),
+        "inventory_host": host,
+        "operator": {"user": user, "controller": socket.gethostname()},
+    }
+
+
+def host_dir(report_dir: Path, target: Target) -> Path:
+    return report_dir / target.name
+
+
+def previous_model(report_dir: Path, target: Target) -> dict[str, Any] | None:
+    """The report `latest` points to (or a report of the flat layout before history)."""
+    names = report.files(target.name)
+    for path in (host_dir(report_dir, target) / "latest" / names["json"],
+                 report_dir / names["json"]):
+        try:
+            data: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        return data
+    return None
+
+
+def _stamp(parent: Path) -> str:
+    base = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    stamp, n = base, 1
+    while (parent / stamp).exists():
+        n += 1
+        stamp = f"{base}-{n}"
+    return stamp
+
+
+def _point_latest(hdir: Path, stamp: str) -> None:
+    """`latest` -> stamp, replaced atomically (relative, so the tree can be copied)."""
+    tmp = hdir / ".latest.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(stamp, target_is_directory=True)
+    os.replace(tmp, hdir / "latest")
+
+
+def _signature(key: str | None) -> dict[str, Any]:
+    if not key:
+        return {"signed": False, "reason": "no signing key given (--sign-key or the "
+                                           "inventory's verify_report_signing_key)"}
+    path = Path(key).expanduser()
+    return {"signed": True, "key": report_signing.fingerprint(path), "key_file": str(path),
+            "namespace": report_signing.NAMESPACE, "file": report_signing.SIGNATURE}
+
+
+def _write_run(model: dict[str, Any], staging: Path, key: str | None) -> str:
+    """The report files, and the signature when there is a key; the signing line."""
+    model["signature"] = _signature(key)
+    report.write(model, staging)
+    if not key:
+        report_signing.write_manifest(staging)
+        return f"NOT signed: {model['signature']['reason']}"
+    try:
+        report_signing.sign(staging, Path(key).expanduser())
+    except report_signing.SigningError as exc:
+        # The report must not claim a signature it lacks: rendered again, unsigned.
+        model["signature"] = {"signed": False, "reason": f"signing failed: {exc}"}
+        report.write(model, staging)
+        report_signing.write_manifest(staging)
+        return f"NOT signed: {exc}"
+    return f"signed with {model['signature']['key']}"
+
+
 def _verify_one(
     target: Target, reg: registry.Registry, refs: Any, report_dir: Path,
-    keyword: str | None, workers: int, quiet: bool,
+    keyword: str | None, workers: int, quiet: bool, prov: dict[str, Any],
 ) -> dict[str, Any]:
-    log = report_dir / f"{target.name}.pytest.log" if quiet else None
+    hdir = host_dir(report_dir, target)
+    hdir.mkdir(parents=True, exist_ok=True)
+    stamp = _stamp(hdir)
+    # Written under a hidden name and renamed when complete: `latest` never sees half a run.
+    staging = hdir / f".{stamp}.partial"
+    staging.mkdir()
+    log = staging / "pytest.log" if quiet else None
     _say(f"==> verify {target.name} ({target.kind}, {target.host} from {target.inventory})"
-         + (f": output in {log}" if log else ""))
-    run = run_tests(target, report_dir, keyword, workers, log)
+         + (f": output in {hdir / stamp / 'pytest.log'}" if log else ""))
+    run = run_tests(target, staging, keyword, workers, log)
+    (staging / f".{target.name}.results.json").unlink(missing_ok=True)
     if unreachable(run):
         # Claim nothing about a host we could not reach, and keep its last good report.
         why = str(run.get("error", "")).removeprefix("run stopped: ")
         record = {"host": target.name, "verdict": "UNREACHABLE", "reason": why,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        (report_dir / f"{target.name}.unreachable.json").write_text(json.dumps(record) + "\n")
-        kept = report_dir / f"{target.name}.md"
+        (hdir / "unreachable.json").write_text(json.dumps(record) + "\n")
+        if log and log.exists():
+            log.replace(hdir / "unreachable.log")
+        shutil.rmtree(staging)
+        kept = hdir / "latest" / report.files(target.name)["md"]
         line = f"{target.name}: UNREACHABLE - {why}" + (
             f" (last good report kept: {kept})" if kept.exists() else "")
-        return {"host": target.name, "verdict": "UNREACHABLE", "line": line, "problems": []}
-    (report_dir / f"{target.name}.unreachable.json").unlink(missing_ok=True)
+        return {"host": target.name, "verdict": "UNREACHABLE", "line": line, "problems": [],
+                "changes": [f"{target.name}: unreachable, no new run to compare"]}
+    (hdir / "unreachable.json").unlink(missing_ok=True)
+    (hdir / "unreachable.log").unlink(missing_ok=True)
+    host_prov = dict(prov, **provenance(target.inventory, target.host))
     model = report.build(
         reg, refs, run, host=target.name, kind=target.kind, target=target.spec,
-        keyword=keyword, auditors=load_auditors(report_dir, target),
+        keyword=keyword, auditors=load_auditors(report_dir, target), provenance=host_prov,
+        previous=previous_model(report_dir, target),
     )  # fmt: skip
-    paths = report.write(model, report_dir)
+    model["run"] = stamp
+    signed = _write_run(model, staging, target.signing_key)
+    staging.rename(hdir / stamp)
+    _point_latest(hdir, stamp)
+    md = hdir / stamp / report.files(target.name)["md"]
     c = model["summary"]["controls"]
     t = model["summary"]["threats"]
-    verdict = "PASS" if model["ok"] else "FAIL"
     line = (
-        f"{target.name}: {verdict} in {run['duration']:.0f}s - controls {c['passed']} passed, "
-        f"{c['failed']} failed, {c['waived'] + c['skipped']} waived/skipped, "
-        f"{c['not run'] + c['untested']} not run/untested, {c['procedure']} procedures; "
-        f"threats covered {t.get('covered', 0)}/{t['total']} - {paths[1]}"
+        f"{target.name}: {model['verdict']} in {run['duration']:.0f}s - controls {c['passed']} "
+        f"passed, {c['failed']} failed, {c['in CI']} in CI, {c['waived'] + c['skipped']} "
+        f"waived/skipped, {c['not run'] + c['untested']} not run/untested, {c['procedure']} "
+        f"procedures; threats covered {t['covered'] + t['covered + procedures']}/{t['total']}, "
+        f"at risk {t['at risk']} - {md} ({signed})"
     )
-    return {"host": target.name, "verdict": verdict, "line": line,
-            "problems": list(model["problems"]), "report": str(paths[1])}
+    return {"host": target.name, "verdict": model["verdict"], "line": line,
+            "problems": list(model["problems"]), "report": str(md),
+            "changes": report.change_lines(model)}
 
 
 def write_index(results: list[dict[str, Any]], report_dir: Path, inventory: str) -> Path:
@@ -224,8 +345,9 @@ def write_index(results: list[dict[str, Any]], report_dir: Path, inventory: str)
     lines = [f"# Posture reports ({inventory}, {stamp})", "", "| host | verdict | report |",
              "|---|---|---|"]
     for r in rows:
-        name = Path(str(r.get("report") or "-")).name
-        link = f"[{name}]({name})" if r.get("report") else "-"
+        rel = (Path(str(r["report"])).resolve().relative_to(report_dir.resolve()).as_posix()
+               if r.get("report") else None)
+        link = f"[{rel}]({rel})" if rel else "-"
         lines.append(f"| {r['host']} | {r['verdict']} | {link} |")
     path = report_dir / "index.md"
     path.write_text("\n".join(lines) + "\n")
@@ -247,6 +369,8 @@ def verify(
     *,
     vault_password_file: str | None = None,
     ask_become_pass: bool = False,
+    sign_key: str | None = None,
+    diff: bool = False,
 ) -> int:
     """Run, report, and return the exit code: 0 all passed, 1 a host failed, 4 unreachable."""
     report_dir = report_dir or DEFAULT_REPORT_DIR
@@ -256,23 +380,38 @@ def verify(
         raise VerifyError("--workers needs pytest-xdist in the virtual environment")
     targets = resolve_targets(inventory, limit, vault_password_file=vault_password_file,
                               ask_become_pass=ask_become_pass)
+    if sign_key:
+        targets = [replace(t, signing_key=sign_key) for t in targets]
+    for key in sorted({t.signing_key for t in targets if t.signing_key}):
+        # A key that cannot sign is found before the hosts are tested, not after.
+        if not Path(key).expanduser().is_file():
+            raise VerifyError(f"signing key {key}: no such file")
+        try:
+            report_signing.fingerprint(Path(key).expanduser())
+        except (report_signing.SigningError, report_signing.BadInput) as exc:
+            raise VerifyError(f"signing key: {exc}") from exc
     report_dir.mkdir(parents=True, exist_ok=True)
     reg = registry.load()
     refs = registry.collect_tests()
+    prov = {"started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
     parallel = min(forks(), len(targets))
     if parallel > 1:
         print(f"==> verify: {len(targets)} hosts, {parallel} at a time", flush=True)
         with ThreadPoolExecutor(max_workers=parallel) as pool:
             results = list(pool.map(
-                lambda t: _verify_one(t, reg, refs, report_dir, keyword, workers, True), targets))
+                lambda t: _verify_one(t, reg, refs, report_dir, keyword, workers, True, prov),
+                targets))
     else:
-        results = [_verify_one(t, reg, refs, report_dir, keyword, workers, False)
+        results = [_verify_one(t, reg, refs, report_dir, keyword, workers, False, prov)
                    for t in targets]
     index = write_index(results, report_dir, targets[0].inventory)
     lines = []
     for r in results:
         lines.append(r["line"])
         lines += [f"  - {p}" for p in r["problems"]]
+    if diff:
+        lines += ["", "==> changes since the previous run"]
+        lines += [line for r in results for line in r["changes"]]
     print("\n".join(["", "==> verify summary", *lines, f"index: {index}"]), flush=True)
     if any(r["verdict"] == "FAIL" for r in results):
         return 1

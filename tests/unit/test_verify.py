@@ -6,6 +6,8 @@ testinfra's local backend, with a throw-away test file.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from toolkit import registry, report, verify
+from toolkit import registry, report, report_signing, verify
 
 pytest_plugins = ("pytester",)
 
@@ -98,6 +100,11 @@ def test_pipeline_against_a_production_kind_host(suite: pytest.Pytester) -> None
     assert lab_only["outcome"] == "skipped"
     assert lab_only["message"] == "lab only: needs the intruder namespace"
     assert by["tests/posture/test_demo.py::test_param[b]"]["controls"] == ["NET-01"]
+    # The host's facts, read once through the suite's own connection (here: local).
+    facts = run["host_facts"]
+    assert facts["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert facts["kernel"].startswith("Linux ") and facts["os"] and facts["hostname"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", facts["clock"])
 
     # The real registry, but the control catalogue of this run only: NET-01 passes, SSH-01 fails.
     reg = registry.load()
@@ -248,19 +255,129 @@ def test_pytest_command() -> None:
     assert cmd[-2:] == ["-k", "ssh and not slow"]
 
 
+def _fake_run(*tests: tuple[str, str, str]) -> dict[str, Any]:
+    return {"tests": [{"nodeid": f"tests/posture/{n}", "outcome": o, "duration": 0.1,
+                       "controls": [c], "lab_only": None, "message": ""} for n, o, c in tests],
+            "duration": 2.0, "exitstatus": 0, "collect_errors": [],
+            "host_facts": {"os": "Debian GNU/Linux 12 (bookworm)", "kernel": "Linux 6.1.0",
+                           "boot_id": "b-1", "hostname": "h1", "clock": "2026-12-01T17:00:00Z"}}
+
+
+PASSING = ("test_ssh.py::test_root_login_is_refused", "passed", "SSH-02")
+FAILING = ("test_ssh.py::test_root_login_is_refused", "failed", "SSH-02")
+UNREACHABLE = {"tests": [], "exitstatus": 4, "duration": 1.0,
+               "error": "run stopped: unreachable: ssh://h1: Connection refused"}
+
+
+def _runs(monkeypatch: pytest.MonkeyPatch, *runs: dict[str, Any]) -> None:
+    """verify.run_tests answers these runs in turn, without a host."""
+    queue = list(runs)
+    monkeypatch.setattr(verify, "run_tests", lambda *a, **k: queue.pop(0))
+
+
+def _one_host(tmp_path: Path) -> str:
+    return _inventory(tmp_path, "all:\n  hosts:\n    h1: {ansible_host: 127.0.0.1, ansible_port: 9}\n")
+
+
+def test_each_run_gets_its_own_directory_and_latest_points_to_the_newest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inv, reports = _one_host(tmp_path), tmp_path / "reports"
+    _runs(monkeypatch, _fake_run(PASSING), _fake_run(FAILING))
+    assert verify.verify(inv, report_dir=reports) == 0
+    assert verify.verify(inv, report_dir=reports, diff=True) == 1
+    runs = sorted(p.name for p in (reports / "h1").iterdir() if p.name != "latest")
+    assert len(runs) == 2 and all(re.fullmatch(r"\d{8}T\d{6}Z(-\d+)?", r) for r in runs), runs
+    latest = reports / "h1" / "latest"
+    assert latest.is_symlink() and os.readlink(latest) == runs[1]  # relative: copyable
+    assert sorted(p.name for p in latest.iterdir()) == [
+        "SHA256SUMS", "h1.html", "h1.json", "h1.junit.xml", "h1.md"]
+    model = json.loads((latest / "h1.json").read_text())
+    assert model["schema_version"] == report.SCHEMA_VERSION and model["run"] == runs[1]
+    assert model["provenance"]["inventory"] == str(Path(inv).resolve())
+    assert model["provenance"]["operator"]["user"]
+    assert model["provenance"]["host_facts"]["boot_id"] == "b-1"
+    assert model["signature"]["signed"] is False
+    assert model["changes"]["previous"]["run"] == runs[0]
+    assert ("control", "SSH-02", "passed", "failed") in [
+        (i["what"], i["id"], i["before"], i["after"]) for i in model["changes"]["items"]]
+    assert "Changes since the previous run" in (latest / "h1.md").read_text()
+    out = capsys.readouterr().out
+    assert "==> changes since the previous run" in out
+    assert "  control SSH-02: passed -> failed" in out
+    assert "(NOT signed: no signing key given" in out
+    index = json.loads((reports / "index.json").read_text())
+    assert index["hosts"][0]["report"] == str(reports / "h1" / runs[1] / "h1.md")
+    assert f"[h1/{runs[1]}/h1.md](h1/{runs[1]}/h1.md)" in (reports / "index.md").read_text()
+    assert not list((reports / "h1").glob(".*"))  # no staging directory left behind
+
+
 def test_an_unreachable_host_keeps_its_last_good_report(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    inv = _inventory(tmp_path, "all:\n  hosts:\n    h1: {ansible_host: 127.0.0.1, ansible_port: 9}\n")
-    good = tmp_path / "reports"
-    good.mkdir()
-    (good / "h1.md").write_text("the last good report\n")
-    monkeypatch.setattr(verify, "run_tests", lambda *a, **k: {
-        "tests": [], "exitstatus": 4, "duration": 1.0,
-        "error": "run stopped: unreachable: ssh://h1: Connection refused"})
-    assert verify.verify(inv, report_dir=good) == verify.UNREACHABLE_EXIT
-    assert (good / "h1.md").read_text() == "the last good report\n"
-    record = json.loads((good / "h1.unreachable.json").read_text())
+    inv, reports = _one_host(tmp_path), tmp_path / "reports"
+    _runs(monkeypatch, _fake_run(PASSING), UNREACHABLE)
+    assert verify.verify(inv, report_dir=reports) == 0
+    latest = reports / "h1" / "latest"
+    good, target = (latest / "h1.md").read_text(), os.readlink(latest)
+    assert verify.verify(inv, report_dir=reports) == verify.UNREACHABLE_EXIT
+    assert os.readlink(latest) == target and (latest / "h1.md").read_text() == good
+    assert len([p for p in (reports / "h1").iterdir() if p.name[0].isdigit()]) == 1
+    record = json.loads((reports / "h1" / "unreachable.json").read_text())
     assert record["verdict"] == "UNREACHABLE" and "Connection refused" in record["reason"]
-    index = json.loads((good / "index.json").read_text())
+    index = json.loads((reports / "index.json").read_text())
     assert index["hosts"] == [{"host": "h1", "verdict": "UNREACHABLE", "report": None}]
+    # Reached again: the record goes, a new run becomes latest.
+    _runs(monkeypatch, _fake_run(PASSING))
+    assert verify.verify(inv, report_dir=reports) == 0
+    assert not (reports / "h1" / "unreachable.json").exists()
+    assert os.readlink(latest) != target
+
+
+def _key(tmp_path: Path, name: str) -> Path:
+    key = tmp_path / name
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key)],
+                   check=True)
+    return key
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs OpenSSH's ssh-keygen")
+def test_a_signed_run_verifies_and_a_tampered_one_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inv, reports = _one_host(tmp_path), tmp_path / "reports"
+    key = _key(tmp_path, "ops")
+    _runs(monkeypatch, _fake_run(PASSING))
+    assert verify.verify(inv, report_dir=reports, sign_key=str(key)) == 0
+    latest = reports / "h1" / "latest"
+    model = json.loads((latest / "h1.json").read_text())
+    assert model["signature"]["signed"] is True
+    assert model["signature"]["key"].startswith("SHA256:")
+    assert "signed by the operator's key SHA256:" in (latest / "h1.md").read_text()
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text(f"ops@example.org {(tmp_path / 'ops.pub').read_text()}")
+    ok = report_signing.check(reports / "h1", allowed)  # a host's directory: its latest run
+    assert ok.principals == ("ops@example.org",)
+    assert set(ok.files) == {"h1.json", "h1.md", "h1.html", "h1.junit.xml"}
+    md = latest / "h1.md"
+    md.write_text(md.read_text().replace("PASS", "PASS (reviewed)"))
+    with pytest.raises(report_signing.NotVerified, match=r"h1\.md was changed after it was signed"):
+        report_signing.check(latest, allowed)
+
+
+def test_a_signing_key_that_cannot_sign_stops_verify_before_any_test(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _runs(monkeypatch)  # any run would fail: the queue is empty
+    inv = _one_host(tmp_path)
+    (tmp_path / "not-a-key").write_text("hello\n")
+    for key, why in (("missing", "no such file"), ("not-a-key", "not an SSH key")):
+        with pytest.raises(verify.VerifyError, match=f"signing key.*{why}"):
+            verify.verify(inv, report_dir=tmp_path / "r", sign_key=str(tmp_path / key))
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_signing_key_can_come_from_the_inventory(tmp_path: Path) -> None:
+    inv = _inventory(tmp_path, "all:\n  hosts:\n    h1:\n"
+                               "      verify_report_signing_key: ~/.ssh/id_ed25519\n")
+    assert verify.resolve_targets(inv, None)[0].signing_key == "~/.ssh/id_ed25519"
