@@ -129,7 +129,7 @@ MYPY_TOOLKIT = ["toolkit/pipeline.py", "toolkit/tasks_ci.py", "toolkit/tasks_pla
                 "toolkit/inventory_check.py", "toolkit/tasks_inventory.py",
                 "toolkit/tasks_token.py", "toolkit/tasks_verify.py", "toolkit/exitcodes.py",
                 "toolkit/shell_channel.py", "toolkit/lab_coupling.py",
-                "toolkit/expectations.py", "toolkit/wheelhouse.py"]
+                "toolkit/expectations.py", "toolkit/wheelhouse.py", "toolkit/log_search.py"]
 
 
 def static_stages() -> list[Stage]:
