@@ -50,6 +50,9 @@ class Secret:
         v = self._value
         return tuple(dict.fromkeys((v, v.hex().upper().encode(), v.hex().encode())))
 
+    def same_as(self, other: Secret) -> bool:
+        return self._value == other._value
+
     def found_in(self, data: bytes) -> bool:
         return any(n in data for n in self.needles())
 

@@ -58,21 +58,21 @@ def _known_pins(host, expected) -> tuple[dict[str, Secret], list[str]]:  # type:
         looked.append(f"{path} on the host")
         with _unlogged(), host.sudo():
             r = host.run(f"cat -- {shlex.quote(path)}")
-        value = r.stdout_bytes.strip() if r.rc == 0 else b""
-        if value:
-            pins["user PIN (the daemon's PIN file)"] = Secret(value)
+        secret = Secret(r.stdout_bytes.strip()) if r.rc == 0 else Secret(b"")
+        del r  # nothing that holds the PIN stays in a frame a traceback could show
+        if len(secret):
+            pins["user PIN (the daemon's PIN file)"] = secret
     pin_dir = expected.get("token_pin_dir")
     if pin_dir:
         for name, label in (("user-pin", "user PIN"), ("so-pin", "SO PIN")):
             path = Path(str(pin_dir)) / name
             looked.append(f"{path} on the controller")
             try:
-                value = path.read_bytes().strip()
+                secret = Secret(path.read_bytes().strip())
             except OSError:
                 continue
-            if value and not any(s.found_in(value) and len(s) == len(value)
-                                 for s in pins.values()):
-                pins[f"{label} ({path.name} on the controller)"] = Secret(value)
+            if len(secret) and not any(secret.same_as(s) for s in pins.values()):
+                pins[f"{label} ({path.name} on the controller)"] = secret
     return pins, looked
 
 

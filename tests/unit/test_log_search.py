@@ -41,6 +41,7 @@ def test_a_secret_never_shows_itself() -> None:
     s = Secret(PIN)
     assert PIN.decode() not in repr(s) and PIN.decode() not in str(s) and f"{s}" == repr(s)
     assert repr(s) == "<secret, 16 bytes>"
+    assert s.same_as(Secret(PIN)) and not s.same_as(Secret(PIN[:-1]))
 
 
 def test_journal_export_is_split_into_entries_with_binary_fields() -> None:
