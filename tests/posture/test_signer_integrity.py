@@ -165,7 +165,9 @@ def test_a_copy_of_the_audit_log_without_its_first_entry_is_refused(host, expect
     refused and the first missing sequence number named (the live log is not touched)."""
     log = shlex.quote(expected["signer_audit_log"])
     with host.sudo(expected["signer_daemon_user"]):
-        copy = host.run(f"t=$(mktemp) && sed 1d {log} > \"$t\" && echo \"$t\"")
+        # an explicit /tmp: the root channel's TMPDIR (pam_tmpdir) is not the daemon user's
+        copy = host.run(f"t=$(mktemp /tmp/signhost-posture-audit.XXXXXX) && "
+                        f"sed 1d {log} > \"$t\" && echo \"$t\"")
     assert copy.rc == 0, copy.stderr
     tmp = shlex.quote(copy.stdout.strip())
     try:
