@@ -1,7 +1,7 @@
 """What the signer's own tests prove on the controller, proven on the deployed host: no token
 PIN in any log the host keeps, the live audit log vouched for by the installed audit
-certificate, the deployed policy the inventory's, and the daemon refusing (and auditing) a
-request made from the wrong account.
+certificate, the deployed policy the inventory's, the daemon refusing (and auditing) a
+request made from the wrong account, and the installed gateway refusing a malformed command.
 
 Each test leaves at most what it proves behind: an audit `deny` entry, never a signature, a
 queued request or a change of state.
@@ -292,4 +292,34 @@ def test_an_account_outside_the_gateway_group_cannot_reach_the_daemon(host, expe
                      f"{shlex.quote(expected['signer_socket'])}")
     assert r.rc != 0 and "connected" not in r.stdout, r.stdout
     assert "PermissionError" in r.stderr, r.stderr
+    assert _audit_lines(host, expected) == before, _audit_after(host, expected, before)
+
+
+# --- strict request parsing at the door (SGN-07) ---------------------------------------------
+
+BAD_COMMANDS = [
+    ("sh -i", "unknown command"),
+    ("sign --profile {profile}; id", "unknown option"),
+    ("sign --profile $(id)", "bad profile name"),
+    ("sign --profile {profile} --name 'a\nb'", "control"),
+    ("status ../../etc/passwd", "bad request id"),
+]
+
+
+@pytest.mark.control("SGN-07")
+@pytest.mark.parametrize(("command", "text"), BAD_COMMANDS, ids=[c for c, _ in BAD_COMMANDS])
+def test_the_installed_gateway_refuses_a_bad_command_in_one_line(host, expected, command, text):
+    """The forced command as deployed, run as the gateway account the way sshd runs it: a
+    command that is not exactly one of the signer's gets exit 64, one line on stderr, nothing on
+    stdout, and never reaches the daemon (nothing is audited)."""
+    if not expected["signer_clients"] or not expected["signer_profiles"]:
+        pytest.skip("does not apply: the inventory needs a build client and a profile")
+    client = str(expected["signer_clients"][0]["name"])
+    command = command.format(profile=expected["signer_profiles"][0]["name"])
+    before = _audit_lines(host, expected)
+    with host.sudo(expected["signer_gateway_user"]):
+        r = host.run(_gateway(expected, "client", client, command))
+    assert r.rc == 64, r.stdout + r.stderr
+    assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("signer: ") and text in r.stderr, r.stderr
     assert _audit_lines(host, expected) == before, _audit_after(host, expected, before)
