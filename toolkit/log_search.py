@@ -8,7 +8,11 @@ secret: `Secret` hides its value from repr, and a hit names where it is (file, j
 unit, time), never the text around it.
 
 A secret is searched as given and in the encodings a log applies: auditd writes an argument or
-a proctitle with a space, a quote or a NUL in it as upper-case hex.
+a proctitle with a space, a quote or a NUL in it as upper-case hex. A short secret (a hardware
+token's 6-digit PIN) would turn up by chance inside the numbers logs are full of (timestamps,
+PIDs, inode numbers): as given, it counts only where no letter or digit touches it (`pin=123456`,
+not `1764612648123456`), and the journal fields that journald itself fills with numbers and ids
+are not searched. Long secrets (the lab's 32-character PINs) count wherever they appear.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import bz2
 import gzip
 import io
 import lzma
+import re
 import struct
 import tarfile
 import zlib
@@ -27,15 +32,25 @@ from dataclasses import dataclass, field
 _ORIGIN = (b"_SYSTEMD_UNIT", b"_SYSTEMD_USER_UNIT", b"SYSLOG_IDENTIFIER", b"_COMM", b"_UID")
 _GZIP, _XZ, _BZ2, _ZSTD = b"\x1f\x8b", b"\xfd7zXZ\x00", b"BZh", b"\x28\xb5\x2f\xfd"
 MAX_DEPTH = 3  # a compressed file inside a compressed file inside ...
+SHORT = 12  # a secret shorter than this counts only between non-alphanumerics (see above)
+# Filled by journald, never with what a process says: numbers, ids, timestamps.
+_JOURNALD_FIELDS = frozenset({
+    b"_PID", b"_UID", b"_GID", b"_BOOT_ID", b"_MACHINE_ID", b"_HOSTNAME", b"_TRANSPORT",
+    b"_CAP_EFFECTIVE", b"_AUDIT_SESSION", b"_AUDIT_LOGINUID", b"_SOURCE_REALTIME_TIMESTAMP",
+    b"_SOURCE_MONOTONIC_TIMESTAMP", b"_SYSTEMD_INVOCATION_ID", b"_STREAM_ID",
+    b"_SYSTEMD_OWNER_UID", b"_SYSTEMD_SESSION", b"_LINE_BREAK", b"_RUNTIME_SCOPE",
+})
 
 
 class Secret:
     """A secret value that never shows itself in a repr, a traceback or an assertion message."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_bounded", "_value")
 
     def __init__(self, value: bytes) -> None:
         self._value = value
+        self._bounded = re.compile(
+            rb"(?<![A-Za-z0-9])" + re.escape(value) + rb"(?![A-Za-z0-9])") if value else None
 
     def __repr__(self) -> str:
         return f"<secret, {len(self._value)} bytes>"
@@ -45,16 +60,22 @@ class Secret:
     def __len__(self) -> int:
         return len(self._value)
 
-    def needles(self) -> tuple[bytes, ...]:
-        """The secret as it would appear in a log: as is, and hex-encoded as auditd writes it."""
-        v = self._value
-        return tuple(dict.fromkeys((v, v.hex().upper().encode(), v.hex().encode())))
+    def _encoded(self) -> tuple[bytes, ...]:
+        """Hex-encoded, as auditd writes an argument or a proctitle."""
+        hexed = self._value.hex()
+        return tuple(dict.fromkeys((hexed.upper().encode(), hexed.encode())))
 
     def same_as(self, other: Secret) -> bool:
         return self._value == other._value
 
     def found_in(self, data: bytes) -> bool:
-        return any(n in data for n in self.needles())
+        v = self._value
+        if not v:
+            return False
+        if v in data and (len(v) >= SHORT or (self._bounded is not None
+                                              and self._bounded.search(data) is not None)):
+            return True
+        return any(n in data for n in self._encoded())
 
 
 @dataclass
@@ -108,7 +129,9 @@ def search_journal(export: bytes, secrets: dict[str, Secret]) -> Findings:
     for entry in journal_entries(export):
         found.searched += 1
         for label, secret in secrets.items():
-            fields = [n.decode(errors="replace") for n, v in entry.items() if secret.found_in(v)]
+            fields = [n.decode(errors="replace") for n, v in entry.items()
+                      if not n.startswith(b"__") and n not in _JOURNALD_FIELDS
+                      and secret.found_in(v)]
             if fields:
                 origin = ", ".join(f"{n.decode()}={entry[n].decode(errors='replace')[:60]}"
                                    for n in _ORIGIN if n in entry)

@@ -14,7 +14,7 @@ import pytest
 from toolkit.log_search import Secret, journal_entries, search_file, search_journal, search_tar
 
 PIN = b"Zq8fK2mWw3rT9pXy"
-SECRETS = {"user PIN": Secret(PIN), "SO PIN": Secret(b"11223344")}
+SECRETS = {"user PIN": Secret(PIN), "SO PIN": Secret(b"11223344")}  # a short, numeric one
 
 
 def _entry(fields: dict[str, bytes], binary: dict[str, bytes] | None = None) -> bytes:
@@ -114,3 +114,24 @@ def test_a_broken_compressed_file_is_not_a_silent_pass(data: bytes) -> None:
     found = search_file("/var/log/x.gz", data, SECRETS)
     assert found.hits == []
     assert found.unsearched or found.searched == 1  # truncated: what it has was searched
+
+
+def test_a_short_numeric_pin_counts_only_where_it_stands_alone() -> None:
+    """A 6-digit hardware PIN turns up inside timestamps and ids by chance: not a hit there."""
+    pin = Secret(b"648213")
+    assert not pin.found_in(b"msg=audit(1764612648213.012:77): pid=648213x")
+    assert pin.found_in(b"COMMAND=/usr/bin/pkcs11-tool --pin 648213 --login")
+    assert pin.found_in(b"pin=648213\n")
+    assert pin.found_in(b"proctitle=" + b"--pin=648213".hex().upper().encode())
+    long = Secret(PIN)
+    assert long.found_in(b"x" + PIN + b"y")  # a long secret counts wherever it is
+
+
+def test_journald_numbers_are_not_searched_but_what_a_process_says_is() -> None:
+    pin = {"PIN": Secret(b"4242")}
+    entry = _entry({"__CURSOR": b"s=9", "__REALTIME_TIMESTAMP": b"4242", "_PID": b"4242",
+                    "MESSAGE": b"started"})
+    assert search_journal(entry, pin).hits == []
+    said = _entry({"__CURSOR": b"s=9", "_PID": b"4242", "_CMDLINE": b"tool --pin 4242"})
+    assert [h.split(", field(s) ")[1].split(" ")[0] for h in search_journal(said, pin).hits] == [
+        "_CMDLINE"]
