@@ -275,6 +275,7 @@ def render(inst: Instance, facts: dict[str, Any], example: Path = EXAMPLE) -> di
         "signer_custodians": rekey(custodians, custodian_map, [jump_lab_ipv4(inst)]),
         "usb_allowed_devices": [{"id": "{}:{}".format(facts["usb"]["token"]["vendor"],
                                                       facts["usb"]["token"]["product"]),
+                                 "interfaces": ["0b:*:*"],  # CCID, as the example's token
                                  "name": "lab token stand-in (QEMU usb-ccid)"}],
         # the token back end: SoftHSM2 instead of the example's hardware token
         "token_backend": "softhsm",

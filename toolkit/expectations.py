@@ -6,10 +6,12 @@ Values are the inventory's (role defaults underneath), templated by Ansible as a
 them (toolkit/hostvars.py).
 
 Only the variables named below are read, and none of them is a secret; `hostvars.public` drops
-any secret-named one as a second guard. The token's PIN *file path*, *how the PIN is entered*
-and whether admins' sudo asks for a password (`token_pin_file`, `token_pin_source`,
-`base_sudo_nopasswd`) are not secrets although their names look like it, so they are let
-through by name; PINs and passwords themselves are never read.
+any secret-named one as a second guard. The token's PIN *file path*, the controller directory
+the PINs are kept in, *how the PIN is entered* and whether admins' sudo asks for a password
+(`token_pin_file`, `token_pin_dir`, `token_pin_source`, `base_sudo_nopasswd`) are not secrets
+although their names look like it, so they are let through by name; PINs and passwords
+themselves are never read here (the posture test that looks for the PINs in the host's logs
+reads them itself, from where the token role keeps them).
 
 A variable whose templating fails (a lookup of a key file that is not on this controller) is
 left out and its error kept under `UNRESOLVED`, so that a test that needs it fails with the
@@ -39,17 +41,18 @@ NAMES: tuple[str, ...] = (
     "auditing_remote_server",
     # token
     "token_backend", "token_module", "token_label", "token_owner", "token_softhsm_conf",
-    "token_softhsm_store", "token_pcscd", "token_pin_source", "token_pin_file",
+    "token_softhsm_store", "token_pcscd", "token_pin_source", "token_pin_file", "token_pin_dir",
     # signer
     "signer_gateway_user", "signer_gateway_group", "signer_daemon_user", "signer_daemon_home",
     "signer_clients", "signer_custodians", "signer_profiles", "signer_config", "signer_venv",
-    "signer_socket", "signer_service", "signer_audit_log",
+    "signer_socket", "signer_service", "signer_audit_log", "signer_audit_cert",
     # how the suite observes the host (inventory values, no role reads them)
     "verify_kind", "verify_egress_probe", "verify_vantage_points", "verify_usb_hotplug",
 )
 
 # Not secrets, though their names match hostvars.SECRET: a path and a mode, no PIN.
-NOT_SECRET = frozenset({"token_pin_file", "token_pin_source", "base_sudo_nopasswd"})
+NOT_SECRET = frozenset({"token_pin_file", "token_pin_dir", "token_pin_source",
+                        "base_sudo_nopasswd"})
 
 # Keys of the result that are not inventory variables.
 UNRESOLVED = "_unresolved"  # {name: why it could not be templated}

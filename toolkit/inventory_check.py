@@ -8,7 +8,9 @@ inventory, templating and vault, role defaults underneath):
   first task; here they are checked before anything else runs;
 - the rules no single role can see: custodians' SSH keys unique, every profile's clients and
   custodians defined, approvals not above the profile's custodians, names the signer accepts
-  (its own NAME_RE), each SSH key line one valid public key (ssh-keygen reads it).
+  (its own NAME_RE), each SSH key line one valid public key (ssh-keygen reads it), each `from`
+  pattern one that fits in the authorized_keys line (the signer role's own rule, from its
+  filter plugin, which the role applies again before it writes anything).
 
 Every problem is one line that starts with the host's name. A variable whose lookup fails here
 (a key file missing on this controller) is such a problem, named by its variable: the play
@@ -17,12 +19,14 @@ would fail on it too, later and half-way.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +301,11 @@ def cross_rules(clients: Any, custodians: Any, profiles: Any) -> list[str]:
     for name in sorted(both):
         problems.append(f"signer_custodians: {name!r} is a client's name too")
 
+    for var, items in (("signer_clients", client_list), ("signer_custodians", custodian_list)):
+        for d in items:
+            problems += [f"{var}[{d.get('name')}].from: {p}"
+                         for p in _authorized_keys_rule("from_problems")(d.get("from"))]
+
     # One key, one person: a custodian whose key another custodian (or a build client) also
     # holds is not an independent approval.
     owners: dict[str, list[str]] = {}
@@ -332,6 +341,18 @@ def cross_rules(clients: Any, custodians: Any, profiles: Any) -> list[str]:
                 "custodians"
             )
     return problems
+
+
+@cache
+def _authorized_keys_rule(name: str) -> Callable[[Any], list[str]]:
+    """A rule of the signer role's authorized_keys check (one rule, two places that apply it)."""
+    path = ROLES / "signer" / "filter_plugins" / "signer_authorized_keys.py"
+    spec = importlib.util.spec_from_file_location("signer_authorized_keys", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rule: Callable[[Any], list[str]] = getattr(module, name)
+    return rule
 
 
 def _key_blob(line: str) -> str:

@@ -189,7 +189,7 @@ MYPY_TOOLKIT = ["toolkit/pipeline.py", "toolkit/tasks_ci.py", "toolkit/tasks_pla
                 "toolkit/shell_channel.py", "toolkit/lab_coupling.py",
                 "toolkit/expectations.py", "toolkit/wheelhouse.py", "toolkit/registry.py",
                 "toolkit/task_tags.py", "toolkit/timings.py", "toolkit/report.py",
-                "toolkit/report_signing.py", "toolkit/pytest_verify.py"]
+                "toolkit/report_signing.py", "toolkit/pytest_verify.py", "toolkit/log_search.py"]
 
 
 def static_stages() -> list[Stage]:

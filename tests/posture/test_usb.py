@@ -3,6 +3,7 @@ way to plug them (verify_usb_hotplug)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 
@@ -30,19 +31,65 @@ def test_usbguard_blocks_by_default(host) -> None:  # type: ignore[no-untyped-de
         assert line in conf.splitlines(), line
 
 
+_RULE_ID = re.compile(r"(?:^| )id (\S+)")
+_RULE_SERIAL = re.compile(r' serial "([^"]*)"')
+_RULE_INTERFACES = re.compile(
+    r" with-interface (?:(all-of|one-of|none-of|equals|equals-ordered|match-all) )?"
+    r"(?:\{ ([^}]*) \}|(\S+))")
+
+
+def _allow_rules(host) -> dict[str, dict[str, object]]:  # type: ignore[no-untyped-def]
+    """The daemon's rules (`usbguard list-rules`) by device id: serial, interface operator and set."""
+    rules: dict[str, dict[str, object]] = {}
+    for rule in host.check_output("usbguard list-rules").splitlines():
+        if not rule.strip():
+            continue
+        target = rule.split(": ", 1)[1]
+        assert target.startswith("allow id "), f"not an id allow-list rule: {rule}"
+        # never "what was plugged in": no hash or port pinning from generate-policy
+        for attribute in (" hash ", " parent-hash ", " via-port "):
+            assert attribute not in target, rule
+        dev = _RULE_ID.search(target)
+        serial = _RULE_SERIAL.search(target)
+        interfaces = _RULE_INTERFACES.search(target)
+        assert dev and dev.group(1).lower() not in rules, rule
+        rules[dev.group(1).lower()] = {
+            "serial": serial.group(1) if serial else None,
+            "operator": (interfaces.group(1) or "equals") if interfaces else None,
+            "interfaces": sorted((interfaces.group(2) or interfaces.group(3)).split())
+            if interfaces else None,
+            "rule": rule,
+        }
+    return rules
+
+
 @pytest.mark.control("USB-02")
 def test_usbguard_allows_only_listed_device_ids(host, expected) -> None:  # type: ignore[no-untyped-def]
     listed = {str(d["id"]).lower() for d in expected["usb_allowed_devices"]}
-    rules = [r for r in host.check_output("usbguard list-rules").splitlines() if r.strip()]
-    allowed: set[str] = set()
-    for rule in rules:
-        target = rule.split(": ", 1)[1]
-        assert target.startswith("allow id "), f"not an id allow-list rule: {rule}"
-        # never "what was plugged in": no serial, hash or port pinning from generate-policy
-        assert " hash " not in target and " serial " not in target, rule
-        allowed.add(target.split()[2].lower())
+    allowed = set(_allow_rules(host))
     # exactly the inventory's ids: none missing (the token would be blocked), none added
     assert allowed == listed, f"USBGuard allows {sorted(allowed)}, the inventory lists {sorted(listed)}"
+
+
+@pytest.mark.control("USB-02")
+def test_each_allowed_device_is_pinned_to_its_interface_classes_and_serial(host, expected) -> None:  # type: ignore[no-untyped-def]
+    """A device that claims the token's vendor:product but brings a storage or keyboard
+    interface must not match: every allow rule names exactly the inventory's interface classes
+    (`equals`), and the serial where the inventory gives one."""
+    devices = expected["usb_allowed_devices"]
+    if not devices:
+        pytest.skip("does not apply: the inventory allows no USB device (usb_allowed_devices)")
+    rules = _allow_rules(host)
+    for d in devices:
+        dev = str(d["id"]).lower()
+        got = rules.get(dev)
+        assert got is not None, f"no allow rule for {dev}"
+        assert got["operator"] == "equals" and got["interfaces"] is not None, (
+            f"{dev} is not pinned to exactly its interface classes: {got['rule']}")
+        assert got["interfaces"] == sorted(str(c).lower() for c in d["interfaces"]), got["rule"]
+        want_serial = str(d["serial"]) if d.get("serial") else None
+        assert got["serial"] == want_serial, (
+            f"{dev}: serial {got['serial']!r} in the rule, {want_serial!r} in the inventory")
 
 
 @pytest.mark.control("USB-01", "USB-02")

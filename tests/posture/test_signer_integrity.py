@@ -1,0 +1,325 @@
+"""What the signer's own tests prove on the controller, proven on the deployed host: no token
+PIN in any log the host keeps, the live audit log vouched for by the installed audit
+certificate, the deployed policy the inventory's, the daemon refusing (and auditing) a
+request made from the wrong account, and the installed gateway refusing a malformed command.
+
+Each test leaves at most what it proves behind: an audit `deny` entry, never a signature, a
+queued request or a change of state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import shlex
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from toolkit.log_search import Findings, Secret, decompress_gzip, search_journal, search_tar
+
+REQUEST_ID = "0" * 32  # a well-formed request id no one has
+
+
+def _signer(expected) -> str:  # type: ignore[no-untyped-def]
+    return f"{expected['signer_venv']}/bin/signer"
+
+
+@contextlib.contextmanager
+def _unlogged() -> Iterator[None]:
+    """testinfra logs every command's result (stdout included) at debug level: not this one."""
+    logger = logging.getLogger("testinfra")
+    was, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = was
+
+
+# --- no PIN in any log (TOK-03) --------------------------------------------------------------
+
+def _known_pins(host, expected) -> tuple[dict[str, Secret], list[str]]:  # type: ignore[no-untyped-def]
+    """The token's PINs from where the token role keeps them, and where each was looked for.
+
+    On the host: the daemon's PIN file (pin_source file), read through the root channel; its
+    content comes back on the channel's output, which nothing logs (the command line, which
+    the host logs, is `cat PATH`). On the controller: the token role's PIN directory
+    (token_pin_dir: user-pin, and so-pin where the role initialised the token).
+    """
+    pins: dict[str, Secret] = {}
+    looked: list[str] = []
+    if expected["token_pin_source"] == "file":
+        path = expected["token_pin_file"]
+        looked.append(f"{path} on the host")
+        with _unlogged(), host.sudo():
+            r = host.run(f"cat -- {shlex.quote(path)}")
+        secret = Secret(r.stdout_bytes.strip()) if r.rc == 0 else Secret(b"")
+        del r  # nothing that holds the PIN stays in a frame a traceback could show
+        if len(secret):
+            pins["user PIN (the daemon's PIN file)"] = secret
+    pin_dir = expected.get("token_pin_dir")
+    if pin_dir:
+        for name, label in (("user-pin", "user PIN"), ("so-pin", "SO PIN")):
+            path = Path(str(pin_dir)) / name
+            looked.append(f"{path} on the controller")
+            try:
+                secret = Secret(path.read_bytes().strip())
+            except OSError:
+                continue
+            if len(secret) and not any(secret.same_as(s) for s in pins.values()):
+                pins[f"{label} ({path.name} on the controller)"] = secret
+    return pins, looked
+
+
+def _log_sources(expected) -> list[str]:  # type: ignore[no-untyped-def]
+    """Log files outside the journal: /var/log (the audit log and sudo's log included, wherever
+    auditd.conf and the inventory put them) and the signer's own audit log."""
+    paths = ["/var/log", str(expected["signer_audit_log"])]
+    sudo_log = expected.get("base_sudo_logfile")
+    if sudo_log:
+        paths.append(str(sudo_log))
+    return paths
+
+
+def _search_host_logs(host, expected, pins: dict[str, Secret]) -> Findings:  # type: ignore[no-untyped-def]
+    found = Findings()
+    # Every journal the host keeps (system and users', persistent and volatile: root's
+    # journalctl reads them all), every field of every entry, compressed for the trip.
+    with host.sudo():
+        journal = host.run("bash -o pipefail -c "
+                           "'journalctl --no-pager -q -o export | gzip -1 -c'")
+    if journal.rc != 0:
+        found.unsearched.append(f"the journal: journalctl failed: {journal.stderr[-300:]}")
+    else:
+        found.add(search_journal(decompress_gzip(journal.stdout_bytes), pins))
+    # The log files: /var/log (binary journal files left out: read above, decompressed),
+    # auditd's log directory wherever auditd.conf puts it, the signer's audit log.
+    audit_dir = host.run(
+        "sed -n 's/^[[:space:]]*log_file[[:space:]]*=[[:space:]]*//p' /etc/audit/auditd.conf"
+    ).stdout.strip()
+    paths = _log_sources(expected) + ([str(Path(audit_dir).parent)] if audit_dir else [])
+    with host.sudo():
+        existing = host.run("for p in " + " ".join(shlex.quote(p) for p in paths)
+                            + '; do [ -e "$p" ] && printf "%s\\n" "${p#/}"; done').stdout.split()
+        files = host.run(
+            "tar -C / --exclude=var/log/journal --ignore-failed-read -czf - "
+            + " ".join(shlex.quote(p) for p in sorted(set(existing))))
+    if files.rc not in (0, 1):  # 1: a file changed while it was read (logs do)
+        found.unsearched.append(f"the log files: tar failed: {files.stderr[-300:]}")
+    else:
+        found.add(search_tar(files.stdout_bytes, pins))
+    return found
+
+
+@pytest.mark.control("TOK-03")
+def test_no_token_pin_appears_in_any_log_of_the_host(host, expected):
+    """Sudo's command lines, auditd's execve records, every unit's and user's journal: the
+    PINs reach the host only through channels no log records (stdin, a file the daemon's user
+    alone reads). Compared on the controller: a search on the host would put the PIN on a
+    command line there. No PIN or log text is ever printed, only where a hit is."""
+    pins, looked = _known_pins(host, expected)
+    if not pins:
+        pytest.skip("does not apply: no token PIN is known here to look for (looked in "
+                    + "; ".join(looked) + ")")
+    found = _search_host_logs(host, expected, pins)
+    assert found.searched > 0, "no log was searched"
+    assert not found.unsearched, "logs that could not be searched: " + "; ".join(found.unsearched)
+    assert not found.hits, (f"{len(found.hits)} place(s) in the host's logs hold a token PIN: "
+                            + "; ".join(found.hits[:20]))
+
+
+# --- the live audit log (SGN-05) -------------------------------------------------------------
+
+def _audit_verify(host, expected, log: str) -> tuple[int, str]:  # type: ignore[no-untyped-def]
+    """`signer audit verify --cert AUDIT-CERT --live LOG` as the daemon's user (its files)."""
+    cmd = (f"{_signer(expected)} audit verify --cert {shlex.quote(expected['signer_audit_cert'])} "
+           f"--live {log}")
+    with host.sudo(expected["signer_daemon_user"]):
+        r = host.run(cmd)
+    return r.rc, (r.stdout + r.stderr).strip()
+
+
+@pytest.mark.control("SGN-05")
+def test_the_live_audit_log_is_vouched_for_by_the_installed_audit_certificate(host, expected):
+    """The hash chain and every checkpoint's signature, checked against the audit key's
+    certificate installed on the host; the tail after the last checkpoint is reported, not
+    failed (the daemon is running)."""
+    log = shlex.quote(expected["signer_audit_log"])
+    rc, said = _audit_verify(host, expected, log)
+    if rc != 0 and "no checkpoint" in said and expected["token_pin_source"] == "prompt":
+        pytest.skip("does not apply yet: the daemon has been locked since it was deployed "
+                    "(pin_source prompt) and no custodian has unlocked it, so no checkpoint "
+                    f"is signed: {said}")
+    assert rc == 0, said
+    assert re.search(r"ok: seq 0\.\.\d+, [1-9]\d* checkpoint\(s\) verified", said), said
+
+
+@pytest.mark.control("SGN-05")
+def test_a_copy_of_the_audit_log_without_its_first_entry_is_refused(host, expected):
+    """The same verifier on the host is not a formality: a copy with its first line cut is
+    refused and the first missing sequence number named (the live log is not touched)."""
+    log = shlex.quote(expected["signer_audit_log"])
+    with host.sudo(expected["signer_daemon_user"]):
+        # an explicit /tmp: the root channel's TMPDIR (pam_tmpdir) is not the daemon user's
+        copy = host.run(f"t=$(mktemp /tmp/signhost-posture-audit.XXXXXX) && "
+                        f"sed 1d {log} > \"$t\" && echo \"$t\"")
+    assert copy.rc == 0, copy.stderr
+    tmp = shlex.quote(copy.stdout.strip())
+    try:
+        rc, said = _audit_verify(host, expected, tmp)
+    finally:
+        with host.sudo():
+            host.run(f"rm -f -- {tmp}")
+    assert rc == 1, said
+    assert "first bad seq 0" in said, said
+
+
+# --- the deployed policy is the inventory's (SGN-02, SGN-03, SGN-04) -------------------------
+
+PROFILE_FIELDS = ("algorithm", "formats", "max_size", "clients", "approvals", "custodians",
+                  "budget_count", "budget_window", "max_queued", "request_ttl")
+
+
+def _deployed(host, expected) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    with host.sudo():
+        return tomllib.loads(host.file(expected["signer_config"]).content_string)
+
+
+@pytest.mark.control("SGN-02", "SGN-03", "SGN-04")
+def test_the_deployed_policy_is_the_inventorys(host, expected):
+    """Profiles (who may use each, approvals and custodians, budget), clients and custodians
+    (their keys and the account each is bound to): every value the inventory gives is the one
+    the daemon's configuration has, and nothing is there that the inventory does not list."""
+    cfg = _deployed(host, expected)
+    wrong: list[str] = []
+    profiles = {str(p["name"]): p for p in expected["signer_profiles"]}
+    deployed = cfg.get("profiles", {})
+    if set(deployed) != set(profiles):
+        wrong.append(f"profiles: deployed {sorted(deployed)}, inventory {sorted(profiles)}")
+    for name, want in profiles.items():
+        got = deployed.get(name, {})
+        for key in PROFILE_FIELDS:
+            if key in want and got.get(key) != want[key]:
+                wrong.append(f"profiles.{name}.{key}: deployed {got.get(key)!r}, "
+                             f"inventory {want[key]!r}")
+    gateway = expected["signer_gateway_user"]
+    for section, entries, account in (
+            ("clients", expected["signer_clients"], lambda c: gateway),
+            ("custodians", expected["signer_custodians"], lambda c: c["name"])):
+        listed = {str(c["name"]): c for c in entries}
+        have = cfg.get(section, {})
+        if set(have) != set(listed):
+            wrong.append(f"{section}: deployed {sorted(have)}, inventory {sorted(listed)}")
+        for name, c in listed.items():
+            got = have.get(name, {})
+            if got.get("ssh_key") != str(c["ssh_key"]).strip():
+                wrong.append(f"{section}.{name}.ssh_key differs from the inventory's")
+            if got.get("account") != account(c):
+                wrong.append(f"{section}.{name}.account: deployed {got.get('account')!r}, "
+                             f"want {account(c)!r}")
+    assert not wrong, "; ".join(wrong)
+
+
+@pytest.mark.control("SGN-02", "SGN-03", "SGN-04", "SGN-08")
+def test_the_daemon_runs_the_deployed_policy(host, expected):
+    """The running daemon read the configuration that is on disk: it started after the file
+    was last written (a policy change that was never applied would leave the old one running)."""
+    unit, config = f"{expected['signer_service']}.service", expected["signer_config"]
+    with host.sudo():
+        started = host.check_output(f"date -d \"$(systemctl show -p ExecMainStartTimestamp "
+                                    f"--value {unit})\" +%s")
+        written = host.check_output(f"stat -c %Y {shlex.quote(config)}")
+    assert int(started) >= int(written), (
+        f"{unit} started at {time.strftime('%F %T', time.gmtime(int(started)))} UTC, before "
+        f"{config} was written at {time.strftime('%F %T', time.gmtime(int(written)))} UTC")
+
+
+# --- refusals from the wrong account (SGN-02) ------------------------------------------------
+
+def _audit_lines(host, expected) -> int:  # type: ignore[no-untyped-def]
+    with host.sudo():
+        return int(host.check_output(f"wc -l < {shlex.quote(expected['signer_audit_log'])}"))
+
+
+def _audit_after(host, expected, before: int) -> list[dict]:  # type: ignore[no-untyped-def,type-arg]
+    with host.sudo():
+        tail = host.check_output(
+            f"tail -n +{before + 1} {shlex.quote(expected['signer_audit_log'])}")
+    return [json.loads(line) for line in tail.splitlines() if line.strip()]
+
+
+def _gateway(expected, role: str, name: str, command: str) -> str:  # type: ignore[no-untyped-def]
+    return (f"SSH_ORIGINAL_COMMAND={shlex.quote(command)} {_signer(expected)} gateway "
+            f"--{role} {name} --config {expected['signer_config']} </dev/null")
+
+
+@pytest.mark.control("SGN-02")
+def test_a_custodians_account_cannot_speak_as_a_build_client(host, expected):
+    """A custodian's account (in the socket's group) claiming a build client's name is refused
+    by the daemon (SO_PEERCRED: the name belongs to the gateway account), and the refusal is
+    audited; the command is a read (`status`), so nothing else changes."""
+    if not expected["signer_custodians"] or not expected["signer_clients"]:
+        pytest.skip("does not apply: the inventory needs a custodian and a build client")
+    custodian = str(expected["signer_custodians"][0]["name"])
+    client = str(expected["signer_clients"][0]["name"])
+    before = _audit_lines(host, expected)
+    with host.sudo(custodian):
+        r = host.run(_gateway(expected, "client", client, f"status {REQUEST_ID}"))
+    assert r.rc == 77, r.stdout + r.stderr
+    assert "account" in r.stderr and r.stdout == "", r.stderr
+    denials = [e for e in _audit_after(host, expected, before)
+               if e.get("event") == "deny" and e.get("client") == client]
+    assert len(denials) == 1, _audit_after(host, expected, before)
+    assert "connected as uid" in str(denials[0].get("reason")), denials[0]
+
+
+CONNECT_PROBE = ("import socket, sys; s = socket.socket(socket.AF_UNIX); "
+                 "s.connect(sys.argv[1]); print('connected')")
+
+
+@pytest.mark.control("SGN-02")
+def test_an_account_outside_the_gateway_group_cannot_reach_the_daemon(host, expected):
+    """Any other local account (here `nobody`) does not even reach the daemon: the socket
+    refuses the connection, so nothing can be asked and nothing is logged."""
+    before = _audit_lines(host, expected)
+    with host.sudo("nobody"):
+        r = host.run(f"python3 -c {shlex.quote(CONNECT_PROBE)} "
+                     f"{shlex.quote(expected['signer_socket'])}")
+    assert r.rc != 0 and "connected" not in r.stdout, r.stdout
+    assert "PermissionError" in r.stderr, r.stderr
+    assert _audit_lines(host, expected) == before, _audit_after(host, expected, before)
+
+
+# --- strict request parsing at the door (SGN-07) ---------------------------------------------
+
+BAD_COMMANDS = [
+    ("sh -i", "unknown command"),
+    ("sign --profile {profile}; id", "unknown option"),
+    ("sign --profile $(id)", "bad profile name"),
+    ("sign --profile {profile} --name 'a\nb'", "control"),
+    ("status ../../etc/passwd", "bad request id"),
+]
+
+
+@pytest.mark.control("SGN-07")
+@pytest.mark.parametrize(("command", "text"), BAD_COMMANDS, ids=[c for c, _ in BAD_COMMANDS])
+def test_the_installed_gateway_refuses_a_bad_command_in_one_line(host, expected, command, text):
+    """The forced command as deployed, run as the gateway account the way sshd runs it: a
+    command that is not exactly one of the signer's gets exit 64, one line on stderr, nothing on
+    stdout, and never reaches the daemon (nothing is audited)."""
+    if not expected["signer_clients"] or not expected["signer_profiles"]:
+        pytest.skip("does not apply: the inventory needs a build client and a profile")
+    client = str(expected["signer_clients"][0]["name"])
+    command = command.format(profile=expected["signer_profiles"][0]["name"])
+    before = _audit_lines(host, expected)
+    with host.sudo(expected["signer_gateway_user"]):
+        r = host.run(_gateway(expected, "client", client, command))
+    assert r.rc == 64, r.stdout + r.stderr
+    assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("signer: ") and text in r.stderr, r.stderr
+    assert _audit_lines(host, expected) == before, _audit_after(host, expected, before)
