@@ -125,3 +125,13 @@ def test_the_production_state_directory_is_the_default() -> None:
     text = HELPER.read_text()
     assert "STATE=${SIGNHOST_ROLLBACK_STATE:-/var/lib/signhost/rollback}" in text
     assert os.access(HELPER, os.X_OK)
+
+
+def test_a_confirmation_after_the_roll_back_ran_fails(box: Box) -> None:
+    """A probe that got through only after the timer restored the old file must not report the
+    new one as confirmed: the play has to fail."""
+    assert box.arm(_backup(box)).returncode == 0
+    assert box.run("restore", "ssh").returncode == 0  # the timer fired first
+    late = box.run("disarm", "ssh")
+    assert late.returncode != 0 and "NOT confirmed" in late.stderr
+    assert box.dest.read_text() == "old\n"
