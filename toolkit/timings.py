@@ -12,7 +12,6 @@ after it) it prints the ratio second/first, the figure issue 14 asks to bring do
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from invoke.context import Context
 from invoke.tasks import task
 
 from toolkit.ansible_run import ROOT
+from toolkit.controls import read_events
 
 LOG_DIR = ROOT / "reports" / "logs"
 
@@ -36,21 +36,10 @@ class TaskTime:
     changed: int
 
 
-def read(path: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed run
-    return out
-
-
 def task_times(events: list[dict[str, Any]]) -> tuple[list[TaskTime], float]:
     """Per-task durations, in run order, and the run's total (first event to last)."""
     if not events:
         return [], 0.0
-    marks = [e for e in events if e.get("event") in ("task", "end", "play")]
     times: list[TaskTime] = []
     current: TaskTime | None = None
     started = 0.0
@@ -70,8 +59,7 @@ def task_times(events: list[dict[str, Any]]) -> tuple[list[TaskTime], float]:
     if current is not None:  # a killed run: the last task ran until the last event
         current.seconds = round(float(events[-1]["t"]) - started, 3)
         times.append(current)
-    total = float(events[-1]["t"]) - float(events[0]["t"]) if marks else 0.0
-    return times, round(total, 3)
+    return times, round(float(events[-1]["t"]) - float(events[0]["t"]), 3)
 
 
 def by_role(times: list[TaskTime]) -> dict[str, float]:
@@ -88,7 +76,7 @@ def runs(play: str, log_dir: Path = LOG_DIR) -> list[Path]:
 
 
 def render(path: Path, top: int) -> str:
-    times, total = task_times(read(path))
+    times, total = task_times(read_events(path))
     lines = [f"{path.name}: {total:.0f}s in {len(times)} tasks"]
     for role, secs in by_role(times).items():
         lines.append(f"    role {role:<12} {secs:7.1f}s")
@@ -121,8 +109,8 @@ def timings(c: Context, play: str = "", top: int = 12, log_dir: str = "") -> Non
         for p in last:
             print(render(p, top))
         if len(last) == 2:
-            first = task_times(read(last[0]))[1]
-            second = task_times(read(last[1]))[1]
+            first = task_times(read_events(last[0]))[1]
+            second = task_times(read_events(last[1]))[1]
             if first > 0:
                 print(f"==> {name}: second run / first run = {second:.0f}s / {first:.0f}s"
                       f" = {second / first:.2f}\n")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from toolkit import timings
 from toolkit.ansible_run import ROOT
+from toolkit.controls import read_events
 
 
 def _write(path: Path, events: list[dict]) -> Path:
@@ -26,7 +27,7 @@ def test_task_time_runs_from_its_start_to_the_next_start(tmp_path: Path) -> None
         {"event": "result", "t": 104.0, "status": "ok", "host": "h"},
         {"event": "end", "t": 110.0},
     ]
-    times, total = timings.task_times(timings.read(_write(tmp_path / "x.events.jsonl", ev)))
+    times, total = timings.task_times(read_events(_write(tmp_path / "x.events.jsonl", ev)))
     assert [(t.name, t.seconds, t.results, t.changed) for t in times] == [
         ("A", 3.0, 2, 1), ("B", 6.5, 1, 0)]
     assert total == 10.0
@@ -51,7 +52,7 @@ def test_the_callback_records_task_starts_in_a_real_play(tmp_path: Path) -> None
     env = dict(os.environ, SIGNHOST_EVENTS=str(events), ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"))
     subprocess.run([str(ROOT / ".venv/bin/ansible-playbook"), "-i", "localhost,", "-c", "local",
                     str(play)], check=True, env=env, cwd=ROOT, capture_output=True)
-    times, _ = timings.task_times(timings.read(events))
+    times, _ = timings.task_times(read_events(events))
     assert [t.name for t in times] == ["first", "second"]
     assert times[0].results == 1
     assert times[0].seconds > 0
