@@ -78,6 +78,9 @@ class Run:
 
 
 _KEY = pytest.StashKey[Run]()
+# The sudo password the root channel used (None: sudo asked for none). Kept for the test that
+# looks for it in the host's logs; never printed.
+_BECOME_KEY = pytest.StashKey["str | None"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -317,6 +320,18 @@ class Vantage:
 
 
 @pytest.fixture(scope="session")
+def become_password(pytestconfig: pytest.Config, host: Any) -> Any:
+    """The sudo password the suite's root channel gave sudo (from the inventory's vault or
+    --become-password-fd), as a log_search.Secret that never shows itself in a traceback;
+    None when sudo asked for none. Only for looking it up in logs."""
+    from toolkit.log_search import Secret
+
+    del host  # the channel is opened first: it is what reads the password
+    pw = pytestconfig.stash.get(_BECOME_KEY, None)
+    return Secret(pw.encode()) if pw else None
+
+
+@pytest.fixture(scope="session")
 def vantage(expected: Expected) -> Callable[[str], Vantage]:
     """`vantage("outside")`: that vantage point, or a skip saying the inventory has none."""
 
@@ -378,6 +393,7 @@ def _inventory_channel(config: pytest.Config, run: Run, sudo: bool) -> Any:
         ep = connection.endpoint(run.inv, run.host_name, password=password)
     except (hostvars.InventoryError, connection.ConnectionError_) as exc:
         pytest.exit(f"cannot connect to {run.host_name}: {exc}", returncode=3)
+    config.stash[_BECOME_KEY] = ep.become_password
     return shell_channel.host_from_launcher(
         run.host_name, list(ep.argv), sudo=sudo, password=ep.become_password
     )

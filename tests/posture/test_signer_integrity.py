@@ -133,6 +133,22 @@ def test_no_token_pin_appears_in_any_log_of_the_host(host, expected):
                             + "; ".join(found.hits[:20]))
 
 
+@pytest.mark.control("BASE-05")
+def test_no_sudo_password_appears_in_any_log_of_the_host(host, expected, become_password):
+    """The admin's sudo password (ansible-vault, or asked once) reaches sudo only on its
+    standard input or terminal: through Ansible's become (Mitogen answers sudo's prompt on a
+    pty), the verify suite's root channel (`sudo -S`) and the outside auditors. Every run
+    before this one on the host left its traces in the logs searched here."""
+    if not become_password:
+        pytest.skip("does not apply: sudo on this host asks no password (the inventory gives "
+                    "none and none was asked for)")
+    found = _search_host_logs(host, expected, {"the admin's sudo password": become_password})
+    assert found.searched > 0, "no log was searched"
+    assert not found.unsearched, "logs that could not be searched: " + "; ".join(found.unsearched)
+    assert not found.hits, (f"{len(found.hits)} place(s) in the host's logs hold the sudo "
+                            "password: " + "; ".join(found.hits[:20]))
+
+
 # --- the live audit log (SGN-05) -------------------------------------------------------------
 
 def _audit_verify(host, expected, log: str) -> tuple[int, str]:  # type: ignore[no-untyped-def]
