@@ -1,10 +1,10 @@
 """Ansible callback: one JSON line per task result, so a run can say which controls it applied.
 
 Enabled by ansible.cfg (`callbacks_enabled`); silent unless $SIGNHOST_EVENTS names a file. The
-toolkit sets it for every play it runs (toolkit/ansible_run.py) and reads the file back
-(toolkit/controls.py) to tell the operator, per host and per control id, which controls the run
-applied, changed or failed and which are not in place. Each result carries the task's effective
-tags, control ids among them. Normal output (the stdout callback) is not touched.
+toolkit sets it for every play it runs (toolkit/runner/ansible_run.py) and reads the file back
+(toolkit/runner/controls.py) to tell the operator, per host and per control id, which controls
+the run applied, changed or failed and which are not in place. Each result carries the task's
+effective tags, control ids among them. Normal output (the stdout callback) is not touched.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class CallbackModule(CallbackBase):
 
     def v2_playbook_on_play_start(self, play) -> None:
         # The playbook and the tag selection let the toolkit tell, per control id, the tasks
-        # this run selected from those it left out (toolkit/controls.py).
+        # this run selected from those it left out (toolkit/runner/controls.py).
         self._emit(
             {
                 "event": "play",

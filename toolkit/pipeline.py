@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from toolkit.ansible_run import ROOT, venv_exe
+from toolkit.runner.ansible_run import ROOT, venv_exe
 
 REPORTS = ROOT / "reports"
 CI_DIR = REPORTS / "ci"
@@ -181,15 +181,18 @@ def invoke(*args: str) -> list[str]:
 
 
 # mypy --strict: the signer (it runs on the host), the lab and the pipeline itself.
-MYPY_TOOLKIT = ["toolkit/pipeline.py", "toolkit/tasks_ci.py", "toolkit/tasks_playbooks.py",
-                "toolkit/hostvars.py", "toolkit/ansible_run.py", "toolkit/bench.py",
-                "toolkit/controls.py", "toolkit/connection.py", "toolkit/verify.py",
-                "toolkit/inventory_check.py", "toolkit/tasks_inventory.py",
-                "toolkit/tasks_token.py", "toolkit/tasks_verify.py", "toolkit/exitcodes.py",
-                "toolkit/shell_channel.py", "toolkit/lab_coupling.py",
-                "toolkit/expectations.py", "toolkit/wheelhouse.py", "toolkit/registry.py",
-                "toolkit/task_tags.py", "toolkit/timings.py", "toolkit/report.py",
-                "toolkit/report_signing.py", "toolkit/pytest_verify.py", "toolkit/log_search.py"]
+MYPY_TOOLKIT = ["toolkit/pipeline.py", "toolkit/tasks/ci.py", "toolkit/tasks/plays.py",
+                "toolkit/runner/hostvars.py", "toolkit/runner/ansible_run.py",
+                "toolkit/tasks/bench.py", "toolkit/runner/controls.py",
+                "toolkit/runner/connection.py", "toolkit/assurance/verify.py",
+                "toolkit/runner/inventory_check.py", "toolkit/tasks/inventory.py",
+                "toolkit/tasks/token.py", "toolkit/tasks/verify.py", "toolkit/exitcodes.py",
+                "toolkit/assurance/shell_channel.py", "toolkit/assurance/lab_coupling.py",
+                "toolkit/runner/expectations.py", "toolkit/runner/wheelhouse.py",
+                "toolkit/assurance/registry.py", "toolkit/runner/task_tags.py",
+                "toolkit/runner/timings.py", "toolkit/assurance/report.py",
+                "toolkit/assurance/report_signing.py", "toolkit/assurance/pytest_verify.py",
+                "toolkit/assurance/log_search.py"]
 
 
 def static_stages() -> list[Stage]:
@@ -199,8 +202,8 @@ def static_stages() -> list[Stage]:
         Stage("ruff", [_bin("ruff"), "check", "."]),
         Stage("mypy", [_bin("mypy"), "signer", "lab", *MYPY_TOOLKIT], needs=["signer/__init__.py"]),
         Stage("yamllint", [_bin("yamllint"), "."], needs=[".yamllint"]),
-        Stage("no lab coupling", [_bin("python"), "-m", "toolkit.lab_coupling"],
-              needs=["toolkit/lab_coupling.py"]),
+        Stage("no lab coupling", [_bin("python"), "-m", "toolkit.assurance.lab_coupling"],
+              needs=["toolkit/assurance/lab_coupling.py"]),
     ]
     if playbooks:
         stages.append(Stage("ansible-syntax", [
@@ -209,7 +212,7 @@ def static_stages() -> list[Stage]:
         stages.append(Stage("ansible-lint", [_bin("ansible-lint"), "--offline", "-q"],
                             needs=["roles"]))
     stages.append(Stage("threat-model", invoke("threat-model.check"),
-                        needs=["toolkit/registry.py", "threat-model/threats.yml"]))
+                        needs=["toolkit/assurance/registry.py", "threat-model/threats.yml"]))
     return stages
 
 
@@ -251,7 +254,7 @@ def lab_stages(instance: str) -> list[Stage]:
         Stage("deploy", invoke("deploy"), needs=["playbooks/deploy.yml"]),
         Stage("deploy again (changed=0, daemon kept)", invoke("deploy", "--expect-unchanged"),
               needs=["playbooks/deploy.yml"]),
-        Stage("verify", invoke("verify"), needs=["toolkit/tasks_verify.py"]),
+        Stage("verify", invoke("verify"), needs=["toolkit/tasks/verify.py"]),
         Stage("lab tests", [_bin("pytest"), "-q", "-p", "no:cacheprovider", "--durations=15",
                             "tests/lab"],
               needs=["tests/lab"]),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import ansible_run
+from toolkit.runner import ansible_run
 
 PASSWORD = "pw-Zq8-only-through-a-pipe"
 
@@ -149,7 +149,7 @@ def test_a_vaulted_become_password_reaches_ansible(
 def test_host_become_password_reads_the_vault_or_asks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from toolkit import hostvars
+    from toolkit.runner import hostvars
 
     vpf, vaulted = _vault(tmp_path, PASSWORD)
     (tmp_path / "hosts.yml").write_text("all:\n  hosts:\n    h1: {}\n    h2: {}\n")
@@ -184,7 +184,7 @@ def test_deploys_ad_hoc_daemon_check_gets_the_password_the_same_way(
     call as root: the typed password reaches that one through the same pipe."""
     from invoke.exceptions import Exit
 
-    from toolkit import tasks_playbooks
+    from toolkit.tasks import plays as tasks_playbooks
 
     got, procs, _ = _setup(tmp_path, monkeypatch)
     try:

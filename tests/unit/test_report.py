@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from toolkit import registry, report
+from toolkit.assurance import registry, report
 
 DATA = Path(__file__).resolve().parent / "data"
 

@@ -8,7 +8,7 @@ import os
 import pytest
 import testinfra.host
 
-from toolkit.shell_channel import ChannelBackend
+from toolkit.assurance.shell_channel import ChannelBackend
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import ansible_run, task_tags
+from toolkit.runner import ansible_run, task_tags
 
 
 @pytest.mark.parametrize(

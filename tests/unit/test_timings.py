@@ -7,9 +7,9 @@ import os
 import subprocess
 from pathlib import Path
 
-from toolkit import timings
-from toolkit.ansible_run import ROOT
-from toolkit.controls import read_events
+from toolkit.runner import timings
+from toolkit.runner.ansible_run import ROOT
+from toolkit.runner.controls import read_events
 
 
 def _write(path: Path, events: list[dict]) -> Path:

@@ -18,8 +18,9 @@ import yaml
 from invoke.context import Context
 from invoke.exceptions import Exit
 
-from toolkit import tasks_playbooks, wheelhouse
-from toolkit.wheelhouse import ROOT, WheelhouseError
+from toolkit.runner import wheelhouse
+from toolkit.runner.wheelhouse import ROOT, WheelhouseError
+from toolkit.tasks import plays as tasks_playbooks
 
 pytestmark = pytest.mark.slow
 

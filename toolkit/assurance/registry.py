@@ -4,7 +4,7 @@ Each link is written once, where it belongs, and everything else is derived from
 
 - threat -> control: `controls:` of each threat in `threat-model/threats.yml`;
 - control -> task:   the control's id as a tag on the Ansible tasks that implement it
-                     (toolkit/task_tags.py reads roles/ and playbooks/);
+                     (toolkit/runner/task_tags.py reads roles/ and playbooks/);
 - control -> test:   `@pytest.mark.control(ID)` on the tests that prove it (read by AST, not
                      by importing the tests: collection would import testinfra, fixtures and
                      whatever the tests import, and the check must run anywhere in a second);
@@ -30,9 +30,9 @@ from typing import Any
 import jsonschema
 import yaml
 
-from toolkit import task_tags
+from toolkit.runner import task_tags
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 THREAT_MODEL = ROOT / "threat-model"
 TESTS = ROOT / "tests"
 SCHEMAS = THREAT_MODEL / "schema"

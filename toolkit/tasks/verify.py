@@ -1,7 +1,7 @@
 """`invoke verify`, `invoke verify.check-signature`, `invoke audit`, `invoke threat-model.check`.
 
-Thin: options are parsed here, the work is in toolkit.registry, toolkit.verify, toolkit.report,
-toolkit.report_signing and toolkit.auditors.
+Thin: options are parsed here, the work is in toolkit.assurance (registry, verify, report,
+report_signing, outside_auditors).
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
 
-from toolkit import exitcodes, registry
+from toolkit import exitcodes
+from toolkit.assurance import registry
 
 
 def _prepare(
     name: str, inventory: str | None, limit: str | None, vault_password_file: str | None
 ) -> None:
     """The lab is up (default inventory) and the inventory passes inventory.check."""
-    from toolkit.tasks_playbooks import prepare
+    from toolkit.tasks.plays import prepare
 
     prepare(name, inventory, limit, vault_password_file)
 
@@ -114,7 +115,7 @@ def verify(
     diff: bool = False,
 ) -> None:
     """Posture tests on every host of the inventory; reports per host: threats, controls, tests."""
-    from toolkit import verify as verify_mod
+    from toolkit.assurance import verify as verify_mod
 
     # A string on the command line: invoke's own int conversion ends in a traceback.
     n_workers = _positive_int("verify", "workers", str(workers))
@@ -150,7 +151,7 @@ def verify(
 )
 def check_signature(c: Context, report: str, allowed_signers: str | None = None) -> None:
     """Who signed a report, and that no file of it changed since (ssh-keygen -Y verify)."""
-    from toolkit import report_signing
+    from toolkit.assurance import report_signing
 
     if not allowed_signers:
         raise Exit("verify.check-signature: --allowed-signers FILE is required",
@@ -190,7 +191,7 @@ def audit(
     ask_become_pass: bool = False,
 ) -> None:
     """Independent yardsticks: Lynis, ssh-audit, systemd-analyze security, into the report."""
-    from toolkit import auditors
+    from toolkit.assurance import outside_auditors
 
     chosen = [s.strip() for s in only.split(",")] if only else None
     known = ("lynis", "ssh-audit", "systemd")
@@ -201,7 +202,7 @@ def audit(
     _prepare("audit", inventory, limit, vault_password_file)
 
     try:
-        code = auditors.audit(
+        code = outside_auditors.audit(
             inventory=inventory,
             limit=limit,
             report_dir=Path(report_dir) if report_dir else None,
@@ -211,7 +212,7 @@ def audit(
             vault_password_file=vault_password_file,
             ask_become_pass=ask_become_pass,
         )
-    except auditors.AuditError as exc:
+    except outside_auditors.AuditError as exc:
         raise Exit(f"audit: {exc}", code=exitcodes.BAD_INPUT) from exc
     if code == exitcodes.UNREACHABLE:
         raise Exit("audit: a host could not be reached (see above)", code=code)

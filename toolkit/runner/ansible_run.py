@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from toolkit.controls import HostControls
-    from toolkit.hostvars import Inventory
+    from toolkit.runner.controls import HostControls
+    from toolkit.runner.hostvars import Inventory
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECAP = re.compile(
     r"^(?P<host>\S+)\s+:\s+ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
     r"unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)"
@@ -48,7 +48,7 @@ class PlaybookResult:
     recap: tuple[HostRecap, ...]
     log: Path
     # Per host: which controls this run applied, which failed or were not reached
-    # (toolkit/controls.py, from the signhost_events callback).
+    # (toolkit/runner/controls.py, from the signhost_events callback).
     controls: list[HostControls] = field(default_factory=list)
     events: Path | None = None
 
@@ -106,7 +106,7 @@ def become_password(ask: bool, prompt: str = "sudo password (become): ") -> str 
 
     None when not asked for: Ansible then uses the inventory's `ansible_become_password`
     (vaulted, decrypted with --vault-password-file or $ANSIBLE_VAULT_PASSWORD_FILE), or none.
-    A channel of our own that needs the vaulted value reads it with toolkit.hostvars.
+    A channel of our own that needs the vaulted value reads it with toolkit.runner.hostvars.
     """
     if not ask:
         return None
@@ -238,7 +238,8 @@ def run_playbook(cmd: list[str], log: Path, become_pass: str | None = None) -> P
 
 
 def _controls(events: Path) -> list[HostControls]:
-    from toolkit import controls, registry
+    from toolkit.assurance import registry
+    from toolkit.runner import controls
 
     try:
         return controls.host_status(controls.read_events(events), registry.load())

@@ -1,9 +1,11 @@
 """The posture report: threats -> controls -> tests -> results, for one host.
 
 `build()` is pure: it joins the registry (threats, controls), the test index (control markers
-read from the test files) and one pytest run's results (toolkit.pytest_verify) into a model.
+read from the test files) and one pytest run's results (toolkit.assurance.pytest_verify) into a
+model.
 `changes()` compares a model with the previous run's. `markdown()`, `html()` and `junit()`
-render that one model (Jinja2 templates in toolkit/templates/ for the two a person reads), and
+render that one model (Jinja2 templates in toolkit/assurance/templates/ for the two a person
+reads), and
 `write()` puts the four files in a run directory. The JSON file is the model, so tools and the
 reader see the same thing; `SCHEMA_VERSION` changes when a key changes meaning or goes.
 
@@ -28,8 +30,8 @@ from typing import Any
 
 import jinja2
 
-from toolkit import registry
-from toolkit.registry import TIMES, Registry, TestRef
+from toolkit.assurance import registry
+from toolkit.assurance.registry import TIMES, Registry, TestRef
 
 # 2: provenance, signature, per-control proof, threat notes and residual conditions,
 # procedures, changes since the previous run (1 had no schema_version key).

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from toolkit.signer_lab import SOFTHSM_MODULE, Lab, available, sign_over_socket, write_pe
+from toolkit.local_signer import SOFTHSM_MODULE, Lab, available, sign_over_socket, write_pe
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -10,7 +10,8 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
 
-from toolkit import exitcodes, hostvars, inventory_check
+from toolkit import exitcodes
+from toolkit.runner import hostvars, inventory_check
 
 DEFAULT = str(hostvars.ROOT / "inventory" / "lab")
 

@@ -1,6 +1,6 @@
 """How verify and audit reach a host: exactly as Ansible does, through testinfra's translation.
 
-The inventory is read and templated by Ansible (toolkit.hostvars); the connection variables a
+The inventory is read and templated by Ansible (toolkit.runner.hostvars); the connection variables a
 play would use (ansible_host, _port, _user, the private key, ansible_ssh_common_args and
 ansible_ssh_extra_args with their ProxyJump or -F ssh_config, ansible.cfg's ssh_args) are handed
 to testinfra's own Ansible translation (`testinfra.utils.ansible_runner.get_ansible_host`), which
@@ -8,7 +8,7 @@ builds the ssh command line. Nothing here writes another ssh_config.
 
 The become password (sudo that asks for one) comes from the inventory (`ansible_become_password`,
 usually vaulted) or from a prompt; it is written to the remote sudo's stdin and nowhere else
-(see toolkit.shell_channel).
+(see toolkit.assurance.shell_channel).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from toolkit import hostvars
+from toolkit.runner import hostvars
 
 CONNECTION_VARS = (
     "ansible_host",
@@ -79,7 +79,7 @@ def endpoint(
 ) -> Endpoint:
     values = inv.render(host, CONNECTION_VARS)
     values.setdefault("ansible_host", host)
-    from toolkit.ansible_run import host_become_password
+    from toolkit.runner.ansible_run import host_become_password
 
     pw = password if password is not None else host_become_password(inv, host, False)
     return Endpoint(host, tuple(ssh_argv(values, host)), pw)

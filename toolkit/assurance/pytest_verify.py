@@ -1,8 +1,8 @@
 """Pytest plugin for `invoke verify`: one JSON record per test, with the controls it names.
 
-Loaded with `-p toolkit.pytest_verify --verify-json PATH`. It records what pytest itself decided
-(outcome per phase, skip reasons, the control markers of the collected item, parametrised or
-not), so the report does not have to parse pytest's console output or JUnit XML.
+Loaded with `-p toolkit.assurance.pytest_verify --verify-json PATH`. It records what pytest
+itself decided (outcome per phase, skip reasons, the control markers of the collected item,
+parametrised or not), so the report does not have to parse pytest's console output or JUnit XML.
 
 It also records the host's facts (OS, kernel, boot id, name, clock) for the report's provenance,
 read once through the suite's own `host` fixture when the first test that uses it is set up: the

@@ -21,8 +21,8 @@ from typing import Any
 from invoke.context import Context
 from invoke.tasks import task
 
-from toolkit.ansible_run import ROOT
-from toolkit.controls import read_events
+from toolkit.runner.ansible_run import ROOT
+from toolkit.runner.controls import read_events
 
 LOG_DIR = ROOT / "reports" / "logs"
 

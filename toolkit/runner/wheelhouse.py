@@ -36,7 +36,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LOCK = ROOT / "requirements" / "signer-host.lock"
 WHEELHOUSE = ROOT / "build" / "wheelhouse"
 REQUIREMENTS = "requirements.txt"  # in the wheelhouse: what the host installs
@@ -213,7 +213,7 @@ def _build(wheelhouse: Path, lock_file: Path) -> None:
     signer_line = f"{SIGNER}=={version} \\\n    --hash=sha256:{_sha256(ours[0])}\n"
     (tmp / REQUIREMENTS).write_text(
         "# What the signing host installs (pip install --no-index --require-hashes -r).\n"
-        f"# Written by toolkit/wheelhouse.py: the signer built from this checkout, then\n"
+        f"# Written by toolkit/runner/wheelhouse.py: the signer built from this checkout, then\n"
         f"# {_show(lock_file)} unchanged.\n" + signer_line + lock_file.read_text()
     )
     # ... and the host's install replayed offline: the signer's own dependencies must all be in

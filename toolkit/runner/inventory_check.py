@@ -1,6 +1,6 @@
 """`invoke inventory.check`: is an inventory fit to run the plays, without touching a host.
 
-Two kinds of rule, both on the values a play would see (toolkit.hostvars: Ansible's own
+Two kinds of rule, both on the values a play would see (toolkit.runner.hostvars: Ansible's own
 inventory, templating and vault, role defaults underneath):
 
 - the roles' argument specs (roles/*/meta/argument_specs.yml), checked with Ansible's own
@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from signer.config import NAME_RE, SSH_KEY_RE
-from toolkit import hostvars
+from toolkit.runner import hostvars
 
 ROOT = hostvars.ROOT
 PLAYBOOKS = ROOT / "playbooks"

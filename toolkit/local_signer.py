@@ -1,6 +1,6 @@
 """A throw-away signer on this machine: a SoftHSM2 token in a temporary directory, a config,
 keys generated on the token, and the daemon as a subprocess. Used by tests/signer and
-toolkit/bench_signer.py; nothing here runs on a signing host.
+toolkit/bench/signer.py; nothing here runs on a signing host.
 
 PINs are generated per lab and kept in 0600 files; the only place one appears in argv is
 `softhsm2-util --init-token`, which has no other way to take it (lab only).

@@ -5,7 +5,7 @@ inventory; a lab variable there (`signlab_state_dir`, `lab.vm...`), an import of
 package or a lab instance name makes the lab the only host they work on. The lab lives in
 lab/, inventory/lab and tests/lab only.
 
-`python -m toolkit.lab_coupling` prints one `file:line: what` per finding and exits 1, or
+`python -m toolkit.assurance.lab_coupling` prints one `file:line: what` per finding and exits 1, or
 exits 0 when there is none (CI's static stage runs it).
 """
 
@@ -16,10 +16,10 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Where the lab must not appear (directories are searched recursively).
-SCOPE = ("roles", "playbooks", "tests/posture", "toolkit/expectations.py")
+SCOPE = ("roles", "playbooks", "tests/posture", "toolkit/runner/expectations.py")
 
 RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"signlab", re.I), "the lab's name (signlab_* variables, $SIGNLAB_*, its paths)"),

@@ -22,10 +22,18 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
 
-from toolkit import exitcodes, hostvars
-from toolkit.ansible_run import ROOT, ansible_env, become_password, secret_args, secret_fd, venv_exe
-from toolkit.tasks_inventory import checked
-from toolkit.tasks_playbooks import _require_lab_if_default
+from toolkit import exitcodes
+from toolkit.runner import hostvars
+from toolkit.runner.ansible_run import (
+    ROOT,
+    ansible_env,
+    become_password,
+    secret_args,
+    secret_fd,
+    venv_exe,
+)
+from toolkit.tasks.inventory import checked
+from toolkit.tasks.plays import _require_lab_if_default
 
 PEM_CSR = b"-----BEGIN CERTIFICATE REQUEST-----"
 PEM_CERT = b"-----BEGIN CERTIFICATE-----"

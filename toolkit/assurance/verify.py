@@ -1,11 +1,12 @@
 """`invoke verify`: the posture tests against every host of an inventory, one report per host.
 
 Targets: the hosts of any inventory (default: inventory/lab, the local lab VM), read and
-templated by Ansible (toolkit.hostvars), with `--limit` as Ansible understands it. Each host is
-reached exactly as a play reaches it (toolkit.connection: testinfra's translation of the
-inventory's user, port, key, ansible_ssh_common_args/extra_args, ProxyJump, -F ssh_config), and
-every command runs as root over one channel (toolkit.shell_channel), through sudo with the
-inventory's become password (vault) or `--ask-become-pass` when sudo asks for one.
+templated by Ansible (toolkit.runner.hostvars), with `--limit` as Ansible understands it. Each
+host is reached exactly as a play reaches it (toolkit.runner.connection: testinfra's translation
+of the inventory's user, port, key, ansible_ssh_common_args/extra_args, ProxyJump, -F
+ssh_config), and every command runs as root over one channel (toolkit.assurance.shell_channel),
+through sudo with the inventory's become password (vault) or `--ask-become-pass` when sudo asks
+for one.
 
 Inventory variables verify reads (all optional): `verify_kind` (lab|production, default
 production), `verify_report_name` (the report's file name, default the inventory name),
@@ -19,7 +20,8 @@ History: each run of a host gets its own directory, reports/verify/<host>/<UTC t
 under a hidden name and renamed when complete, and `latest` then points to it; the report says
 what changed since the run `latest` pointed to before. A host that cannot be reached gets the
 verdict UNREACHABLE, claims nothing else, and gets no run directory: `latest` keeps pointing to
-its last report. With a signing key, the operator signs every run (toolkit.report_signing).
+its last report. With a signing key, the operator signs every run
+(toolkit.assurance.report_signing).
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from toolkit import hostvars, registry, report, report_signing
+from toolkit.assurance import registry, report, report_signing
+from toolkit.runner import hostvars
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LAB_INVENTORY = ROOT / "inventory" / "lab"
 DEFAULT_REPORT_DIR = ROOT / "reports" / "verify"
 POSTURE = "tests/posture"
@@ -76,7 +79,7 @@ def resolve_targets(
     vault_password_file: str | None = None,
     ask_become_pass: bool = False,
 ) -> list[Target]:
-    from toolkit.ansible_run import host_become_password
+    from toolkit.runner.ansible_run import host_become_password
 
     path = str(LAB_INVENTORY) if inventory in (None, "", "lab") else str(inventory)
     try:
@@ -100,7 +103,7 @@ def pytest_command(
 ) -> list[str]:
     cmd = [
         sys.executable, "-m", "pytest", POSTURE,
-        "-p", "toolkit.pytest_verify", f"--verify-json={results}",
+        "-p", "toolkit.assurance.pytest_verify", f"--verify-json={results}",
         f"--target={target.spec}", f"--target-kind={target.kind}", f"--target-name={target.name}",
         f"--inventory={target.inventory}", f"--inventory-host={target.host}",
         "-v", "--tb=short", "-p", "no:cacheprovider",

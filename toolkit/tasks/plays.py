@@ -12,8 +12,9 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
 
-from toolkit import exitcodes, wheelhouse
-from toolkit.ansible_run import (
+from toolkit import exitcodes
+from toolkit.runner import wheelhouse
+from toolkit.runner.ansible_run import (
     ROOT,
     PlaybookResult,
     ansible_env,
@@ -24,7 +25,7 @@ from toolkit.ansible_run import (
     secret_fd,
     venv_exe,
 )
-from toolkit.tasks_inventory import checked
+from toolkit.tasks.inventory import checked
 
 LOG_DIR = ROOT / "reports" / "logs"
 
@@ -108,7 +109,7 @@ def play(
         print(f"==> {name}: {host}: UNREACHABLE: the run could not connect to it; "
               "nothing about its controls is known from this run", flush=True)
     if result.controls:
-        from toolkit import controls
+        from toolkit.runner import controls
 
         controls.write_json(result.controls, log.with_name(log.stem + ".controls.json"))
         reached = [hc for hc in result.controls if hc.host not in unreachable]

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from toolkit import report, verify
-from toolkit.verify import Target
+from toolkit.assurance import report, verify
+from toolkit.assurance.verify import Target
 
 UNIT = "signerd.service"
 LYNIS_REPORT = "/var/tmp/signverify-lynis-report.dat"
@@ -51,7 +51,7 @@ _channels: dict[str, Any] = {}
 
 
 def _endpoint(target: Target) -> Any:
-    from toolkit import connection, hostvars
+    from toolkit.runner import connection, hostvars
 
     inv = hostvars.load(target.inventory, target.host,
                         vault_password_file=target.vault_password_file)
@@ -61,7 +61,7 @@ def _endpoint(target: Target) -> Any:
 def ssh(target: Target, command: str, *, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """`command` as root on the host, over the same root channel as verify (sudo with the
     inventory's become password where sudo asks for one; reached as Ansible reaches it)."""
-    from toolkit import shell_channel
+    from toolkit.assurance import shell_channel
 
     command = command.replace("sudo -n ", "")
     host = _channels.get(target.name)

@@ -14,7 +14,7 @@ tag (threat-model/CONTROL_IDS.md), so a run's results answer, per host and per c
 - not run      the run did not select all of its tasks (--tags, --skip-tags), or the host
                was not in it.
 
-The tasks a playbook has, in order, come from toolkit/task_tags (what the registry derives
+The tasks a playbook has, in order, come from toolkit/runner/task_tags.py (what the registry derives
 where a control lives from); which of them --tags selected, from the tags the play event
 carries. A control implemented in two roles (SSH-07: the preflight's checks and the ssh role's
 roll-back) is judged per role and the worse status wins, so a run that stops before the ssh
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from toolkit import registry
-from toolkit.task_tags import TaskRef, selected
+from toolkit.assurance import registry
+from toolkit.runner.task_tags import TaskRef, selected
 
 APPLIED, FAILED, NOT_REACHED, NOT_RUN = "applied", "failed", "not reached", "not run"
 _RANK = {APPLIED: 0, NOT_RUN: 1, NOT_REACHED: 2, FAILED: 3}

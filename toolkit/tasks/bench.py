@@ -24,7 +24,7 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
 
-from toolkit.ansible_run import ROOT
+from toolkit.runner.ansible_run import ROOT
 
 OUT = ROOT / "reports" / "bench"
 
@@ -73,7 +73,7 @@ def lab_figures(instance: str, cold: bool, env: dict[str, str]) -> dict[str, Any
     if (ROOT / "playbooks" / "deploy.yml").exists():
         t, rc = _timed(_inv("deploy"), env)
         plays["deploy"] = {"first_s": round(t, 1), "ok": rc == 0}
-    if find_spec("toolkit.tasks_verify"):
+    if find_spec("toolkit.tasks.verify"):
         t, rc = _timed(_inv("verify"), env)
         plays["verify"] = {"seconds": round(t, 1), "passed": rc == 0}
     fig["plays"] = plays
@@ -94,9 +94,9 @@ def bench(c: Context, instance: str = "lab6", cold: bool = False, no_lab: bool =
         "machine": {"python": sys.version.split()[0], "kernel": platform.release(),
                     "cpus": os.cpu_count()},
     }
-    if find_spec("toolkit.bench_signer"):
+    if find_spec("toolkit.bench.signer"):
         print("==> signer figures", flush=True)
-        result["signer"] = import_module("toolkit.bench_signer").run()
+        result["signer"] = import_module("toolkit.bench.signer").run()
     if not no_lab:
         print(f"==> lab figures (instance {instance}; several minutes)", flush=True)
         result["lab"] = lab_figures(instance, cold, env)

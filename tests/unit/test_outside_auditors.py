@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from toolkit import auditors, report
-from toolkit.verify import Target
+from toolkit.assurance import outside_auditors, report
+from toolkit.assurance.verify import Target
 
 # ssh-audit 3.9 -j against the stock lab VM (OpenSSH 9.2, Debian 12), trimmed.
 SSH_AUDIT = {
@@ -63,7 +63,7 @@ SYSTEMD = """\
 
 
 def test_ssh_audit_counts_fail_and_warn_lines_like_its_text_output() -> None:
-    out = auditors.parse_ssh_audit(SSH_AUDIT)
+    out = outside_auditors.parse_ssh_audit(SSH_AUDIT)
     assert out["figures"] == {"fail": 2, "warn": 3, "cves": 0, "server": "OpenSSH_9.2p1"}
     assert out["details"][0] == (
         "fail (kex) ecdh-sha2-nistp256: using elliptic curves that are suspected as being backdoored"
@@ -71,12 +71,12 @@ def test_ssh_audit_counts_fail_and_warn_lines_like_its_text_output() -> None:
 
 
 def test_ssh_audit_cves_count_as_failures() -> None:
-    out = auditors.parse_ssh_audit({"cves": [{"name": "CVE-2024-6387"}]})
+    out = outside_auditors.parse_ssh_audit({"cves": [{"name": "CVE-2024-6387"}]})
     assert out["figures"]["fail"] == 1 and out["figures"]["cves"] == 1
 
 
 def test_lynis_report() -> None:
-    out = auditors.parse_lynis_report(LYNIS_DAT)
+    out = outside_auditors.parse_lynis_report(LYNIS_DAT)
     assert out["figures"] == {
         "hardening_index": 62,
         "warnings": 2,
@@ -90,16 +90,16 @@ def test_lynis_report() -> None:
 
 
 def test_systemd_exposure() -> None:
-    assert auditors.parse_exposure(SYSTEMD) == {"figures": {"exposure": 1.9, "rating": "OK"}}
-    assert auditors.parse_exposure("Unit signerd.service not found.") is None
+    assert outside_auditors.parse_exposure(SYSTEMD) == {"figures": {"exposure": 1.9, "rating": "OK"}}
+    assert outside_auditors.parse_exposure("Unit signerd.service not found.") is None
 
 
 def test_yardsticks_say_which_targets_are_met() -> None:
     lines = report.yardsticks(
         {
-            "lynis": auditors.parse_lynis_report(LYNIS_DAT),
-            "ssh-audit": auditors.parse_ssh_audit(SSH_AUDIT),
-            "systemd-analyze": auditors.parse_exposure(SYSTEMD),
+            "lynis": outside_auditors.parse_lynis_report(LYNIS_DAT),
+            "ssh-audit": outside_auditors.parse_ssh_audit(SSH_AUDIT),
+            "systemd-analyze": outside_auditors.parse_exposure(SYSTEMD),
         }
     )
     assert lines == [
@@ -136,8 +136,8 @@ def test_lynis_runs_and_records_the_host_fingerprint(monkeypatch: pytest.MonkeyP
             "cat /var/tmp": (0, LYNIS_DAT),
         }
     )
-    monkeypatch.setattr(auditors, "ssh", host.ssh)
-    out = auditors.run_lynis(TARGET, None, fresh=False)
+    monkeypatch.setattr(outside_auditors, "ssh", host.ssh)
+    out = outside_auditors.run_lynis(TARGET, None, fresh=False)
     assert out["figures"]["hardening_index"] == 62 and out["fingerprint"] == "abc"
     assert "error" not in out
     # Debian installs lynis in /usr/sbin, which only sudo's secure_path has, not the admin's PATH.
@@ -148,9 +148,9 @@ def test_lynis_result_is_reused_while_the_host_is_unchanged(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     host = FakeHost({"sha256sum": (0, "abc\n")})
-    monkeypatch.setattr(auditors, "ssh", host.ssh)
+    monkeypatch.setattr(outside_auditors, "ssh", host.ssh)
     cached = {"figures": {"hardening_index": 90}, "fingerprint": "abc", "ran_at": "yesterday"}
-    out = auditors.run_lynis(TARGET, cached, fresh=False)
+    out = outside_auditors.run_lynis(TARGET, cached, fresh=False)
     assert out["figures"]["hardening_index"] == 90
     assert out["note"] == "cached: host unchanged since yesterday"
     assert len(host.commands) == 1  # only the fingerprint
@@ -158,7 +158,7 @@ def test_lynis_result_is_reused_while_the_host_is_unchanged(
 
 def test_lynis_runs_again_when_the_host_changed_or_fresh(monkeypatch: pytest.MonkeyPatch) -> None:
     host = FakeHost({"sha256sum": (0, "def\n"), "command -v": (1, "")})
-    monkeypatch.setattr(auditors, "ssh", host.ssh)
+    monkeypatch.setattr(outside_auditors, "ssh", host.ssh)
     cached = {"figures": {"hardening_index": 90}, "fingerprint": "abc", "ran_at": "yesterday"}
-    out = auditors.run_lynis(TARGET, cached, fresh=False)
+    out = outside_auditors.run_lynis(TARGET, cached, fresh=False)
     assert out["error"] == "lynis is not installed on the host (Debian package `lynis`)"
