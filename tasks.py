@@ -7,8 +7,7 @@ Run `invoke --list` for every task, `invoke --help TASK` for its options.
 
 from invoke.collection import Collection
 
-from toolkit.runner import timings
-from toolkit.tasks import bench, ci, inventory, lab, plays, token, verify
+from toolkit.tasks import bench, ci, inventory, lab, plays, timings, token, verify
 
 ns = Collection()
 ns.add_collection(lab.ns, "lab")

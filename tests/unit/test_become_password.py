@@ -184,12 +184,12 @@ def test_deploys_ad_hoc_daemon_check_gets_the_password_the_same_way(
     call as root: the typed password reaches that one through the same pipe."""
     from invoke.exceptions import Exit
 
-    from toolkit.tasks import plays as tasks_playbooks
+    from toolkit.runner import playbook
 
     got, procs, _ = _setup(tmp_path, monkeypatch)
     try:
-        tasks_playbooks._daemon_invocations(str(tmp_path / "hosts.yml"), None,
-                                            become_pass=PASSWORD)
+        playbook.daemon_invocations(str(tmp_path / "hosts.yml"), None,
+                                    become_pass=PASSWORD)
     except Exit:
         pass  # no signer daemon on this machine: only the way the password went matters here
     assert got.read_text() == PASSWORD

@@ -629,3 +629,27 @@ def sync_tables(reg: Registry, doc: Path, write: bool = False) -> list[str]:
 def sync_docs(reg: Registry, root: Path = THREAT_MODEL, write: bool = False) -> list[str]:
     """sync_tables over every document of threat-model/ that has generated tables."""
     return [p for name in DOCS for p in sync_tables(reg, root / name, write)]
+
+
+def summary(reg: Registry) -> str:
+    """One line: how many threats, controls, tagged tasks and marked tests the registry has."""
+    kinds = [ctl.kind for ctl in reg.controls.values()]
+    marked = sum(1 for t in reg.tests if t.controls)
+    high = sum(1 for t in reg.active if t.high)
+    tagged = {(t.file, t.line) for t in reg.tasks.tasks if t.playbook and t.controls}
+    return (
+        f"threat model: {len(reg.active)} threats ({high} high or critical), "
+        f"{len(reg.controls)} controls ({kinds.count('technical')} technical, "
+        f"{kinds.count('procedure')} procedures), {len(tagged)} tasks tagged with "
+        f"control ids, {marked} tests with control markers"
+    )
+
+
+def group_problems(problems: list[str]) -> dict[str, list[str]]:
+    """check()'s problems by what they are about (threat, control, task, test, registry)."""
+    groups: dict[str, list[str]] = {}
+    for line in problems:
+        head = line.split(" ", 1)[0].rstrip(":")
+        key = head if head in ("threat", "control", "task", "test") else "registry"
+        groups.setdefault(key, []).append(line)
+    return groups

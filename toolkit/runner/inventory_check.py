@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from invoke.exceptions import Exit
 
 from signer.config import NAME_RE, SSH_KEY_RE
+from toolkit import exitcodes
 from toolkit.runner import hostvars
 
 ROOT = hostvars.ROOT
@@ -393,3 +395,33 @@ def report(result: Result) -> str:
         return f"{head}: OK"
     bad = sum(1 for h in result.hosts if result.problems.get(h))
     return "\n".join([*lines, f"{head}: {len(lines)} problem(s) on {bad} host(s)"])
+
+
+DEFAULT = str(ROOT / "inventory" / "lab")
+
+
+def checked(
+    task_name: str,
+    inventory: str | None,
+    limit: str | None = None,
+    vault_password_file: str | None = None,
+    *,
+    quiet: bool = False,
+) -> Result:
+    """inventory.check, in process; stops the task (exit 2) with its problems, one per line."""
+    try:
+        result = check(
+            inventory or DEFAULT, limit, vault_password_file=vault_password_file
+        )
+    except hostvars.InventoryError as exc:
+        raise Exit(f"{task_name}: {exc}", code=exitcodes.BAD_INPUT) from None
+    if not result.ok:
+        lines = report(result).splitlines()
+        raise Exit(
+            "\n".join(f"{task_name}: {line}" for line in lines)
+            + f"\n{task_name}: the inventory does not pass inventory.check; nothing was run",
+            code=exitcodes.BAD_INPUT,
+        )
+    if not quiet:
+        print(f"==> {task_name}: {report(result)}", flush=True)
+    return result

@@ -5,9 +5,10 @@ with one `task` event when a task starts and one `result` event per host when it
 task's time is from its start to the next task's start (or the end of the run), so it counts
 what Ansible spends on it: templating, the round trips to the host and the module itself.
 
-`invoke timings` prints, for the latest runs of each play, the total, the slowest tasks and
-the time per role; with two runs of the same play (a first run and the idempotence run
-after it) it prints the ratio second/first, the figure issue 14 asks to bring down.
+`invoke timings` (toolkit/tasks/timings.py) prints, for the latest runs of each play, the
+total, the slowest tasks and the time per role; with two runs of the same play (a first run and
+the idempotence run after it) it prints the ratio second/first, the figure issue 14 asks to
+bring down.
 """
 
 from __future__ import annotations
@@ -17,9 +18,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from invoke.context import Context
-from invoke.tasks import task
 
 from toolkit.runner.ansible_run import ROOT
 from toolkit.runner.controls import read_events
@@ -87,30 +85,23 @@ def render(path: Path, top: int) -> str:
     return "\n".join(lines)
 
 
-@task(help={
-    "play": "provision, harden, harden-check, deploy (default: every play with runs)",
-    "top": "how many of the slowest tasks to list (default 12)",
-    "log_dir": f"where the runs' events files are (default {LOG_DIR})",
-})
-def timings(c: Context, play: str = "", top: int = 12, log_dir: str = "") -> None:
-    """Where the last runs of each play spent their time; second/first run ratios."""
-    directory = Path(log_dir) if log_dir else LOG_DIR
-    plays = [play] if play else sorted({re.sub(r"-\d{8}T\d{6}\.events\.jsonl$", "", p.name)
-                                        for p in directory.glob("*.events.jsonl")})
-    if not plays:
-        print(f"no runs recorded in {directory}")
-        return
-    for name in plays:
-        found = runs(name, directory)
-        if not found:
-            print(f"{name}: no runs recorded in {directory}")
-            continue
-        last = found[-2:]
-        for p in last:
-            print(render(p, top))
-        if len(last) == 2:
-            first = task_times(read_events(last[0]))[1]
-            second = task_times(read_events(last[1]))[1]
-            if first > 0:
-                print(f"==> {name}: second run / first run = {second:.0f}s / {first:.0f}s"
-                      f" = {second / first:.2f}\n")
+def plays_recorded(directory: Path = LOG_DIR) -> list[str]:
+    """The plays with at least one events file in `directory`."""
+    return sorted({re.sub(r"-\d{8}T\d{6}\.events\.jsonl$", "", p.name)
+                   for p in directory.glob("*.events.jsonl")})
+
+
+def report(play: str, top: int, directory: Path = LOG_DIR) -> str:
+    """The last two runs of a play, and their ratio second/first when there are two."""
+    found = runs(play, directory)
+    if not found:
+        return f"{play}: no runs recorded in {directory}"
+    last = found[-2:]
+    out = [render(p, top) for p in last]
+    if len(last) == 2:
+        first = task_times(read_events(last[0]))[1]
+        second = task_times(read_events(last[1]))[1]
+        if first > 0:
+            out.append(f"==> {play}: second run / first run = {second:.0f}s / {first:.0f}s"
+                       f" = {second / first:.2f}\n")
+    return "\n".join(out)

@@ -1,84 +1,11 @@
-"""`invoke bench`: the figures the issues ask for, measured in one run, into one JSON file.
-
-Benchmarks measure and compare; they assert nothing (the tests do that). Figures that are
-compared are ratios measured in the same run on the same machine (e.g. signer throughput
-vs the raw token, second harden vs first), so two versions can be compared even on
-machines of different speed. Output: `reports/bench/bench-<time>.json` and a table.
-"""
+"""`invoke bench`: the figures of toolkit.bench.figures, into reports/bench/ and a table."""
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import time
-from importlib import import_module
-from importlib.util import find_spec
-from pathlib import Path
-from typing import Any
-
 from invoke.context import Context
-from invoke.exceptions import Exit
 from invoke.tasks import task
 
-from toolkit.runner.ansible_run import ROOT
-
-OUT = ROOT / "reports" / "bench"
-
-
-def _timed(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
-    started = time.monotonic()
-    proc = subprocess.run(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.STDOUT)
-    return time.monotonic() - started, proc.returncode
-
-
-def _inv(*args: str) -> list[str]:
-    return [str(ROOT / ".venv" / "bin" / "invoke"), *args]
-
-
-def lab_figures(instance: str, cold: bool, env: dict[str, str]) -> dict[str, Any]:
-    """Lab: cold up (image build) if asked, warm up, reset; then the plays first vs second."""
-    from lab import image
-
-    fig: dict[str, Any] = {"instance": instance}
-    subprocess.run(_inv("lab.down", "--instance", instance), env=env, capture_output=True)
-    if cold:
-        d = image.image_dir()
-        if d.exists():
-            shutil.rmtree(d)
-        t, rc = _timed(_inv("lab.up", "--instance", instance), env)
-        fig["lab_up_cold_s"] = round(t, 1) if rc == 0 else f"failed rc={rc}"
-        subprocess.run(_inv("lab.down", "--instance", instance), env=env, capture_output=True)
-    t, rc = _timed(_inv("lab.up", "--instance", instance), env)
-    if rc:
-        raise Exit(f"bench: lab.up failed (rc={rc})")
-    fig["lab_up_warm_s"] = round(t, 1)
-    facts = json.loads((Path(env.get("SIGNLAB_STATE") or f"/var/lib/signlab/{instance}")
-                        / "lab.json").read_text())
-    fig["accel"] = facts["vm"]["accel"]
-    t, rc = _timed(_inv("lab.reset", "--instance", instance), env)
-    fig["lab_reset_s"] = round(t, 1)
-    plays: dict[str, Any] = {}
-    for name in ("provision", "harden"):
-        if (ROOT / "playbooks" / f"{name}.yml").exists():
-            t1, rc1 = _timed(_inv(name), env)
-            t2, rc2 = _timed(_inv(name), env)
-            plays[name] = {"first_s": round(t1, 1), "second_s": round(t2, 1),
-                           "second_over_first": round(t2 / t1, 3) if t1 else None,
-                           "ok": rc1 == 0 and rc2 == 0}
-    if (ROOT / "playbooks" / "deploy.yml").exists():
-        t, rc = _timed(_inv("deploy"), env)
-        plays["deploy"] = {"first_s": round(t, 1), "ok": rc == 0}
-    if find_spec("toolkit.tasks.verify"):
-        t, rc = _timed(_inv("verify"), env)
-        plays["verify"] = {"seconds": round(t, 1), "passed": rc == 0}
-    fig["plays"] = plays
-    subprocess.run(_inv("lab.down", "--instance", instance), env=env, capture_output=True)
-    return fig
+from toolkit.bench import figures
 
 
 @task(help={
@@ -88,32 +15,9 @@ def lab_figures(instance: str, cold: bool, env: dict[str, str]) -> dict[str, Any
 })
 def bench(c: Context, instance: str = "lab6", cold: bool = False, no_lab: bool = False) -> None:
     """Measure: signer vs raw token, hashing vs sha256sum, lab up/reset, plays, verify."""
-    env = dict(os.environ, SIGNLAB_INSTANCE=instance)
-    result: dict[str, Any] = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"python": sys.version.split()[0], "kernel": platform.release(),
-                    "cpus": os.cpu_count()},
-    }
-    if find_spec("toolkit.bench.signer"):
-        print("==> signer figures", flush=True)
-        result["signer"] = import_module("toolkit.bench.signer").run()
-    if not no_lab:
-        print(f"==> lab figures (instance {instance}; several minutes)", flush=True)
-        result["lab"] = lab_figures(instance, cold, env)
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"bench-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    result = figures.collect(instance, cold, no_lab)
+    path = figures.write(result)
     print("\n==> bench results")
-    for key, val in _flatten(result).items():
+    for key, val in figures.flatten(result).items():
         print(f"  {key:<48} {val}")
     print(f"  written to {path}")
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

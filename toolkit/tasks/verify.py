@@ -21,7 +21,7 @@ def _prepare(
     name: str, inventory: str | None, limit: str | None, vault_password_file: str | None
 ) -> None:
     """The lab is up (default inventory) and the inventory passes inventory.check."""
-    from toolkit.tasks.plays import prepare
+    from toolkit.runner.playbook import prepare
 
     prepare(name, inventory, limit, vault_password_file)
 
@@ -40,15 +40,6 @@ def _positive_int(name: str, option: str, value: str) -> int:
 # --- threat-model.check ---------------------------------------------------------------------
 
 
-def _group(problems: list[str]) -> dict[str, list[str]]:
-    groups: dict[str, list[str]] = {}
-    for line in problems:
-        head = line.split(" ", 1)[0].rstrip(":")
-        key = head if head in ("threat", "control", "task", "test") else "registry"
-        groups.setdefault(key, []).append(line)
-    return groups
-
-
 @task(
     name="check",
     help={
@@ -63,22 +54,13 @@ def check(c: Context, write_tables: bool = False, quiet: bool = False) -> None:
     problems = registry.check(reg)
     problems += registry.sync_docs(reg, write=write_tables)
     if not quiet:
-        kinds = [ctl.kind for ctl in reg.controls.values()]
-        marked = sum(1 for t in reg.tests if t.controls)
-        high = sum(1 for t in reg.active if t.high)
-        tagged = {(t.file, t.line) for t in reg.tasks.tasks if t.playbook and t.controls}
-        print(
-            f"threat model: {len(reg.active)} threats ({high} high or critical), "
-            f"{len(reg.controls)} controls ({kinds.count('technical')} technical, "
-            f"{kinds.count('procedure')} procedures), {len(tagged)} tasks tagged with "
-            f"control ids, {marked} tests with control markers"
-        )
+        print(registry.summary(reg))
     if write_tables:
         print("threat-model/README.md, CONTROL_IDS.md: generated tables written")
     if not problems:
         print("threat model: consistent")
         return
-    for name, lines in _group(problems).items():
+    for name, lines in registry.group_problems(problems).items():
         print(f"\n{name} ({len(lines)}):")
         for line in lines:
             print(f"  - {line}")
