@@ -183,19 +183,12 @@ def invoke(*args: str) -> list[str]:
     return [_bin("invoke"), *args]
 
 
-# mypy --strict: the signer (it runs on the host), the lab and the pipeline itself.
-MYPY_TOOLKIT = ["toolkit/pipeline.py", "toolkit/tasks/ci.py", "toolkit/tasks/plays.py",
-                "toolkit/runner/hostvars.py", "toolkit/runner/ansible_run.py",
-                "toolkit/tasks/bench.py", "toolkit/runner/controls.py",
-                "toolkit/runner/connection.py", "toolkit/assurance/verify.py",
-                "toolkit/runner/inventory_check.py", "toolkit/tasks/inventory.py",
-                "toolkit/tasks/token.py", "toolkit/tasks/verify.py", "toolkit/exitcodes.py",
-                "toolkit/assurance/shell_channel.py", "toolkit/assurance/lab_coupling.py",
-                "toolkit/runner/expectations.py", "toolkit/runner/wheelhouse.py",
-                "toolkit/assurance/registry.py", "toolkit/runner/task_tags.py",
-                "toolkit/runner/timings.py", "toolkit/assurance/report.py",
-                "toolkit/assurance/report_signing.py", "toolkit/assurance/pytest_verify.py",
-                "toolkit/assurance/log_search.py"]
+# mypy --strict over every module: the signer (it runs on the host), the lab, the toolkit, the
+# entry point, the Ansible plugins and the unit tests. Whole directories, not a list of files:
+# a new module is checked without anyone adding it. (tests/signer, tests/posture and tests/lab
+# are not yet: they have untyped fixtures.)
+MYPY_PATHS = ["signer", "lab", "toolkit", "tasks.py", "callback_plugins", "strategy_plugins",
+              "tests/unit"]
 
 
 # The plays `invoke provision|harden|deploy` run (toolkit/tasks/plays.py): the syntax check and
@@ -208,7 +201,7 @@ def static_stages() -> list[Stage]:
                                       for p in (ROOT / "playbooks").glob("*.yml"))})
     return [
         Stage("ruff", [_bin("ruff"), "check", "."]),
-        Stage("mypy", [_bin("mypy"), "signer", "lab", *MYPY_TOOLKIT], needs=["signer/__init__.py"]),
+        Stage("mypy", [_bin("mypy"), *MYPY_PATHS], needs=MYPY_PATHS),
         Stage("yamllint", [_bin("yamllint"), "."], needs=[".yamllint"]),
         Stage("no lab coupling", [_bin("python"), "-m", "toolkit.assurance.lab_coupling"],
               needs=["toolkit/assurance/lab_coupling.py"]),

@@ -7,6 +7,7 @@ plus the argv and environment of every process between it and the controller.
 
 from __future__ import annotations
 
+import getpass
 import sys
 from pathlib import Path
 
@@ -109,7 +110,12 @@ def test_without_the_password_the_prompt_gets_an_empty_answer(
 def test_become_password_is_asked_once(monkeypatch: pytest.MonkeyPatch) -> None:
     asked: list[str] = []
     monkeypatch.setattr(ansible_run, "_BECOME_PASSWORD", [])
-    monkeypatch.setattr(ansible_run.getpass, "getpass", lambda p: asked.append(p) or "s3cret")
+
+    def typed(prompt: str) -> str:
+        asked.append(prompt)
+        return "s3cret"
+
+    monkeypatch.setattr(getpass, "getpass", typed)
     assert ansible_run.become_password(False) is None
     assert ansible_run.become_password(True) == "s3cret"
     assert ansible_run.become_password(True) == "s3cret"
@@ -159,7 +165,7 @@ def test_host_become_password_reads_the_vault_or_asks(
     monkeypatch.setattr(ansible_run, "_BECOME_PASSWORD", [])
     assert ansible_run.host_become_password(inv, "h1", ask=False) == PASSWORD
     assert ansible_run.host_become_password(inv, "h2", ask=False) is None
-    monkeypatch.setattr(ansible_run.getpass, "getpass", lambda p: "typed")
+    monkeypatch.setattr(getpass, "getpass", lambda p: "typed")
     # Ansible's precedence: the inventory's password wins over the typed one.
     assert ansible_run.host_become_password(inv, "h1", ask=True) == PASSWORD
     assert ansible_run.host_become_password(inv, "h2", ask=True) == "typed"

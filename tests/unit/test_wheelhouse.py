@@ -203,8 +203,12 @@ def test_deploy_refuses_a_tampered_wheelhouse_before_touching_a_host(
     monkeypatch.setattr(wheelhouse, "WHEELHOUSE", wh)
     touched: list[str] = []
     monkeypatch.setattr(playbook, "play", lambda *a, **k: touched.append("play"))
-    monkeypatch.setattr(playbook, "daemon_invocations",
-                        lambda *a, **k: touched.append("ssh") or {})
+
+    def reached_the_host(*a: object, **k: object) -> dict[str, str]:
+        touched.append("ssh")
+        return {}
+
+    monkeypatch.setattr(playbook, "daemon_invocations", reached_the_host)
     with pytest.raises(Exit) as exc:
         plays.deploy(Context(), inventory="inventory/production.example",
                                expect_unchanged=True)
