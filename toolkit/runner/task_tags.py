@@ -433,7 +433,9 @@ def _dependencies(proj: Project) -> list[str]:
             if not t.runs:
                 continue  # the conditions of blocks and imports are in their tasks' text
             for var, prod in producers.items():
-                if prod is t or ALWAYS in prod.tags or not _uses(t, var):
+                # A task's own register (until:, failed_when:) is its own result, whichever
+                # import of a shared file (the roll-back sequence) it was reached through.
+                if prod is t or var in t.registers or ALWAYS in prod.tags or not _uses(t, var):
                     continue
                 lacking = sorted(t.controls - prod.controls)
                 key = (t.where, var, ",".join(lacking))
