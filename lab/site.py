@@ -203,7 +203,7 @@ def _vault_encrypt(password_file: Path, values: dict[str, str]) -> str:
 
 def render(inst: Instance, facts: dict[str, Any], example: Path = EXAMPLE) -> dict[str, Any]:
     """Write the rendered inventory; returns what the lab tests need to know of it."""
-    from toolkit import hostvars
+    from toolkit.runner import hostvars
 
     d = site_dir(inst)
     out = d / "inventory"

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from lab.state import LabState
-from toolkit.ansible_run import PlaybookResult, build_command, run_playbook
+from toolkit.runner.ansible_run import PlaybookResult, build_command, run_playbook
 
 pytestmark = pytest.mark.lab
 

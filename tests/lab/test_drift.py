@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from lab.state import LabState
-from toolkit.ansible_run import build_command, run_playbook
+from toolkit.runner.ansible_run import build_command, run_playbook
 
 pytestmark = pytest.mark.lab
 

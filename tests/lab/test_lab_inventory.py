@@ -4,8 +4,8 @@ instance's facts, so this runs with the lab up; tests/unit checks production.exa
 from __future__ import annotations
 
 from lab.state import LabState
-from toolkit import inventory_check
-from toolkit.ansible_run import ROOT
+from toolkit.runner import inventory_check
+from toolkit.runner.ansible_run import ROOT
 
 
 def test_the_lab_inventory_passes(lab: LabState) -> None:

@@ -25,7 +25,7 @@ from invoke import Context
 from lab import usb
 from lab.config import Instance
 from lab.state import LabState
-from toolkit import tasks_token
+from toolkit.tasks import token as tasks_token
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -464,7 +464,7 @@ def test_a_custodian_cannot_sign_and_a_client_cannot_approve(build, custodian):
 
 
 def _deploy(lab: LabState, pin_source: str) -> None:
-    from toolkit.ansible_run import ROOT, ansible_env, build_command
+    from toolkit.runner.ansible_run import ROOT, ansible_env, build_command
 
     cmd = build_command("deploy.yml", extra_vars={"token_pin_source": pin_source})
     log = lab.state_dir / f"deploy-pin-{pin_source}.log"

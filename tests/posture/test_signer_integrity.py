@@ -21,7 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.log_search import Findings, Secret, decompress_gzip, search_journal, search_tar
+from toolkit.assurance.log_search import (
+    Findings,
+    Secret,
+    decompress_gzip,
+    search_journal,
+    search_tar,
+)
 
 REQUEST_ID = "0" * 32  # a well-formed request id no one has
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from toolkit import signer_lab
-from toolkit.signer_lab import Lab
+from toolkit import local_signer as signer_lab
+from toolkit.local_signer import Lab
 
 MiB = 1 << 20
 

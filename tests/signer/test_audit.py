@@ -23,7 +23,7 @@ import pytest
 from signer import audit, certs, daemon
 from signer.formats import cms
 from tests.signer.conftest import Signer, config, one_line_error, profiles
-from toolkit.signer_lab import Lab, sign_over_socket
+from toolkit.local_signer import Lab, sign_over_socket
 
 # --- tamper evidence ---------------------------------------------------------------------
 

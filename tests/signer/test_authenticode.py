@@ -27,7 +27,7 @@ from tests.signer.conftest import MiB, Signer, config, one_line_error, profiles
 from tests.signer.pki import TSA, LabCA
 from tests.signer.test_approvals import _fake_ssh
 from tests.signer.test_sign import openssl_cms_verify
-from toolkit.signer_lab import Lab, write_pe
+from toolkit.local_signer import Lab, write_pe
 
 pytestmark = pytest.mark.skipif(shutil.which("osslsigncode") is None,
                                 reason="osslsigncode not installed (apt install osslsigncode)")

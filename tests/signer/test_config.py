@@ -8,7 +8,7 @@ import pytest
 
 from signer import config, uri
 from signer.errors import SignerError
-from toolkit.signer_lab import toml
+from toolkit.local_signer import toml
 
 BASE = {
     "daemon": {

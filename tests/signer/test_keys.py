@@ -180,7 +180,7 @@ def test_the_token_is_chosen_by_label_and_serial(shared: Signer, monkeypatch: An
     second token with the same label (a spare, a planted one) is never used by mistake."""
     from signer.errors import SignerError
     from signer.token import Token
-    from toolkit.signer_lab import SOFTHSM_MODULE, TOKEN_LABEL
+    from toolkit.local_signer import SOFTHSM_MODULE, TOKEN_LABEL
 
     monkeypatch.setenv("SOFTHSM2_CONF", str(shared.lab.conf))
     serial = Token(SOFTHSM_MODULE, TOKEN_LABEL)._token.serial.decode()

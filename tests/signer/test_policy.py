@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.signer.conftest import Signer, one_line_error
-from toolkit.signer_lab import sign_over_socket
+from toolkit.local_signer import sign_over_socket
 
 
 @pytest.mark.control("SGN-03")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from toolkit.ansible_run import build_command, parse_recap
+from toolkit.runner.ansible_run import build_command, parse_recap
 
 RECAP = """
 TASK [ssh : Render sshd_config] ***

@@ -7,12 +7,13 @@ plus the argv and environment of every process between it and the controller.
 
 from __future__ import annotations
 
+import getpass
 import sys
 from pathlib import Path
 
 import pytest
 
-from toolkit import ansible_run
+from toolkit.runner import ansible_run
 
 PASSWORD = "pw-Zq8-only-through-a-pipe"
 
@@ -109,7 +110,12 @@ def test_without_the_password_the_prompt_gets_an_empty_answer(
 def test_become_password_is_asked_once(monkeypatch: pytest.MonkeyPatch) -> None:
     asked: list[str] = []
     monkeypatch.setattr(ansible_run, "_BECOME_PASSWORD", [])
-    monkeypatch.setattr(ansible_run.getpass, "getpass", lambda p: asked.append(p) or "s3cret")
+
+    def typed(prompt: str) -> str:
+        asked.append(prompt)
+        return "s3cret"
+
+    monkeypatch.setattr(getpass, "getpass", typed)
     assert ansible_run.become_password(False) is None
     assert ansible_run.become_password(True) == "s3cret"
     assert ansible_run.become_password(True) == "s3cret"
@@ -149,7 +155,7 @@ def test_a_vaulted_become_password_reaches_ansible(
 def test_host_become_password_reads_the_vault_or_asks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from toolkit import hostvars
+    from toolkit.runner import hostvars
 
     vpf, vaulted = _vault(tmp_path, PASSWORD)
     (tmp_path / "hosts.yml").write_text("all:\n  hosts:\n    h1: {}\n    h2: {}\n")
@@ -159,7 +165,7 @@ def test_host_become_password_reads_the_vault_or_asks(
     monkeypatch.setattr(ansible_run, "_BECOME_PASSWORD", [])
     assert ansible_run.host_become_password(inv, "h1", ask=False) == PASSWORD
     assert ansible_run.host_become_password(inv, "h2", ask=False) is None
-    monkeypatch.setattr(ansible_run.getpass, "getpass", lambda p: "typed")
+    monkeypatch.setattr(getpass, "getpass", lambda p: "typed")
     # Ansible's precedence: the inventory's password wins over the typed one.
     assert ansible_run.host_become_password(inv, "h1", ask=True) == PASSWORD
     assert ansible_run.host_become_password(inv, "h2", ask=True) == "typed"
@@ -184,12 +190,12 @@ def test_deploys_ad_hoc_daemon_check_gets_the_password_the_same_way(
     call as root: the typed password reaches that one through the same pipe."""
     from invoke.exceptions import Exit
 
-    from toolkit import tasks_playbooks
+    from toolkit.runner import playbook
 
     got, procs, _ = _setup(tmp_path, monkeypatch)
     try:
-        tasks_playbooks._daemon_invocations(str(tmp_path / "hosts.yml"), None,
-                                            become_pass=PASSWORD)
+        playbook.daemon_invocations(str(tmp_path / "hosts.yml"), None,
+                                    become_pass=PASSWORD)
     except Exit:
         pass  # no signer daemon on this machine: only the way the password went matters here
     assert got.read_text() == PASSWORD

@@ -1,6 +1,6 @@
 """Which controls a run applied: a real ansible-playbook (local connection) through the real
 signhost_events callback, with a play whose second role fails half way. Controls are the
-control-id tags of the tasks (toolkit/task_tags reads them as the registry does)."""
+control-id tags of the tasks (toolkit/runner/task_tags.py reads them as the registry does)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import ansible_run, controls, registry, task_tags
+from toolkit.assurance import registry
+from toolkit.runner import ansible_run, controls, task_tags
 
 ROLES = {
     # role -> tasks (name, tags, fails?). SPN-01 spans two roles; SEC-01 has a task on each

@@ -1,4 +1,4 @@
-"""toolkit.expectations and the posture suite's use of it: what a host is expected to be comes
+"""toolkit.runner.expectations and the posture suite's use of it: what a host is expected to be comes
 from its inventory, the same test code runs for every inventory, and a test that does not apply
 skips with its reason instead of passing."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import expectations, hostvars
+from toolkit.runner import expectations, hostvars
 
 ROOT = Path(__file__).resolve().parents[2]
 

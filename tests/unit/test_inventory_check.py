@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from toolkit import hostvars, inventory_check
+from toolkit.runner import hostvars, inventory_check
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "sign01"

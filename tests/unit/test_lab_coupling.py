@@ -1,4 +1,4 @@
-"""toolkit.lab_coupling: the static check that keeps the lab out of roles, playbooks and the
+"""toolkit.assurance.lab_coupling: the static check that keeps the lab out of roles, playbooks and the
 posture suite."""
 
 from __future__ import annotations
@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import lab_coupling, pipeline
+from toolkit import pipeline
+from toolkit.assurance import lab_coupling
 
-SCOPE = ("roles", "playbooks", "tests/posture", "toolkit/expectations.py")
+SCOPE = ("roles", "playbooks", "tests/posture", "toolkit/runner/expectations.py")
 
 
 def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
@@ -25,7 +26,7 @@ CLEAN = {
     "playbooks/deploy.yml": "- hosts: signing_hosts\n  roles: [token]\n",
     "tests/posture/test_x.py": '"""Skipped in the lab: waived. See tests/lab/test_usb.py and inventory/lab."""\n'
                                "def test_x(expected):\n    assert expected['token_backend']\n",
-    "toolkit/expectations.py": "NAMES = ('verify_kind',)  # the lab. Then production\n",
+    "toolkit/runner/expectations.py": "NAMES = ('verify_kind',)  # the lab. Then production\n",
 }
 
 
@@ -48,7 +49,7 @@ def test_a_clean_tree_passes(tmp_path: Path) -> None:
         ("tests/posture/test_ssh.py", "    return lab.ssh_alias", "lab variable"),
         ("tests/posture/test_ssh.py", '    env = os.environ["SIGNLAB_INSTANCE"]', "lab's name"),
         ("tests/posture/test_usb.py", '    assert name == "lab0"', "lab instance name"),
-        ("toolkit/expectations.py", "STATE = '/var/lib/signlab'", "lab's name"),
+        ("toolkit/runner/expectations.py", "STATE = '/var/lib/signlab'", "lab's name"),
     ],
 )
 def test_a_planted_coupling_is_named_with_file_and_line(tmp_path: Path, rel: str, line: str,
@@ -81,7 +82,7 @@ def test_main_exits_1_and_prints_each_finding(tmp_path: Path, monkeypatch: pytes
 def test_the_static_stage_runs_the_check() -> None:
     stages = {s.name: s for s in pipeline.static_stages()}
     stage = stages["no lab coupling"]
-    assert stage.argv[1:] == ["-m", "toolkit.lab_coupling"]
+    assert stage.argv[1:] == ["-m", "toolkit.assurance.lab_coupling"]
 
 
 def test_the_token_pin_dir_defaults_to_the_operators_state_dir(
@@ -89,7 +90,7 @@ def test_the_token_pin_dir_defaults_to_the_operators_state_dir(
 ) -> None:
     """A production-style inventory that sets no token_pin_dir gets one under the invoking
     user's state directory (it used to need the lab's signlab_state_dir)."""
-    from toolkit import hostvars
+    from toolkit.runner import hostvars
 
     monkeypatch.delenv("XDG_STATE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

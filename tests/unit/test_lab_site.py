@@ -12,7 +12,7 @@ import pytest
 
 from lab import lifecycle, net, site
 from lab.config import Instance
-from toolkit import hostvars
+from toolkit.runner import hostvars
 
 ROOT = Path(__file__).resolve().parents[2]
 

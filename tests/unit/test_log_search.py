@@ -1,4 +1,4 @@
-"""toolkit.log_search: the posture suite's search for the token PINs in a host's logs, on the
+"""toolkit.assurance.log_search: the posture suite's search for the token PINs in a host's logs, on the
 controller. Every hit names where (file, journal field and origin), never the secret."""
 
 from __future__ import annotations
@@ -11,7 +11,13 @@ import tarfile
 
 import pytest
 
-from toolkit.log_search import Secret, journal_entries, search_file, search_journal, search_tar
+from toolkit.assurance.log_search import (
+    Secret,
+    journal_entries,
+    search_file,
+    search_journal,
+    search_tar,
+)
 
 PIN = b"Zq8fK2mWw3rT9pXy"
 SECRETS = {"user PIN": Secret(PIN), "SO PIN": Secret(b"11223344")}  # a short, numeric one

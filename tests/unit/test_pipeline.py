@@ -1,5 +1,5 @@
-"""The pipeline runner: a failing stage stops the run, teardown still runs, absent stages
-are reported as absent (never as passed), and the summary is written."""
+"""The pipeline runner: a failing stage stops the run, teardown still runs, a stage whose files
+are missing fails (a renamed playbook fails CI, it is never skipped), and the summary is written."""
 
 from __future__ import annotations
 
@@ -39,10 +39,35 @@ def test_failure_stops_the_run_but_teardown_runs(tmp_path: Path) -> None:
     assert [r["status"] for r in summary["stages"]][1] == "FAILED (exit 4)"
 
 
-def test_absent_stage_is_reported_not_run() -> None:
-    stages = [Stage("ok", py("pass")), Stage("later", py("pass"), needs=["no/such/file.yml"])]
-    assert pipeline.run(stages, title="t", env_extra={}) is True
-    assert stages[1].status == "absent"
+def test_a_stage_whose_files_are_missing_fails_the_run(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    stages = [Stage("ok", py("pass")),
+              Stage("later", py(f"open({str(marker)!r}, 'w')"), needs=["no/such/file.yml"]),
+              Stage("after", py("pass")),
+              Stage("down", py("pass"), always=True)]
+    assert pipeline.run(stages, title="t", env_extra={}) is False
+    assert [s.status for s in stages] == [
+        "passed", "FAILED (missing no/such/file.yml)", "not run", "passed"]
+    assert not marker.exists()
+    summary = json.loads((tmp_path / "ci" / "summary.json").read_text())
+    assert summary["stages"][1]["status"] == "FAILED (missing no/such/file.yml)"
+
+
+def test_a_renamed_playbook_fails_ci_in_the_static_and_the_lab_stages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tree as CI sees it, with deploy.yml renamed: the syntax check and both deploy stages
+    fail instead of being left out."""
+    root = tmp_path / "tree"
+    (root / "playbooks").mkdir(parents=True)
+    for name in ("provision.yml", "harden.yml", "site-deploy.yml"):
+        (root / "playbooks" / name).write_text("---\n")
+    monkeypatch.setattr(pipeline, "ROOT", root)
+    stages = {s.name: s for s in pipeline.static_stages() + pipeline.lab_stages("lab9")}
+    for name in ("ansible-syntax", "deploy", "deploy again (changed=0, daemon kept)"):
+        assert stages[name].missing() == ["playbooks/deploy.yml"], name
+    assert stages["harden"].missing() == []
+    assert "playbooks/site-deploy.yml" in " ".join(stages["ansible-syntax"].argv)
 
 
 def test_failing_teardown_fails_the_run() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import registry
+from toolkit.assurance import registry
 
 THREATS = """
 threats:

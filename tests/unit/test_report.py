@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from toolkit import registry, report
+from toolkit.assurance import registry, report
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -107,7 +107,13 @@ def run(*tests: dict[str, Any]) -> dict[str, Any]:
     return {"tests": list(tests), "duration": 3.0, "exitstatus": 0, "collect_errors": []}
 
 
-def build(reg: registry.Registry, r: dict[str, Any], kind: str = "lab", **kw: Any) -> dict:
+def _find(element: ET.Element, path: str) -> ET.Element:
+    found = element.find(path)
+    assert found is not None, path
+    return found
+
+
+def build(reg: registry.Registry, r: dict[str, Any], kind: str = "lab", **kw: Any) -> dict[str, Any]:
     return report.build(reg, REFS, r, host="signhost", kind=kind, target="ssh://signhost", **kw)
 
 
@@ -470,16 +476,16 @@ def test_junit_xml_for_ci(reg: registry.Registry) -> None:
     ))
     root = ET.fromstring(report.junit(m))
     tests, controls = root.findall("testsuite")
-    props = {p.get("name"): p.get("value") for p in tests.find("properties")}
+    props = {p.get("name"): p.get("value") for p in _find(tests, "properties")}
     assert props["schema_version"] == str(report.SCHEMA_VERSION)
     assert props["verdict"] == "FAIL"
     assert (tests.get("tests"), tests.get("failures"), tests.get("errors"),
             tests.get("skipped")) == ("4", "1", "1", "1")
-    case = tests.find("testcase[@name='test_password_refused[a]']")
+    case = _find(tests, "testcase[@name='test_password_refused[a]']")
     assert case.get("classname") == "tests.posture.test_ssh"
-    assert case.find("failure").get("message") == "rc 0"
-    assert [p.get("value") for p in case.find("properties")] == ["SSH-01"]
-    assert tests.find("testcase[@name='test_x']/error").get("message") == "fixture <boom>"
+    assert _find(case, "failure").get("message") == "rc 0"
+    assert [p.get("value") for p in _find(case, "properties")] == ["SSH-01"]
+    assert _find(tests, "testcase[@name='test_x']/error").get("message") == "fixture <boom>"
     failed = [c.get("name") for c in controls if c.find("failure") is not None]
     assert failed == ["GHOST-01 (not in threat-model/controls/)", "SSH-01 Keys only"]
     assert controls.get("tests") == str(len(m["controls"]))
@@ -487,9 +493,9 @@ def test_junit_xml_for_ci(reg: registry.Registry) -> None:
 
 def test_junit_of_a_run_that_tested_nothing_is_not_green(reg: registry.Registry) -> None:
     m = build(reg, {"tests": [], "error": "pytest exited 3 before writing results"})
-    tests = ET.fromstring(report.junit(m)).find("testsuite")
+    tests = _find(ET.fromstring(report.junit(m)), "testsuite")
     assert tests.get("errors") == "1"
-    assert "pytest exited 3" in tests.find("testcase/error").get("message")
+    assert "pytest exited 3" in str(_find(tests, "testcase/error").get("message"))
 
 
 # --- a realistic run ------------------------------------------------------------------------

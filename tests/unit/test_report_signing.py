@@ -12,7 +12,9 @@ import pytest
 from invoke.context import Context
 from invoke.exceptions import Exit
 
-from toolkit import exitcodes, report_signing, tasks_verify
+from toolkit import exitcodes
+from toolkit.assurance import report_signing
+from toolkit.tasks import verify as tasks_verify
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None,
                                 reason="needs OpenSSH's ssh-keygen")

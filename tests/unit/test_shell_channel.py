@@ -8,7 +8,7 @@ import os
 import pytest
 import testinfra.host
 
-from toolkit.shell_channel import ChannelBackend
+from toolkit.assurance.shell_channel import ChannelBackend
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ def _channel_as(user: str, password: str | None):  # type: ignore[no-untyped-def
 
 
 def test_sudo_with_a_password_gives_root_and_the_password_is_on_no_command_line(
-    password_sudo_user,  # type: ignore[no-untyped-def]
+    password_sudo_user: str,
 ) -> None:
     h = _channel_as(SUDO_USER, password_sudo_user)
     try:

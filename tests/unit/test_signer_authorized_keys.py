@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from toolkit import inventory_check
+from toolkit.runner import inventory_check
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = ROOT / "roles/signer/filter_plugins/signer_authorized_keys.py"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import ansible_run, task_tags
+from toolkit.runner import ansible_run, task_tags
 
 
 @pytest.mark.parametrize(
@@ -138,6 +138,46 @@ def test_the_walk_composes_tags_as_ansible_does(tmp_path: Path) -> None:
     assert [t.name for t in proj.implementing("XYZ-04")] == [
         "XYZ-04 | the role's extra tasks", "XYZ-04 | from tasks_from"]
     assert task_tags.check(proj, {"XYZ-01", "XYZ-02", "XYZ-03", "XYZ-04"}, ()) == []
+
+
+SHARED = """
+- name: Probe, retried on its own result
+  ansible.builtin.command: "true"
+  register: shared_probe
+  until: shared_probe.rc == 0
+  changed_when: false
+- name: Uses the probe of this import
+  ansible.builtin.debug: {msg: "{{ shared_probe.rc }}"}
+"""
+SHARED_PLAY = """
+- name: Play
+  hosts: all
+  tasks:
+    - name: XYZ-01 | the first change, guarded
+      ansible.builtin.import_tasks: ../shared.yml
+      tags: [XYZ-01]
+    - name: XYZ-02 | the second change, guarded by the same file
+      ansible.builtin.import_tasks: ../shared.yml
+      tags: [XYZ-02]
+    - name: XYZ-03 | a task that needs the probe but not its tag
+      ansible.builtin.debug: {msg: "{{ shared_probe.rc }}"}
+      tags: [XYZ-03]
+"""
+
+
+def test_a_file_imported_under_two_tags_uses_its_own_registers(tmp_path: Path) -> None:
+    """The roll-back sequence is one file imported by ssh and firewall: each import's probe
+    reads its own result, which --tags of either control selects; a task outside that reads
+    the probe without carrying its tags is still reported."""
+    (tmp_path / "shared.yml").write_text("---\n" + textwrap.dedent(SHARED).lstrip("\n"))
+    (tmp_path / "playbooks").mkdir()
+    (tmp_path / "playbooks" / "site.yml").write_text("---\n" + textwrap.dedent(SHARED_PLAY))
+    proj = task_tags.load(tmp_path)
+    assert proj.problems == []
+    problems = task_tags.check(proj, {"XYZ-01", "XYZ-02", "XYZ-03"}, ())
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("task playbooks/site.yml:")
+    assert "uses shared_probe" in problems[0] and "not tagged XYZ-03" in problems[0]
 
 
 _LISTED = re.compile(r"^\s{6}(?:(?P<role>\S+) : )?(?P<name>.*?)\tTAGS: \[(?P<tags>.*)\]$")

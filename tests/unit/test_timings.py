@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
-from toolkit import timings
-from toolkit.ansible_run import ROOT
-from toolkit.controls import read_events
+from toolkit.runner import timings
+from toolkit.runner.ansible_run import ROOT
+from toolkit.runner.controls import read_events
 
 
-def _write(path: Path, events: list[dict]) -> Path:
+def _write(path: Path, events: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(e) + "\n" for e in events))
     return path
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from toolkit import exitcodes, signer_lab
+from toolkit import exitcodes, local_signer
 
 ROOT = Path(__file__).resolve().parents[2]
 INVOKE = str(Path(sys.executable).parent / "invoke")
@@ -24,14 +24,14 @@ INVOKE = str(Path(sys.executable).parent / "invoke")
 @pytest.fixture(scope="module")
 def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, Path]]:
     """(inventory, signer config, controller dir) for a 'host' that is this machine."""
-    why = signer_lab.available()
+    why = local_signer.available()
     if why:
         pytest.skip(why)
     root = tmp_path_factory.mktemp("token-host")
-    lab = signer_lab.Lab(root / "lab")
+    lab = local_signer.Lab(root / "lab")
     lab.init_token()
     profiles = {"release": {
-        "key": f"pkcs11:token={signer_lab.TOKEN_LABEL};object=release;type=private",
+        "key": f"pkcs11:token={local_signer.TOKEN_LABEL};object=release;type=private",
         "algorithm": "ecdsa-p256", "formats": ["raw"], "max_size": 1024, "clients": [],
         "budget_count": 10, "budget_window": 60, "cert": str(lab.certs / "release.pem")}}
     cfg = lab.config("host", profiles, [], [])

@@ -18,8 +18,9 @@ import yaml
 from invoke.context import Context
 from invoke.exceptions import Exit
 
-from toolkit import tasks_playbooks, wheelhouse
-from toolkit.wheelhouse import ROOT, WheelhouseError
+from toolkit.runner import playbook, wheelhouse
+from toolkit.runner.wheelhouse import ROOT, WheelhouseError
+from toolkit.tasks import plays
 
 pytestmark = pytest.mark.slow
 
@@ -201,11 +202,15 @@ def test_deploy_refuses_a_tampered_wheelhouse_before_touching_a_host(
     wheel.write_bytes(wheel.read_bytes()[:-1])
     monkeypatch.setattr(wheelhouse, "WHEELHOUSE", wh)
     touched: list[str] = []
-    monkeypatch.setattr(tasks_playbooks, "play", lambda *a, **k: touched.append("play"))
-    monkeypatch.setattr(tasks_playbooks, "_daemon_invocations",
-                        lambda *a, **k: touched.append("ssh") or {})
+    monkeypatch.setattr(playbook, "play", lambda *a, **k: touched.append("play"))
+
+    def reached_the_host(*a: object, **k: object) -> dict[str, str]:
+        touched.append("ssh")
+        return {}
+
+    monkeypatch.setattr(playbook, "daemon_invocations", reached_the_host)
     with pytest.raises(Exit) as exc:
-        tasks_playbooks.deploy(Context(), inventory="inventory/production.example",
+        plays.deploy(Context(), inventory="inventory/production.example",
                                expect_unchanged=True)
     assert exc.value.code == 1
     message = str(exc.value.message)

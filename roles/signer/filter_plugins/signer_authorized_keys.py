@@ -4,7 +4,7 @@ The role renders each line from inventory values (`restrict,from="...",command="
 KEY`): a newline in a key adds a line of its own choosing (without `restrict` or the forced
 command), a quote in a name or a `from` pattern ends the option early. So every value is checked
 here, before anything is written, and each problem names its entry. `invoke inventory.check`
-applies the same rules (toolkit/inventory_check.py loads this file).
+applies the same rules (toolkit/runner/inventory_check.py loads this file).
 """
 
 from __future__ import annotations

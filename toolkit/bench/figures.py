@@ -1,0 +1,113 @@
+"""The figures the issues ask for, measured in one run, into one JSON file (`invoke bench`).
+
+Benchmarks measure and compare; they assert nothing (the tests do that). Figures that are
+compared are ratios measured in the same run on the same machine (e.g. signer throughput
+vs the raw token, second harden vs first), so two versions can be compared even on
+machines of different speed. Output: `reports/bench/bench-<time>.json` and a table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from importlib import import_module
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+from invoke.exceptions import Exit
+
+from toolkit.runner.ansible_run import ROOT
+
+OUT = ROOT / "reports" / "bench"
+
+
+def _timed(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
+    started = time.monotonic()
+    proc = subprocess.run(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.STDOUT)
+    return time.monotonic() - started, proc.returncode
+
+
+def _inv(*args: str) -> list[str]:
+    return [str(ROOT / ".venv" / "bin" / "invoke"), *args]
+
+
+def lab_figures(instance: str, cold: bool, env: dict[str, str]) -> dict[str, Any]:
+    """Lab: cold up (image build) if asked, warm up, reset; then the plays first vs second."""
+    from lab import image
+
+    fig: dict[str, Any] = {"instance": instance}
+    subprocess.run(_inv("lab.down", "--instance", instance), env=env, capture_output=True)
+    if cold:
+        d = image.image_dir()
+        if d.exists():
+            shutil.rmtree(d)
+        t, rc = _timed(_inv("lab.up", "--instance", instance), env)
+        fig["lab_up_cold_s"] = round(t, 1) if rc == 0 else f"failed rc={rc}"
+        subprocess.run(_inv("lab.down", "--instance", instance), env=env, capture_output=True)
+    t, rc = _timed(_inv("lab.up", "--instance", instance), env)
+    if rc:
+        raise Exit(f"bench: lab.up failed (rc={rc})")
+    fig["lab_up_warm_s"] = round(t, 1)
+    facts = json.loads((Path(env.get("SIGNLAB_STATE") or f"/var/lib/signlab/{instance}")
+                        / "lab.json").read_text())
+    fig["accel"] = facts["vm"]["accel"]
+    t, rc = _timed(_inv("lab.reset", "--instance", instance), env)
+    fig["lab_reset_s"] = round(t, 1)
+    plays: dict[str, Any] = {}
+    for name in ("provision", "harden"):
+        if (ROOT / "playbooks" / f"{name}.yml").exists():
+            t1, rc1 = _timed(_inv(name), env)
+            t2, rc2 = _timed(_inv(name), env)
+            plays[name] = {"first_s": round(t1, 1), "second_s": round(t2, 1),
+                           "second_over_first": round(t2 / t1, 3) if t1 else None,
+                           "ok": rc1 == 0 and rc2 == 0}
+    if (ROOT / "playbooks" / "deploy.yml").exists():
+        t, rc = _timed(_inv("deploy"), env)
+        plays["deploy"] = {"first_s": round(t, 1), "ok": rc == 0}
+    if find_spec("toolkit.tasks.verify"):
+        t, rc = _timed(_inv("verify"), env)
+        plays["verify"] = {"seconds": round(t, 1), "passed": rc == 0}
+    fig["plays"] = plays
+    subprocess.run(_inv("lab.down", "--instance", instance), env=env, capture_output=True)
+    return fig
+
+
+def collect(instance: str, cold: bool, no_lab: bool) -> dict[str, Any]:
+    """Every figure of one bench run: the machine, the signer's, and the lab's unless `no_lab`."""
+    env = dict(os.environ, SIGNLAB_INSTANCE=instance)
+    result: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"python": sys.version.split()[0], "kernel": platform.release(),
+                    "cpus": os.cpu_count()},
+    }
+    if find_spec("toolkit.bench.signer"):
+        print("==> signer figures", flush=True)
+        result["signer"] = import_module("toolkit.bench.signer").run()
+    if not no_lab:
+        print(f"==> lab figures (instance {instance}; several minutes)", flush=True)
+        result["lab"] = lab_figures(instance, cold, env)
+    return result
+
+
+def write(result: dict[str, Any]) -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"bench-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,250 @@
+"""Signer figures for `invoke bench`: throughput through the daemon against the raw token,
+hashing through the gateway against `sha256sum`, and Authenticode signing of a 100 MiB PE
+through the host (`signer submit`) against `osslsigncode sign` with the same token key through
+a local PKCS#11 module (the "key on the build server" baseline), side by side in one run on the
+same SoftHSM2 token and the same file. Ratios, no asserts: the note on the issue compares them
+with the targets (1,000 P-256 signatures/s through the daemon; RSA-3072 and hashing at 0.9 of raw;
+under 100 MiB peak for a 1 GiB artifact).
+
+Every daemon request here is a full protocol exchange on a fresh Unix socket connection, with
+the audit entry fsynced before the answer; the client side runs in this process (the gateway's
+own protocol code) so that the figure is the daemon's, not Python's start-up time, which is
+reported separately ("per SSH connection").
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from toolkit.local_signer import SOFTHSM_MODULE, Lab, available, sign_over_socket, write_pe
+
+GiB = 1 << 30
+MiB = 1 << 20
+PKCS11_ENGINE = Path("/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so")  # libengine-pkcs11-openssl
+SECONDS = 3.0
+
+
+def _rate(fn: Any, seconds: float, threads: int = 1) -> float:
+    """Calls of fn per second over `seconds`, with `threads` callers."""
+    count = [0] * threads
+    stop = time.monotonic() + seconds
+
+    def loop(i: int) -> None:
+        while time.monotonic() < stop:
+            fn()
+            count[i] += 1
+
+    started = time.monotonic()
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(count) / (time.monotonic() - started)
+
+
+def _raw_token_rate(lab: Lab, label: str, algorithm: str, seconds: float) -> float:
+    """python-pkcs11 sign loop on the same key, in a child process (the library is a
+    per-process singleton and needs the lab's SOFTHSM2_CONF)."""
+    code = f"""
+import time, pkcs11
+from pkcs11 import ObjectClass
+from signer.algorithms import BY_NAME
+alg = BY_NAME[{algorithm!r}]
+lib = pkcs11.lib({str(SOFTHSM_MODULE)!r})
+tok = lib.get_token(token_label="signer")
+with tok.open(user_pin=open({str(lab.pin_file)!r}).read().strip()) as s:
+    key = s.get_key(object_class=ObjectClass.PRIVATE_KEY, label={label!r})
+    mech, param = alg.mechanism
+    data = alg.token_input(b"\\x11" * 32)
+    n, stop = 0, time.monotonic() + {seconds}
+    start = time.monotonic()
+    while time.monotonic() < stop:
+        key.sign(data, mechanism=mech, mechanism_param=param)
+        n += 1
+    print(n / (time.monotonic() - start))
+"""
+    out = subprocess.run([sys.executable, "-c", code], env=lab.env, capture_output=True,
+                         text=True, check=True).stdout
+    return float(out.strip())
+
+
+def _gateway_hash(lab: Lab, config: Path, artifact: Path) -> tuple[float, int, int]:
+    """(seconds, exit code, gateway peak RSS in KiB) for one artifact through the gateway."""
+    env = {**lab.env, "SSH_ORIGINAL_COMMAND": "sign --profile ec --format raw"}
+    with artifact.open("rb") as f:
+        start = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-m", "signer", "gateway", "--client",
+                                 "build1", "--config", str(config)], stdin=f,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.monotonic() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return elapsed, proc.returncode, usage.ru_maxrss
+
+
+def _sha256sum(artifact: Path) -> float:
+    start = time.monotonic()
+    subprocess.run(["sha256sum", str(artifact)], check=True, capture_output=True)
+    return time.monotonic() - start
+
+
+def _peak_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def run(seconds: float = SECONDS, artifact_size: int = GiB) -> dict[str, Any]:
+    why = available()
+    if why:
+        return {"skipped": why}
+    with tempfile.TemporaryDirectory(prefix="bench-signer-") as tmp:
+        return _run(Path(tmp), seconds, artifact_size)
+
+
+def _run(root: Path, seconds: float, artifact_size: int) -> dict[str, Any]:
+    lab = Lab(root)
+    lab.init_token()
+    big = artifact_size + (1 << 20)
+    profiles = {
+        "ec": {"key": "pkcs11:object=ec", "algorithm": "ecdsa-p256", "formats": ["raw"],
+               "max_size": big, "clients": ["build1"], "budget_count": 10**9,
+               "budget_window": 3600},
+        "rsa": {"key": "pkcs11:object=rsa", "algorithm": "rsa3072-pkcs1", "formats": ["raw"],
+                "max_size": big, "clients": ["build1"], "budget_count": 10**9,
+                "budget_window": 3600},
+        "win": {"key": "pkcs11:object=rsa", "algorithm": "rsa3072-pkcs1",
+                "cert": str(lab.certs / "win.pem"), "formats": ["authenticode"],
+                "max_size": big, "clients": ["build1"], "budget_count": 10**9,
+                "budget_window": 3600},
+    }
+    config = lab.config("bench", profiles, ["build1"], [], checkpoint_interval=1000)
+    for args in (["--profile", "ec"], ["--profile", "rsa"], ["--audit"]):
+        lab.signer("keys", "generate", "--config", config, *args).check_returncode()
+    lab.signer("keys", "selfsign", "--config", config, "--profile", "win").check_returncode()
+    out: dict[str, Any] = {"seconds_per_figure": seconds, "audit_fsync": True}
+    sock = Lab.socket_of(config)
+    lab.start(config)
+    try:
+        for name, label, algorithm in (("ecdsa_p256", "ec", "ecdsa-p256"),
+                                       ("rsa3072", "rsa", "rsa3072-pkcs1")):
+            raw = _raw_token_rate(lab, label, algorithm, seconds)
+
+            def one(profile: str = label) -> None:
+                code, message, _sig = sign_over_socket(sock, profile, b"artifact", fmt="raw")
+                if code != 0:
+                    raise RuntimeError(message)
+
+            d1 = _rate(one, seconds, 1)
+            d8 = _rate(one, seconds, 8)
+            out[name] = {
+                "raw_pkcs11_per_s": round(raw, 1),
+                "daemon_1_client_per_s": round(d1, 1),
+                "daemon_8_clients_per_s": round(d8, 1),
+                "ratio_1_client": round(d1 / raw, 3),
+                "ratio_8_clients": round(d8 / raw, 3),
+            }
+
+        def via_gateway() -> None:
+            r = lab.gateway(config, "sign --profile ec --format raw", b"artifact")
+            if r.returncode != 0:
+                raise RuntimeError(r.stderr)
+
+        out["ecdsa_p256"]["per_ssh_connection_gateway_process_per_s"] = round(
+            _rate(via_gateway, seconds, 1), 1)
+
+        artifact = root / "artifact.bin"
+        block = os.urandom(1 << 20)
+        with artifact.open("wb") as f:
+            for _ in range(artifact_size >> 20):
+                f.write(block)
+        _sha256sum(artifact)  # page cache warm for both
+        ref = _sha256sum(artifact)
+        elapsed, code, gw_peak = _gateway_hash(lab, config, artifact)
+        daemon_peak = _peak_kib(lab.daemons[config].pid)
+        out["hashing"] = {
+            "artifact_bytes": artifact_size,
+            "sha256sum_MiB_per_s": round(artifact_size / ref / (1 << 20), 1),
+            "gateway_daemon_MiB_per_s": round(artifact_size / elapsed / (1 << 20), 1),
+            "ratio": round(ref / elapsed, 3),
+            "exit_code": code,
+            "daemon_peak_rss_MiB": round(daemon_peak / 1024, 1),
+            "gateway_peak_rss_MiB": round(gw_peak / 1024, 1),
+        }
+        out["authenticode_100MiB_pe"] = authenticode_figures(lab, config, root)
+    finally:
+        lab.stop()
+    return out
+
+
+def authenticode_figures(lab: Lab, config: Path, root: Path, size: int = 100 * MiB
+                         ) -> dict[str, Any]:
+    """One 100 MiB PE signed twice with the same token key: through the host (extract-data,
+    ssh round trip through the gateway, daemon, attach-signature) and by osslsigncode alone
+    with the key through PKCS#11 on this machine. The ratio is what keeping the key off the
+    build server costs; the bytes are what travels per signature."""
+    if shutil.which("osslsigncode") is None:
+        return {"skipped": "osslsigncode not installed"}
+    exe = write_pe(root / "big.exe", size)
+    cert = lab.certs / "win.pem"
+    ssh = root / "fake-ssh"  # runs the gateway as the forced command would, without sshd
+    ssh.write_text(f"#!{sys.executable}\nimport os, sys\n"
+                   "os.environ['SSH_ORIGINAL_COMMAND'] = sys.argv[2]\n"
+                   f"os.execv(sys.executable, [sys.executable, '-m', 'signer', 'gateway', "
+                   f"'--client', 'build1', '--config', {str(config)!r}])\n")
+    ssh.chmod(0o700)
+    started = time.monotonic()
+    r = lab.signer("submit", "--host", "build1@signer", "--profile", "win", "--format",
+                   "authenticode", "--cafile", cert, "--ssh", ssh, "--out",
+                   root / "via-host.exe", exe, timeout=600)
+    via_host = time.monotonic() - started
+    if r.returncode != 0:
+        return {"failed": r.stderr.decode(errors="replace").strip()}
+    entry = _last_sign(config)
+    out: dict[str, Any] = {
+        "pe_bytes": exe.stat().st_size,
+        "via_host_s": round(via_host, 2),
+        "bytes_sent_to_host": entry.get("size"),
+        "bytes_returned": len((root / "via-host.exe").read_bytes()) - exe.stat().st_size,
+    }
+    if not PKCS11_ENGINE.exists():
+        out["local_pkcs11"] = f"skipped: {PKCS11_ENGINE} missing (libengine-pkcs11-openssl)"
+        return out
+    started = time.monotonic()
+    local = subprocess.run(
+        ["osslsigncode", "sign", "-pkcs11engine", str(PKCS11_ENGINE), "-pkcs11module",
+         str(SOFTHSM_MODULE), "-certs", str(cert), "-key",
+         "pkcs11:token=signer;object=rsa;type=private", "-readpass", str(lab.pin_file),
+         "-h", "sha256", "-in", str(exe), "-out", str(root / "local.exe")],
+        env=lab.env, capture_output=True, text=True, check=False)
+    local_s = time.monotonic() - started
+    if local.returncode != 0:
+        out["local_pkcs11"] = f"failed: {local.stderr.strip().splitlines()[-1:]}"
+        return out
+    out["local_osslsigncode_pkcs11_s"] = round(local_s, 2)
+    out["ratio_via_host_over_local"] = round(via_host / local_s, 2)
+    return out
+
+
+def _last_sign(config: Path) -> dict[str, Any]:
+    import json
+
+    lines = (config.parent / "audit.jsonl").read_text().splitlines()
+    signs = [e for e in map(json.loads, lines) if e.get("event") == "sign"]
+    return signs[-1] if signs else {}
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(), indent=2))

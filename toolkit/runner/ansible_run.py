@@ -1,0 +1,248 @@
+"""Run a playbook against an inventory and read back what it changed.
+
+The recap is parsed (not a JSON callback) so that the operator keeps Ansible's normal,
+readable output while the pipeline still gets the per-host counts it gates on
+(idempotence: a second run must report changed=0).
+
+A sudo password reaches Ansible on its standard input, a pipe (`--become-password-file -`;
+Ansible resolves a /dev/fd/N path to a name it cannot open): never argv, never the
+environment (both are visible in /proc and recorded by auditd and sudo), never a file.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from toolkit.runner.controls import HostControls
+    from toolkit.runner.hostvars import Inventory
+
+ROOT = Path(__file__).resolve().parents[2]
+RECAP = re.compile(
+    r"^(?P<host>\S+)\s+:\s+ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
+    r"unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)"
+)
+
+
+@dataclass(frozen=True)
+class HostRecap:
+    host: str
+    ok: int
+    changed: int
+    unreachable: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class PlaybookResult:
+    returncode: int
+    recap: tuple[HostRecap, ...]
+    log: Path
+    # Per host: which controls this run applied, which failed or were not reached
+    # (toolkit/runner/controls.py, from the signhost_events callback).
+    controls: list[HostControls] = field(default_factory=list)
+    events: Path | None = None
+
+    @property
+    def changed(self) -> int:
+        return sum(r.changed for r in self.recap)
+
+    @property
+    def unreachable(self) -> list[str]:
+        """Hosts the run could not reach (they are neither changed nor failed: unknown)."""
+        return [r.host for r in self.recap if r.unreachable]
+
+    @property
+    def failed(self) -> list[str]:
+        return [r.host for r in self.recap if r.failed]
+
+
+def parse_recap(text: str) -> tuple[HostRecap, ...]:
+    out: list[HostRecap] = []
+    in_recap = False
+    for line in text.splitlines():
+        if line.startswith("PLAY RECAP"):
+            in_recap, out = True, []
+            continue
+        m = RECAP.match(line.strip()) if in_recap else None
+        if m:
+            out.append(
+                HostRecap(
+                    host=m["host"],
+                    ok=int(m["ok"]),
+                    changed=int(m["changed"]),
+                    unreachable=int(m["unreachable"]),
+                    failed=int(m["failed"]),
+                )
+            )
+    return tuple(out)
+
+
+def venv_exe(name: str) -> str:
+    """A tool from the project's virtual environment, else from PATH."""
+    exe = ROOT / ".venv" / "bin" / name
+    return str(exe) if exe.exists() else name
+
+
+def ansible_env(**extra: str) -> dict[str, str]:
+    """The environment every Ansible command of the toolkit runs with (the project's config)."""
+    return dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), **extra)
+
+
+_BECOME_PASSWORD: list[str] = []
+
+
+def become_password(ask: bool, prompt: str = "sudo password (become): ") -> str | None:
+    """The become (sudo) password the operator typed, asked at most once per process.
+
+    None when not asked for: Ansible then uses the inventory's `ansible_become_password`
+    (vaulted, decrypted with --vault-password-file or $ANSIBLE_VAULT_PASSWORD_FILE), or none.
+    A channel of our own that needs the vaulted value reads it with toolkit.runner.hostvars.
+    """
+    if not ask:
+        return None
+    if not _BECOME_PASSWORD:
+        _BECOME_PASSWORD.append(getpass.getpass(prompt))
+    return _BECOME_PASSWORD[0]
+
+
+_BECOME_VARS = ("ansible_become_password", "ansible_become_pass", "ansible_sudo_pass")
+
+
+def host_become_password(inv: Inventory, host: str, ask: bool) -> str | None:
+    """The sudo password Ansible would use on `host`, for a channel of our own.
+
+    Ansible's precedence: the inventory's `ansible_become_password` (vault decrypted) wins
+    over the one typed at --ask-become-pass (asked once per process); else None.
+    """
+    for name in _BECOME_VARS:
+        if inv.has(host, name):
+            # hostvars decrypts a vaulted value and turns its errors into InventoryError.
+            value = inv.get(host, name)
+            return None if value is None else str(value)
+    return become_password(ask)
+
+
+@contextmanager
+def secret_fd(secret: str | None) -> Iterator[int | None]:
+    """The read end of a pipe that holds `secret`, for one child's standard input.
+
+    The secret is written before the child starts (it is far below a pipe's buffer) and the
+    write end closed, so the child reads it once and sees end of file.
+    """
+    if secret is None:
+        yield None
+        return
+    r, w = os.pipe()
+    try:
+        os.write(w, secret.encode() + b"\n")
+        os.close(w)
+        yield r
+    finally:
+        os.close(r)
+
+
+def secret_args(become_fd: int | None, vault_password_file: str | None) -> list[str]:
+    """Ansible options for the become password (on stdin) and the vault password file."""
+    args: list[str] = []
+    if become_fd is not None:
+        args += ["--become-password-file", "-"]
+    if vault_password_file:
+        args += ["--vault-password-file", vault_password_file]
+    return args
+
+
+def build_command(
+    playbook: str,
+    *,
+    inventory: str | None = None,
+    limit: str | None = None,
+    check: bool = False,
+    diff: bool = False,
+    tags: str | None = None,
+    skip_tags: str | None = None,
+    extra_vars: dict[str, str] | None = None,
+    verbose: int = 0,
+    vault_password_file: str | None = None,
+) -> list[str]:
+    cmd = [venv_exe("ansible-playbook"), str(ROOT / "playbooks" / playbook)]
+    if inventory:
+        cmd += ["-i", inventory]
+    if limit:
+        cmd += ["--limit", limit]
+    if check:
+        cmd.append("--check")
+    if diff:
+        cmd.append("--diff")
+    if tags:
+        cmd += ["--tags", tags]
+    if skip_tags:
+        cmd += ["--skip-tags", skip_tags]
+    for k, v in (extra_vars or {}).items():
+        cmd += ["-e", f"{k}={v}"]
+    if vault_password_file:
+        cmd += ["--vault-password-file", vault_password_file]
+    if verbose:
+        cmd.append("-" + "v" * verbose)
+    return cmd
+
+
+def run_playbook(cmd: list[str], log: Path, become_pass: str | None = None) -> PlaybookResult:
+    """Run ansible-playbook, streaming its output to the terminal and to `log`.
+
+    Task results also go, as JSON lines, to `<log>.events.jsonl` (callback_plugins/), from
+    which the result says which controls are in place on each host. `become_pass`, when
+    given, reaches Ansible through a pipe (see secret_fd), not through `cmd`.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    events = log.with_name(log.stem + ".events.jsonl")
+    events.unlink(missing_ok=True)
+    env = ansible_env(ANSIBLE_FORCE_COLOR="0", SIGNHOST_EVENTS=str(events))
+    with (
+        secret_fd(become_pass) as fd,
+        log.open("w") as fh,
+        subprocess.Popen(
+            cmd + secret_args(fd, None),
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL if fd is None else fd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        ) as proc,
+    ):
+        assert proc.stdout is not None
+        chunks: list[str] = []
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            fh.write(line)
+            chunks.append(line)
+        rc = proc.wait()
+    return PlaybookResult(
+        returncode=rc,
+        recap=parse_recap("".join(chunks)),
+        log=log,
+        controls=_controls(events),
+        events=events,
+    )
+
+
+def _controls(events: Path) -> list[HostControls]:
+    from toolkit.assurance import registry
+    from toolkit.runner import controls
+
+    try:
+        return controls.host_status(controls.read_events(events), registry.load())
+    except (OSError, ValueError, KeyError) as exc:  # the summary must never hide the run's result
+        print(f"(could not work out which controls were applied: {exc})", file=sys.stderr)
+        return []

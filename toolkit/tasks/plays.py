@@ -1,0 +1,175 @@
+"""`invoke provision`, `invoke harden`, `invoke deploy`, `invoke lock-deps`: the plays, against
+any inventory (run by toolkit.runner.playbook), and the signer's locked dependencies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from invoke.context import Context
+from invoke.exceptions import Exit
+from invoke.tasks import task
+
+from toolkit import exitcodes
+from toolkit.runner import playbook, wheelhouse
+from toolkit.runner.ansible_run import ROOT, become_password
+
+_HELP = {
+    "inventory": "inventory path (default: inventory/lab, the local lab VM)",
+    "limit": "only these hosts (Ansible --limit pattern)",
+    "check": "dry run: report what would change, change nothing",
+    "diff": "show the changes made to files",
+    "tags": "only tasks with these tags: control ids (SSH-05,NET-02) or roles' (ssh,firewall)",
+    "skip_tags": "skip tasks with these tags",
+    "verbose": "Ansible verbosity (repeat: -v -v)",
+    "ask_become_pass": "ask for the sudo password once (it reaches Ansible through a pipe)",
+    "vault_password_file": "vault password file (default: $ANSIBLE_VAULT_PASSWORD_FILE)",
+}
+
+
+_PLAY_HELP = _HELP | {"expect_unchanged": "fail unless the run reports changed=0"}
+_INCREMENTABLE = ["verbose"]
+
+
+def _opts(
+    inventory: str | None,
+    limit: str | None,
+    check: bool,
+    diff: bool,
+    tags: str | None,
+    skip_tags: str | None,
+    verbose: int,
+    expect_unchanged: bool,
+    ask_become_pass: bool,
+    vault_password_file: str | None,
+) -> dict[str, Any]:
+    return {
+        "ask_become_pass": ask_become_pass,
+        "vault_password_file": vault_password_file,
+        "inventory": inventory,
+        "limit": limit,
+        "check": check,
+        "diff": diff,
+        "tags": tags,
+        "skip_tags": skip_tags,
+        "verbose": verbose,
+        "expect_unchanged": expect_unchanged,
+    }
+
+
+@task(help=_PLAY_HELP, incrementable=["verbose"])
+def provision(
+    c: Context,
+    inventory: str | None = None,
+    limit: str | None = None,
+    check: bool = False,
+    diff: bool = False,
+    tags: str | None = None,
+    skip_tags: str | None = None,
+    verbose: int = 0,
+    expect_unchanged: bool = False,
+    ask_become_pass: bool = False,
+    vault_password_file: str | None = None,
+) -> None:
+    """Base system of a signing host: packages, services, time, updates, journald, admins, AIDE."""
+    playbook.play(
+        "provision",
+        "provision.yml",
+        **_opts(inventory, limit, check, diff, tags, skip_tags, verbose, expect_unchanged,
+              ask_become_pass, vault_password_file),
+    )
+
+
+@task(help=_PLAY_HELP, incrementable=["verbose"])
+def harden(
+    c: Context,
+    inventory: str | None = None,
+    limit: str | None = None,
+    check: bool = False,
+    diff: bool = False,
+    tags: str | None = None,
+    skip_tags: str | None = None,
+    verbose: int = 0,
+    expect_unchanged: bool = False,
+    ask_become_pass: bool = False,
+    vault_password_file: str | None = None,
+) -> None:
+    """Harden: ssh, firewall (nftables), usb (USBGuard), kernel, auditing. Lockout-safe."""
+    playbook.play(
+        "harden",
+        "harden.yml",
+        **_opts(inventory, limit, check, diff, tags, skip_tags, verbose, expect_unchanged,
+              ask_become_pass, vault_password_file),
+    )
+
+
+@task(help=_PLAY_HELP, incrementable=["verbose"])
+def deploy(
+    c: Context,
+    inventory: str | None = None,
+    limit: str | None = None,
+    check: bool = False,
+    diff: bool = False,
+    tags: str | None = None,
+    skip_tags: str | None = None,
+    verbose: int = 0,
+    expect_unchanged: bool = False,
+    ask_become_pass: bool = False,
+    vault_password_file: str | None = None,
+) -> None:
+    """Token and signer service: SoftHSM2/PKCS#11, keys on the token, signerd, gateway accounts.
+
+    With --expect-unchanged the run must also leave the daemon alone: its systemd invocation id
+    is read before and after, and a restart fails the task like a change would.
+    """
+    playbook.prepare("deploy", inventory, limit, vault_password_file)
+    try:
+        # The signer's wheels are built on the controller from the hash lock (the host needs no
+        # PyPI); a wheelhouse that does not match the lock is refused before any host is touched.
+        wheelhouse.build()
+    except wheelhouse.WheelhouseError as e:
+        raise Exit(f"deploy: {e}", code=exitcodes.FAILED) from None
+    watch = expect_unchanged and not check
+    secrets = (become_password(ask_become_pass), vault_password_file)
+    before = playbook.daemon_invocations(inventory, limit, *secrets) if watch else {}
+    playbook.play(
+        "deploy",
+        "deploy.yml",
+        prepared=True,
+        **_opts(inventory, limit, check, diff, tags, skip_tags, verbose, expect_unchanged,
+              ask_become_pass, vault_password_file),
+    )
+    if watch:
+        after = playbook.daemon_invocations(inventory, limit, *secrets)
+        restarted = sorted(h for h, inv in before.items() if after.get(h) != inv)
+        if restarted:
+            raise Exit(
+                f"deploy: the signer daemon was restarted on {', '.join(restarted)} "
+                "although nothing changed",
+                code=exitcodes.NOT_READY,
+            )
+        print(
+            f"==> deploy: the signer daemon kept running on {', '.join(sorted(before))} "
+            "(same systemd invocation id before and after)"
+        )
+
+
+@task(
+    help={
+        "upgrade": "move every pin to the newest release the ranges in pyproject.toml allow",
+        "package": "move only this project's pin (repeatable)",
+    },
+    iterable=["package"],
+)
+def lock_deps(c: Context, upgrade: bool = False, package: list[str] | None = None) -> None:
+    """Update the signing host's locked dependencies (requirements/signer-host.lock).
+
+    Resolves pyproject.toml's run-time dependencies for the host (CPython 3.11, x86_64 Linux)
+    with `uv pip compile --generate-hashes`, keeping the current pins unless told to upgrade.
+    """
+    try:
+        wheelhouse.lock(upgrade=upgrade, packages=tuple(package or ()))
+    except wheelhouse.WheelhouseError as e:
+        raise Exit(f"lock-deps: {e}", code=1) from None
+    pins = wheelhouse.read_lock()
+    print(f"==> lock-deps: {wheelhouse.LOCK.relative_to(ROOT)}: "
+          + ", ".join(f"{p.name}=={p.version}" for p in pins.values()))

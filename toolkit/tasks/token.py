@@ -1,0 +1,60 @@
+"""`invoke token.csr` and `invoke token.import-cert`: the release certificate's round trip
+(the work: toolkit.runner.signer_host)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from invoke.collection import Collection
+from invoke.context import Context
+from invoke.exceptions import Exit
+from invoke.tasks import task
+
+from toolkit import exitcodes
+from toolkit.runner.signer_host import PEM_CERT, SignerHost, fetch_csr
+from toolkit.runner.signer_host import import_cert as install_cert
+
+_HELP = {
+    "profile": "signing profile whose key the certificate is for (default: release)",
+    "inventory": "inventory path (default: inventory/lab, the local lab VM)",
+    "limit": "the one host to talk to (Ansible --limit pattern; needed if the inventory has more)",
+    "ask_become_pass": "ask for the sudo password once (it reaches Ansible through a pipe)",
+    "vault_password_file": "vault password file (default: $ANSIBLE_VAULT_PASSWORD_FILE)",
+}
+
+
+
+@task(help=_HELP | {"out": "CSR file (default: <signer_controller_dir>/PROFILE-request.csr, "
+                           "else ./PROFILE-request.csr)",
+                    "subject": "subject of the request, e.g. 'CN=Example release signing'"})
+def csr(c: Context, profile: str = "release", out: str | None = None, subject: str | None = None,
+        inventory: str | None = None, limit: str | None = None, ask_become_pass: bool = False,
+        vault_password_file: str | None = None) -> None:
+    """Fetch a CSR for PROFILE's token key to the controller (for the CA)."""
+    t = SignerHost("token.csr", inventory, limit, ask_become_pass, vault_password_file)
+    dest = fetch_csr(t, profile, subject, out)
+    print(f"token.csr: CSR for profile {profile!r} of {t.host} written to {dest}")
+
+
+@task(positional=["cert"], help=_HELP | {"cert": "PEM certificate issued by the CA for the CSR"})
+def import_cert(c: Context, cert: str, profile: str = "release", inventory: str | None = None,
+                limit: str | None = None, ask_become_pass: bool = False,
+                vault_password_file: str | None = None) -> None:
+    """Install the CA's certificate for PROFILE (checked against the token key), restart signerd."""
+    if cert.startswith("-"):  # invoke hands `-h` to the positional argument, not to help
+        raise Exit(f"token.import-cert: {cert!r} is an option, not a certificate file; "
+                   "help: invoke --help token.import-cert", code=exitcodes.BAD_INPUT)
+    try:
+        pem = Path(cert).read_bytes()
+    except OSError as exc:
+        raise Exit(f"token.import-cert: {cert}: {exc.strerror}", code=exitcodes.BAD_INPUT) from None
+    if not pem.lstrip().startswith(PEM_CERT):
+        raise Exit(f"token.import-cert: {cert} is not a PEM certificate", code=exitcodes.BAD_INPUT)
+    t = SignerHost("token.import-cert", inventory, limit, ask_become_pass, vault_password_file)
+    out = install_cert(t, profile, pem)
+    print(out.strip() or f"token.import-cert: certificate installed for {profile!r} on {t.host}")
+
+
+ns = Collection("token")
+ns.add_task(csr)
+ns.add_task(import_cert, name="import-cert")
