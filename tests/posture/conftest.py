@@ -325,7 +325,7 @@ def become_password(pytestconfig: pytest.Config, host: Any) -> Any:
     """The sudo password the suite's root channel gave sudo (from the inventory's vault or
     --become-password-fd), as a log_search.Secret that never shows itself in a traceback;
     None when sudo asked for none. Only for looking it up in logs."""
-    from toolkit.log_search import Secret
+    from toolkit.assurance.log_search import Secret
 
     del host  # the channel is opened first: it is what reads the password
     pw = pytestconfig.stash.get(_BECOME_KEY, None)
