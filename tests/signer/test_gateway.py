@@ -307,27 +307,72 @@ def test_the_gateway_reads_the_socket_exactly_as_toml_does(tmp_path: Path, text:
     assert gateway.socket_path(path, None) == tomllib.loads(text)["daemon"]["socket"]
 
 
-def test_the_gateway_starts_without_the_heavy_imports() -> None:
-    """What the forced command imports to answer one request: not argparse, tomllib (for the
-    config the role renders), dataclasses, typing, pathlib, nor the daemon's modules."""
+# What the gateway must not import to answer one request: the daemon's and crypto modules,
+# and the standard library's heavier ones (`re` brings `enum`, `functools`, `collections`).
+HEAVY = {"argparse", "tomllib", "dataclasses", "typing", "pathlib", "logging", "pkcs11",
+         "cryptography", "asn1crypto", "signer.daemon", "signer.config", "signer.audit",
+         "signer.cli", "re", "json", "socket", "enum", "shlex", "selectors", "functools",
+         "collections", "contextlib", "importlib.util", "runpy", "subprocess"}
+
+
+def _loaded_by(argv: list[str], command: str) -> set[str]:
+    """The modules a gateway run of `argv` (after the interpreter and -S) has loaded when it
+    exits (the socket does not exist: it gets as far as connecting)."""
     import subprocess
     import sys
 
-    code = ("import sys\nfrom signer.cli import main\n"
-            "try:\n    main(['gateway', '--client', 'build1', '--config', sys.argv[1]])\n"
-            "finally:\n    print(' '.join(sorted(sys.modules)))")
+    probe = ("import atexit, sys\n"
+             "atexit.register(lambda: print(' '.join(sorted(sys.modules))))\n")
+    # -S: without site (the editable install's finder imports pathlib; a wheel's not)
+    r = subprocess.run([sys.executable, "-S", "-c", probe + argv[0], *argv[1:]],
+                       capture_output=True, text=True, check=False,
+                       env={"SSH_ORIGINAL_COMMAND": command, "PATH": "/usr/bin:/bin"},
+                       cwd=Path(__file__).parents[2])
+    assert r.returncode == 69 and "not running" in r.stderr, r.stderr  # got to connect()
+    return set(r.stdout.split())
+
+
+@pytest.mark.parametrize("command", ["status " + "0" * 32, "sign --profile dev --name a.exe",
+                                     "sign --profile dev --size 10 --format raw"])
+def test_the_forced_command_starts_without_the_heavy_imports(command: str) -> None:
+    """What the forced command the role writes imports to answer one request (start-up is
+    the latency every SSH request pays): signer.gateway, request, wire, errors, and nothing
+    of HEAVY."""
+    from signer.gateway import FORCED_COMMAND_CODE
+
+    loaded = _loaded_by([FORCED_COMMAND_CODE, "--client", "build1", "--socket",
+                         "/nonexistent/signer.sock"], command)
+    assert {"signer.gateway", "signer.request", "signer.wire"} <= loaded
+    assert not HEAVY & loaded, sorted(HEAVY & loaded)
+
+
+def test_signer_gateway_through_the_cli_stays_lean() -> None:
+    """`signer gateway` (the command line, or an authorized_keys line written before the
+    forced command changed) goes to the gateway's own parser before argparse: no argparse,
+    tomllib (for the config the role renders), crypto or daemon modules."""
     cfg = Path(__file__).parent / "_gateway_probe.toml"
     try:
         cfg.write_text('[daemon]\nsocket = "/nonexistent/signer.sock"\nsocket_group = "gw"\n')
-        # -S: without site (the editable install's finder imports pathlib; a wheel's not)
-        r = subprocess.run([sys.executable, "-S", "-c", code, str(cfg)], capture_output=True,
-                           text=True, env={"SSH_ORIGINAL_COMMAND": "status " + "0" * 32,
-                                           "PATH": "/usr/bin:/bin"}, check=False,
-                           cwd=Path(__file__).parents[2])
+        loaded = _loaded_by(["from signer.cli import main; sys.exit(main(sys.argv[1:]))", "gateway",
+                             "--client", "build1", "--config", str(cfg)], "status " + "0" * 32)
     finally:
         cfg.unlink()
-    loaded = set(r.stdout.split())
-    assert "signer.gateway" in loaded, r.stderr
+    assert "signer.gateway" in loaded
     heavy = {"argparse", "tomllib", "dataclasses", "typing", "pathlib", "logging", "pkcs11",
              "cryptography", "asn1crypto", "signer.daemon", "signer.config", "signer.audit"}
     assert not heavy & loaded, sorted(heavy & loaded)
+
+
+def test_the_role_writes_the_forced_command_the_gateway_documents() -> None:
+    """roles/signer's signer_gateway_code is signer.gateway.FORCED_COMMAND_CODE (the posture
+    tests compare the deployed lines with the same string)."""
+    import yaml
+
+    from signer.gateway import FORCED_COMMAND_CODE
+
+    root = Path(__file__).parents[2]
+    role_vars = yaml.safe_load((root / "roles/signer/vars/main.yml").read_text())
+    assert role_vars["signer_gateway_code"] == FORCED_COMMAND_CODE
+    for posture in ("test_signer.py", "test_signer_integrity.py"):
+        text = (root / "tests/posture" / posture).read_text()
+        assert f'GATEWAY_CODE = "{FORCED_COMMAND_CODE}"' in text, posture

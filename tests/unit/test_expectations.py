@@ -19,7 +19,7 @@ HOSTS = "all:\n  hosts:\n    h1: {}\n"
 SITE = """
 base_admin_users:
   - {name: ops, public_keys: ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOps ops@ws"]}
-signer_gateway_user: builds
+signer_client_account_prefix: build-
 signer_custodians:
   - {name: carol, ssh_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICarol carol", from: [192.0.2.0/24]}
   - {name: dave, ssh_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDave dave", from: [192.0.2.0/24]}
@@ -39,7 +39,7 @@ def _inventory(tmp_path: Path, group_vars: str = SITE, hosts: str = HOSTS) -> Pa
 
 def test_values_come_from_the_inventory_with_role_defaults_underneath(tmp_path: Path) -> None:
     e = expectations.for_host(hostvars.load(str(_inventory(tmp_path))), "h1")
-    assert e["signer_gateway_user"] == "builds"
+    assert e["signer_client_account_prefix"] == "build-"
     assert [c["name"] for c in e["signer_custodians"]] == ["carol", "dave"]
     assert e["token_backend"] == "hardware"
     assert e["token_softhsm_store"] == "/var/lib/signer/token"  # roles/token/defaults
