@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,38 @@ def test_names_are_escaped_in_the_audit_log(signer: Signer) -> None:
 
 # --- the parser, exhaustively --------------------------------------------------------------
 
+_shellish = st.text(alphabet=st.sampled_from(list("ab -'\"\\\t\r\n\xa0\u2003\x0b\x0c#;$é")),
+                    max_size=40)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(_shellish | st.text(max_size=40))
+def test_the_split_is_shlexs(text: str) -> None:
+    """request.split (shlex only for quotes and backslashes) splits as shlex.split does, and
+    fails where it fails."""
+    try:
+        want: list[str] | None = shlex.split(text, comments=False, posix=True)
+    except ValueError:
+        want = None
+    try:
+        got: list[str] | None = request.split(text)
+    except ValueError:
+        got = None
+    assert got == want
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("az09_-AZ.é٣\n ")), max_size=70)
+       | st.sampled_from(["a" * 64, "a" * 65, "0" * 32, "f" * 32, "0" * 31, "1" * 16,
+                          "1" * 17, "0", "01", "a\n", "٣"]))
+def test_the_name_id_and_size_rules_are_their_patterns(tok: str) -> None:
+    """The set-based checks (no `re` at the gateway's start-up) accept what the patterns
+    accept, exactly."""
+    assert request.is_name(tok) == bool(re.fullmatch(request.PROFILE_PATTERN, tok))
+    assert request.is_id(tok) == bool(re.fullmatch(request.ID_PATTERN, tok))
+    assert request.is_size(tok) == bool(re.fullmatch(request.SIZE_PATTERN, tok))
+
+
 @pytest.mark.control("SGN-07")
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=600) | st.text(max_size=300).map(str.encode))
@@ -143,7 +176,7 @@ def test_parsed_sign_requests_only_carry_clean_values(tokens: list[str], name: s
     except request.ParseError:
         return
     if isinstance(cmd, request.Sign):
-        assert request.PROFILE_RE.fullmatch(cmd.profile)
+        assert re.fullmatch(request.PROFILE_PATTERN, cmd.profile)
         assert cmd.format in ("cms", "raw")
         assert not any(c in cmd.name for c in "\n\r\x00\x1b\u2028\u202e")
 
