@@ -215,14 +215,14 @@ class Lab:
         return Path(tomllib.loads(config.read_text())["daemon"]["socket"])
 
 
-def forced_command(role: list[str], socket: Path) -> list[str]:
+def forced_command(role: list[str], socket: Path, *flags: str) -> list[str]:
     """argv of the gateway as the signer role's authorized_keys line runs it (`python -I -c
     FORCED_COMMAND_CODE --client NAME --socket PATH`), without -I: isolated, this checkout's
     interpreter would import the signer the virtual environment has installed, not this tree
     (run from the tree's root, as the tests and the bench are)."""
     from signer.gateway import FORCED_COMMAND_CODE
 
-    return [sys.executable, "-c", FORCED_COMMAND_CODE, *role, "--socket", str(socket)]
+    return [sys.executable, *flags, "-c", FORCED_COMMAND_CODE, *role, "--socket", str(socket)]
 
 
 def sign_over_socket(sock_path: Path, profile: str, data: bytes, fmt: str = "cms",
