@@ -53,7 +53,10 @@ def _parser() -> argparse.ArgumentParser:
         k.add_argument("--config", type=Path, required=True)
         if name in ("generate", "selfsign"):
             which = k.add_mutually_exclusive_group(required=True)
-            which.add_argument("--profile")
+            if name == "generate":  # several profiles' keys in one run (one start-up, deploy)
+                which.add_argument("--profile", action="append")
+            else:
+                which.add_argument("--profile")
             which.add_argument("--audit", action="store_true")
             k.add_argument("--if-missing", action="store_true")
         if name in ("csr", "import-cert"):
@@ -166,7 +169,9 @@ def dispatch(args: argparse.Namespace) -> int:
         cfg = config.load(args.config)
         profile = getattr(args, "profile", None)
         if args.action == "generate":
-            return keys.generate(cfg, profile, args.if_missing, out)
+            for one in profile or [None]:
+                keys.generate(cfg, one, args.if_missing, out)
+            return Exit.OK
         if args.action == "list":
             return keys.list_keys(cfg, out)
         if args.action == "check":

@@ -4,14 +4,20 @@ daemon re-checks everything the gateway sends.
 
 Output discipline: on success the payload goes to stdout in one piece, after the daemon's
 complete reply was read; on any failure stdout stays empty and stderr gets exactly one line.
+
+Start-up is the latency every SSH request pays, so the path from the forced command
+(`python -I -c FORCED_COMMAND_CODE`, see roles/signer) to the daemon imports only this module,
+`signer.request`, `signer.wire` and `signer.errors`, and of the standard library only what
+the interpreter has loaded anyway plus `_socket`, `_json`, `struct` and `unicodedata`: no
+`re`, `json`, `socket`, `enum`, `shlex` or `tomllib` (tests/signer/test_gateway.py checks
+the list). The role passes `--socket`, so the forced command reads no configuration file.
 """
 
 from __future__ import annotations
 
+import _socket
 import io
 import os
-import re
-import socket
 import sys
 
 from signer import request, wire
@@ -19,6 +25,7 @@ from signer.errors import Exit, SignerError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:
+    import socket
     from pathlib import Path
     from typing import BinaryIO
 
@@ -44,7 +51,8 @@ def socket_path(config: Path | str | None, explicit: Path | str | None) -> str:
     simple = _simple_socket(text)
     if simple is not None:
         return simple
-    import tomllib  # anything but the plain form: the real parser (16 ms of imports)
+    # anything but the plain form: the real parser (16 ms of imports)
+    import tomllib
 
     try:
         data = tomllib.loads(text)
@@ -57,36 +65,37 @@ def socket_path(config: Path | str | None, explicit: Path | str | None) -> str:
     return value
 
 
-_SOCKET_LINE = re.compile(r'[ \t]*socket[ \t]*=[ \t]*"([^"\\\x00-\x1f\x7f]*)"[ \t]*(#.*)?')
-_SOCKET_KEY = re.compile(r"[ \t]*(socket|\"socket\"|'socket')[ \t]*=")
-_TABLE_LINE = re.compile(r"[ \t]*\[[ \t]*([A-Za-z0-9_.\- \t\"']*)[ \t]*\][ \t]*(#.*)?")
-
-
 def _simple_socket(text: str) -> str | None:
     """daemon.socket when the file has it in the plain form that the signer role renders
     (`socket = "..."`, no escapes, once, under `[daemon]`, no multi-line strings anywhere);
     None for anything else, which then goes to tomllib. Importing tomllib costs the gateway
-    more than the rest of its start-up."""
+    more than the rest of its start-up. (Only `--config` without `--socket` comes here.)"""
+    import re
+
+    socket_line = re.compile(r'[ \t]*socket[ \t]*=[ \t]*"([^"\\\x00-\x1f\x7f]*)"[ \t]*(#.*)?')
+    socket_key = re.compile(r"[ \t]*(socket|\"socket\"|'socket')[ \t]*=")
+    table_line = re.compile(r"[ \t]*\[[ \t]*([A-Za-z0-9_.\- \t\"']*)[ \t]*\][ \t]*(#.*)?")
     if '"""' in text or "'''" in text:
         return None
     table = None
     found: list[str] = []
     for line in text.splitlines():
-        head = _TABLE_LINE.fullmatch(line)
+        head = table_line.fullmatch(line)
         if head is not None:
             table = head.group(1).strip()
             continue
         if table == "daemon":
-            m = _SOCKET_LINE.fullmatch(line)
+            m = socket_line.fullmatch(line)
             if m is not None:
                 found.append(m.group(1))
-            elif _SOCKET_KEY.match(line):  # socket = '...', an escape: not the plain form
+            elif socket_key.match(line):  # socket = '...', an escape: not the plain form
                 return None
     return found[0] if len(found) == 1 and found[0].startswith("/") else None
 
 
-def connect(path: Path | str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+def _connect(path: Path | str) -> _socket.socket:
+    """A connected socket from the C module (`socket` would import `enum`, `selectors`...)."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         sock.connect(os.fspath(path))
     except OSError:
@@ -94,6 +103,13 @@ def connect(path: Path | str) -> socket.socket:
         raise SignerError(Exit.UNAVAILABLE, "the signer daemon is not running (no answer on "
                           f"{path}): try again later or tell the operators") from None
     return sock
+
+
+def connect(path: Path | str) -> socket.socket:
+    """The same connection as a `socket.socket` (for tools and tests)."""
+    import socket
+
+    return socket.socket(fileno=_connect(path).detach())
 
 
 def _read_upto(stdin: BinaryIO, n: int) -> bytes:
@@ -124,7 +140,7 @@ def _check_declared(total: int, declared: int | None, done: bool) -> None:
                           f"declared {declared} (--size): nothing was signed")
 
 
-def _stream(sock: socket.socket, head: bytes, stdin: BinaryIO, limit: int | None,
+def _stream(sock: _socket.socket, head: bytes, stdin: BinaryIO, limit: int | None,
             declared: int | None = None) -> None:
     """Send what was already read, then the rest of stdin, as frames; then the end frame
     (only when the stream has its declared size: without the end frame the daemon signs
@@ -147,12 +163,15 @@ def _stream(sock: socket.socket, head: bytes, stdin: BinaryIO, limit: int | None
     wire.send_frame(sock, b"")
 
 
-def exchange(sock: socket.socket, header: dict[str, object], stdin: BinaryIO | None,
-             limit: int | None, declared: int | None = None) -> tuple[int, str, bytes]:
+def exchange(sock: _socket.socket, header: dict[str, object],
+             stdin: BinaryIO | None, limit: int | None,
+             declared: int | None = None) -> tuple[int, str, bytes]:
     """Send a request (with stdin as its body unless stdin is None), return the final reply.
     A body that ends within INLINE_MAX bytes goes with the header in one write; a longer one
     waits for the daemon's go-ahead, so a refused request does not upload a gigabyte."""
-    with sock.makefile("rb") as f:
+    # A buffered reader on the socket's descriptor: what socket.makefile("rb") gives, minus
+    # the `socket` module.
+    with open(sock.fileno(), "rb", closefd=False) as f:
         try:
             head = b""
             if stdin is not None:
@@ -181,9 +200,9 @@ def exchange(sock: socket.socket, header: dict[str, object], stdin: BinaryIO | N
 def run(role: str, name: str, config: Path | str | None, sock_path: Path | str | None,
         raw_command: bytes | None, stdin: BinaryIO, stdout: BinaryIO) -> tuple[int, str]:
     """Returns (exit code, message for stderr)."""
-    if not request.PROFILE_RE.fullmatch(name):  # names share the profiles' rule
+    if not request.is_name(name):  # names share the profiles' rule
         return Exit.CONFIG, (f"bad {role} name in the forced command (want "
-                             f"{request.PROFILE_RE.pattern})")
+                             f"{request.PROFILE_PATTERN})")
     try:
         cmd = request.parse(raw_command)
     except request.ParseError as exc:
@@ -191,11 +210,13 @@ def run(role: str, name: str, config: Path | str | None, sock_path: Path | str |
     header: dict[str, object] = {"v": wire.VERSION, "role": role, "caller": name}
     header.update(request.to_wire(cmd))
     with_body = isinstance(cmd, request.Sign | request.Approve | request.Unlock)
-    sock = connect(socket_path(config, sock_path))
-    with sock:
+    sock = _connect(socket_path(config, sock_path))
+    try:
         code, message, payload = exchange(sock, header, stdin if with_body else None,
                                           _SMALL_BODY.get(type(cmd)),
                                           cmd.size if isinstance(cmd, request.Sign) else None)
+    finally:
+        sock.close()
     if code == Exit.OK and payload:
         stdout.write(payload)
         stdout.flush()
@@ -240,3 +261,13 @@ def main(role: str, name: str, config: Path | str | None, sock_path: Path | str 
     if message:
         sys.stderr.write(f"signer: {' '.join(message.splitlines())}\n")
     return code
+
+
+# What the forced command runs: `python -I -c FORCED_COMMAND_CODE --client NAME --socket PATH`
+# (-c rather than -m or a console script: runpy, and the `re` that pip's scripts import, would
+# add a third to the start-up).
+FORCED_COMMAND_CODE = "from signer.gateway import cli; cli()"
+
+
+def cli() -> None:
+    sys.exit(main_argv(sys.argv[1:]))

@@ -14,7 +14,7 @@ from signer.formats import authenticode
 TOOL = "osslsigncode"
 
 
-def _run(*args: str | Path, code: Exit = Exit.DATA) -> None:
+def _run(*args: str | Path, code: int = Exit.DATA) -> None:
     if shutil.which(TOOL) is None:
         raise SignerError(Exit.UNAVAILABLE, f"{TOOL} not found: install it on this machine "
                           "(Debian: apt install osslsigncode)")

@@ -31,7 +31,7 @@ FORMAT_FIELDS = ("authenticode",)
 class Denied(Exception):
     """A request refused by policy: `message` goes to the caller, `reason` to the audit log."""
 
-    def __init__(self, code: Exit, message: str, reason: str | None = None) -> None:
+    def __init__(self, code: int, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message

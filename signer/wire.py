@@ -15,17 +15,23 @@ socket buffer, so a refusal costs nothing, and it saves a round trip per signatu
 The explicit end frame tells a complete body from a gateway that died half way (plain EOF
 would look the same as a truncated artifact). The payload length comes first, so the gateway
 writes a signature to stdout only once it has all of it.
+
+Lines are JSON, read and written with the C half of the `json` package (`_json`: its scanner
+and string encoder, the same code `json.loads`/`json.dumps` run) rather than through `json`
+itself, whose Python layer imports `re` and cost the gateway, which starts once per SSH
+request, a fifth of its start-up. Flat objects of strings, integers, booleans and null (every
+line of this protocol) are written here; anything else, and any platform without `_json`, goes
+to `json`. tests/signer/test_wire.py holds both to `json`'s results.
 """
 
 from __future__ import annotations
 
-import json
-import socket
 import struct
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up)
 if TYPE_CHECKING:  # the gateway starts once per SSH request: no import it does not use
-    from collections.abc import Iterator
+    import _socket
+    from collections.abc import Callable, Iterator
     from io import BufferedIOBase
     from typing import Any
 
@@ -45,11 +51,80 @@ class BodyTooLarge(ProtocolError):
         self.limit = limit
 
 
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+class _Decoding:
+    """The settings `_json.make_scanner` reads (json.JSONDecoder's attributes): strict
+    strings, plain dicts, and no NaN/Infinity (not JSON, and nothing in this protocol)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = staticmethod(_no_constant)
+
+
+_quote: Callable[[str], str] | None
+_scan: Callable[[str, int], tuple[object, int]] | None
+try:
+    from _json import encode_basestring_ascii as _quote
+    from _json import make_scanner as _make_scanner
+except ImportError:  # not CPython: the json package does the same, a little later
+    _quote = _scan = None
+else:
+    # typeshed types the context as a scanner; the C code reads only the attributes above
+    _scan = _make_scanner(_Decoding())  # type: ignore[arg-type]
+_JSON_SPACE = " \t\n\r"
+
+
+def _dumps(obj: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(obj, ensure_ascii=True, separators=(",", ":"))
+
+
 def line(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
+    """`obj` as one JSON line, as json.dumps(obj, ensure_ascii=True, separators=(",", ":"))."""
+    if _quote is None:
+        return _dumps(obj).encode() + b"\n"
+    parts = []
+    for k, v in obj.items():
+        if type(k) is not str:
+            return _dumps(obj).encode() + b"\n"
+        if v is True or v is False or v is None:
+            text = "true" if v is True else "false" if v is False else "null"
+        elif type(v) is int:
+            text = int.__repr__(v)
+        elif type(v) is str:
+            text = _quote(v)
+        else:
+            return _dumps(obj).encode() + b"\n"
+        parts.append(f"{_quote(k)}:{text}")
+    return ("{" + ",".join(parts) + "}\n").encode()
 
 
-def send_line(sock: socket.socket, obj: dict[str, Any]) -> None:
+def loads(data: bytes) -> object:
+    """One JSON value from UTF-8 bytes, as json.loads(data) (NaN and Infinity refused);
+    ValueError when it is not exactly one JSON value."""
+    if _scan is None:
+        import json
+
+        return json.loads(data, parse_constant=_no_constant)
+    text = data.decode("utf-8")
+    start = len(text) - len(text.lstrip(_JSON_SPACE))
+    try:
+        obj, end = _scan(text, start)
+    except StopIteration:
+        raise ValueError("no JSON value") from None
+    if text[end:].strip(_JSON_SPACE):
+        raise ValueError("extra data after the JSON value")
+    return obj
+
+
+def send_line(sock: _socket.socket, obj: dict[str, Any]) -> None:
     sock.sendall(line(obj))
 
 
@@ -60,8 +135,8 @@ def read_line(f: BufferedIOBase) -> dict[str, Any]:
     if not line.endswith(b"\n"):
         raise ProtocolError("line too long or cut")
     try:
-        obj = json.loads(line)
-    except ValueError:
+        obj = loads(line)
+    except (ValueError, RecursionError):
         raise ProtocolError("not JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolError("not a JSON object")
@@ -72,7 +147,7 @@ def frame_header(length: int) -> bytes:
     return _LEN.pack(length)
 
 
-def send_frame(sock: socket.socket, data: bytes | memoryview) -> None:
+def send_frame(sock: _socket.socket, data: bytes | memoryview) -> None:
     sock.sendall(_LEN.pack(len(data)))
     if data:
         sock.sendall(data)
@@ -113,7 +188,7 @@ def read_body(f: BufferedIOBase, limit: int) -> bytes:
 class Peer:
     """The daemon's side of one connection, after the header."""
 
-    def __init__(self, sock: socket.socket, f: BufferedIOBase, inline: bool, uid: int) -> None:
+    def __init__(self, sock: _socket.socket, f: BufferedIOBase, inline: bool, uid: int) -> None:
         self.sock = sock
         self.f = f
         self.inline = inline  # the body follows the header without waiting for "continue"
@@ -133,7 +208,7 @@ class Peer:
         reply(self.sock, code, message, payload)
 
 
-def reply(sock: socket.socket, code: int, message: str = "", payload: bytes = b"") -> None:
+def reply(sock: _socket.socket, code: int, message: str = "", payload: bytes = b"") -> None:
     sock.sendall(line({"code": code, "message": message, "length": len(payload)}) + payload)
 
 

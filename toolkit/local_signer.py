@@ -162,9 +162,8 @@ class Lab:
         env = {k: v for k, v in self.env.items() if k != "SOFTHSM2_CONF"}
         envb = {k.encode(): v.encode() for k, v in env.items()}
         envb[b"SSH_ORIGINAL_COMMAND"] = command if isinstance(command, bytes) else command.encode()
-        return subprocess.run([sys.executable, "-m", "signer", "gateway", *role, "--config",
-                               str(config)], input=stdin, capture_output=True, env=envb,
-                              timeout=timeout, check=False)
+        return subprocess.run(forced_command(role, self.socket_of(config)), input=stdin,
+                              capture_output=True, env=envb, timeout=timeout, check=False)
 
     def start(self, config: Path, wait: bool = True, **popen: Any) -> subprocess.Popen[bytes]:
         """Start `signer serve` for a config (stopping the one already running for it); its
@@ -214,6 +213,16 @@ class Lab:
     @staticmethod
     def socket_of(config: Path) -> Path:
         return Path(tomllib.loads(config.read_text())["daemon"]["socket"])
+
+
+def forced_command(role: list[str], socket: Path, *flags: str) -> list[str]:
+    """argv of the gateway as the signer role's authorized_keys line runs it (`python -I -c
+    FORCED_COMMAND_CODE --client NAME --socket PATH`), without -I: isolated, this checkout's
+    interpreter would import the signer the virtual environment has installed, not this tree
+    (run from the tree's root, as the tests and the bench are)."""
+    from signer.gateway import FORCED_COMMAND_CODE
+
+    return [sys.executable, *flags, "-c", FORCED_COMMAND_CODE, *role, "--socket", str(socket)]
 
 
 def sign_over_socket(sock_path: Path, profile: str, data: bytes, fmt: str = "cms",

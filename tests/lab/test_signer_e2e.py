@@ -70,7 +70,7 @@ def build(lab: LabState, token_dir: Path) -> Callable[..., subprocess.CompletedP
         *,
         key: str = "build",
         host: str = "build",
-        user: str = "sign",
+        user: str = "sign-build",
         extra: list[str] | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
         words = command if isinstance(command, list) else [command]
@@ -213,7 +213,7 @@ def test_build_account_cannot_copy_files_in_or_out(lab, tmp_path):
     src = tmp_path / "payload"
     src.write_bytes(b"payload")
     opts = _ssh_opts(lab, "build")
-    target = f"sign@{lab.vm_ipv4}"
+    target = f"sign-build@{lab.vm_ipv4}"
     for argv in (
         ["scp", *opts, str(src), f"{target}:/tmp/payload"],  # sftp protocol
         ["scp", "-O", *opts, str(src), f"{target}:/tmp/payload"],  # legacy scp
@@ -569,7 +569,7 @@ def test_only_the_token_owner_sees_the_token_reader_through_pcscd(admin_ssh, tok
         owner = readers("signer")
     assert owner.returncode == 0, owner.stdout + owner.stderr
     assert "CCID" in owner.stdout, owner.stdout + owner.stderr
-    for account in ("sign", "alice", "nobody"):
+    for account in ("sign-build", "alice", "nobody"):
         other = readers(account)
         assert "CCID" not in other.stdout, f"{account}: {other.stdout}"
         assert other.returncode != 0 or "no smart card readers" in other.stdout.lower(), (

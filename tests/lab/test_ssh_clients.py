@@ -66,7 +66,7 @@ print(json.dumps(out))
 
 def _paramiko(lab: LabState, command: str, data: bytes = b"", *,
               kex: str = "") -> dict[str, Any]:
-    argv = [str(PYTHON), "-c", CLIENT, lab.vm_ipv4, "sign", str(lab.key("build")),
+    argv = [str(PYTHON), "-c", CLIENT, lab.vm_ipv4, "sign-build", str(lab.key("build")),
             str(lab.state_dir / "known_hosts"), kex, command]
     r = lab.netns_run("build", argv, input=data, timeout=120)
     assert r.returncode == 0, r.stderr.decode()

@@ -28,7 +28,8 @@ Fixtures for test authors:
   inventory's `verify_kind` (default production).
 
 Parametrised by the inventory: a test that takes `admin_user` runs once per base_admin_users
-entry, `forced_command_account` once per signer account (gateway and custodians),
+entry, `forced_command_account` once per signer account (each build client's, each
+custodian's),
 `usb_hotplug_device` once per device of `verify_usb_hotplug` (a hook that plugs and unplugs
 USB devices: argv + plug|unplug + name, and each name's vendor:product id).
 
@@ -168,8 +169,13 @@ def _waived(controls: list[str], kind: str, reg: registry.Registry) -> str | Non
     return "; ".join(reasons) if reasons else None
 
 
+def _client_account(expected: Expected, name: str) -> str:
+    """The local account a build client logs in to and the daemon binds its name to."""
+    return f"{expected['signer_client_account_prefix']}{name}"
+
+
 def _accounts(expected: Expected) -> list[str]:
-    return [str(expected["signer_gateway_user"])] + [
+    return [_client_account(expected, str(c["name"])) for c in expected["signer_clients"]] + [
         str(c["name"]) for c in expected["signer_custodians"]]
 
 
@@ -252,6 +258,12 @@ def admin_user(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def forced_command_account(request: pytest.FixtureRequest) -> str:
     return _param(request)
+
+
+@pytest.fixture(scope="session")
+def client_account(expected: Expected) -> Callable[[str], str]:
+    """name -> the build client's own account (signer_client_account_prefix + name)."""
+    return lambda name: _client_account(expected, name)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ produces an event carrying its key."""
 
 from __future__ import annotations
 
+import shlex
 import uuid
 
 import pytest
@@ -10,6 +11,26 @@ import pytest
 KEYS = ["signhost-token", "signhost-signer-config", "signhost-signer-bin", "signhost-ssh",
         "signhost-firewall", "signhost-usb", "signhost-sudoers", "signhost-accounts",
         "signhost-modules", "signhost-time"]
+
+
+def _write_to_a_watched_file(host, directory: str) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    """Open a file directly under `directory` for writing, as any change to it starts, and
+    return (pid of the opening process, the file's name) for ausearch.
+
+    The file is one that is already there, opened for appending and closed with nothing
+    written: the audit watch sees the write access, and the directory and the file keep their
+    contents and timestamps, so the AIDE baseline (which covers most watched directories)
+    does not change under the posture test (creating and removing a probe file changed the
+    directory's mtime: `invoke deploy` after `invoke verify` then re-baselined, changed=1,
+    and the daily AIDE check reported it). Only an empty directory gets a probe file, created
+    and removed."""
+    probe = shlex.quote(f"{directory}/zz-posture-probe.{uuid.uuid4().hex[:8]}")
+    script = (f"f=$(find {shlex.quote(directory)} -mindepth 1 -maxdepth 1 -type f -print -quit)"
+              '; if [ -n "$f" ]; then echo "$$ $f"; exec 3>>"$f"; '
+              f'else echo "$$ "{probe}; : >{probe}; rm -f {probe}; fi')
+    out = host.check_output(f"sh -c {shlex.quote(script)}")
+    pid, path = out.strip().split(" ", 1)
+    return pid, path.rsplit("/", 1)[1]
 
 
 @pytest.mark.control("AUD-01")
@@ -38,11 +59,11 @@ def test_rules_are_loaded_and_persist_across_reboots(host, key) -> None:  # type
      ("/etc/nftables.d", "signhost-firewall")],
 )
 def test_writing_a_watched_file_produces_a_keyed_event(host, directory, key) -> None:  # type: ignore[no-untyped-def]
-    # A name none of the services reads (sudo skips names with a dot; sshd has no Include).
-    probe = f"{directory}/zz-posture-probe.{uuid.uuid4().hex[:8]}"
-    host.check_output(f"touch {probe} && rm -f {probe}")
-    out = host.run(f"ausearch --input-logs -k {key} -f {probe.rsplit('/', 1)[1]} -i")
-    assert probe.rsplit("/", 1)[1] in out.stdout, out.stderr
+    # (A probe file, where one is needed, has a name none of the services reads: sudo skips
+    # names with a dot; sshd has no Include.)
+    pid, name = _write_to_a_watched_file(host, directory)
+    out = host.run(f"ausearch --input-logs -k {key} -p {pid} -f {shlex.quote(name)} -i")
+    assert name in out.stdout, out.stderr
 
 
 @pytest.mark.control("AUD-03")
@@ -85,7 +106,6 @@ def test_a_write_under_a_deployed_signer_directory_is_audited(host, directory, k
     # These directories appear with `invoke deploy`, after harden loaded the rules: only rules
     # loaded again since then watch them recursively (a probe one level down proves it).
     assert host.file(directory).is_directory, f"{directory} missing: run `invoke deploy` first"
-    probe = f"{directory}/zz-posture-probe.{uuid.uuid4().hex[:8]}"
-    host.check_output(f"touch {probe} && rm -f {probe}")
-    out = host.run(f"ausearch --input-logs -k {key} -f {probe.rsplit('/', 1)[1]} -i")
-    assert probe.rsplit("/", 1)[1] in out.stdout, out.stderr
+    pid, name = _write_to_a_watched_file(host, directory)
+    out = host.run(f"ausearch --input-logs -k {key} -p {pid} -f {shlex.quote(name)} -i")
+    assert name in out.stdout, out.stderr

@@ -139,13 +139,13 @@ def _token_slots(host, expected, account: str):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.control("TOK-02")
-def test_other_accounts_cannot_open_the_token(host, expected):
+def test_other_accounts_cannot_open_the_token(host, expected, forced_command_account):
     # The same command as the token's owner sees the token: the module loads and the command
     # works on this host, so the other account's empty answer means it was kept out.
     owner = _token_slots(host, expected, expected["token_owner"])
     label = re.compile(rf"(?m)^\s*token label\s*:\s*{re.escape(expected['token_label'])}\s*$")
     assert owner.rc == 0 and label.search(owner.stdout), owner.stdout + owner.stderr
-    other = _token_slots(host, expected, expected["signer_gateway_user"])
+    other = _token_slots(host, expected, forced_command_account)
     assert "token label" not in other.stdout, other.stdout
 
 
@@ -158,9 +158,12 @@ CONNECT_PROBE = (
 
 
 @pytest.mark.control("TOK-02")
-@pytest.mark.parametrize("account", ["gateway", "nobody"])
-def test_other_accounts_cannot_reach_pcscd(host, expected, account):
-    account = expected["signer_gateway_user"] if account == "gateway" else account
+@pytest.mark.parametrize("account", ["build client", "nobody"])
+def test_other_accounts_cannot_reach_pcscd(host, expected, client_account, account):
+    if account == "build client":
+        if not expected["signer_clients"]:
+            pytest.skip("does not apply: the inventory has no build client")
+        account = client_account(expected["signer_clients"][0]["name"])
     # Off (no token reader needed): nothing listens. On: the socket is the token owner's.
     r = host.run(f"sudo -n -u {account} python3 -c {shlex.quote(CONNECT_PROBE)} {PCSCD_SOCKET}")
     assert r.rc != 0, f"{account} connected to pcscd"
@@ -195,7 +198,7 @@ def test_token_owner_reaches_pcscd_from_inside_the_daemon_sandbox(host, expected
 
 
 @pytest.mark.control("TOK-02")
-def test_pin_file_is_readable_by_the_daemon_user_only(host, expected):
+def test_pin_file_is_readable_by_the_daemon_user_only(host, expected, client_account):
     pin_file = expected["token_pin_file"]
     with host.sudo():
         f = host.file(pin_file)
@@ -208,7 +211,8 @@ def test_pin_file_is_readable_by_the_daemon_user_only(host, expected):
         assert f.exists, f"{pin_file} is missing (token_pin_source file)"
         assert (f.user, f.mode) == (expected["token_owner"], 0o600)
         assert f'pin_source = "file:{pin_file}"' in config
-    assert host.run(f"sudo -n -u {expected['signer_gateway_user']} cat {pin_file}").rc != 0
+    for c in expected["signer_clients"]:
+        assert host.run(f"sudo -n -u {client_account(c['name'])} cat {pin_file}").rc != 0
 
 
 @pytest.mark.control("TOK-04", "TOK-01")
@@ -276,17 +280,27 @@ def test_root_cannot_export_the_signing_key(host, expected):
     assert not leaked, f"exported: {leaked}"
 
 
+# What the forced command runs (signer/gateway.py FORCED_COMMAND_CODE, the role's
+# signer_gateway_code).
+GATEWAY_CODE = "from signer.gateway import cli; cli()"
+
+
+def _forced_command(expected, role: str, name: str) -> str:  # type: ignore[no-untyped-def]
+    return (f"{expected['signer_venv']}/bin/python -I -c '{GATEWAY_CODE}' --{role} {name} "
+            f"--socket {expected['signer_socket']}")
+
+
 def _authorized_lines(expected, account: str) -> list[str]:  # type: ignore[no-untyped-def]
-    """The lines the inventory gives `account`: one per build client on the gateway account,
-    the custodian's own key on a custodian's."""
-    if account == expected["signer_gateway_user"]:
-        role, entries = "client", expected["signer_clients"]
-    else:
+    """The lines the inventory gives `account`: a build client's own key on its account, a
+    custodian's own key on a custodian's."""
+    prefix = expected["signer_client_account_prefix"]
+    role, entries = "client", [c for c in expected["signer_clients"]
+                               if f"{prefix}{c['name']}" == account]
+    if not entries:
         role = "custodian"
         entries = [c for c in expected["signer_custodians"] if c["name"] == account]
-    command = f"{_signer(expected)} gateway --{role} {{name}} --config {expected['signer_config']}"
     return [
-        f'restrict,from="{",".join(e["from"])}",command="{command.format(name=e["name"])}" '
+        f'restrict,from="{",".join(e["from"])}",command="{_forced_command(expected, role, e["name"])}" '
         f'{str(e["ssh_key"]).strip()}'
         for e in entries
     ]
@@ -302,10 +316,11 @@ def test_forced_command_accounts_only_have_restricted_keys(host, expected, force
     venv = re.escape(expected["signer_venv"])
     for line in lines:
         assert re.match(
-            rf'^restrict,from="[^"]+",command="{venv}/bin/signer gateway '
-            r'--(client|custodian) [a-z][a-z0-9_-]*( --config \S+)?" ',
+            rf'^restrict,from="[^"]+",command="{venv}/bin/python -I -c \'[^\'"]*\' '
+            r'--(client|custodian) [a-z][a-z0-9_-]* --socket \S+" ',
             line,
         ), line
+    assert len(lines) == 1, f"{account}: one key, one principal ({len(lines)} lines)"
     # exactly the inventory's keys, each with its own name and from=
     assert sorted(lines) == sorted(_authorized_lines(expected, account))
 
@@ -335,33 +350,38 @@ def test_signer_socket_is_reachable_by_the_gateway_group_only(host, expected):
 
 
 @pytest.mark.control("SGN-02")
-def test_every_client_and_custodian_is_bound_to_its_own_account(host, expected):
+def test_every_client_and_custodian_is_bound_to_its_own_account(host, expected, client_account):
     """The deployed policy names, for each principal, the one local account it may speak
     through (the daemon checks it with SO_PEERCRED)."""
     with host.sudo():
         text = host.file(expected["signer_config"]).content_string
     cfg = tomllib.loads(text)
-    gateway = expected["signer_gateway_user"]
+    bound = []
     for c in expected["signer_clients"]:
-        assert cfg["clients"][c["name"]].get("account") == gateway, c["name"]
+        assert cfg["clients"][c["name"]].get("account") == client_account(c["name"]), c["name"]
+        bound.append(cfg["clients"][c["name"]]["account"])
     for c in expected["signer_custodians"]:
         assert cfg["custodians"][c["name"]].get("account") == c["name"], c["name"]
+        bound.append(cfg["custodians"][c["name"]]["account"])
+    assert len(set(bound)) == len(bound), f"two principals share an account: {sorted(bound)}"
+    for account in bound:  # each exists, and is in the socket's group (else it is refused)
+        assert host.user(account).exists, account
+        assert expected["signer_gateway_group"] in host.user(account).groups, account
 
 
 @pytest.mark.control("SGN-02")
-def test_the_gateway_account_cannot_speak_as_a_custodian(host, expected):
-    """A build client that escaped its forced command runs as the gateway account: claiming a
+def test_a_build_clients_account_cannot_speak_as_a_custodian(host, expected, client_account):
+    """A build client that escaped its forced command runs as its own account: claiming a
     custodian's name from there is refused by the daemon, and the refusal is audited."""
     custodians = expected["signer_custodians"]
-    if not custodians:
-        pytest.skip("does not apply: the inventory has no custodians")
+    if not custodians or not expected["signer_clients"]:
+        pytest.skip("does not apply: the inventory needs a custodian and a build client")
     name = custodians[0]["name"]
-    gateway = expected["signer_gateway_user"]
-    cmd = (f"SSH_ORIGINAL_COMMAND=requests {_signer(expected)} gateway --custodian {name} "
-           f"--config {expected['signer_config']}")
+    account = client_account(expected["signer_clients"][0]["name"])
+    cmd = f"SSH_ORIGINAL_COMMAND=requests {_forced_command(expected, 'custodian', name)}"
     with host.sudo():
         before = host.run(f"wc -l < {expected['signer_audit_log']}").stdout.strip()
-    with host.sudo(gateway):
+    with host.sudo(account):
         r = host.run(cmd)
     assert r.rc != 0, r.stdout + r.stderr
     assert "account" in r.stderr, r.stderr

@@ -213,7 +213,7 @@ def _deployed(host, expected) -> dict:  # type: ignore[no-untyped-def,type-arg]
 
 
 @pytest.mark.control("SGN-02", "SGN-03", "SGN-04")
-def test_the_deployed_policy_is_the_inventorys(host, expected):
+def test_the_deployed_policy_is_the_inventorys(host, expected, client_account):
     """Profiles (who may use each, approvals and custodians, budget), clients and custodians
     (their keys and the account each is bound to): every value the inventory gives is the one
     the daemon's configuration has, and nothing is there that the inventory does not list."""
@@ -229,9 +229,8 @@ def test_the_deployed_policy_is_the_inventorys(host, expected):
             if key in want and got.get(key) != want[key]:
                 wrong.append(f"profiles.{name}.{key}: deployed {got.get(key)!r}, "
                              f"inventory {want[key]!r}")
-    gateway = expected["signer_gateway_user"]
     for section, entries, account in (
-            ("clients", expected["signer_clients"], lambda c: gateway),
+            ("clients", expected["signer_clients"], lambda c: client_account(c["name"])),
             ("custodians", expected["signer_custodians"], lambda c: c["name"])):
         listed = {str(c["name"]): c for c in entries}
         have = cfg.get(section, {})
@@ -275,29 +274,47 @@ def _audit_after(host, expected, before: int) -> list[dict]:  # type: ignore[no-
     return [json.loads(line) for line in tail.splitlines() if line.strip()]
 
 
+GATEWAY_CODE = "from signer.gateway import cli; cli()"  # the role's forced command runs it
+
+
 def _gateway(expected, role: str, name: str, command: str) -> str:  # type: ignore[no-untyped-def]
-    return (f"SSH_ORIGINAL_COMMAND={shlex.quote(command)} {_signer(expected)} gateway "
-            f"--{role} {name} --config {expected['signer_config']} </dev/null")
+    """The forced command as the role writes it, with SSH_ORIGINAL_COMMAND as sshd sets it."""
+    return (f"SSH_ORIGINAL_COMMAND={shlex.quote(command)} {expected['signer_venv']}/bin/python "
+            f"-I -c {shlex.quote(GATEWAY_CODE)} --{role} {name} "
+            f"--socket {expected['signer_socket']} </dev/null")
+
+
+def _other_accounts(expected, client: str, client_account) -> list[str]:  # type: ignore[no-untyped-def]
+    """Accounts in the socket's group that are not `client`'s own: every other build client's,
+    and a custodian's."""
+    others = [client_account(c["name"]) for c in expected["signer_clients"]
+              if c["name"] != client]
+    return others + [str(c["name"]) for c in expected["signer_custodians"][:1]]
 
 
 @pytest.mark.control("SGN-02")
-def test_a_custodians_account_cannot_speak_as_a_build_client(host, expected):
-    """A custodian's account (in the socket's group) claiming a build client's name is refused
-    by the daemon (SO_PEERCRED: the name belongs to the gateway account), and the refusal is
-    audited; the command is a read (`status`), so nothing else changes."""
-    if not expected["signer_custodians"] or not expected["signer_clients"]:
-        pytest.skip("does not apply: the inventory needs a custodian and a build client")
-    custodian = str(expected["signer_custodians"][0]["name"])
-    client = str(expected["signer_clients"][0]["name"])
-    before = _audit_lines(host, expected)
-    with host.sudo(custodian):
-        r = host.run(_gateway(expected, "client", client, f"status {REQUEST_ID}"))
-    assert r.rc == 77, r.stdout + r.stderr
-    assert "account" in r.stderr and r.stdout == "", r.stderr
-    denials = [e for e in _audit_after(host, expected, before)
-               if e.get("event") == "deny" and e.get("client") == client]
-    assert len(denials) == 1, _audit_after(host, expected, before)
-    assert "connected as uid" in str(denials[0].get("reason")), denials[0]
+def test_a_build_clients_name_is_refused_from_any_other_account(host, expected, client_account):
+    """Each build client speaks through its own account: from another client's account, or a
+    custodian's (both in the socket's group), its name is refused by the daemon (SO_PEERCRED:
+    the name is bound to the client's account), and each refusal is audited. The command is a
+    read (`status`), so nothing else changes."""
+    tried = 0
+    for c in expected["signer_clients"]:
+        client = str(c["name"])
+        for account in _other_accounts(expected, client, client_account):
+            before = _audit_lines(host, expected)
+            with host.sudo(account):
+                r = host.run(_gateway(expected, "client", client, f"status {REQUEST_ID}"))
+            assert r.rc == 77, f"{client} from {account}: {r.stdout}{r.stderr}"
+            assert "account" in r.stderr and r.stdout == "", r.stderr
+            denials = [e for e in _audit_after(host, expected, before)
+                       if e.get("event") == "deny" and e.get("client") == client]
+            assert len(denials) == 1, _audit_after(host, expected, before)
+            assert "connected as uid" in str(denials[0].get("reason")), denials[0]
+            tried += 1
+    if not tried:
+        pytest.skip("does not apply: the inventory needs a build client and another account "
+                    "(a second client or a custodian)")
 
 
 CONNECT_PROBE = ("import socket, sys; s = socket.socket(socket.AF_UNIX); "
@@ -330,8 +347,9 @@ BAD_COMMANDS = [
 
 @pytest.mark.control("SGN-07")
 @pytest.mark.parametrize(("command", "text"), BAD_COMMANDS, ids=[c for c, _ in BAD_COMMANDS])
-def test_the_installed_gateway_refuses_a_bad_command_in_one_line(host, expected, command, text):
-    """The forced command as deployed, run as the gateway account the way sshd runs it: a
+def test_the_installed_gateway_refuses_a_bad_command_in_one_line(host, expected, client_account,
+                                                                command, text):
+    """The forced command as deployed, run as the client's account the way sshd runs it: a
     command that is not exactly one of the signer's gets exit 64, one line on stderr, nothing on
     stdout, and never reaches the daemon (nothing is audited)."""
     if not expected["signer_clients"] or not expected["signer_profiles"]:
@@ -339,7 +357,7 @@ def test_the_installed_gateway_refuses_a_bad_command_in_one_line(host, expected,
     client = str(expected["signer_clients"][0]["name"])
     command = command.format(profile=expected["signer_profiles"][0]["name"])
     before = _audit_lines(host, expected)
-    with host.sudo(expected["signer_gateway_user"]):
+    with host.sudo(client_account(client)):
         r = host.run(_gateway(expected, "client", client, command))
     assert r.rc == 64, r.stdout + r.stderr
     assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr

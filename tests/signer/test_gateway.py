@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,38 @@ def test_names_are_escaped_in_the_audit_log(signer: Signer) -> None:
 
 # --- the parser, exhaustively --------------------------------------------------------------
 
+_shellish = st.text(alphabet=st.sampled_from(list("ab -'\"\\\t\r\n\xa0\u2003\x0b\x0c#;$é")),
+                    max_size=40)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(_shellish | st.text(max_size=40))
+def test_the_split_is_shlexs(text: str) -> None:
+    """request.split (shlex only for quotes and backslashes) splits as shlex.split does, and
+    fails where it fails."""
+    try:
+        want: list[str] | None = shlex.split(text, comments=False, posix=True)
+    except ValueError:
+        want = None
+    try:
+        got: list[str] | None = request.split(text)
+    except ValueError:
+        got = None
+    assert got == want
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("az09_-AZ.é٣\n ")), max_size=70)
+       | st.sampled_from(["a" * 64, "a" * 65, "0" * 32, "f" * 32, "0" * 31, "1" * 16,
+                          "1" * 17, "0", "01", "a\n", "٣"]))
+def test_the_name_id_and_size_rules_are_their_patterns(tok: str) -> None:
+    """The set-based checks (no `re` at the gateway's start-up) accept what the patterns
+    accept, exactly."""
+    assert request.is_name(tok) == bool(re.fullmatch(request.PROFILE_PATTERN, tok))
+    assert request.is_id(tok) == bool(re.fullmatch(request.ID_PATTERN, tok))
+    assert request.is_size(tok) == bool(re.fullmatch(request.SIZE_PATTERN, tok))
+
+
 @pytest.mark.control("SGN-07")
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=600) | st.text(max_size=300).map(str.encode))
@@ -143,7 +176,7 @@ def test_parsed_sign_requests_only_carry_clean_values(tokens: list[str], name: s
     except request.ParseError:
         return
     if isinstance(cmd, request.Sign):
-        assert request.PROFILE_RE.fullmatch(cmd.profile)
+        assert re.fullmatch(request.PROFILE_PATTERN, cmd.profile)
         assert cmd.format in ("cms", "raw")
         assert not any(c in cmd.name for c in "\n\r\x00\x1b\u2028\u202e")
 
@@ -307,27 +340,72 @@ def test_the_gateway_reads_the_socket_exactly_as_toml_does(tmp_path: Path, text:
     assert gateway.socket_path(path, None) == tomllib.loads(text)["daemon"]["socket"]
 
 
-def test_the_gateway_starts_without_the_heavy_imports() -> None:
-    """What the forced command imports to answer one request: not argparse, tomllib (for the
-    config the role renders), dataclasses, typing, pathlib, nor the daemon's modules."""
+# What the gateway must not import to answer one request: the daemon's and crypto modules,
+# and the standard library's heavier ones (`re` brings `enum`, `functools`, `collections`).
+HEAVY = {"argparse", "tomllib", "dataclasses", "typing", "pathlib", "logging", "pkcs11",
+         "cryptography", "asn1crypto", "signer.daemon", "signer.config", "signer.audit",
+         "signer.cli", "re", "json", "socket", "enum", "shlex", "selectors", "functools",
+         "collections", "contextlib", "importlib.util", "runpy", "subprocess"}
+
+
+def _loaded_by(argv: list[str], command: str) -> set[str]:
+    """The modules a gateway run of `argv` (after the interpreter and -S) has loaded when it
+    exits (the socket does not exist: it gets as far as connecting)."""
     import subprocess
     import sys
 
-    code = ("import sys\nfrom signer.cli import main\n"
-            "try:\n    main(['gateway', '--client', 'build1', '--config', sys.argv[1]])\n"
-            "finally:\n    print(' '.join(sorted(sys.modules)))")
+    probe = ("import atexit, sys\n"
+             "atexit.register(lambda: print(' '.join(sorted(sys.modules))))\n")
+    # -S: without site (the editable install's finder imports pathlib; a wheel's not)
+    r = subprocess.run([sys.executable, "-S", "-c", probe + argv[0], *argv[1:]],
+                       capture_output=True, text=True, check=False,
+                       env={"SSH_ORIGINAL_COMMAND": command, "PATH": "/usr/bin:/bin"},
+                       cwd=Path(__file__).parents[2])
+    assert r.returncode == 69 and "not running" in r.stderr, r.stderr  # got to connect()
+    return set(r.stdout.split())
+
+
+@pytest.mark.parametrize("command", ["status " + "0" * 32, "sign --profile dev --name a.exe",
+                                     "sign --profile dev --size 10 --format raw"])
+def test_the_forced_command_starts_without_the_heavy_imports(command: str) -> None:
+    """What the forced command the role writes imports to answer one request (start-up is
+    the latency every SSH request pays): signer.gateway, request, wire, errors, and nothing
+    of HEAVY."""
+    from signer.gateway import FORCED_COMMAND_CODE
+
+    loaded = _loaded_by([FORCED_COMMAND_CODE, "--client", "build1", "--socket",
+                         "/nonexistent/signer.sock"], command)
+    assert {"signer.gateway", "signer.request", "signer.wire"} <= loaded
+    assert not HEAVY & loaded, sorted(HEAVY & loaded)
+
+
+def test_signer_gateway_through_the_cli_stays_lean() -> None:
+    """`signer gateway` (the command line, or an authorized_keys line written before the
+    forced command changed) goes to the gateway's own parser before argparse: no argparse,
+    tomllib (for the config the role renders), crypto or daemon modules."""
     cfg = Path(__file__).parent / "_gateway_probe.toml"
     try:
         cfg.write_text('[daemon]\nsocket = "/nonexistent/signer.sock"\nsocket_group = "gw"\n')
-        # -S: without site (the editable install's finder imports pathlib; a wheel's not)
-        r = subprocess.run([sys.executable, "-S", "-c", code, str(cfg)], capture_output=True,
-                           text=True, env={"SSH_ORIGINAL_COMMAND": "status " + "0" * 32,
-                                           "PATH": "/usr/bin:/bin"}, check=False,
-                           cwd=Path(__file__).parents[2])
+        loaded = _loaded_by(["from signer.cli import main; sys.exit(main(sys.argv[1:]))", "gateway",
+                             "--client", "build1", "--config", str(cfg)], "status " + "0" * 32)
     finally:
         cfg.unlink()
-    loaded = set(r.stdout.split())
-    assert "signer.gateway" in loaded, r.stderr
+    assert "signer.gateway" in loaded
     heavy = {"argparse", "tomllib", "dataclasses", "typing", "pathlib", "logging", "pkcs11",
              "cryptography", "asn1crypto", "signer.daemon", "signer.config", "signer.audit"}
     assert not heavy & loaded, sorted(heavy & loaded)
+
+
+def test_the_role_writes_the_forced_command_the_gateway_documents() -> None:
+    """roles/signer's signer_gateway_code is signer.gateway.FORCED_COMMAND_CODE (the posture
+    tests compare the deployed lines with the same string)."""
+    import yaml
+
+    from signer.gateway import FORCED_COMMAND_CODE
+
+    root = Path(__file__).parents[2]
+    role_vars = yaml.safe_load((root / "roles/signer/vars/main.yml").read_text())
+    assert role_vars["signer_gateway_code"] == FORCED_COMMAND_CODE
+    for posture in ("test_signer.py", "test_signer_integrity.py"):
+        text = (root / "tests/posture" / posture).read_text()
+        assert f'GATEWAY_CODE = "{FORCED_COMMAND_CODE}"' in text, posture

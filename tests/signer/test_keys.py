@@ -31,6 +31,28 @@ def test_keys_generate_makes_a_resident_key_and_never_replaces_one(shared: Signe
 
 
 @pytest.mark.control("TOK-01")
+def test_one_run_generates_the_missing_keys_of_several_profiles(make_signer: Any) -> None:
+    """`--profile` repeated (deploy's one start-up for every profile): each missing key is
+    generated, each existing one kept and said so, one line each."""
+    tag = os.urandom(3).hex()
+    s: Signer = make_signer(start=False, profile_overrides={
+        "gen-a": {"key": f"pkcs11:token=signer;object=gen-a-{tag};type=private"},
+        "gen-b": {"key": f"pkcs11:token=signer;object=gen-b-{tag};type=private",
+                  "algorithm": "rsa3072-pkcs1"}})
+    args = ["keys", "generate", "--config", s.config, "--profile", "gen-a", "--profile",
+            "dev", "--profile", "gen-b", "--if-missing"]
+    first = s.lab.signer(*args)
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.decode().splitlines()
+    assert [line.split(":")[0:2] for line in lines] == [
+        ["generated", " profile gen-a"], ["exists", " profile dev"],
+        ["generated", " profile gen-b"]], lines
+    again = s.lab.signer(*args)
+    assert again.returncode == 0, again.stderr
+    assert [line.split(":")[0] for line in again.stdout.decode().splitlines()] == ["exists"] * 3
+
+
+@pytest.mark.control("TOK-01")
 def test_generated_keys_are_resident_and_an_imported_key_is_not(shared: Signer) -> None:
     r = shared.lab.signer("keys", "list", "--config", shared.config)
     assert r.returncode == 0

@@ -19,7 +19,9 @@ HOSTS = "all:\n  hosts:\n    h1: {}\n"
 SITE = """
 base_admin_users:
   - {name: ops, public_keys: ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOps ops@ws"]}
-signer_gateway_user: builds
+signer_client_account_prefix: build-
+signer_clients:
+  - {name: jenkins, ssh_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJenk jenkins", from: [198.51.100.7]}
 signer_custodians:
   - {name: carol, ssh_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICarol carol", from: [192.0.2.0/24]}
   - {name: dave, ssh_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDave dave", from: [192.0.2.0/24]}
@@ -39,7 +41,7 @@ def _inventory(tmp_path: Path, group_vars: str = SITE, hosts: str = HOSTS) -> Pa
 
 def test_values_come_from_the_inventory_with_role_defaults_underneath(tmp_path: Path) -> None:
     e = expectations.for_host(hostvars.load(str(_inventory(tmp_path))), "h1")
-    assert e["signer_gateway_user"] == "builds"
+    assert e["signer_client_account_prefix"] == "build-"
     assert [c["name"] for c in e["signer_custodians"]] == ["carol", "dave"]
     assert e["token_backend"] == "hardware"
     assert e["token_softhsm_store"] == "/var/lib/signer/token"  # roles/token/defaults
@@ -90,7 +92,7 @@ def test_the_suite_is_parametrised_by_the_inventory(tmp_path: Path) -> None:
     r = _posture(tmp_path, _inventory(tmp_path), "--collect-only", "-q",
                  "tests/posture/test_signer.py", "tests/posture/test_base.py")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "test_forced_command_accounts_only_have_restricted_keys[builds]" in r.stdout
+    assert "test_forced_command_accounts_only_have_restricted_keys[build-jenkins]" in r.stdout
     assert "test_forced_command_accounts_only_have_restricted_keys[carol]" in r.stdout
     assert "test_admin_keys_are_private_and_sudo_is_logged[ops]" in r.stdout
     assert "[alice]" not in r.stdout and "[admin]" not in r.stdout
@@ -111,5 +113,6 @@ def test_a_hardware_token_host_skips_the_softhsm_store_and_checks_the_token(tmp_
                  "test_other_accounts_cannot_open_the_token")
     out = r.stdout
     assert "SKIPPED" in out and "token_backend is hardware, there is no SoftHSM2 store" in out, out
-    assert "1 failed" in out and "1 skipped" in out, out
+    # once per forced-command account: build-jenkins, carol, dave
+    assert "3 failed" in out and "1 skipped" in out, out
     assert "FAILED tests/posture/test_signer.py::test_other_accounts_cannot_open_the_token" in out

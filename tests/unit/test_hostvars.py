@@ -23,8 +23,10 @@ def test_production_example_is_read_with_role_defaults_underneath() -> None:
     inv = hostvars.load(str(ROOT / "inventory" / "production.example"))
     assert inv.hosts
     host = inv.hosts[0]
-    # set by the inventory (templated from base_admin_users) ...
-    assert "sign" in inv.get(host, "ssh_allowed_users")
+    # set by the inventory (templated from base_admin_users and signer_clients, each build
+    # client's account being the role's prefix + its name) ...
+    allowed = inv.get(host, "ssh_allowed_users")
+    assert "alice-admin" in allowed and "sign-jenkins01" in allowed and "sign" not in allowed
     # ... and a role default the inventory does not set
     assert inv.get(host, "token_pin_length") == 32
 

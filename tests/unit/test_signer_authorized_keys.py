@@ -66,6 +66,15 @@ CASES: dict[str, tuple[list[Any], list[Any], dict[str, str], str | None]] = {
                    "signer_custodians[carol].from: a non-empty list"),
     "space-in-venv": ([_client()], [_custodian()], {"signer_venv": "/opt/signer/venv --x"},
                       "signer_venv"),
+    "space-in-socket": ([_client()], [_custodian()], {"signer_socket": "/run/s.sock --x"},
+                        "signer_socket"),
+    "client-account-too-long": ([_client(name="b" * 28)], [_custodian()], {},
+                                "its account 'sign-" + "b" * 28 + "' is longer than 32"),
+    "client-account-is-a-custodians": ([_client()], [_custodian(name="sign-build")], {},
+                                       "account 'sign-build': two forced-command accounts"),
+    "bad-account-prefix": ([_client()], [_custodian()],
+                           {"signer_client_account_prefix": "Sign "},
+                           "signer_client_account_prefix"),
 }
 
 

@@ -28,7 +28,7 @@ import pytest
 @pytest.mark.control("NET-01")
 def test_host_answers(host, is_lab, expected):
     assert host.run("true").rc == 0
-    assert is_lab is False and expected["signer_gateway_user"] == "sign"
+    assert is_lab is False and expected["signer_client_account_prefix"] == "sign-"
 
 @pytest.mark.control("SSH-01")
 def test_a_failing_check(host):

@@ -24,7 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from toolkit.local_signer import SOFTHSM_MODULE, Lab, available, sign_over_socket, write_pe
+from toolkit.local_signer import (
+    SOFTHSM_MODULE,
+    Lab,
+    available,
+    forced_command,
+    sign_over_socket,
+    write_pe,
+)
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -162,6 +169,7 @@ def _run(root: Path, seconds: float, artifact_size: int) -> dict[str, Any]:
 
         out["ecdsa_p256"]["per_ssh_connection_gateway_process_per_s"] = round(
             _rate(via_gateway, seconds, 1), 1)
+        out["gateway_start"] = gateway_start_figures(lab, config, seconds)
 
         artifact = root / "artifact.bin"
         block = os.urandom(1 << 20)
@@ -184,6 +192,42 @@ def _run(root: Path, seconds: float, artifact_size: int) -> dict[str, Any]:
         out["authenticode_100MiB_pe"] = authenticode_figures(lab, config, root)
     finally:
         lab.stop()
+    return out
+
+
+def gateway_start_figures(lab: Lab, config: Path, seconds: float) -> dict[str, Any]:
+    """One P-256 signature per new gateway process, as every SSH request starts one: the
+    forced command the role writes (`python -c FORCED_COMMAND_CODE ... --socket`, the lean
+    import path) against the form it wrote before (`signer gateway ... --config`, through the
+    CLI module, which reads the config; here `-m signer`), alternating in the same run. Both
+    include the signature itself (about 1 ms through the daemon); the difference is start-up.
+    Both run with -S: a checkout's editable install hooks a finder into site that imports
+    pathlib and more, which a host's wheel-installed venv does not have."""
+    env = {k: v for k, v in lab.env.items() if k != "SOFTHSM2_CONF"}
+    env["SSH_ORIGINAL_COMMAND"] = "sign --profile ec --format raw"
+    forms = {
+        "forced_command": forced_command(["--client", "build1"], Lab.socket_of(config), "-S"),
+        "cli_with_config": [sys.executable, "-S", "-m", "signer", "gateway", "--client",
+                            "build1", "--config", str(config)],
+    }
+    times: dict[str, list[float]] = {name: [] for name in forms}
+    stop = time.monotonic() + 2 * seconds
+    while time.monotonic() < stop or not all(times.values()):
+        for name, argv in forms.items():
+            started = time.perf_counter()
+            r = subprocess.run(argv, input=b"artifact", capture_output=True, env=env,
+                               check=False)
+            times[name].append(time.perf_counter() - started)
+            if r.returncode != 0:
+                raise RuntimeError(f"{name}: {r.stderr.decode(errors='replace')}")
+    out: dict[str, Any] = {}
+    for name, samples in times.items():
+        samples.sort()
+        out[f"{name}_median_ms"] = round(1000 * samples[len(samples) // 2], 1)
+        out[f"{name}_per_s"] = round(len(samples) / sum(samples), 1)
+    out["ratio_forced_command_to_cli"] = round(out["forced_command_median_ms"]
+                                               / out["cli_with_config_median_ms"], 3)
+    out["runs_each"] = len(times["forced_command"])
     return out
 
 

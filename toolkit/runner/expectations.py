@@ -43,7 +43,8 @@ NAMES: tuple[str, ...] = (
     "token_backend", "token_module", "token_label", "token_owner", "token_softhsm_conf",
     "token_softhsm_store", "token_pcscd", "token_pin_source", "token_pin_file", "token_pin_dir",
     # signer
-    "signer_gateway_user", "signer_gateway_group", "signer_daemon_user", "signer_daemon_home",
+    "signer_client_account_prefix", "signer_gateway_group", "signer_daemon_user",
+    "signer_daemon_home",
     "signer_clients", "signer_custodians", "signer_profiles", "signer_config", "signer_venv",
     "signer_socket", "signer_service", "signer_audit_log", "signer_audit_cert",
     # how the suite observes the host (inventory values, no role reads them)

@@ -15,8 +15,9 @@ import re
 import struct
 from typing import Any
 
-# The signer's own name rule (signer/config.py NAME_RE); a custodian's name is also a Unix
-# account, which useradd keeps to 32 characters.
+# The signer's own name rule (signer/config.py NAME_RE); a custodian's name, and a build
+# client's with the account prefix before it, is also a Unix account, which useradd keeps to
+# 32 characters.
 NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 ACCOUNT_MAX = 32
 KEY_TYPES = (
@@ -34,6 +35,8 @@ COMMENT = re.compile(r"[^\x00-\x1f\x7f]*")
 # comma (the list separator: one pattern per entry), a space or a control character.
 FROM = re.compile(r"!?[A-Za-z0-9.:/*?_-]{1,253}")
 PATH = re.compile(r"/[A-Za-z0-9._/-]*")
+# Before a client's name (which starts with a letter): a Unix account's start, or nothing.
+ACCOUNT_PREFIX = re.compile(r"([a-z_][a-z0-9_-]*)?")
 
 
 def key_problem(key: Any) -> str | None:
@@ -64,8 +67,9 @@ def key_problem(key: Any) -> str | None:
     return None
 
 
-def entry_problems(entries: Any, var: str, role: str) -> list[str]:
-    """One line per problem of the entries of `var` (signer_clients, signer_custodians)."""
+def entry_problems(entries: Any, var: str, role: str, prefix: str = "") -> list[str]:
+    """One line per problem of the entries of `var` (signer_clients, signer_custodians); the
+    account of an entry is `prefix` + its name."""
     if not isinstance(entries, list):
         return [f"{var}: not a list"]
     problems: list[str] = []
@@ -79,13 +83,19 @@ def entry_problems(entries: Any, var: str, role: str) -> list[str]:
         if not good_name:
             problems.append(f"{where}.name: {str(name)[:40]!r} is not a signer name "
                             f"({NAME.pattern})")
-        elif role == "custodian" and len(name) > ACCOUNT_MAX:
-            problems.append(f"{where}.name: longer than {ACCOUNT_MAX} characters (an account)")
+        elif len(prefix + name) > ACCOUNT_MAX:
+            problems.append(f"{where}.name: its account {prefix + name!r} is longer than "
+                            f"{ACCOUNT_MAX} characters")
         why = key_problem(entry.get("ssh_key"))
         if why:
             problems.append(f"{where}.ssh_key: {why}")
         problems += [f"{where}.from: {p}" for p in from_problems(entry.get("from"))]
     return problems
+
+
+def _entries(entries: Any) -> list[dict[str, str]]:
+    return [e for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str)] \
+        if isinstance(entries, list) else []
 
 
 def from_problems(sources: Any) -> list[str]:
@@ -97,11 +107,21 @@ def from_problems(sources: Any) -> list[str]:
 
 
 def signer_authorized_keys_problems(clients: Any, custodians: Any, venv: Any = "/",
-                                    config: Any = "/") -> list[str]:
+                                    socket: Any = "/", prefix: Any = "") -> list[str]:
     """Every problem of the values that make up the authorized_keys lines, one line each."""
-    problems = entry_problems(clients, "signer_clients", "client")
+    problems: list[str] = []
+    if not isinstance(prefix, str) or not ACCOUNT_PREFIX.fullmatch(prefix):
+        problems.append(f"signer_client_account_prefix: {str(prefix)[:40]!r} cannot start an "
+                        f"account name ({ACCOUNT_PREFIX.pattern})")
+        prefix = ""
+    problems += entry_problems(clients, "signer_clients", "client", prefix)
     problems += entry_problems(custodians, "signer_custodians", "custodian")
-    for var, value in (("signer_venv", venv), ("signer_config", config)):
+    accounts = [prefix + e["name"] for e in _entries(clients)] + [
+        e["name"] for e in _entries(custodians)]
+    for account in sorted({a for a in accounts if accounts.count(a) > 1}):
+        problems.append(f"account {account!r}: two forced-command accounts would be one (a "
+                        "build client's is signer_client_account_prefix + its name)")
+    for var, value in (("signer_venv", venv), ("signer_socket", socket)):
         if not isinstance(value, str) or not PATH.fullmatch(value):
             problems.append(f"{var}: {str(value)[:60]!r} is not a plain absolute path "
                             "(it goes into the forced command)")
