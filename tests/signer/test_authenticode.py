@@ -82,7 +82,7 @@ def win(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Win]:
            "budget_window": 3600}
     ps["win"] = win
     ps["winrel"] = {**win, "formats": ["authenticode"], "approvals": 2,
-                    "custodians": ["alice", "bob", "carol"]}
+                    "custodians": ["alice", "bob", "carol"], "require_timestamp": True}
     cfg = config(lab, "authenticode", ps)
     csr = root / "win.csr"
     # The real path of a CA-issued release certificate: CSR signed by the token key,
@@ -271,6 +271,23 @@ def test_release_authenticode_needs_two_custodians_who_recompute_the_digest(
     assert entry["request"] == rid and entry["authenticode"] == label
     queued = [e for e in s.events("queue") if e["request"] == rid]
     assert queued[0]["authenticode"] == label
+
+
+@pytest.mark.control("SGN-10")
+def test_a_profile_that_requires_a_timestamp_refuses_a_submit_without_one_before_signing(
+        win: Win, tmp_path: Path) -> None:
+    exe = write_pe(tmp_path / "late.exe", 20_000)
+    before, queued = exe.read_bytes(), len(win.signer.events("queue"))
+    r = win.submit(exe, "--profile", "winrel", "--format", "authenticode")
+    assert r.returncode == 64
+    assert ("profile 'winrel' requires an RFC 3161 timestamp: submit with --timestamp URL "
+            "(nothing was signed)") in r.stderr.decode()
+    assert exe.read_bytes() == before
+    assert len(win.signer.events("queue")) == queued
+    assert win.signer.events("deny")[-1]["reason"] == "sign: timestamp required"
+    # The same profile takes the request when the client says it adds a timestamp.
+    r = win.signer.gw("sign --profile winrel --format authenticode --timestamped", _request())
+    assert r.returncode == 75, r.stderr
 
 
 @pytest.mark.control("SGN-09", "SGN-10")
