@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from asn1crypto import cms, pem
 
 from lab.ca import LabCA
 from lab.state import LabState
@@ -209,6 +210,19 @@ def _label(path: Path, tmp_path: Path) -> str:
     return osslsigncode.extract(path, tmp_path / f"{path.name}.req").label
 
 
+def _der(cert: Path) -> bytes:
+    return bytes(pem.unarmor(cert.read_bytes())[2])
+
+
+def _certificates(signed: Path, tmp_path: Path) -> list[bytes]:
+    """The certificates in the file's signature (DER), in their order."""
+    der = tmp_path / f"{signed.name}.p7"
+    subprocess.run(["osslsigncode", "extract-signature", "-in", str(signed), "-out", str(der)],
+                   capture_output=True, check=True)
+    asn1 = cms.ContentInfo.load(der.read_bytes())
+    return [c.chosen.dump() for c in asn1["content"]["certificates"]]
+
+
 def _assert_accepted(path: Path, trust: Path, subject: str) -> None:
     v = _verify(path, trust)
     assert v.returncode == 0, v.stdout + v.stderr
@@ -219,7 +233,7 @@ def _assert_accepted(path: Path, trust: Path, subject: str) -> None:
 
 @pytest.mark.control("SGN-09", "SGN-10")
 def test_build_server_signs_a_pe_that_osslsigncode_and_signify_accept_with_a_timestamp(
-        submit, setup, tsa, trust, admin_ssh, tmp_path):
+        submit, setup, ca, certs, tsa, trust, admin_ssh, tmp_path):
     exe = write_pe(tmp_path / "app.exe", 200_000)
     label = _label(exe, tmp_path)
     r = submit(exe, setup.dev, "--timestamp", tsa.url)
@@ -227,6 +241,8 @@ def test_build_server_signs_a_pe_that_osslsigncode_and_signify_accept_with_a_tim
     _assert_accepted(exe, trust, "Windows dev code signing")
     s = _signify(exe, trust)
     assert s.returncode == 0, s.stdout + s.stderr
+    # The deployed chain travels with the signature: the leaf and the lab CA's certificate.
+    assert _certificates(exe, tmp_path) == [_der(certs[setup.dev]), _der(ca.cert)]
     # The host logged what it saw: the Authenticode digest and the name, never the binary.
     entry = [e for e in _audit(admin_ssh, setup) if e["event"] == "sign"][-1]
     assert entry["profile"] == setup.dev and entry["name"] == "app.exe"
