@@ -37,7 +37,8 @@ from toolkit.signer_lab import write_pe
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-SIGNER = ROOT / ".venv" / "bin" / "signer"
+# This checkout's client (`python -m signer` from ROOT), not whatever `signer` is on PATH.
+SIGNER = [sys.executable, "-m", "signer"]
 EX_USAGE, EX_DATA = 64, 65
 
 # The TSA stand-in, run inside the build namespace (loopback there): tests/signer/pki.py's
@@ -130,8 +131,17 @@ def certs(lab: LabState, setup: Setup, ca: LabCA, admin_ssh, wait_for) -> dict[s
         assert r.returncode == 0, r.stdout + r.stderr
     restart = admin_ssh(f"systemctl restart {v['signer_service']}", sudo=True)
     assert restart.returncode == 0, restart.stderr
-    assert wait_for(lambda: admin_ssh(f"test -S {v['signer_socket']}", sudo=True)
-                    .returncode == 0, timeout=90)
+
+    def ready() -> bool:
+        """The restarted daemon has checked its keys: an empty request gets "empty artifact"
+        (65), not "being unlocked" (69) or no daemon at all."""
+        r = lab.netns_run(setup.client, ["ssh", *shlex.split(_ssh_cmd(lab, setup.client))[1:],
+                                         f"{setup.gateway}@{lab.vm_ipv4}", "sign", "--profile",
+                                         setup.dev, "--format", "authenticode"],
+                          input=b"", timeout=60)
+        return r.returncode == EX_DATA
+
+    assert wait_for(ready, timeout=120), "signerd did not come back after the restart"
     return out
 
 
@@ -178,13 +188,14 @@ def submit(lab: LabState, setup: Setup, ca: LabCA, certs) -> Callable[..., Any]:
     """`signer submit` on the build server: its namespace, its key, the VM's lab address."""
 
     def run(artifact: Path, profile: str, *args: str, background: bool = False) -> Any:
-        argv = ["ip", "netns", "exec", lab.host(setup.client).netns, str(SIGNER), "submit",
+        argv = ["ip", "netns", "exec", lab.host(setup.client).netns, *SIGNER, "submit",
                 "--host", f"{setup.gateway}@{lab.vm_ipv4}", "--ssh",
                 _ssh_cmd(lab, setup.client), "--profile", profile, "--format",
                 "authenticode", "--cafile", str(ca.cert), *args, str(artifact)]
         if background:
-            return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        return subprocess.run(argv, capture_output=True, timeout=180)
+            return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+        return subprocess.run(argv, cwd=ROOT, capture_output=True, timeout=180)
 
     return run
 
@@ -286,9 +297,9 @@ def _approve(lab: LabState, who: str, rid: str, artifact: Path
              ) -> subprocess.CompletedProcess[bytes]:
     port = str(lab.raw["ssh"]["port"])
     return subprocess.run(
-        [str(SIGNER), "approve", "--host", f"{who}@127.0.0.1", "--ssh",
+        [*SIGNER, "approve", "--host", f"{who}@127.0.0.1", "--ssh",
          _ssh_cmd(lab, who, "-p", port), "--key", str(lab.key(who)), "--artifact",
-         str(artifact), "--yes", rid], capture_output=True, timeout=120)
+         str(artifact), "--yes", rid], cwd=ROOT, capture_output=True, timeout=120)
 
 
 @pytest.mark.control("SGN-04", "SGN-09", "SGN-10")
