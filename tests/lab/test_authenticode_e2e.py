@@ -305,7 +305,7 @@ def test_release_is_signed_after_two_custodians_recompute_the_authenticode_diges
         submit, setup, lab, tsa, trust, admin_ssh, tmp_path):
     exe = write_pe(tmp_path / "setup.exe", 100_000)
     label = _label(exe, tmp_path)
-    waiting = submit(exe, setup.release, "--timestamp", tsa.url, "--wait", "--poll", "1",
+    waiting = submit(exe, setup.release, "--timestamp", tsa.url, "--wait", "--poll", "3",
                      background=True)
     seen = b""
     try:
