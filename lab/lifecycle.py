@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lab import image, net, site, vm
+from lab.ca import LabCA
 from lab.config import KEY_NAMES, Instance, guest_network_config, ssh_config_text
 from lab.state import instance_name, state_dir
 
@@ -70,7 +71,7 @@ def _keygen(path: Path, comment: str) -> None:
 
 
 def write_runtime_files(inst: Instance) -> None:
-    """Keys (made here, at run time, never in the repo), known_hosts, ssh_config."""
+    """Keys and the lab CA (made here, at run time, never in the repo), known_hosts, ssh_config."""
     inst.state_dir.mkdir(parents=True, exist_ok=True)
     inst.state_dir.chmod(0o700)
     inst.keys_dir.mkdir(exist_ok=True)
@@ -84,6 +85,7 @@ def write_runtime_files(inst: Instance) -> None:
     inst.known_hosts.write_text("".join(f"{n} {pub}\n" for n in names))
     inst.ssh_config.write_text(ssh_config_text(inst))
     inst.path("lab-network").write_text(guest_network_config(inst))
+    LabCA(inst.state_dir).ensure(inst.name)
 
 
 def make_overlay(inst: Instance, base: Path) -> None:

@@ -70,7 +70,7 @@ def submit(host: str, profile: str, fmt: str, name: str | None, out: Path | None
     if fmt != "authenticode":
         dest = out or artifact.with_name(artifact.name + (".p7s" if fmt == "cms" else ".sig"))
         code, sig = _sign_remote(host, profile, fmt, name or artifact.name, wait, ssh,
-                                 artifact, err, poll)
+                                 artifact, err, poll, tsa is not None)
         if code != Exit.OK:
             return code
         _write_atomic(dest, timestamp.add_to_cms(sig, tsa) if tsa else sig)
@@ -84,7 +84,7 @@ def submit(host: str, profile: str, fmt: str, name: str | None, out: Path | None
         content = osslsigncode.extract(artifact, work / "request.der")
         err.write(f"{artifact}: Authenticode {content.subject} {content.label}\n")
         code, sig = _sign_remote(host, profile, fmt, name or artifact.name, wait, ssh,
-                                 work / "request.der", err, poll)
+                                 work / "request.der", err, poll, tsa is not None)
         if code != Exit.OK:
             return code
         (work / "signature.p7").write_bytes(sig)
@@ -102,10 +102,15 @@ def submit(host: str, profile: str, fmt: str, name: str | None, out: Path | None
 
 
 def _sign_remote(host: str, profile: str, fmt: str, name: str, wait: bool, ssh: str,
-                 body: Path, err: TextIO, poll: float) -> tuple[int, bytes]:
+                 body: Path, err: TextIO, poll: float, timestamped: bool = False
+                 ) -> tuple[int, bytes]:
     """`sign` over ssh with `body` on stdin (and `fetch` polls with --wait): (0, signature)
-    or (exit code, b"") with the host's message relayed to `err`."""
+    or (exit code, b"") with the host's message relayed to `err`. `timestamped`: this
+    client adds a timestamp afterwards (a profile that requires one refuses a request
+    without it, before anything is signed)."""
     remote = ["sign", "--profile", profile, "--format", fmt, "--name", name]
+    if timestamped:
+        remote.append("--timestamped")
     try:
         with body.open("rb") as f:
             # The size, declared up front, lets the gateway refuse a stream cut short (a

@@ -24,6 +24,8 @@ FORMATS = request.FORMATS
 # kept here, not imported from signer.formats, so `config check` needs no crypto libraries.
 NEEDS_CERT = ("cms", "authenticode")
 FORMAT_ALGORITHMS = {"authenticode": ("rsa3072-pkcs1", "ecdsa-p256")}
+# Formats whose signatures can carry an RFC 3161 timestamp (added by the client afterwards).
+TIMESTAMPED = ("cms", "authenticode")
 SSH_KEY_RE = re.compile(
     r"(ssh-ed25519|ecdsa-sha2-nistp(256|384|521)|ssh-rsa|sk-ssh-ed25519@openssh\.com"
     r"|sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/=]+( [^\x00-\x1f\x7f]*)?")
@@ -45,6 +47,10 @@ class Profile:
     max_queued: int = 16  # requests waiting for approval, per client
     request_ttl: int = 86400  # seconds a queued request (and its approvals) stays valid
     chain: Path | None = None  # PEM certificates sent with the profile's (authenticode)
+    # Only requests whose client says it adds a timestamp (`sign --timestamped`) are signed:
+    # a pipeline that forgot its TSA fails before signing, instead of shipping a signature
+    # that dies with the certificate. The client's word, not a proof (threat-model/ T-35).
+    require_timestamp: bool = False
 
 
 @dataclass(frozen=True)
@@ -222,7 +228,7 @@ def parse(text: str, path: Path) -> Config:
         t = r.table(profiles_t, p,
                     {"key", "algorithm", "cert", "formats", "max_size", "clients", "approvals",
                      "custodians", "budget_count", "budget_window", "max_queued",
-                     "request_ttl", "chain"},
+                     "request_ttl", "chain", "require_timestamp"},
                     {"key", "algorithm", "formats", "max_size", "clients", "budget_count",
                      "budget_window"})
         algorithm = r.str_(t, p, "algorithm")
@@ -239,6 +245,12 @@ def parse(text: str, path: Path) -> Config:
             if algorithm not in FORMAT_ALGORITHMS.get(f, ALGORITHMS):
                 raise r.fail(f"{p}.algorithm", f"{algorithm} cannot sign {f} (use "
                              f"{' or '.join(FORMAT_ALGORITHMS[f])})")
+        require_timestamp = t.get("require_timestamp", False)
+        if not isinstance(require_timestamp, bool):
+            raise r.fail(f"{p}.require_timestamp", "must be true or false")
+        if require_timestamp and (untimed := [f for f in formats if f not in TIMESTAMPED]):
+            raise r.fail(f"{p}.require_timestamp", f"format {untimed[0]} carries no "
+                         f"timestamp (only {', '.join(TIMESTAMPED)} do)")
         custs = r.names(t, p, "custodians", custodians, "custodian")
         approvals = r.int_(t, p, "approvals", 0, 0)
         if approvals > len(custs):
@@ -251,7 +263,8 @@ def parse(text: str, path: Path) -> Config:
             budget_window=r.int_(t, p, "budget_window", 1),
             max_queued=r.int_(t, p, "max_queued", 1, 16),
             request_ttl=r.int_(t, p, "request_ttl", 1, DEFAULT_REQUEST_TTL),
-            chain=r.abspath(t, p, "chain") if "chain" in t else None)
+            chain=r.abspath(t, p, "chain") if "chain" in t else None,
+            require_timestamp=require_timestamp)
     for where, key in [("daemon.audit_key", daemon.audit_key)] + [
             (f"profiles.{n}.key", pr.key) for n, pr in profiles.items()]:
         if key.token is not None and key.token != daemon.token_label:

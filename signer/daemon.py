@@ -524,7 +524,8 @@ class Daemon:
 
     def _sign(self, peer: wire.Peer, client: str, cmd: request.Sign) -> None:
         with self._lock:
-            profile = policy.check_sign(self.cfg, self.state, client, cmd.profile, cmd.format)
+            profile = policy.check_sign(self.cfg, self.state, client, cmd.profile, cmd.format,
+                                        cmd.timestamped)
         self._ready(profile, cmd.format)
         fmt = REGISTRY[cmd.format]
         peer.go_ahead()
@@ -656,7 +657,9 @@ class Daemon:
                     peer.reply(Exit.QUEUED, f"request {rid} waits for approvals: "
                                f"{len(counted)} of {profile.approvals} ({have})")
                     return
-                policy.check_sign(self.cfg, self.state, client, req.profile, req.format)
+                # A required timestamp was checked when the request was queued.
+                policy.check_sign(self.cfg, self.state, client, req.profile, req.format,
+                                  timestamped=True)
                 self._fetching.add(rid)
         if signed:
             try:

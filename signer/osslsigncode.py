@@ -8,6 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from asn1crypto import parser
+
 from signer.errors import Exit, SignerError
 from signer.formats import authenticode
 
@@ -32,9 +34,21 @@ def extract(artifact: Path, out: Path) -> authenticode.Content:
     and checked the way the host checks it."""
     _run("extract-data", "-h", "sha256", "-in", artifact, "-out", out)
     try:
-        return authenticode.parse(out.read_bytes())
+        data = out.read_bytes()
+        # osslsigncode 2.9 writes a cabinet's request followed by the rest of the cabinet (its
+        # CAB handler keeps copying the input): the request is the first DER element. What
+        # follows it is not sent; the host would refuse it (strict parsing), and attach-
+        # signature checks that the signature is for this very file anyway.
+        _cls, _method, _tag, header, contents, _trailer = parser.parse(data)
+        if len(header) + len(contents) < len(data):
+            data = data[: len(header) + len(contents)]
+            out.write_bytes(data)
+        return authenticode.parse(data)
     except authenticode.AuthenticodeError as exc:
         raise SignerError(Exit.DATA, f"{artifact}: {exc}") from None
+    except ValueError as exc:  # parser.parse: not DER at all
+        raise SignerError(Exit.DATA, f"{artifact}: osslsigncode extract-data wrote no DER "
+                          f"request: {exc}") from None
 
 
 def attach(artifact: Path, signature: Path, out: Path, cafile: Path | None) -> None:

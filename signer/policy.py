@@ -163,7 +163,8 @@ def profile_for(cfg: Config, name: str) -> Profile:
     return profile
 
 
-def check_sign(cfg: Config, state: State, client: str, profile_name: str, fmt: str) -> Profile:
+def check_sign(cfg: Config, state: State, client: str, profile_name: str, fmt: str,
+               timestamped: bool = False) -> Profile:
     """Everything that can be decided before the artifact is read."""
     profile = profile_for(cfg, profile_name)
     if client not in profile.clients:
@@ -172,6 +173,9 @@ def check_sign(cfg: Config, state: State, client: str, profile_name: str, fmt: s
     if fmt not in profile.formats:
         raise Denied(Exit.NOPERM, f"format {fmt!r} is not allowed for profile {profile.name!r} "
                      f"(allowed: {', '.join(profile.formats)})", "format not allowed")
+    if profile.require_timestamp and not timestamped:
+        raise Denied(Exit.USAGE, f"profile {profile.name!r} requires an RFC 3161 timestamp: "
+                     "submit with --timestamp URL (nothing was signed)", "timestamp required")
     check_not_frozen(state, profile)
     return profile
 

@@ -103,14 +103,17 @@ class _Command:
 
 
 class Sign(_Command):
-    __slots__ = ("format", "name", "profile", "size")
-    _fields = ("profile", "format", "name", "size")
+    __slots__ = ("format", "name", "profile", "size", "timestamped")
+    _fields = ("profile", "format", "name", "size", "timestamped")
 
-    def __init__(self, profile: str, format: str, name: str, size: int | None = None) -> None:
+    def __init__(self, profile: str, format: str, name: str, size: int | None = None,
+                 timestamped: bool = False) -> None:
         self.profile = profile
         self.format = format
         self.name = name
         self.size = size  # declared by the client: a shorter (cut) stream is not signed
+        # declared by the client: it adds an RFC 3161 timestamp (profiles may require it)
+        self.timestamped = timestamped
 
 
 class _Id(_Command):
@@ -194,10 +197,14 @@ def _parse_sign(args: list[str]) -> Sign:
     i = 0
     while i < len(args):
         opt = args[i]
-        if opt not in ("--profile", "--format", "--name", "--size"):
+        if opt not in ("--profile", "--format", "--name", "--size", "--timestamped"):
             raise ParseError(f"sign: unknown option {opt[:40]!r}")
         if opt in opts:
             raise ParseError(f"sign: {opt} given twice")
+        if opt == "--timestamped":  # a flag, no value
+            opts[opt] = ""
+            i += 1
+            continue
         if i + 1 >= len(args):
             raise ParseError(f"sign: {opt} needs a value")
         opts[opt] = args[i + 1]
@@ -209,7 +216,8 @@ def _parse_sign(args: list[str]) -> Sign:
         raise ParseError(f"sign: --format must be one of {', '.join(FORMATS)}")
     size = _size(opts["--size"]) if "--size" in opts else None
     return Sign(profile=_profile(opts["--profile"]), format=fmt,
-                name=check_name(opts.get("--name", "")), size=size)
+                name=check_name(opts.get("--name", "")), size=size,
+                timestamped="--timestamped" in opts)
 
 
 def _size(tok: str) -> int:
@@ -264,12 +272,13 @@ def parse(raw: bytes | None) -> Command:
     return Unlock()
 
 
-def to_wire(cmd: Command) -> dict[str, str | int]:
-    """The command as the gateway sends it to the daemon (JSON object; strings, and the
-    declared size as an integer, left out when not declared so older daemons understand)."""
-    out: dict[str, str | int] = {"cmd": type(cmd).__name__.lower()}
+def to_wire(cmd: Command) -> dict[str, str | int | bool]:
+    """The command as the gateway sends it to the daemon (JSON object; strings, the declared
+    size as an integer and `timestamped: true`, each left out when not declared so older
+    daemons understand)."""
+    out: dict[str, str | int | bool] = {"cmd": type(cmd).__name__.lower()}
     for k, v in cmd.fields().items():
-        if isinstance(v, str | int):
+        if v is True or (isinstance(v, str | int) and not isinstance(v, bool)):
             out[k] = v
     return out
 
@@ -290,8 +299,11 @@ def from_wire(obj: dict[str, object]) -> Command:
         if size is not None and (not isinstance(size, int) or isinstance(size, bool)
                                  or not 0 < size < 1 << 53):
             raise ParseError("bad size")
+        timestamped = obj.get("timestamped", False)
+        if not isinstance(timestamped, bool):
+            raise ParseError("bad timestamped")
         return Sign(profile=_profile(s("profile")), format=fmt, name=check_name(s("name")),
-                    size=size)
+                    size=size, timestamped=timestamped)
     if cmd == "status":
         return Status(_id(s("id")))
     if cmd == "fetch":

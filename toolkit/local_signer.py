@@ -265,3 +265,28 @@ def write_pe(path: Path, code_size: int = 4096) -> Path:
     headers = bytes(dos) + b"PE\0\0" + coff + optional + section
     path.write_bytes(headers.ljust(file_align, b"\0") + raw)
     return path
+
+
+def write_cab(path: Path, files: Mapping[str, bytes]) -> Path:
+    """A Microsoft cabinet (MS-CAB) holding `files` uncompressed in one folder, made here for
+    the same reason as write_pe. Data blocks of at most 32 KiB without checksums (0: "none",
+    which the format allows); expand.exe, cabextract and osslsigncode read it."""
+    import struct
+
+    payload = b"".join(files.values())
+    blocks = [payload[i:i + 0x8000] for i in range(0, len(payload), 0x8000)] or [b""]
+    entries = b""
+    offset = 0
+    for name, data in files.items():
+        # date 2026-01-01, time 00:00; attribute: archive
+        entries += struct.pack("<IIHHHH", len(data), offset, 0, (46 << 9) | (1 << 5) | 1, 0,
+                               0x20) + name.encode("ascii") + b"\0"
+        offset += len(data)
+    header_size, folder_size = 36, 8
+    first_data = header_size + folder_size + len(entries)
+    data = b"".join(struct.pack("<IHH", 0, len(b), len(b)) + b for b in blocks)
+    header = struct.pack("<4sIIIIIBBHHHHH", b"MSCF", 0, first_data + len(data), 0,
+                         header_size + folder_size, 0, 3, 1, 1, len(files), 0, 0x1234, 0)
+    folder = struct.pack("<IHH", first_data, len(blocks), 0)
+    path.write_bytes(header + folder + entries + data)
+    return path

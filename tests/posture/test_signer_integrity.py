@@ -204,7 +204,8 @@ def test_a_copy_of_the_audit_log_without_its_first_entry_is_refused(host, expect
 # --- the deployed policy is the inventory's (SGN-02, SGN-03, SGN-04) -------------------------
 
 PROFILE_FIELDS = ("algorithm", "formats", "max_size", "clients", "approvals", "custodians",
-                  "budget_count", "budget_window", "max_queued", "request_ttl")
+                  "budget_count", "budget_window", "max_queued", "request_ttl",
+                  "require_timestamp")
 
 
 def _deployed(host, expected) -> dict:  # type: ignore[no-untyped-def,type-arg]

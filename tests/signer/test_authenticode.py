@@ -27,7 +27,7 @@ from tests.signer.conftest import MiB, Signer, config, one_line_error, profiles
 from tests.signer.pki import TSA, LabCA
 from tests.signer.test_approvals import _fake_ssh
 from tests.signer.test_sign import openssl_cms_verify
-from toolkit.local_signer import Lab, write_pe
+from toolkit.local_signer import Lab, write_cab, write_pe
 
 pytestmark = pytest.mark.skipif(shutil.which("osslsigncode") is None,
                                 reason="osslsigncode not installed (apt install osslsigncode)")
@@ -82,7 +82,10 @@ def win(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Win]:
            "budget_window": 3600}
     ps["win"] = win
     ps["winrel"] = {**win, "formats": ["authenticode"], "approvals": 2,
-                    "custodians": ["alice", "bob", "carol"]}
+                    "custodians": ["alice", "bob", "carol"], "require_timestamp": True}
+    ps["winec"] = {**win, "key": "pkcs11:token=signer;object=dev;type=private",
+                   "algorithm": "ecdsa-p256", "cert": str(lab.certs / "winec.pem"),
+                   "formats": ["authenticode"]}
     cfg = config(lab, "authenticode", ps)
     csr = root / "win.csr"
     # The real path of a CA-issued release certificate: CSR signed by the token key,
@@ -92,6 +95,13 @@ def win(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Win]:
     assert r.returncode == 0, r.stderr
     issued = ca.issue(csr, root / "win-issued.pem")
     r2 = lab.signer("keys", "import-cert", "--config", cfg, "--profile", "win", issued)
+    assert r2.returncode == 0, r2.stderr
+    # ECDSA P-256 (Windows 10 and later verify it): the session's EC key, its own certificate.
+    r = lab.signer("keys", "csr", "--config", cfg, "--profile", "winec", "--subject",
+                   "CN=Example Corp EC, O=Example Corp", "--out", root / "winec.csr")
+    assert r.returncode == 0, r.stderr
+    r2 = lab.signer("keys", "import-cert", "--config", cfg, "--profile", "winec",
+                    ca.issue(root / "winec.csr", root / "winec-issued.pem"))
     assert r2.returncode == 0, r2.stderr
     s = Signer(lab, cfg)
     s.start()
@@ -167,6 +177,56 @@ def test_powershell_script_is_signed_and_timestamped(win: Win, tmp_path: Path) -
     assert "Timestamp Server Signature verification: ok" in v.stdout
     assert win.signer.events("sign")[-1]["name"] == "deploy.ps1"
     assert osslsigncode_verify(win, flip(out, 3)).returncode != 0
+
+
+@pytest.mark.control("SGN-09", "SGN-10")
+def test_cabinet_is_signed_and_timestamped(win: Win, tmp_path: Path) -> None:
+    cab = write_cab(tmp_path / "setup.cab", {"setup.exe": os.urandom(70_000),
+                                             "readme.txt": b"signed by the signing host\r\n"})
+    request = authenticode.parse(_cab_request(cab))
+    assert request.subject == "cab"
+    r = win.submit(cab, "--profile", "win", "--format", "authenticode", "--timestamp",
+                   win.tsa.url)
+    assert r.returncode == 0, r.stderr
+    v = osslsigncode_verify(win, cab)
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert "Signature verification: ok" in v.stdout
+    assert "Timestamp Server Signature verification: ok" in v.stdout
+    entry = win.signer.events("sign")[-1]
+    assert entry["name"] == "setup.cab" and entry["authenticode"] == request.label
+    assert osslsigncode_verify(win, flip(cab, cab.stat().st_size // 3)).returncode != 0
+
+
+def _cab_request(cab: Path) -> bytes:
+    """The request as the client sends it (signer.osslsigncode trims what osslsigncode 2.9
+    appends to a cabinet's request)."""
+    from signer import osslsigncode
+
+    osslsigncode.extract(cab, cab.with_name(cab.name + ".req"))
+    return cab.with_name(cab.name + ".req").read_bytes()
+
+
+@pytest.mark.control("SGN-09", "SGN-10")
+def test_ecdsa_p256_authenticode_is_accepted_by_osslsigncode_and_signify(
+        win: Win, tmp_path: Path) -> None:
+    exe = write_pe(tmp_path / "ec.exe", 100_000)
+    r = win.submit(exe, "--profile", "winec", "--format", "authenticode", "--timestamp",
+                   win.tsa.url)
+    assert r.returncode == 0, r.stderr
+    v = osslsigncode_verify(win, exe)
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert "Timestamp Server Signature verification: ok" in v.stdout
+    assert "CN=Example Corp EC" in v.stdout
+    s = signify_verify(exe, win.ca.cert)
+    assert s.returncode == 0, s.stdout + s.stderr
+    der = tmp_path / "ec.p7"
+    subprocess.run(["osslsigncode", "extract-signature", "-in", str(exe), "-out", str(der)],
+                   capture_output=True, check=True)
+    (si,) = cms.ContentInfo.load(der.read_bytes())["content"]["signer_infos"]
+    assert si["signature_algorithm"]["algorithm"].native == "sha256_ecdsa"
+    bad = flip(exe, 0x400 + 500)
+    assert osslsigncode_verify(win, bad).returncode != 0
+    assert signify_verify(bad, win.ca.cert).returncode == 1
 
 
 def _request(content_type: str = authenticode.SPC_INDIRECT_DATA,
@@ -271,6 +331,23 @@ def test_release_authenticode_needs_two_custodians_who_recompute_the_digest(
     assert entry["request"] == rid and entry["authenticode"] == label
     queued = [e for e in s.events("queue") if e["request"] == rid]
     assert queued[0]["authenticode"] == label
+
+
+@pytest.mark.control("SGN-10")
+def test_a_profile_that_requires_a_timestamp_refuses_a_submit_without_one_before_signing(
+        win: Win, tmp_path: Path) -> None:
+    exe = write_pe(tmp_path / "late.exe", 20_000)
+    before, queued = exe.read_bytes(), len(win.signer.events("queue"))
+    r = win.submit(exe, "--profile", "winrel", "--format", "authenticode")
+    assert r.returncode == 64
+    assert ("profile 'winrel' requires an RFC 3161 timestamp: submit with --timestamp URL "
+            "(nothing was signed)") in r.stderr.decode()
+    assert exe.read_bytes() == before
+    assert len(win.signer.events("queue")) == queued
+    assert win.signer.events("deny")[-1]["reason"] == "sign: timestamp required"
+    # The same profile takes the request when the client says it adds a timestamp.
+    r = win.signer.gw("sign --profile winrel --format authenticode --timestamped", _request())
+    assert r.returncode == 75, r.stderr
 
 
 @pytest.mark.control("SGN-09", "SGN-10")

@@ -181,6 +181,23 @@ def test_parsed_sign_requests_only_carry_clean_values(tokens: list[str], name: s
         assert not any(c in cmd.name for c in "\n\r\x00\x1b\u2028\u202e")
 
 
+def test_timestamped_is_a_flag_that_reaches_the_daemon_only_when_given() -> None:
+    plain = request.parse(b"sign --profile dev --format cms")
+    stamped = request.parse(b"sign --profile dev --timestamped --format cms")
+    assert isinstance(plain, request.Sign) and isinstance(stamped, request.Sign)
+    assert (plain.timestamped, stamped.timestamped) == (False, True)
+    assert "timestamped" not in request.to_wire(plain)  # older daemons understand it
+    assert request.to_wire(stamped)["timestamped"] is True
+    assert request.from_wire(request.to_wire(stamped)) == stamped
+    for bad in (b"sign --profile dev --timestamped --timestamped",
+                b"sign --profile dev --timestamped=yes"):
+        with pytest.raises(request.ParseError):
+            request.parse(bad)
+    with pytest.raises(request.ParseError, match="bad timestamped"):
+        request.from_wire({"cmd": "sign", "profile": "dev", "format": "cms", "name": "",
+                           "timestamped": 1})
+
+
 def test_unknown_wire_fields_and_bad_values_are_refused_by_the_daemon_side() -> None:
     with pytest.raises(request.ParseError):
         request.from_wire({"cmd": "sign", "profile": "dev", "format": "pem", "name": ""})
