@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import threading
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -568,8 +569,8 @@ class Writer:
                 explicit or (due and s.since_state >= self._retry_at)):
             if self._state_checkpoint():
                 self._retry_at = 0
-                if rotate:
-                    self._rotate()
+                if rotate and not self._rotate():
+                    self._retry_at = self.interval  # not at every write: the log goes on
             else:  # locked: try again `interval` entries later, not at every write
                 self._retry_at = s.since_state + self.interval
             if self._broken is not None:
@@ -619,7 +620,7 @@ class Writer:
         del self._kept[:-KEEP_SNAPSHOTS]
         return True
 
-    def _rotate(self) -> None:
+    def _rotate(self) -> bool:
         """Close the active segment (it ends with a state checkpoint): rename it to its
         sibling name, then start a new, empty active file. A crash between the two leaves
         no active file, which start-up reads as an empty active segment after the closed
@@ -629,12 +630,12 @@ class Writer:
         closed = segments.closed_name(self.path, s.first)
         if closed.exists() or closed.with_name(closed.name + ".gz").exists():
             log.error("cannot close audit segment: %s exists", closed)
-            return
+            return False
         try:
             os.rename(self.path, closed)
         except OSError as exc:
             log.error("cannot close audit segment %s: %s", self.path, exc.strerror)
-            return
+            return False
         try:
             _fsync_dir(self.path.parent)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
@@ -644,11 +645,12 @@ class Writer:
         except OSError as exc:
             self._broken = (f"cannot start a new audit segment {self.path} after closing "
                             f"{closed.name}: {exc.strerror} (restart the daemon)")
-            return
+            return False
         os.close(self._fd)
         self._fd = fd
         log.info("audit log: closed segment %s (seq %d..%d)", closed.name, s.first, s.seq)
         s.end, s.first = 0, None
+        return True
 
     def _write(self, lines: list[bytes], seq: int, prev: str, since: int) -> bool:
         """Append lines and fdatasync; roll back on failure (False, `_failed` says why)."""
@@ -720,30 +722,54 @@ def show(entry: Mapping[str, Any]) -> str:
     return f"{head} {rest}".rstrip()
 
 
-def verify_file(path: Path, spki: bytes | None, live: bool, chain_only: bool = False
-                ) -> tuple[bool, str]:
-    """`signer audit verify`: (valid, one line naming the first bad sequence number).
+def verify_file(path: Path | list[Path], spki: bytes | None, live: bool,
+                chain_only: bool = False) -> tuple[bool, str]:
+    """`signer audit verify`: (valid, one line naming the first bad sequence number, and
+    the segment it is in when the log has several).
+
+    `path`: a log file (its closed segments next to it count too), a directory of segments,
+    or a list of either; all are checked as one chain, compressed segments included, and a
+    segment's first seq must be the one in its name.
 
     Valid means vouched for by the audit key: without a key (`spki` None) or without a single
     checkpoint, the chain alone proves nothing (anyone can recompute it), so the answer is
     "not valid" unless the caller asked for exactly that weaker check (`chain_only`)."""
-    v = Verifier(spki)
+    paths = path if isinstance(path, list) else [path]
+    label = " ".join(str(p) for p in paths)
     try:
-        for _offset, line in read_lines(path):
-            v.feed(line)
+        segs = segments.resolve(paths)
+    except (ValueError, OSError) as exc:
+        return False, f"{label}: {exc}"
+    if len(segs) > 1:
+        label = f"{label} ({len(segs)} segments)"
+    v = Verifier(spki)
+    seg: segments.Segment | None = None
+    try:
+        for seg in segs:
+            read = 0
+            for _offset, line in segments.lines(seg, 0, MAX_LINE + 1):
+                entry = v.feed(line)
+                if not read and seg.first is not None and entry["seq"] != seg.first:
+                    raise ChainError(entry["seq"], "the segment's name says it starts at seq "
+                                     f"{seg.first} (renamed)")
+                read += 1
+            if not read and not seg.active:
+                raise ChainError(v.seq + 1, "empty segment")
     except ChainError as exc:
-        return False, f"{path}: first bad seq {exc.seq}: {exc.reason}"
-    except OSError as exc:
-        return False, f"{path}: cannot read: {exc.strerror}"
+        where = f" (segment {seg})" if seg is not None and len(segs) > 1 else ""
+        return False, f"{label}: first bad seq {exc.seq}{where}: {exc.reason}"
+    except (OSError, EOFError, zlib.error) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return False, f"{label}: cannot read {seg}: {why}"
     if v.seq < 0:
-        return (live and chain_only, f"{path}: empty log" if live
-                else f"{path}: first bad seq 0: missing (the log is empty)")
+        return (live and chain_only, f"{label}: empty log" if live
+                else f"{label}: first bad seq 0: missing (the log is empty)")
     if spki is None:
         signed = f"{v.checkpoints} checkpoint(s), signatures NOT checked"
     else:
         signed = f"{v.checkpoints} checkpoint(s) verified"
     if v.last_event != "checkpoint" and not live:
-        return False, (f"{path}: first bad seq {v.seq + 1}: missing: the log ends at seq "
+        return False, (f"{label}: first bad seq {v.seq + 1}: missing: the log ends at seq "
                        f"{v.seq} without a closing checkpoint (truncated, or written by a "
                        "running or crashed daemon: use --live)")
     tail = ""
@@ -751,13 +777,13 @@ def verify_file(path: Path, spki: bytes | None, live: bool, chain_only: bool = F
         n = v.seq - (v.last_checkpoint if v.last_checkpoint is not None else -1)
         tail = f"; the last {n} entries are not yet covered by a checkpoint"
     if chain_only:
-        return True, f"{path}: chain ok: seq 0..{v.seq}, {signed} (--chain-only){tail}"
+        return True, f"{label}: chain ok: seq 0..{v.seq}, {signed} (--chain-only){tail}"
     if spki is None:
-        return False, (f"{path}: NOT verified: seq 0..{v.seq} chain ok, but {signed}: without "
+        return False, (f"{label}: NOT verified: seq 0..{v.seq} chain ok, but {signed}: without "
                        "the audit key anyone can recompute the chain (give --cert or --pubkey; "
                        "--chain-only to check the chain alone)")
     if v.checkpoints == 0:
-        return False, (f"{path}: NOT verified: seq 0..{v.seq} chain ok, but no checkpoint: "
+        return False, (f"{label}: NOT verified: seq 0..{v.seq} chain ok, but no checkpoint: "
                        "nothing in it is vouched for by the audit key (--chain-only to check "
                        "the chain alone)")
-    return True, f"{path}: ok: seq 0..{v.seq}, {signed}{tail}"
+    return True, f"{label}: ok: seq 0..{v.seq}, {signed}{tail}"

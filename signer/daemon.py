@@ -14,7 +14,6 @@ concurrent requests can never overrun the budget.
 from __future__ import annotations
 
 import base64
-import copy
 import ctypes
 import grp
 import hashlib
@@ -137,8 +136,10 @@ class Daemon:
         notes += self._replay_tail(scan)
         notes += self._recheck_approvals()
         note = "; ".join(notes) or None
-        self.writer.keep_state(policy.Fold(copy.deepcopy(self.state), {
-            p.name: p.budget_window for p in self.cfg.profiles.values()}))
+        # The writer's own copy (an export and back: what no longer matters is dropped)
+        windows = {p.name: p.budget_window for p in self.cfg.profiles.values()}
+        self.writer.keep_state(policy.Fold(
+            policy.State.restore(self.state.export(windows, time.time())), windows))
         self.writer.append("start", pid=os.getpid(), note=note,
                            reason="PIN from file" if secret else "locked: waiting for unlock")
         if secret is not None:

@@ -23,6 +23,8 @@ from signer.errors import Exit
 # Entries that can only make the signer stricter: believed even when nothing vouches for them
 # (forging one is a denial of service, which deleting the log already is).
 TIGHTENING = frozenset({"sign", "freeze", "budget-exceeded", "cancel", "reject"})
+# How long a request past its expiry stays in the state a checkpoint keeps (a week).
+CLOSED_KEPT = 7 * 86400
 # What a format's check adds to the log and the statement besides the body's SHA-256
 # (signer.formats: `authenticode`, the digest of the Windows file the request is for).
 FORMAT_FIELDS = ("authenticode",)
@@ -150,15 +152,20 @@ class State:
         """The state as one canonical JSON document, for a checkpoint to vouch for (its
         SHA-256 is in the signed entry). What can no longer matter is dropped first, here and
         in the export alike, so its size follows the open work, not the history: signature
-        times out of their profile's budget window, and requests past their expiry (signed,
-        cancelled, rejected or expired: none can be approved or signed any more)."""
+        times out of their profile's budget window, the kept body of a request that can no
+        longer be signed, and requests CLOSED_KEPT seconds past their expiry (until then
+        `status` and `fetch` still say why a request is closed, and a signed one can be
+        fetched again)."""
         for name, times in self.signatures.items():
             window = windows.get(name)
             while window is not None and times and times[0] <= now - window:
                 times.popleft()
         for rid in [r.id for r in self.requests.values()
-                    if audit.parse_time(r.expires) <= now]:
+                    if audit.parse_time(r.expires) + CLOSED_KEPT <= now]:
             del self.requests[rid]
+        for r in self.requests.values():
+            if not r.open(now):
+                r.body = None
         doc = {"v": 1, "frozen": self.frozen,
                "signatures": {k: list(v) for k, v in self.signatures.items() if v},
                "requests": [asdict(r) for r in self.requests.values()]}

@@ -38,7 +38,9 @@ class Segment:
         return self.path.name.endswith(".gz")
 
     def open(self) -> IO[bytes]:
-        return gzip.open(self.path, "rb") if self.compressed else self.path.open("rb")
+        if self.compressed:
+            return gzip.GzipFile(self.path, "rb")  # type: ignore[return-value]
+        return self.path.open("rb")
 
     def __str__(self) -> str:
         return self.path.name

@@ -85,9 +85,13 @@ def lab_figures(instance: str, cold: bool, env: dict[str, str]) -> dict[str, Any
     "instance": "lab instance for the lab figures (default lab6)",
     "cold": "also measure a cold lab.up (removes and rebuilds the cached base image)",
     "no_lab": "only the figures that need no VM (signer throughput, hashing)",
+    "audit_sizes": "history lengths for the audit start-up figures, comma-separated "
+                   "(default 100000,1000000,10000000; empty: skip them)",
 })
-def bench(c: Context, instance: str = "lab6", cold: bool = False, no_lab: bool = False) -> None:
-    """Measure: signer vs raw token, hashing vs sha256sum, lab up/reset, plays, verify."""
+def bench(c: Context, instance: str = "lab6", cold: bool = False, no_lab: bool = False,
+          audit_sizes: str = "100000,1000000,10000000") -> None:
+    """Measure: signer vs raw token, hashing vs sha256sum, audit start-up with history
+    (full replay vs from the last checkpoint), lab up/reset, plays, verify."""
     env = dict(os.environ, SIGNLAB_INSTANCE=instance)
     result: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -97,6 +101,11 @@ def bench(c: Context, instance: str = "lab6", cold: bool = False, no_lab: bool =
     if find_spec("toolkit.bench_signer"):
         print("==> signer figures", flush=True)
         result["signer"] = import_module("toolkit.bench_signer").run()
+    sizes = tuple(int(x) for x in audit_sizes.split(",") if x.strip())
+    if sizes and find_spec("toolkit.bench_audit"):
+        print(f"==> audit start-up figures ({', '.join(map(str, sizes))} entries; the full "
+              "replay of 10^7 takes minutes)", flush=True)
+        result["audit_startup"] = import_module("toolkit.bench_audit").run(sizes)
     if not no_lab:
         print(f"==> lab figures (instance {instance}; several minutes)", flush=True)
         result["lab"] = lab_figures(instance, cold, env)
