@@ -19,16 +19,21 @@ import base64
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import threading
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from signer import segments
 from signer.algorithms import verify_digest
 from signer.errors import Exit, SignerError
+
+log = logging.getLogger("signerd")
 
 GENESIS = "0" * 64
 EVENTS = frozenset({"start", "stop", "sign", "deny", "queue", "approve", "unlock", "freeze", "thaw",
@@ -43,12 +48,17 @@ NEEDS_PROOF = frozenset({"sign", "queue", "thaw"})
 
 
 class ChainError(Exception):
-    """The first entry that cannot be trusted."""
+    """The first entry that cannot be trusted (and the segment it is in, when known)."""
 
-    def __init__(self, seq: int, reason: str) -> None:
+    def __init__(self, seq: int, reason: str, segment: str | None = None) -> None:
         super().__init__(f"seq {seq}: {reason}")
         self.seq = seq
         self.reason = reason
+        self.segment = segment
+
+    @property
+    def where(self) -> str:
+        return f"seq {self.seq} (segment {self.segment})" if self.segment else f"seq {self.seq}"
 
 
 def canonical(obj: Mapping[str, Any]) -> bytes:
@@ -155,14 +165,7 @@ class Verifier:
 
 def read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """(offset after the line, line) for each line, the last one possibly without newline."""
-    offset = 0
-    with path.open("rb") as f:
-        while True:
-            line = f.readline(MAX_LINE + 1)
-            if not line:
-                return
-            offset += len(line)
-            yield offset, line
+    return segments.lines(segments.Segment(path, None), 0, MAX_LINE + 1)
 
 
 @dataclass
@@ -171,16 +174,67 @@ class Scan:
 
     seq: int = -1
     last_hash: str = GENESIS
-    end: int = 0  # offset after the last good entry
+    end: int = 0  # offset after the last good entry, in the active segment
     torn: bytes = b""  # an incomplete last line (a crash in the middle of a write), exactly
     since_checkpoint: int = 0
+    since_state: int = 0  # entries since the last checkpoint that carries the state
+    first: int | None = None  # seq of the active segment's first entry (None: it is empty)
     verified: int | None = None  # seq of the last checkpoint (verified when a key was given)
+    state_seq: int | None = None  # start-up began at the state of this checkpoint
+    replayed: int = 0  # entries read and checked at start (the cost of the start-up)
     tail: list[dict[str, Any]] = field(default_factory=list)  # entries after it: unproven
 
 
-def scan(path: Path, on_entry: Callable[[dict[str, Any]], None], spki: bytes | None = None
+def snapshot_path(snapshots: Path, seq: int) -> Path:
+    return snapshots / f"{seq:0{segments.SEQ_DIGITS}d}.json"
+
+
+def _is_state_checkpoint(line: bytes) -> bool:
+    # A quote inside a value is always escaped (\"), so `"state":"` is only ever a key.
+    return b'"event":"checkpoint"' in line and b'"state":"' in line
+
+
+def _last_state_checkpoint(segs: list[segments.Segment], snapshots: Path
+                           ) -> tuple[int, int, bytes, bytes] | None:
+    """The last checkpoint that carries a state digest and whose snapshot file is there:
+    (segment index, offset after it, its line, the snapshot). Read from the end backwards
+    (a compressed segment forwards: it holds at most one segment's worth), so the cost is
+    what follows that checkpoint, whatever the length of the history before it."""
+    for idx in range(len(segs) - 1, -1, -1):
+        seg = segs[idx]
+        if seg.compressed:
+            found = [(off, line) for off, line in segments.lines(seg, 0, MAX_LINE + 1)
+                     if _is_state_checkpoint(line)]
+            candidates: Iterator[tuple[int, bytes]] = iter(reversed(found))
+        else:
+            candidates = segments.reverse_lines(seg.path, seg.path.stat().st_size)
+        for off, line in candidates:
+            if not _is_state_checkpoint(line):
+                continue
+            try:
+                seq = json.loads(line)["seq"]
+                data = snapshot_path(snapshots, int(seq)).read_bytes()
+            except (ValueError, KeyError, TypeError, OSError):
+                continue  # no snapshot kept for it (or not an entry): an earlier one
+            return idx, off, line, data
+    return None
+
+
+def _first_seq(seg: segments.Segment) -> int | None:
+    for _off, line in segments.lines(seg, 0, MAX_LINE + 1):
+        try:
+            seq = json.loads(line).get("seq")
+        except (ValueError, AttributeError):
+            return None
+        return seq if isinstance(seq, int) else None
+    return None
+
+
+def scan(path: Path, on_entry: Callable[[dict[str, Any]], None], spki: bytes | None = None,
+         snapshots: Path | None = None, restore: Callable[[bytes], None] | None = None
          ) -> Scan:
-    """Verify the chain of an existing log (a missing file is an empty log) and replay it.
+    """Verify the chain of an existing log (all its segments; none is an empty log) and
+    replay it.
 
     Only an incomplete *last* line is tolerated (returned in `torn`, byte for byte, for the
     caller to keep and report): the writer never writes a line longer than MAX_LINE, so a line
@@ -191,32 +245,81 @@ def scan(path: Path, on_entry: Callable[[dict[str, Any]], None], spki: bytes | N
     for is replayed through `on_entry`; with the audit key (`spki`) the last checkpoint is
     verified (through the chain it vouches for every entry before it; one that does not
     verify is tampering and raises). The entries after it are returned in `tail`, not
-    replayed: the caller decides what, if anything, to believe of them."""
-    v = Verifier()
+    replayed: the caller decides what, if anything, to believe of them.
+
+    With `snapshots` (and the key), start-up begins at the last checkpoint that carries a
+    state digest: its signature is verified, the snapshot kept for it must have that digest
+    (else ChainError: the snapshot was changed), `restore` gets it, and only what follows is
+    read and replayed. Without a usable one, the whole log is replayed."""
+    segs = segments.of_log(path)
     out = Scan()
-    if not path.exists():
-        return out
+    v = Verifier()
+    start_idx, start_off = 0, 0
     pending: list[dict[str, Any]] = []
     last_cp: dict[str, Any] | None = None
-    size = path.stat().st_size
-    for offset, line in read_lines(path):
-        if not line.endswith(b"\n"):
-            if offset != size:
-                raise ChainError(v.seq + 1, f"entry longer than {MAX_LINE} bytes (not a torn "
-                                            "last line: entries follow it)")
-            out.torn = line
-            break
-        entry = v.feed(line)
-        out.end = offset
-        out.since_checkpoint = 0 if entry["event"] == "checkpoint" else out.since_checkpoint + 1
-        pending.append(entry)
-        if entry["event"] == "checkpoint":
-            last_cp = entry
-            for e in pending:
-                on_entry(e)
-            pending = []
+    if snapshots is not None and restore is not None and spki is not None and segs:
+        found = _last_state_checkpoint(segs, snapshots)
+        if found is not None:
+            start_idx, start_off, line, data = found
+            try:
+                head = json.loads(line)
+                v = Verifier(spki, seq=int(head["seq"]) - 1, last_hash=str(head["prev"]))
+            except (ValueError, KeyError, TypeError):
+                raise ChainError(-1, "unreadable checkpoint", str(segs[start_idx])) from None
+            try:
+                last_cp = v.feed(line)
+            except ChainError as exc:
+                exc.segment = str(segs[start_idx])
+                raise
+            if hashlib.sha256(data).hexdigest() != last_cp["state"]:
+                raise ChainError(last_cp["seq"], "the state snapshot kept for this checkpoint "
+                                 f"({snapshot_path(snapshots, last_cp['seq'])}) does not have "
+                                 "the digest the checkpoint signs (changed)",
+                                 str(segs[start_idx]))
+            restore(data)
+            out.state_seq = out.verified = last_cp["seq"]
+            out.replayed = 1
+    if start_off and segs[start_idx].active:
+        out.end, out.first = start_off, _first_seq(segs[start_idx])
+    for k in range(start_idx, len(segs)):
+        seg = segs[k]
+        begin = start_off if k == start_idx else 0
+        size = seg.path.stat().st_size if seg.active else -1
+        read = 0
+        try:
+            for offset, line in segments.lines(seg, begin, MAX_LINE + 1):
+                if not line.endswith(b"\n"):
+                    if offset == size:
+                        out.torn = line
+                        break
+                    raise ChainError(v.seq + 1, f"entry longer than {MAX_LINE} bytes, or cut "
+                                     "(not a torn last line: entries or segments follow it)")
+                entry = v.feed(line)
+                read += 1
+                if offset == len(line) and seg.first is not None and entry["seq"] != seg.first:
+                    raise ChainError(entry["seq"], f"the segment's name says it starts at seq "
+                                     f"{seg.first} (renamed)")
+                out.replayed += 1
+                if seg.active:
+                    out.end = offset
+                    if out.first is None:
+                        out.first = entry["seq"]
+                is_cp = entry["event"] == "checkpoint"
+                out.since_checkpoint = 0 if is_cp else out.since_checkpoint + 1
+                out.since_state = 0 if is_cp and "state" in entry else out.since_state + 1
+                pending.append(entry)
+                if is_cp:
+                    last_cp = entry
+                    for e in pending:
+                        on_entry(e)
+                    pending = []
+        except ChainError as exc:
+            exc.segment = exc.segment or str(seg)
+            raise
+        if not seg.active and not begin and not read:
+            raise ChainError(v.seq + 1, "empty segment", str(seg))
     if last_cp is not None:
-        if spki is not None:
+        if spki is not None and last_cp["seq"] != out.state_seq:
             Verifier(spki)._checkpoint(last_cp)
         out.verified = last_cp["seq"]
     out.tail = pending
@@ -240,18 +343,42 @@ class _Slot:
 
 # Signs a checkpoint digest with the audit key; returns None when it cannot (daemon locked).
 CheckpointSigner = Callable[[bytes], bytes | None]
+DEFAULT_SEGMENT_BYTES = 256 * 1024 * 1024
+DEFAULT_SEGMENT_ENTRIES = 1_000_000
+KEEP_SNAPSHOTS = 3
+
+
+class StateFold(Protocol):
+    """The daemon's state as a fold of the entries written (policy.State and the config)."""
+
+    def apply(self, entry: Mapping[str, Any]) -> None: ...
+
+    def snapshot(self, now: float) -> bytes: ...
 
 
 @dataclass
 class Writer:
+    """Appends to the active segment; see `append`. With `snapshots` and a state fold
+    (`keep_state`), a checkpoint every `interval` entries (and at stop) also carries `state`,
+    the SHA-256 of a snapshot of the daemon's state kept in `snapshots/<seq>.json` (written
+    and fsynced before the checkpoint): start-up begins there. A segment over its limits is
+    closed right after such a checkpoint, so every closed segment ends with one."""
+
     path: Path
     scan: Scan
     interval: int
     sign_checkpoint: CheckpointSigner | None = None
+    snapshots: Path | None = None
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES
+    segment_entries: int = DEFAULT_SEGMENT_ENTRIES
+    _fold: StateFold | None = None
+    _kept: list[int] = field(default_factory=list)
     _fd: int = -1
     _queue: list[_Slot] = field(default_factory=list)
     _cv: threading.Condition = field(default_factory=threading.Condition)
     _broken: str | None = None
+    _failed: str = ""
+    _retry_at: int = 0
     _closing: bool = False
     _flushing: bool = False
 
@@ -326,8 +453,17 @@ class Writer:
         return slot.entry
 
     def checkpoint(self) -> None:
-        """Write a checkpoint now if any entry is not yet covered (stop, unlock)."""
+        """Write a checkpoint now if any entry is not yet covered (stop, unlock); with a
+        state fold, one that carries the state."""
         self.append("checkpoint")
+
+    def keep_state(self, fold: StateFold) -> None:
+        """From now on, every entry written is folded into `fold` (after it is on disk), and
+        state checkpoints carry its snapshot. Call before the first append."""
+        self._fold = fold
+        if self.snapshots is not None and self.snapshots.is_dir():
+            self._kept = sorted(int(p.stem) for p in self.snapshots.glob("*.json")
+                                if p.stem.isdigit())
 
     def close(self) -> None:
         with self._cv:
@@ -425,8 +561,100 @@ class Writer:
                 slot.error = self._broken
             return
         s = self.scan
+        rotate = s.first is not None and (s.end >= self.segment_bytes
+                                          or s.seq - s.first + 1 >= self.segment_entries)
+        due = rotate or s.since_state >= self.interval
+        explicit = batch[0].event == "checkpoint" and s.since_state > 0  # stop, unlock
+        if self._fold is not None and s.seq >= 0 and (
+                explicit or (due and s.since_state >= self._retry_at)):
+            if self._state_checkpoint():
+                self._retry_at = 0
+                if rotate and not self._rotate():
+                    self._retry_at = self.interval  # not at every write: the log goes on
+            else:  # locked: try again `interval` entries later, not at every write
+                self._retry_at = s.since_state + self.interval
+            if self._broken is not None:
+                for slot in batch:
+                    slot.error = self._broken
+                return
         lines, entries, seq, prev, since = self._build(batch, s.seq, s.last_hash,
                                                        s.since_checkpoint)
+        if self._write(lines, seq, prev, since):
+            for slot, entry in zip(batch, entries, strict=True):
+                if slot.error is None:
+                    slot.entry = entry
+        else:
+            for slot in batch:
+                slot.error = slot.error or self._failed
+
+    def _state_checkpoint(self) -> bool:
+        """A checkpoint that carries the state's digest, its snapshot kept first; False when
+        it cannot be made now (locked: later; a snapshot not written: the log goes on)."""
+        assert self._fold is not None and self.snapshots is not None
+        s = self.scan
+        time = now_utc()
+        data = self._fold.snapshot(parse_time(time))
+        b = body(s.seq + 1, s.last_hash, "checkpoint", {"state": hashlib.sha256(data).hexdigest()},
+                 time)
+        try:
+            sig = self.sign_checkpoint(checkpoint_message(b)) if self.sign_checkpoint else None
+        except Exception:
+            sig = None
+        if sig is None:
+            return False
+        b["sig"] = base64.b64encode(sig).decode("ascii")
+        entry, line = seal(b)
+        try:
+            _write_durably(snapshot_path(self.snapshots, s.seq + 1), data)
+        except OSError as exc:
+            log.warning("cannot keep the state snapshot for seq %d: %s", s.seq + 1, exc)
+            return False
+        if not self._write([line], s.seq + 1, entry["hash"], 0):
+            return False
+        self._kept.append(entry["seq"])
+        for old in self._kept[:-KEEP_SNAPSHOTS]:
+            try:
+                snapshot_path(self.snapshots, old).unlink()
+            except OSError:
+                pass
+        del self._kept[:-KEEP_SNAPSHOTS]
+        return True
+
+    def _rotate(self) -> bool:
+        """Close the active segment (it ends with a state checkpoint): rename it to its
+        sibling name, then start a new, empty active file. A crash between the two leaves
+        no active file, which start-up reads as an empty active segment after the closed
+        ones: the rename is atomic, so no entry is lost or in two segments."""
+        s = self.scan
+        assert s.first is not None
+        closed = segments.closed_name(self.path, s.first)
+        if closed.exists() or closed.with_name(closed.name + ".gz").exists():
+            log.error("cannot close audit segment: %s exists", closed)
+            return False
+        try:
+            os.rename(self.path, closed)
+        except OSError as exc:
+            log.error("cannot close audit segment %s: %s", self.path, exc.strerror)
+            return False
+        try:
+            _fsync_dir(self.path.parent)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
+                         | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _fsync_dir(self.path.parent)
+        except OSError as exc:
+            self._broken = (f"cannot start a new audit segment {self.path} after closing "
+                            f"{closed.name}: {exc.strerror} (restart the daemon)")
+            return False
+        os.close(self._fd)
+        self._fd = fd
+        log.info("audit log: closed segment %s (seq %d..%d)", closed.name, s.first, s.seq)
+        s.end, s.first = 0, None
+        return True
+
+    def _write(self, lines: list[bytes], seq: int, prev: str, since: int) -> bool:
+        """Append lines and fdatasync; roll back on failure (False, `_failed` says why)."""
+        s = self.scan
         data = b"".join(lines)
         written = False
         try:
@@ -447,13 +675,43 @@ class Writer:
                 # since can be trusted to be on disk. Only a restart (which re-reads and
                 # verifies the log) clears this.
                 self._broken = reason + " (fsync failed: restart the daemon)"
-            for slot in batch:
-                slot.error = reason
-            return
+            self._failed = reason
+            return False
+        if not lines:
+            return True
+        if s.first is None:
+            s.first = s.seq + 1
+        s.since_state = 0 if since == 0 and b'"state":"' in lines[-1] else \
+            s.since_state + len(lines)
         s.seq, s.last_hash, s.end, s.since_checkpoint = seq, prev, s.end + len(data), since
-        for slot, entry in zip(batch, entries, strict=True):
-            if slot.error is None:
-                slot.entry = entry
+        if self._fold is not None:
+            for line in lines:
+                if b'"event":"checkpoint"' not in line:
+                    self._fold.apply(json.loads(line))
+        return True
+
+
+def _fsync_dir(path: Path) -> None:
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def show(entry: Mapping[str, Any]) -> str:
@@ -464,30 +722,54 @@ def show(entry: Mapping[str, Any]) -> str:
     return f"{head} {rest}".rstrip()
 
 
-def verify_file(path: Path, spki: bytes | None, live: bool, chain_only: bool = False
-                ) -> tuple[bool, str]:
-    """`signer audit verify`: (valid, one line naming the first bad sequence number).
+def verify_file(path: Path | list[Path], spki: bytes | None, live: bool,
+                chain_only: bool = False) -> tuple[bool, str]:
+    """`signer audit verify`: (valid, one line naming the first bad sequence number, and
+    the segment it is in when the log has several).
+
+    `path`: a log file (its closed segments next to it count too), a directory of segments,
+    or a list of either; all are checked as one chain, compressed segments included, and a
+    segment's first seq must be the one in its name.
 
     Valid means vouched for by the audit key: without a key (`spki` None) or without a single
     checkpoint, the chain alone proves nothing (anyone can recompute it), so the answer is
     "not valid" unless the caller asked for exactly that weaker check (`chain_only`)."""
-    v = Verifier(spki)
+    paths = path if isinstance(path, list) else [path]
+    label = " ".join(str(p) for p in paths)
     try:
-        for _offset, line in read_lines(path):
-            v.feed(line)
+        segs = segments.resolve(paths)
+    except (ValueError, OSError) as exc:
+        return False, f"{label}: {exc}"
+    if len(segs) > 1:
+        label = f"{label} ({len(segs)} segments)"
+    v = Verifier(spki)
+    seg: segments.Segment | None = None
+    try:
+        for seg in segs:
+            read = 0
+            for _offset, line in segments.lines(seg, 0, MAX_LINE + 1):
+                entry = v.feed(line)
+                if not read and seg.first is not None and entry["seq"] != seg.first:
+                    raise ChainError(entry["seq"], "the segment's name says it starts at seq "
+                                     f"{seg.first} (renamed)")
+                read += 1
+            if not read and not seg.active:
+                raise ChainError(v.seq + 1, "empty segment")
     except ChainError as exc:
-        return False, f"{path}: first bad seq {exc.seq}: {exc.reason}"
-    except OSError as exc:
-        return False, f"{path}: cannot read: {exc.strerror}"
+        where = f" (segment {seg})" if seg is not None and len(segs) > 1 else ""
+        return False, f"{label}: first bad seq {exc.seq}{where}: {exc.reason}"
+    except (OSError, EOFError, zlib.error) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return False, f"{label}: cannot read {seg}: {why}"
     if v.seq < 0:
-        return (live and chain_only, f"{path}: empty log" if live
-                else f"{path}: first bad seq 0: missing (the log is empty)")
+        return (live and chain_only, f"{label}: empty log" if live
+                else f"{label}: first bad seq 0: missing (the log is empty)")
     if spki is None:
         signed = f"{v.checkpoints} checkpoint(s), signatures NOT checked"
     else:
         signed = f"{v.checkpoints} checkpoint(s) verified"
     if v.last_event != "checkpoint" and not live:
-        return False, (f"{path}: first bad seq {v.seq + 1}: missing: the log ends at seq "
+        return False, (f"{label}: first bad seq {v.seq + 1}: missing: the log ends at seq "
                        f"{v.seq} without a closing checkpoint (truncated, or written by a "
                        "running or crashed daemon: use --live)")
     tail = ""
@@ -495,13 +777,13 @@ def verify_file(path: Path, spki: bytes | None, live: bool, chain_only: bool = F
         n = v.seq - (v.last_checkpoint if v.last_checkpoint is not None else -1)
         tail = f"; the last {n} entries are not yet covered by a checkpoint"
     if chain_only:
-        return True, f"{path}: chain ok: seq 0..{v.seq}, {signed} (--chain-only){tail}"
+        return True, f"{label}: chain ok: seq 0..{v.seq}, {signed} (--chain-only){tail}"
     if spki is None:
-        return False, (f"{path}: NOT verified: seq 0..{v.seq} chain ok, but {signed}: without "
+        return False, (f"{label}: NOT verified: seq 0..{v.seq} chain ok, but {signed}: without "
                        "the audit key anyone can recompute the chain (give --cert or --pubkey; "
                        "--chain-only to check the chain alone)")
     if v.checkpoints == 0:
-        return False, (f"{path}: NOT verified: seq 0..{v.seq} chain ok, but no checkpoint: "
+        return False, (f"{label}: NOT verified: seq 0..{v.seq} chain ok, but no checkpoint: "
                        "nothing in it is vouched for by the audit key (--chain-only to check "
                        "the chain alone)")
-    return True, f"{path}: ok: seq 0..{v.seq}, {signed}{tail}"
+    return True, f"{label}: ok: seq 0..{v.seq}, {signed}{tail}"

@@ -68,6 +68,10 @@ class Daemon:
     # The token's serial number (RFC 7512 `serial`): with two tokens of the same label
     # plugged in (a spare, an attacker's), the daemon opens only the one it was given.
     token_serial: str | None = None
+    # The active segment is closed (renamed `<stem>.<first seq>.<ext>`) at the first state
+    # checkpoint after it reaches either limit.
+    segment_bytes: int = 256 * 1024 * 1024
+    segment_entries: int = 1_000_000
 
     @property
     def pin_file(self) -> Path | None:
@@ -183,7 +187,7 @@ def parse(text: str, path: Path) -> Config:
     d = r.table(data, "daemon",
                 {"socket", "socket_group", "audit_log", "state_dir", "token_module",
                  "token_label", "token_serial", "pin_source", "checkpoint_interval",
-                 "audit_key", "audit_cert"},
+                 "audit_key", "audit_cert", "segment_bytes", "segment_entries"},
                 {"socket", "audit_log", "state_dir", "token_module", "token_label", "pin_source",
                  "audit_key"})
     pin_source = r.str_(d, "daemon", "pin_source")
@@ -201,6 +205,8 @@ def parse(text: str, path: Path) -> Config:
         audit_key=r.key_uri(d, "daemon", "audit_key"),
         audit_cert=r.abspath(d, "daemon", "audit_cert") if "audit_cert" in d else None,
         token_serial=r.str_(d, "daemon", "token_serial") if "token_serial" in d else None,
+        segment_bytes=r.int_(d, "daemon", "segment_bytes", 4096, 256 * 1024 * 1024),
+        segment_entries=r.int_(d, "daemon", "segment_entries", 2, 1_000_000),
     )
     accounts: dict[str, str] = {}
     clients = _principals(r, data, "clients", accounts)

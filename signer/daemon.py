@@ -35,7 +35,7 @@ from typing import Any
 
 from asn1crypto import x509
 
-from signer import approval, audit, certs, pin, policy, request, wire
+from signer import approval, audit, certs, pin, policy, request, segments, wire
 from signer.algorithms import BY_NAME, ECDSA_P256
 from signer.config import NAME_RE, Config, Profile
 from signer.errors import Exit, SignerError
@@ -64,8 +64,12 @@ _M_ARENA_MAX = -8
 
 
 class Daemon:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, full_replay: bool = False) -> None:
         self.cfg = cfg
+        # Start-up from the last state checkpoint, unless asked to replay the whole log
+        # (the bench's "before"; the result is the same state, built the slow way).
+        self.full_replay = full_replay
+        self.scan_seconds = 0.0
         self.state = policy.State()
         self._lock = threading.Lock()
         self._unlock_lock = threading.Lock()
@@ -95,26 +99,47 @@ class Daemon:
         d.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         (d.state_dir / "signatures").mkdir(mode=0o700, exist_ok=True)
         spki, source = self._audit_public_key()
-        if spki is None and d.audit_log.exists() and d.audit_log.stat().st_size:
+        if spki is None and any(seg.path.stat().st_size
+                                for seg in segments.of_log(d.audit_log)):
             raise SignerError(Exit.IOERR, f"cannot check the checkpoints of {d.audit_log}: "
                               f"{source}; refusing to rebuild state from a log that nothing "
                               "vouches for")
+        snapshots = d.state_dir / "checkpoints"
+
+        def restore(data: bytes) -> None:
+            try:
+                self.state = policy.State.restore(data)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise audit.ChainError(-1, f"unreadable state snapshot: {exc}") from None
+
+        started = time.monotonic()
         try:
-            scan = audit.scan(d.audit_log, self.state.apply, spki)
+            scan = audit.scan(d.audit_log, lambda e: self.state.apply(e), spki,
+                              None if self.full_replay else snapshots, restore)
         except audit.ChainError as exc:
-            raise SignerError(Exit.IOERR, f"audit log {d.audit_log} is broken at seq {exc.seq}: "
+            raise SignerError(Exit.IOERR, f"audit log {d.audit_log} is broken at {exc.where}: "
                               f"{exc.reason}. Keep it for the investigation (`signer audit "
                               "verify`), move it aside and start again") from None
         except OSError as exc:
             raise SignerError(Exit.IOERR, f"cannot read audit log {d.audit_log}: "
                               f"{exc.strerror}") from None
+        self.scan_seconds = time.monotonic() - started
+        log.info("audit log: %s; %d entries read in %.3f s",
+                 f"started from the state of checkpoint seq {scan.state_seq}"
+                 if scan.state_seq is not None else "replayed from the start",
+                 scan.replayed, self.scan_seconds)
         self.writer = audit.Writer(d.audit_log, scan, d.checkpoint_interval,
-                                   self._sign_checkpoint)
+                                   self._sign_checkpoint, snapshots, d.segment_bytes,
+                                   d.segment_entries)
         self.writer.open()
         notes = [self._keep_torn(scan)] if scan.torn else []
         notes += self._replay_tail(scan)
         notes += self._recheck_approvals()
         note = "; ".join(notes) or None
+        # The writer's own copy (an export and back: what no longer matters is dropped)
+        windows = {p.name: p.budget_window for p in self.cfg.profiles.values()}
+        self.writer.keep_state(policy.Fold(
+            policy.State.restore(self.state.export(windows, time.time())), windows))
         self.writer.append("start", pid=os.getpid(), note=note,
                            reason="PIN from file" if secret else "locked: waiting for unlock")
         if secret is not None:

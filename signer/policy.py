@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from signer import audit
@@ -23,6 +23,8 @@ from signer.errors import Exit
 # Entries that can only make the signer stricter: believed even when nothing vouches for them
 # (forging one is a denial of service, which deleting the log already is).
 TIGHTENING = frozenset({"sign", "freeze", "budget-exceeded", "cancel", "reject"})
+# How long a request past its expiry stays in the state a checkpoint keeps (a week).
+CLOSED_KEPT = 7 * 86400
 # What a format's check adds to the log and the statement besides the body's SHA-256
 # (signer.formats: `authenticode`, the digest of the Windows file the request is for).
 FORMAT_FIELDS = ("authenticode",)
@@ -146,6 +148,40 @@ class State:
             if req is not None:
                 req.approvals[str(entry["custodian"])] = sig if isinstance(sig, str) else None
 
+    def export(self, windows: Mapping[str, int], now: float) -> bytes:
+        """The state as one canonical JSON document, for a checkpoint to vouch for (its
+        SHA-256 is in the signed entry). What can no longer matter is dropped first, here and
+        in the export alike, so its size follows the open work, not the history: signature
+        times out of their profile's budget window, the kept body of a request that can no
+        longer be signed, and requests CLOSED_KEPT seconds past their expiry (until then
+        `status` and `fetch` still say why a request is closed, and a signed one can be
+        fetched again)."""
+        for name, times in self.signatures.items():
+            window = windows.get(name)
+            while window is not None and times and times[0] <= now - window:
+                times.popleft()
+        for rid in [r.id for r in self.requests.values()
+                    if audit.parse_time(r.expires) + CLOSED_KEPT <= now]:
+            del self.requests[rid]
+        for r in self.requests.values():
+            if not r.open(now):
+                r.body = None
+        doc = {"v": 1, "frozen": self.frozen,
+               "signatures": {k: list(v) for k, v in self.signatures.items() if v},
+               "requests": [asdict(r) for r in self.requests.values()]}
+        return audit.canonical(doc)
+
+    @classmethod
+    def restore(cls, data: bytes) -> State:
+        """The state of `export` (whose digest a verified checkpoint carries)."""
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or doc.get("v") != 1:
+            raise ValueError("not a state snapshot of this version")
+        return cls(frozen={str(k): str(v) for k, v in doc["frozen"].items()},
+                   signatures={str(k): deque(float(t) for t in v)
+                               for k, v in doc["signatures"].items()},
+                   requests={r["id"]: Request(**r) for r in doc["requests"]})
+
     def used(self, profile: Profile, now: float) -> int:
         """Signatures counted against the budget: those in the rolling window since the last
         thaw (a thaw empties the window). Expired timestamps are dropped here, so the cost is
@@ -154,6 +190,21 @@ class State:
         while times and times[0] <= now - profile.budget_window:
             times.popleft()
         return len(times)
+
+
+@dataclass
+class Fold:
+    """The state kept by the audit writer: every entry written, folded in order, so that a
+    state checkpoint vouches for exactly the state after the entries before it."""
+
+    state: State
+    windows: dict[str, int]
+
+    def apply(self, entry: Mapping[str, Any]) -> None:
+        self.state.apply(entry)
+
+    def snapshot(self, now: float) -> bytes:
+        return self.state.export(self.windows, now)
 
 
 def profile_for(cfg: Config, name: str) -> Profile:

@@ -96,7 +96,7 @@ TAMPERS: dict[str, Callable[[list[bytes]], tuple[list[bytes], int]]] = {
     "inserted forgery": lambda ls: (
         [*ls[:K], _rehash(ls[K], name="forged.bin"), *ls[K:]], K),
     "truncated (last entry)": lambda ls: (ls[:-1], len(ls) - 1),
-    "truncated (whole entries)": lambda ls: (ls[:-3], len(ls) - 3),
+    "truncated (whole entries)": lambda ls: _cut_after_last(ls, "sign"),
     "truncated (mid-entry)": lambda ls: ([*ls[:-1], ls[-1][:40]], len(ls) - 1),
     "first entries removed": lambda ls: (ls[2:], 0),
     "not JSON": lambda ls: ([*ls[:K], b"garbage\n", *ls[K + 1:]], K),
@@ -105,6 +105,12 @@ TAMPERS: dict[str, Callable[[list[bytes]], tuple[list[bytes], int]]] = {
         _first_checkpoint_after(ls, K)),
     "checkpoint signature swapped": lambda ls: _swap_checkpoint_sig(ls),
 }
+
+
+def _cut_after_last(lines: list[bytes], event: str) -> tuple[list[bytes], int]:
+    """Whole entries cut off, so that the log ends on an entry no checkpoint covers."""
+    i = max(i for i, line in enumerate(lines) if json.loads(line)["event"] == event)
+    return lines[:i + 1], i + 1
 
 
 def _swap_checkpoint_sig(lines: list[bytes]) -> tuple[list[bytes], int]:
@@ -176,14 +182,18 @@ def test_audit_verify_passes_only_what_the_audit_key_vouches_for(
 
 @pytest.mark.control("SGN-05")
 def test_daemon_refuses_to_start_on_a_broken_log(make_signer: Any) -> None:
+    """What start-up reads (from the last state checkpoint on) must be intact."""
     s: Signer = make_signer()
-    assert s.gw("sign --profile dev --format raw", b"x").returncode == 0
-    s.stop()
+    for _ in range(2):
+        assert s.gw("sign --profile dev --format raw", b"x").returncode == 0
+    s.stop(signal.SIGKILL)  # a crash: no state checkpoint at stop
     lines = s.audit_log.read_bytes().splitlines(keepends=True)
-    s.audit_log.write_bytes(b"".join(lines[:1] + lines[2:]))
+    cp = max(i for i, line in enumerate(lines) if b'"state":"' in line)
+    assert len(lines) > cp + 3
+    s.audit_log.write_bytes(b"".join(lines[:cp + 2] + lines[cp + 3:]))
     r = s.lab.signer("serve", "--config", s.config, timeout=20)
     assert r.returncode == 74
-    assert "broken at seq 1" in one_line_error(r)
+    assert f"broken at seq {cp + 2} (segment audit.jsonl)" in one_line_error(r)
 
 
 @pytest.mark.control("SGN-05")

@@ -79,8 +79,11 @@ def lab_figures(instance: str, cold: bool, env: dict[str, str]) -> dict[str, Any
     return fig
 
 
-def collect(instance: str, cold: bool, no_lab: bool) -> dict[str, Any]:
-    """Every figure of one bench run: the machine, the signer's, and the lab's unless `no_lab`."""
+def collect(instance: str, cold: bool, no_lab: bool,
+            audit_sizes: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Every figure of one bench run: the machine, the signer's, the audit log's start-up with
+    each history length of `audit_sizes` (full replay vs from the last checkpoint), and the
+    lab's unless `no_lab`."""
     env = dict(os.environ, SIGNLAB_INSTANCE=instance)
     result: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -90,6 +93,10 @@ def collect(instance: str, cold: bool, no_lab: bool) -> dict[str, Any]:
     if find_spec("toolkit.bench.signer"):
         print("==> signer figures", flush=True)
         result["signer"] = import_module("toolkit.bench.signer").run()
+    if audit_sizes:
+        print(f"==> audit start-up figures ({', '.join(map(str, audit_sizes))} entries; the full "
+              "replay of 10^7 takes minutes)", flush=True)
+        result["audit_startup"] = import_module("toolkit.bench.audit").run(audit_sizes)
     if not no_lab:
         print(f"==> lab figures (instance {instance}; several minutes)", flush=True)
         result["lab"] = lab_figures(instance, cold, env)

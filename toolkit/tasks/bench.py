@@ -12,10 +12,19 @@ from toolkit.bench import figures
     "instance": "lab instance for the lab figures (default lab6)",
     "cold": "also measure a cold lab.up (removes and rebuilds the cached base image)",
     "no_lab": "only the figures that need no VM (signer throughput, hashing)",
+    "audit_sizes": "history lengths for the audit start-up figures, comma-separated "
+                   "(default 100000,1000000,10000000; empty: skip them)",
 })
-def bench(c: Context, instance: str = "lab6", cold: bool = False, no_lab: bool = False) -> None:
-    """Measure: signer vs raw token, hashing vs sha256sum, lab up/reset, plays, verify."""
-    result = figures.collect(instance, cold, no_lab)
+def bench(c: Context, instance: str = "lab6", cold: bool = False, no_lab: bool = False,
+          audit_sizes: str = "100000,1000000,10000000") -> None:
+    """Measure: signer vs raw token, hashing vs sha256sum, audit start-up with history (full
+    replay vs from the last checkpoint), lab up/reset, plays, verify."""
+    try:
+        sizes = tuple(int(x) for x in audit_sizes.split(",") if x.strip())
+    except ValueError:
+        raise SystemExit(f"--audit-sizes: not a comma-separated list of entry counts: "
+                         f"{audit_sizes!r}") from None
+    result = figures.collect(instance, cold, no_lab, sizes)
     path = figures.write(result)
     print("\n==> bench results")
     for key, val in figures.flatten(result).items():
