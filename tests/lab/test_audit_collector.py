@@ -139,23 +139,33 @@ def _as_root_with_input(lab: LabState, command: str, text: str) -> subprocess.Co
 @pytest.fixture
 def tamper(lab, admin_ssh) -> Iterator[Callable[[list[str]], None]]:  # type: ignore[no-untyped-def]
     """`tamper(lines)`: the host's log becomes these lines, as root would make it, with the
-    forwarder stopped; afterwards the original bytes go back and the forwarder starts again."""
-    original = admin_ssh(f"cat {AUDIT_LOG}", sudo=True).stdout
+    forwarder stopped; afterwards the bytes it had at that moment go back and the forwarder
+    starts again."""
+    saved: list[str] = []
 
     def put(text: str) -> None:
         # In place (the same inode that the daemon and the forwarder hold), never a new file.
         r = _as_root_with_input(lab, f"cat > {AUDIT_LOG}", text)
         assert r.returncode == 0, r.stderr
 
-    stopped = admin_ssh("systemctl stop rsyslog.service", sudo=True)
-    assert stopped.returncode == 0, stopped.stderr
+    def forge(lines: list[str]) -> None:
+        assert not saved, "one forgery per test"
+        original = admin_ssh(f"cat {AUDIT_LOG}", sudo=True)
+        assert original.returncode == 0 and original.stdout, original.stderr
+        # The socket too: journald forwards to it and would start rsyslog again mid-forgery.
+        stopped = admin_ssh("systemctl stop syslog.socket rsyslog.service", sudo=True)
+        assert stopped.returncode == 0, stopped.stderr
+        saved.append(original.stdout)
+        put("".join(line + "\n" for line in lines))
+
     try:
-        yield lambda lines: put("".join(line + "\n" for line in lines))
+        yield forge
     finally:
-        put(original)
-        assert admin_ssh(f"cat {AUDIT_LOG}", sudo=True).stdout == original
-        started = admin_ssh("systemctl start rsyslog.service", sudo=True)
-        assert started.returncode == 0, started.stderr
+        if saved:
+            put(saved[0])
+            assert admin_ssh(f"cat {AUDIT_LOG}", sudo=True).stdout == saved[0]
+            started = admin_ssh("systemctl start rsyslog.service", sudo=True)
+            assert started.returncode == 0, started.stderr
 
 
 @pytest.mark.control("AUD-04", "SGN-05")

@@ -97,7 +97,7 @@ def test_the_signer_audit_log_is_forwarded_over_a_live_tls_session(host, expecte
     # (a connection refused or a TLS peer it does not accept leaves none).
     assert f'file="{expected["signer_audit_log"]}"' in host.check_output(
         "cat /etc/rsyslog.d/*.conf")
-    sessions = host.check_output(f"ss -Htnp state established dst {collector} dport = {port}")
+    sessions = host.check_output(f"ss -Htnp state established dst {collector} dport = :{port}")
     assert "rsyslogd" in sessions, f"no session from rsyslogd to {collector}:{port}"
 
 
