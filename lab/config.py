@@ -3,9 +3,10 @@
 An instance is `labN` (N = 0..9). Every name it creates on the machine carries the prefix
 `slbN` so that a lab never collides with anything else (and two instances never collide
 with each other): bridge `slbN-br`, tap `slbN-tap`, namespaces `slbN-build` and
-`slbN-intruder`, veth ends `slbN-b` and `slbN-i`. Addresses are private and exist only on
-the bridge and inside the namespaces; the bridge itself carries no address, so the
-controller is not a host of the lab segment and nothing on it is routed anywhere.
+`slbN-intruder`, `slbN-collector`, veth ends `slbN-b`, `slbN-i` and `slbN-c`. Addresses
+are private and exist only on the bridge and inside the namespaces; the bridge itself
+carries no address, so the controller is not a host of the lab segment and nothing on it
+is routed anywhere.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 INSTANCE_RE = re.compile(r"^lab([0-9])$")
-LAB_HOSTS = ("build", "intruder")
-HOST_OCTET = {"vm": 10, "build": 20, "intruder": 66}
+LAB_HOSTS = ("build", "intruder", "collector")
+HOST_OCTET = {"vm": 10, "build": 20, "collector": 30, "intruder": 66}
+# The collector's RELP port (rsyslog imrelp over TLS; RELP's customary port).
+COLLECTOR_PORT = 2514
 SSH_ALIAS = "signhost"
 ADMIN_USER = "admin"
 KEY_NAMES = ("admin", "build", "intruder", "alice", "bob")
@@ -129,6 +132,19 @@ class Instance:
     def stick_image(self) -> Path:
         return self.path("usb-stick.img")
 
+    # The log collector (lab/collector.py): its rsyslog, its PKI, the copies it keeps.
+    @property
+    def collector_dir(self) -> Path:
+        return self.path("collector")
+
+    def tls_name(self, who: str) -> str:
+        """The name in a lab certificate (the collector's, the signing host's)."""
+        return f"{who}.{self.name}.signlab"
+
+    def collector_copy(self, sender_ipv4: str) -> Path:
+        """The collector's copy of the signer audit log that `sender_ipv4` forwards."""
+        return self.collector_dir / "copies" / sender_ipv4 / "signer-audit.jsonl"
+
     def facts(self, *, accel: str, pid: int) -> dict[str, object]:
         """What lab.json records (read back through lab.state.LabState)."""
         return {
@@ -163,6 +179,16 @@ class Instance:
             },
             "usb": {k: {"vendor": v["vendor"], "product": v["product"]}
                     for k, v in USB_DEVICES.items()},
+            "collector": {
+                "port": COLLECTOR_PORT,
+                "name": self.tls_name("collector"),
+                "ca": str(self.collector_dir / "pki" / "ca.pem"),
+                # the signing host's client certificate and key (RELP over mutual TLS)
+                "client_name": self.tls_name("signhost"),
+                "client_cert": str(self.collector_dir / "pki" / "signhost.pem"),
+                "client_key": str(self.collector_dir / "pki" / "signhost.key"),
+                "vm_copy": str(self.collector_copy(self.ipv4("vm"))),
+            },
         }
 
 

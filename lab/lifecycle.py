@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lab import image, net, site, vm
+from lab import collector, image, net, site, vm
 from lab.ca import LabCA
 from lab.config import KEY_NAMES, Instance, guest_network_config, ssh_config_text
 from lab.state import instance_name, state_dir
@@ -31,6 +31,7 @@ REQUIRED_BINARIES = {
     "ip": "iproute2",
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
+    "rsyslogd": "rsyslog",  # the log collector, with rsyslog-relp (lab/collector.py)
 }
 OVERLAY_MIN_FREE = 3 * 2**30
 
@@ -114,6 +115,7 @@ def cleanup_leftovers(inst: Instance) -> list[str]:
         inst.pidfile.unlink()
         found.append(f"stale pid file {inst.pidfile}")
     if vm.running_pid(inst) is None:
+        found += collector.down(inst)
         found += net.down(inst)
         if inst.lab_json.exists():
             inst.lab_json.unlink()
@@ -145,6 +147,9 @@ def up(inst: Instance) -> bool:
         print(f"  - lab network {inst.subnet4} {inst.subnet6}: bridge {inst.bridge}, "
               f"hosts {inst.netns('build')} {inst.netns('intruder')}", flush=True)
         net.up(inst)
+        print(f"  - log collector {inst.ipv4('collector')}: rsyslog, RELP over TLS "
+              f"(lab CA in {collector.pki_dir(inst)})", flush=True)
+        collector.up(inst)
         accel = vm.start(inst, arts)
         vm.wait_login(inst)
         pid = vm.running_pid(inst)
@@ -156,6 +161,7 @@ def up(inst: Instance) -> bool:
         if inst.console_log.exists():
             tail = "\n".join(inst.console_log.read_text(errors="replace").splitlines()[-20:])
         vm.stop(inst)
+        collector.down(inst)
         net.down(inst)
         inst.lab_json.unlink(missing_ok=True)
         if tail:
@@ -172,6 +178,7 @@ def down(inst: Instance) -> list[str]:
     removed = []
     _close_ssh_master(inst)
     removed += site.down(inst)
+    removed += collector.down(inst)
     if vm.stop(inst):
         removed.append("qemu")
     removed += net.down(inst)
@@ -192,6 +199,8 @@ def reset(inst: Instance) -> None:
     _close_ssh_master(inst)
     vm.stop(inst)
     make_overlay(inst, arts["disk"])
+    if collector.forget(inst, inst.ipv4("vm")):
+        print("  - the collector's copy of the old disk's audit log dropped", flush=True)
     print(f"  - overlay reset in {time.monotonic() - started:.1f}s; rebooting", flush=True)
     try:
         accel = vm.start(inst, arts)
@@ -221,5 +230,7 @@ def status(inst: Instance) -> dict[str, object]:
         "state_dir": str(inst.state_dir),
         "ssh": f"ssh -F {inst.ssh_config} signhost" if pid else None,
         "leftovers": [] if pid else net.leftovers(inst) + (
-            [f"jump sshd pid {site.jump_pid(inst)}"] if site.jump_pid(inst) else []),
+            [f"jump sshd pid {site.jump_pid(inst)}"] if site.jump_pid(inst) else []) + (
+            [f"collector rsyslogd pid {collector.running_pid(inst)}"]
+            if collector.running_pid(inst) else []),
     }

@@ -4,7 +4,8 @@
   VM nic2 (tap slbN-tap) ──┐
                            ├── bridge slbN-br (no address: the controller is not on it)
   slbN-build  (veth) ──────┤
-  slbN-intruder (veth) ────┘
+  slbN-intruder (veth) ────┤
+  slbN-collector (veth) ───┘  (rsyslog, RELP over TLS: lab/collector.py)
 ```
 
 The bridge has no IPv4/IPv6 address and IPv6 is disabled on it, so the controller neither
@@ -88,17 +89,22 @@ def up(inst: Instance) -> None:
         _sysctl_off(f"/proc/sys/net/ipv6/conf/{inst.tap}/disable_ipv6")
         _ip("link", "set", inst.tap, "master", inst.bridge, "up")
         for host in LAB_HOSTS:
-            ns, veth, peer = inst.netns(host), inst.veth(host), f"{inst.veth(host)}p"
-            _ip("netns", "add", ns)
-            _ip("link", "add", veth, "type", "veth", "peer", "name", peer)
-            _sysctl_off(f"/proc/sys/net/ipv6/conf/{veth}/disable_ipv6")
-            _ip("link", "set", veth, "master", inst.bridge, "up")
-            _ip("link", "set", peer, "netns", ns)
-            _ip("-n", ns, "link", "set", peer, "name", "eth0")
-            _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", ns, "addr", "add", f"{inst.ipv4(host)}/24", "dev", "eth0")
-            _ip("-n", ns, "addr", "add", f"{inst.ipv6(host)}/64", "dev", "eth0", "nodad")
-            _ip("-n", ns, "link", "set", "eth0", "up")
+            host_up(inst, host)
     except BaseException:
         down(inst)
         raise
+
+
+def host_up(inst: Instance, host: str) -> None:
+    """One lab host: its namespace, a veth pair onto the bridge, its addresses."""
+    ns, veth, peer = inst.netns(host), inst.veth(host), f"{inst.veth(host)}p"
+    _ip("netns", "add", ns)
+    _ip("link", "add", veth, "type", "veth", "peer", "name", peer)
+    _sysctl_off(f"/proc/sys/net/ipv6/conf/{veth}/disable_ipv6")
+    _ip("link", "set", veth, "master", inst.bridge, "up")
+    _ip("link", "set", peer, "netns", ns)
+    _ip("-n", ns, "link", "set", peer, "name", "eth0")
+    _ip("-n", ns, "link", "set", "lo", "up")
+    _ip("-n", ns, "addr", "add", f"{inst.ipv4(host)}/24", "dev", "eth0")
+    _ip("-n", ns, "addr", "add", f"{inst.ipv6(host)}/64", "dev", "eth0", "nodad")
+    _ip("-n", ns, "link", "set", "eth0", "up")

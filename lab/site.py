@@ -251,6 +251,7 @@ def render(inst: Instance, facts: dict[str, Any], example: Path = EXAMPLE) -> di
     client_map = {clients[0]["name"]: "build"}
     custodian_map = {custodians[0]["name"]: "alice", custodians[1]["name"]: "bob"}
     build = facts["hosts"]["build"]
+    coll, coll_ip = facts["collector"], facts["hosts"]["collector"]["ipv4"]
     fill = {
         # addresses and connection
         "ansible_ssh_common_args": f"-F {ssh_config} -o ProxyJump=signlab-jump",
@@ -265,8 +266,18 @@ def render(inst: Instance, facts: dict[str, Any], example: Path = EXAMPLE) -> di
         "firewall_mirror_ports": [80, 443],  # Debian's mirror directly (no proxy in the lab)
         "base_apt_proxy": "",
         "firewall_dhcp_client": True,
-        "firewall_log_collectors": [],
+        # the lab's collector (lab/collector.py) instead of the example's: RELP over TLS with
+        # the lab CA; no audisp-remote receiver here (AUD-04's auditd part stays waived)
+        "firewall_log_collectors": [{"network": f"{coll_ip}/32", "port": coll["port"],
+                                     "proto": "tcp"}],
         "auditing_remote_server": "",
+        "signer_audit_collector": coll_ip,
+        "signer_audit_collector_port": coll["port"],
+        "signer_audit_collector_name": coll["name"],
+        "signer_audit_forward_ca": coll["ca"],
+        "signer_audit_forward_cert": coll["client_cert"],
+        "signer_audit_forward_key": coll["client_key"],
+        "verify_audit_collector_copy": {"argv": ["cat", coll["vm_copy"]]},
         "base_apt_timers": False,
         # keys
         "preflight_operator_public_keys": [admin_pub],
@@ -282,7 +293,7 @@ def render(inst: Instance, facts: dict[str, Any], example: Path = EXAMPLE) -> di
         "token_module": "/usr/lib/softhsm/libsofthsm2.so",
         "token_serial": "",  # SoftHSM2 picks a new serial at every initialisation
         "token_pin_dir": str(inst.path("token") / host),
-        # the report's kind: lab waivers apply (no secure boot, LUKS or log collector here)
+        # the report's kind: lab waivers apply (no secure boot, LUKS or audisp-remote here)
         "verify_kind": "lab",
         # short roll-back windows and reloadable audit rules, as in the plain lab
         "ssh_rollback_seconds": 90,

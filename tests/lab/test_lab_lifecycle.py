@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import lifecycle, net, usb, vm
+from lab import collector, lifecycle, net, usb, vm
 from lab.config import Instance
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -43,9 +43,19 @@ def test_lab_up_from_scratch_and_down_leaves_nothing(tmp_path: Path) -> None:
         assert "46f4:0001" in seen
         pid = vm.running_pid(inst)
         assert pid is not None
+        collector_pid = collector.running_pid(inst)  # the log collector's rsyslogd
+        assert collector_pid is not None
     finally:
         lifecycle.down(inst)
     assert not vm.is_ours(pid, inst)  # gone (at most a zombie waiting for init)
+    assert str(collector.config_path(inst)).encode() not in _cmdline(collector_pid)
     assert net.leftovers(inst) == []
     assert not inst.state_dir.exists()
     assert vm.port_free(inst.ssh_port)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

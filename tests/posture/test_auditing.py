@@ -1,9 +1,12 @@
-"""Auditing posture (AUD-01..04): auditd runs with the rules, and a change to a watched file
-produces an event carrying its key."""
+"""Auditing posture (AUD-01..04): auditd runs with the rules, a change to a watched file
+produces an event carrying its key, and the audit trails reach a collector off the host."""
 
 from __future__ import annotations
 
+import json
 import shlex
+import subprocess
+import time
 import uuid
 
 import pytest
@@ -82,15 +85,55 @@ def test_clock_changes_are_audited(host) -> None:  # type: ignore[no-untyped-def
 
 
 @pytest.mark.control("AUD-04")
-def test_audit_events_go_to_the_collector(host, expected) -> None:  # type: ignore[no-untyped-def]
-    # AUD-04 applies to production hosts (the conftest skips it elsewhere with the waiver).
+def test_audit_events_go_to_the_collector(host, expected, is_lab) -> None:  # type: ignore[no-untyped-def]
     server = expected["auditing_remote_server"]
+    if is_lab and not server:
+        pytest.skip("no audisp-remote receiver for this test host (auditing_remote_server is "
+                    "empty): its collector takes the signer audit log only (tested below)")
     assert server, "no log collector in the inventory (auditing_remote_server is empty)"
     conf = host.file("/etc/audit/plugins.d/au-remote.conf").content_string
     assert "active = yes" in conf.splitlines()
     remote = host.file("/etc/audit/audisp-remote.conf").content_string.splitlines()
     assert f"remote_server = {server}" in remote, remote
     assert host.process.filter(comm="audisp-remote")
+
+
+def _collector_copy(expected) -> list[str]:  # type: ignore[no-untyped-def]
+    """The collector's copy of the host's signer audit log, read the way the inventory says
+    (verify_audit_collector_copy.argv, run on the controller)."""
+    argv = [str(a) for a in expected["verify_audit_collector_copy"]["argv"]]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"{shlex.join(argv)}: {proc.stderr.strip()[-300:]}"
+    return proc.stdout.splitlines()
+
+
+@pytest.mark.control("AUD-04")
+def test_the_signer_audit_log_is_forwarded_over_a_live_tls_session(host, expected) -> None:  # type: ignore[no-untyped-def]
+    collector, port = expected["signer_audit_collector"], expected["signer_audit_collector_port"]
+    assert collector, "no collector in the inventory (signer_audit_collector is empty)"
+    svc = host.service("rsyslog.service")
+    assert svc.is_running and svc.is_enabled
+    # rsyslog tails the log the daemon writes, and holds a RELP session with the collector
+    # (a connection refused or a TLS peer it does not accept leaves none).
+    assert f'file="{expected["signer_audit_log"]}"' in host.check_output(
+        "cat /etc/rsyslog.d/*.conf")
+    sessions = host.check_output(f"ss -Htnp state established dst {collector} dport = :{port}")
+    assert "rsyslogd" in sessions, f"no session from rsyslogd to {collector}:{port}"
+
+
+@pytest.mark.control("AUD-04")
+def test_the_collector_holds_the_hosts_latest_audit_entry(host, expected) -> None:  # type: ignore[no-untyped-def]
+    latest = host.check_output(f"tail -n 1 {shlex.quote(expected['signer_audit_log'])}")
+    assert latest, "the host's audit log is empty"
+    seq = json.loads(latest)["seq"]
+    # Forwarding takes a moment (inotify, the queue, the network): wait for it, bounded.
+    deadline = time.monotonic() + 60
+    copy = _collector_copy(expected)
+    while latest not in copy and time.monotonic() < deadline:
+        time.sleep(2)
+        copy = _collector_copy(expected)
+    assert latest in copy, (f"the collector's copy lacks the host's latest entry (seq {seq}); "
+                            f"its last is {copy[-1][:120] if copy else '(empty)'}")
 
 
 @pytest.mark.control("AUD-02")

@@ -71,6 +71,18 @@ def test_host_cannot_connect_outside_its_allow_list(host, expected, port, proto)
     assert f"DST={addr} " in log and f"DPT={port} " in log, log
 
 
+@pytest.mark.control("NET-02")
+def test_the_log_collector_is_reachable_on_its_port_only(host, expected) -> None:  # type: ignore[no-untyped-def]
+    collectors = expected["firewall_log_collectors"]
+    if not collectors:
+        pytest.skip("does not apply: no log collector in the inventory (firewall_log_collectors)")
+    for c in collectors:
+        addr = str(c["network"]).split("/")[0]
+        assert int(c["port"]) != 22
+        # SSH to the collector, say: dropped by the host's own firewall before it leaves.
+        assert connect_from_host(host, addr, 22, "tcp") in ("EPERM", "TIMEOUT"), addr
+
+
 @pytest.mark.control("NET-03")
 def test_dropped_packets_are_logged(host, expected) -> None:  # type: ignore[no-untyped-def]
     rules = host.check_output("nft list chain inet signhost output")

@@ -37,7 +37,8 @@ def test_the_example_is_rendered_with_only_addresses_keys_and_the_back_end(
     lifecycle._keygen(site.site_dir(inst) / "jump" / "ssh_host_ed25519_key", "jump")
     for name in ("site-admin", "jump"):
         lifecycle._keygen(inst.keys_dir / name, name)
-    info = site.render(inst, FACTS)
+    lab = inst.facts(accel="tcg", pid=1)
+    info = site.render(inst, {**FACTS, "hosts": lab["hosts"], "collector": lab["collector"]})
     inv = hostvars.load(info["inventory"])
     example = hostvars.load(str(site.EXAMPLE))
     # The example's layout: the VM is its online host, in the online group, alone.
@@ -56,6 +57,16 @@ def test_the_example_is_rendered_with_only_addresses_keys_and_the_back_end(
     assert inv.get(host, "signer_clients")[0]["ssh_key"] == build_key
     assert inv.get(host, "token_backend") == "softhsm"
     assert inv.get(host, "firewall_admin_networks") == [f"{site.jump_lab_ipv4(inst)}/32"]
+    # The example forwards its audit log to its collector; here to the lab's, with the lab CA.
+    assert example.get(host, "signer_audit_collector")
+    assert inv.get(host, "signer_audit_collector") == inst.ipv4("collector")
+    collector = lab["collector"]
+    assert isinstance(collector, dict)
+    assert inv.get(host, "signer_audit_forward_key") == collector["client_key"]
+    assert inv.get(host, "firewall_log_collectors") == [
+        {"network": f"{inst.ipv4('collector')}/32", "port": 2514, "proto": "tcp"}]
+    assert inv.get(host, "verify_audit_collector_copy") == {
+        "argv": ["cat", str(inst.collector_copy(inst.ipv4("vm")))]}
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("/usr/sbin/sshd"),

@@ -47,8 +47,10 @@ NAMES: tuple[str, ...] = (
     "signer_daemon_home",
     "signer_clients", "signer_custodians", "signer_profiles", "signer_config", "signer_venv",
     "signer_socket", "signer_service", "signer_audit_log", "signer_audit_cert",
+    "signer_audit_collector", "signer_audit_collector_port",
     # how the suite observes the host (inventory values, no role reads them)
     "verify_kind", "verify_egress_probe", "verify_vantage_points", "verify_usb_hotplug",
+    "verify_audit_collector_copy",
 )
 
 # Not secrets, though their names match hostvars.SECRET: a path and a mode, no PIN.

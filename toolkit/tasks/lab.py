@@ -137,7 +137,7 @@ def reset(c: Context, instance: str | None = None) -> None:
         raise Exit(f"lab.reset: {e}", code=1) from e
 
 
-@task(positional=["host"], help={**INSTANCE_HELP, "host": "build or intruder"})
+@task(positional=["host"], help={**INSTANCE_HELP, "host": "build, collector or intruder"})
 def exec_(c: Context, host: str, instance: str | None = None) -> None:
     """Run a command as a lab host: `invoke lab.exec build -- ssh ...`."""
     inst = _inst(instance)
