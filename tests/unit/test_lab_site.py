@@ -58,7 +58,7 @@ def test_the_example_is_rendered_with_only_addresses_keys_and_the_back_end(
         for name in profs:
             want = next(p for p in example.get(h, "signer_profiles") if p["name"] == name)
             assert by_name.pop(name) == want
-    [(probe_name, probe)] = by_name.items()
+    [probe] = by_name.values()
     assert probe["approvals"] == 0 and probe["budget_count"] == site.BUDGET_PROBE
     assert probe["custodians"], "nobody could thaw the budget probe"
     wanted = {c["name"] for h in example.hosts for c in example.get(h, "signer_clients")}
