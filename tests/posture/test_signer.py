@@ -220,10 +220,12 @@ def test_configured_keys_are_resident_and_non_extractable(host, expected):
 
 
 # Root, with the PIN, asks the token for the private value of every profile's key (python-pkcs11
-# from the signer's venv) and tries pkcs11-tool's export: both must come back empty-handed.
+# from the signer's venv) and tries pkcs11-tool's export: both must come back empty-handed. The
+# private value is CKA_VALUE for an EC key, CKA_PRIVATE_EXPONENT for an RSA key (it has no
+# CKA_VALUE: asking for one is refused as AttributeTypeInvalid and proves nothing).
 EXPORT_PROBE = """
 import sys, pkcs11
-from pkcs11 import Attribute, ObjectClass
+from pkcs11 import Attribute, KeyType, ObjectClass
 module, pin_file, token_label, *labels = sys.argv[1:]
 lib = pkcs11.lib(module)
 tok = lib.get_token(token_label=token_label)
@@ -231,8 +233,9 @@ with tok.open(user_pin=open(pin_file).read().strip()) as s:
     for label in labels:
         k = s.get_key(object_class=ObjectClass.PRIVATE_KEY, label=label)
         print(label, "extractable", k[Attribute.EXTRACTABLE])
+        secret = Attribute.PRIVATE_EXPONENT if k.key_type == KeyType.RSA else Attribute.VALUE
         try:
-            v = k[Attribute.VALUE]
+            v = k[secret]
             print(label, "VALUE-READ", len(v))
         except pkcs11.exceptions.PKCS11Error as e:
             print(label, "refused", type(e).__name__)
