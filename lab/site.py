@@ -15,10 +15,12 @@ controller --(veth slbN-jc, 10.78.N.0/30)--> jump ns: sshd (ProxyJump only, Perm
   for a password: made on the VM here, as the OS installation would on a real host, with a
   password generated at run time and kept only in the inventory's vault;
 - the inventory is production.example rendered: hosts.yml keeps the example's groups with the
-  VM as the online host, host_vars/<host>/lab.yml fills in only addresses, keys and the
-  SoftHSM back end, and group_vars/all/vault.yml holds the vault secrets. Everything else
-  (group layout, profiles, clients, custodians, sudo with a password, the ProxyJump) is the
-  example's.
+  VM as the online host, host_vars/<host>/lab.yml fills in addresses, keys (one made here for
+  every client and custodian), the SoftHSM back end and how the lab observes the host
+  (verify_*), and group_vars/all/vault.yml holds the vault secrets. Everything else (group
+  layout, profiles, clients, custodians, sudo with a password, the ProxyJump) is the example's;
+  the VM also carries the other hosts' profiles and clients and one low-budget profile, so that
+  the lab tests prove approvals and the budget freeze on it (`_signing_parties`).
 
 All of it lives in `<state dir>/site/` and goes away with `lab.down`; the jump sshd is ended by
 its pid (`site.down`). Nothing here is reachable from outside this machine.
@@ -201,6 +203,58 @@ def _vault_encrypt(password_file: Path, values: dict[str, str]) -> str:
     return str(vault.encrypt(yaml.safe_dump(values)).decode())
 
 
+BUDGET_PROBE = 3  # signatures a window allows on the profile the lab tests run out of
+
+
+def _signing_parties(ex: Any, host: str) -> tuple[list[Any], list[Any], list[Any]]:
+    """The VM's profiles, clients and custodians, all taken from the example.
+
+    The VM stands in for the online host, whose profiles sign automatically. The lab tests also
+    prove what the example's other hosts do (the 2-of-N approval of a CA-certified key) and a
+    budget freeze, so the VM carries the other hosts' profiles and clients too, and a copy of
+    its first automatic profile with a budget small enough to run out in a test.
+    """
+    profiles = list(ex.get(host, "signer_profiles"))
+    clients = list(ex.get(host, "signer_clients"))
+    custodians = list(ex.get(host, "signer_custodians"))
+    for other in ex.hosts:
+        if other == host:
+            continue
+        have = {p["name"] for p in profiles}
+        profiles += [p for p in ex.get(other, "signer_profiles", []) if p["name"] not in have]
+        have = {c["name"] for c in clients}
+        clients += [c for c in ex.get(other, "signer_clients", []) if c["name"] not in have]
+        have = {c["name"] for c in custodians}
+        custodians += [c for c in ex.get(other, "signer_custodians", []) if c["name"] not in have]
+    auto = next((p for p in profiles if p["approvals"] == 0 and p.get("custodians")), None)
+    if auto is None:
+        raise SiteError("the example has no automatic profile with custodians to thaw it")
+    profiles.append({**auto, "name": f"{auto['name']}-budget", "budget_count": BUDGET_PROBE,
+                     "subject": f"CN=lab budget probe ({auto['name']})"})
+    return profiles, clients, custodians
+
+
+def _observation(inst: Instance, facts: dict[str, Any]) -> dict[str, Any]:
+    """verify_* values: the points of view and the USB hot-plug of the lab, as inventory/lab
+    gives them (group_vars/all/verify.yml), so that `invoke verify` runs the same probes."""
+    vm = [inst.ipv4("vm"), inst.ipv6("vm")]
+    return {
+        "verify_egress_probe": "10.0.2.2",  # QEMU's gateway: the controller's loopback
+        "verify_vantage_points": {
+            "build": {"argv": ["ip", "netns", "exec", facts["hosts"]["build"]["netns"], "sh", "-c"],
+                      "addresses": vm},
+            "outside": {"argv": ["ip", "netns", "exec", facts["hosts"]["intruder"]["netns"], "sh",
+                                 "-c"],
+                        "addresses": vm},
+        },
+        "verify_usb_hotplug": {
+            "argv": [str(ROOT / ".venv" / "bin" / "invoke"), "--search-root", str(ROOT),
+                     "lab.usb", "--instance", inst.name],
+            "devices": {name: f"{d['vendor']}:{d['product']}" for name, d in facts["usb"].items()},
+        },
+    }
+
+
 def render(inst: Instance, facts: dict[str, Any], example: Path = EXAMPLE) -> dict[str, Any]:
     """Write the rendered inventory; returns what the lab tests need to know of it."""
     from toolkit.runner import hostvars
@@ -241,17 +295,17 @@ def render(inst: Instance, facts: dict[str, Any], example: Path = EXAMPLE) -> di
     admin_pub = _pub(keys / "site-admin")
     admins = ex.get(host, "base_admin_users")
     admins = [{**a, "public_keys": [admin_pub]} if a["name"] == user else a for a in admins]
-
-    def rekey(entries: list[dict[str, Any]], names: dict[str, str], where: list[str]) -> list[Any]:
-        return [{**e, "ssh_key": _pub(keys / names[e["name"]]), "from": where}
-                if e["name"] in names else e for e in entries]
-
-    clients = ex.get(host, "signer_clients")
-    custodians = ex.get(host, "signer_custodians")
-    client_map = {clients[0]["name"]: "build"}
-    custodian_map = {custodians[0]["name"]: "alice", custodians[1]["name"]: "bob"}
     build = facts["hosts"]["build"]
     coll, coll_ip = facts["collector"], facts["hosts"]["collector"]["ipv4"]
+    profiles, clients, custodians = _signing_parties(ex, host)
+    # Every client and custodian gets a key made here (the example's are placeholders); build
+    # servers come from the lab's build namespace, custodians through the jump host.
+    for entry in clients + custodians:
+        _keygen(keys / f"site-{entry['name']}", f"signlab-{inst.name}-site-{entry['name']}")
+    clients = [{**c, "ssh_key": _pub(keys / f"site-{c['name']}"),
+                "from": [build["ipv4"], build["ipv6"]]} for c in clients]
+    custodians = [{**c, "ssh_key": _pub(keys / f"site-{c['name']}"),
+                   "from": [jump_lab_ipv4(inst)]} for c in custodians]
     fill = {
         # addresses and connection
         "ansible_ssh_common_args": f"-F {ssh_config} -o ProxyJump=signlab-jump",
@@ -282,8 +336,9 @@ def render(inst: Instance, facts: dict[str, Any], example: Path = EXAMPLE) -> di
         # keys
         "preflight_operator_public_keys": [admin_pub],
         "base_admin_users": admins,
-        "signer_clients": rekey(clients, client_map, [build["ipv4"], build["ipv6"]]),
-        "signer_custodians": rekey(custodians, custodian_map, [jump_lab_ipv4(inst)]),
+        "signer_profiles": profiles,
+        "signer_clients": clients,
+        "signer_custodians": custodians,
         "usb_allowed_devices": [{"id": "{}:{}".format(facts["usb"]["token"]["vendor"],
                                                       facts["usb"]["token"]["product"]),
                                  "interfaces": ["0b:*:*"],  # CCID, as the example's token
@@ -299,6 +354,8 @@ def render(inst: Instance, facts: dict[str, Any], example: Path = EXAMPLE) -> di
         "ssh_rollback_seconds": 90,
         "firewall_rollback_seconds": 90,
         "auditing_immutable": False,
+        # how the posture suite observes the host: as inventory/lab's verify.yml does
+        **_observation(inst, facts),
     }
     hv = out / "host_vars" / host
     hv.mkdir(parents=True, exist_ok=True)
@@ -306,8 +363,6 @@ def render(inst: Instance, facts: dict[str, Any], example: Path = EXAMPLE) -> di
                                 + yaml.safe_dump(fill, sort_keys=False, width=1000))
     return {"host": host, "admin": user, "inventory": str(out),
             "vault_password_file": str(d / "vault-pass"),
-            "clients": {v: k for k, v in client_map.items()},
-            "custodians": {v: k for k, v in custodian_map.items()},
             "jump": {"ipv4": jump_lab_ipv4(inst), "netns": jump_ns(inst)},
             "ssh_config": str(ssh_config)}
 

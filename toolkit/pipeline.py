@@ -220,44 +220,63 @@ def test_stages() -> list[Stage]:
                   needs=paths)]
 
 
-def site_stages(instance: str) -> list[Stage]:
-    """The same VM, fresh again, as a customer's host: inventory/production.example rendered by
-    `lab.site`, reached through a jump host (ProxyJump) as an admin whose sudo asks for a
-    password kept in ansible-vault. Every play and verify take that inventory, as an operator's
-    would; nothing of the lab inventory is used."""
-    from lab.state import state_dir  # the lab's own paths, known only to the pipeline
-
-    site = state_dir(instance) / "site"
-    inv = ["-i", str(site / "inventory"), "--vault-password-file", str(site / "vault-pass")]
-    i = ["--instance", instance]
-    return [
-        Stage("site: lab.reset (fresh disk)", invoke("lab.reset", *i)),
-        Stage("site: lab.site (jump host, password sudo, vault)", invoke("lab.site", *i)),
-        Stage("site: provision", invoke("provision", *inv)),
-        Stage("site: harden", invoke("harden", *inv)),
-        Stage("site: deploy", invoke("deploy", *inv)),
-        Stage("site: harden --check (changed=0)",
-              invoke("harden", "--check", "--expect-unchanged", *inv)),
-        Stage("site: verify", invoke("verify", *inv)),
-    ]
-
-
-def lab_stages(instance: str) -> list[Stage]:
-    i = ["--instance", instance]
+def main_job_stages(instance: str | None) -> list[Stage]:
+    """`invoke up` (`make lab`): the lab VM through inventory/lab, ansible.cfg's default."""
+    i = ["--instance", instance] if instance else []
     return [
         Stage("lab.up", invoke("lab.up", *i)),
         Stage("provision", invoke("provision"), needs=["playbooks/provision.yml"]),
         Stage("harden", invoke("harden"), needs=["playbooks/harden.yml"]),
-        Stage("harden again (changed=0)", invoke("harden", "--expect-unchanged"),
-              needs=["playbooks/harden.yml"]),
         Stage("deploy", invoke("deploy"), needs=["playbooks/deploy.yml"]),
-        Stage("deploy again (changed=0, daemon kept)", invoke("deploy", "--expect-unchanged"),
-              needs=["playbooks/deploy.yml"]),
         Stage("verify", invoke("verify"), needs=["tests/posture"]),
+    ]
+
+
+def site_inventory(instance: str) -> str:
+    """Where `lab.site` renders the production-style inventory of this instance."""
+    from lab.state import state_dir  # the lab's own paths, known only to the pipeline
+
+    return str(state_dir(instance) / "site" / "inventory")
+
+
+def lab_stages(instance: str) -> list[Stage]:
+    """CI on the lab VM. The proof runs once, through the production-style inventory that
+    `lab.site` renders from inventory/production.example: a jump host (ProxyJump), an admin
+    whose sudo asks for the password kept in ansible-vault. Every play, verify and the lab tests
+    take that inventory, as an operator's would.
+
+    `make lab` (inventory/lab: a direct connection, the lab's `admin` with passwordless sudo)
+    is kept honest on the fresh VM before the site takes it over: `harden --check --tags
+    preflight` with inventory/lab runs inventory.check on it (argument specs of every role,
+    cross-rules, with the running lab's facts), connects and becomes root the way `make lab`
+    does, and runs the lock-out checks against the live session. The roles themselves are
+    the same for both inventories and are proven by the site run.
+    """
+    inventory = site_inventory(instance)
+    vault = str(Path(inventory).parent / "vault-pass")
+    inv = ["-i", inventory, "--vault-password-file", vault]
+    i = ["--instance", instance]
+    return [
+        Stage("lab.up", invoke("lab.up", *i)),
+        Stage("make lab's inventory: harden --check --tags preflight (inventory/lab)",
+              invoke("harden", "--check", "--tags", "preflight"),
+              needs=["playbooks/harden.yml"]),
+        Stage("lab.site (jump host, password sudo, vault)", invoke("lab.site", *i)),
+        Stage("provision", invoke("provision", *inv), needs=["playbooks/provision.yml"]),
+        Stage("harden", invoke("harden", *inv), needs=["playbooks/harden.yml"]),
+        Stage("harden again (changed=0)", invoke("harden", "--expect-unchanged", *inv),
+              needs=["playbooks/harden.yml"]),
+        Stage("deploy", invoke("deploy", *inv), needs=["playbooks/deploy.yml"]),
+        Stage("deploy again (changed=0, daemon kept)",
+              invoke("deploy", "--expect-unchanged", *inv), needs=["playbooks/deploy.yml"]),
+        Stage("verify", invoke("verify", *inv), needs=["tests/posture"]),
         Stage("lab tests", [_bin("pytest"), "-q", "-p", "no:cacheprovider", "--durations=15",
-                            "tests/lab"],
+                            "tests/lab", "--lab-inventory", inventory,
+                            "--lab-vault-password-file", vault],
               needs=["tests/lab"]),
-        *site_stages(instance),
+        Stage("harden --check (changed=0)",
+              invoke("harden", "--check", "--expect-unchanged", *inv),
+              needs=["playbooks/harden.yml"]),
         Stage("lab.down", invoke("lab.down", *i), always=True),
         Stage("nothing left behind", invoke("lab.status", *i, "--expect-clean"), always=True),
     ]

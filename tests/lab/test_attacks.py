@@ -17,6 +17,7 @@ import time
 import pytest
 
 from lab.state import LabState
+from lab.target import Target
 from toolkit.runner.ansible_run import PlaybookResult, build_command, run_playbook
 
 pytestmark = pytest.mark.lab
@@ -28,62 +29,65 @@ def test_intruder_gets_no_ping_reply(lab: LabState) -> None:
     assert r.returncode != 0, r.stdout
 
 
-def _admin_ssh_ok(lab: LabState) -> bool:
-    r = subprocess.run(["ssh", "-F", str(lab.ssh_config), "-o", "ControlPath=none",
-                        "-o", "ConnectTimeout=10", "-o", "BatchMode=yes", lab.ssh_alias, "true"],
-                       capture_output=True, timeout=60)
+def _admin_ssh_ok(target: Target) -> bool:
+    """A new login as the inventory's admin (its way in, no shared master connection)."""
+    argv = target.admin_argv("-o", "ControlPath=none", "-o", "ConnectTimeout=10",
+                             "-o", "BatchMode=yes")
+    r = subprocess.run([*argv, "true"], capture_output=True, timeout=60)
     return r.returncode == 0
 
 
-def _ssh_root(lab: LabState, command: str) -> str:
-    return subprocess.run(["ssh", "-F", str(lab.ssh_config), lab.ssh_alias, f"sudo {command}"],
-                          capture_output=True, text=True, timeout=60).stdout
+def _ssh_root(target: Target, command: str) -> str:
+    return str(target.admin_run(command, sudo=True, timeout=60).stdout)
 
 
 ROLLBACK_WINDOW = 45  # seconds before an unconfirmed change comes back (the roles' default: 120)
 
 
-def _lock_out_and_watch_it_roll_back(lab: LabState, wait_for, role: str, dest: str,  # type: ignore[no-untyped-def]
+def _lock_out_and_watch_it_roll_back(target: Target, wait_for, role: str, dest: str,  # type: ignore[no-untyped-def]
                                      log) -> PlaybookResult:
     """Apply `role` with its self-test hook that locks the controller out: the play cannot log in
     again and fails, and the host puts `dest` back by itself within the roll-back window."""
-    assert _admin_ssh_ok(lab), "the lab VM must be reachable before the test"
-    os.environ.setdefault("SIGNLAB_INSTANCE", lab.raw["instance"])
-    since = _ssh_root(lab, "date +%s").strip()
-    cmd = build_command("harden.yml", tags=f"preflight,{role}",
+    assert _admin_ssh_ok(target), "the lab VM must be reachable before the test"
+    os.environ.setdefault("SIGNLAB_INSTANCE", target.lab.raw["instance"])
+    since = _ssh_root(target, "date +%s").strip()
+    cmd = build_command("harden.yml", inventory=target.inventory,
+                        vault_password_file=target.vault_password_file, tags=f"preflight,{role}",
                         extra_vars={f"{role}_selftest_lock_out_admins": "true",
                                     f"{role}_rollback_seconds": str(ROLLBACK_WINDOW)})
     started = time.monotonic()
     result = run_playbook(cmd, log)
     assert result.returncode != 0, f"the lockout {role} change was confirmed: the hook did nothing"
-    assert not _admin_ssh_ok(lab), "the controller could still log in: nothing was locked out"
+    assert not _admin_ssh_ok(target), "the controller could still log in: nothing was locked out"
     left = started + ROLLBACK_WINDOW + 120 - time.monotonic()
-    assert wait_for(lambda: _admin_ssh_ok(lab), left, 5), "the host did not come back: no roll-back"
+    assert wait_for(lambda: _admin_ssh_ok(target), left, 5), \
+        "the host did not come back: no roll-back"
     # This run's roll-back of this file, not an older entry of the journal.
-    journal = _ssh_root(lab, f"journalctl -t signhost-rollback --no-pager --since @{since}")
+    journal = _ssh_root(target, f"journalctl -t signhost-rollback --no-pager --since @{since}")
     assert f"ROLLED BACK: {dest} restored" in journal, journal
     return result
 
 
 @pytest.mark.slow
 @pytest.mark.control("NET-04", "SSH-07")
-def test_a_lockout_ruleset_rolls_itself_back(lab: LabState, wait_for, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_lockout_ruleset_rolls_itself_back(target: Target, wait_for, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A ruleset without the admin network comes back to the previous one by itself."""
-    _lock_out_and_watch_it_roll_back(lab, wait_for, "firewall", "/etc/nftables.d/signhost.nft",
-                                     tmp_path / "lockout.log")
-    rules = _ssh_root(lab, "nft -j list set inet signhost admin4")
-    assert lab.admin_subnet4.split("/")[0] in json.dumps(json.loads(rules)), rules
+    assert target.admin_networks4, f"{target.inventory}: no IPv4 admin network"
+    _lock_out_and_watch_it_roll_back(target, wait_for, "firewall",
+                                     "/etc/nftables.d/signhost.nft", tmp_path / "lockout.log")
+    rules = _ssh_root(target, "nft -j list set inet signhost admin4")
+    assert target.admin_networks4[0].split("/")[0] in json.dumps(json.loads(rules)), rules
 
 
 @pytest.mark.slow
 @pytest.mark.control("SSH-07")
-def test_a_lockout_sshd_config_rolls_itself_back(lab: LabState, wait_for, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_lockout_sshd_config_rolls_itself_back(target: Target, wait_for, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """An sshd_config that lets nobody in (it passes `sshd -t`) comes back to the previous one by
     itself, and the failed run says the ssh controls are not in place."""
-    allow_before = [ln for ln in _ssh_root(lab, "sshd -T").splitlines()
+    allow_before = [ln for ln in _ssh_root(target, "sshd -T").splitlines()
                     if ln.startswith("allowusers ")]
     assert allow_before, "sshd -T shows no AllowUsers before the test"
-    result = _lock_out_and_watch_it_roll_back(lab, wait_for, "ssh", "/etc/ssh/sshd_config",
+    result = _lock_out_and_watch_it_roll_back(target, wait_for, "ssh", "/etc/ssh/sshd_config",
                                               tmp_path / "ssh-lockout.log")
     # The failed run tells the operator exactly what is and is not in place.
     [host] = result.controls
@@ -92,6 +96,6 @@ def test_a_lockout_sshd_config_rolls_itself_back(lab: LabState, wait_for, tmp_pa
     assert host.controls.get("SSH-07") == "failed" and host.controls.get("SSH-04") == "failed"
     assert host.roles["kernel"] == "not run", host.roles  # left out by --tags
     assert host.controls.get("NET-01") in ("not reached", "not run"), host.controls
-    allow_after = [ln for ln in _ssh_root(lab, "sshd -T").splitlines()
+    allow_after = [ln for ln in _ssh_root(target, "sshd -T").splitlines()
                    if ln.startswith("allowusers ")]
     assert allow_after == allow_before, "the previous AllowUsers did not come back"

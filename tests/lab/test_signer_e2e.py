@@ -2,10 +2,15 @@
 custodians on the admin side, a reviewer with plain `openssl` on the controller, and an
 intruder on the lab segment.
 
-Needs a lab on which `invoke deploy` has run (the dev certificate and the release CSR are
-fetched to `<state>/token/signhost/` by the deploy). Everything goes through `ssh`: the
-build host from its network namespace to the VM's lab address, custodians through the
-forwarded admin port, the audit log through the admin account.
+Needs a lab on which `invoke deploy` has run with the inventory under test (the self-signed
+certificates and the CSRs are fetched to its `signer_controller_dir` by the deploy).
+Everything goes through `ssh`: a build client from the lab namespace its `from` names, to the
+VM's lab address; custodians the way the inventory's admins come in (forwarded port, or the
+jump host); the audit log through the admin account.
+
+Which profile plays which part is read from the inventory (`target`): an automatic profile a
+client may use, one it may not, one with M-of-N approvals and a CA certificate, one whose
+budget is small enough to run out here. A part no profile can play is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from invoke import Context
@@ -25,15 +31,17 @@ from invoke import Context
 from lab import usb
 from lab.config import Instance
 from lab.state import LabState
+from lab.target import Party, Target
 from toolkit.tasks import token as tasks_token
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 SIGNER = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "signer"
 EX_USAGE, EX_UNAVAILABLE, EX_QUEUED, EX_NOPERM = 64, 69, 75, 77
+MAX_BUDGET = 10  # the most signatures a test spends to run a profile's budget out
 
 
-def _ssh_opts(lab: LabState, key: str) -> list[str]:
+def _ssh_opts(lab: LabState, key: Path) -> list[str]:
     return [
         "-o",
         f"UserKnownHostsFile={lab.state_dir / 'known_hosts'}",
@@ -48,45 +56,48 @@ def _ssh_opts(lab: LabState, key: str) -> list[str]:
         "-o",
         "LogLevel=ERROR",
         "-i",
-        str(lab.key(key)),
+        str(key),
     ]
 
 
 @pytest.fixture(scope="module")
-def token_dir(lab: LabState) -> Path:
-    d = lab.state_dir / "token" / "signhost"
-    if not (d / "dev.pem").exists():
-        pytest.fail(f"{d / 'dev.pem'} is missing: run `invoke deploy` on this lab first")
+def token_dir(target: Target, signing: tuple[Party, str]) -> Path:
+    d = target.token_dir
+    if not (d / f"{signing[1]}.pem").exists():
+        pytest.fail(f"{d / signing[1]}.pem is missing: run `invoke deploy` on this lab first")
     return d
 
 
 @pytest.fixture(scope="module")
-def build(lab: LabState, token_dir: Path) -> Callable[..., subprocess.CompletedProcess[bytes]]:
-    """Run a command on the signer as the build server (from its namespace, its key)."""
+def build(lab: LabState, target: Target, signing: tuple[Party, str]
+          ) -> Callable[..., subprocess.CompletedProcess[bytes]]:
+    """Run a command on the signer as a build client (from its namespace, with its key; the
+    automatic profile's client unless `client` says otherwise)."""
 
     def run(
         command: list[str] | str,
         data: bytes = b"",
         *,
-        key: str = "build",
-        host: str = "build",
-        user: str = "sign-build",
+        client: Party | None = None,
+        key: Path | None = None,
+        host: str | None = None,
         extra: list[str] | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
+        who = client or signing[0]
         words = command if isinstance(command, list) else [command]
-        argv = ["ssh", *_ssh_opts(lab, key), *(extra or []), f"{user}@{lab.vm_ipv4}", *words]
-        return lab.netns_run(host, argv, input=data, timeout=90)
+        argv = ["ssh", *_ssh_opts(lab, key or who.key), *(extra or []),
+                f"{target.account(who)}@{lab.vm_ipv4}", *words]
+        return lab.netns_run(host or str(who.netns_host), argv, input=data, timeout=90)
 
     return run
 
 
 @pytest.fixture(scope="module")
-def custodian(lab: LabState) -> Callable[..., subprocess.CompletedProcess[bytes]]:
-    """Run a gateway command as a custodian (admin side, through the forwarded port)."""
-    port = str(lab.raw["ssh"]["port"])
+def custodian(target: Target) -> Callable[..., subprocess.CompletedProcess[bytes]]:
+    """Run a gateway command as a custodian (the admins' way in, the custodian's key)."""
 
-    def run(name: str, command: str, data: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-        argv = ["ssh", *_ssh_opts(lab, name), "-p", port, f"{name}@127.0.0.1", command]
+    def run(who: Party, command: str, data: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        argv = [*target.custodian_argv(who), command]
         return subprocess.run(argv, input=data, capture_output=True, timeout=90)
 
     return run
@@ -113,13 +124,15 @@ def _artifact(tmp_path: Path, size: int = 4096) -> Path:
 
 
 @pytest.mark.control("SGN-09", "SGN-02")
-def test_build_server_gets_a_cms_signature_that_openssl_verifies(build, token_dir, tmp_path):
+def test_build_server_gets_a_cms_signature_that_openssl_verifies(build, signing, token_dir,
+                                                                tmp_path):
     art = _artifact(tmp_path)
-    r = build("sign --profile dev --format cms --name artifact.bin", art.read_bytes())
+    profile = signing[1]
+    r = build(f"sign --profile {profile} --format cms --name artifact.bin", art.read_bytes())
     assert r.returncode == 0, r.stderr.decode()
     sig = tmp_path / "artifact.p7s"
     sig.write_bytes(r.stdout)
-    cert = str(token_dir / "dev.pem")
+    cert = str(token_dir / f"{profile}.pem")
     ok = _openssl(
         "cms",
         "-verify",
@@ -162,13 +175,15 @@ def test_build_server_gets_a_cms_signature_that_openssl_verifies(build, token_di
 
 
 @pytest.mark.control("SGN-09")
-def test_build_server_gets_a_raw_signature_that_openssl_dgst_verifies(build, token_dir, tmp_path):
+def test_build_server_gets_a_raw_signature_that_openssl_dgst_verifies(build, signing, token_dir,
+                                                                     tmp_path):
     art = _artifact(tmp_path)
-    r = build("sign --profile dev --format raw", art.read_bytes())
+    profile = signing[1]
+    r = build(f"sign --profile {profile} --format raw", art.read_bytes())
     assert r.returncode == 0, r.stderr.decode()
     sig = tmp_path / "artifact.sig"
     sig.write_bytes(r.stdout)
-    pub = _pubkey_of_cert(token_dir / "dev.pem", tmp_path / "dev.pub")
+    pub = _pubkey_of_cert(token_dir / f"{profile}.pem", tmp_path / "profile.pub")
     ok = _openssl("dgst", "-sha256", "-verify", str(pub), "-signature", str(sig), str(art))
     assert ok.returncode == 0, (ok.stdout + ok.stderr).decode()
     art.write_bytes(art.read_bytes() + b"\0")
@@ -180,9 +195,9 @@ def test_build_server_gets_a_raw_signature_that_openssl_dgst_verifies(build, tok
 
 
 @pytest.mark.control("SGN-01")
-@pytest.mark.parametrize("command", ["/bin/sh -c id", "id", "bash -i", "sign --profile dev; id"])
-def test_build_account_runs_no_shell_command(build, command):
-    r = build(command, b"x")
+@pytest.mark.parametrize("command", ["/bin/sh -c id", "id", "bash -i", "sign --profile {p}; id"])
+def test_build_account_runs_no_shell_command(build, signing, command):
+    r = build(command.format(p=signing[1]), b"x")
     assert r.returncode != 0
     assert b"uid=" not in r.stdout + r.stderr
 
@@ -209,26 +224,32 @@ def test_build_account_cannot_forward_ports(build, forward):
 
 
 @pytest.mark.control("SGN-01")
-def test_build_account_cannot_copy_files_in_or_out(lab, tmp_path):
+def test_build_account_cannot_copy_files_in_or_out(lab, target, signing, tmp_path):
     src = tmp_path / "payload"
     src.write_bytes(b"payload")
-    opts = _ssh_opts(lab, "build")
-    target = f"sign-build@{lab.vm_ipv4}"
+    client = signing[0]
+    opts = _ssh_opts(lab, client.key)
+    account = f"{target.account(client)}@{lab.vm_ipv4}"
     for argv in (
-        ["scp", *opts, str(src), f"{target}:/tmp/payload"],  # sftp protocol
-        ["scp", "-O", *opts, str(src), f"{target}:/tmp/payload"],  # legacy scp
-        ["scp", "-O", *opts, f"{target}:/etc/passwd", str(tmp_path / "passwd")],
+        ["scp", *opts, str(src), f"{account}:/tmp/payload"],  # sftp protocol
+        ["scp", "-O", *opts, str(src), f"{account}:/tmp/payload"],  # legacy scp
+        ["scp", "-O", *opts, f"{account}:/etc/passwd", str(tmp_path / "passwd")],
     ):
-        r = lab.netns_run("build", argv, timeout=60)
+        r = lab.netns_run(str(client.netns_host), argv, timeout=60)
         assert r.returncode != 0, argv
-    sftp = lab.netns_run("build", ["sftp", "-b", "-", *opts, target], input=b"ls /\n", timeout=60)
+    sftp = lab.netns_run(str(client.netns_host), ["sftp", "-b", "-", *opts, account],
+                         input=b"ls /\n", timeout=60)
     assert sftp.returncode != 0
     assert not (tmp_path / "passwd").exists()
 
 
 @pytest.mark.control("SGN-02")
-def test_profile_not_allowed_for_the_client_is_refused(build):
-    r = build("sign --profile partner --format raw", b"artifact")
+def test_profile_not_allowed_for_the_client_is_refused(build, target):
+    pairs = [(c, p) for c in target.clients for p in target.profiles if not target.allowed(p, c)]
+    if not pairs:
+        pytest.skip(f"{target.inventory}: every client may use every profile")
+    client, profile = pairs[0]
+    r = build(f"sign --profile {profile['name']} --format raw", b"artifact", client=client)
     assert r.returncode == EX_NOPERM, r.stderr.decode()
     assert r.stdout == b""
     unknown = build("sign --profile no-such-profile", b"artifact")
@@ -237,9 +258,10 @@ def test_profile_not_allowed_for_the_client_is_refused(build):
 
 
 @pytest.mark.control("SGN-01", "NET-01")
-@pytest.mark.parametrize("key", ["intruder", "build"])
-def test_intruder_gets_nothing_even_with_the_build_key(build, key):
-    r = build("sign --profile dev --format raw", b"artifact", key=key, host="intruder")
+@pytest.mark.parametrize("key", ["intruder", "client"])
+def test_intruder_gets_nothing_even_with_the_build_key(lab, build, signing, key):
+    own = lab.key("intruder") if key == "intruder" else signing[0].key
+    r = build(f"sign --profile {signing[1]} --format raw", b"artifact", key=own, host="intruder")
     assert r.returncode == 255  # ssh itself failed: no connection, or no key accepted
     assert r.stdout == b""
 
@@ -248,18 +270,37 @@ def test_intruder_gets_nothing_even_with_the_build_key(build, key):
 
 
 @pytest.fixture(scope="module")
-def release_cert(lab: LabState, token_dir: Path, admin_ssh, tmp_path_factory) -> Path:
-    """The release certificate, issued by a lab CA for the CSR that `invoke token.csr`
+def release(target: Target) -> tuple[Party, str, list[Party]]:
+    """(client, profile, custodians): a profile whose signatures need approvals from several
+    custodians and whose certificate comes from a CA, a client of it and enough of its
+    custodians whose keys the lab holds."""
+    for p in target.profiles:
+        if p["approvals"] >= 2 and p.get("cert") == "ca":
+            clients = [c for c in target.clients if target.allowed(p, c)]
+            named = [c for c in target.custodians if c.name in (p.get("custodians") or [])]
+            if clients and len(named) >= p["approvals"]:
+                return clients[0], p["name"], named[: p["approvals"]]
+    pytest.skip(f"{target.inventory}: no CA-certified profile with M-of-N approvals whose "
+                "client and custodians the lab holds")
+
+
+@pytest.fixture(scope="module")
+def release_cert(target: Target, release, admin_ssh, tmp_path_factory) -> Path:
+    """The profile's certificate, issued by a lab CA for the CSR that `invoke token.csr`
     fetched, and installed with `invoke token.import-cert` (once per lab)."""
-    cert = token_dir / "release.pem"
+    profile = release[1]
+    token_dir = target.token_dir
+    cert = token_dir / f"{profile}.pem"
+    cert_dir = target.values["signer_cert_dir"]
     if (
         cert.exists()
-        and admin_ssh("test -s /etc/signer/certs/release.pem", sudo=True).returncode == 0
+        and admin_ssh(f"test -s {cert_dir}/{profile}.pem", sudo=True).returncode == 0
     ):
         return cert
     work = tmp_path_factory.mktemp("ca")
-    csr = work / "release.csr"
-    tasks_token.csr(Context(), profile="release", out=str(csr))
+    csr = work / f"{profile}.csr"
+    where = {"inventory": target.inventory, "vault_password_file": target.vault_password_file}
+    tasks_token.csr(Context(), profile=profile, out=str(csr), **where)
     ca_key, ca_cert = token_dir / "lab-ca.key", token_dir / "lab-ca.pem"
     if not ca_cert.exists():
         made = _openssl(
@@ -304,31 +345,33 @@ def release_cert(lab: LabState, token_dir: Path, admin_ssh, tmp_path_factory) ->
         str(cert),
     )
     assert issued.returncode == 0, issued.stderr.decode()
-    tasks_token.import_cert(Context(), str(cert), profile="release")
+    tasks_token.import_cert(Context(), str(cert), profile=profile, **where)
+    socket = target.values["signer_socket"]
     for _ in range(60):  # signerd restarts with the new certificate
-        if admin_ssh("test -S /run/signer/signer.sock", sudo=True).returncode == 0:
+        if admin_ssh(f"test -S {socket}", sudo=True).returncode == 0:
             break
         time.sleep(2)
     return cert
 
 
 @pytest.mark.control("SGN-09", "TOK-01")
-def test_release_certificate_from_the_ca_matches_the_token_key(release_cert, token_dir):
+def test_release_certificate_from_the_ca_matches_the_token_key(release, release_cert, token_dir):
     ca = token_dir / "lab-ca.pem"
     ok = _openssl("verify", "-CAfile", str(ca), str(release_cert))
     assert ok.returncode == 0, ok.stdout.decode()
     from_cert = _openssl("x509", "-in", str(release_cert), "-pubkey", "-noout").stdout
-    from_csr = _openssl("req", "-in", str(token_dir / "release.csr"), "-pubkey", "-noout").stdout
+    csr = token_dir / f"{release[1]}.csr"
+    from_csr = _openssl("req", "-in", str(csr), "-pubkey", "-noout").stdout
     assert from_cert and from_cert == from_csr
 
 
-def _approve(custodian, lab: LabState, name: str, rid: str, tmp_path: Path):
-    reqs = custodian(name, "requests")
+def _approve(custodian, who: Party, rid: str, tmp_path: Path):
+    reqs = custodian(who, "requests")
     assert reqs.returncode == 0, reqs.stderr.decode()
     pending = [json.loads(line) for line in reqs.stdout.decode().splitlines() if line.strip()]
     mine = [p for p in pending if p["id"] == rid]
-    assert mine, f"request {rid} not listed for {name}: {reqs.stdout.decode()}"
-    statement = tmp_path / f"statement-{name}"
+    assert mine, f"request {rid} not listed for {who.name}: {reqs.stdout.decode()}"
+    statement = tmp_path / f"statement-{who.name}"
     statement.write_text(mine[0]["statement"])
     sig = subprocess.run(
         [
@@ -339,14 +382,14 @@ def _approve(custodian, lab: LabState, name: str, rid: str, tmp_path: Path):
             "-n",
             "signer-approval",
             "-f",
-            str(lab.key(name)),
+            str(who.key),
             str(statement),
         ],
         capture_output=True,
         timeout=30,
     )
     assert sig.returncode == 0, sig.stderr.decode()
-    return custodian(name, f"approve {rid}", Path(str(statement) + ".sig").read_bytes())
+    return custodian(who, f"approve {rid}", Path(str(statement) + ".sig").read_bytes())
 
 
 def _audit_verify(copy: Path, token_dir: Path) -> subprocess.CompletedProcess[str]:
@@ -358,62 +401,71 @@ def _audit_verify(copy: Path, token_dir: Path) -> subprocess.CompletedProcess[st
     )
 
 
+def _audit_log(target: Target, admin_ssh) -> str:
+    log = admin_ssh(f"cat {target.values['signer_audit_log']}", sudo=True)
+    assert log.returncode == 0, log.stderr
+    return str(log.stdout)
+
+
 @pytest.mark.control("SGN-04", "SGN-05")
 def test_release_needs_two_custodians_and_every_step_is_audited(
-    build, custodian, lab, token_dir, admin_ssh, release_cert, tmp_path
+    build, custodian, target, release, token_dir, admin_ssh, release_cert, tmp_path
 ):
+    client, profile, (first, *others) = release
     art = _artifact(tmp_path)
-    q = build("sign --profile release --format raw --name release.bin", art.read_bytes())
+    q = build(f"sign --profile {profile} --format raw --name release.bin", art.read_bytes(),
+              client=client)
     assert q.returncode == EX_QUEUED, q.stderr.decode()
     m = re.search(rb"queued ([0-9a-f]{32})", q.stderr)
     assert m, q.stderr.decode()
     rid = m.group(1).decode()
 
-    assert build(f"fetch {rid}").returncode == EX_QUEUED
-    a1 = _approve(custodian, lab, "alice", rid, tmp_path)
+    assert build(f"fetch {rid}", client=client).returncode == EX_QUEUED
+    a1 = _approve(custodian, first, rid, tmp_path)
     assert a1.returncode == 0, a1.stderr.decode()
     # One custodian, even approving twice, is not enough.
-    _approve(custodian, lab, "alice", rid, tmp_path)
-    st = build(f"status {rid}")
+    _approve(custodian, first, rid, tmp_path)
+    st = build(f"status {rid}", client=client)
     assert st.returncode == 0
     assert json.loads(st.stdout)["state"] == "pending"
-    assert build(f"fetch {rid}").returncode == EX_QUEUED
+    assert build(f"fetch {rid}", client=client).returncode == EX_QUEUED
 
-    a2 = _approve(custodian, lab, "bob", rid, tmp_path)
-    assert a2.returncode == 0, a2.stderr.decode()
-    got = build(f"fetch {rid}")
+    for n, who in enumerate(others):
+        if n == len(others) - 1:  # the last one missing: still pending
+            assert build(f"fetch {rid}", client=client).returncode == EX_QUEUED
+        a = _approve(custodian, who, rid, tmp_path)
+        assert a.returncode == 0, a.stderr.decode()
+    got = build(f"fetch {rid}", client=client)
     assert got.returncode == 0, got.stderr.decode()
     sig = tmp_path / "release.sig"
     sig.write_bytes(got.stdout)
-    req = _openssl("req", "-in", str(token_dir / "release.csr"), "-pubkey", "-noout")
+    req = _openssl("req", "-in", str(token_dir / f"{profile}.csr"), "-pubkey", "-noout")
     pub = tmp_path / "release.pub"
     pub.write_bytes(req.stdout)
     ok = _openssl("dgst", "-sha256", "-verify", str(pub), "-signature", str(sig), str(art))
     assert ok.returncode == 0, (ok.stdout + ok.stderr).decode()
 
     # The audit log, copied to the controller, verifies; it holds every step of this request.
-    log = admin_ssh("cat /var/lib/signer/audit.jsonl", sudo=True)
-    assert log.returncode == 0, log.stderr
+    log = _audit_log(target, admin_ssh)
     copy = tmp_path / "audit.jsonl"
-    copy.write_text(log.stdout)
+    copy.write_text(log)
     verify = _audit_verify(copy, token_dir)
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    entries = [json.loads(line) for line in log.stdout.splitlines()]
+    entries = [json.loads(line) for line in log.splitlines()]
     events = [e["event"] for e in entries if e.get("request") == rid]
     assert events.count("queue") == 1
     assert {
         e.get("custodian") for e in entries if e.get("request") == rid and e["event"] == "approve"
-    } == {"alice", "bob"}
+    } == {first.name, *(o.name for o in others)}
     assert "sign" in events
 
 
 @pytest.mark.control("SGN-05")
 def test_editing_one_byte_of_the_audit_log_is_detected_at_its_sequence_number(
-    admin_ssh, token_dir, tmp_path
+    target, admin_ssh, token_dir, tmp_path
 ):
-    log = admin_ssh("cat /var/lib/signer/audit.jsonl", sudo=True)
-    assert log.returncode == 0, log.stderr
-    lines = log.stdout.splitlines(keepends=True)
+    log = _audit_log(target, admin_ssh)
+    lines = log.splitlines(keepends=True)
     assert len(lines) >= 3, "the audit log is too short to tamper with"
     victim = len(lines) // 2
     entry = json.loads(lines[victim])
@@ -422,7 +474,7 @@ def test_editing_one_byte_of_the_audit_log_is_detected_at_its_sequence_number(
     i = max(k for k, ch in enumerate(t) if ch.isdigit())
     forged = t[:i] + str((int(t[i]) + 1) % 10) + t[i + 1 :]
     lines[victim] = lines[victim].replace(f'"{t}"', f'"{forged}"', 1)
-    assert lines[victim] != log.stdout.splitlines(keepends=True)[victim]
+    assert lines[victim] != log.splitlines(keepends=True)[victim]
     copy = tmp_path / "audit.jsonl"
     copy.write_text("".join(lines))
     r = _audit_verify(copy, token_dir)
@@ -433,41 +485,64 @@ def test_editing_one_byte_of_the_audit_log_is_detected_at_its_sequence_number(
 # -- budget ---------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def budget(target: Target) -> tuple[Party, dict[str, Any], Party]:
+    """(client, profile, custodian): an automatic raw profile whose budget a test can run out,
+    a client of it and a custodian who may thaw it, both with keys the lab holds."""
+    for p in sorted(target.profiles, key=lambda p: p["budget_count"]):
+        if p["approvals"] == 0 and "raw" in p["formats"] and p["budget_count"] <= MAX_BUDGET:
+            clients = [c for c in target.clients if target.allowed(p, c)]
+            thaw = [c for c in target.custodians if c.name in (p.get("custodians") or [])]
+            if clients and thaw:
+                return clients[0], p, thaw[0]
+    pytest.skip(f"{target.inventory}: no automatic raw profile with a budget of at most "
+                f"{MAX_BUDGET}, a client and a custodian the lab holds")
+
+
 @pytest.mark.control("SGN-03")
-def test_exceeding_the_budget_freezes_the_profile_until_a_custodian_thaws_it(build, custodian):
+def test_exceeding_the_budget_freezes_the_profile_until_a_custodian_thaws_it(
+        build, custodian, budget, signing):
+    client, profile, keeper = budget
+    name = profile["name"]
     # Start from a fresh window (thawing restarts it), so that the test can run again.
-    custodian("alice", "thaw nightly")
-    for n in range(3):  # the lab's nightly budget: 3 an hour
-        r = build("sign --profile nightly --format raw", f"nightly {n}".encode())
+    custodian(keeper, f"thaw {name}")
+    for n in range(profile["budget_count"]):
+        r = build(f"sign --profile {name} --format raw", f"budget {n}".encode(), client=client)
         assert r.returncode == 0, f"signature {n + 1}: {r.stderr.decode()}"
-    over = build("sign --profile nightly --format raw", b"one too many")
+    over = build(f"sign --profile {name} --format raw", b"one too many", client=client)
     assert over.returncode == EX_NOPERM
     assert over.stdout == b""
-    still = build("sign --profile nightly --format raw", b"still frozen")
+    still = build(f"sign --profile {name} --format raw", b"still frozen", client=client)
     assert still.returncode == EX_NOPERM
-    assert build("sign --profile dev --format raw", b"other profile").returncode == 0
-    thaw = custodian("alice", "thaw nightly")
+    other = build(f"sign --profile {signing[1]} --format raw", b"other profile")
+    assert other.returncode == 0, other.stderr.decode()
+    thaw = custodian(keeper, f"thaw {name}")
     assert thaw.returncode == 0, thaw.stderr.decode()
-    assert build("sign --profile nightly --format raw", b"after thaw").returncode == 0
+    assert build(f"sign --profile {name} --format raw", b"after thaw",
+                 client=client).returncode == 0
 
 
 @pytest.mark.control("SGN-01")
-def test_a_custodian_cannot_sign_and_a_client_cannot_approve(build, custodian):
-    c = custodian("alice", "sign --profile dev --format raw", b"artifact")
+def test_a_custodian_cannot_sign_and_a_client_cannot_approve(build, custodian, target, signing):
+    if not target.custodians:
+        pytest.skip(f"{target.inventory}: no custodian whose key the lab holds")
+    c = custodian(target.custodians[0], f"sign --profile {signing[1]} --format raw", b"artifact")
     assert c.returncode != 0
     assert c.stdout == b""
-    b = build("thaw nightly")
+    b = build(f"thaw {signing[1]}")
     assert b.returncode != 0
 
 
 # -- pin_source prompt: after a reboot the daemon is locked until a custodian unlocks it --------
 
 
-def _deploy(lab: LabState, pin_source: str) -> None:
+def _deploy(target: Target, pin_source: str) -> None:
     from toolkit.runner.ansible_run import ROOT, ansible_env, build_command
 
-    cmd = build_command("deploy.yml", extra_vars={"token_pin_source": pin_source})
-    log = lab.state_dir / f"deploy-pin-{pin_source}.log"
+    cmd = build_command("deploy.yml", inventory=target.inventory,
+                        vault_password_file=target.vault_password_file,
+                        extra_vars={"token_pin_source": pin_source})
+    log = target.lab.state_dir / f"deploy-pin-{pin_source}.log"
     # stdin from /dev/null: ansible refuses the non-blocking stdin that pytest may leave.
     env = ansible_env(ANSIBLE_FORCE_COLOR="0")
     with log.open("w") as fh:
@@ -483,24 +558,21 @@ def _deploy(lab: LabState, pin_source: str) -> None:
     assert rc == 0, f"deploy with pin_source={pin_source} failed; see {log}"
 
 
-def _reboot(lab: LabState, admin_ssh) -> None:
+def _reboot(target: Target, admin_ssh) -> None:
     boot_id = admin_ssh("cat /proc/sys/kernel/random/boot_id").stdout.strip()
     assert boot_id
-    subprocess.run(
-        ["ssh", "-F", str(lab.ssh_config), "-O", "exit", lab.ssh_alias],
-        capture_output=True,
-        timeout=10,
-    )
+    subprocess.run(target.admin_argv("-O", "exit"), capture_output=True, timeout=10)
     try:
         admin_ssh("systemctl reboot", sudo=True, timeout=30)
     except subprocess.TimeoutExpired:
         pass  # the connection may hang while the VM goes down; the new boot id decides
     time.sleep(10)
+    socket = target.values["signer_socket"]
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
             r = admin_ssh(
-                "test -S /run/signer/signer.sock && cat /proc/sys/kernel/random/boot_id",
+                f"test -S {socket} && cat /proc/sys/kernel/random/boot_id",
                 sudo=True,
                 timeout=30,
             )
@@ -518,24 +590,28 @@ def _reboot(lab: LabState, admin_ssh) -> None:
     reason="two deploys and a reboot (~25 min under TCG): set SIGNLAB_E2E_REBOOT=1",
 )
 def test_after_a_reboot_with_pin_prompt_signing_waits_for_a_custodian_unlock(
-    build, custodian, lab, admin_ssh
+    build, custodian, target, signing, admin_ssh
 ):
-    pin = (lab.state_dir / "token" / "signhost" / "user-pin").read_bytes()
-    _deploy(lab, "prompt")
+    if not target.custodians:
+        pytest.skip(f"{target.inventory}: no custodian whose key the lab holds")
+    keeper = target.custodians[0]
+    pin = (Path(str(target.values["token_pin_dir"])) / "user-pin").read_bytes()
+    sign = f"sign --profile {signing[1]} --format raw"
+    _deploy(target, "prompt")
     try:
         assert admin_ssh("test ! -e /etc/signer/pin", sudo=True).returncode == 0
-        _reboot(lab, admin_ssh)
-        locked = build("sign --profile dev --format raw", b"while locked")
+        _reboot(target, admin_ssh)
+        locked = build(sign, b"while locked")
         assert locked.returncode == EX_UNAVAILABLE, locked.stderr.decode()
         assert locked.stdout == b""
-        assert custodian("alice", "unlock", b"not-the-pin\n").returncode != 0
-        assert build("sign --profile dev --format raw", b"x").returncode == EX_UNAVAILABLE
-        unlocked = custodian("alice", "unlock", pin)
+        assert custodian(keeper, "unlock", b"not-the-pin\n").returncode != 0
+        assert build(sign, b"x").returncode == EX_UNAVAILABLE
+        unlocked = custodian(keeper, "unlock", pin)
         assert unlocked.returncode == 0, unlocked.stderr.decode()
-        ok = build("sign --profile dev --format raw", b"after unlock")
+        ok = build(sign, b"after unlock")
         assert ok.returncode == 0, ok.stderr.decode()
     finally:
-        _deploy(lab, "file")
+        _deploy(target, "file")
 
 
 # -- the token's reader: pcscd answers the token owner only ------------------------------------
@@ -558,18 +634,21 @@ def token_reader(lab: LabState, admin_ssh) -> Iterator[None]:
 
 
 @pytest.mark.control("TOK-02")
-def test_only_the_token_owner_sees_the_token_reader_through_pcscd(admin_ssh, token_reader):
+def test_only_the_token_owner_sees_the_token_reader_through_pcscd(admin_ssh, target,
+                                                                 token_reader):
     def readers(account: str) -> subprocess.CompletedProcess[str]:
-        return admin_ssh(f"sudo -n -u {account} opensc-tool --list-readers")
+        return admin_ssh(f"runuser -u {account} -- opensc-tool --list-readers", sudo=True)
 
+    owner_account = str(target.values["signer_daemon_user"])
     deadline = time.monotonic() + 120  # USBGuard allows it, then pcscd's hotplug picks it up
-    owner = readers("signer")
+    owner = readers(owner_account)
     while "CCID" not in owner.stdout and time.monotonic() < deadline:
         time.sleep(3)
-        owner = readers("signer")
+        owner = readers(owner_account)
     assert owner.returncode == 0, owner.stdout + owner.stderr
     assert "CCID" in owner.stdout, owner.stdout + owner.stderr
-    for account in ("sign-build", "alice", "nobody"):
+    others = [target.account(target.clients[0]), *(c.name for c in target.custodians[:1]), "nobody"]
+    for account in others:
         other = readers(account)
         assert "CCID" not in other.stdout, f"{account}: {other.stdout}"
         assert other.returncode != 0 or "no smart card readers" in other.stdout.lower(), (

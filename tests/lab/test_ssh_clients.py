@@ -2,8 +2,9 @@
 
 Build servers are often CI agents that speak SSH through a library, not through OpenSSH.
 paramiko (Python: Fabric, Ansible's paramiko connection, home-grown deploy scripts) is the
-one tried here, from the build host's network namespace with the build client's key, exactly
-as `test_signer_e2e` does it with OpenSSH. paramiko has no sntrup761 key exchange, so it gets
+one tried here, from the build client's network namespace with its key (the client and profile
+of the inventory under test, as `test_signer_e2e` picks them), exactly as that module does it
+with OpenSSH. paramiko has no sntrup761 key exchange, so it gets
 in only through the classical one the ssh role adds for such clients; weaker ones stay out.
 
 The client runs as a small script under the controller's venv Python inside the namespace
@@ -21,16 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from lab.state import LabState
+from lab.target import Party, Target
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv" / "bin" / "python"
-# The lab inventory keeps the ssh role's algorithm defaults: they are what sshd offers.
-SSH_DEFAULTS = yaml.safe_load((ROOT / "roles" / "ssh" / "defaults" / "main.yml").read_text())
 
 # The client: host, user, key, known_hosts, key exchange(s) (comma-separated, "" for
 # paramiko's defaults), remote command; the artifact on stdin. Host key checked against the
@@ -64,11 +63,11 @@ print(json.dumps(out))
 """
 
 
-def _paramiko(lab: LabState, command: str, data: bytes = b"", *,
+def _paramiko(lab: LabState, target: Target, client: Party, command: str, data: bytes = b"", *,
               kex: str = "") -> dict[str, Any]:
-    argv = [str(PYTHON), "-c", CLIENT, lab.vm_ipv4, "sign-build", str(lab.key("build")),
+    argv = [str(PYTHON), "-c", CLIENT, lab.vm_ipv4, target.account(client), str(client.key),
             str(lab.state_dir / "known_hosts"), kex, command]
-    r = lab.netns_run("build", argv, input=data, timeout=120)
+    r = lab.netns_run(str(client.netns_host), argv, input=data, timeout=120)
     assert r.returncode == 0, r.stderr.decode()
     answer: dict[str, Any] = json.loads(r.stdout)
     return answer
@@ -79,8 +78,9 @@ def _openssl(*args: str) -> subprocess.CompletedProcess[bytes]:
 
 
 @pytest.fixture(scope="module")
-def dev_pubkey(lab: LabState, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cert = lab.state_dir / "token" / "signhost" / "dev.pem"
+def dev_pubkey(target: Target, signing: tuple[Party, str],
+               tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cert = target.token_dir / f"{signing[1]}.pem"
     if not cert.exists():
         pytest.fail(f"{cert} is missing: run `invoke deploy` on this lab first")
     r = _openssl("x509", "-in", str(cert), "-pubkey", "-noout")
@@ -99,14 +99,17 @@ def dev_pubkey(lab: LabState, tmp_path_factory: pytest.TempPathFactory) -> Path:
     ],
 )
 def test_a_paramiko_build_client_gets_a_raw_signature_that_openssl_verifies(
-        lab, dev_pubkey, tmp_path, kex):
+        lab, target, signing, dev_pubkey, tmp_path, kex):
     art = tmp_path / "artifact.bin"
     art.write_bytes(secrets.token_bytes(4096))
-    r = _paramiko(lab, "sign --profile dev --format raw", art.read_bytes(), kex=kex)
+    client, profile = signing
+    r = _paramiko(lab, target, client, f"sign --profile {profile} --format raw",
+                  art.read_bytes(), kex=kex)
     assert "error" not in r, r
     assert r["rc"] == 0, r["stderr"]
-    assert r["hostkey"] in SSH_DEFAULTS["ssh_host_key_algorithms"], r
-    assert r["cipher"] in SSH_DEFAULTS["ssh_ciphers"], r
+    # What the inventory lets sshd offer (the ssh role's defaults unless it overrides them).
+    assert r["hostkey"] in target.values["ssh_host_key_algorithms"], r
+    assert r["cipher"] in target.values["ssh_ciphers"], r
     sig = tmp_path / "artifact.sig"
     sig.write_bytes(base64.b64decode(r["stdout"]))
     ok = _openssl("dgst", "-sha256", "-verify", str(dev_pubkey), "-signature", str(sig), str(art))
@@ -125,7 +128,9 @@ def test_a_paramiko_build_client_gets_a_raw_signature_that_openssl_verifies(
         "ecdh-sha2-nistp256",  # NIST P-256
     ],
 )
-def test_paramiko_restricted_to_a_weak_key_exchange_is_refused(lab, weak):
-    r = _paramiko(lab, "sign --profile dev --format raw", b"artifact", kex=weak)
+def test_paramiko_restricted_to_a_weak_key_exchange_is_refused(lab, target, signing, weak):
+    client, profile = signing
+    r = _paramiko(lab, target, client, f"sign --profile {profile} --format raw", b"artifact",
+                  kex=weak)
     assert "rc" not in r, f"sshd accepted {weak}: {r}"
     assert "no acceptable kex algorithm" in r.get("error", ""), r

@@ -224,7 +224,9 @@ def test_configured_keys_are_resident_and_non_extractable(host, expected):
 
 
 # Root, with the PIN, asks the token for the private value of every profile's key (python-pkcs11
-# from the signer's venv) and tries pkcs11-tool's export: both must come back empty-handed.
+# from the signer's venv) and tries pkcs11-tool's export: both must come back empty-handed. The
+# private value is CKA_VALUE for an EC key, CKA_PRIVATE_EXPONENT for an RSA key (it has no
+# CKA_VALUE: asking for one is refused as AttributeTypeInvalid and proves nothing).
 EXPORT_PROBE = """
 import sys, pkcs11
 from pkcs11 import Attribute, KeyType, ObjectClass

@@ -3,10 +3,12 @@ into the inventory the site-mode lab is driven with (no VM needed for either).""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,10 +26,10 @@ def inst(tmp_path: Path) -> Instance:
     return i
 
 
-FACTS = {
-    "hosts": {"build": {"ipv4": "10.77.8.20", "ipv6": "fd77:8::20"}},
-    "usb": {"token": {"vendor": "08e6", "product": "4433"}},
-}
+def facts(inst: Instance) -> dict[str, Any]:
+    """What lab.up records in lab.json (lab/config.py), for an instance that is not running."""
+    loaded: dict[str, Any] = json.loads(json.dumps(inst.facts(accel="tcg", pid=0)))
+    return loaded
 
 
 def test_the_example_is_rendered_with_only_addresses_keys_and_the_back_end(
@@ -37,8 +39,8 @@ def test_the_example_is_rendered_with_only_addresses_keys_and_the_back_end(
     lifecycle._keygen(site.site_dir(inst) / "jump" / "ssh_host_ed25519_key", "jump")
     for name in ("site-admin", "jump"):
         lifecycle._keygen(inst.keys_dir / name, name)
-    lab = inst.facts(accel="tcg", pid=1)
-    info = site.render(inst, {**FACTS, "hosts": lab["hosts"], "collector": lab["collector"]})
+    lab = facts(inst)
+    info = site.render(inst, lab)
     inv = hostvars.load(info["inventory"])
     example = hostvars.load(str(site.EXAMPLE))
     # The example's layout: the VM is its online host, in the online group, alone.
@@ -49,12 +51,34 @@ def test_the_example_is_rendered_with_only_addresses_keys_and_the_back_end(
     assert inv.get(host, "ansible_user") == example.get(host, "ansible_user") != "admin"
     assert inv.get(host, "base_sudo_nopasswd") is False
     assert "-o ProxyJump=signlab-jump" in inv.get(host, "ansible_ssh_common_args")
-    # The example's profiles, clients and custodians by name; only their keys are the lab's.
-    assert inv.get(host, "signer_profiles") == example.get(host, "signer_profiles")
-    names = [c["name"] for c in inv.get(host, "signer_clients")]
-    assert names == [c["name"] for c in example.get(host, "signer_clients")]
-    build_key = (inst.keys_dir / "build.pub").read_text().strip()
-    assert inv.get(host, "signer_clients")[0]["ssh_key"] == build_key
+    # The example's profiles, clients and custodians by name, the other hosts' included, plus
+    # one copy of an automatic profile with a small budget; only their keys are the lab's.
+    names = {h: [p["name"] for p in example.get(h, "signer_profiles")] for h in example.hosts}
+    rendered = inv.get(host, "signer_profiles")
+    by_name = {p["name"]: p for p in rendered}
+    for h, profs in names.items():
+        for name in profs:
+            want = next(p for p in example.get(h, "signer_profiles") if p["name"] == name)
+            assert by_name.pop(name) == want
+    [probe] = by_name.values()
+    assert probe["approvals"] == 0 and probe["budget_count"] == site.BUDGET_PROBE
+    assert probe["custodians"], "nobody could thaw the budget probe"
+    wanted = {c["name"] for h in example.hosts for c in example.get(h, "signer_clients")}
+    assert {c["name"] for c in inv.get(host, "signer_clients")} == wanted
+    parties = inv.get(host, "signer_clients") + inv.get(host, "signer_custodians")
+    assert {c["name"] for c in inv.get(host, "signer_custodians")} == {
+        c["name"] for c in example.get(host, "signer_custodians")}
+    for party in parties:  # a key whose private half the lab tests hold
+        assert party["ssh_key"] == (inst.keys_dir / f"site-{party['name']}.pub").read_text().strip()
+    # inventory.check's cross-rules hold (unique keys, every profile's parties defined).
+    from toolkit.runner import inventory_check
+    result = inventory_check.check(info["inventory"])
+    assert result.ok, "\n".join(result.lines())
+    # The lab's points of view and USB hot-plug, as inventory/lab has them.
+    points = inv.get(host, "verify_vantage_points")
+    assert set(points) == {"build", "outside"}
+    assert points["build"]["argv"][:4] == ["ip", "netns", "exec", inst.netns("build")]
+    assert inv.get(host, "verify_usb_hotplug")["devices"]["storage"] == "46f4:0001"
     assert inv.get(host, "token_backend") == "softhsm"
     assert inv.get(host, "firewall_admin_networks") == [f"{site.jump_lab_ipv4(inst)}/32"]
     # The example forwards its audit log to its collector; here to the lab's, with the lab CA.

@@ -118,3 +118,39 @@ def test_a_background_stage_is_joined_even_when_the_run_stops_before_its_until(
     ]
     assert pipeline.run(stages, title="t", env_extra={}) is False
     assert [s.status for s in stages] == ["passed", "FAILED (exit 2)", "not run"]
+
+
+def _argv(stage: Stage) -> str:
+    return " ".join(stage.argv)
+
+
+def test_make_lab_is_the_main_job_on_the_lab_inventory() -> None:
+    """`invoke up` (`make lab`, the README's first command): lab.up then provision, harden,
+    deploy, verify, each on ansible.cfg's default inventory (inventory/lab), no other -i."""
+    stages = pipeline.main_job_stages("lab4")
+    assert [s.name for s in stages] == ["lab.up", "provision", "harden", "deploy", "verify"]
+    assert stages[0].argv[-2:] == ["--instance", "lab4"]
+    for s in stages[1:]:
+        assert s.argv[-1] == s.name and "-i" not in s.argv, s.argv
+
+
+def test_ci_proves_the_pipeline_once_through_the_site_inventory() -> None:
+    """Every play, verify and the lab tests take the rendered production-style inventory and
+    its vault; inventory/lab gets its preflight on the fresh VM before lab.site takes it over."""
+    stages = pipeline.lab_stages("lab4")
+    names = [s.name for s in stages]
+    site = pipeline.site_inventory("lab4")
+    order = ["lab.up", "lab.site", "provision", "harden", "harden again", "deploy",
+             "deploy again", "verify", "lab tests", "harden --check", "lab.down"]
+    found = [next(i for i, n in enumerate(names) if n.startswith(o)) for o in order]
+    assert found == sorted(found), names
+    preflight = next(s for s in stages if "inventory/lab" in s.name)
+    assert names.index(preflight.name) < names.index("lab.site (jump host, password sudo, vault)")
+    assert "-i" not in preflight.argv and "preflight" in preflight.argv
+    after_site = stages[names.index("lab.site (jump host, password sudo, vault)") + 1:]
+    for s in after_site:
+        if s.always:
+            continue
+        assert site in s.argv, f"{s.name} does not use the site inventory: {_argv(s)}"
+        assert any(a.endswith("vault-pass") for a in s.argv), s.name
+    assert sum(n.startswith("provision") for n in names) == 1, "the pipeline runs twice"

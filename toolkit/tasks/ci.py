@@ -17,10 +17,7 @@ def up(c: Context, instance: str | None = None) -> None:
     Leaves the lab running so you can look around (`invoke lab.ssh`); reports in reports/.
     """
     env = {"SIGNLAB_INSTANCE": instance} if instance else {}
-    i = ["--instance", instance] if instance else []
-    stages = [s for s in pipeline.lab_stages(instance or "lab0")
-              if s.name in ("provision", "harden", "deploy", "verify")]
-    stages.insert(0, Stage("lab.up", invoke("lab.up", *i)))
+    stages = pipeline.main_job_stages(instance)
     if not pipeline.run(stages, title="invoke up", env_extra=env):
         raise Exit("invoke up: a stage failed (see above); the lab is left up for inspection",
                    code=1)
@@ -34,7 +31,8 @@ def up(c: Context, instance: str | None = None) -> None:
 })
 def ci(c: Context, instance: str = "lab9", skip_lab: bool = False, keep: bool = False,
        lab_only: bool = False) -> None:
-    """Static checks, unit and signer tests, then the whole pipeline on a fresh lab VM.
+    """Static checks, unit and signer tests, then the whole pipeline on a fresh lab VM,
+    driven by the production-style inventory `lab.site` renders (pipeline.lab_stages).
 
     The same run as CI (`.ci/run`). The lab instance is brought up fresh and torn down at
     the end, whatever happens (unless --keep after a failure).
@@ -53,7 +51,10 @@ def ci(c: Context, instance: str = "lab9", skip_lab: bool = False, keep: bool = 
         if keep:
             for s in lab:
                 s.always = False
-    ok = pipeline.run(stages, title="invoke ci", env_extra={"SIGNLAB_INSTANCE": instance,
+    title = "invoke ci" if skip_lab else (
+        f"invoke ci (VM driven by {pipeline.site_inventory(instance)}, "
+        "rendered from inventory/production.example)")
+    ok = pipeline.run(stages, title=title, env_extra={"SIGNLAB_INSTANCE": instance,
                                                            "SIGNLAB_REQUIRE_LAB": "1"})
     if not ok:
         raise Exit("invoke ci: FAILED (see the summary above)", code=1)
