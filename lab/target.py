@@ -5,8 +5,9 @@ that host is the caller's choice: `inventory/lab` (the default, what `make lab` 
 production-style inventory that `lab.site` renders (CI: `invoke ci` passes it). The tests take
 everything from that inventory, read by Ansible itself (toolkit.runner.hostvars): the admin
 connection (user, key, ProxyJump, sudo password), the signer's profiles, clients, custodians
-and paths, the admin networks and the SSH algorithms. So one test code proves both inventories, and a name of
-`inventory/lab` (`dev`, `build`, `alice`, `admin`) appears in no test.
+and paths, the admin networks and the SSH algorithms. So one test code proves both
+inventories, and a name of `inventory/lab` (`dev`, `build`, `alice`, `admin`) appears in no
+test.
 
 The lab supplies only what no inventory holds: the private half of each party's key (found by
 its public half among the keys the lab generated), and the network namespace a build server
