@@ -234,6 +234,34 @@ def _signing_parties(ex: Any, host: str) -> tuple[list[Any], list[Any], list[Any
     return profiles, clients, custodians
 
 
+def _authenticode_profiles(inst: Instance, profiles: list[Any],
+                           custodians: list[Any]) -> list[Any]:
+    """The example's Windows profiles, as its comments describe them (win-dev on the online
+    host, automatic; win-release on the release host, two custodians, a timestamp required):
+    they are commented out there because their `chain` is the organisation's CA file, which an
+    example cannot ship. Here the lab CA (lab/ca.py, made by lab.up) is that CA: its
+    certificate is the chain, and the lab tests issue the profiles' certificates from the CSRs
+    the deploy fetches. Clients: the first client of the example's automatic profile (a build
+    server of the lab's build namespace); custodians: the example's first two."""
+    from lab.ca import LabCA
+
+    auto = next(p for p in profiles if p["approvals"] == 0 and p.get("custodians"))
+    names = [c["name"] for c in custodians][:2]
+    if len(names) < 2:
+        raise SiteError("the example has fewer than two custodians for win-release")
+    common = {"algorithm": "rsa3072-pkcs1", "formats": ["authenticode"], "max_size": 8192,
+              "clients": list(auto["clients"][:1]), "cert": "ca",
+              "chain": str(LabCA(inst.state_dir).cert)}
+    return [
+        {**common, "name": "win-dev", "approvals": 0, "custodians": names,
+         "budget_count": 2000, "budget_window": 3600,
+         "subject": "CN=Example Corp Windows test signing"},
+        {**common, "name": "win-release", "approvals": 2, "custodians": names,
+         "budget_count": 20, "budget_window": 86400, "require_timestamp": True,
+         "subject": "CN=Example Corp Windows release signing,O=Example Corp"},
+    ]
+
+
 def _observation(inst: Instance, facts: dict[str, Any]) -> dict[str, Any]:
     """verify_* values: the points of view and the USB hot-plug of the lab, as inventory/lab
     gives them (group_vars/all/verify.yml), so that `invoke verify` runs the same probes."""
@@ -298,6 +326,7 @@ def render(inst: Instance, facts: dict[str, Any], example: Path = EXAMPLE) -> di
     build = facts["hosts"]["build"]
     coll, coll_ip = facts["collector"], facts["hosts"]["collector"]["ipv4"]
     profiles, clients, custodians = _signing_parties(ex, host)
+    profiles += _authenticode_profiles(inst, profiles, custodians)
     # Every client and custodian gets a key made here (the example's are placeholders); build
     # servers come from the lab's build namespace, custodians through the jump host.
     for entry in clients + custodians:

@@ -26,12 +26,12 @@ import pytest
 from lab import collector
 from lab.config import Instance
 from lab.state import LabState
+from lab.target import Party, Target
 from signer.audit import seal
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 SIGNER = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "signer"
-AUDIT_LOG = "/var/lib/signer/audit.jsonl"  # the signer role's default (inventory/lab keeps it)
 CATCH_UP = 120  # seconds the forwarder may take to reconnect and send its queue (TCG guest)
 
 
@@ -46,33 +46,43 @@ def copy_path(lab: LabState) -> Path:
 
 
 @pytest.fixture(scope="module")
-def audit_cert(lab: LabState) -> Path:
-    cert = lab.state_dir / "token" / "signhost" / "audit.pem"
+def audit_log(target: Target) -> str:
+    """The host's live audit log, where the inventory under test puts it."""
+    return str(target.values["signer_audit_log"])
+
+
+@pytest.fixture(scope="module")
+def audit_cert(target: Target) -> Path:
+    cert = target.token_dir / "audit.pem"
     if not cert.exists():
-        pytest.fail(f"{cert} is missing: run `invoke deploy` on this lab first")
+        pytest.fail(f"{cert} is missing: run `invoke deploy` with this inventory first")
     return cert
 
 
 @pytest.fixture(scope="module")
-def sign(lab: LabState) -> Callable[[int], None]:
-    """`sign(n)`: n raw signatures for the build server (its namespace, its key)."""
+def sign(lab: LabState, target: Target, signing: tuple[Party, str]) -> Callable[[int], None]:
+    """`sign(n)`: n raw signatures for a build server of the inventory (its namespace, its key,
+    its own account) on a profile that signs at once."""
+    client, profile = signing
     opts = ["-o", f"UserKnownHostsFile={lab.state_dir / 'known_hosts'}",
             "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
             "-o", "BatchMode=yes", "-o", "ConnectTimeout=15", "-o", "LogLevel=ERROR",
-            "-i", str(lab.key("build"))]
+            "-i", str(client.key)]
 
     def run(n: int) -> None:
         for _ in range(n):
-            r = lab.netns_run("build", ["ssh", *opts, f"sign@{lab.vm_ipv4}", "sign", "--profile",
-                                        "dev", "--format", "raw", "--name", "collector-probe.bin"],
+            r = lab.netns_run(str(client.netns_host),
+                              ["ssh", *opts, f"{target.account(client)}@{lab.vm_ipv4}", "sign",
+                               "--profile", profile, "--format", "raw",
+                               "--name", "collector-probe.bin"],
                               input=secrets.token_bytes(256), timeout=90)
             assert r.returncode == 0, r.stderr.decode()
 
     return run
 
 
-def _host_log(admin_ssh: Callable[..., subprocess.CompletedProcess[str]]) -> list[str]:
-    r = admin_ssh(f"cat {AUDIT_LOG}", sudo=True)
+def _host_log(admin_ssh: Callable[..., subprocess.CompletedProcess[str]], audit_log: str) -> list[str]:
+    r = admin_ssh(f"cat {shlex.quote(audit_log)}", sudo=True)
     assert r.returncode == 0, r.stderr
     return r.stdout.splitlines()
 
@@ -121,36 +131,36 @@ def _fold(copy: list[str]) -> list[str]:
     return [held[seq] for seq in sorted(held)]
 
 
-def _caught_up(admin_ssh, copy_path: Path, wait_for) -> list[str]:  # type: ignore[no-untyped-def]
+def _caught_up(admin_ssh, audit_log: str, copy_path: Path, wait_for) -> list[str]:  # type: ignore[no-untyped-def]
     """The host's log once the collector holds its latest entry."""
-    lines = _host_log(admin_ssh)
+    lines = _host_log(admin_ssh, audit_log)
     assert lines, "the host's audit log is empty"
     assert wait_for(lambda: lines[-1] in _copy(copy_path), timeout=CATCH_UP), (
         f"the collector never got the host's latest entry (seq {_seq(lines[-1])})")
     return lines
 
 
-def _as_root_with_input(lab: LabState, command: str, text: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ssh", "-F", str(lab.ssh_config), lab.ssh_alias,
-                           f"sudo -n sh -c {shlex.quote(command)}"],
-                          input=text, capture_output=True, text=True, timeout=120)
-
-
 @pytest.fixture
-def tamper(lab, admin_ssh) -> Iterator[Callable[[list[str]], None]]:  # type: ignore[no-untyped-def]
+def tamper(target, admin_ssh, audit_log) -> Iterator[Callable[[list[str]], None]]:  # type: ignore[no-untyped-def]
     """`tamper(lines)`: the host's log becomes these lines, as root would make it, with the
     forwarder stopped; afterwards the bytes it had at that moment go back and the forwarder
     starts again."""
     saved: list[str] = []
 
     def put(text: str) -> None:
-        # In place (the same inode that the daemon and the forwarder hold), never a new file.
-        r = _as_root_with_input(lab, f"cat > {AUDIT_LOG}", text)
+        # The text reaches the host as the admin's own file (sudo's standard input carries its
+        # password where the inventory has one), then root writes it in place: the same inode
+        # that the daemon and the forwarder hold, never a new file.
+        staged = "/tmp/signlab-audit-forgery"
+        r = subprocess.run([*target.admin_argv(), f"umask 077; cat > {staged}"], input=text,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        r = admin_ssh(f"cat {staged} > {shlex.quote(audit_log)} && rm -f {staged}", sudo=True)
         assert r.returncode == 0, r.stderr
 
     def forge(lines: list[str]) -> None:
         assert not saved, "one forgery per test"
-        original = admin_ssh(f"cat {AUDIT_LOG}", sudo=True)
+        original = admin_ssh(f"cat {shlex.quote(audit_log)}", sudo=True)
         assert original.returncode == 0 and original.stdout, original.stderr
         # The socket too: journald forwards to it and would start rsyslog again mid-forgery.
         stopped = admin_ssh("systemctl stop syslog.socket rsyslog.service", sudo=True)
@@ -163,22 +173,22 @@ def tamper(lab, admin_ssh) -> Iterator[Callable[[list[str]], None]]:  # type: ig
     finally:
         if saved:
             put(saved[0])
-            assert admin_ssh(f"cat {AUDIT_LOG}", sudo=True).stdout == saved[0]
+            assert admin_ssh(f"cat {shlex.quote(audit_log)}", sudo=True).stdout == saved[0]
             started = admin_ssh("systemctl start rsyslog.service", sudo=True)
             assert started.returncode == 0, started.stderr
 
 
 @pytest.mark.control("AUD-04", "SGN-05")
 def test_a_log_cut_right_after_a_checkpoint_is_caught_by_the_collectors_copy(  # type: ignore[no-untyped-def]
-        sign, admin_ssh, wait_for, tamper, copy_path, audit_cert, tmp_path):
+        sign, admin_ssh, audit_log, wait_for, tamper, copy_path, audit_cert, tmp_path):
     # The newest entries of the host's log: ..., sign, checkpoint, sign, checkpoint.
     sign(2)
-    lines = _caught_up(admin_ssh, copy_path, wait_for)
+    lines = _caught_up(admin_ssh, audit_log, copy_path, wait_for)
     events = [json.loads(line)["event"] for line in lines]
     assert events[-4:] == ["sign", "checkpoint", "sign", "checkpoint"], events[-6:]
     cut = lines[:-2]  # right after a checkpoint: the last signature and its checkpoint are gone
     tamper(cut)
-    local = _write(tmp_path / "host.jsonl", _host_log(admin_ssh))
+    local = _write(tmp_path / "host.jsonl", _host_log(admin_ssh, audit_log))
     assert local.read_text().splitlines() == cut
     # On its own the cut log is a valid, shorter log: the audit key vouches for its last entry.
     alone = subprocess.run([str(SIGNER), "audit", "verify", str(local), "--cert", str(audit_cert)],
@@ -195,9 +205,9 @@ def test_a_log_cut_right_after_a_checkpoint_is_caught_by_the_collectors_copy(  #
 
 @pytest.mark.control("AUD-04", "SGN-05")
 def test_a_tail_rewritten_with_a_valid_chain_is_caught_at_its_first_sequence_number(  # type: ignore[no-untyped-def]
-        sign, admin_ssh, wait_for, tamper, copy_path, audit_cert, tmp_path):
+        sign, admin_ssh, audit_log, wait_for, tamper, copy_path, audit_cert, tmp_path):
     sign(1)
-    lines = _caught_up(admin_ssh, copy_path, wait_for)
+    lines = _caught_up(admin_ssh, audit_log, copy_path, wait_for)
     entries = [json.loads(line) for line in lines]
     assert entries[-2]["event"] == "sign", entries[-2]
     # Root hides what was signed last: another name, and every hash from there on made again.
@@ -213,7 +223,7 @@ def test_a_tail_rewritten_with_a_valid_chain_is_caught_at_its_first_sequence_num
         prev = sealed["hash"]
         forged.append(line.decode().rstrip("\n"))
     tamper(forged)
-    local = _write(tmp_path / "host.jsonl", _host_log(admin_ssh))
+    local = _write(tmp_path / "host.jsonl", _host_log(admin_ssh, audit_log))
     assert local.read_text().splitlines() == forged
     chain = subprocess.run([str(SIGNER), "audit", "verify", str(local), "--chain-only"],
                            capture_output=True, text=True, timeout=120)
@@ -228,12 +238,12 @@ def test_a_tail_rewritten_with_a_valid_chain_is_caught_at_its_first_sequence_num
 
 @pytest.mark.control("AUD-04")
 def test_entries_signed_while_the_collector_is_down_arrive_complete_and_in_order(  # type: ignore[no-untyped-def]
-        inst, sign, admin_ssh, copy_path, audit_cert, wait_for, tmp_path):
-    before = _caught_up(admin_ssh, copy_path, wait_for)
+        inst, sign, admin_ssh, audit_log, copy_path, audit_cert, wait_for, tmp_path):
+    before = _caught_up(admin_ssh, audit_log, copy_path, wait_for)
     assert collector.stop(inst) is not None, "the lab's collector was not running"
     try:
         sign(3)  # signing goes on: the daemon's own log is the record, the forwarder queues
-        during = _host_log(admin_ssh)
+        during = _host_log(admin_ssh, audit_log)
         assert len(during) > len(before)
         assert during[-1] not in _copy(copy_path)  # nothing can have arrived: no collector
     finally:

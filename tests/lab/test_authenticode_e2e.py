@@ -6,7 +6,8 @@ a TSA stand-in on the controller, inside the build namespace (the signing host n
 it). The verdict is the outside verifiers': `osslsigncode verify` against the lab CA (which
 issued the profiles' certificates from the deployed CSRs) and signify.
 
-Profiles, clients and custodians come from the lab inventory: the authenticode profiles are
+Profiles, clients and custodians come from the inventory under test (inventory/lab, or the site
+inventory, which renders the example's Windows profiles): the authenticode profiles are
 found by their formats and approvals, not by name. Needs `invoke deploy` on the lab; the
 certificates are issued here once per lab (a real CA's job, done at run time).
 """
@@ -28,10 +29,10 @@ from asn1crypto import cms, pem
 
 from lab.ca import LabCA
 from lab.state import LabState
+from lab.target import Party, Target
 from signer import osslsigncode
 from tests.signer.test_authenticode import SIGNIFY, flip
 from toolkit.local_signer import write_pe
-from toolkit.runner import hostvars
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -57,34 +58,40 @@ threading.Event().wait()
 @dataclass(frozen=True)
 class Setup:
     dev: str  # an authenticode profile without approvals
-    release: str  # one that needs approvals
-    approvers: list[str]  # custodians of the release profile, as many as it needs
-    client: str  # the lab host (and key) that is a client of both
-    gateway: str  # the account build servers log in to
+    release: str  # one that needs approvals and a timestamp
+    subjects: dict[str, str]  # profile -> the CN of its certificate's subject
+    approvers: list[Party]  # custodians of the release profile, as many as it needs
+    client: Party  # a build server that is a client of both, its key held by the lab
+    gateway: str  # the account that client logs in through
     values: dict[str, Any]
 
 
+def _cn(subject: str) -> str:
+    return next(part.split("=", 1)[1] for part in subject.split(",") if part.startswith("CN="))
+
+
 @pytest.fixture(scope="module")
-def setup(lab: LabState) -> Setup:
-    inv = hostvars.load(str(ROOT / "inventory" / "lab"))
-    host = inv.hosts[0]
-    profiles = [p for p in inv.get(host, "signer_profiles") if "authenticode" in p["formats"]]
+def setup(target: Target) -> Setup:
+    """The parts from the inventory under test: inventory/lab, or the site inventory, which
+    renders the example's Windows profiles (lab/site.py)."""
+    profiles = [p for p in target.profiles if "authenticode" in p["formats"]]
     dev = [p for p in profiles if not p.get("approvals")]
     rel = [p for p in profiles if p.get("approvals", 0) >= 2 and p.get("require_timestamp")]
     if not dev or not rel:
-        pytest.fail("the lab inventory needs an authenticode profile without approvals and "
-                    "one with 2 approvals and require_timestamp")
-    clients = set(dev[0]["clients"]) & set(rel[0]["clients"]) & set(lab.raw["hosts"])
-    assert clients, "no lab host is a client of both authenticode profiles"
-    names = ("signer_cert_dir", "signer_audit_log", "signer_venv",
-             "signer_config", "signer_daemon_user", "signer_softhsm_conf", "signer_service",
-             "signer_socket")
+        pytest.skip(f"{target.inventory}: no authenticode profile without approvals and one "
+                    "with 2 approvals and require_timestamp")
+    clients = [c for c in target.clients if target.allowed(dev[0], c)
+               and target.allowed(rel[0], c)]
+    if not clients:
+        pytest.skip(f"{target.inventory}: no client of both authenticode profiles whose key "
+                    "the lab holds")
+    approvers = [c for c in target.custodians if c.name in rel[0]["custodians"]]
+    assert len(approvers) >= rel[0]["approvals"], "the lab holds too few custodians' keys"
     return Setup(dev=dev[0]["name"], release=rel[0]["name"],
-                 approvers=rel[0]["custodians"][: rel[0]["approvals"]],
-                 client=sorted(clients)[0],
-                 # each build client logs in through its own account (the role's default prefix)
-                 gateway=inv.get(host, "signer_client_account_prefix", "sign-") + sorted(clients)[0],
-                 values={n: inv.get(host, n) for n in names})
+                 subjects={p["name"]: _cn(p["subject"]) for p in (dev[0], rel[0])},
+                 approvers=approvers[: rel[0]["approvals"]],
+                 client=clients[0], gateway=target.account(clients[0]),
+                 values=target.values)
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +103,13 @@ def ca(lab: LabState) -> LabCA:
 
 
 @pytest.fixture(scope="module")
-def certs(lab: LabState, setup: Setup, ca: LabCA, admin_ssh, wait_for) -> dict[str, Path]:
+def certs(lab: LabState, target: Target, setup: Setup, ca: LabCA, admin_ssh,  # type: ignore[no-untyped-def]
+          wait_for) -> dict[str, Path]:
     """Each authenticode profile's certificate, issued by the lab CA from the CSR the deploy
     fetched (code-signing EKU), installed beside the deployed chain, then one restart of the
     daemon. Once per lab."""
     v = setup.values
-    token_dir = lab.state_dir / "token" / "signhost"
+    token_dir = target.token_dir
     out: dict[str, Path] = {}
     todo = []
     for name in (setup.dev, setup.release):
@@ -123,9 +131,14 @@ def certs(lab: LabState, setup: Setup, ca: LabCA, admin_ssh, wait_for) -> dict[s
     user = shlex.quote(v["signer_daemon_user"])
     for name, cert in todo:
         dest = shlex.quote(f"{v['signer_cert_dir']}/{name}.pem")
-        r = subprocess.run(["ssh", "-F", str(lab.ssh_config), lab.ssh_alias,
-                            f"sudo -n install -o {user} -g {user} -m 0644 /dev/stdin {dest}"],
+        # The admin's own file first (sudo's standard input carries its password where the
+        # inventory has one), then root installs it.
+        staged = f"/tmp/signlab-{name}.pem"
+        r = subprocess.run([*target.admin_argv(), f"umask 022; cat > {staged}"],
                            input=cert.read_text(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = admin_ssh(f"install -o {user} -g {user} -m 0644 {staged} {dest} && rm -f {staged}",
+                      sudo=True)
         assert r.returncode == 0, r.stdout + r.stderr
     restart = admin_ssh(f"systemctl restart {v['signer_service']}", sudo=True)
     assert restart.returncode == 0, restart.stderr
@@ -133,9 +146,10 @@ def certs(lab: LabState, setup: Setup, ca: LabCA, admin_ssh, wait_for) -> dict[s
     def ready() -> bool:
         """The restarted daemon has checked its keys: an empty request gets "empty artifact"
         (65), not "being unlocked" (69) or no daemon at all."""
-        r = lab.netns_run(setup.client, ["ssh", *shlex.split(_ssh_cmd(lab, setup.client))[1:],
-                                         f"{setup.gateway}@{lab.vm_ipv4}", "sign", "--profile",
-                                         setup.dev, "--format", "authenticode"],
+        r = lab.netns_run(str(setup.client.netns_host),
+                          ["ssh", *shlex.split(_ssh_cmd(lab, setup.client.key))[1:],
+                           f"{setup.gateway}@{lab.vm_ipv4}", "sign", "--profile", setup.dev,
+                           "--format", "authenticode"],
                           input=b"", timeout=60)
         return r.returncode == EX_DATA
 
@@ -153,7 +167,8 @@ class Tsa:
 def tsa(lab: LabState, setup: Setup, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tsa]:
     root = tmp_path_factory.mktemp("tsa")
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", lab.host(setup.client).netns, sys.executable, "-c", TSA_SERVER,
+        ["ip", "netns", "exec", lab.host(str(setup.client.netns_host)).netns, sys.executable, "-c",
+         TSA_SERVER,
          str(ROOT), str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -173,12 +188,12 @@ def trust(ca: LabCA, tsa: Tsa, tmp_path_factory: pytest.TempPathFactory) -> Path
     return bundle
 
 
-def _ssh_cmd(lab: LabState, key: str, *extra: str) -> str:
+def _ssh_cmd(lab: LabState, key: Path, *extra: str) -> str:
     """The `--ssh` of `signer submit`/`approve`: the lab's known host key, this key only."""
     return shlex.join([
         "ssh", "-o", f"UserKnownHostsFile={lab.state_dir / 'known_hosts'}", "-o",
         "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o",
-        "ConnectTimeout=15", "-o", "LogLevel=ERROR", "-i", str(lab.key(key)), *extra])
+        "ConnectTimeout=15", "-o", "LogLevel=ERROR", "-i", str(key), *extra])
 
 
 @pytest.fixture(scope="module")
@@ -186,9 +201,9 @@ def submit(lab: LabState, setup: Setup, ca: LabCA, certs) -> Callable[..., Any]:
     """`signer submit` on the build server: its namespace, its key, the VM's lab address."""
 
     def run(artifact: Path, profile: str, *args: str, background: bool = False) -> Any:
-        argv = ["ip", "netns", "exec", lab.host(setup.client).netns, *SIGNER, "submit",
-                "--host", f"{setup.gateway}@{lab.vm_ipv4}", "--ssh",
-                _ssh_cmd(lab, setup.client), "--profile", profile, "--format",
+        argv = ["ip", "netns", "exec", lab.host(str(setup.client.netns_host)).netns, *SIGNER,
+                "submit", "--host", f"{setup.gateway}@{lab.vm_ipv4}", "--ssh",
+                _ssh_cmd(lab, setup.client.key), "--profile", profile, "--format",
                 "authenticode", "--cafile", str(ca.cert), *args, str(artifact)]
         if background:
             return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE,
@@ -233,6 +248,7 @@ def _certificates(signed: Path, tmp_path: Path) -> list[bytes]:
 
 
 def _assert_accepted(path: Path, trust: Path, subject: str) -> None:
+    """osslsigncode accepts the signature and its timestamp; `subject`: the signer's CN."""
     v = _verify(path, trust)
     assert v.returncode == 0, v.stdout + v.stderr
     assert "Signature verification: ok" in v.stdout
@@ -247,7 +263,7 @@ def test_build_server_signs_a_pe_that_osslsigncode_and_signify_accept_with_a_tim
     label = _label(exe, tmp_path)
     r = submit(exe, setup.dev, "--timestamp", tsa.url)
     assert r.returncode == 0, r.stderr.decode()
-    _assert_accepted(exe, trust, "Windows dev code signing")
+    _assert_accepted(exe, trust, setup.subjects[setup.dev])
     s = _signify(exe, trust)
     assert s.returncode == 0, s.stdout + s.stderr
     # The deployed chain travels with the signature: the leaf and the lab CA's certificate
@@ -273,7 +289,7 @@ def test_build_server_signs_a_powershell_script(submit, setup, tsa, trust, tmp_p
     r = submit(script, setup.dev, "--timestamp", tsa.url)
     assert r.returncode == 0, r.stderr.decode()
     assert b"# SIG # Begin signature block" in script.read_bytes()
-    _assert_accepted(script, trust, "Windows dev code signing")
+    _assert_accepted(script, trust, setup.subjects[setup.dev])
     assert _verify(flip(script, 3), trust).returncode != 0
 
 
@@ -293,18 +309,20 @@ def test_release_without_a_timestamp_is_refused_before_anything_is_signed(
     assert deny["profile"] == setup.release and deny["reason"] == "sign: timestamp required"
 
 
-def _approve(lab: LabState, who: str, rid: str, artifact: Path
+def _approve(target: Target, who: Party, rid: str, artifact: Path
              ) -> subprocess.CompletedProcess[bytes]:
-    port = str(lab.raw["ssh"]["port"])
+    """`signer approve` as custodian `who`, the way admins reach the host (the inventory's
+    connection: port, ProxyJump, known hosts) with the custodian's account and key."""
+    argv = target.custodian_argv(who)
     return subprocess.run(
-        [*SIGNER, "approve", "--host", f"{who}@127.0.0.1", "--ssh",
-         _ssh_cmd(lab, who, "-p", port), "--key", str(lab.key(who)), "--artifact",
-         str(artifact), "--yes", rid], cwd=ROOT, capture_output=True, timeout=120)
+        [*SIGNER, "approve", "--host", f"{who.name}@{argv[-1]}", "--ssh", shlex.join(argv[:-1]),
+         "--key", str(who.key), "--artifact", str(artifact), "--yes", rid],
+        cwd=ROOT, capture_output=True, timeout=120)
 
 
 @pytest.mark.control("SGN-04", "SGN-09", "SGN-10")
 def test_release_is_signed_after_two_custodians_recompute_the_authenticode_digest(
-        submit, setup, lab, tsa, trust, admin_ssh, tmp_path):
+        submit, setup, target, tsa, trust, admin_ssh, tmp_path):
     exe = write_pe(tmp_path / "setup.exe", 100_000)
     label = _label(exe, tmp_path)
     waiting = submit(exe, setup.release, "--timestamp", tsa.url, "--wait", "--poll", "3",
@@ -320,11 +338,11 @@ def test_release_is_signed_after_two_custodians_recompute_the_authenticode_diges
         rid = m.group(1).decode()
         # A custodian whose copy differs does not approve: the digest is recomputed.
         other = write_pe(tmp_path / "other.exe", 100_000)
-        refused = _approve(lab, setup.approvers[0], rid, other)
+        refused = _approve(target, setup.approvers[0], rid, other)
         assert refused.returncode == EX_DATA, refused.stderr.decode()
         assert b"its Authenticode digest is" in refused.stderr
         for who in setup.approvers:
-            ok = _approve(lab, who, rid, exe)
+            ok = _approve(target, who, rid, exe)
             assert ok.returncode == 0, ok.stderr.decode()
             assert f"authenticode={label}".encode() in ok.stdout
             assert b'name="setup.exe"' in ok.stdout
@@ -333,10 +351,10 @@ def test_release_is_signed_after_two_custodians_recompute_the_authenticode_diges
         if waiting.poll() is None:
             waiting.kill()
         waiting.communicate()
-    _assert_accepted(exe, trust, "Windows release code signing")
+    _assert_accepted(exe, trust, setup.subjects[setup.release])
     assert _signify(exe, trust).returncode == 0
     entries = [e for e in _audit(admin_ssh, setup) if e.get("request") == rid]
     assert [e["authenticode"] for e in entries if e["event"] == "queue"] == [label]
     assert {e.get("custodian") for e in entries if e["event"] == "approve"} == \
-        set(setup.approvers)
+        {who.name for who in setup.approvers}
     assert [e["authenticode"] for e in entries if e["event"] == "sign"] == [label]

@@ -275,12 +275,12 @@ def release(target: Target) -> tuple[Party, str, list[Party]]:
     custodians and whose certificate comes from a CA, a client of it and enough of its
     custodians whose keys the lab holds."""
     for p in target.profiles:
-        if p["approvals"] >= 2 and p.get("cert") == "ca":
+        if p["approvals"] >= 2 and p.get("cert") == "ca" and "cms" in p["formats"]:
             clients = [c for c in target.clients if target.allowed(p, c)]
             named = [c for c in target.custodians if c.name in (p.get("custodians") or [])]
             if clients and len(named) >= p["approvals"]:
                 return clients[0], p["name"], named[: p["approvals"]]
-    pytest.skip(f"{target.inventory}: no CA-certified profile with M-of-N approvals whose "
+    pytest.skip(f"{target.inventory}: no CA-certified CMS profile with M-of-N approvals whose "
                 "client and custodians the lab holds")
 
 

@@ -60,6 +60,15 @@ def test_the_example_is_rendered_with_only_addresses_keys_and_the_back_end(
         for name in profs:
             want = next(p for p in example.get(h, "signer_profiles") if p["name"] == name)
             assert by_name.pop(name) == want
+    # The example's Windows profiles (commented out there: their chain is the organisation's
+    # CA file), with the lab CA as that CA.
+    win_dev, win_release = by_name.pop("win-dev"), by_name.pop("win-release")
+    for win in (win_dev, win_release):
+        assert win["formats"] == ["authenticode"] and win["cert"] == "ca"
+        assert win["chain"] == str(inst.state_dir / "ca" / "ca.pem")
+    assert win_dev["approvals"] == 0
+    assert win_release["approvals"] == 2 and win_release["require_timestamp"] is True
+    assert set(win_dev["clients"]) & set(win_release["clients"])
     [probe] = by_name.values()
     assert probe["approvals"] == 0 and probe["budget_count"] == site.BUDGET_PROBE
     assert probe["custodians"], "nobody could thaw the budget probe"
