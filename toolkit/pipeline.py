@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -70,7 +71,7 @@ class _Background:
 
 def start_background(stage: Stage, env: dict[str, str]) -> _Background:
     CI_DIR.mkdir(parents=True, exist_ok=True)
-    stage.log = CI_DIR / f"{stage.name}.log"
+    stage.log = log_path(stage.name)
     print(f"\n\033[1m==> [{stage.name}] {' '.join(stage.argv)}\033[0m\n"
           f"    (in the background until [{stage.until}]; output: {stage.log})", flush=True)
     with stage.log.open("wb") as fh:
@@ -93,21 +94,35 @@ def join_background(bg: _Background) -> bool:
     return rc == 0
 
 
+def log_path(name: str) -> Path:
+    """reports/ci/<stage>.log, the stage's name made a file name (a '/' in a name such as
+    "inventory/lab" would be a directory)."""
+    return CI_DIR / (re.sub(r"[^A-Za-z0-9._+=,() -]+", "_", name).strip() + ".log")
+
+
 def run_stage(stage: Stage, env: dict[str, str]) -> bool:
     CI_DIR.mkdir(parents=True, exist_ok=True)
-    stage.log = CI_DIR / f"{stage.name}.log"
+    stage.log = log_path(stage.name)
     print(f"\n\033[1m==> [{stage.name}] {' '.join(stage.argv)}\033[0m", flush=True)
     started = time.monotonic()
-    with stage.log.open("w") as fh, subprocess.Popen(
-        stage.argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, errors="replace",
-    ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            fh.write(line)
-        rc = proc.wait()
+    try:
+        with stage.log.open("w") as fh, subprocess.Popen(
+            stage.argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, errors="replace",
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                fh.write(line)
+            rc = proc.wait()
+    except OSError as exc:
+        # A stage that cannot start fails like one that ran and failed: the run goes on to
+        # its teardown stages (lab.down) instead of ending with a traceback and a VM left up.
+        stage.seconds = time.monotonic() - started
+        stage.status = f"FAILED (cannot start: {exc})"
+        print(f"==> [{stage.name}] {stage.status}", flush=True)
+        return False
     stage.seconds = time.monotonic() - started
     stage.status = "passed" if rc == 0 else f"FAILED (exit {rc})"
     print(f"==> [{stage.name}] {stage.status} in {stage.seconds:.0f}s", flush=True)

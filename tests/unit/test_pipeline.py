@@ -154,3 +154,26 @@ def test_ci_proves_the_pipeline_once_through_the_site_inventory() -> None:
         assert site in s.argv, f"{s.name} does not use the site inventory: {_argv(s)}"
         assert any(a.endswith("vault-pass") for a in s.argv), s.name
     assert sum(n.startswith("provision") for n in names) == 1, "the pipeline runs twice"
+
+
+def test_a_stage_named_with_a_slash_logs_to_a_file_of_reports_ci(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stage name such as "... (inventory/lab)" once crashed the run before its teardown."""
+    monkeypatch.setattr(pipeline, "CI_DIR", tmp_path / "ci")
+    stages = [Stage("check (inventory/lab)", py("print('ran')")),
+              Stage("down", py("pass"), always=True)]
+    assert pipeline.run(stages, title="t", env_extra={}) is True
+    assert stages[0].log is not None and stages[0].log.parent == tmp_path / "ci"
+    assert stages[0].log.read_text() == "ran\n"
+
+
+def test_a_stage_that_cannot_start_fails_and_the_teardown_still_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline, "CI_DIR", tmp_path / "ci")
+    stages = [Stage("missing binary", [str(tmp_path / "no-such-program")]),
+              Stage("down", py("pass"), always=True)]
+    assert pipeline.run(stages, title="t", env_extra={}) is False
+    assert stages[0].status.startswith("FAILED (cannot start")
+    assert stages[1].status == "passed"
