@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("generate", "list", "check", "selfsign", "csr", "import-cert"):
         k = ksub.add_parser(name)
         k.add_argument("--config", type=Path, required=True)
+        k.add_argument("--pin-file", type=Path,
+                       help="a file (mode 0400) holding the user PIN, when the config's "
+                            "pin_source is 'prompt' and there is no terminal")
         if name in ("generate", "selfsign"):
             which = k.add_mutually_exclusive_group(required=True)
             if name == "generate":  # several profiles' keys in one run (one start-up, deploy)
@@ -197,7 +200,7 @@ def dispatch(args: argparse.Namespace) -> int:
                   f"{len(cfg.custodians)} custodians)\n")
         return Exit.OK
     if args.command == "keys":
-        cfg = config.load(args.config)
+        cfg = keys.with_pin_file(config.load(args.config), args.pin_file)
         profile = getattr(args, "profile", None)
         if args.action == "generate":
             for one in profile or [None]:

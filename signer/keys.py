@@ -1,14 +1,14 @@
 """`signer keys ...`: generate keys on the token, check their residency, certificates and CSRs.
 
 Run as the daemon's user (the token store belongs to it). The PIN comes from the daemon's
-`file:` PIN source, else from the file named by SIGNER_PIN_FILE, else from the terminal; never
-from argv or the environment itself.
+`file:` PIN source, else from the file named by `--pin-file` (the deploy's transient 0400
+file on tmpfs, pin_source prompt), else from the terminal; never from argv or the environment.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
-import os
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -21,16 +21,23 @@ from signer.token import Token
 from signer.uri import PKCS11URI
 
 
+def with_pin_file(cfg: Config, path: Path | None) -> Config:
+    """`cfg` whose PIN comes from `path` (`--pin-file`) when its own pin_source is 'prompt'; a
+    `file:` PIN source is the daemon's and stays."""
+    if path is None or cfg.daemon.pin_file is not None:
+        return cfg
+    return dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon,
+                                                               pin_source=f"file:{path}"))
+
+
 def _pin(cfg: Config) -> str:
     path = cfg.daemon.pin_file
-    if path is None and os.environ.get("SIGNER_PIN_FILE"):
-        path = Path(os.environ["SIGNER_PIN_FILE"])
     if path is not None:
         return pin.read_file(path)
     if sys.stdin.isatty():
         return pin.check(getpass.getpass("token user PIN: ").encode(), "PIN")
-    raise SignerError(Exit.CONFIG, "no PIN: the config's pin_source is 'prompt'; set "
-                      "SIGNER_PIN_FILE to a file (mode 0400) holding the PIN, or run on a tty")
+    raise SignerError(Exit.CONFIG, "no PIN: the config's pin_source is 'prompt'; give "
+                      "--pin-file FILE (mode 0400, holding the PIN), or run on a tty")
 
 
 def open_token(cfg: Config, rw: bool = False) -> Token:

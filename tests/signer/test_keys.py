@@ -193,7 +193,7 @@ def test_keys_commands_refuse_a_pin_file_readable_by_others(shared: Signer, tmp_
     pin.write_bytes(shared.lab.pin_file.read_bytes())
     os.chmod(pin, 0o644)
     s: Signer = make_signer(start=False, pin_source="prompt")
-    r = s.lab.signer("keys", "list", "--config", s.config, env={"SIGNER_PIN_FILE": str(pin)})
+    r = s.lab.signer("keys", "list", "--config", s.config, "--pin-file", str(pin))
     assert r.returncode == 78 and b"must not be readable by group or others" in r.stderr
 
 
@@ -209,3 +209,18 @@ def test_the_token_is_chosen_by_label_and_serial(shared: Signer, monkeypatch: An
     assert Token(SOFTHSM_MODULE, TOKEN_LABEL, serial).label == TOKEN_LABEL
     with pytest.raises(SignerError, match="with serial 'not-this-one' not found"):
         Token(SOFTHSM_MODULE, TOKEN_LABEL, "not-this-one")
+
+
+@pytest.mark.control("TOK-03")
+def test_keys_commands_read_the_pin_from_pin_file_when_the_config_prompts(
+        shared: Signer, tmp_path: Path, make_signer: Any) -> None:
+    """What deploy does with pin_source prompt: the PIN in a 0400 file named by --pin-file,
+    never in the environment or argv; without it and without a terminal, a clear refusal."""
+    pin = tmp_path / "pin"
+    pin.write_bytes(shared.lab.pin_file.read_bytes())
+    os.chmod(pin, 0o400)
+    s: Signer = make_signer(start=False, pin_source="prompt")
+    r = s.lab.signer("keys", "list", "--config", s.config, "--pin-file", str(pin))
+    assert r.returncode == 0, r.stderr
+    r = s.lab.signer("keys", "list", "--config", s.config)
+    assert r.returncode == 78 and b"--pin-file" in r.stderr
