@@ -353,7 +353,7 @@ def render(inst: Instance, facts: dict[str, Any], example: Path = EXAMPLE) -> di
         # the lab CA; no audisp-remote receiver here (AUD-04's auditd part stays waived)
         "firewall_log_collectors": [{"network": f"{coll_ip}/32", "port": coll["port"],
                                      "proto": "tcp"}],
-        "auditing_remote_server": "",
+        "auditd_remote_server": "",
         "signer_audit_collector": coll_ip,
         "signer_audit_collector_port": coll["port"],
         "signer_audit_collector_name": coll["name"],
@@ -382,7 +382,7 @@ def render(inst: Instance, facts: dict[str, Any], example: Path = EXAMPLE) -> di
         # short roll-back windows and reloadable audit rules, as in the plain lab
         "ssh_rollback_seconds": 90,
         "firewall_rollback_seconds": 90,
-        "auditing_immutable": False,
+        "auditd_immutable": False,
         # how the posture suite observes the host: as inventory/lab's verify.yml does
         **_observation(inst, facts),
     }

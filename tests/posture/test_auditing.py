@@ -86,11 +86,11 @@ def test_clock_changes_are_audited(host) -> None:  # type: ignore[no-untyped-def
 
 @pytest.mark.control("AUD-04")
 def test_audit_events_go_to_the_collector(host, expected, is_lab) -> None:  # type: ignore[no-untyped-def]
-    server = expected["auditing_remote_server"]
+    server = expected["auditd_remote_server"]
     if is_lab and not server:
-        pytest.skip("no audisp-remote receiver for this test host (auditing_remote_server is "
+        pytest.skip("no audisp-remote receiver for this test host (auditd_remote_server is "
                     "empty): its collector takes the signer audit log only (tested below)")
-    assert server, "no log collector in the inventory (auditing_remote_server is empty)"
+    assert server, "no log collector in the inventory (auditd_remote_server is empty)"
     conf = host.file("/etc/audit/plugins.d/au-remote.conf").content_string
     assert "active = yes" in conf.splitlines()
     remote = host.file("/etc/audit/audisp-remote.conf").content_string.splitlines()

@@ -273,3 +273,13 @@ def test_a_vault_file_without_its_password(good: dict[str, Any], tmp_path: Path,
         "variables: a vault file needs its password"
         " (give --vault-password-file or $ANSIBLE_VAULT_PASSWORD_FILE)"]
     assert inventory_check.check(inv, vault_password_file=str(vpf)).ok
+
+
+def test_a_renamed_variable_is_refused_with_its_new_name(good: dict[str, Any],
+                                                        tmp_path: Path) -> None:
+    """roles/auditing became roles/auditd: an inventory still setting auditing_remote_server
+    would lose its collector without a word."""
+    good["auditing_remote_server"] = "192.0.2.60"
+    problems = _problems(tmp_path, good)
+    assert any(p.startswith("auditing_remote_server: renamed to auditd_remote_server")
+               for p in problems), problems

@@ -37,8 +37,8 @@ NAMES: tuple[str, ...] = (
     "firewall_log_collectors",
     # usb
     "usb_allowed_devices", "usb_blocked_modules",
-    # auditing
-    "auditing_remote_server",
+    # auditd
+    "auditd_remote_server",
     # token
     "token_backend", "token_module", "token_label", "token_owner", "token_softhsm_conf",
     "token_softhsm_store", "token_pcscd", "token_pin_source", "token_pin_file", "token_pin_dir",

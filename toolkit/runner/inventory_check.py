@@ -45,6 +45,17 @@ _YAML_ERROR = re.compile(
     r"'(?P<file>[^']*)': line (?P<line>\d+), column (?P<col>\d+)"
 )
 _VAULT_HINT = " (give --vault-password-file or $ANSIBLE_VAULT_PASSWORD_FILE)"  # as hostvars says
+# Variables a release renamed or removed: an inventory that still sets one would have its value
+# silently ignored (a collector no longer configured, a gate no longer applied), so it is refused
+# with the new name.
+RENAMED: dict[str, str] = {
+    "auditing_watches": "auditd_watches",
+    "auditing_syscalls": "auditd_syscalls",
+    "auditing_immutable": "auditd_immutable",
+    "auditing_remote_server": "auditd_remote_server",
+    "auditing_remote_port": "auditd_remote_port",
+    "signer_gateway_user": "signer_client_account_prefix (one account per build client)",
+}
 _INCLUDE = {
     "include_role",
     "import_role",
@@ -188,6 +199,9 @@ def _check_host(
             failed.add(name)
             problems.append(f"{name}: {' '.join(str(exc).split())[:300]}")
         return default
+
+    problems += [f"{name}: renamed to {RENAMED[name]}; this inventory's value would be ignored"
+                 for name in sorted(raw) if name in RENAMED]
 
     # The roles this host's plays run, each entry point once.
     seen: list[tuple[str, str]] = []

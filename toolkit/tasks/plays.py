@@ -93,7 +93,7 @@ def harden(
     ask_become_pass: bool = False,
     vault_password_file: str | None = None,
 ) -> None:
-    """Harden: ssh, firewall (nftables), usb (USBGuard), kernel, auditing. Lockout-safe."""
+    """Harden: ssh, firewall (nftables), usb (USBGuard), kernel, auditd. Lockout-safe."""
     playbook.play(
         "harden",
         "harden.yml",
