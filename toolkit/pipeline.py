@@ -229,10 +229,20 @@ def static_stages() -> list[Stage]:
     ]
 
 
+# JUnit records of CI's test runs, stamped with the toolkit commit (toolkit.assurance.ci_record):
+# verify cites them for the controls only the toolkit's own tests can prove.
+UNIT_RECORD = "reports/ci/unit+signer.junit.xml"
+LAB_RECORD = "reports/ci/lab-tests.junit.xml"
+
+
+def _recorded(path: str) -> list[str]:
+    return ["-p", "toolkit.assurance.ci_record", f"--junitxml={path}"]
+
+
 def test_stages() -> list[Stage]:
     paths = ["tests/unit", "tests/signer"]
-    return [Stage("unit+signer tests", [_bin("pytest"), "-q", "--durations=15", *paths],
-                  needs=paths)]
+    return [Stage("unit+signer tests", [_bin("pytest"), "-q", "--durations=15",
+                                        *_recorded(UNIT_RECORD), *paths], needs=paths)]
 
 
 def main_job_stages(instance: str | None) -> list[Stage]:
@@ -254,11 +264,12 @@ def site_inventory(instance: str) -> str:
     return str(state_dir(instance) / "site" / "inventory")
 
 
-def lab_stages(instance: str) -> list[Stage]:
+def lab_stages(instance: str, ci_evidence: list[str] | None = None) -> list[Stage]:
     """CI on the lab VM. The proof runs once, through the production-style inventory that
     `lab.site` renders from inventory/production.example: a jump host (ProxyJump), an admin
     whose sudo asks for the password kept in ansible-vault. Every play, verify and the lab tests
-    take that inventory, as an operator's would.
+    take that inventory, as an operator's would. `ci_evidence`: the JUnit records of this run's
+    unit and signer tests (written before verify starts), which verify cites.
 
     `make lab` (inventory/lab: a direct connection, the lab's `admin` with passwordless sudo)
     is kept honest on the fresh VM before the site takes it over: `harden --check --tags
@@ -284,9 +295,10 @@ def lab_stages(instance: str) -> list[Stage]:
         Stage("deploy", invoke("deploy", *inv), needs=["playbooks/deploy.yml"]),
         Stage("deploy again (changed=0, daemon kept)",
               invoke("deploy", "--expect-unchanged", *inv), needs=["playbooks/deploy.yml"]),
-        Stage("verify", invoke("verify", *inv), needs=["tests/posture"]),
+        Stage("verify", invoke("verify", *inv, *(
+            a for p in ci_evidence or [] for a in ("--ci-evidence", p))), needs=["tests/posture"]),
         Stage("lab tests", [_bin("pytest"), "-q", "-p", "no:cacheprovider", "--durations=15",
-                            "tests/lab", "--lab-inventory", inventory,
+                            *_recorded(LAB_RECORD), "tests/lab", "--lab-inventory", inventory,
                             "--lab-vault-password-file", vault],
               needs=["tests/lab"]),
         Stage("harden --check (changed=0)",

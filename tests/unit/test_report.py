@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from toolkit.assurance import registry, report
+from toolkit.assurance import ci_record, registry, report
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -103,6 +103,15 @@ REFS = [
 ]
 
 
+def ci_evidence(outcome: str = "passed", usable: bool = True) -> ci_record.Evidence:
+    """A CI record of this toolkit commit in which the USB test had `outcome`."""
+    return ci_record.Evidence(
+        sources=[{"file": "reports/ci/lab-tests.junit.xml", "commit": "c0ffee" * 6 + "c0ff",
+                  "dirty": False, "tests": 1, "failed": int(outcome == "failed")}],
+        outcomes={"tests/lab/test_usb.py::test_stick_is_blocked": outcome},
+        usable=usable, why="" if usable else "the CI record is of commit 0123, not this one")
+
+
 def run(*tests: dict[str, Any]) -> dict[str, Any]:
     return {"tests": list(tests), "duration": 3.0, "exitstatus": 0, "collect_errors": []}
 
@@ -135,7 +144,8 @@ def test_statuses_on_the_lab(reg: registry.Registry) -> None:
         "ORG-01": "procedure",
         "PHY-03": "waived",
         "SSH-01": "failed",
-        "USB-01": "in CI",  # only tests/lab names it: proven in CI, not on the host
+        # Only tests/lab names it: CI proves it, but no CI record was given to show it.
+        "USB-01": "claimed",
     }
     assert m["controls"]["USB-01"]["where"] == ["in CI (lab VM)"]
     assert m["controls"]["NET-01"]["where"] == ["on this host"]
@@ -145,6 +155,8 @@ def test_statuses_on_the_lab(reg: registry.Registry) -> None:
     )
     assert m["controls"]["PHY-03"]["reason"] == "the lab VM boots without UEFI"
     assert "test_usb.py::test_stick_is_blocked" in m["controls"]["USB-01"]["reason"]
+    assert "no CI record was given" in m["controls"]["USB-01"]["reason"]
+    assert any("1 control(s) rest on the toolkit's CI tests" in w for w in m["warnings"])
     assert not m["ok"]
     assert "1 applicable control(s) failed" in m["problems"]
     assert any("not defined" in w for w in m["warnings"])
@@ -280,7 +292,7 @@ def test_threat_statuses_and_residual_risk_conditional_on_the_controls(
             result("test_net.py::test_intruder_is_dropped", "passed", ["NET-01"]),
             result("test_ssh.py::test_password_refused", "failed", ["SSH-01"], "rc 0"),
         ),
-        kind="production",
+        kind="production", ci=ci_evidence(),
     )
     t = {x["id"]: x for x in m["threats"]}
     # A failed control: the residual risk does not hold, the inherent risk applies here.
@@ -607,3 +619,43 @@ def test_the_control_table_says_where_each_control_is_implemented() -> None:
         assert "in role ssh (tag SSH-05)" in text
         if org01["evidence"]:
             assert f"Evidence: {org01['evidence']}" in text.replace("\\|", "|")
+
+
+# --- "in CI" only with CI's record of this toolkit commit ------------------------------------
+
+
+def _usb(reg: registry.Registry, ci: ci_record.Evidence | None) -> tuple[dict[str, Any],
+                                                                         dict[str, Any]]:
+    m = build(reg, run(result("test_net.py::test_intruder_is_dropped", "passed", ["NET-01"])),
+              kind="production", ci=ci)
+    return m["controls"]["USB-01"], {x["id"]: x for x in m["threats"]}["T-02"]
+
+
+def test_a_control_proven_only_in_ci_needs_the_record_of_this_commit(
+    reg: registry.Registry,
+) -> None:
+    usb, t02 = _usb(reg, ci_evidence())
+    assert usb["status"] == "in CI"
+    assert "1 of 1 test(s) of the toolkit passed in CI" in usb["reason"]
+    assert "lab-tests.junit.xml (commit c0ffeec0ffee" in usb["reason"]
+    assert t02["status"] == "covered + procedures"
+    # Without a record, or with one of another commit: a claim, and the threat is incomplete.
+    for ci in (None, ci_evidence(usable=False)):
+        usb, t02 = _usb(reg, ci)
+        assert usb["status"] == "claimed", usb
+        assert t02["status"] == "incomplete" and "USB-01" in t02["note"]
+    assert "not this one" in _usb(reg, ci_evidence(usable=False))[0]["reason"]
+    # A CI test of the control failed at this commit: the control failed, and the run fails.
+    usb, t02 = _usb(reg, ci_evidence("failed"))
+    assert usb["status"] == "failed" and t02["status"] == "at risk"
+    # Skipped in CI proves nothing.
+    assert _usb(reg, ci_evidence("skipped"))[0]["status"] == "claimed"
+
+
+def test_the_report_names_the_ci_record(reg: registry.Registry) -> None:
+    m = build(reg, run(result("test_net.py::test_intruder_is_dropped", "passed", ["NET-01"])),
+              ci=ci_evidence())
+    assert m["provenance"]["ci_record"]["usable"] is True
+    assert "lab-tests.junit.xml (commit c0ffeec0ffee, 1 tests, 0 failed)" in report.markdown(m)
+    m = build(reg, run(result("test_net.py::test_intruder_is_dropped", "passed", ["NET-01"])))
+    assert "none usable: no CI record was given" in report.markdown(m)

@@ -30,7 +30,7 @@ from typing import Any
 
 import jinja2
 
-from toolkit.assurance import registry
+from toolkit.assurance import ci_record, registry
 from toolkit.assurance.registry import TIMES, Registry, TestRef
 
 # 2: provenance, signature, per-control proof, threat notes and residual conditions,
@@ -42,8 +42,11 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 CONTROL_STATUSES: dict[str, tuple[str, str]] = {
     "passed": ("green", "every applicable test of it ran on this host and passed"),
     "failed": ("red", "a test of it failed or errored on this host"),
-    "in CI": ("blue", "no test can run on the host; CI's tests of the toolkit prove it "
-                      "(the signer's own behaviour), not re-run here"),
+    "in CI": ("blue", "no test can run on the host; the toolkit's tests passed in a CI run of "
+                      "the toolkit commit that made this report (the record is named), not "
+                      "re-run here"),
+    "claimed": ("amber", "no test can run on the host; the toolkit's CI tests should prove it, "
+                         "but no CI record of this toolkit commit shows them passing"),
     "waived": ("yellow", "lab host only: the control cannot exist in the lab (written reason)"),
     "skipped": ("amber", "its tests ran but all skipped, each with its reason"),
     "not run": ("amber", "it has tests on the host, but none ran in this run"),
@@ -56,7 +59,8 @@ STATUSES = tuple(CONTROL_STATUSES)
 
 THREAT_STATUSES: dict[str, tuple[str, str]] = {
     "at risk": ("red", "a control failed or is undefined: the residual risk does not hold"),
-    "incomplete": ("amber", "a technical control is skipped, not run or untested here"),
+    "incomplete": ("amber", "a technical control is skipped, not run, untested here, or "
+                            "claimed without a CI record"),
     "covered with waivers": ("yellow", "every technical control passed except those waived "
                                        "in the lab"),
     "covered": ("green", "every technical control is proven (on this host, or in CI)"),
@@ -158,6 +162,7 @@ def _control_entry(
     results: list[dict[str, Any]],
     kind: str,
     keyword: str | None,
+    ci: ci_record.Evidence | None = None,
 ) -> dict[str, Any]:
     known = registry.tests_of(reg, refs, control.id)
     listed = set(known)
@@ -201,12 +206,7 @@ def _control_entry(
         if not known:
             entry["status"], entry["reason"] = "untested", "no test names this control"
         elif not proof["host"]:
-            entry["status"] = "in CI"
-            entry["reason"] = (
-                f"not testable on the host; proven by {len(elsewhere)} test(s) of the toolkit "
-                "in CI: " + ", ".join(_short(n) for n in elsewhere[:3])
-                + (", ..." if len(elsewhere) > 3 else "")
-            )
+            entry["status"], entry["reason"] = _ci_status(elsewhere, ci)
         elif keyword:
             entry["status"], entry["reason"] = "not run", f"deselected by -k {keyword!r}"
         else:
@@ -260,6 +260,33 @@ def _ids(ids: list[str]) -> str:
     return ", ".join(ids)
 
 
+def _names(nodes: list[str], n: int = 3) -> str:
+    return ", ".join(_short(x) for x in nodes[:n]) + (", ..." if len(nodes) > n else "")
+
+
+def _ci_status(tests: list[str], ci: ci_record.Evidence | None) -> tuple[str, str]:
+    """A control only the toolkit's own tests can prove: "in CI" only with a CI record of this
+    toolkit commit in which they passed; "failed" if one failed there; else "claimed"."""
+    ev = ci or ci_record.Evidence()
+    head = f"not testable on the host; {len(tests)} test(s) of the toolkit prove it in CI"
+    if not ev.usable:
+        return "claimed", f"{head}, but {ev.why}: {_names(tests)}"
+    seen = {t: ev.outcomes[t] for t in tests if t in ev.outcomes}
+    failed = [t for t, o in seen.items() if o == "failed"]
+    passed = [t for t, o in seen.items() if o == "passed"]
+    absent = [t for t in tests if t not in seen]
+    where = ev.describe()
+    if failed:
+        return "failed", f"its CI test(s) failed in {where}: {_names(failed)}"
+    if not passed:
+        return "claimed", (f"{head}, but none of them passed in the given record(s) {where} "
+                           f"({len(absent)} not in them): {_names(tests)}")
+    note = (f"; {len(absent)} more not in the given record(s) (e.g. {_names(absent, 2)})"
+            if absent else "")
+    return "in CI", (f"not testable on the host; {len(passed)} of {len(tests)} test(s) of the "
+                     f"toolkit passed in CI, {where}: {_names(passed)}{note}")
+
+
 def _threat_status(
     threat: registry.Threat, controls: dict[str, dict[str, Any]]
 ) -> tuple[str, str, list[str]]:
@@ -278,7 +305,8 @@ def _threat_status(
     if bad:
         why = "; ".join(f"{_ids(by[s])} {s}" for s in ("failed", "undefined") if by.get(s))
         return "at risk", f"{why}{also}", bad
-    missing = by.get("skipped", []) + by.get("not run", []) + by.get("untested", [])
+    missing = (by.get("skipped", []) + by.get("not run", []) + by.get("untested", [])
+               + by.get("claimed", []))
     if missing:
         return "incomplete", f"not evidenced here: {_ids(missing)}{also}", missing
     if not mine:
@@ -364,11 +392,13 @@ def build(
     provenance: dict[str, Any] | None = None,
     previous: dict[str, Any] | None = None,
     generated: str | None = None,
+    ci: ci_record.Evidence | None = None,
 ) -> dict[str, Any]:
-    """The report model for one host; `previous` is the last run's model on that host."""
+    """The report model for one host; `previous` is the last run's model on that host; `ci`
+    the CI record that may vouch for controls only the toolkit's own tests can prove."""
     results: list[dict[str, Any]] = run.get("tests", [])
     controls = {
-        cid: _control_entry(c, reg, refs, results, kind, keyword)
+        cid: _control_entry(c, reg, refs, results, kind, keyword, ci)
         for cid, c in sorted(reg.controls.items(), key=lambda kv: registry._id_key(kv[0]))
     }
     for t in reg.active:
@@ -446,6 +476,10 @@ def build(
         )
     if counts["untested"]:
         warnings.append(f"{counts['untested']} applicable control(s) have no test at all")
+    if counts["claimed"]:
+        warnings.append(
+            f"{counts['claimed']} control(s) rest on the toolkit's CI tests, but "
+            f"{(ci or ci_record.Evidence()).why}")
     facts = run.get("host_facts") or {}
     if facts.get("error"):
         warnings.append(f"host facts could not be read: {facts['error']}")
@@ -454,6 +488,7 @@ def build(
     if skew:
         warnings.append(skew)
     prov["host_facts"] = facts
+    prov["ci_record"] = (ci or ci_record.Evidence()).as_dict()
     model: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "host": host,
@@ -631,6 +666,17 @@ def yardsticks(aud: dict[str, Any]) -> list[str]:
 # --- rendering --------------------------------------------------------------------------------
 
 
+def _ci_text(rec: dict[str, Any]) -> str:
+    """Which CI run vouches for the controls only the toolkit's tests prove, or why none does."""
+    files = "; ".join(f"{Path(str(x.get('file'))).name} (commit {str(x.get('commit'))[:12]}, "
+                      f"{x.get('tests')} tests, {x.get('failed')} failed)"
+                      for x in rec.get("sources") or [])
+    if rec.get("usable"):
+        return files
+    return f"none usable: {rec.get('why') or 'no CI record was given'}" + (
+        f" ({files})" if files else "")
+
+
 def _short_commit(toolkit: dict[str, Any]) -> str:
     commit = str(toolkit.get("commit") or "unknown")
     text = f"{toolkit.get('version') or '?'}, commit {commit[:12]}"
@@ -673,6 +719,7 @@ def provenance_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
         ]
     rows += [
         ("toolkit", _short_commit(prov.get("toolkit") or {})),
+        ("CI record", _ci_text(prov.get("ci_record") or {})),
         ("generated", f"{m['generated']}"
                       + (f", the tests took {m['duration']:.0f} s" if m.get("duration") else "")),
         ("operator", f"{op.get('user') or '?'} on {op.get('controller') or '?'}"),
@@ -727,7 +774,7 @@ def steps(text: str) -> list[str]:
 
 def attention(m: dict[str, Any]) -> list[dict[str, Any]]:
     """Applicable technical controls that are not proven here, worst first."""
-    order = ("failed", "undefined", "untested", "not run", "skipped", "waived")
+    order = ("failed", "undefined", "untested", "not run", "claimed", "skipped", "waived")
     return sorted((c for c in m["controls"].values() if c["status"] in order),
                   key=lambda c: (order.index(c["status"]), registry._id_key(c["id"])))
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from toolkit.assurance import registry, report, report_signing
+from toolkit.assurance import ci_record, registry, report, report_signing
 from toolkit.runner import hostvars
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -286,6 +286,7 @@ def _write_run(model: dict[str, Any], staging: Path, key: str | None) -> str:
 def _verify_one(
     target: Target, reg: registry.Registry, refs: Any, report_dir: Path,
     keyword: str | None, workers: int, quiet: bool, prov: dict[str, Any],
+    ci: ci_record.Evidence | None = None,
 ) -> dict[str, Any]:
     hdir = host_dir(report_dir, target)
     hdir.mkdir(parents=True, exist_ok=True)
@@ -318,7 +319,7 @@ def _verify_one(
     model = report.build(
         reg, refs, run, host=target.name, kind=target.kind, target=target.spec,
         keyword=keyword, auditors=load_auditors(report_dir, target), provenance=host_prov,
-        previous=previous_model(report_dir, target),
+        previous=previous_model(report_dir, target), ci=ci,
     )  # fmt: skip
     model["run"] = stamp
     signed = _write_run(model, staging, target.signing_key)
@@ -374,8 +375,12 @@ def verify(
     ask_become_pass: bool = False,
     sign_key: str | None = None,
     diff: bool = False,
+    ci_evidence: list[Path] | None = None,
 ) -> int:
-    """Run, report, and return the exit code: 0 all passed, 1 a host failed, 4 unreachable."""
+    """Run, report, and return the exit code: 0 all passed, 1 a host failed, 4 unreachable.
+
+    `ci_evidence`: JUnit files of CI's test runs of this toolkit commit (ci_record); without
+    them the controls only the toolkit's own tests prove are reported "claimed", not "in CI"."""
     report_dir = report_dir or DEFAULT_REPORT_DIR
     if workers < 1:
         raise VerifyError(f"--workers must be at least 1, not {workers}")
@@ -393,6 +398,10 @@ def verify(
             report_signing.fingerprint(Path(key).expanduser())
         except (report_signing.SigningError, report_signing.BadInput) as exc:
             raise VerifyError(f"signing key: {exc}") from exc
+    try:
+        ci = ci_record.load(list(ci_evidence or []), *ci_record.toolkit_state())
+    except ci_record.RecordError as exc:
+        raise VerifyError(f"--ci-evidence {exc}") from exc
     report_dir.mkdir(parents=True, exist_ok=True)
     reg = registry.load()
     refs = registry.collect_tests()
@@ -402,10 +411,11 @@ def verify(
         print(f"==> verify: {len(targets)} hosts, {parallel} at a time", flush=True)
         with ThreadPoolExecutor(max_workers=parallel) as pool:
             results = list(pool.map(
-                lambda t: _verify_one(t, reg, refs, report_dir, keyword, workers, True, prov),
+                lambda t: _verify_one(t, reg, refs, report_dir, keyword, workers, True, prov,
+                                      ci),
                 targets))
     else:
-        results = [_verify_one(t, reg, refs, report_dir, keyword, workers, False, prov)
+        results = [_verify_one(t, reg, refs, report_dir, keyword, workers, False, prov, ci)
                    for t in targets]
     index = write_index(results, report_dir, targets[0].inventory)
     lines = []

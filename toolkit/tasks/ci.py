@@ -42,9 +42,10 @@ def ci(c: Context, instance: str = "lab9", skip_lab: bool = False, keep: bool = 
     if not skip_lab:
         # The unit and signer tests need no VM: they run while the lab is built and provisioned
         # (image build and emulated guest leave the controller's CPUs mostly idle).
+        # Joined before harden, so their JUnit record exists when verify cites it.
         for t in tests:
             t.until = "harden"
-        lab = pipeline.lab_stages(instance)
+        lab = pipeline.lab_stages(instance, [pipeline.UNIT_RECORD] if tests else [])
         # A fresh VM: whatever an earlier run left of this instance goes first.
         stages.append(Stage("lab.down (before)", invoke("lab.down", "--instance", instance)))
         stages += lab

@@ -80,7 +80,11 @@ def check(c: Context, write_tables: bool = False, quiet: bool = False) -> None:
         "sign_key": "sign each report with this SSH key of yours (ssh-keygen -Y sign; default: "
         "the inventory's verify_report_signing_key, else unsigned)",
         "diff": "print what changed since each host's previous run",
+        "ci_evidence": "a JUnit file of CI's tests of this toolkit commit (`invoke ci` writes "
+        "reports/ci/*.junit.xml); repeatable. Without one, the controls only the toolkit's own "
+        "tests can prove are reported 'claimed', not 'in CI'",
     },
+    iterable=["ci_evidence"],
     name="run",
     default=True,
 )
@@ -95,6 +99,7 @@ def verify(
     ask_become_pass: bool = False,
     sign_key: str | None = None,
     diff: bool = False,
+    ci_evidence: list[str] | None = None,
 ) -> None:
     """Posture tests on every host of the inventory; reports per host: threats, controls, tests."""
     from toolkit.assurance import verify as verify_mod
@@ -114,6 +119,7 @@ def verify(
             ask_become_pass=ask_become_pass,
             sign_key=sign_key,
             diff=diff,
+            ci_evidence=[Path(p) for p in ci_evidence or []],
         )
     except verify_mod.VerifyError as exc:
         raise Exit(f"verify: {exc}", code=exitcodes.BAD_INPUT) from exc
