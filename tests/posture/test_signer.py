@@ -374,6 +374,21 @@ def test_every_client_and_custodian_is_bound_to_its_own_account(host, expected, 
         assert expected["signer_gateway_group"] in host.user(account).groups, account
 
 
+@pytest.mark.control("SGN-01")
+def test_no_forced_command_account_outside_the_inventory(host, expected, client_account):
+    """A retired build client or custodian (or the shared account of earlier releases) keeps
+    no account with a key into the gateway: every account whose primary group is the gateway
+    group is one the inventory names."""
+    group = expected["signer_gateway_group"]
+    gid = host.check_output(f"getent group {group}").split(":")[2]
+    members = sorted(line.split(":")[0] for line in host.check_output("getent passwd").splitlines()
+                     if line.split(":")[3] == gid)
+    wanted = sorted([client_account(c["name"]) for c in expected["signer_clients"]]
+                    + [c["name"] for c in expected["signer_custodians"]])
+    assert members == wanted, f"accounts in {group} that the inventory does not name: " \
+        f"{sorted(set(members) - set(wanted))}; missing: {sorted(set(wanted) - set(members))}"
+
+
 @pytest.mark.control("SGN-02")
 def test_a_build_clients_account_cannot_speak_as_a_custodian(host, expected, client_account):
     """A build client that escaped its forced command runs as its own account: claiming a
