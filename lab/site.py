@@ -135,8 +135,9 @@ def jump_up(inst: Instance) -> None:
     subprocess.run(["/usr/sbin/sshd", "-t", "-f", str(d / "sshd_config")], check=True)
     subprocess.run(["ip", "netns", "exec", ns, "/usr/sbin/sshd", "-f", str(d / "sshd_config"),
                     "-E", str(d / "sshd.log")], check=True)
-    for _ in range(50):
-        if (d / "sshd.pid").exists():
+    # Until the pid file names a running sshd of ours: it exists before its pid is written.
+    for _ in range(100):
+        if jump_pid(inst) is not None:
             break
         time.sleep(0.1)
     else:
