@@ -179,14 +179,16 @@ def _daemon_rates(sock: Path, profile: str, seconds: float) -> tuple[float, floa
 def throughput(lab: Lab, configs: dict[str, Path], seconds: float,
                rounds: int = 1) -> dict[str, Any]:
     """Signatures/s through each daemon of `configs` ("this", and "before" when given) and
-    the raw token, per algorithm; with several daemons, `rounds` alternations of them, each
-    figure the mean over the rounds, raw measured before and after (the mean divides)."""
+    the raw token, per algorithm, in `rounds` rounds of raw then each daemon, and raw once
+    more at the end: each figure is the mean over the rounds, each ratio over the mean raw
+    (a machine whose load changes during the run moves both alike)."""
     out: dict[str, Any] = {}
     for name, label, algorithm in (("ecdsa_p256", "ec", "ecdsa-p256"),
                                    ("rsa3072", "rsa", "rsa3072-pkcs1")):
-        raws = [_raw_token_rate(lab, label, algorithm, seconds)]
+        raws: list[float] = []
         got: dict[str, list[tuple[float, float, float]]] = {k: [] for k in configs}
         for _ in range(rounds):
+            raws.append(_raw_token_rate(lab, label, algorithm, seconds))
             for who, config in configs.items():
                 got[who].append(_daemon_rates(Lab.socket_of(config), label, seconds))
         raws.append(_raw_token_rate(lab, label, algorithm, seconds))
@@ -261,7 +263,7 @@ def _run(root: Path, seconds: float, artifact_size: int,
             except RuntimeError as exc:
                 out["before_checkout"] += f" (its daemon did not start: {exc})"
                 del configs["before"]
-        out.update(throughput(lab, configs, seconds, rounds=2 if before else 1))
+        out.update(throughput(lab, configs, seconds, rounds=3 if before else 1))
 
         def via_gateway() -> None:
             r = lab.gateway(config, "sign --profile ec --format raw", b"artifact")
