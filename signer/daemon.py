@@ -1,6 +1,9 @@
 """signerd: the only process that touches the token.
 
-One thread accepts on the Unix socket and hands connections to a pool; each request is checked by
+One thread accepts on the Unix socket and hands each connection to a thread of its own (an idle
+one from an earlier connection when there is one: starting a thread costs the accept loop a
+hand-shake with the new thread, most of a millisecond on a busy machine, on every request's
+path; a hand-off is a queue put); each request is checked by
 `policy`, streamed and hashed, signed through the one token session, written to the audit log and
 only then answered. The audit writer batches concurrent entries into one fsync (group commit).
 
@@ -21,6 +24,7 @@ import json
 import logging
 import os
 import pwd
+import queue
 import resource
 import secrets
 import signal
@@ -60,6 +64,7 @@ HEADER_TIMEOUT = 10.0  # total, from accept to the end of the header line
 BODY_TIMEOUT = 300.0  # per read: a stalled upload is dropped, a slow one is not ...
 REQUEST_DEADLINE = 3600.0  # ... until this total: a trickle cannot hold a slot for ever
 STOP_GRACE = 10.0
+IDLE_THREADS = CLIENT_SLOTS + CUSTODIAN_SLOTS  # kept waiting for the next connection
 _M_ARENA_MAX = -8
 
 
@@ -87,6 +92,9 @@ class Daemon:
         self._per_uid: dict[int, int] = {}
         self._slots: dict[tuple[str, str], int] = {}  # (role, name) -> requests being served
         self._deadlines: dict[socket.socket, float] = {}
+        self._idle = 0  # connection threads waiting on _handoff (guarded by _active_cv)
+        self._handoff: queue.SimpleQueue[tuple[socket.socket, int] | None] = \
+            queue.SimpleQueue()
         self.token: Token | None = None
         self.writer: audit.Writer | None = None
 
@@ -294,7 +302,8 @@ class Daemon:
         key = self._keys.get((self.cfg.daemon.audit_key, ECDSA_P256.name))
         if key is None or self.token is None or not self.token.logged_in:
             return None
-        return self.token.sign_digest(key, ECDSA_P256, digest)
+        # urgent: the flush that waits for this holds back every entry queued behind it
+        return self.token.sign_digest(key, ECDSA_P256, digest, urgent=True)
 
     # --- serving -----------------------------------------------------------------------------
 
@@ -322,6 +331,7 @@ class Daemon:
             except OSError:
                 conn.close()
                 continue
+            handed = False
             with self._active_cv:
                 if self._active >= MAX_CONNECTIONS or \
                         self._per_uid.get(uid, 0) >= MAX_PER_UID:
@@ -331,12 +341,36 @@ class Daemon:
                     self._active += 1
                     self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
                     self._deadlines[conn] = time.monotonic() + HEADER_TIMEOUT
+                    # Taken and put under the lock, so a thread counted idle is one that
+                    # will get this connection.
+                    handed = self._idle > 0
+                    if handed:
+                        self._idle -= 1
+                        self._handoff.put((conn, uid))
             if full:
                 _busy(conn, "too many connections to the signer daemon: try again later")
-                continue
-            threading.Thread(target=self._serve_one, args=(conn, uid), name="conn",
-                             daemon=True).start()
+            elif not handed:
+                threading.Thread(target=self._connections, args=(conn, uid), name="conn",
+                                 daemon=True).start()
         sock.close()
+        with self._active_cv:  # the idle threads end; busy ones end when they are done
+            for _ in range(self._idle):
+                self._handoff.put(None)
+            self._idle = 0
+
+    def _connections(self, conn: socket.socket, uid: int) -> None:
+        """Serve a connection, then wait for the next one unless IDLE_THREADS already wait
+        (the threads of a burst beyond that end)."""
+        while True:
+            self._serve_one(conn, uid)
+            with self._active_cv:
+                if self._stopping.is_set() or self._idle >= IDLE_THREADS:
+                    return
+                self._idle += 1
+            work = self._handoff.get()
+            if work is None:
+                return
+            conn, uid = work
 
     def _reaper(self) -> None:
         """Enforce total deadlines: a connection past its deadline is shut down, whatever

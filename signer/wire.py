@@ -157,7 +157,10 @@ def iter_body(f: BufferedIOBase, limit: int) -> Iterator[memoryview]:
     """Yield the body's chunks (views into one reused buffer); ProtocolError when the body goes
     past `limit` bytes or ends without the end frame. The caller sees at most limit + 1 bytes
     before the error, so it can tell 'too large' from a broken stream by the running count."""
-    buf = bytearray(MAX_FRAME)
+    # Sized by the largest frame so far, not MAX_FRAME up front: a signature request is
+    # usually one small frame, and a 1 MiB buffer made (zeroed, paged in) and freed for each
+    # was a tenth of a P-256 request's time in the daemon.
+    buf = bytearray()
     total = 0
     while True:
         head = f.read(_LEN.size)
@@ -171,6 +174,8 @@ def iter_body(f: BufferedIOBase, limit: int) -> Iterator[memoryview]:
         total += n
         if total > limit:
             raise BodyTooLarge(limit)
+        if n > len(buf):
+            buf = bytearray(n)
         view = memoryview(buf)[:n]
         got = 0
         while got < n:

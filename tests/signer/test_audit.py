@@ -343,6 +343,65 @@ def test_every_signature_is_vouched_for_by_a_checkpoint_before_it_is_released(
     assert audit.verify_file(signer.audit_log, _audit_pub(signer.lab), live=True)[0]
 
 
+# What a disk flush covers, recorded by the daemon itself: its os.fdatasync, slowed down like a
+# busy disk's, writes the audit log's size to a side file once the real call has returned.
+_SYNC_PROBE = """
+import os, sys, time
+real, probe = os.fdatasync, os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+def fdatasync(fd):
+    time.sleep(0.02)
+    real(fd)
+    os.write(probe, b"%d\\n" % os.fstat(fd).st_size)
+os.fdatasync = fdatasync
+from signer.cli import main
+sys.exit(main(["serve", "--config", sys.argv[2]]))
+"""
+
+
+@pytest.mark.control("SGN-05")
+def test_no_signature_is_answered_before_its_audit_entry_is_on_disk(make_signer: Any) -> None:
+    """Group commit and a token that signs while an entry is flushed must not change the
+    order: each signature a client receives has its entry in what an fdatasync covered.
+    (It fails when the writer's fdatasync runs behind the answer, e.g. in another thread.)"""
+    import sys
+
+    s: Signer = make_signer(start=False)
+    synced = s.config.parent / "synced"
+    s.lab.daemons[s.config] = subprocess.Popen(
+        [sys.executable, "-c", _SYNC_PROBE, str(synced), str(s.config)], env=s.lab.env,
+        stderr=(s.config.parent / "daemon.log").open("ab"))
+    s.lab.wait_ready(s.config)
+    early: list[str] = []
+    answered = 0
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        nonlocal answered
+        for i in range(12):
+            code, message, sig = sign_over_socket(s.socket, "dev" if k % 2 else "rsa",
+                                                  b"%d-%d" % (k, i), fmt="raw")
+            assert code == 0, message
+            digest = hashlib.sha256(sig).hexdigest()
+            size = int(synced.read_text().split()[-1])
+            with s.audit_log.open("rb") as f:
+                on_disk = f.read(size)
+            with lock:
+                answered += 1
+                if f'"sig_sha256":"{digest}"'.encode() not in on_disk:
+                    early.append(digest)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert answered == 72
+    assert early == [], f"{len(early)} signatures answered before their entry was on disk"
+    # and what was signed while a flush ran went out together in the next (group commit)
+    flushes = len(synced.read_text().split())
+    assert flushes < answered * 3 // 4, f"{flushes} disk flushes for {answered} signatures"
+
+
 # --- fail closed ---------------------------------------------------------------------------
 
 

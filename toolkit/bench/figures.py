@@ -80,10 +80,11 @@ def lab_figures(instance: str, cold: bool, env: dict[str, str]) -> dict[str, Any
 
 
 def collect(instance: str, cold: bool, no_lab: bool,
-            audit_sizes: tuple[int, ...] = ()) -> dict[str, Any]:
-    """Every figure of one bench run: the machine, the signer's, the audit log's start-up with
-    each history length of `audit_sizes` (full replay vs from the last checkpoint), and the
-    lab's unless `no_lab`."""
+            audit_sizes: tuple[int, ...] = (), before: Path | None = None) -> dict[str, Any]:
+    """Every figure of one bench run: the machine, the signer's (with `before`, the daemon of
+    that checkout measured beside this one's), the audit log's start-up with each history
+    length of `audit_sizes` (full replay vs from the last checkpoint), and the lab's unless
+    `no_lab`."""
     env = dict(os.environ, SIGNLAB_INSTANCE=instance)
     result: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -92,7 +93,7 @@ def collect(instance: str, cold: bool, no_lab: bool,
     }
     if find_spec("toolkit.bench.signer"):
         print("==> signer figures", flush=True)
-        result["signer"] = import_module("toolkit.bench.signer").run()
+        result["signer"] = import_module("toolkit.bench.signer").run(before=before)
     if audit_sizes:
         print(f"==> audit start-up figures ({', '.join(map(str, audit_sizes))} entries; the full "
               "replay of 10^7 takes minutes)", flush=True)

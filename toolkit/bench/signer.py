@@ -9,7 +9,19 @@ under 100 MiB peak for a 1 GiB artifact).
 Every daemon request here is a full protocol exchange on a fresh Unix socket connection, with
 the audit entry fsynced before the answer; the client side runs in this process (the gateway's
 own protocol code) so that the figure is the daemon's, not Python's start-up time, which is
-reported separately ("per SSH connection").
+reported separately ("per SSH connection"). The client shares the machine's cores with the
+daemon and the token: its CPU time per request is reported beside the rates.
+
+The denominator, "raw": one process signing in a loop with python-pkcs11. That is the most a
+daemon can get from the token: python-pkcs11 initialises the module with C_Initialize(NULL),
+which promises it no concurrent calls, so one process signs one signature at a time whatever
+its sessions (SoftHSM2 fails two at once). Two processes (each its own library instance) can
+sign at once on two cores; that figure is reported too, as the token's capacity on this
+machine, not as what one daemon could reach.
+
+`before`: a checkout of an earlier version (`git worktree add /tmp/before main`). Its daemon
+runs beside this one on the same token, each with its own config, log and socket, and their
+figures are measured alternately in the same run, raw before and after each algorithm's round.
 """
 
 from __future__ import annotations
@@ -61,8 +73,17 @@ def _rate(fn: Any, seconds: float, threads: int = 1) -> float:
 def _raw_token_rate(lab: Lab, label: str, algorithm: str, seconds: float) -> float:
     """python-pkcs11 sign loop on the same key, in a child process (the library is a
     per-process singleton and needs the lab's SOFTHSM2_CONF)."""
-    code = f"""
-import time, pkcs11
+    out = subprocess.run([sys.executable, "-c", _raw_code(lab, label, algorithm, seconds)],
+                         env=lab.env, capture_output=True, text=True, check=True).stdout
+    return float(out.strip())
+
+
+def _raw_code(lab: Lab, label: str, algorithm: str, seconds: float, wait: bool = False
+              ) -> str:
+    """The raw loop; with `wait`, it says "ready" once the key is found and starts on a line
+    of stdin (processes that open the token at the same moment can fail in SoftHSM2)."""
+    return f"""
+import sys, time, pkcs11
 from pkcs11 import ObjectClass
 from signer.algorithms import BY_NAME
 alg = BY_NAME[{algorithm!r}]
@@ -72,6 +93,9 @@ with tok.open(user_pin=open({str(lab.pin_file)!r}).read().strip()) as s:
     key = s.get_key(object_class=ObjectClass.PRIVATE_KEY, label={label!r})
     mech, param = alg.mechanism
     data = alg.token_input(b"\\x11" * 32)
+    if {wait!r}:
+        print("ready", flush=True)
+        sys.stdin.readline()
     n, stop = 0, time.monotonic() + {seconds}
     start = time.monotonic()
     while time.monotonic() < stop:
@@ -79,9 +103,6 @@ with tok.open(user_pin=open({str(lab.pin_file)!r}).read().strip()) as s:
         n += 1
     print(n / (time.monotonic() - start))
 """
-    out = subprocess.run([sys.executable, "-c", code], env=lab.env, capture_output=True,
-                         text=True, check=True).stdout
-    return float(out.strip())
 
 
 def _gateway_hash(lab: Lab, config: Path, artifact: Path) -> tuple[float, int, int]:
@@ -111,15 +132,104 @@ def _peak_kib(pid: int) -> int:
     return 0
 
 
-def run(seconds: float = SECONDS, artifact_size: int = GiB) -> dict[str, Any]:
+def _raw_parallel_rate(lab: Lab, label: str, algorithm: str, seconds: float,
+                       processes: int = 2) -> float:
+    """The raw loop in `processes` processes at once (each opens the token in turn, then all
+    start together): their rates added up."""
+    code = _raw_code(lab, label, algorithm, seconds, wait=True)
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for _ in range(processes):
+            proc = subprocess.Popen([sys.executable, "-c", code], env=lab.env, text=True,
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            procs.append(proc)
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("raw signing loop did not start")
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        rates = [float(p.communicate()[0].strip()) for p in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if any(p.returncode for p in procs):
+        raise RuntimeError("raw signing loop failed")
+    return sum(rates)
+
+
+def _daemon_rates(sock: Path, profile: str, seconds: float) -> tuple[float, float, float]:
+    """(1 client/s, 8 clients/s, this process's CPU ms per request with 8 clients)."""
+    def one() -> None:
+        code, message, _sig = sign_over_socket(sock, profile, b"artifact", fmt="raw")
+        if code != 0:
+            raise RuntimeError(message)
+
+    d1 = _rate(one, seconds, 1)
+    cpu = time.process_time()
+    started = time.monotonic()
+    d8 = _rate(one, seconds, 8)
+    requests = d8 * (time.monotonic() - started)
+    return d1, d8, 1000 * (time.process_time() - cpu) / max(requests, 1)
+
+
+def throughput(lab: Lab, configs: dict[str, Path], seconds: float,
+               rounds: int = 1) -> dict[str, Any]:
+    """Signatures/s through each daemon of `configs` ("this", and "before" when given) and
+    the raw token, per algorithm, in `rounds` rounds of raw then each daemon, and raw once
+    more at the end: each figure is the mean over the rounds, each ratio over the mean raw
+    (a machine whose load changes during the run moves both alike)."""
+    out: dict[str, Any] = {}
+    for name, label, algorithm in (("ecdsa_p256", "ec", "ecdsa-p256"),
+                                   ("rsa3072", "rsa", "rsa3072-pkcs1")):
+        raws: list[float] = []
+        got: dict[str, list[tuple[float, float, float]]] = {k: [] for k in configs}
+        for _ in range(rounds):
+            raws.append(_raw_token_rate(lab, label, algorithm, seconds))
+            for who, config in configs.items():
+                got[who].append(_daemon_rates(Lab.socket_of(config), label, seconds))
+        raws.append(_raw_token_rate(lab, label, algorithm, seconds))
+        raw = sum(raws) / len(raws)
+        fig: dict[str, Any] = {
+            "raw_pkcs11_per_s": round(raw, 1),
+            "raw_pkcs11_spread": [round(r, 1) for r in raws],
+            "raw_pkcs11_2_processes_per_s": round(
+                _raw_parallel_rate(lab, label, algorithm, seconds), 1),
+        }
+        for who, samples in got.items():
+            prefix = "" if who == "this" else f"{who}_"
+            d1, d8, cpu = (sum(x) / len(x) for x in zip(*samples, strict=True))
+            fig.update({
+                f"{prefix}daemon_1_client_per_s": round(d1, 1),
+                f"{prefix}daemon_8_clients_per_s": round(d8, 1),
+                f"{prefix}ratio_1_client": round(d1 / raw, 3),
+                f"{prefix}ratio_8_clients": round(d8 / raw, 3),
+                f"{prefix}bench_client_cpu_ms_per_request_8_clients": round(cpu, 3),
+            })
+        out[name] = fig
+    return out
+
+
+def run(seconds: float = SECONDS, artifact_size: int = GiB,
+        before: Path | None = None) -> dict[str, Any]:
     why = available()
     if why:
         return {"skipped": why}
     with tempfile.TemporaryDirectory(prefix="bench-signer-") as tmp:
-        return _run(Path(tmp), seconds, artifact_size)
+        return _run(Path(tmp), seconds, artifact_size, before)
 
 
-def _run(root: Path, seconds: float, artifact_size: int) -> dict[str, Any]:
+def _commit_of(checkout: Path) -> str:
+    r = subprocess.run(["git", "-C", str(checkout), "log", "-1", "--format=%h %s"],
+                       capture_output=True, text=True, check=False)
+    return r.stdout.strip()[:100] if r.returncode == 0 else "unknown"
+
+
+def _run(root: Path, seconds: float, artifact_size: int,
+         before: Path | None = None) -> dict[str, Any]:
     lab = Lab(root)
     lab.init_token()
     big = artifact_size + (1 << 20)
@@ -139,28 +249,21 @@ def _run(root: Path, seconds: float, artifact_size: int) -> dict[str, Any]:
     for args in (["--profile", "ec"], ["--profile", "rsa"], ["--audit"]):
         lab.signer("keys", "generate", "--config", config, *args).check_returncode()
     lab.signer("keys", "selfsign", "--config", config, "--profile", "win").check_returncode()
-    out: dict[str, Any] = {"seconds_per_figure": seconds, "audit_fsync": True}
-    sock = Lab.socket_of(config)
+    out: dict[str, Any] = {"seconds_per_figure": seconds, "audit_fsync": True,
+                           "this_checkout": _commit_of(Path(__file__).resolve().parents[2])}
+    configs = {"this": config}
     lab.start(config)
     try:
-        for name, label, algorithm in (("ecdsa_p256", "ec", "ecdsa-p256"),
-                                       ("rsa3072", "rsa", "rsa3072-pkcs1")):
-            raw = _raw_token_rate(lab, label, algorithm, seconds)
-
-            def one(profile: str = label) -> None:
-                code, message, _sig = sign_over_socket(sock, profile, b"artifact", fmt="raw")
-                if code != 0:
-                    raise RuntimeError(message)
-
-            d1 = _rate(one, seconds, 1)
-            d8 = _rate(one, seconds, 8)
-            out[name] = {
-                "raw_pkcs11_per_s": round(raw, 1),
-                "daemon_1_client_per_s": round(d1, 1),
-                "daemon_8_clients_per_s": round(d8, 1),
-                "ratio_1_client": round(d1 / raw, 3),
-                "ratio_8_clients": round(d8 / raw, 3),
-            }
+        if before is not None:
+            configs["before"] = lab.config("before", profiles, ["build1"], [],
+                                           checkpoint_interval=1000)
+            out["before_checkout"] = f"{before}: {_commit_of(before)}"
+            try:
+                lab.start(configs["before"], cwd=before)
+            except RuntimeError as exc:
+                out["before_checkout"] += f" (its daemon did not start: {exc})"
+                del configs["before"]
+        out.update(throughput(lab, configs, seconds, rounds=3 if before else 1))
 
         def via_gateway() -> None:
             r = lab.gateway(config, "sign --profile ec --format raw", b"artifact")

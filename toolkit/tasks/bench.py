@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from invoke.context import Context
 from invoke.tasks import task
 
@@ -14,9 +16,11 @@ from toolkit.bench import figures
     "no_lab": "only the figures that need no VM (signer throughput, hashing)",
     "audit_sizes": "history lengths for the audit start-up figures, comma-separated "
                    "(default 100000,1000000,10000000; empty: skip them)",
+    "before": "a checkout of another version (git worktree add /tmp/before main): its signer "
+              "daemon runs beside this one's, measured alternately in the same run",
 })
 def bench(c: Context, instance: str = "lab6", cold: bool = False, no_lab: bool = False,
-          audit_sizes: str = "100000,1000000,10000000") -> None:
+          audit_sizes: str = "100000,1000000,10000000", before: str = "") -> None:
     """Measure: signer vs raw token, hashing vs sha256sum, audit start-up with history (full
     replay vs from the last checkpoint), lab up/reset, plays, verify."""
     try:
@@ -24,7 +28,10 @@ def bench(c: Context, instance: str = "lab6", cold: bool = False, no_lab: bool =
     except ValueError:
         raise SystemExit(f"--audit-sizes: not a comma-separated list of entry counts: "
                          f"{audit_sizes!r}") from None
-    result = figures.collect(instance, cold, no_lab, sizes)
+    checkout = Path(before).resolve() if before else None
+    if checkout is not None and not (checkout / "signer" / "daemon.py").is_file():
+        raise SystemExit(f"--before: {before} is not a checkout of this toolkit")
+    result = figures.collect(instance, cold, no_lab, sizes, checkout)
     path = figures.write(result)
     print("\n==> bench results")
     for key, val in figures.flatten(result).items():
