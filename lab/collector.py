@@ -68,15 +68,21 @@ def pidfile(inst: Instance) -> Path:
     return inst.collector_dir / "rsyslogd.pid"
 
 
-def config_text(inst: Instance) -> str:
-    d, pki = inst.collector_dir, pki_dir(inst)
-    return f"""# The lab's log collector ({inst.name}): lab/collector.py. RELP over mutual TLS only.
+def receiver_config(d: Path, pki: Path, port: int, peer: str, title: str,
+                    address: str | None = None) -> str:
+    """The receiver's rsyslog configuration: RELP over mutual TLS on `port` (of `address`
+    only, when given), accepting the client certificate named `peer` only; the copy is filed
+    under `d/copies/<sender address>/`, rsyslogd's work files and own log in `d`; the TLS files
+    are `pki`'s ca.pem, collector.pem and collector.key (make_pki's names). The lab's
+    collector and the loopback pair of toolkit/local_forwarder.py run the same receiver."""
+    listen = f' address="{address}"' if address else ""
+    return f"""# {title}: lab/collector.py. RELP over mutual TLS only.
 global(workDirectory="{d / 'work'}" maxMessageSize="64k")
 module(load="imrelp")
-input(type="imrelp" port="{COLLECTOR_PORT}" ruleset="from-signing-hosts"
+input(type="imrelp"{listen} port="{port}" ruleset="from-signing-hosts"
       tls="on" tls.caCert="{pki / 'ca.pem'}" tls.myCert="{pki / 'collector.pem'}"
       tls.myPrivKey="{pki / 'collector.key'}" tls.authMode="name"
-      tls.permittedPeer=["{inst.tls_name('signhost')}"])
+      tls.permittedPeer=["{peer}"])
 
 template(name="copy-file" type="string"
          string="{d / 'copies'}/%fromhost-ip%/{PROGRAM}.jsonl")
@@ -96,12 +102,22 @@ ruleset(name="from-signing-hosts") {{
 """
 
 
+def prepare_dir(d: Path) -> None:
+    """The receiver's directory (0700) and the ones its configuration names."""
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    d.chmod(0o700)
+    (d / "work").mkdir(exist_ok=True)
+    (d / "copies").mkdir(mode=0o700, exist_ok=True)
+
+
+def config_text(inst: Instance) -> str:
+    return receiver_config(inst.collector_dir, pki_dir(inst), COLLECTOR_PORT,
+                           inst.tls_name("signhost"), f"The lab's log collector ({inst.name})")
+
+
 def write_config(inst: Instance) -> Path:
     """The configuration and the directories it names; its path."""
-    inst.collector_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    inst.collector_dir.chmod(0o700)
-    (inst.collector_dir / "work").mkdir(exist_ok=True)
-    (inst.collector_dir / "copies").mkdir(mode=0o700, exist_ok=True)
+    prepare_dir(inst.collector_dir)
     conf = config_path(inst)
     conf.write_text(config_text(inst))
     return conf
