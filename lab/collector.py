@@ -11,7 +11,7 @@
   directory under `<state dir>/collector/`. No system service is involved: this machine's own
   syslog (if any) is not touched, and the config loads no local input (no /dev/log, no kernel
   log), only the RELP listener.
-- A lab CA made here at run time (openssl, EC P-256, 30 days) issues the collector's server
+- A CA made here at run time (lab/ca.py: openssl, EC P-256, 30 days) issues the collector's server
   certificate and the signing host's client certificate; each side accepts only the other's
   name (`tls.authMode="name"`). The keys live in `<state dir>/collector/pki/` (0700) and go
   away with `lab.down`; the signing host's key reaches the VM through the inventory (deploy).
@@ -31,20 +31,15 @@ import subprocess
 import time
 from pathlib import Path
 
+from lab.ca import CA, EC, CAError
 from lab.config import COLLECTOR_PORT, Instance
 
-DAYS = "30"
+DAYS = 30
 PROGRAM = "signer-audit"  # the syslog tag the signing host gives its audit entries
 
 
 class CollectorError(RuntimeError):
     pass
-
-
-def _openssl(*args: str) -> None:
-    proc = subprocess.run(["openssl", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise CollectorError(f"openssl {args[0]}: {proc.stderr.strip()[-300:]}")
 
 
 def pki_dir(inst: Instance) -> Path:
@@ -53,32 +48,16 @@ def pki_dir(inst: Instance) -> Path:
 
 def make_pki(inst: Instance) -> None:
     """The lab CA and the two certificates it issues (kept when present)."""
-    d = pki_dir(inst)
     inst.collector_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    d.mkdir(exist_ok=True)
-    d.chmod(0o700)
-    ca_key, ca = d / "ca.key", d / "ca.pem"
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    if not ca.exists():
-        _openssl("req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(ca), "-days", DAYS,
-                 "-subj", f"/CN=signlab {inst.name} log collector CA",
-                 "-addext", "basicConstraints=critical,CA:TRUE",
-                 "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    for who, usage in (("collector", "serverAuth"), ("signhost", "clientAuth")):
-        cert = d / f"{who}.pem"
-        if cert.exists():
-            continue
-        name = inst.tls_name(who)
-        ext = d / f"{who}.ext"
-        ext.write_text(f"subjectAltName=DNS:{name}\nkeyUsage=critical,digitalSignature\n"
-                       f"extendedKeyUsage={usage}\nbasicConstraints=critical,CA:FALSE\n")
-        _openssl("req", "-new", *ec, "-keyout", str(d / f"{who}.key"),
-                 "-out", str(d / f"{who}.csr"), "-subj", f"/CN={name}")
-        _openssl("x509", "-req", "-in", str(d / f"{who}.csr"), "-CA", str(ca),
-                 "-CAkey", str(ca_key), "-set_serial", str(int.from_bytes(os.urandom(8), "big")),
-                 "-days", DAYS, "-extfile", str(ext), "-out", str(cert))
-    for key in d.glob("*.key"):
-        key.chmod(0o600)
+    ca = CA(pki_dir(inst))
+    try:
+        if not ca.exists():
+            ca.create(f"/CN=signlab {inst.name} log collector CA", DAYS, key=EC)
+        for who, profile in (("collector", "tls_server"), ("signhost", "tls_client")):
+            if not (ca.root / f"{who}.pem").exists():
+                ca.leaf(who, profile, DAYS, dns=inst.tls_name(who))
+    except CAError as exc:
+        raise CollectorError(str(exc)) from None
 
 
 def config_path(inst: Instance) -> Path:
@@ -89,15 +68,21 @@ def pidfile(inst: Instance) -> Path:
     return inst.collector_dir / "rsyslogd.pid"
 
 
-def config_text(inst: Instance) -> str:
-    d, pki = inst.collector_dir, pki_dir(inst)
-    return f"""# The lab's log collector ({inst.name}): lab/collector.py. RELP over mutual TLS only.
+def receiver_config(d: Path, pki: Path, port: int, peer: str, title: str,
+                    address: str | None = None) -> str:
+    """The receiver's rsyslog configuration: RELP over mutual TLS on `port` (of `address`
+    only, when given), accepting the client certificate named `peer` only; the copy is filed
+    under `d/copies/<sender address>/`, rsyslogd's work files and own log in `d`; the TLS files
+    are `pki`'s ca.pem, collector.pem and collector.key (make_pki's names). The lab's
+    collector and the loopback pair of toolkit/local_forwarder.py run the same receiver."""
+    listen = f' address="{address}"' if address else ""
+    return f"""# {title}: lab/collector.py. RELP over mutual TLS only.
 global(workDirectory="{d / 'work'}" maxMessageSize="64k")
 module(load="imrelp")
-input(type="imrelp" port="{COLLECTOR_PORT}" ruleset="from-signing-hosts"
+input(type="imrelp"{listen} port="{port}" ruleset="from-signing-hosts"
       tls="on" tls.caCert="{pki / 'ca.pem'}" tls.myCert="{pki / 'collector.pem'}"
       tls.myPrivKey="{pki / 'collector.key'}" tls.authMode="name"
-      tls.permittedPeer=["{inst.tls_name('signhost')}"])
+      tls.permittedPeer=["{peer}"])
 
 template(name="copy-file" type="string"
          string="{d / 'copies'}/%fromhost-ip%/{PROGRAM}.jsonl")
@@ -117,12 +102,22 @@ ruleset(name="from-signing-hosts") {{
 """
 
 
+def prepare_dir(d: Path) -> None:
+    """The receiver's directory (0700) and the ones its configuration names."""
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    d.chmod(0o700)
+    (d / "work").mkdir(exist_ok=True)
+    (d / "copies").mkdir(mode=0o700, exist_ok=True)
+
+
+def config_text(inst: Instance) -> str:
+    return receiver_config(inst.collector_dir, pki_dir(inst), COLLECTOR_PORT,
+                           inst.tls_name("signhost"), f"The lab's log collector ({inst.name})")
+
+
 def write_config(inst: Instance) -> Path:
     """The configuration and the directories it names; its path."""
-    inst.collector_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    inst.collector_dir.chmod(0o700)
-    (inst.collector_dir / "work").mkdir(exist_ok=True)
-    (inst.collector_dir / "copies").mkdir(mode=0o700, exist_ok=True)
+    prepare_dir(inst.collector_dir)
     conf = config_path(inst)
     conf.write_text(config_text(inst))
     return conf

@@ -4,6 +4,7 @@ produces an event carrying its key, and the audit trails reach a collector off t
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import time
@@ -113,10 +114,11 @@ def test_the_signer_audit_log_is_forwarded_over_a_live_tls_session(host, expecte
     assert collector, "no collector in the inventory (signer_audit_collector is empty)"
     svc = host.service("rsyslog.service")
     assert svc.is_running and svc.is_enabled
-    # rsyslog tails the log the daemon writes, and holds a RELP session with the collector
-    # (a connection refused or a TLS peer it does not accept leaves none).
-    assert f'file="{expected["signer_audit_log"]}"' in host.check_output(
-        "cat /etc/rsyslog.d/*.conf")
+    # rsyslog tails the log the daemon writes (the active file and its closed segments,
+    # <stem>.<seq><ext>), and holds a RELP session with the collector (a connection refused or
+    # a TLS peer it does not accept leaves none).
+    stem, ext = os.path.splitext(expected["signer_audit_log"])
+    assert f'file="{stem}*{ext}"' in host.check_output("cat /etc/rsyslog.d/*.conf")
     sessions = host.check_output(f"ss -Htnp state established dst {collector} dport = :{port}")
     assert "rsyslogd" in sessions, f"no session from rsyslogd to {collector}:{port}"
 

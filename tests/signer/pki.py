@@ -1,6 +1,6 @@
-"""Test fixtures, never product code: a lab CA made at run time (issues certificates from CSRs,
-e.g. the token key's, with the code-signing EKU) and an RFC 3161 time-stamping authority on
-127.0.0.1 (`openssl ts -reply` behind a small HTTP server). Keys live in a temporary directory
+"""Test fixtures, never product code: a CA made at run time (lab/ca.py; it issues certificates
+from CSRs, e.g. the token key's, with the code-signing EKU) and an RFC 3161 time-stamping
+authority on 127.0.0.1 (`openssl ts -reply` behind a small HTTP server). Keys live in a temporary directory
 for one test session and are never committed."""
 
 from __future__ import annotations
@@ -11,56 +11,18 @@ import tempfile
 import threading
 from pathlib import Path
 
-_EXTENSIONS = """\
-[ca]
-basicConstraints = critical, CA:true
-keyUsage = critical, keyCertSign, cRLSign
-subjectKeyIdentifier = hash
-[code_signing]
-basicConstraints = critical, CA:false
-keyUsage = critical, digitalSignature
-extendedKeyUsage = codeSigning
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-[time_stamping]
-basicConstraints = critical, CA:false
-keyUsage = critical, digitalSignature
-extendedKeyUsage = critical, timeStamping
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-"""
+from lab.ca import CA, request
 
 
-def _openssl(*args: str | Path) -> None:
-    r = subprocess.run(["openssl", *map(str, args)], capture_output=True, text=True,
-                       check=False)
-    assert r.returncode == 0, r.stderr
+class LabCA(CA):
+    """A root CA (RSA-3072, lab/ca.py) made in `root`; `issue` signs a CSR for a leaf with the
+    given profile (lab.ca.PROFILES: code_signing or time_stamping), valid one day."""
 
-
-class LabCA:
-    """A root CA (RSA-3072) in `root`; `issue` signs a CSR for a leaf with the given profile
-    (an extension section above: code_signing or time_stamping)."""
+    leaf_days = 1
 
     def __init__(self, root: Path, name: str = "signer lab CA") -> None:
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.root = root
-        self.key = root / "ca.key"
-        self.cert = root / "ca.pem"
-        self.ext = root / "extensions.cnf"
-        self.ext.write_text(_EXTENSIONS)
-        _openssl("req", "-x509", "-newkey", "rsa:3072", "-nodes", "-keyout", self.key, "-out",
-                 self.cert, "-days", "2", "-subj", f"/CN={name}", "-config", self.ext,
-                 "-extensions", "ca")
-
-    def issue(self, csr: Path, out: Path, profile: str = "code_signing",
-              subject: str | None = None) -> Path:
-        args: list[str | Path] = ["x509", "-req", "-in", csr, "-CA", self.cert, "-CAkey",
-                                  self.key, "-CAcreateserial", "-days", "1", "-sha256",
-                                  "-extfile", self.ext, "-extensions", profile, "-out", out]
-        if subject:
-            args += ["-subj", subject]
-        _openssl(*args)
-        return out
+        super().__init__(root)
+        self.create(f"/CN={name}", 2)
 
 
 class TSA:
@@ -72,9 +34,7 @@ class TSA:
         self.key, self.cert = root / "tsa.key", root / "tsa.pem"
         csr = root / "tsa.csr"
         # P-256: generated in milliseconds; the TSA's key type is independent of the signer's
-        _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                 "-nodes", "-keyout", self.key, "-out", csr, "-subj", "/CN=signer lab TSA")
-        ca.issue(csr, self.cert, "time_stamping")
+        ca.issue(request(self.key, csr, "/CN=signer lab TSA"), self.cert, "time_stamping")
         (root / "serial").write_text("01\n")
         self.config = root / "tsa.cnf"
         self.config.write_text(f"""\

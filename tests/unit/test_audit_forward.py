@@ -86,7 +86,9 @@ def _render(inst: Instance, tls_dir: Path) -> str:
 
 def test_the_forwarder_tails_the_audit_log_into_a_queued_tls_relp_action(inst, tmp_path):  # type: ignore[no-untyped-def]
     conf = _render(inst, tmp_path)
-    assert 'type="imfile" file="/var/lib/signer/audit.jsonl"' in conf
+    # the active file and its closed segments (audit.<seq>.jsonl), each from its saved offset
+    assert 'file="/var/lib/signer/audit*.jsonl"' in conf
+    assert 'persistStateAfterSubmission="on"' in conf and 'sortFiles="on"' in conf
     assert 'type="omrelp"' in conf and 'target="192.0.2.60" port="2514"' in conf
     assert 'tls="on"' in conf and f'tls.permittedPeer=["{inst.tls_name("collector")}"]' in conf
     # disk-assisted, one worker (order), never gives up, saved at shutdown

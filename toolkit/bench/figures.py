@@ -82,9 +82,9 @@ def lab_figures(instance: str, cold: bool, env: dict[str, str]) -> dict[str, Any
 def collect(instance: str, cold: bool, no_lab: bool,
             audit_sizes: tuple[int, ...] = (), before: Path | None = None) -> dict[str, Any]:
     """Every figure of one bench run: the machine, the signer's (with `before`, the daemon of
-    that checkout measured beside this one's), the audit log's start-up with each history
-    length of `audit_sizes` (full replay vs from the last checkpoint), and the lab's unless
-    `no_lab`."""
+    that checkout measured beside this one's), signing with the audit log forwarded vs not
+    (rsyslog on loopback), the audit log's start-up with each history length of `audit_sizes`
+    (full replay vs from the last checkpoint), and the lab's unless `no_lab`."""
     env = dict(os.environ, SIGNLAB_INSTANCE=instance)
     result: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -94,6 +94,9 @@ def collect(instance: str, cold: bool, no_lab: bool,
     if find_spec("toolkit.bench.signer"):
         print("==> signer figures", flush=True)
         result["signer"] = import_module("toolkit.bench.signer").run(before=before)
+    if find_spec("toolkit.bench.forwarding"):
+        print("==> audit forwarding figures (signing with the forwarder on vs off)", flush=True)
+        result["audit_forwarding"] = import_module("toolkit.bench.forwarding").run()
     if audit_sizes:
         print(f"==> audit start-up figures ({', '.join(map(str, audit_sizes))} entries; the full "
               "replay of 10^7 takes minutes)", flush=True)

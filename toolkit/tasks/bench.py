@@ -13,7 +13,8 @@ from toolkit.bench import figures
 @task(help={
     "instance": "lab instance for the lab figures (default lab6)",
     "cold": "also measure a cold lab.up (removes and rebuilds the cached base image)",
-    "no_lab": "only the figures that need no VM (signer throughput, hashing)",
+    "no_lab": "only the figures that need no VM (signer throughput, hashing, audit "
+              "forwarding on vs off, audit start-up)",
     "audit_sizes": "history lengths for the audit start-up figures, comma-separated "
                    "(default 100000,1000000,10000000; empty: skip them)",
     "before": "a checkout of another version (git worktree add /tmp/before main): its signer "
@@ -21,7 +22,8 @@ from toolkit.bench import figures
 })
 def bench(c: Context, instance: str = "lab6", cold: bool = False, no_lab: bool = False,
           audit_sizes: str = "100000,1000000,10000000", before: str = "") -> None:
-    """Measure: signer vs raw token, hashing vs sha256sum, audit start-up with history (full
+    """Measure: signer vs raw token (and vs another checkout's daemon with --before), hashing
+    vs sha256sum, signing with audit forwarding on vs off, audit start-up with history (full
     replay vs from the last checkpoint), lab up/reset, plays, verify."""
     try:
         sizes = tuple(int(x) for x in audit_sizes.split(",") if x.strip())
