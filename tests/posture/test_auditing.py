@@ -125,7 +125,13 @@ def test_the_signer_audit_log_is_forwarded_over_a_live_tls_session(host, expecte
 
 @pytest.mark.control("AUD-04")
 def test_the_collector_holds_the_hosts_latest_audit_entry(host, expected) -> None:  # type: ignore[no-untyped-def]
-    latest = host.check_output(f"tail -n 1 {shlex.quote(expected['signer_audit_log'])}")
+    # Right after a rotation the active file is empty: the latest entry closes the newest
+    # segment (<stem>.<first seq><ext>).
+    log = expected["signer_audit_log"]
+    stem, ext = os.path.splitext(log)
+    latest = host.check_output(
+        f"f={shlex.quote(log)}; [ -s \"$f\" ] || f=$(ls -1v {shlex.quote(stem)}.*{shlex.quote(ext)}"
+        " 2>/dev/null | tail -n 1); tail -n 1 \"$f\"")
     assert latest, "the host's audit log is empty"
     seq = json.loads(latest)["seq"]
     # Forwarding takes a moment (inotify, the queue, the network): wait for it, bounded.
