@@ -43,10 +43,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 import testinfra
@@ -54,6 +54,11 @@ from testinfra.backend import base
 
 from toolkit.assurance import registry, shell_channel
 from toolkit.runner import expectations, hostvars
+
+if TYPE_CHECKING:
+    from testinfra.host import Host  # testinfra has no type hints: Host is Any to mypy
+
+    from toolkit.assurance.log_search import Secret
 
 DEFAULT_INVENTORY = "inventory/lab"
 # Set to 1 where a missing target must fail the run instead of skipping it (CI).
@@ -276,12 +281,19 @@ def _param(request: pytest.FixtureRequest) -> str:
     if value.startswith(_ERROR):
         pytest.fail(value[len(_ERROR):], pytrace=False)
     if value == _NONE:
+        assert request.fixturename is not None  # a fixture's own request names it
         pytest.skip(f"does not apply: {_PARAMETRISED[request.fixturename][1]}")
     return value
 
 
+class AdminSsh(Protocol):
+    """The `admin_ssh` fixture: ssh argv, `options` before the destination, `remote` after."""
+
+    def __call__(self, *options: str, remote: Sequence[str] = ()) -> list[str]: ...
+
+
 @pytest.fixture(scope="session")
-def admin_ssh(pytestconfig: pytest.Config) -> Callable[..., list[str]]:
+def admin_ssh(pytestconfig: pytest.Config) -> AdminSsh:
     """`admin_ssh("-N", "-L", spec)`, `admin_ssh(..., remote=["true"])`: ssh argv from the
     controller to the host, these options before the destination, `remote` after it."""
     run = pytestconfig.stash[_KEY]
@@ -333,7 +345,7 @@ class Vantage:
 
 
 @pytest.fixture(scope="session")
-def become_password(pytestconfig: pytest.Config, host: Any) -> Any:
+def become_password(pytestconfig: pytest.Config, host: Host) -> Secret | None:
     """The sudo password the suite's root channel gave sudo (from the inventory's vault or
     --become-password-fd), as a log_search.Secret that never shows itself in a traceback;
     None when sudo asked for none. Only for looking it up in logs."""
@@ -363,7 +375,7 @@ def vantage(expected: Expected) -> Callable[[str], Vantage]:
 
 
 @pytest.fixture(scope="session")
-def host(pytestconfig: pytest.Config) -> Any:
+def host(pytestconfig: pytest.Config) -> Iterator[Host]:
     run = pytestconfig.stash[_KEY]
     if run.spec is None:
         if os.environ.get(REQUIRE_TARGET) == "1":
@@ -392,7 +404,7 @@ def host(pytestconfig: pytest.Config) -> Any:
         h.backend.close()
 
 
-def _inventory_channel(config: pytest.Config, run: Run, sudo: bool) -> Any:
+def _inventory_channel(config: pytest.Config, run: Run, sudo: bool) -> Host:
     """The root channel to an inventory host, reached exactly as Ansible reaches it."""
     from toolkit.runner import connection
 

@@ -9,15 +9,21 @@ import shlex
 import subprocess
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from testinfra.host import Host
+
+    from tests.posture.conftest import Expected
 
 KEYS = ["signhost-token", "signhost-signer-config", "signhost-signer-bin", "signhost-ssh",
         "signhost-firewall", "signhost-usb", "signhost-sudoers", "signhost-accounts",
         "signhost-modules", "signhost-time"]
 
 
-def _write_to_a_watched_file(host, directory: str) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+def _write_to_a_watched_file(host: Host, directory: str) -> tuple[str, str]:
     """Open a file directly under `directory` for writing, as any change to it starts, and
     return (pid of the opening process, the file's name) for ausearch.
 
@@ -38,7 +44,7 @@ def _write_to_a_watched_file(host, directory: str) -> tuple[str, str]:  # type: 
 
 
 @pytest.mark.control("AUD-01")
-def test_auditd_runs_and_is_enabled(host) -> None:  # type: ignore[no-untyped-def]
+def test_auditd_runs_and_is_enabled(host: Host) -> None:
     svc = host.service("auditd.service")
     assert svc.is_running and svc.is_enabled
     assert "enabled 1" in host.check_output("auditctl -s") or \
@@ -47,7 +53,7 @@ def test_auditd_runs_and_is_enabled(host) -> None:  # type: ignore[no-untyped-de
 
 @pytest.mark.control("AUD-01")
 @pytest.mark.parametrize("key", KEYS)
-def test_rules_are_loaded_and_persist_across_reboots(host, key) -> None:  # type: ignore[no-untyped-def]
+def test_rules_are_loaded_and_persist_across_reboots(host: Host, key: str) -> None:
     assert f"-k {key}" in host.check_output("auditctl -l") or \
         f"key={key}" in host.check_output("auditctl -l")
     # augenrules compiles rules.d into audit.rules, which auditd loads at boot
@@ -62,7 +68,8 @@ def test_rules_are_loaded_and_persist_across_reboots(host, key) -> None:  # type
      ("/etc/usbguard", "signhost-usb"),
      ("/etc/nftables.d", "signhost-firewall")],
 )
-def test_writing_a_watched_file_produces_a_keyed_event(host, directory, key) -> None:  # type: ignore[no-untyped-def]
+def test_writing_a_watched_file_produces_a_keyed_event(host: Host, directory: str,
+                                                       key: str) -> None:
     # (A probe file, where one is needed, has a name none of the services reads: sudo skips
     # names with a dot; sshd has no Include.)
     pid, name = _write_to_a_watched_file(host, directory)
@@ -71,7 +78,7 @@ def test_writing_a_watched_file_produces_a_keyed_event(host, directory, key) -> 
 
 
 @pytest.mark.control("AUD-03")
-def test_module_loading_is_audited(host) -> None:  # type: ignore[no-untyped-def]
+def test_module_loading_is_audited(host: Host) -> None:
     rules = host.check_output("auditctl -l")
     assert "finit_module" in rules and "init_module" in rules and "delete_module" in rules
     host.run("modprobe dummy; modprobe -r dummy")
@@ -80,13 +87,13 @@ def test_module_loading_is_audited(host) -> None:  # type: ignore[no-untyped-def
 
 
 @pytest.mark.control("AUD-03")
-def test_clock_changes_are_audited(host) -> None:  # type: ignore[no-untyped-def]
+def test_clock_changes_are_audited(host: Host) -> None:
     rules = host.check_output("auditctl -l")
     assert "settimeofday" in rules and "clock_settime" in rules and "key=signhost-time" in rules
 
 
 @pytest.mark.control("AUD-04")
-def test_audit_events_go_to_the_collector(host, expected, is_lab) -> None:  # type: ignore[no-untyped-def]
+def test_audit_events_go_to_the_collector(host: Host, expected: Expected, is_lab: bool) -> None:
     server = expected["auditd_remote_server"]
     if is_lab and not server:
         pytest.skip("no audisp-remote receiver for this test host (auditd_remote_server is "
@@ -99,7 +106,7 @@ def test_audit_events_go_to_the_collector(host, expected, is_lab) -> None:  # ty
     assert host.process.filter(comm="audisp-remote")
 
 
-def _collector_copy(expected) -> list[str]:  # type: ignore[no-untyped-def]
+def _collector_copy(expected: Expected) -> list[str]:
     """The collector's copy of the host's signer audit log, read the way the inventory says
     (verify_audit_collector_copy.argv, run on the controller)."""
     argv = [str(a) for a in expected["verify_audit_collector_copy"]["argv"]]
@@ -109,7 +116,8 @@ def _collector_copy(expected) -> list[str]:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.control("AUD-04")
-def test_the_signer_audit_log_is_forwarded_over_a_live_tls_session(host, expected) -> None:  # type: ignore[no-untyped-def]
+def test_the_signer_audit_log_is_forwarded_over_a_live_tls_session(host: Host,
+                                                                   expected: Expected) -> None:
     collector, port = expected["signer_audit_collector"], expected["signer_audit_collector_port"]
     assert collector, "no collector in the inventory (signer_audit_collector is empty)"
     svc = host.service("rsyslog.service")
@@ -124,7 +132,7 @@ def test_the_signer_audit_log_is_forwarded_over_a_live_tls_session(host, expecte
 
 
 @pytest.mark.control("AUD-04")
-def test_the_collector_holds_the_hosts_latest_audit_entry(host, expected) -> None:  # type: ignore[no-untyped-def]
+def test_the_collector_holds_the_hosts_latest_audit_entry(host: Host, expected: Expected) -> None:
     # Right after a rotation the active file is empty: the latest entry closes the newest
     # segment (<stem>.<first seq><ext>).
     log = expected["signer_audit_log"]
@@ -153,7 +161,8 @@ def test_the_collector_holds_the_hosts_latest_audit_entry(host, expected) -> Non
         ("/var/lib/signer/state", "signhost-token"),
     ],
 )
-def test_a_write_under_a_deployed_signer_directory_is_audited(host, directory, key) -> None:  # type: ignore[no-untyped-def]
+def test_a_write_under_a_deployed_signer_directory_is_audited(host: Host, directory: str,
+                                                              key: str) -> None:
     # These directories appear with `invoke deploy`, after harden loaded the rules: only rules
     # loaded again since then watch them recursively (a probe one level down proves it).
     assert host.file(directory).is_directory, f"{directory} missing: run `invoke deploy` first"

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from testinfra.host import Host
+
+    from tests.posture.conftest import Expected
 
 ABSENT = ["telnet", "inetutils-telnet", "rsh-client", "ftp", "nis", "avahi-daemon",
           "cups-daemon", "rpcbind"]
@@ -12,18 +18,18 @@ ABSENT = ["telnet", "inetutils-telnet", "rsh-client", "ftp", "nis", "avahi-daemo
 
 @pytest.mark.control("BASE-01")
 @pytest.mark.parametrize("package", ABSENT)
-def test_unneeded_packages_are_absent(host, package) -> None:  # type: ignore[no-untyped-def]
+def test_unneeded_packages_are_absent(host: Host, package: str) -> None:
     assert not host.package(package).is_installed
 
 
 @pytest.mark.control("BASE-01")
 @pytest.mark.parametrize("unit", ["ctrl-alt-del.target", "debug-shell.service"])
-def test_console_escape_units_are_masked(host, unit) -> None:  # type: ignore[no-untyped-def]
+def test_console_escape_units_are_masked(host: Host, unit: str) -> None:
     assert host.check_output(f"systemctl is-enabled {unit} || true") == "masked"
 
 
 @pytest.mark.control("BASE-02")
-def test_time_is_synchronised_from_the_configured_servers(host) -> None:  # type: ignore[no-untyped-def]
+def test_time_is_synchronised_from_the_configured_servers(host: Host) -> None:
     assert host.service("systemd-timesyncd.service").is_running
     servers = host.check_output("timedatectl show-timesync -p SystemNTPServers --value")
     assert servers.strip(), "no NTP server configured: timesyncd would use the distro pool"
@@ -35,7 +41,7 @@ def test_time_is_synchronised_from_the_configured_servers(host) -> None:  # type
 
 
 @pytest.mark.control("BASE-03")
-def test_security_updates_are_applied_automatically(host, expected) -> None:  # type: ignore[no-untyped-def]
+def test_security_updates_are_applied_automatically(host: Host, expected: Expected) -> None:
     assert host.package("unattended-upgrades").is_installed
     conf = host.check_output("apt-config dump")
     assert 'APT::Periodic::Unattended-Upgrade "1";' in conf
@@ -48,19 +54,20 @@ def test_security_updates_are_applied_automatically(host, expected) -> None:  # 
 
 
 @pytest.mark.control("BASE-04")
-def test_journal_is_persistent(host) -> None:  # type: ignore[no-untyped-def]
+def test_journal_is_persistent(host: Host) -> None:
     machine = host.file("/etc/machine-id").content_string.strip()
     journal = host.file(f"/var/log/journal/{machine}")
     assert journal.is_directory
     assert host.run(f"ls {journal.path}/system.journal").rc == 0
 
 
-def _admin(expected, name: str) -> dict:  # type: ignore[no-untyped-def,type-arg]
+def _admin(expected: Expected, name: str) -> dict:  # type: ignore[type-arg]
     return next(u for u in expected["base_admin_users"] if u["name"] == name)
 
 
 @pytest.mark.control("BASE-05")
-def test_admin_keys_are_private_and_sudo_is_logged(host, expected, admin_user) -> None:  # type: ignore[no-untyped-def]
+def test_admin_keys_are_private_and_sudo_is_logged(host: Host, expected: Expected,
+                                                   admin_user: str) -> None:
     admin = _admin(expected, admin_user)
     home = host.user(admin_user).home
     # The account has exactly the inventory's keys, in a file only it can write.
@@ -97,13 +104,13 @@ def test_admin_keys_are_private_and_sudo_is_logged(host, expected, admin_user) -
 
 
 @pytest.mark.control("BASE-05")
-def test_local_passwords_are_hashed_with_many_rounds(host) -> None:  # type: ignore[no-untyped-def]
+def test_local_passwords_are_hashed_with_many_rounds(host: Host) -> None:
     defs = host.file("/etc/login.defs").content_string.splitlines()
     assert "SHA_CRYPT_MIN_ROUNDS 65536" in defs and "SHA_CRYPT_MAX_ROUNDS 65536" in defs
 
 
 @pytest.mark.control("BASE-06")
-def test_ssh_shows_the_login_banner_before_authentication(host) -> None:  # type: ignore[no-untyped-def]
+def test_ssh_shows_the_login_banner_before_authentication(host: Host) -> None:
     r = host.run("ssh -n -o BatchMode=yes -o StrictHostKeyChecking=no "
                  "-o UserKnownHostsFile=/dev/null -o PubkeyAuthentication=no nobody@127.0.0.1 true; true")
     assert "Authorised access only" in r.stderr, r.stderr
@@ -111,7 +118,7 @@ def test_ssh_shows_the_login_banner_before_authentication(host) -> None:  # type
 
 
 @pytest.mark.control("BASE-07")
-def test_aide_detects_a_change_in_a_watched_path(host) -> None:  # type: ignore[no-untyped-def]
+def test_aide_detects_a_change_in_a_watched_path(host: Host) -> None:
     assert host.file("/var/lib/aide/signhost.db").exists
     probe = "/etc/ssh/zz-aide-probe"
     host.check_output(f"echo probe > {probe}")
@@ -124,13 +131,13 @@ def test_aide_detects_a_change_in_a_watched_path(host) -> None:  # type: ignore[
 
 
 @pytest.mark.control("PHY-03")
-def test_secure_boot_is_enabled(host) -> None:  # type: ignore[no-untyped-def]
+def test_secure_boot_is_enabled(host: Host) -> None:
     # PHY-03 applies to production hosts: the conftest skips it elsewhere with the waiver.
     out = host.run("mokutil --sb-state")
     assert "SecureBoot enabled" in out.stdout, out.stdout + out.stderr
 
 
 @pytest.mark.control("PHY-03")
-def test_root_filesystem_is_encrypted(host) -> None:  # type: ignore[no-untyped-def]
+def test_root_filesystem_is_encrypted(host: Host) -> None:
     tree = host.check_output("lsblk -s -n -o TYPE \"$(findmnt -n -o SOURCE /)\"")
     assert "crypt" in tree.split(), tree

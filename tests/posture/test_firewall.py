@@ -6,18 +6,25 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from testinfra.host import Host
+
+    from tests.posture.conftest import Expected, Vantage
 
 RULESET = "/etc/nftables.d/signhost.nft"
 
 
-def chains(host) -> dict[str, dict]:  # type: ignore[no-untyped-def,type-arg]
+def chains(host: Host) -> dict[str, dict]:  # type: ignore[type-arg]
     data = json.loads(host.check_output("nft -j list table inet signhost"))
     return {c["chain"]["name"]: c["chain"] for c in data["nftables"] if "chain" in c}
 
 
-def connect_from_host(host, addr: str, port: int, proto: str = "tcp") -> str:  # type: ignore[no-untyped-def]
+def connect_from_host(host: Host, addr: str, port: int, proto: str = "tcp") -> str:
     """Try to reach addr:port from the host; returns the errno name (or OK)."""
     kind = "SOCK_STREAM" if proto == "tcp" else "SOCK_DGRAM"
     fam = "AF_INET6" if ":" in addr else "AF_INET"
@@ -31,26 +38,27 @@ def connect_from_host(host, addr: str, port: int, proto: str = "tcp") -> str:  #
         "except OSError as e:\n"
         "    print(errno.errorcode.get(e.errno, 'TIMEOUT') if e.errno else 'TIMEOUT')\n"
     )
-    return host.check_output(f"python3 -c {shlex.quote(code)}").strip()
+    result: str = host.check_output(f"python3 -c {shlex.quote(code)}").strip()
+    return result
 
 
 @pytest.mark.control("NET-01", "NET-02")
 @pytest.mark.parametrize("hook", ["input", "output", "forward"])
-def test_every_direction_drops_by_default(host, hook) -> None:  # type: ignore[no-untyped-def]
+def test_every_direction_drops_by_default(host: Host, hook: str) -> None:
     c = [c for c in chains(host).values() if c.get("hook") == hook]
     assert c, f"no base chain on {hook} in table inet signhost"
     assert all(x["policy"] == "drop" for x in c)
 
 
 @pytest.mark.control("NET-01")
-def test_the_firewall_covers_ipv4_and_ipv6(host) -> None:  # type: ignore[no-untyped-def]
+def test_the_firewall_covers_ipv4_and_ipv6(host: Host) -> None:
     data = json.loads(host.check_output("nft -j list tables"))
     families = {t["table"]["family"] for t in data["nftables"] if "table" in t
                 and t["table"]["name"] == "signhost"}
     assert families == {"inet"}
 
 
-def probe_addr(expected) -> str:  # type: ignore[no-untyped-def]
+def probe_addr(expected: Expected) -> str:
     """Where the egress probes go: the inventory's verify_egress_probe (an address a probe that
     a broken firewall let through would harm no one at; a VM's own host, say), else
     TEST-NET-1 (RFC 5737), never routed on the internet."""
@@ -61,7 +69,8 @@ def probe_addr(expected) -> str:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     ("port", "proto"), [(443, "tcp"), (22, "tcp"), (53, "udp"), (5353, "udp")],
 )
-def test_host_cannot_connect_outside_its_allow_list(host, expected, port, proto) -> None:  # type: ignore[no-untyped-def]
+def test_host_cannot_connect_outside_its_allow_list(host: Host, expected: Expected, port: int,
+                                                    proto: str) -> None:
     addr = probe_addr(expected)
     since = int(host.check_output("date +%s")) - 1
     # TCP: the SYN is dropped, connect() times out; UDP: sendto() gets EPERM at once.
@@ -72,7 +81,7 @@ def test_host_cannot_connect_outside_its_allow_list(host, expected, port, proto)
 
 
 @pytest.mark.control("NET-02")
-def test_the_log_collector_is_reachable_on_its_port_only(host, expected) -> None:  # type: ignore[no-untyped-def]
+def test_the_log_collector_is_reachable_on_its_port_only(host: Host, expected: Expected) -> None:
     collectors = expected["firewall_log_collectors"]
     if not collectors:
         pytest.skip("does not apply: no log collector in the inventory (firewall_log_collectors)")
@@ -84,7 +93,7 @@ def test_the_log_collector_is_reachable_on_its_port_only(host, expected) -> None
 
 
 @pytest.mark.control("NET-03")
-def test_dropped_packets_are_logged(host, expected) -> None:  # type: ignore[no-untyped-def]
+def test_dropped_packets_are_logged(host: Host, expected: Expected) -> None:
     rules = host.check_output("nft list chain inet signhost output")
     assert 'log prefix "signhost-drop-out: "' in rules and "limit rate" in rules
     marker = host.check_output("date +%s").strip()
@@ -96,7 +105,7 @@ def test_dropped_packets_are_logged(host, expected) -> None:  # type: ignore[no-
 
 
 @pytest.mark.control("NET-04")
-def test_installed_ruleset_is_valid_and_loaded_at_boot(host) -> None:  # type: ignore[no-untyped-def]
+def test_installed_ruleset_is_valid_and_loaded_at_boot(host: Host) -> None:
     assert host.run(f"nft -c -f {RULESET}").rc == 0
     assert host.service("signhost-firewall.service").is_enabled
     # The ruleset never flushes others' tables.
@@ -104,7 +113,7 @@ def test_installed_ruleset_is_valid_and_loaded_at_boot(host) -> None:  # type: i
 
 
 @pytest.mark.control("NET-05")
-def test_only_sshd_listens_on_the_network(host) -> None:  # type: ignore[no-untyped-def]
+def test_only_sshd_listens_on_the_network(host: Host) -> None:
     out = host.check_output("ss -H -l -n -p -t -u -w")
     offenders = []
     for line in out.splitlines():
@@ -143,7 +152,7 @@ except OSError as e:
 """
 
 
-def probe_from(point, addr: str, port: int, wait: float = 4) -> str:  # type: ignore[no-untyped-def]
+def probe_from(point: Vantage, addr: str, port: int | str, wait: float = 4) -> str:
     """A TCP connection from the vantage point: OPEN (with the banner), REFUSED or TIMEOUT."""
     r = point.run(shlex.join(["python3", "-c", PROBE, addr, str(port), str(wait)]),
                   timeout=wait + 60)
@@ -153,7 +162,8 @@ def probe_from(point, addr: str, port: int, wait: float = 4) -> str:  # type: ig
 
 @pytest.mark.control("NET-01")
 @pytest.mark.parametrize("port", ["ssh", 443, 8080])
-def test_an_unauthorised_host_gets_no_answer(vantage, expected, port) -> None:  # type: ignore[no-untyped-def]
+def test_an_unauthorised_host_gets_no_answer(vantage: Callable[[str], Vantage], expected: Expected,
+                                             port: int | str) -> None:
     # Dropped, not refused: a RST would already tell the outsider the host is there.
     point = vantage("outside")
     port = expected["ssh_port"] if port == "ssh" else port
@@ -162,7 +172,8 @@ def test_an_unauthorised_host_gets_no_answer(vantage, expected, port) -> None:  
 
 
 @pytest.mark.control("NET-01")
-def test_an_authorised_build_host_reaches_ssh_and_nothing_else(vantage, expected) -> None:  # type: ignore[no-untyped-def]
+def test_an_authorised_build_host_reaches_ssh_and_nothing_else(vantage: Callable[[str], Vantage],
+                                                               expected: Expected) -> None:
     point = vantage("build")
     for addr in point.addresses:
         out = probe_from(point, addr, expected["ssh_port"], wait=20)

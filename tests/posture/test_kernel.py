@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
+
+if TYPE_CHECKING:
+    from testinfra.host import Host
 
 KERNEL = {
     "kernel.yama.ptrace_scope": "2",
@@ -36,18 +41,19 @@ NETWORK = {
 MODULES = ["cramfs", "freevxfs", "jffs2", "hfs", "hfsplus", "udf", "dccp", "sctp", "rds", "tipc"]
 
 
-def sysctl(host, name: str) -> str:  # type: ignore[no-untyped-def]
-    return host.file("/proc/sys/" + name.replace(".", "/")).content_string.strip()
+def sysctl(host: Host, name: str) -> str:
+    value: str = host.file("/proc/sys/" + name.replace(".", "/")).content_string.strip()
+    return value
 
 
 @pytest.mark.control("KRN-01")
 @pytest.mark.parametrize(("name", "value"), sorted(KERNEL.items()))
-def test_kernel_sysctl_is_hardened(host, name, value) -> None:  # type: ignore[no-untyped-def]
+def test_kernel_sysctl_is_hardened(host: Host, name: str, value: str) -> None:
     assert sysctl(host, name) == value
 
 
 @pytest.mark.control("KRN-01")
-def test_a_process_cannot_ptrace_another_of_the_same_user(host) -> None:  # type: ignore[no-untyped-def]
+def test_a_process_cannot_ptrace_another_of_the_same_user(host: Host) -> None:
     # ptrace_scope=2: only CAP_SYS_PTRACE may attach. An unprivileged user tries on its own child.
     code = ("import ctypes,os,sys,time\n"
             "pid=os.fork()\n"
@@ -63,12 +69,12 @@ def test_a_process_cannot_ptrace_another_of_the_same_user(host) -> None:  # type
 
 @pytest.mark.control("KRN-02")
 @pytest.mark.parametrize(("name", "value"), sorted(NETWORK.items()))
-def test_network_sysctl_is_hardened(host, name, value) -> None:  # type: ignore[no-untyped-def]
+def test_network_sysctl_is_hardened(host: Host, name: str, value: str) -> None:
     assert sysctl(host, name) == value
 
 
 @pytest.mark.control("KRN-03")
-def test_a_crashing_process_leaves_no_core_dump(host) -> None:  # type: ignore[no-untyped-def]
+def test_a_crashing_process_leaves_no_core_dump(host: Host) -> None:
     out = host.check_output(
         "d=$(mktemp -d) && cd $d && chmod 777 . && "
         "runuser -u nobody -- bash -c 'ulimit -S -c unlimited 2>/dev/null; sleep 60 & p=$!; "
@@ -81,6 +87,6 @@ def test_a_crashing_process_leaves_no_core_dump(host) -> None:  # type: ignore[n
 
 @pytest.mark.control("KRN-04")
 @pytest.mark.parametrize("module", MODULES)
-def test_unused_filesystems_and_protocols_cannot_be_loaded(host, module) -> None:  # type: ignore[no-untyped-def]
+def test_unused_filesystems_and_protocols_cannot_be_loaded(host: Host, module: str) -> None:
     assert host.run(f"modprobe {module}").rc != 0
     assert f"\n{module} " not in "\n" + host.file("/proc/modules").content_string

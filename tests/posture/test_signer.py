@@ -11,38 +11,46 @@ from __future__ import annotations
 import re
 import shlex
 import tomllib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from testinfra.backend.base import CommandResult
+    from testinfra.host import Host
+
+    from tests.posture.conftest import Expected
 
 PCSCD_SOCKET = "/run/pcscd/pcscd.comm"
 EXPOSURE_MAX = 2.0
 
 
 # Names and paths come from the host's inventory (the roles' defaults underneath).
-def _unit(expected) -> str:  # type: ignore[no-untyped-def]
+def _unit(expected: Expected) -> str:
     return f"{expected['signer_service']}.service"
 
 
-def _signer(expected) -> str:  # type: ignore[no-untyped-def]
+def _signer(expected: Expected) -> str:
     return f"{expected['signer_venv']}/bin/signer"
 
 
-def _softhsm(expected) -> bool:  # type: ignore[no-untyped-def]
+def _softhsm(expected: Expected) -> bool:
     return bool(expected["token_backend"] == "softhsm")
 
 
-def _token_env(expected) -> str:  # type: ignore[no-untyped-def]
+def _token_env(expected: Expected) -> str:
     """The environment a PKCS#11 client needs for the host's token (SoftHSM2: its config)."""
     return f"SOFTHSM2_CONF={expected['token_softhsm_conf']} " if _softhsm(expected) else ""
 
 
-def _only_softhsm(expected) -> None:  # type: ignore[no-untyped-def]
+def _only_softhsm(expected: Expected) -> None:
     if not _softhsm(expected):
         pytest.skip(f"does not apply: token_backend is {expected['token_backend']}, "
                     "there is no SoftHSM2 store on this host")
 
 
-def _daemon_pid(host, expected) -> int:  # type: ignore[no-untyped-def]
+def _daemon_pid(host: Host, expected: Expected) -> int:
     unit = _unit(expected)
     pid = host.check_output(f"systemctl show -p MainPID --value {unit}")
     assert pid.isdigit() and int(pid) > 0, f"{unit} is not running"
@@ -50,22 +58,27 @@ def _daemon_pid(host, expected) -> int:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.control("SGN-06")
-def test_signer_daemon_runs_as_its_own_user_without_capabilities(host, expected):
+def test_signer_daemon_runs_as_its_own_user_without_capabilities(host: Host,
+                                                                 expected: Expected) -> None:
     pid = _daemon_pid(host, expected)
     with host.sudo():
         status = host.file(f"/proc/{pid}/status").content_string
-    uid = int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))
+    uid_line = re.search(r"^Uid:\s+(\d+)", status, re.M)
+    assert uid_line, status
+    uid = int(uid_line.group(1))
     daemon = expected["signer_daemon_user"]
     assert host.user(daemon).uid == uid
     assert host.user(daemon).shell in ("/usr/sbin/nologin", "/bin/false")
     for cap in ("CapEff", "CapPrm", "CapBnd", "CapAmb"):
-        assert int(re.search(rf"^{cap}:\s+([0-9a-f]+)", status, re.M).group(1), 16) == 0, cap
+        caps = re.search(rf"^{cap}:\s+([0-9a-f]+)", status, re.M)
+        assert caps, f"no {cap} in {status}"
+        assert int(caps.group(1), 16) == 0, cap
     assert re.search(r"^NoNewPrivs:\s+1", status, re.M)
     assert re.search(r"^Seccomp:\s+2", status, re.M)
 
 
 @pytest.mark.control("SGN-06")
-def test_signer_daemon_has_no_network_but_loopback(host, expected):
+def test_signer_daemon_has_no_network_but_loopback(host: Host, expected: Expected) -> None:
     pid = _daemon_pid(host, expected)
     with host.sudo():
         dev = host.file(f"/proc/{pid}/net/dev").content_string
@@ -74,7 +87,7 @@ def test_signer_daemon_has_no_network_but_loopback(host, expected):
 
 
 @pytest.mark.control("SGN-06")
-def test_signer_daemon_sees_the_system_read_only(host, expected):
+def test_signer_daemon_sees_the_system_read_only(host: Host, expected: Expected) -> None:
     pid = _daemon_pid(host, expected)
     with host.sudo():
         mounts = host.file(f"/proc/{pid}/mountinfo").content_string
@@ -105,12 +118,12 @@ def test_signer_daemon_sees_the_system_read_only(host, expected):
         ("SystemCallArchitectures", "native"),
     ],
 )
-def test_signer_unit_sandbox_property(host, expected, prop, want):
+def test_signer_unit_sandbox_property(host: Host, expected: Expected, prop: str, want: str) -> None:
     assert host.check_output(f"systemctl show -p {prop} --value {_unit(expected)}") == want
 
 
 @pytest.mark.control("SGN-06")
-def test_signer_unit_exposure_is_at_most_two(host, expected):
+def test_signer_unit_exposure_is_at_most_two(host: Host, expected: Expected) -> None:
     with host.sudo():
         out = host.check_output(f"systemd-analyze security --no-pager {_unit(expected)}")
     m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out)
@@ -119,7 +132,7 @@ def test_signer_unit_exposure_is_at_most_two(host, expected):
 
 
 @pytest.mark.control("TOK-02")
-def test_token_store_belongs_to_the_daemon_user_only(host, expected):
+def test_token_store_belongs_to_the_daemon_user_only(host: Host, expected: Expected) -> None:
     _only_softhsm(expected)
     owner, path = expected["token_owner"], expected["token_softhsm_store"]
     with host.sudo():
@@ -131,7 +144,7 @@ def test_token_store_belongs_to_the_daemon_user_only(host, expected):
     assert others == ""
 
 
-def _token_slots(host, expected, account: str):  # type: ignore[no-untyped-def]
+def _token_slots(host: Host, expected: Expected, account: str) -> CommandResult:
     return host.run(
         f"sudo -n -u {account} env {_token_env(expected)}"
         f"pkcs11-tool --module {expected['token_module']} --list-token-slots"
@@ -139,7 +152,8 @@ def _token_slots(host, expected, account: str):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.control("TOK-02")
-def test_other_accounts_cannot_open_the_token(host, expected, forced_command_account):
+def test_other_accounts_cannot_open_the_token(host: Host, expected: Expected,
+                                              forced_command_account: str) -> None:
     # The same command as the token's owner sees the token: the module loads and the command
     # works on this host, so the other account's empty answer means it was kept out.
     owner = _token_slots(host, expected, expected["token_owner"])
@@ -159,7 +173,9 @@ CONNECT_PROBE = (
 
 @pytest.mark.control("TOK-02")
 @pytest.mark.parametrize("account", ["build client", "nobody"])
-def test_other_accounts_cannot_reach_pcscd(host, expected, client_account, account):
+def test_other_accounts_cannot_reach_pcscd(host: Host, expected: Expected,
+                                           client_account: Callable[[str], str],
+                                           account: str) -> None:
     if account == "build client":
         if not expected["signer_clients"]:
             pytest.skip("does not apply: the inventory has no build client")
@@ -174,7 +190,8 @@ def test_other_accounts_cannot_reach_pcscd(host, expected, client_account, accou
 
 
 @pytest.mark.control("TOK-02")
-def test_token_owner_reaches_pcscd_from_inside_the_daemon_sandbox(host, expected):
+def test_token_owner_reaches_pcscd_from_inside_the_daemon_sandbox(host: Host,
+                                                                  expected: Expected) -> None:
     if not expected["token_pcscd"]:
         pytest.skip("does not apply: token_pcscd is false, the token needs no reader")
     assert host.run("systemctl is-active --quiet pcscd.socket").rc == 0, "pcscd.socket is not active"
@@ -198,7 +215,8 @@ def test_token_owner_reaches_pcscd_from_inside_the_daemon_sandbox(host, expected
 
 
 @pytest.mark.control("TOK-02")
-def test_pin_file_is_readable_by_the_daemon_user_only(host, expected, client_account):
+def test_pin_file_is_readable_by_the_daemon_user_only(host: Host, expected: Expected,
+                                                      client_account: Callable[[str], str]) -> None:
     pin_file = expected["token_pin_file"]
     with host.sudo():
         f = host.file(pin_file)
@@ -216,7 +234,7 @@ def test_pin_file_is_readable_by_the_daemon_user_only(host, expected, client_acc
 
 
 @pytest.mark.control("TOK-04", "TOK-01")
-def test_configured_keys_are_resident_and_non_extractable(host, expected):
+def test_configured_keys_are_resident_and_non_extractable(host: Host, expected: Expected) -> None:
     with host.sudo(expected["token_owner"]):
         r = host.run(f"env {_token_env(expected)}{_signer(expected)} keys check "
                      f"--config {expected['signer_config']}")
@@ -249,7 +267,7 @@ with tok.open(user_pin=open(pin_file).read().strip()) as s:
 
 
 @pytest.mark.control("TOK-04")
-def test_root_cannot_export_the_signing_key(host, expected):
+def test_root_cannot_export_the_signing_key(host: Host, expected: Expected) -> None:
     if expected["token_pin_source"] == "prompt":
         pytest.skip("does not apply: token_pin_source prompt, no PIN on the host to log in with")
     pin_file, module, token = expected["token_pin_file"], expected["token_module"], expected["token_label"]
@@ -290,12 +308,12 @@ def test_root_cannot_export_the_signing_key(host, expected):
 GATEWAY_CODE = "from signer.gateway import cli; cli()"
 
 
-def _forced_command(expected, role: str, name: str) -> str:  # type: ignore[no-untyped-def]
+def _forced_command(expected: Expected, role: str, name: str) -> str:
     return (f"{expected['signer_venv']}/bin/python -I -c '{GATEWAY_CODE}' --{role} {name} "
             f"--socket {expected['signer_socket']}")
 
 
-def _authorized_lines(expected, account: str) -> list[str]:  # type: ignore[no-untyped-def]
+def _authorized_lines(expected: Expected, account: str) -> list[str]:
     """The lines the inventory gives `account`: a build client's own key on its account, a
     custodian's own key on a custodian's."""
     prefix = expected["signer_client_account_prefix"]
@@ -312,7 +330,8 @@ def _authorized_lines(expected, account: str) -> list[str]:  # type: ignore[no-u
 
 
 @pytest.mark.control("SGN-01")
-def test_forced_command_accounts_only_have_restricted_keys(host, expected, forced_command_account):
+def test_forced_command_accounts_only_have_restricted_keys(host: Host, expected: Expected,
+                                                           forced_command_account: str) -> None:
     account = forced_command_account
     with host.sudo():
         ak = host.file(f"{host.user(account).home}/.ssh/authorized_keys")
@@ -331,7 +350,8 @@ def test_forced_command_accounts_only_have_restricted_keys(host, expected, force
 
 
 @pytest.mark.control("SGN-08")
-def test_a_broken_signer_config_is_rejected_by_the_validator(host, expected):
+def test_a_broken_signer_config_is_rejected_by_the_validator(host: Host,
+                                                             expected: Expected) -> None:
     signer, config = _signer(expected), expected["signer_config"]
     with host.sudo():
         good = host.run(f"{signer} config check {config}")
@@ -346,7 +366,8 @@ def test_a_broken_signer_config_is_rejected_by_the_validator(host, expected):
 
 
 @pytest.mark.control("SGN-06")
-def test_signer_socket_is_reachable_by_the_gateway_group_only(host, expected):
+def test_signer_socket_is_reachable_by_the_gateway_group_only(host: Host,
+                                                              expected: Expected) -> None:
     with host.sudo():
         s = host.file(expected["signer_socket"])
         assert s.is_socket
@@ -355,7 +376,8 @@ def test_signer_socket_is_reachable_by_the_gateway_group_only(host, expected):
 
 
 @pytest.mark.control("SGN-02")
-def test_every_client_and_custodian_is_bound_to_its_own_account(host, expected, client_account):
+def test_every_client_and_custodian_is_bound_to_its_own_account(host: Host, expected: Expected,
+                                                                client_account: Callable[[str], str]) -> None:
     """The deployed policy names, for each principal, the one local account it may speak
     through (the daemon checks it with SO_PEERCRED)."""
     with host.sudo():
@@ -390,7 +412,8 @@ def test_no_forced_command_account_outside_the_inventory(host, expected, client_
 
 
 @pytest.mark.control("SGN-02")
-def test_a_build_clients_account_cannot_speak_as_a_custodian(host, expected, client_account):
+def test_a_build_clients_account_cannot_speak_as_a_custodian(host: Host, expected: Expected,
+                                                             client_account: Callable[[str], str]) -> None:
     """A build client that escaped its forced command runs as its own account: claiming a
     custodian's name from there is refused by the daemon, and the refusal is audited."""
     custodians = expected["signer_custodians"]

@@ -16,8 +16,9 @@ import re
 import shlex
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -29,10 +30,15 @@ from toolkit.assurance.log_search import (
     search_tar,
 )
 
+if TYPE_CHECKING:
+    from testinfra.host import Host
+
+    from tests.posture.conftest import Expected
+
 REQUEST_ID = "0" * 32  # a well-formed request id no one has
 
 
-def _signer(expected) -> str:  # type: ignore[no-untyped-def]
+def _signer(expected: Expected) -> str:
     return f"{expected['signer_venv']}/bin/signer"
 
 
@@ -49,7 +55,7 @@ def _unlogged() -> Iterator[None]:
 
 # --- no PIN in any log (TOK-03) --------------------------------------------------------------
 
-def _known_pins(host, expected) -> tuple[dict[str, Secret], list[str]]:  # type: ignore[no-untyped-def]
+def _known_pins(host: Host, expected: Expected) -> tuple[dict[str, Secret], list[str]]:
     """The token's PINs from where the token role keeps them, and where each was looked for.
 
     On the host: the daemon's PIN file (pin_source file), read through the root channel; its
@@ -82,7 +88,7 @@ def _known_pins(host, expected) -> tuple[dict[str, Secret], list[str]]:  # type:
     return pins, looked
 
 
-def _log_sources(expected) -> list[str]:  # type: ignore[no-untyped-def]
+def _log_sources(expected: Expected) -> list[str]:
     """Log files outside the journal: /var/log (the audit log and sudo's log included, wherever
     auditd.conf and the inventory put them) and the signer's own audit log."""
     paths = ["/var/log", str(expected["signer_audit_log"])]
@@ -92,7 +98,7 @@ def _log_sources(expected) -> list[str]:  # type: ignore[no-untyped-def]
     return paths
 
 
-def _search_host_logs(host, expected, pins: dict[str, Secret]) -> Findings:  # type: ignore[no-untyped-def]
+def _search_host_logs(host: Host, expected: Expected, pins: dict[str, Secret]) -> Findings:
     found = Findings()
     # Every journal the host keeps (system and users', persistent and volatile: root's
     # journalctl reads them all), every field of every entry, compressed for the trip.
@@ -123,7 +129,7 @@ def _search_host_logs(host, expected, pins: dict[str, Secret]) -> Findings:  # t
 
 
 @pytest.mark.control("TOK-03")
-def test_no_token_pin_appears_in_any_log_of_the_host(host, expected):
+def test_no_token_pin_appears_in_any_log_of_the_host(host: Host, expected: Expected) -> None:
     """Sudo's command lines, auditd's execve records, every unit's and user's journal: the
     PINs reach the host only through channels no log records (stdin, a file the daemon's user
     alone reads). Compared on the controller: a search on the host would put the PIN on a
@@ -140,7 +146,8 @@ def test_no_token_pin_appears_in_any_log_of_the_host(host, expected):
 
 
 @pytest.mark.control("BASE-05")
-def test_no_sudo_password_appears_in_any_log_of_the_host(host, expected, become_password):
+def test_no_sudo_password_appears_in_any_log_of_the_host(host: Host, expected: Expected,
+                                                         become_password: Secret | None) -> None:
     """The admin's sudo password (ansible-vault, or asked once) reaches sudo only on its
     standard input or terminal: through Ansible's become (Mitogen answers sudo's prompt on a
     pty), the verify suite's root channel (`sudo -S`) and the outside auditors. Every run
@@ -157,7 +164,7 @@ def test_no_sudo_password_appears_in_any_log_of_the_host(host, expected, become_
 
 # --- the live audit log (SGN-05) -------------------------------------------------------------
 
-def _audit_verify(host, expected, log: str) -> tuple[int, str]:  # type: ignore[no-untyped-def]
+def _audit_verify(host: Host, expected: Expected, log: str) -> tuple[int, str]:
     """`signer audit verify --cert AUDIT-CERT --live LOG` as the daemon's user (its files)."""
     cmd = (f"{_signer(expected)} audit verify --cert {shlex.quote(expected['signer_audit_cert'])} "
            f"--live {log}")
@@ -167,7 +174,8 @@ def _audit_verify(host, expected, log: str) -> tuple[int, str]:  # type: ignore[
 
 
 @pytest.mark.control("SGN-05")
-def test_the_live_audit_log_is_vouched_for_by_the_installed_audit_certificate(host, expected):
+def test_the_live_audit_log_is_vouched_for_by_the_installed_audit_certificate(host: Host,
+                                                                              expected: Expected) -> None:
     """The hash chain and every checkpoint's signature, checked against the audit key's
     certificate installed on the host; the tail after the last checkpoint is reported, not
     failed (the daemon is running)."""
@@ -182,7 +190,8 @@ def test_the_live_audit_log_is_vouched_for_by_the_installed_audit_certificate(ho
 
 
 @pytest.mark.control("SGN-05")
-def test_a_copy_of_the_audit_log_without_its_first_entry_is_refused(host, expected):
+def test_a_copy_of_the_audit_log_without_its_first_entry_is_refused(host: Host,
+                                                                    expected: Expected) -> None:
     """The same verifier on the host is not a formality: a copy with its first line cut is
     refused and the first missing sequence number named (the live log is not touched)."""
     log = shlex.quote(expected["signer_audit_log"])
@@ -208,13 +217,14 @@ PROFILE_FIELDS = ("algorithm", "formats", "max_size", "clients", "approvals", "c
                   "require_timestamp")
 
 
-def _deployed(host, expected) -> dict:  # type: ignore[no-untyped-def,type-arg]
+def _deployed(host: Host, expected: Expected) -> dict:  # type: ignore[type-arg]
     with host.sudo():
         return tomllib.loads(host.file(expected["signer_config"]).content_string)
 
 
 @pytest.mark.control("SGN-02", "SGN-03", "SGN-04")
-def test_the_deployed_policy_is_the_inventorys(host, expected, client_account):
+def test_the_deployed_policy_is_the_inventorys(host: Host, expected: Expected,
+                                               client_account: Callable[[str], str]) -> None:
     """Profiles (who may use each, approvals and custodians, budget), clients and custodians
     (their keys and the account each is bound to): every value the inventory gives is the one
     the daemon's configuration has, and nothing is there that the inventory does not list."""
@@ -248,7 +258,7 @@ def test_the_deployed_policy_is_the_inventorys(host, expected, client_account):
 
 
 @pytest.mark.control("SGN-02", "SGN-03", "SGN-04", "SGN-08")
-def test_the_daemon_runs_the_deployed_policy(host, expected):
+def test_the_daemon_runs_the_deployed_policy(host: Host, expected: Expected) -> None:
     """The running daemon read the configuration that is on disk: it started after the file
     was last written (a policy change that was never applied would leave the old one running)."""
     unit, config = f"{expected['signer_service']}.service", expected["signer_config"]
@@ -263,12 +273,13 @@ def test_the_daemon_runs_the_deployed_policy(host, expected):
 
 # --- refusals from the wrong account (SGN-02) ------------------------------------------------
 
-def _audit_lines(host, expected) -> int:  # type: ignore[no-untyped-def]
+def _audit_lines(host: Host, expected: Expected) -> int:
     with host.sudo():
         return int(host.check_output(f"wc -l < {shlex.quote(expected['signer_audit_log'])}"))
 
 
-def _audit_after(host, expected, before: int) -> list[dict]:  # type: ignore[no-untyped-def,type-arg]
+def _audit_after(host: Host, expected: Expected,
+                 before: int) -> list[dict]:  # type: ignore[type-arg]
     with host.sudo():
         tail = host.check_output(
             f"tail -n +{before + 1} {shlex.quote(expected['signer_audit_log'])}")
@@ -278,14 +289,15 @@ def _audit_after(host, expected, before: int) -> list[dict]:  # type: ignore[no-
 GATEWAY_CODE = "from signer.gateway import cli; cli()"  # the role's forced command runs it
 
 
-def _gateway(expected, role: str, name: str, command: str) -> str:  # type: ignore[no-untyped-def]
+def _gateway(expected: Expected, role: str, name: str, command: str) -> str:
     """The forced command as the role writes it, with SSH_ORIGINAL_COMMAND as sshd sets it."""
     return (f"SSH_ORIGINAL_COMMAND={shlex.quote(command)} {expected['signer_venv']}/bin/python "
             f"-I -c {shlex.quote(GATEWAY_CODE)} --{role} {name} "
             f"--socket {expected['signer_socket']} </dev/null")
 
 
-def _other_accounts(expected, client: str, client_account) -> list[str]:  # type: ignore[no-untyped-def]
+def _other_accounts(expected: Expected, client: str,
+                    client_account: Callable[[str], str]) -> list[str]:
     """Accounts in the socket's group that are not `client`'s own: every other build client's,
     and a custodian's."""
     others = [client_account(c["name"]) for c in expected["signer_clients"]
@@ -294,7 +306,8 @@ def _other_accounts(expected, client: str, client_account) -> list[str]:  # type
 
 
 @pytest.mark.control("SGN-02")
-def test_a_build_clients_name_is_refused_from_any_other_account(host, expected, client_account):
+def test_a_build_clients_name_is_refused_from_any_other_account(host: Host, expected: Expected,
+                                                                client_account: Callable[[str], str]) -> None:
     """Each build client speaks through its own account: from another client's account, or a
     custodian's (both in the socket's group), its name is refused by the daemon (SO_PEERCRED:
     the name is bound to the client's account), and each refusal is audited. The command is a
@@ -323,7 +336,8 @@ CONNECT_PROBE = ("import socket, sys; s = socket.socket(socket.AF_UNIX); "
 
 
 @pytest.mark.control("SGN-02")
-def test_an_account_outside_the_gateway_group_cannot_reach_the_daemon(host, expected):
+def test_an_account_outside_the_gateway_group_cannot_reach_the_daemon(host: Host,
+                                                                      expected: Expected) -> None:
     """Any other local account (here `nobody`) does not even reach the daemon: the socket
     refuses the connection, so nothing can be asked and nothing is logged."""
     before = _audit_lines(host, expected)
@@ -348,8 +362,9 @@ BAD_COMMANDS = [
 
 @pytest.mark.control("SGN-07")
 @pytest.mark.parametrize(("command", "text"), BAD_COMMANDS, ids=[c for c, _ in BAD_COMMANDS])
-def test_the_installed_gateway_refuses_a_bad_command_in_one_line(host, expected, client_account,
-                                                                command, text):
+def test_the_installed_gateway_refuses_a_bad_command_in_one_line(host: Host, expected: Expected,
+                                                                 client_account: Callable[[str], str],
+                                                                command: str, text: str) -> None:
     """The forced command as deployed, run as the client's account the way sshd runs it: a
     command that is not exactly one of the signer's gets exit 64, one line on stderr, nothing on
     stdout, and never reaches the daemon (nothing is audited)."""

@@ -12,8 +12,14 @@ import ipaddress
 import socket
 import subprocess
 import time
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from testinfra.host import Host
+
+    from tests.posture.conftest import AdminSsh, Expected
 
 SSH_LOCAL = (
     "ssh -n -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
@@ -26,13 +32,13 @@ class Attempt:
         self.rc, self.stderr = rc, stderr
 
 
-def an_admin(expected) -> str:  # type: ignore[no-untyped-def]
+def an_admin(expected: Expected) -> str:
     admins = expected["base_admin_users"]
     assert admins, "the inventory has no base_admin_users"
     return str(admins[0]["name"])
 
 
-def an_admin_address(expected) -> str:  # type: ignore[no-untyped-def]
+def an_admin_address(expected: Expected) -> str:
     """An address of the first admin network (where an admin connects from), else TEST-NET-1."""
     for net in expected["firewall_admin_networks"]:
         network = ipaddress.ip_network(str(net), strict=False)
@@ -41,7 +47,7 @@ def an_admin_address(expected) -> str:  # type: ignore[no-untyped-def]
     return "192.0.2.1"
 
 
-def local_attempt(host, expected, options: str, user: str | None = None) -> Attempt:  # type: ignore[no-untyped-def]
+def local_attempt(host: Host, expected: Expected, options: str, user: str | None = None) -> Attempt:
     """An SSH login attempt from the host to itself, without keys, with the given options
     (as an admin unless `user` is given).
 
@@ -54,14 +60,14 @@ def local_attempt(host, expected, options: str, user: str | None = None) -> Atte
     return Attempt(int(rc), err)
 
 
-def sshd_effective_lines(host, expected) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+def sshd_effective_lines(host: Host, expected: Expected) -> list[tuple[str, str]]:
     """sshd's effective configuration for an admin's connection from an admin network."""
     out = host.check_output(f"/usr/sbin/sshd -T -C user={an_admin(expected)},host=probe,"
                             f"addr={an_admin_address(expected)}")
     return [(k.lower(), v) for k, _, v in (line.partition(" ") for line in out.splitlines())]
 
 
-def sshd_effective(host, expected) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def sshd_effective(host: Host, expected: Expected) -> dict[str, str]:
     conf: dict[str, str] = {}
     for key, value in sshd_effective_lines(host, expected):
         conf.setdefault(key, value)
@@ -70,7 +76,8 @@ def sshd_effective(host, expected) -> dict[str, str]:  # type: ignore[no-untyped
 
 @pytest.mark.control("SSH-01")
 @pytest.mark.parametrize("methods", ["password", "keyboard-interactive"])
-def test_password_and_keyboard_interactive_logins_are_refused(host, expected, methods) -> None:  # type: ignore[no-untyped-def]
+def test_password_and_keyboard_interactive_logins_are_refused(host: Host, expected: Expected,
+                                                              methods: str) -> None:
     r = local_attempt(host, expected, f"-o PreferredAuthentications={methods}")
     assert r.rc == 255, r.stderr
     # The server lists what it would accept: public keys, nothing else.
@@ -78,7 +85,7 @@ def test_password_and_keyboard_interactive_logins_are_refused(host, expected, me
 
 
 @pytest.mark.control("SSH-02")
-def test_root_login_is_refused(host, expected) -> None:  # type: ignore[no-untyped-def]
+def test_root_login_is_refused(host: Host, expected: Expected) -> None:
     assert sshd_effective(host, expected)["permitrootlogin"] == "no"
     r = local_attempt(host, expected, "-o PreferredAuthentications=password,keyboard-interactive",
                       user="root")
@@ -98,7 +105,8 @@ def test_root_login_is_refused(host, expected) -> None:  # type: ignore[no-untyp
         ("gatewayports", "no"),
     ],
 )
-def test_no_forwarding_or_tunnel_is_configured(host, expected, option, value) -> None:  # type: ignore[no-untyped-def]
+def test_no_forwarding_or_tunnel_is_configured(host: Host, expected: Expected, option: str,
+                                               value: str) -> None:
     assert sshd_effective(host, expected)[option] == value
 
 
@@ -109,7 +117,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.control("SSH-03")
-def test_remote_forwarding_is_refused(admin_ssh) -> None:  # type: ignore[no-untyped-def]
+def test_remote_forwarding_is_refused(admin_ssh: AdminSsh) -> None:
     r = subprocess.run(
         admin_ssh("-o", "ExitOnForwardFailure=yes", "-R", "127.0.0.1:0:127.0.0.1:22",
                   remote=["true"]),
@@ -120,7 +128,7 @@ def test_remote_forwarding_is_refused(admin_ssh) -> None:  # type: ignore[no-unt
 
 @pytest.mark.control("SSH-03")
 @pytest.mark.parametrize("kind", ["-L", "-D"])
-def test_local_and_dynamic_forwarding_are_refused(admin_ssh, kind) -> None:  # type: ignore[no-untyped-def]
+def test_local_and_dynamic_forwarding_are_refused(admin_ssh: AdminSsh, kind: str) -> None:
     """The client opens the local port; sshd must refuse the channel when it is used."""
     port = _free_port()
     spec = f"127.0.0.1:{port}:127.0.0.1:22" if kind == "-L" else f"127.0.0.1:{port}"
@@ -153,7 +161,7 @@ def test_local_and_dynamic_forwarding_are_refused(admin_ssh, kind) -> None:  # t
 
 
 @pytest.mark.control("SSH-04")
-def test_only_allow_listed_accounts_may_log_in(host, expected) -> None:  # type: ignore[no-untyped-def]
+def test_only_allow_listed_accounts_may_log_in(host: Host, expected: Expected) -> None:
     # sshd -T prints one `allowusers` line per entry
     allowed = [v for k, v in sshd_effective_lines(host, expected) if k == "allowusers"]
     assert allowed, "AllowUsers is empty: every account may log in"
@@ -178,21 +186,21 @@ def test_only_allow_listed_accounts_may_log_in(host, expected) -> None:  # type:
         "HostKeyAlgorithms=ssh-rsa",
     ],
 )
-def test_weak_algorithms_are_refused(host, expected, weak) -> None:  # type: ignore[no-untyped-def]
+def test_weak_algorithms_are_refused(host: Host, expected: Expected, weak: str) -> None:
     r = local_attempt(host, expected, f"-o {weak}")
     assert r.rc == 255
     assert "no matching" in r.stderr, r.stderr
 
 
 @pytest.mark.control("SSH-05")
-def test_weak_dh_moduli_are_removed(host) -> None:  # type: ignore[no-untyped-def]
+def test_weak_dh_moduli_are_removed(host: Host) -> None:
     sizes = [int(line.split()[4]) for line in host.file("/etc/ssh/moduli").content_string.splitlines()
              if line and not line.startswith("#")]
     assert sizes and min(sizes) >= 3071
 
 
 @pytest.mark.control("SSH-06", "SSH-01")
-def test_a_password_drop_in_cannot_enable_password_logins(host, expected) -> None:  # type: ignore[no-untyped-def]
+def test_a_password_drop_in_cannot_enable_password_logins(host: Host, expected: Expected) -> None:
     dropin = "/etc/ssh/sshd_config.d/50-cloud-init.conf"
     assert not host.file(dropin).exists, f"{dropin} exists already; not touching it"
     host.check_output(f"printf 'PasswordAuthentication yes\\nKbdInteractiveAuthentication yes\\n"
@@ -210,12 +218,12 @@ def test_a_password_drop_in_cannot_enable_password_logins(host, expected) -> Non
 
 
 @pytest.mark.control("SSH-07")
-def test_installed_sshd_config_is_valid(host) -> None:  # type: ignore[no-untyped-def]
+def test_installed_sshd_config_is_valid(host: Host) -> None:
     assert host.run("/usr/sbin/sshd -t").rc == 0
 
 
 @pytest.mark.control("SSH-07", "NET-04")
-def test_no_roll_back_is_left_pending(host) -> None:  # type: ignore[no-untyped-def]
+def test_no_roll_back_is_left_pending(host: Host) -> None:
     """A run that finished confirmed its changes: no roll-back timer is still armed."""
     helper = host.file("/usr/local/sbin/signhost-rollback")
     assert helper.exists and helper.mode == 0o755 and helper.user == "root"

@@ -6,15 +6,21 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from testinfra.host import Host
+
+    from tests.posture.conftest import Expected
 
 BLOCKED = ["usb-storage", "uas", "firewire-core", "firewire-ohci", "firewire-sbp2", "thunderbolt"]
 
 
 @pytest.mark.control("USB-01")
 @pytest.mark.parametrize("module", BLOCKED)
-def test_usb_storage_and_dma_bus_modules_cannot_be_loaded(host, module) -> None:  # type: ignore[no-untyped-def]
+def test_usb_storage_and_dma_bus_modules_cannot_be_loaded(host: Host, module: str) -> None:
     r = host.run(f"modprobe {module}")
     assert r.rc != 0, f"modprobe {module} succeeded"
     loaded = host.file("/proc/modules").content_string
@@ -22,7 +28,7 @@ def test_usb_storage_and_dma_bus_modules_cannot_be_loaded(host, module) -> None:
 
 
 @pytest.mark.control("USB-02")
-def test_usbguard_blocks_by_default(host) -> None:  # type: ignore[no-untyped-def]
+def test_usbguard_blocks_by_default(host: Host) -> None:
     assert host.service("usbguard.service").is_running
     assert host.service("usbguard.service").is_enabled
     conf = host.file("/etc/usbguard/usbguard-daemon.conf").content_string
@@ -38,7 +44,7 @@ _RULE_INTERFACES = re.compile(
     r"(?:\{ ([^}]*) \}|(\S+))")
 
 
-def _allow_rules(host) -> dict[str, dict[str, object]]:  # type: ignore[no-untyped-def]
+def _allow_rules(host: Host) -> dict[str, dict[str, object]]:
     """The daemon's rules (`usbguard list-rules`) by device id: serial, interface operator and set."""
     rules: dict[str, dict[str, object]] = {}
     for rule in host.check_output("usbguard list-rules").splitlines():
@@ -64,7 +70,7 @@ def _allow_rules(host) -> dict[str, dict[str, object]]:  # type: ignore[no-untyp
 
 
 @pytest.mark.control("USB-02")
-def test_usbguard_allows_only_listed_device_ids(host, expected) -> None:  # type: ignore[no-untyped-def]
+def test_usbguard_allows_only_listed_device_ids(host: Host, expected: Expected) -> None:
     listed = {str(d["id"]).lower() for d in expected["usb_allowed_devices"]}
     allowed = set(_allow_rules(host))
     # exactly the inventory's ids: none missing (the token would be blocked), none added
@@ -72,7 +78,8 @@ def test_usbguard_allows_only_listed_device_ids(host, expected) -> None:  # type
 
 
 @pytest.mark.control("USB-02")
-def test_each_allowed_device_is_pinned_to_its_interface_classes_and_serial(host, expected) -> None:  # type: ignore[no-untyped-def]
+def test_each_allowed_device_is_pinned_to_its_interface_classes_and_serial(host: Host,
+                                                                           expected: Expected) -> None:
     """A device that claims the token's vendor:product but brings a storage or keyboard
     interface must not match: every allow rule names exactly the inventory's interface classes
     (`equals`), and the serial where the inventory gives one."""
@@ -93,7 +100,8 @@ def test_each_allowed_device_is_pinned_to_its_interface_classes_and_serial(host,
 
 
 @pytest.mark.control("USB-01", "USB-02")
-def test_a_plugged_usb_device_is_allowed_only_when_listed(host, expected, usb_hotplug_device) -> None:  # type: ignore[no-untyped-def]
+def test_a_plugged_usb_device_is_allowed_only_when_listed(host: Host, expected: Expected,
+                                                          usb_hotplug_device: str) -> None:
     """Plug the device in (the inventory's hook) and watch USBGuard decide: an id on the
     allow-list is allowed, anything else is blocked and no driver binds it."""
     hook = expected["verify_usb_hotplug"]
