@@ -11,6 +11,10 @@ import unicodedata
 
 from signer.errors import Exit
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up)
+if TYPE_CHECKING:  # the gateway parses here once per SSH request: `collections` is not loaded
+    from collections.abc import Mapping
+
 MAX_COMMAND = 4096
 MAX_NAME = 255
 # The token rules, as patterns for messages and tests; checked by the functions below with set
@@ -283,7 +287,7 @@ def to_wire(cmd: Command) -> dict[str, str | int | bool]:
     return out
 
 
-def from_wire(obj: dict[str, object]) -> Command:
+def from_wire(obj: Mapping[str, object]) -> Command:
     """The daemon re-validates everything: the gateway is a separate, less trusted process."""
     def s(k: str) -> str:
         v = obj.get(k)

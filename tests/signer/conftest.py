@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -119,8 +119,18 @@ class Signer:
         return self.lab.stop(self.config, sig)
 
 
+class MakeSigner(Protocol):
+    """The `make_signer` fixture: a daemon with its own config (profiles changed or added by
+    `profile_overrides`, principals bound to local `accounts`, `[daemon]` keys from `daemon`),
+    started unless `start=False`; stopped at the end of the test."""
+
+    def __call__(self, start: bool = True,
+                 profile_overrides: dict[str, dict[str, Any]] | None = None,
+                 accounts: dict[str, str] | None = None, **daemon: Any) -> Signer: ...
+
+
 @pytest.fixture
-def make_signer(lab: Lab, request: pytest.FixtureRequest) -> Iterator[Any]:
+def make_signer(lab: Lab, request: pytest.FixtureRequest) -> Iterator[MakeSigner]:
     """make_signer(start=True, profiles=..., **daemon_overrides) -> Signer"""
     count = 0
 
@@ -150,7 +160,7 @@ def make_signer(lab: Lab, request: pytest.FixtureRequest) -> Iterator[Any]:
 
 
 @pytest.fixture
-def signer(make_signer: Any) -> Signer:
+def signer(make_signer: MakeSigner) -> Signer:
     """A fresh daemon (own audit log and state) for tests that look at state or the log."""
     s: Signer = make_signer()
     return s

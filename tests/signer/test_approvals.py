@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.signer.conftest import Signer, one_line_error
+from tests.signer.conftest import MakeSigner, Signer, one_line_error
 from tests.signer.test_sign import openssl_cms_verify
 
 
@@ -254,7 +254,7 @@ def test_an_approval_counts_after_a_restart_only_with_its_signature(signer: Sign
 
 
 @pytest.mark.control("SGN-04")
-def test_queued_requests_are_limited_per_client_and_profile(make_signer: Any) -> None:
+def test_queued_requests_are_limited_per_client_and_profile(make_signer: MakeSigner) -> None:
     s: Signer = make_signer(profile_overrides={"release": {"max_queued": 2}})
     queue(s, b"one")
     queue(s, b"two")
@@ -292,7 +292,7 @@ def test_a_fetch_racing_the_signing_never_answers_no_longer_stored(signer: Signe
 
 @pytest.mark.control("SGN-04")
 def test_an_expired_request_is_not_signed_whatever_its_approvals_after_a_restart_too(
-        make_signer: Any) -> None:
+        make_signer: MakeSigner) -> None:
     """The statement carries the request's time and expiry; once it has passed, approvals
     given in time do not release it, and a restart does not revive it."""
     from signer import audit

@@ -22,7 +22,7 @@ import pytest
 
 from signer import audit, certs, daemon
 from signer.formats import cms
-from tests.signer.conftest import Signer, config, one_line_error, profiles
+from tests.signer.conftest import MakeSigner, Signer, config, one_line_error, profiles
 from toolkit.local_signer import Lab, sign_over_socket
 
 # --- tamper evidence ---------------------------------------------------------------------
@@ -181,7 +181,7 @@ def test_audit_verify_passes_only_what_the_audit_key_vouches_for(
 
 
 @pytest.mark.control("SGN-05")
-def test_daemon_refuses_to_start_on_a_broken_log(make_signer: Any) -> None:
+def test_daemon_refuses_to_start_on_a_broken_log(make_signer: MakeSigner) -> None:
     """What start-up reads (from the last state checkpoint on) must be intact."""
     s: Signer = make_signer()
     for _ in range(2):
@@ -197,7 +197,7 @@ def test_daemon_refuses_to_start_on_a_broken_log(make_signer: Any) -> None:
 
 
 @pytest.mark.control("SGN-05")
-def test_a_torn_last_entry_from_a_crash_is_cut_and_noted(make_signer: Any) -> None:
+def test_a_torn_last_entry_from_a_crash_is_cut_and_noted(make_signer: MakeSigner) -> None:
     s: Signer = make_signer()
     s.stop()
     end = s.audit_log.stat().st_size
@@ -229,7 +229,7 @@ def _raw_request(s: Signer, header: dict[str, Any]) -> tuple[int, str, bytes]:
 
 
 @pytest.mark.control("SGN-05")
-def test_an_odd_caller_name_cannot_make_the_log_cut_later_entries(make_signer: Any) -> None:
+def test_an_odd_caller_name_cannot_make_the_log_cut_later_entries(make_signer: MakeSigner) -> None:
     """A caller name that escapes to more than a line's worth of JSON used to be logged raw
     (a 64 KiB+ deny line); the restart took it for a torn write and cut it and everything
     after it: here a signature and a custodian's freeze."""
@@ -263,7 +263,7 @@ def test_only_an_incomplete_last_line_counts_as_torn(tmp_path: Path) -> None:
     assert scan.torn == lines[1][:-1] and scan.end == len(lines[0]) and scan.seq == 0
 
 
-def test_the_journal_escapes_caller_provided_strings(make_signer: Any) -> None:
+def test_the_journal_escapes_caller_provided_strings(make_signer: MakeSigner) -> None:
     s: Signer = make_signer()
     _raw_request(s, {"role": "client", "caller": "x\nINFO sign forged-line", "cmd": "sign",
                      "profile": "dev", "format": "raw", "name": ""})
@@ -293,7 +293,7 @@ def _renumber(lines: list[bytes]) -> list[bytes]:
 
 
 @pytest.mark.control("SGN-05")
-def test_a_rewritten_log_with_an_entry_removed_is_refused_at_start(make_signer: Any) -> None:
+def test_a_rewritten_log_with_an_entry_removed_is_refused_at_start(make_signer: MakeSigner) -> None:
     s: Signer = make_signer()
     assert s.gw("sign --profile dev --format raw", b"before").returncode == 0
     assert s.gw("freeze dev", client=None, custodian="alice").returncode == 0
@@ -309,7 +309,7 @@ def test_a_rewritten_log_with_an_entry_removed_is_refused_at_start(make_signer: 
 
 
 @pytest.mark.control("SGN-05")
-def test_what_follows_the_last_checkpoint_is_quarantined(make_signer: Any) -> None:
+def test_what_follows_the_last_checkpoint_is_quarantined(make_signer: MakeSigner) -> None:
     """Entries appended after the last checkpoint with a recomputed chain: a thaw and a queued
     request are ignored (noted in the start entry), a freeze is kept (it can only make the
     signer stricter)."""
@@ -407,7 +407,7 @@ def test_no_signature_is_answered_before_its_audit_entry_is_on_disk(make_signer:
 
 @pytest.mark.control("SGN-05")
 @pytest.mark.parametrize("audit_key", ["no-such-key", "imported"])
-def test_nothing_is_signed_without_a_resident_audit_key(make_signer: Any, audit_key: str
+def test_nothing_is_signed_without_a_resident_audit_key(make_signer: MakeSigner, audit_key: str
                                                         ) -> None:
     """A missing audit key, or one that is not resident (imported from outside the token):
     no checkpoint could vouch for a signature, so none is made (74, as for an unwritable
@@ -445,7 +445,7 @@ def _sign_until_refused(s: Signer, limit: int = 200) -> tuple[list[bytes],
 
 
 @pytest.mark.control("SGN-05")
-def test_signing_fails_closed_when_the_audit_log_cannot_grow(make_signer: Any) -> None:
+def test_signing_fails_closed_when_the_audit_log_cannot_grow(make_signer: MakeSigner) -> None:
     """A file size limit makes every write past 6 kB fail (EFBIG), like a full disk."""
     s: Signer = make_signer(start=False)
 
@@ -465,7 +465,7 @@ def test_signing_fails_closed_when_the_audit_log_cannot_grow(make_signer: Any) -
 
 
 @pytest.mark.control("SGN-05")
-def test_signing_fails_closed_on_a_full_filesystem(make_signer: Any, tmp_path: Path) -> None:
+def test_signing_fails_closed_on_a_full_filesystem(make_signer: MakeSigner, tmp_path: Path) -> None:
     """The audit log on a 16 kB tmpfs (private mount namespace): ENOSPC refuses signatures."""
     if shutil.which("unshare") is None or subprocess.run(
             ["unshare", "-m", "true"], capture_output=True, check=False).returncode != 0:

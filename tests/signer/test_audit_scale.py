@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from signer import audit, certs, compare
-from tests.signer.conftest import Signer, one_line_error
+from tests.signer.conftest import MakeSigner, Signer, one_line_error
 from tests.signer.test_approvals import approve, queue
 
 
@@ -61,7 +61,7 @@ def _assert_state_kept(s: Signer, rid: str) -> None:
 
 @pytest.mark.control("SGN-05")
 def test_start_up_begins_at_the_last_state_checkpoint_and_keeps_the_state(
-        make_signer: Any) -> None:
+        make_signer: MakeSigner) -> None:
     """The history before the last state checkpoint is not read at all: here it is
     overwritten with garbage of the same length, and the daemon still starts with the state
     the checkpoint vouches for (`audit verify` is what reads the history)."""
@@ -79,7 +79,7 @@ def test_start_up_begins_at_the_last_state_checkpoint_and_keeps_the_state(
 
 
 @pytest.mark.control("SGN-05")
-def test_a_changed_state_snapshot_is_refused_at_start(make_signer: Any) -> None:
+def test_a_changed_state_snapshot_is_refused_at_start(make_signer: MakeSigner) -> None:
     s: Signer = make_signer()
     _busy_log(s)
     s.stop()
@@ -95,7 +95,7 @@ def test_a_changed_state_snapshot_is_refused_at_start(make_signer: Any) -> None:
 
 
 @pytest.mark.control("SGN-05")
-def test_a_state_checkpoint_forged_without_the_audit_key_is_refused(make_signer: Any) -> None:
+def test_a_state_checkpoint_forged_without_the_audit_key_is_refused(make_signer: MakeSigner) -> None:
     """Snapshot and checkpoint rewritten together (digest and entry hash recomputed): the
     signature no longer verifies."""
     s: Signer = make_signer()
@@ -117,7 +117,7 @@ def test_a_state_checkpoint_forged_without_the_audit_key_is_refused(make_signer:
     assert "checkpoint signature does not verify" in one_line_error(r)
 
 
-def test_without_its_snapshot_the_whole_log_is_replayed(make_signer: Any) -> None:
+def test_without_its_snapshot_the_whole_log_is_replayed(make_signer: MakeSigner) -> None:
     s: Signer = make_signer()
     rid = _busy_log(s)
     s.stop()
@@ -128,7 +128,7 @@ def test_without_its_snapshot_the_whole_log_is_replayed(make_signer: Any) -> Non
 
 
 def test_after_a_crash_the_tail_after_the_state_checkpoint_is_replayed(
-        make_signer: Any) -> None:
+        make_signer: MakeSigner) -> None:
     s: Signer = make_signer()
     rid = _busy_log(s)
     s.stop(signal.SIGKILL)
@@ -144,7 +144,7 @@ def test_after_a_crash_the_tail_after_the_state_checkpoint_is_replayed(
 
 
 @pytest.fixture
-def segmented(make_signer: Any) -> Signer:
+def segmented(make_signer: MakeSigner) -> Signer:
     """A daemon whose segments close every 8 entries, stopped after 12 signatures."""
     s: Signer = make_signer(segment_entries=8, checkpoint_interval=100)
     for i in range(12):

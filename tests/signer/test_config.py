@@ -10,7 +10,7 @@ from signer import config, uri
 from signer.errors import SignerError
 from toolkit.local_signer import toml
 
-BASE = {
+BASE: dict[str, dict[str, object]] = {
     "daemon": {
         "socket": "/run/signer/signer.sock", "audit_log": "/var/lib/signer/audit.jsonl",
         "state_dir": "/var/lib/signer/state", "token_module": "/usr/lib/softhsm/libsofthsm2.so",

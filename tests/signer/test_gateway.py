@@ -8,14 +8,13 @@ import pwd
 import re
 import shlex
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from signer import request
-from tests.signer.conftest import Signer, one_line_error
+from tests.signer.conftest import MakeSigner, Signer, one_line_error
 
 BAD_COMMANDS = [
     (b"", 64, "no command"),
@@ -54,8 +53,8 @@ def test_bad_command_is_one_line_error_without_output(shared: Signer, command: b
 
 
 @pytest.mark.control("SGN-07")
-def test_daemon_not_running_is_one_line_unavailable(make_signer: object) -> None:
-    s = make_signer(start=False)  # type: ignore[operator]
+def test_daemon_not_running_is_one_line_unavailable(make_signer: MakeSigner) -> None:
+    s = make_signer(start=False)
     r = s.gw("sign --profile dev", b"data")
     assert r.returncode == 69
     assert "daemon is not running" in one_line_error(r)
@@ -85,11 +84,11 @@ def test_policy_refusals_are_one_line_and_audited(shared: Signer, command: str,
 
 
 @pytest.mark.control("SGN-02")
-def test_a_name_bound_to_an_account_only_works_from_that_account(make_signer: object) -> None:
+def test_a_name_bound_to_an_account_only_works_from_that_account(make_signer: MakeSigner) -> None:
     """With `account`, the daemon checks the gateway's uid (SO_PEERCRED): another account in
     the socket's group cannot claim to be that custodian or client."""
     me = pwd.getpwuid(os.getuid()).pw_name
-    s: Signer = make_signer(accounts={"alice": me, "bob": "nobody",  # type: ignore[operator]
+    s: Signer = make_signer(accounts={"alice": me, "bob": "nobody",
                                       "build2": "nobody"})
     assert s.gw("freeze dev", custodian="alice").returncode == 0
     r = s.gw("thaw dev", custodian="bob")
@@ -219,7 +218,7 @@ def test_gateway_reads_only_the_socket_from_the_config(shared: Signer, tmp_path:
 
 
 @pytest.mark.control("SGN-07")
-def test_daemon_dying_mid_upload_leaves_stdout_empty(make_signer: object) -> None:
+def test_daemon_dying_mid_upload_leaves_stdout_empty(make_signer: MakeSigner) -> None:
     """The gateway writes a signature only from a complete reply: a daemon killed while the
     artifact streams in gives one line on stderr and nothing on stdout."""
     import signal
@@ -228,24 +227,25 @@ def test_daemon_dying_mid_upload_leaves_stdout_empty(make_signer: object) -> Non
     import threading
     import time
 
-    s: Signer = make_signer(profile_overrides={"dev": {"max_size": 1 << 30}})  # type: ignore[operator]
+    s: Signer = make_signer(profile_overrides={"dev": {"max_size": 1 << 30}})
     env = dict(s.lab.env)
     env["SSH_ORIGINAL_COMMAND"] = "sign --profile dev --format raw"
     gw = subprocess.Popen([sys.executable, "-m", "signer", "gateway", "--client", "build1",
                            "--config", str(s.config)], stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    assert gw.stdin is not None
+    assert gw.stdin is not None and gw.stdout is not None and gw.stderr is not None
+    stdin = gw.stdin  # narrowed: the closure below does not see the assert
 
     def feed() -> None:
         try:
             for _ in range(400):
-                gw.stdin.write(b"\0" * (1 << 20))  # type: ignore[union-attr]
+                stdin.write(b"\0" * (1 << 20))
                 time.sleep(0.005)
         except (BrokenPipeError, ValueError):
             pass
         finally:
             try:
-                gw.stdin.close()  # type: ignore[union-attr]
+                stdin.close()
             except BrokenPipeError:
                 pass
 
@@ -254,7 +254,7 @@ def test_daemon_dying_mid_upload_leaves_stdout_empty(make_signer: object) -> Non
     time.sleep(0.5)
     s.stop(signal.SIGKILL)
     feeder.join(timeout=60)
-    out, err = gw.stdout.read(), gw.stderr.read()  # type: ignore[union-attr]
+    out, err = gw.stdout.read(), gw.stderr.read()
     gw.wait(timeout=60)
     assert gw.returncode == 69
     assert out == b""
@@ -280,7 +280,7 @@ def test_a_stream_shorter_than_its_declared_size_is_not_signed(signer: Signer, s
 
 
 @pytest.mark.control("SGN-07")
-def test_custodians_are_heard_while_build_clients_hold_every_slot(make_signer: Any) -> None:
+def test_custodians_are_heard_while_build_clients_hold_every_slot(make_signer: MakeSigner) -> None:
     """Slow build-client sessions (a valid header, then one byte a second) as many as the
     daemon lets in and more, plus silent connections that never send a header: while all of
     them are still connected, a custodian's `freeze` and `requests` answer."""

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from tests.signer.conftest import Signer, one_line_error
+from tests.signer.conftest import MakeSigner, Signer, one_line_error
 
 
 @pytest.mark.control("TOK-01")
 def test_keys_generate_makes_a_resident_key_and_never_replaces_one(shared: Signer,
-                                                                   make_signer: Any) -> None:
+                                                                   make_signer: MakeSigner) -> None:
     s: Signer = make_signer(start=False, audit_key="pkcs11:token=signer;object=audit-gen")
     r = s.lab.signer("keys", "generate", "--config", s.config, "--audit")
     assert r.returncode == 0, r.stderr
@@ -31,7 +31,7 @@ def test_keys_generate_makes_a_resident_key_and_never_replaces_one(shared: Signe
 
 
 @pytest.mark.control("TOK-01")
-def test_one_run_generates_the_missing_keys_of_several_profiles(make_signer: Any) -> None:
+def test_one_run_generates_the_missing_keys_of_several_profiles(make_signer: MakeSigner) -> None:
     """`--profile` repeated (deploy's one start-up for every profile): each missing key is
     generated, each existing one kept and said so, one line each."""
     tag = os.urandom(3).hex()
@@ -39,8 +39,8 @@ def test_one_run_generates_the_missing_keys_of_several_profiles(make_signer: Any
         "gen-a": {"key": f"pkcs11:token=signer;object=gen-a-{tag};type=private"},
         "gen-b": {"key": f"pkcs11:token=signer;object=gen-b-{tag};type=private",
                   "algorithm": "rsa3072-pkcs1"}})
-    args = ["keys", "generate", "--config", s.config, "--profile", "gen-a", "--profile",
-            "dev", "--profile", "gen-b", "--if-missing"]
+    args: list[str | Path] = ["keys", "generate", "--config", s.config, "--profile", "gen-a",
+                              "--profile", "dev", "--profile", "gen-b", "--if-missing"]
     first = s.lab.signer(*args)
     assert first.returncode == 0, first.stderr
     lines = first.stdout.decode().splitlines()
@@ -80,7 +80,7 @@ def test_a_key_that_is_not_resident_is_refused_and_the_refusal_logged(signer: Si
 
 @pytest.mark.control("TOK-03")
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
-def test_a_pin_file_readable_by_others_is_refused(make_signer: Any, tmp_path: Path,
+def test_a_pin_file_readable_by_others_is_refused(make_signer: MakeSigner, tmp_path: Path,
                                                   mode: int) -> None:
     pin = tmp_path / "pin"
     s2: Signer = make_signer(start=False, pin_source=f"file:{pin}")
@@ -110,7 +110,7 @@ def test_the_pin_is_not_in_argv_environment_logs_and_core_dumps_are_off(signer: 
 
 
 @pytest.mark.control("TOK-03")
-def test_prompt_pin_starts_locked_until_a_custodian_unlocks(make_signer: Any) -> None:
+def test_prompt_pin_starts_locked_until_a_custodian_unlocks(make_signer: MakeSigner) -> None:
     s: Signer = make_signer(pin_source="prompt")
     pin = s.lab.pin_file.read_bytes()
     r = s.gw("sign --profile dev --format raw", b"x")
@@ -188,7 +188,7 @@ def test_selfsign_refuses_to_overwrite(shared: Signer) -> None:
 
 @pytest.mark.control("TOK-03")
 def test_keys_commands_refuse_a_pin_file_readable_by_others(shared: Signer, tmp_path: Path,
-                                                            make_signer: Any) -> None:
+                                                            make_signer: MakeSigner) -> None:
     pin = tmp_path / "pin"
     pin.write_bytes(shared.lab.pin_file.read_bytes())
     os.chmod(pin, 0o644)
@@ -213,7 +213,7 @@ def test_the_token_is_chosen_by_label_and_serial(shared: Signer, monkeypatch: An
 
 @pytest.mark.control("TOK-03")
 def test_keys_commands_read_the_pin_from_pin_file_when_the_config_prompts(
-        shared: Signer, tmp_path: Path, make_signer: Any) -> None:
+        shared: Signer, tmp_path: Path, make_signer: MakeSigner) -> None:
     """What deploy does with pin_source prompt: the PIN in a 0400 file named by --pin-file,
     never in the environment or argv; without it and without a terminal, a clear refusal."""
     pin = tmp_path / "pin"

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pytest
 
-from tests.signer.conftest import Signer, one_line_error
+from tests.signer.conftest import MakeSigner, Signer, one_line_error
 from toolkit.local_signer import sign_over_socket
 
 
@@ -58,7 +57,7 @@ def test_only_a_custodian_of_the_profile_thaws_it(signer: Signer) -> None:
 
 
 @pytest.mark.control("SGN-03")
-def test_budget_holds_under_a_concurrent_burst(make_signer: Any) -> None:
+def test_budget_holds_under_a_concurrent_burst(make_signer: MakeSigner) -> None:
     s: Signer = make_signer(profile_overrides={"small": {"budget_count": 5}})
 
     def one(i: int) -> int:

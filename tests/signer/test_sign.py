@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.signer.conftest import MiB, Signer, one_line_error
+from tests.signer.conftest import MakeSigner, MiB, Signer, one_line_error
 
 PROFILES = ["dev", "rsa", "pss"]
 
@@ -139,8 +139,8 @@ def test_format_defaults_to_cms(shared: Signer, tmp_path: Path) -> None:
     assert openssl_cms_verify(art, sig, cert_of(shared, "dev")).returncode == 0
 
 
-def test_large_artifact_streams_through(make_signer: object, tmp_path: Path) -> None:
-    s = make_signer(profile_overrides={"dev": {"max_size": 64 * MiB}})  # type: ignore[operator]
+def test_large_artifact_streams_through(make_signer: MakeSigner, tmp_path: Path) -> None:
+    s = make_signer(profile_overrides={"dev": {"max_size": 64 * MiB}})
     data = os.urandom(MiB) * 48
     r = s.gw("sign --profile dev --format raw", data)
     assert r.returncode == 0, r.stderr
