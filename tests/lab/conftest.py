@@ -16,6 +16,7 @@ import os
 import subprocess
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import pytest
 
@@ -79,8 +80,15 @@ def signing(target: Target) -> tuple[Party, str]:
     pytest.skip(f"{target.inventory}: no automatic CMS+raw profile with a client the lab holds")
 
 
+class AdminSsh(Protocol):
+    """The `admin_ssh` fixture: `cmd` on the VM as the inventory's admin (as root with sudo)."""
+
+    def __call__(self, cmd: str, *, timeout: float = 120, check: bool = False,
+                 sudo: bool = False) -> subprocess.CompletedProcess[str]: ...
+
+
 @pytest.fixture(scope="session")
-def admin_ssh(target: Target) -> Callable[..., subprocess.CompletedProcess[str]]:
+def admin_ssh(target: Target) -> AdminSsh:
     """Run a command on the VM as the inventory's admin (its connection), as root with sudo=True
     (the become password, if the inventory has one, on sudo's stdin)."""
 
@@ -104,7 +112,14 @@ def _wait_for(pred: Callable[[], object], timeout: float = 90, interval: float =
     return bool(pred())
 
 
+class WaitFor(Protocol):
+    """The `wait_for` fixture: poll `pred` until it is true or `timeout` seconds pass."""
+
+    def __call__(self, pred: Callable[[], object], timeout: float = 90,
+                 interval: float = 2) -> bool: ...
+
+
 @pytest.fixture(scope="session")
-def wait_for() -> Callable[..., bool]:
+def wait_for() -> WaitFor:
     """`assert wait_for(lambda: ..., timeout=60)`: the guest is slow (TCG), things appear late."""
     return _wait_for

@@ -13,12 +13,17 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from lab.state import LabState
 from lab.target import Target
 from toolkit.runner.ansible_run import PlaybookResult, build_command, run_playbook
+
+if TYPE_CHECKING:
+    from tests.lab.conftest import WaitFor
 
 pytestmark = pytest.mark.lab
 
@@ -44,8 +49,8 @@ def _ssh_root(target: Target, command: str) -> str:
 ROLLBACK_WINDOW = 45  # seconds before an unconfirmed change comes back (the roles' default: 120)
 
 
-def _lock_out_and_watch_it_roll_back(target: Target, wait_for, role: str, dest: str,  # type: ignore[no-untyped-def]
-                                     log) -> PlaybookResult:
+def _lock_out_and_watch_it_roll_back(target: Target, wait_for: WaitFor, role: str, dest: str,
+                                     log: Path) -> PlaybookResult:
     """Apply `role` with its self-test hook that locks the controller out: the play cannot log in
     again and fails, and the host puts `dest` back by itself within the roll-back window."""
     assert _admin_ssh_ok(target), "the lab VM must be reachable before the test"
@@ -70,7 +75,8 @@ def _lock_out_and_watch_it_roll_back(target: Target, wait_for, role: str, dest: 
 
 @pytest.mark.slow
 @pytest.mark.control("NET-04", "SSH-07")
-def test_a_lockout_ruleset_rolls_itself_back(target: Target, wait_for, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_lockout_ruleset_rolls_itself_back(target: Target, wait_for: WaitFor,
+                                             tmp_path: Path) -> None:
     """A ruleset without the admin network comes back to the previous one by itself."""
     assert target.admin_networks4, f"{target.inventory}: no IPv4 admin network"
     _lock_out_and_watch_it_roll_back(target, wait_for, "firewall",
@@ -81,7 +87,8 @@ def test_a_lockout_ruleset_rolls_itself_back(target: Target, wait_for, tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.control("SSH-07")
-def test_a_lockout_sshd_config_rolls_itself_back(target: Target, wait_for, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_lockout_sshd_config_rolls_itself_back(target: Target, wait_for: WaitFor,
+                                                 tmp_path: Path) -> None:
     """An sshd_config that lets nobody in (it passes `sshd -t`) comes back to the previous one by
     itself, and the failed run says the ssh controls are not in place."""
     allow_before = [ln for ln in _ssh_root(target, "sshd -T").splitlines()

@@ -19,7 +19,7 @@ import shlex
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -28,6 +28,9 @@ from lab.config import Instance
 from lab.state import LabState
 from lab.target import Party, Target
 from signer.audit import seal
+
+if TYPE_CHECKING:
+    from tests.lab.conftest import AdminSsh, WaitFor
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -81,7 +84,7 @@ def sign(lab: LabState, target: Target, signing: tuple[Party, str]) -> Callable[
     return run
 
 
-def _host_log(admin_ssh: Callable[..., subprocess.CompletedProcess[str]], audit_log: str) -> list[str]:
+def _host_log(admin_ssh: AdminSsh, audit_log: str) -> list[str]:
     r = admin_ssh(f"cat {shlex.quote(audit_log)}", sudo=True)
     assert r.returncode == 0, r.stderr
     return r.stdout.splitlines()
@@ -131,7 +134,8 @@ def _fold(copy: list[str]) -> list[str]:
     return [held[seq] for seq in sorted(held)]
 
 
-def _caught_up(admin_ssh, audit_log: str, copy_path: Path, wait_for) -> list[str]:  # type: ignore[no-untyped-def]
+def _caught_up(admin_ssh: AdminSsh, audit_log: str, copy_path: Path,
+               wait_for: WaitFor) -> list[str]:
     """The host's log once the collector holds its latest entry."""
     lines = _host_log(admin_ssh, audit_log)
     assert lines, "the host's audit log is empty"
@@ -141,7 +145,8 @@ def _caught_up(admin_ssh, audit_log: str, copy_path: Path, wait_for) -> list[str
 
 
 @pytest.fixture
-def tamper(target, admin_ssh, audit_log) -> Iterator[Callable[[list[str]], None]]:  # type: ignore[no-untyped-def]
+def tamper(target: Target, admin_ssh: AdminSsh,
+           audit_log: str) -> Iterator[Callable[[list[str]], None]]:
     """`tamper(lines)`: the host's log becomes these lines, as root would make it, with the
     forwarder stopped; afterwards the bytes it had at that moment go back and the forwarder
     starts again."""
@@ -179,8 +184,10 @@ def tamper(target, admin_ssh, audit_log) -> Iterator[Callable[[list[str]], None]
 
 
 @pytest.mark.control("AUD-04", "SGN-05")
-def test_a_log_cut_right_after_a_checkpoint_is_caught_by_the_collectors_copy(  # type: ignore[no-untyped-def]
-        sign, admin_ssh, audit_log, wait_for, tamper, copy_path, audit_cert, tmp_path):
+def test_a_log_cut_right_after_a_checkpoint_is_caught_by_the_collectors_copy(
+        sign: Callable[[int], None], admin_ssh: AdminSsh, audit_log: str, wait_for: WaitFor,
+        tamper: Callable[[list[str]], None], copy_path: Path, audit_cert: Path,
+        tmp_path: Path) -> None:
     # The newest entries of the host's log: ..., sign, checkpoint, sign, checkpoint.
     sign(2)
     lines = _caught_up(admin_ssh, audit_log, copy_path, wait_for)
@@ -204,8 +211,10 @@ def test_a_log_cut_right_after_a_checkpoint_is_caught_by_the_collectors_copy(  #
 
 
 @pytest.mark.control("AUD-04", "SGN-05")
-def test_a_tail_rewritten_with_a_valid_chain_is_caught_at_its_first_sequence_number(  # type: ignore[no-untyped-def]
-        sign, admin_ssh, audit_log, wait_for, tamper, copy_path, audit_cert, tmp_path):
+def test_a_tail_rewritten_with_a_valid_chain_is_caught_at_its_first_sequence_number(
+        sign: Callable[[int], None], admin_ssh: AdminSsh, audit_log: str, wait_for: WaitFor,
+        tamper: Callable[[list[str]], None], copy_path: Path, audit_cert: Path,
+        tmp_path: Path) -> None:
     sign(1)
     lines = _caught_up(admin_ssh, audit_log, copy_path, wait_for)
     entries = [json.loads(line) for line in lines]
@@ -237,8 +246,9 @@ def test_a_tail_rewritten_with_a_valid_chain_is_caught_at_its_first_sequence_num
 
 
 @pytest.mark.control("AUD-04")
-def test_entries_signed_while_the_collector_is_down_arrive_complete_and_in_order(  # type: ignore[no-untyped-def]
-        inst, sign, admin_ssh, audit_log, copy_path, audit_cert, wait_for, tmp_path):
+def test_entries_signed_while_the_collector_is_down_arrive_complete_and_in_order(
+        inst: Instance, sign: Callable[[int], None], admin_ssh: AdminSsh, audit_log: str,
+        copy_path: Path, audit_cert: Path, wait_for: WaitFor, tmp_path: Path) -> None:
     before = _caught_up(admin_ssh, audit_log, copy_path, wait_for)
     assert collector.stop(inst) is not None, "the lab's collector was not running"
     try:

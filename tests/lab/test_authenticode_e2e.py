@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from asn1crypto import cms, pem
@@ -33,6 +33,9 @@ from lab.target import Party, Target
 from signer import osslsigncode
 from tests.signer.test_authenticode import SIGNIFY, flip
 from toolkit.local_signer import write_pe
+
+if TYPE_CHECKING:
+    from tests.lab.conftest import AdminSsh, WaitFor
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -103,8 +106,8 @@ def ca(lab: LabState) -> LabCA:
 
 
 @pytest.fixture(scope="module")
-def certs(lab: LabState, target: Target, setup: Setup, ca: LabCA, admin_ssh,  # type: ignore[no-untyped-def]
-          wait_for) -> dict[str, Path]:
+def certs(lab: LabState, target: Target, setup: Setup, ca: LabCA, admin_ssh: AdminSsh,
+          wait_for: WaitFor) -> dict[str, Path]:
     """Each authenticode profile's certificate, issued by the lab CA from the CSR the deploy
     fetched (code-signing EKU), installed beside the deployed chain, then one restart of the
     daemon. Once per lab."""
@@ -171,7 +174,7 @@ def tsa(lab: LabState, setup: Setup, tmp_path_factory: pytest.TempPathFactory) -
          TSA_SERVER,
          str(ROOT), str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout is not None
+        assert proc.stdout is not None and proc.stderr is not None
         line = proc.stdout.readline().split()
         assert len(line) == 2, proc.stderr.read() if proc.poll() is not None else line
         yield Tsa(url=line[0], ca=Path(line[1]))
@@ -197,7 +200,7 @@ def _ssh_cmd(lab: LabState, key: Path, *extra: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def submit(lab: LabState, setup: Setup, ca: LabCA, certs) -> Callable[..., Any]:
+def submit(lab: LabState, setup: Setup, ca: LabCA, certs: dict[str, Path]) -> Callable[..., Any]:
     """`signer submit` on the build server: its namespace, its key, the VM's lab address."""
 
     def run(artifact: Path, profile: str, *args: str, background: bool = False) -> Any:
@@ -224,7 +227,7 @@ def _signify(path: Path, trust: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
-def _audit(admin_ssh, setup: Setup) -> list[dict[str, Any]]:
+def _audit(admin_ssh: AdminSsh, setup: Setup) -> list[dict[str, Any]]:
     log = admin_ssh(f"cat {shlex.quote(setup.values['signer_audit_log'])}", sudo=True)
     assert log.returncode == 0, log.stderr
     return [json.loads(line) for line in log.stdout.splitlines() if line.strip()]
@@ -258,7 +261,8 @@ def _assert_accepted(path: Path, trust: Path, subject: str) -> None:
 
 @pytest.mark.control("SGN-09", "SGN-10")
 def test_build_server_signs_a_pe_that_osslsigncode_and_signify_accept_with_a_timestamp(
-        submit, setup, ca, certs, tsa, trust, admin_ssh, tmp_path):
+        submit: Callable[..., Any], setup: Setup, ca: LabCA, certs: dict[str, Path], tsa: Tsa,
+        trust: Path, admin_ssh: AdminSsh, tmp_path: Path) -> None:
     exe = write_pe(tmp_path / "app.exe", 200_000)
     label = _label(exe, tmp_path)
     r = submit(exe, setup.dev, "--timestamp", tsa.url)
@@ -283,7 +287,8 @@ def test_build_server_signs_a_pe_that_osslsigncode_and_signify_accept_with_a_tim
 
 
 @pytest.mark.control("SGN-09", "SGN-10")
-def test_build_server_signs_a_powershell_script(submit, setup, tsa, trust, tmp_path):
+def test_build_server_signs_a_powershell_script(submit: Callable[..., Any], setup: Setup, tsa: Tsa,
+                                                trust: Path, tmp_path: Path) -> None:
     script = tmp_path / "deploy.ps1"
     script.write_bytes(b'Write-Output "signed through the lab"\r\nexit 0\r\n')
     r = submit(script, setup.dev, "--timestamp", tsa.url)
@@ -295,7 +300,7 @@ def test_build_server_signs_a_powershell_script(submit, setup, tsa, trust, tmp_p
 
 @pytest.mark.control("SGN-10")
 def test_release_without_a_timestamp_is_refused_before_anything_is_signed(
-        submit, setup, admin_ssh, tmp_path):
+        submit: Callable[..., Any], setup: Setup, admin_ssh: AdminSsh, tmp_path: Path) -> None:
     exe = write_pe(tmp_path / "notime.exe", 20_000)
     before = exe.read_bytes()
     r = submit(exe, setup.release)
@@ -322,7 +327,8 @@ def _approve(target: Target, who: Party, rid: str, artifact: Path
 
 @pytest.mark.control("SGN-04", "SGN-09", "SGN-10")
 def test_release_is_signed_after_two_custodians_recompute_the_authenticode_digest(
-        submit, setup, target, tsa, trust, admin_ssh, tmp_path):
+        submit: Callable[..., Any], setup: Setup, target: Target, tsa: Tsa, trust: Path,
+        admin_ssh: AdminSsh, tmp_path: Path) -> None:
     exe = write_pe(tmp_path / "setup.exe", 100_000)
     label = _label(exe, tmp_path)
     waiting = submit(exe, setup.release, "--timestamp", tsa.url, "--wait", "--poll", "3",

@@ -5,22 +5,26 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
+from typing import TYPE_CHECKING
 
 import pytest
 
 from lab.config import USB_DEVICES, Instance
 from lab.state import LabState
 
+if TYPE_CHECKING:
+    from tests.lab.conftest import AdminSsh, WaitFor
+
 pytestmark = pytest.mark.lab
 
 
-def _usb_ids(admin_ssh) -> set[str]:  # type: ignore[no-untyped-def]
+def _usb_ids(admin_ssh: AdminSsh) -> set[str]:
     out = admin_ssh("for d in /sys/bus/usb/devices/*/idVendor; do p=${d%/idVendor}; "
                     "echo $(cat $p/idVendor):$(cat $p/idProduct); done").stdout
     return {ln.strip() for ln in out.splitlines() if ":" in ln}
 
 
-def test_admin_ssh_with_pinned_host_key(lab: LabState, admin_ssh) -> None:  # type: ignore[no-untyped-def]
+def test_admin_ssh_with_pinned_host_key(lab: LabState, admin_ssh: AdminSsh) -> None:
     """The admin key logs in and the host key matches the one made for this lab."""
     r = admin_ssh("hostname", check=True)
     assert r.stdout.strip() == "signhost"
@@ -29,7 +33,7 @@ def test_admin_ssh_with_pinned_host_key(lab: LabState, admin_ssh) -> None:  # ty
     assert pub in known
 
 
-def test_vm_has_its_lab_address(lab: LabState, admin_ssh) -> None:  # type: ignore[no-untyped-def]
+def test_vm_has_its_lab_address(lab: LabState, admin_ssh: AdminSsh) -> None:
     out = admin_ssh("ip -o addr show").stdout
     assert f" {lab.vm_ipv4}/24 " in out
     assert f" {ipaddress.ip_address(lab.vm_ipv6)}/64 " in out
@@ -56,7 +60,8 @@ def test_lab_network_is_closed(lab: LabState) -> None:
 
 
 @pytest.mark.parametrize("device", ["token", "storage"])
-def test_usb_hot_plug_is_seen_by_the_guest(lab: LabState, admin_ssh, wait_for, device: str) -> None:  # type: ignore[no-untyped-def]
+def test_usb_hot_plug_is_seen_by_the_guest(lab: LabState, admin_ssh: AdminSsh, wait_for: WaitFor,
+                                           device: str) -> None:
     """Plugging through the QEMU monitor makes the device appear in the guest's sysfs."""
     from lab import usb
 

@@ -23,10 +23,10 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from invoke import Context
+from invoke.context import Context
 
 from lab import usb
 from lab.config import Instance
@@ -34,7 +34,13 @@ from lab.state import LabState
 from lab.target import Party, Target
 from toolkit.tasks import token as tasks_token
 
+if TYPE_CHECKING:
+    from tests.lab.conftest import AdminSsh
+
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+# `build` and `custodian`: a gateway command as that principal -> ssh's result.
+Gateway = Callable[..., subprocess.CompletedProcess[bytes]]
 
 SIGNER = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "signer"
 EX_USAGE, EX_UNAVAILABLE, EX_QUEUED, EX_NOPERM = 64, 69, 75, 77
@@ -69,8 +75,7 @@ def token_dir(target: Target, signing: tuple[Party, str]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def build(lab: LabState, target: Target, signing: tuple[Party, str]
-          ) -> Callable[..., subprocess.CompletedProcess[bytes]]:
+def build(lab: LabState, target: Target, signing: tuple[Party, str]) -> Gateway:
     """Run a command on the signer as a build client (from its namespace, with its key; the
     automatic profile's client unless `client` says otherwise)."""
 
@@ -93,7 +98,7 @@ def build(lab: LabState, target: Target, signing: tuple[Party, str]
 
 
 @pytest.fixture(scope="module")
-def custodian(target: Target) -> Callable[..., subprocess.CompletedProcess[bytes]]:
+def custodian(target: Target) -> Gateway:
     """Run a gateway command as a custodian (the admins' way in, the custodian's key)."""
 
     def run(who: Party, command: str, data: bytes = b"") -> subprocess.CompletedProcess[bytes]:
@@ -124,8 +129,10 @@ def _artifact(tmp_path: Path, size: int = 4096) -> Path:
 
 
 @pytest.mark.control("SGN-09", "SGN-02")
-def test_build_server_gets_a_cms_signature_that_openssl_verifies(build, signing, token_dir,
-                                                                tmp_path):
+def test_build_server_gets_a_cms_signature_that_openssl_verifies(build: Gateway,
+                                                                 signing: tuple[Party, str],
+                                                                 token_dir: Path,
+                                                                tmp_path: Path) -> None:
     art = _artifact(tmp_path)
     profile = signing[1]
     r = build(f"sign --profile {profile} --format cms --name artifact.bin", art.read_bytes())
@@ -175,8 +182,10 @@ def test_build_server_gets_a_cms_signature_that_openssl_verifies(build, signing,
 
 
 @pytest.mark.control("SGN-09")
-def test_build_server_gets_a_raw_signature_that_openssl_dgst_verifies(build, signing, token_dir,
-                                                                     tmp_path):
+def test_build_server_gets_a_raw_signature_that_openssl_dgst_verifies(build: Gateway,
+                                                                      signing: tuple[Party, str],
+                                                                      token_dir: Path,
+                                                                     tmp_path: Path) -> None:
     art = _artifact(tmp_path)
     profile = signing[1]
     r = build(f"sign --profile {profile} --format raw", art.read_bytes())
@@ -196,14 +205,15 @@ def test_build_server_gets_a_raw_signature_that_openssl_dgst_verifies(build, sig
 
 @pytest.mark.control("SGN-01")
 @pytest.mark.parametrize("command", ["/bin/sh -c id", "id", "bash -i", "sign --profile {p}; id"])
-def test_build_account_runs_no_shell_command(build, signing, command):
+def test_build_account_runs_no_shell_command(build: Gateway, signing: tuple[Party, str],
+                                             command: str) -> None:
     r = build(command.format(p=signing[1]), b"x")
     assert r.returncode != 0
     assert b"uid=" not in r.stdout + r.stderr
 
 
 @pytest.mark.control("SGN-01")
-def test_build_account_gets_no_interactive_shell(build):
+def test_build_account_gets_no_interactive_shell(build: Gateway) -> None:
     r = build([], b"id\nexit\n", extra=["-tt"])
     assert r.returncode != 0
     assert b"uid=" not in r.stdout
@@ -217,14 +227,16 @@ def test_build_account_gets_no_interactive_shell(build):
         ["-N", "-o", "ExitOnForwardFailure=yes", "-R", "2222:127.0.0.1:22"],
     ],
 )
-def test_build_account_cannot_forward_ports(build, forward):
+def test_build_account_cannot_forward_ports(build: Gateway, forward: list[str]) -> None:
     r = build([], b"", extra=forward)
     assert r.returncode != 0
     assert b"SSH-2.0" not in r.stdout  # nothing of the VM's sshd came back through a tunnel
 
 
 @pytest.mark.control("SGN-01")
-def test_build_account_cannot_copy_files_in_or_out(lab, target, signing, tmp_path):
+def test_build_account_cannot_copy_files_in_or_out(lab: LabState, target: Target,
+                                                   signing: tuple[Party, str],
+                                                   tmp_path: Path) -> None:
     src = tmp_path / "payload"
     src.write_bytes(b"payload")
     client = signing[0]
@@ -244,7 +256,7 @@ def test_build_account_cannot_copy_files_in_or_out(lab, target, signing, tmp_pat
 
 
 @pytest.mark.control("SGN-02")
-def test_profile_not_allowed_for_the_client_is_refused(build, target):
+def test_profile_not_allowed_for_the_client_is_refused(build: Gateway, target: Target) -> None:
     pairs = [(c, p) for c in target.clients for p in target.profiles if not target.allowed(p, c)]
     if not pairs:
         pytest.skip(f"{target.inventory}: every client may use every profile")
@@ -259,7 +271,9 @@ def test_profile_not_allowed_for_the_client_is_refused(build, target):
 
 @pytest.mark.control("SGN-01", "NET-01")
 @pytest.mark.parametrize("key", ["intruder", "client"])
-def test_intruder_gets_nothing_even_with_the_build_key(lab, build, signing, key):
+def test_intruder_gets_nothing_even_with_the_build_key(lab: LabState, build: Gateway,
+                                                       signing: tuple[Party, str],
+                                                       key: str) -> None:
     own = lab.key("intruder") if key == "intruder" else signing[0].key
     r = build(f"sign --profile {signing[1]} --format raw", b"artifact", key=own, host="intruder")
     assert r.returncode == 255  # ssh itself failed: no connection, or no key accepted
@@ -285,7 +299,8 @@ def release(target: Target) -> tuple[Party, str, list[Party]]:
 
 
 @pytest.fixture(scope="module")
-def release_cert(target: Target, release, admin_ssh, tmp_path_factory) -> Path:
+def release_cert(target: Target, release: tuple[Party, str, list[Party]], admin_ssh: AdminSsh,
+                 tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The profile's certificate, issued by a lab CA for the CSR that `invoke token.csr`
     fetched, and installed with `invoke token.import-cert` (once per lab)."""
     profile = release[1]
@@ -355,7 +370,8 @@ def release_cert(target: Target, release, admin_ssh, tmp_path_factory) -> Path:
 
 
 @pytest.mark.control("SGN-09", "TOK-01")
-def test_release_certificate_from_the_ca_matches_the_token_key(release, release_cert, token_dir):
+def test_release_certificate_from_the_ca_matches_the_token_key(
+        release: tuple[Party, str, list[Party]], release_cert: Path, token_dir: Path) -> None:
     ca = token_dir / "lab-ca.pem"
     ok = _openssl("verify", "-CAfile", str(ca), str(release_cert))
     assert ok.returncode == 0, ok.stdout.decode()
@@ -365,7 +381,8 @@ def test_release_certificate_from_the_ca_matches_the_token_key(release, release_
     assert from_cert and from_cert == from_csr
 
 
-def _approve(custodian, who: Party, rid: str, tmp_path: Path):
+def _approve(custodian: Gateway, who: Party, rid: str,
+             tmp_path: Path) -> subprocess.CompletedProcess[bytes]:
     reqs = custodian(who, "requests")
     assert reqs.returncode == 0, reqs.stderr.decode()
     pending = [json.loads(line) for line in reqs.stdout.decode().splitlines() if line.strip()]
@@ -401,7 +418,7 @@ def _audit_verify(copy: Path, token_dir: Path) -> subprocess.CompletedProcess[st
     )
 
 
-def _audit_log(target: Target, admin_ssh) -> str:
+def _audit_log(target: Target, admin_ssh: AdminSsh) -> str:
     log = admin_ssh(f"cat {target.values['signer_audit_log']}", sudo=True)
     assert log.returncode == 0, log.stderr
     return str(log.stdout)
@@ -409,8 +426,9 @@ def _audit_log(target: Target, admin_ssh) -> str:
 
 @pytest.mark.control("SGN-04", "SGN-05")
 def test_release_needs_two_custodians_and_every_step_is_audited(
-    build, custodian, target, release, token_dir, admin_ssh, release_cert, tmp_path
-):
+    build: Gateway, custodian: Gateway, target: Target, release: tuple[Party, str, list[Party]],
+    token_dir: Path, admin_ssh: AdminSsh, release_cert: Path, tmp_path: Path
+) -> None:
     client, profile, (first, *others) = release
     art = _artifact(tmp_path)
     q = build(f"sign --profile {profile} --format raw --name release.bin", art.read_bytes(),
@@ -462,8 +480,8 @@ def test_release_needs_two_custodians_and_every_step_is_audited(
 
 @pytest.mark.control("SGN-05")
 def test_editing_one_byte_of_the_audit_log_is_detected_at_its_sequence_number(
-    target, admin_ssh, token_dir, tmp_path
-):
+    target: Target, admin_ssh: AdminSsh, token_dir: Path, tmp_path: Path
+) -> None:
     log = _audit_log(target, admin_ssh)
     lines = log.splitlines(keepends=True)
     assert len(lines) >= 3, "the audit log is too short to tamper with"
@@ -501,7 +519,8 @@ def budget(target: Target) -> tuple[Party, dict[str, Any], Party]:
 
 @pytest.mark.control("SGN-03")
 def test_exceeding_the_budget_freezes_the_profile_until_a_custodian_thaws_it(
-        build, custodian, budget, signing):
+        build: Gateway, custodian: Gateway, budget: tuple[Party, dict[str, Any], Party],
+        signing: tuple[Party, str]) -> None:
     client, profile, keeper = budget
     name = profile["name"]
     # Start from a fresh window (thawing restarts it), so that the test can run again.
@@ -523,7 +542,9 @@ def test_exceeding_the_budget_freezes_the_profile_until_a_custodian_thaws_it(
 
 
 @pytest.mark.control("SGN-01")
-def test_a_custodian_cannot_sign_and_a_client_cannot_approve(build, custodian, target, signing):
+def test_a_custodian_cannot_sign_and_a_client_cannot_approve(build: Gateway, custodian: Gateway,
+                                                             target: Target,
+                                                             signing: tuple[Party, str]) -> None:
     if not target.custodians:
         pytest.skip(f"{target.inventory}: no custodian whose key the lab holds")
     c = custodian(target.custodians[0], f"sign --profile {signing[1]} --format raw", b"artifact")
@@ -558,7 +579,7 @@ def _deploy(target: Target, pin_source: str) -> None:
     assert rc == 0, f"deploy with pin_source={pin_source} failed; see {log}"
 
 
-def _reboot(target: Target, admin_ssh) -> None:
+def _reboot(target: Target, admin_ssh: AdminSsh) -> None:
     boot_id = admin_ssh("cat /proc/sys/kernel/random/boot_id").stdout.strip()
     assert boot_id
     subprocess.run(target.admin_argv("-O", "exit"), capture_output=True, timeout=10)
@@ -590,8 +611,9 @@ def _reboot(target: Target, admin_ssh) -> None:
     reason="two deploys and a reboot (~25 min under TCG): set SIGNLAB_E2E_REBOOT=1",
 )
 def test_after_a_reboot_with_pin_prompt_signing_waits_for_a_custodian_unlock(
-    build, custodian, target, signing, admin_ssh
-):
+    build: Gateway, custodian: Gateway, target: Target, signing: tuple[Party, str],
+    admin_ssh: AdminSsh
+) -> None:
     if not target.custodians:
         pytest.skip(f"{target.inventory}: no custodian whose key the lab holds")
     keeper = target.custodians[0]
@@ -618,7 +640,7 @@ def test_after_a_reboot_with_pin_prompt_signing_waits_for_a_custodian_unlock(
 
 
 @pytest.fixture
-def token_reader(lab: LabState, admin_ssh) -> Iterator[None]:
+def token_reader(lab: LabState, admin_ssh: AdminSsh) -> Iterator[None]:
     """The token stand-in (QEMU's CCID reader) plugged in, on a lab whose pcscd is on."""
     if admin_ssh("systemctl is-active --quiet pcscd.socket").returncode != 0:
         pytest.skip("pcscd is off on this lab (token_pcscd false): deploy with token_pcscd=true")
@@ -634,8 +656,9 @@ def token_reader(lab: LabState, admin_ssh) -> Iterator[None]:
 
 
 @pytest.mark.control("TOK-02")
-def test_only_the_token_owner_sees_the_token_reader_through_pcscd(admin_ssh, target,
-                                                                 token_reader):
+def test_only_the_token_owner_sees_the_token_reader_through_pcscd(admin_ssh: AdminSsh,
+                                                                  target: Target,
+                                                                 token_reader: None) -> None:
     def readers(account: str) -> subprocess.CompletedProcess[str]:
         return admin_ssh(f"runuser -u {account} -- opensc-tool --list-readers", sudo=True)
 

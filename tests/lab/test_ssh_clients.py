@@ -99,7 +99,8 @@ def dev_pubkey(target: Target, signing: tuple[Party, str],
     ],
 )
 def test_a_paramiko_build_client_gets_a_raw_signature_that_openssl_verifies(
-        lab, target, signing, dev_pubkey, tmp_path, kex):
+        lab: LabState, target: Target, signing: tuple[Party, str], dev_pubkey: Path, tmp_path: Path,
+        kex: str) -> None:
     art = tmp_path / "artifact.bin"
     art.write_bytes(secrets.token_bytes(4096))
     client, profile = signing
@@ -128,7 +129,9 @@ def test_a_paramiko_build_client_gets_a_raw_signature_that_openssl_verifies(
         "ecdh-sha2-nistp256",  # NIST P-256
     ],
 )
-def test_paramiko_restricted_to_a_weak_key_exchange_is_refused(lab, target, signing, weak):
+def test_paramiko_restricted_to_a_weak_key_exchange_is_refused(lab: LabState, target: Target,
+                                                               signing: tuple[Party, str],
+                                                               weak: str) -> None:
     client, profile = signing
     r = _paramiko(lab, target, client, f"sign --profile {profile} --format raw", b"artifact",
                   kex=weak)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -12,15 +13,18 @@ from lab import usb
 from lab.config import USB_DEVICES, Instance
 from lab.state import LabState
 
+if TYPE_CHECKING:
+    from tests.lab.conftest import AdminSsh, WaitFor
+
 pytestmark = pytest.mark.lab
 
 
-def _devices(admin_ssh) -> str:  # type: ignore[no-untyped-def]
+def _devices(admin_ssh: AdminSsh) -> str:
     return str(admin_ssh("usbguard list-devices", sudo=True).stdout)
 
 
 @pytest.fixture
-def plugged(lab: LabState, request) -> Iterator[str]:  # type: ignore[no-untyped-def]
+def plugged(lab: LabState, request: pytest.FixtureRequest) -> Iterator[str]:
     inst = Instance(lab.raw["instance"], lab.state_dir)
     device = request.param
     usb.plug(inst, device)
@@ -32,7 +36,8 @@ def plugged(lab: LabState, request) -> Iterator[str]:  # type: ignore[no-untyped
 
 @pytest.mark.control("USB-01", "USB-02")
 @pytest.mark.parametrize("plugged", ["storage"], indirect=True)
-def test_usb_stick_is_blocked_when_plugged_in(admin_ssh, wait_for, plugged) -> None:  # type: ignore[no-untyped-def]
+def test_usb_stick_is_blocked_when_plugged_in(admin_ssh: AdminSsh, wait_for: WaitFor,
+                                              plugged: str) -> None:
     spec = USB_DEVICES[plugged]
     want = f"{spec['vendor']}:{spec['product']}"
     assert wait_for(lambda: want in _devices(admin_ssh)), f"{want} never reached USBGuard"
@@ -50,7 +55,8 @@ def test_usb_stick_is_blocked_when_plugged_in(admin_ssh, wait_for, plugged) -> N
 
 @pytest.mark.control("USB-02")
 @pytest.mark.parametrize("plugged", ["token"], indirect=True)
-def test_token_stand_in_is_allowed_when_plugged_in(admin_ssh, wait_for, plugged) -> None:  # type: ignore[no-untyped-def]
+def test_token_stand_in_is_allowed_when_plugged_in(admin_ssh: AdminSsh, wait_for: WaitFor,
+                                                   plugged: str) -> None:
     spec = USB_DEVICES[plugged]
     want = f"{spec['vendor']}:{spec['product']}"
     assert wait_for(lambda: want in _devices(admin_ssh)), f"{want} never reached USBGuard"
