@@ -132,7 +132,7 @@ def _artifact(tmp_path: Path, size: int = 4096) -> Path:
 def test_build_server_gets_a_cms_signature_that_openssl_verifies(build: Gateway,
                                                                  signing: tuple[Party, str],
                                                                  token_dir: Path,
-                                                                tmp_path: Path) -> None:
+                                                                 tmp_path: Path) -> None:
     art = _artifact(tmp_path)
     profile = signing[1]
     r = build(f"sign --profile {profile} --format cms --name artifact.bin", art.read_bytes())
@@ -185,7 +185,7 @@ def test_build_server_gets_a_cms_signature_that_openssl_verifies(build: Gateway,
 def test_build_server_gets_a_raw_signature_that_openssl_dgst_verifies(build: Gateway,
                                                                       signing: tuple[Party, str],
                                                                       token_dir: Path,
-                                                                     tmp_path: Path) -> None:
+                                                                      tmp_path: Path) -> None:
     art = _artifact(tmp_path)
     profile = signing[1]
     r = build(f"sign --profile {profile} --format raw", art.read_bytes())
@@ -658,7 +658,7 @@ def token_reader(lab: LabState, admin_ssh: AdminSsh) -> Iterator[None]:
 @pytest.mark.control("TOK-02")
 def test_only_the_token_owner_sees_the_token_reader_through_pcscd(admin_ssh: AdminSsh,
                                                                   target: Target,
-                                                                 token_reader: None) -> None:
+                                                                  token_reader: None) -> None:
     def readers(account: str) -> subprocess.CompletedProcess[str]:
         return admin_ssh(f"runuser -u {account} -- opensc-tool --list-readers", sudo=True)
 

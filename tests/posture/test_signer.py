@@ -376,8 +376,8 @@ def test_signer_socket_is_reachable_by_the_gateway_group_only(host: Host,
 
 
 @pytest.mark.control("SGN-02")
-def test_every_client_and_custodian_is_bound_to_its_own_account(host: Host, expected: Expected,
-                                                                client_account: Callable[[str], str]) -> None:
+def test_every_client_and_custodian_is_bound_to_its_own_account(
+        host: Host, expected: Expected, client_account: Callable[[str], str]) -> None:
     """The deployed policy names, for each principal, the one local account it may speak
     through (the daemon checks it with SO_PEERCRED)."""
     with host.sudo():
@@ -412,8 +412,8 @@ def test_no_forced_command_account_outside_the_inventory(host, expected, client_
 
 
 @pytest.mark.control("SGN-02")
-def test_a_build_clients_account_cannot_speak_as_a_custodian(host: Host, expected: Expected,
-                                                             client_account: Callable[[str], str]) -> None:
+def test_a_build_clients_account_cannot_speak_as_a_custodian(
+        host: Host, expected: Expected, client_account: Callable[[str], str]) -> None:
     """A build client that escaped its forced command runs as its own account: claiming a
     custodian's name from there is refused by the daemon, and the refusal is audited."""
     custodians = expected["signer_custodians"]

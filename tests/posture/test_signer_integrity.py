@@ -174,8 +174,8 @@ def _audit_verify(host: Host, expected: Expected, log: str) -> tuple[int, str]:
 
 
 @pytest.mark.control("SGN-05")
-def test_the_live_audit_log_is_vouched_for_by_the_installed_audit_certificate(host: Host,
-                                                                              expected: Expected) -> None:
+def test_the_live_audit_log_is_vouched_for_by_the_installed_audit_certificate(
+        host: Host, expected: Expected) -> None:
     """The hash chain and every checkpoint's signature, checked against the audit key's
     certificate installed on the host; the tail after the last checkpoint is reported, not
     failed (the daemon is running)."""
@@ -306,8 +306,8 @@ def _other_accounts(expected: Expected, client: str,
 
 
 @pytest.mark.control("SGN-02")
-def test_a_build_clients_name_is_refused_from_any_other_account(host: Host, expected: Expected,
-                                                                client_account: Callable[[str], str]) -> None:
+def test_a_build_clients_name_is_refused_from_any_other_account(
+        host: Host, expected: Expected, client_account: Callable[[str], str]) -> None:
     """Each build client speaks through its own account: from another client's account, or a
     custodian's (both in the socket's group), its name is refused by the daemon (SO_PEERCRED:
     the name is bound to the client's account), and each refusal is audited. The command is a
@@ -362,9 +362,9 @@ BAD_COMMANDS = [
 
 @pytest.mark.control("SGN-07")
 @pytest.mark.parametrize(("command", "text"), BAD_COMMANDS, ids=[c for c, _ in BAD_COMMANDS])
-def test_the_installed_gateway_refuses_a_bad_command_in_one_line(host: Host, expected: Expected,
-                                                                 client_account: Callable[[str], str],
-                                                                command: str, text: str) -> None:
+def test_the_installed_gateway_refuses_a_bad_command_in_one_line(
+        host: Host, expected: Expected, client_account: Callable[[str], str], command: str,
+        text: str) -> None:
     """The forced command as deployed, run as the client's account the way sshd runs it: a
     command that is not exactly one of the signer's gets exit 64, one line on stderr, nothing on
     stdout, and never reaches the daemon (nothing is audited)."""

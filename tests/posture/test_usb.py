@@ -78,8 +78,8 @@ def test_usbguard_allows_only_listed_device_ids(host: Host, expected: Expected) 
 
 
 @pytest.mark.control("USB-02")
-def test_each_allowed_device_is_pinned_to_its_interface_classes_and_serial(host: Host,
-                                                                           expected: Expected) -> None:
+def test_each_allowed_device_is_pinned_to_its_interface_classes_and_serial(
+        host: Host, expected: Expected) -> None:
     """A device that claims the token's vendor:product but brings a storage or keyboard
     interface must not match: every allow rule names exactly the inventory's interface classes
     (`equals`), and the serial where the inventory gives one."""

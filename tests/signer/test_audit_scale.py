@@ -95,7 +95,8 @@ def test_a_changed_state_snapshot_is_refused_at_start(make_signer: MakeSigner) -
 
 
 @pytest.mark.control("SGN-05")
-def test_a_state_checkpoint_forged_without_the_audit_key_is_refused(make_signer: MakeSigner) -> None:
+def test_a_state_checkpoint_forged_without_the_audit_key_is_refused(
+        make_signer: MakeSigner) -> None:
     """Snapshot and checkpoint rewritten together (digest and entry hash recomputed): the
     signature no longer verifies."""
     s: Signer = make_signer()
