@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -61,7 +61,7 @@ def test_journal_is_persistent(host: Host) -> None:
     assert host.run(f"ls {journal.path}/system.journal").rc == 0
 
 
-def _admin(expected: Expected, name: str) -> dict:  # type: ignore[type-arg]
+def _admin(expected: Expected, name: str) -> dict[str, Any]:
     return next(u for u in expected["base_admin_users"] if u["name"] == name)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 RULESET = "/etc/nftables.d/signhost.nft"
 
 
-def chains(host: Host) -> dict[str, dict]:  # type: ignore[type-arg]
+def chains(host: Host) -> dict[str, dict[str, Any]]:
     data = json.loads(host.check_output("nft -j list table inet signhost"))
     return {c["chain"]["name"]: c["chain"] for c in data["nftables"] if "chain" in c}
 

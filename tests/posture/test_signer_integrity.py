@@ -18,7 +18,7 @@ import time
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -217,7 +217,7 @@ PROFILE_FIELDS = ("algorithm", "formats", "max_size", "clients", "approvals", "c
                   "require_timestamp")
 
 
-def _deployed(host: Host, expected: Expected) -> dict:  # type: ignore[type-arg]
+def _deployed(host: Host, expected: Expected) -> dict[str, Any]:
     with host.sudo():
         return tomllib.loads(host.file(expected["signer_config"]).content_string)
 
@@ -279,7 +279,7 @@ def _audit_lines(host: Host, expected: Expected) -> int:
 
 
 def _audit_after(host: Host, expected: Expected,
-                 before: int) -> list[dict]:  # type: ignore[type-arg]
+                 before: int) -> list[dict[str, Any]]:
     with host.sudo():
         tail = host.check_output(
             f"tail -n +{before + 1} {shlex.quote(expected['signer_audit_log'])}")
