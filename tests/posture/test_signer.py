@@ -397,7 +397,8 @@ def test_every_client_and_custodian_is_bound_to_its_own_account(
 
 
 @pytest.mark.control("SGN-01")
-def test_no_forced_command_account_outside_the_inventory(host, expected, client_account):
+def test_no_forced_command_account_outside_the_inventory(
+        host: Host, expected: Expected, client_account: Callable[[str], str]) -> None:
     """A retired build client or custodian (or the shared account of earlier releases) keeps
     no account with a key into the gateway: every account whose primary group is the gateway
     group is one the inventory names."""
