@@ -107,7 +107,7 @@ class _Served:
         self.thread = threading.Thread(target=self.d.serve, args=(self.sock,))
         self.thread.start()
 
-    def _connection(self, conn: socket.socket, _uid: int) -> None:
+    def _connection(self, conn: socket.socket, uid: int) -> None:  # Daemon._connection's
         with conn:
             self.tids.append(threading.get_native_id())
             self.gate.wait(10)
