@@ -43,7 +43,7 @@ def an_admin_address(expected: Expected) -> str:
     for net in expected["firewall_admin_networks"]:
         network = ipaddress.ip_network(str(net), strict=False)
         # iter(): for a /32 (or /128) hosts() is a list holding the one address, not an iterator.
-    return str(next(iter(network.hosts()), network.network_address))
+        return str(next(iter(network.hosts()), network.network_address))
     return "192.0.2.1"
 
 

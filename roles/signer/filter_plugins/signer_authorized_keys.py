@@ -83,7 +83,7 @@ def entry_problems(entries: Any, var: str, role: str, prefix: str = "") -> list[
         if not good_name:
             problems.append(f"{where}.name: {str(name)[:40]!r} is not a signer name "
                             f"({NAME.pattern})")
-        elif len(prefix + name) > ACCOUNT_MAX:
+        elif isinstance(name, str) and len(prefix + name) > ACCOUNT_MAX:
             problems.append(f"{where}.name: its account {prefix + name!r} is longer than "
                             f"{ACCOUNT_MAX} characters")
         why = key_problem(entry.get("ssh_key"))
