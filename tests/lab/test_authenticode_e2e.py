@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from asn1crypto import cms, pem
+from invoke.context import Context
 
 from lab.ca import LabCA
 from lab.state import LabState
@@ -33,6 +34,7 @@ from lab.target import Party, Target
 from signer import osslsigncode
 from tests.signer.test_authenticode import SIGNIFY, flip
 from toolkit.local_signer import write_pe
+from toolkit.tasks import token as tasks_token
 
 if TYPE_CHECKING:
     from tests.lab.conftest import AdminSsh, WaitFor
@@ -109,8 +111,7 @@ def ca(lab: LabState) -> LabCA:
 def certs(lab: LabState, target: Target, setup: Setup, ca: LabCA, admin_ssh: AdminSsh,
           wait_for: WaitFor) -> dict[str, Path]:
     """Each authenticode profile's certificate, issued by the lab CA from the CSR the deploy
-    fetched (code-signing EKU), installed beside the deployed chain, then one restart of the
-    daemon. Once per lab."""
+    fetched (code-signing EKU), installed with `invoke token.import-cert`. Once per lab."""
     v = setup.values
     token_dir = target.token_dir
     out: dict[str, Path] = {}
@@ -128,23 +129,13 @@ def certs(lab: LabState, target: Target, setup: Setup, ca: LabCA, admin_ssh: Adm
         todo.append((name, cert))
     if not todo:
         return out
-    # Installed as `signer keys import-cert` writes them (tests/lab/test_signer_e2e.py goes
-    # through `invoke token.import-cert`); the daemon itself checks at start that each
-    # certificate is for its profile's token key, and would not sign with one that is not.
-    user = shlex.quote(v["signer_daemon_user"])
+    # Through `invoke token.import-cert`, as an operator installs a CA's answer: the host checks
+    # each certificate against its profile's token key, and the change is taken into the AIDE
+    # baseline (BASE-07), so the next `invoke deploy` does not stop on it. Each import restarts
+    # the daemon; the last restart is the one waited for below.
+    where = {"inventory": target.inventory, "vault_password_file": target.vault_password_file}
     for name, cert in todo:
-        dest = shlex.quote(f"{v['signer_cert_dir']}/{name}.pem")
-        # The admin's own file first (sudo's standard input carries its password where the
-        # inventory has one), then root installs it.
-        staged = f"/tmp/signlab-{name}.pem"
-        r = subprocess.run([*target.admin_argv(), f"umask 022; cat > {staged}"],
-                           input=cert.read_text(), capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stdout + r.stderr
-        r = admin_ssh(f"install -o {user} -g {user} -m 0644 {staged} {dest} && rm -f {staged}",
-                      sudo=True)
-        assert r.returncode == 0, r.stdout + r.stderr
-    restart = admin_ssh(f"systemctl restart {v['signer_service']}", sudo=True)
-    assert restart.returncode == 0, restart.stderr
+        tasks_token.import_cert(Context(), str(cert), profile=name, **where)
 
     def ready() -> bool:
         """The restarted daemon has checked its keys: an empty request gets "empty artifact"

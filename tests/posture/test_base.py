@@ -118,16 +118,32 @@ def test_ssh_shows_the_login_banner_before_authentication(host: Host) -> None:
 
 
 @pytest.mark.control("BASE-07")
-def test_aide_detects_a_change_in_a_watched_path(host: Host) -> None:
-    assert host.file("/var/lib/aide/signhost.db").exists
-    probe = "/etc/ssh/zz-aide-probe"
+def test_aide_detects_a_change_in_a_watched_path(host: Host, expected: Expected) -> None:
+    """A file added where AIDE watches with the signing host's rule is reported; removed again,
+    it leaves nothing behind: the daily check reports afterwards exactly what it reported
+    before (the probe directory's own entry is not watched, only what is inside it)."""
+    assert host.file(expected["base_aide_database"]).exists
+    check = "aide --config /etc/aide/signhost.conf --check"
+    before = host.run(check)
+    assert before.rc < 14, before.stdout[-2000:] + before.stderr
+    probe = f"{expected['base_aide_probe_dir']}/aide-probe-{uuid.uuid4().hex[:8]}"
     host.check_output(f"echo probe > {probe}")
     try:
-        r = host.run("aide --config /etc/aide/signhost.conf --check")
+        during = host.run(check)
     finally:
         host.run(f"rm -f {probe}")
-    assert r.rc != 0 and probe in r.stdout, r.stdout[-2000:]
+    after = host.run(check)
+    assert during.rc != 0 and probe in during.stdout, during.stdout[-2000:]
+    assert after.rc == before.rc and _aide_entries(after.stdout) == _aide_entries(before.stdout), (
+        f"the probe left a trace: before {_aide_entries(before.stdout)}, "
+        f"after {_aide_entries(after.stdout)}")
     assert host.service("signhost-aide-check.timer").is_enabled
+
+
+def _aide_entries(report: str) -> list[str]:
+    """The added, removed and changed entries of an AIDE report (its summary lines)."""
+    return sorted(line for line in report.splitlines()
+                  if line[:1].islower() and ": /" in line)
 
 
 @pytest.mark.control("PHY-03")

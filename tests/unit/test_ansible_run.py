@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from toolkit.runner.ansible_run import build_command, parse_recap
 
 RECAP = """
@@ -37,3 +39,12 @@ def test_command_carries_the_operator_options() -> None:
         i = cmd.index(part[0])
         assert cmd[i:i + 2] == part
     assert "--check" in cmd and "--diff" in cmd and "-vv" in cmd
+
+
+def test_a_list_extra_var_reaches_ansible_as_a_list() -> None:
+    # `k=v` would hand the role the string "['/etc/signer']"; JSON keeps the list a list.
+    cmd = build_command("deploy.yml", extra_vars={"base_aide_accept_changes": ["/etc/signer", "/x y"],
+                                                  "plain": "v"})
+    i = cmd.index("-e")
+    assert json.loads(cmd[i + 1]) == {"base_aide_accept_changes": ["/etc/signer", "/x y"]}
+    assert cmd[i + 2:i + 4] == ["-e", "plain=v"]

@@ -53,6 +53,7 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path,
         "signer_softhsm_conf": str(lab.conf),
         "signer_controller_dir": str(ctl),
         "signer_service": "signer-test-no-such-unit",
+        "base_aide": False,  # this machine keeps no AIDE baseline (the lab test covers that part)
     }
     (inv / "hosts.yml").write_text(yaml.safe_dump(
         {"all": {"children": {"signing_hosts": {"hosts": {"here": hostvars}}}}}))

@@ -12,6 +12,7 @@ environment (both are visible in /proc and recorded by auditd and sudo), never a
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import re
 import subprocess
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from toolkit.runner.controls import HostControls
@@ -170,7 +171,7 @@ def build_command(
     diff: bool = False,
     tags: str | None = None,
     skip_tags: str | None = None,
-    extra_vars: dict[str, str] | None = None,
+    extra_vars: dict[str, Any] | None = None,
     verbose: int = 0,
     vault_password_file: str | None = None,
 ) -> list[str]:
@@ -188,7 +189,8 @@ def build_command(
     if skip_tags:
         cmd += ["--skip-tags", skip_tags]
     for k, v in (extra_vars or {}).items():
-        cmd += ["-e", f"{k}={v}"]
+        # A list or a mapping as JSON: `k=v` would hand the role a string.
+        cmd += ["-e", f"{k}={v}" if isinstance(v, str) else json.dumps({k: v})]
     if vault_password_file:
         cmd += ["--vault-password-file", vault_password_file]
     if verbose:

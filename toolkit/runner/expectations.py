@@ -29,7 +29,7 @@ from toolkit.runner import hostvars
 NAMES: tuple[str, ...] = (
     # base
     "base_admin_users", "base_sudo_nopasswd", "base_sudo_logfile", "base_apt_timers",
-    "base_ntp_servers",
+    "base_ntp_servers", "base_aide_database", "base_aide_probe_dir",
     # ssh
     "ssh_allowed_users", "ssh_port",
     # firewall

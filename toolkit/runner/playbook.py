@@ -9,6 +9,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from invoke.exceptions import Exit
 
@@ -66,6 +67,7 @@ def play(
     ask_become_pass: bool = False,
     vault_password_file: str | None = None,
     prepared: bool = False,
+    extra_vars: dict[str, Any] | None = None,
 ) -> PlaybookResult:
     if not prepared:
         prepare(name, inventory, limit, vault_password_file)
@@ -80,6 +82,7 @@ def play(
         skip_tags=skip_tags,
         verbose=verbose,
         vault_password_file=vault_password_file,
+        extra_vars=extra_vars,
     )
     suffix = "-check" if check else ""
     log = LOG_DIR / f"{name}{suffix}-{time.strftime('%Y%m%dT%H%M%S')}.log"

@@ -12,6 +12,7 @@ host's inventory values, not from constants.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import tempfile
@@ -54,7 +55,7 @@ class SignerHost:
         try:
             self.vars = {n: inv.get(self.host, n) for n in (
                 "signer_daemon_user", "signer_venv", "signer_config", "signer_softhsm_conf",
-                "signer_service", "signer_controller_dir")}
+                "signer_service", "signer_controller_dir", "signer_cert_dir", "base_aide")}
         except hostvars.InventoryError as exc:
             raise Exit(f"{name}: {exc}", code=exitcodes.BAD_INPUT) from None
         self.become_pass = become_password(ask_become_pass)
@@ -127,6 +128,24 @@ def import_cert(t: SignerHost, profile: str, pem: bytes) -> str:
     # The daemon's user must read it; /run is tmpfs and root-owned, the file is removed after.
     install = shlex.join(t.as_daemon("keys", "import-cert", "--profile", profile, tmp))
     script = (f"install -o {shlex.quote(user)} -g {shlex.quote(user)} -m 0400 /dev/stdin {tmp}"
-              f" && {{ {install}; rc=$?; rm -f {tmp}; [ $rc -eq 0 ] || exit $rc; }}"
-              f" && systemctl restart {shlex.quote(str(t.vars['signer_service']))}")
+              f" && {{ {install}; rc=$?; rm -f {tmp}; [ $rc -eq 0 ] || exit $rc; }}")
+    if t.vars["base_aide"]:
+        script = _aide_guarded(script, str(t.vars["signer_cert_dir"]))
+    script += f" && systemctl restart {shlex.quote(str(t.vars['signer_service']))}"
     return t.run(["sh", "-c", script], stdin=pem.decode("ascii", errors="replace"))
+
+
+def _aide_guarded(script: str, cert_dir: str) -> str:
+    """SCRIPT, which changes CERT_DIR, as an authorised change through the toolkit (BASE-07):
+    the certificate directory is first compared with the AIDE baseline (a difference there was
+    made by someone else: refused, nothing installed), then, installed, taken into it, so the
+    next `invoke deploy` does not stop on it (roles/base/tasks/aide_deployed_compare.yml)."""
+    helper = "/usr/local/sbin/signhost-aide-baseline"
+    limit = shlex.quote(f"^({re.escape(cert_dir)})(/|$)")
+    return (f"rc=0; before=$({helper} compare {limit}) || rc=$?;"
+            f" if [ $rc -eq 1 ]; then echo \"BASE-07: refused, nothing installed: these paths"
+            f" differ from the AIDE baseline and were not changed through the toolkit:"
+            f" $(echo $before); accept them first with"
+            f" invoke deploy --accept-aide-changes\" >&2; exit 1; fi;"
+            f" [ $rc -eq 0 ] || exit $rc;"
+            f" {script} && {helper} take {limit}")

@@ -102,7 +102,13 @@ def harden(
     )
 
 
-@task(help=_PLAY_HELP, incrementable=["verbose"])
+@task(help=_PLAY_HELP | {
+    "accept_aide_changes": "BASE-07: paths (comma-separated, or 'all') that differ from the AIDE "
+                           "baseline under the deployed paths, that deploy did not make, and that "
+                           "you have looked at and accept for this run (logged on the host); "
+                           "without it such a difference stops the deploy before it changes "
+                           "anything"},
+      incrementable=["verbose"])
 def deploy(
     c: Context,
     inventory: str | None = None,
@@ -115,12 +121,21 @@ def deploy(
     expect_unchanged: bool = False,
     ask_become_pass: bool = False,
     vault_password_file: str | None = None,
+    accept_aide_changes: str | None = None,
 ) -> None:
     """Token and signer service: SoftHSM2/PKCS#11, keys on the token, signerd, gateway accounts.
 
     With --expect-unchanged the run must also leave the daemon alone: its systemd invocation id
     is read before and after, and a restart fails the task like a change would.
+
+    Before it changes anything, deploy compares the deployed paths with the AIDE baseline: a
+    difference it did not make stops it with the list of paths (nothing is re-baselined), until
+    the operator accepts them with --accept-aide-changes.
     """
+    accepted = [p.strip() for p in (accept_aide_changes or "").split(",") if p.strip()]
+    if accept_aide_changes is not None and not accepted:
+        raise Exit("deploy: --accept-aide-changes needs the paths deploy listed, or 'all'",
+                   code=exitcodes.BAD_INPUT)
     playbook.prepare("deploy", inventory, limit, vault_password_file)
     try:
         # The signer's wheels are built on the controller from the hash lock (the host needs no
@@ -135,6 +150,7 @@ def deploy(
         "deploy",
         "deploy.yml",
         prepared=True,
+        extra_vars={"base_aide_accept_changes": accepted} if accepted else None,
         **_opts(inventory, limit, check, diff, tags, skip_tags, verbose, expect_unchanged,
               ask_become_pass, vault_password_file),
     )
