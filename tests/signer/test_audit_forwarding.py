@@ -68,15 +68,20 @@ def _compare(s: Signer, fw: Forwarding) -> compare.Result:
     return compare.compare([s.audit_log], fw.copy, spki)
 
 
+def _assert_complete(s: Signer, r: compare.Result) -> None:
+    """The copy holds every entry of the host's log, from seq 0, nothing in flight."""
+    last = _last_seq(s)
+    assert (r.kind, (r.local_first, r.local_last), (r.copy_first, r.copy_last),
+            r.in_flight) == ("consistent", (0, last), (0, last), 0), r.text()
+
+
 def test_the_collector_gets_every_entry_while_the_log_rotates(
         rotating: tuple[Signer, Forwarding]) -> None:
     s, fw = rotating
     _sign(s, 40)
     assert len(_closed(s)) >= 2, _closed(s)
     r = _compare(s, fw)
-    last = _last_seq(s)
-    assert (r.kind, (r.local_first, r.local_last), (r.copy_first, r.copy_last),
-            r.in_flight) == ("consistent", (0, last), (0, last), 0), r.text()
+    _assert_complete(s, r)
 
 
 def test_segments_closed_while_the_forwarder_is_down_reach_the_collector(
@@ -91,9 +96,7 @@ def test_segments_closed_while_the_forwarder_is_down_reach_the_collector(
     fw.start_forwarder()
     _sign(s, 3)
     r = _compare(s, fw)
-    last = _last_seq(s)
-    assert (r.kind, (r.local_first, r.local_last), (r.copy_first, r.copy_last),
-            r.in_flight) == ("consistent", (0, last), (0, last), 0), r.text()
+    _assert_complete(s, r)
 
 
 def test_a_new_forwarder_sends_the_closed_segments_too(make_signer: Callable[..., Signer],
@@ -107,6 +110,4 @@ def test_a_new_forwarder_sends_the_closed_segments_too(make_signer: Callable[...
         fw.start_forwarder()
         _sign(s, 3)
         r = _compare(s, fw)
-    last = _last_seq(s)
-    assert (r.kind, (r.local_first, r.local_last), (r.copy_first, r.copy_last),
-            r.in_flight) == ("consistent", (0, last), (0, last), 0), r.text()
+    _assert_complete(s, r)
