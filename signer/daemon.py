@@ -45,7 +45,7 @@ from signer.config import NAME_RE, Config, Profile
 from signer.errors import Exit, SignerError
 from signer.formats import REGISTRY, FormatError, Job
 from signer.policy import Denied
-from signer.token import Token
+from signer.tokenproc import TokenProcess
 from signer.uri import PKCS11URI
 
 log = logging.getLogger("signerd")
@@ -95,7 +95,8 @@ class Daemon:
         self._idle = 0  # connection threads waiting on _handoff (guarded by _active_cv)
         self._handoff: queue.SimpleQueue[tuple[socket.socket, int] | None] = \
             queue.SimpleQueue()
-        self.token: Token | None = None
+        self.token: TokenProcess | None = None
+        self.fatal: SignerError | None = None  # why serve() ended on its own
         self.writer: audit.Writer | None = None
 
     # --- start and stop ----------------------------------------------------------------------
@@ -103,7 +104,9 @@ class Daemon:
     def start(self) -> None:
         d = self.cfg.daemon
         secret = pin.read_file(d.pin_file) if d.pin_file is not None else None
-        self.token = Token(d.token_module, d.token_label, d.token_serial)
+        # The token in a process of its own (signer/tokenproc.py: the GIL and the token)
+        self.token = TokenProcess(d.token_module, d.token_label, d.token_serial,
+                                  on_lost=self._token_lost)
         d.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         (d.state_dir / "signatures").mkdir(mode=0o700, exist_ok=True)
         spki, source = self._audit_public_key()
@@ -309,6 +312,13 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stopping.set()
+
+    def _token_lost(self, why: str) -> None:
+        """The token process ended: nothing can be signed, so stop (non-zero exit: systemd
+        starts the daemon again, which logs in again or waits for `unlock`)."""
+        log.error("%s", why)
+        self.fatal = SignerError(Exit.UNAVAILABLE, why)
+        self.request_stop()
 
     def serve(self, sock: socket.socket) -> None:
         """Accept until asked to stop; one daemon thread per connection, within the limits
@@ -1042,3 +1052,5 @@ def run(cfg: Config, on_ready: Callable[[], None] | None = None) -> None:
         except OSError:
             pass
         daemon.stop()
+    if daemon.fatal is not None:
+        raise daemon.fatal

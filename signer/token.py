@@ -1,8 +1,9 @@
 """The PKCS#11 token: find it, log in, check that keys are resident, sign digests, make keys.
 
-Only the daemon (and the `keys` commands, run by an operator) import this module. One session is
-opened per login and shared by every thread: python-pkcs11 serialises operations on a session,
-and a single logged-in session is the one "PKCS#11 session holder" the design asks for.
+The `keys` commands (run by an operator) use it directly; the daemon uses it inside its token
+process (signer/tokenproc.py), which holds the one logged-in session, the "PKCS#11 session
+holder" the design asks for. In one process, one session is shared by every thread:
+python-pkcs11 serialises operations on a session.
 
 One signature at a time, in any case: python-pkcs11 initialises the module with
 `C_Initialize(NULL)`, which promises it no concurrent calls (SoftHSM2 then takes no locks of its
@@ -204,17 +205,22 @@ class Token:
                     ) -> bytes:
         """Sign a SHA-256 digest; the result is in the encoding openssl expects. `urgent`:
         before the signatures already waiting for the token (the audit key's checkpoints)."""
-        mech, param = alg.mechanism
         data = alg.token_input(digest)
+        with self.queue.turn(urgent):
+            raw = self.sign_input(key, alg, data)
+        return alg.encode(raw)
+
+    def sign_input(self, key: Any, alg: Algorithm, data: bytes) -> bytes:
+        """One signature of `alg.token_input(...)`, as the token returns it (the token
+        process's whole job; it takes its requests one at a time, so no queue here)."""
+        mech, param = alg.mechanism
         try:
-            with self.queue.turn(urgent):
-                raw = key.sign(data, mechanism=mech, mechanism_param=param)
+            return bytes(key.sign(data, mechanism=mech, mechanism_param=param))
         except _GONE as exc:
             raise _unavailable(self.label, exc) from None
         except p11e.PKCS11Error as exc:
             raise SignerError(Exit.SOFTWARE, f"the token refused to sign: "
                               f"{type(exc).__name__}") from None
-        return alg.encode(bytes(raw))
 
     def public_key_info(self, uri: PKCS11URI) -> asn1keys.PublicKeyInfo:
         """The public half, from the token's public key object of the same label (and id)."""
