@@ -35,7 +35,7 @@ NAMES = ("signer_profiles", "signer_clients", "signer_custodians", "signer_clien
          "signer_audit_log", "signer_controller_dir", "signer_cert_dir", "signer_socket",
          "signer_daemon_user", "signer_service", "token_pin_dir", "firewall_admin_networks",
          "ssh_ciphers", "ssh_host_key_algorithms", "ansible_user", "base_aide",
-         "base_aide_database")
+         "base_aide_database", "base_aide_hardened_paths")
 
 
 class TargetError(RuntimeError):

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
+    from testinfra.backend.base import CommandResult
     from testinfra.host import Host
 
     from tests.posture.conftest import Expected
@@ -117,15 +118,36 @@ def test_ssh_shows_the_login_banner_before_authentication(host: Host) -> None:
     assert "Authorised access only" in host.file("/etc/issue").content_string
 
 
+AIDE_CHECK = "aide --config /etc/aide/signhost.conf --check"
+
+
+@pytest.fixture(scope="module")
+def aide_now(host: Host, expected: Expected) -> CommandResult:
+    """The daily check's report as it is now, before the probe below (one full check: tens of
+    seconds on a small host)."""
+    assert host.file(expected["base_aide_database"]).exists
+    before = host.run(AIDE_CHECK)
+    assert before.rc < 14, before.stdout[-2000:] + before.stderr
+    return before
+
+
 @pytest.mark.control("BASE-07")
-def test_aide_detects_a_change_in_a_watched_path(host: Host, expected: Expected) -> None:
+def test_nothing_differs_from_the_aide_baseline(aide_now: CommandResult) -> None:
+    """The baseline is the record of what the toolkit left (provision builds it; harden and
+    deploy take in their own changes, and only those): on a host nobody has touched since, the
+    daily check reports nothing. Each entry listed is a change made outside the toolkit, or
+    one that a harden or deploy found and left for a person to look at."""
+    assert aide_now.rc == 0, f"differs from the AIDE baseline: {_aide_entries(aide_now.stdout)}"
+
+
+@pytest.mark.control("BASE-07")
+def test_aide_detects_a_change_in_a_watched_path(host: Host, expected: Expected,
+                                                 aide_now: CommandResult) -> None:
     """A file added where AIDE watches with the signing host's rule is reported; removed again,
     it leaves nothing behind: the daily check reports afterwards exactly what it reported
     before (the probe directory's own entry is not watched, only what is inside it)."""
-    assert host.file(expected["base_aide_database"]).exists
-    check = "aide --config /etc/aide/signhost.conf --check"
-    before = host.run(check)
-    assert before.rc < 14, before.stdout[-2000:] + before.stderr
+    check = AIDE_CHECK
+    before = aide_now
     probe = f"{expected['base_aide_probe_dir']}/aide-probe-{uuid.uuid4().hex[:8]}"
     host.check_output(f"echo probe > {probe}")
     try:

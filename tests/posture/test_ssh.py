@@ -9,6 +9,7 @@ way the suite itself does (the admin's connection, `admin_ssh`).
 from __future__ import annotations
 
 import ipaddress
+import shlex
 import socket
 import subprocess
 import time
@@ -201,20 +202,30 @@ def test_weak_dh_moduli_are_removed(host: Host) -> None:
 
 @pytest.mark.control("SSH-06", "SSH-01")
 def test_a_password_drop_in_cannot_enable_password_logins(host: Host, expected: Expected) -> None:
+    """sshd, reading the installed sshd_config with a password drop-in in sshd_config.d (what
+    a package or cloud-init leaves), still allows public keys only. The drop-in is written in a
+    private mount namespace, on a tmpfs over the directory: `sshd -T` there reads the same
+    files as the daemon does at a reload, and the host's directory is never written (it is
+    watched by auditd and AIDE: a probe would stay in the daily check's report)."""
     dropin = "/etc/ssh/sshd_config.d/50-cloud-init.conf"
     assert not host.file(dropin).exists, f"{dropin} exists already; not touching it"
-    host.check_output(f"printf 'PasswordAuthentication yes\\nKbdInteractiveAuthentication yes\\n"
-                      f"PermitRootLogin yes\\n' > {dropin} && systemctl reload ssh.service")
-    try:
-        time.sleep(1)
-        conf = sshd_effective(host, expected)
-        assert conf["passwordauthentication"] == "no"
-        assert conf["kbdinteractiveauthentication"] == "no"
-        assert conf["permitrootlogin"] == "no"
-        r = local_attempt(host, expected, "-o PreferredAuthentications=password,keyboard-interactive")
-        assert "Permission denied (publickey)" in r.stderr, r.stderr
-    finally:
-        host.run(f"rm -f {dropin} && systemctl reload ssh.service")
+    user, addr = an_admin(expected), an_admin_address(expected)
+    inner = (f"mount -t tmpfs -o mode=0755 signhost-probe /etc/ssh/sshd_config.d && "
+             f"printf 'PasswordAuthentication yes\\nKbdInteractiveAuthentication yes\\n"
+             f"PermitRootLogin yes\\n' > {dropin} && "
+             f"/usr/sbin/sshd -T -C user={user},host=probe,addr={addr}")
+    out = host.check_output(f"unshare --mount --propagation private sh -c {shlex.quote(inner)}")
+    conf: dict[str, str] = {}
+    for line in out.splitlines():
+        key, _, value = line.partition(" ")
+        conf.setdefault(key.lower(), value)
+    assert conf["passwordauthentication"] == "no"
+    assert conf["kbdinteractiveauthentication"] == "no"
+    assert conf["permitrootlogin"] == "no"
+    assert not host.file(dropin).exists
+    # and the running daemon offers public keys only
+    r = local_attempt(host, expected, "-o PreferredAuthentications=password,keyboard-interactive")
+    assert "Permission denied (publickey)" in r.stderr, r.stderr
 
 
 @pytest.mark.control("SSH-07")
