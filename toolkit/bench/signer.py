@@ -19,6 +19,11 @@ its sessions (SoftHSM2 fails two at once). Two processes (each its own library i
 sign at once on two cores; that figure is reported too, as the token's capacity on this
 machine, not as what one daemon could reach.
 
+`token_process_busy_8_clients`: per round, the share of the 8-client time that the daemon's
+token process (signer/tokenproc.py) spent on the CPU. 1.0 means the token never waited for a
+request; what then separates the daemon from raw is the CPU the token process gets beside the
+daemon and the clients on the same cores, not the daemon's design.
+
 `before`: a checkout of an earlier version (`git worktree add /tmp/before main`). Its daemon
 runs beside this one on the same token, each with its own config, log and socket, and their
 figures are measured alternately in the same run, raw before and after each algorithm's round.
@@ -161,8 +166,24 @@ def _raw_parallel_rate(lab: Lab, label: str, algorithm: str, seconds: float,
     return sum(rates)
 
 
-def _daemon_rates(sock: Path, profile: str, seconds: float) -> tuple[float, float, float]:
-    """(1 client/s, 8 clients/s, this process's CPU ms per request with 8 clients)."""
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of a process so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _token_process(daemon_pid: int) -> int | None:
+    """The daemon's token process (signer/tokenproc.py), if it has one: its only child."""
+    kids = [int(c) for task in Path(f"/proc/{daemon_pid}/task").iterdir()
+            for c in (task / "children").read_text().split()]
+    return kids[0] if len(kids) == 1 else None
+
+
+def _daemon_rates(sock: Path, profile: str, seconds: float, token_pid: int | None = None
+                  ) -> tuple[float, float, float, float | None]:
+    """(1 client/s, 8 clients/s, this process's CPU ms per request with 8 clients, the share
+    of the 8-client time the token process spent on the CPU, when it has one: 1.0 is a token
+    that never waited for work)."""
     def one() -> None:
         code, message, _sig = sign_over_socket(sock, profile, b"artifact", fmt="raw")
         if code != 0:
@@ -170,10 +191,12 @@ def _daemon_rates(sock: Path, profile: str, seconds: float) -> tuple[float, floa
 
     d1 = _rate(one, seconds, 1)
     cpu = time.process_time()
+    token_cpu = _cpu_seconds(token_pid) if token_pid else 0.0
     started = time.monotonic()
     d8 = _rate(one, seconds, 8)
-    requests = d8 * (time.monotonic() - started)
-    return d1, d8, 1000 * (time.process_time() - cpu) / max(requests, 1)
+    wall = time.monotonic() - started
+    busy = (_cpu_seconds(token_pid) - token_cpu) / wall if token_pid else None
+    return d1, d8, 1000 * (time.process_time() - cpu) / max(d8 * wall, 1), busy
 
 
 def throughput(lab: Lab, configs: dict[str, Path], seconds: float,
@@ -187,10 +210,15 @@ def throughput(lab: Lab, configs: dict[str, Path], seconds: float,
                                    ("rsa3072", "rsa", "rsa3072-pkcs1")):
         raws: list[float] = []
         got: dict[str, list[tuple[float, float, float]]] = {k: [] for k in configs}
+        busy: dict[str, list[float]] = {k: [] for k in configs}
         for _ in range(rounds):
             raws.append(_raw_token_rate(lab, label, algorithm, seconds))
             for who, config in configs.items():
-                got[who].append(_daemon_rates(Lab.socket_of(config), label, seconds))
+                token = _token_process(lab.daemons[config].pid)
+                d1, d8, cpu, b = _daemon_rates(Lab.socket_of(config), label, seconds, token)
+                got[who].append((d1, d8, cpu))
+                if b is not None:
+                    busy[who].append(round(b, 3))
         raws.append(_raw_token_rate(lab, label, algorithm, seconds))
         raw = sum(raws) / len(raws)
         fig: dict[str, Any] = {
@@ -209,6 +237,8 @@ def throughput(lab: Lab, configs: dict[str, Path], seconds: float,
                 f"{prefix}ratio_8_clients": round(d8 / raw, 3),
                 f"{prefix}bench_client_cpu_ms_per_request_8_clients": round(cpu, 3),
             })
+            if busy[who]:
+                fig[f"{prefix}token_process_busy_8_clients"] = busy[who]
         out[name] = fig
     return out
 
