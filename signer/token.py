@@ -7,12 +7,9 @@ python-pkcs11 serialises operations on a session.
 
 One signature at a time, in any case: python-pkcs11 initialises the module with
 `C_Initialize(NULL)`, which promises it no concurrent calls (SoftHSM2 then takes no locks of its
-own, and two sessions signing at once in one process fail with CKR_GENERAL_ERROR). So a second
-session would buy no parallelism; what it would take is an order. `TokenQueue` gives one: a
-checkpoint signature (`urgent`), which the audit writer waits for while every signature behind
-it waits for that write, goes before the profiles' signatures waiting for the token, so it waits
-for at most the one in progress, never for a queue of RSA-3072 signatures (the token then sat
-idle while the write that had waited was fsynced).
+own, and two sessions signing at once in one process fail with CKR_GENERAL_ERROR). The daemon's
+token process takes its requests one at a time, and orders them (a checkpoint before the
+profiles' signatures waiting); the `keys` commands sign from one thread.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,35 +53,6 @@ def _unavailable(label: str, exc: Exception) -> SignerError:
                        "plugged in, then restart the daemon")
 
 
-class TokenQueue:
-    """The token, one operation at a time; `urgent` callers go before the others waiting.
-
-    A condition variable rather than a lock: a plain lock lets whoever asks last take it
-    (barging), so a checkpoint could wait behind any number of signatures."""
-
-    def __init__(self) -> None:
-        self._cv = threading.Condition(threading.Lock())
-        self._busy = False
-        self._urgent = 0  # urgent callers waiting
-
-    @contextmanager
-    def turn(self, urgent: bool = False) -> Iterator[None]:
-        with self._cv:
-            self._urgent += urgent
-            try:
-                while self._busy or (not urgent and self._urgent):
-                    self._cv.wait()
-            finally:
-                self._urgent -= urgent
-            self._busy = True
-        try:
-            yield
-        finally:
-            with self._cv:
-                self._busy = False
-                self._cv.notify_all()
-
-
 @dataclass(frozen=True)
 class KeyInfo:
     label: str
@@ -120,7 +87,6 @@ class Token:
                               f"cannot load PKCS#11 module {module}: {exc}") from None
         self._session: Any = None
         self._lock = threading.Lock()
-        self.queue = TokenQueue()
 
     @property
     def logged_in(self) -> bool:
@@ -201,18 +167,13 @@ class Token:
             raise _unavailable(self.label, exc) from None
         return problems
 
-    def sign_digest(self, key: Any, alg: Algorithm, digest: bytes, urgent: bool = False
-                    ) -> bytes:
-        """Sign a SHA-256 digest; the result is in the encoding openssl expects. `urgent`:
-        before the signatures already waiting for the token (the audit key's checkpoints)."""
-        data = alg.token_input(digest)
-        with self.queue.turn(urgent):
-            raw = self.sign_input(key, alg, data)
-        return alg.encode(raw)
+    def sign_digest(self, key: Any, alg: Algorithm, digest: bytes) -> bytes:
+        """Sign a SHA-256 digest; the result is in the encoding openssl expects."""
+        return alg.encode(self.sign_input(key, alg, alg.token_input(digest)))
 
     def sign_input(self, key: Any, alg: Algorithm, data: bytes) -> bytes:
         """One signature of `alg.token_input(...)`, as the token returns it (the token
-        process's whole job; it takes its requests one at a time, so no queue here)."""
+        process's whole job)."""
         mech, param = alg.mechanism
         try:
             return bytes(key.sign(data, mechanism=mech, mechanism_param=param))

@@ -8,9 +8,8 @@ issue 12, point 7). A shorter switch interval did not help. Here one single-thre
 started by the daemon when it starts, holds the PKCS#11 library and the logged-in session and
 does nothing but token operations, one at a time, in the order it receives them; the daemon
 keeps up to DEPTH requests in its socket, so the next signature is already waiting when one
-ends. The ordering guarantee of `TokenQueue` stays: a checkpoint signature (`urgent`) goes
-before every profile signature that is not yet in the child, so it waits for at most DEPTH
-signatures.
+ends. A checkpoint signature (`urgent`) goes before every profile signature that is not yet
+in the child, so it waits for at most DEPTH signatures.
 
 What it does not change: the daemon still decides everything (policy, budget, audit entry
 before the answer); the child signs what the daemon hands it, as the session in the daemon did.

@@ -7,7 +7,8 @@ import json
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -174,6 +175,15 @@ def shared(lab: Lab, request: pytest.FixtureRequest) -> Iterator[Signer]:
     s.start()
     yield s
     s.stop()
+
+
+def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for `condition` (polled every 5 ms); AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.005)
 
 
 def one_line_error(r: subprocess.CompletedProcess[bytes]) -> str:

@@ -1,94 +1,19 @@
-"""The request path's mechanisms for throughput, each held to its behaviour: a checkpoint
-signature goes before the signatures waiting for the token, and a connection is served by a
-thread that waits for the next one (a bounded number of them), never by a thread started for
-it when one is idle."""
+"""The request path's mechanisms for throughput, each held to its behaviour: a connection is
+served by a thread that waits for the next one (a bounded number of them), never by a thread
+started for it when one is idle. (A checkpoint before the signatures waiting for the token:
+tests/signer/test_tokenproc.py.)"""
 
 from __future__ import annotations
 
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from signer import daemon
-from signer.token import TokenQueue
-
-
-def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.005)
-
-
-def _waiting(q: TokenQueue) -> int:
-    return len(q._cv._waiters)  # type: ignore[attr-defined]  # CPython's Condition
-
-
-def _first_after_release(q: TokenQueue) -> list[str]:
-    """Six signatures wait for the token, then a checkpoint: who gets it when it is free."""
-    order: list[str] = []
-    release = threading.Event()
-
-    def holder() -> None:
-        with q.turn():
-            release.wait()
-
-    def user(name: str, urgent: bool) -> None:
-        with q.turn(urgent):
-            order.append(name)
-
-    first = threading.Thread(target=holder)
-    first.start()
-    _until(lambda: q._busy)
-    users = [threading.Thread(target=user, args=(f"sig{i}", False)) for i in range(6)]
-    for t in users:
-        t.start()
-    _until(lambda: _waiting(q) == 6)
-    users.append(threading.Thread(target=user, args=("checkpoint", True)))
-    users[-1].start()
-    _until(lambda: _waiting(q) == 7)
-    release.set()
-    for t in [first, *users]:
-        t.join(10)
-    return order
-
-
-def test_a_checkpoint_goes_before_the_signatures_waiting_for_the_token() -> None:
-    q = TokenQueue()
-    for _ in range(5):  # without the rule the checkpoint is sometimes first, never 5 times
-        order = _first_after_release(q)
-        assert order[0] == "checkpoint", order
-        assert sorted(order[1:]) == [f"sig{i}" for i in range(6)]
-
-
-def test_the_token_does_one_operation_at_a_time() -> None:
-    q = TokenQueue()
-    inside = 0
-    most = 0
-    lock = threading.Lock()
-
-    def user(urgent: bool) -> None:
-        nonlocal inside, most
-        for _ in range(200):
-            with q.turn(urgent):
-                with lock:
-                    inside += 1
-                    most = max(most, inside)
-                time.sleep(0)
-                with lock:
-                    inside -= 1
-
-    threads = [threading.Thread(target=user, args=(i % 3 == 0,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert most == 1
+from tests.signer.conftest import until as _until
 
 
 class _Served:

@@ -14,7 +14,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,17 +28,10 @@ from signer.algorithms import ECDSA_P256
 from signer.errors import Exit, SignerError
 from signer.uri import parse as parse_uri
 from tests.signer.conftest import MakeSigner
+from tests.signer.conftest import until as _until
 from toolkit.local_signer import SOFTHSM_MODULE, Lab
 
 DEV_KEY = parse_uri("pkcs11:token=signer;object=dev;type=private")
-
-
-def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.005)
 
 
 class Peer:
