@@ -1,12 +1,15 @@
-"""The lab's base image: Debian 12 from Debian packages, built once, cached by recipe.
+"""The lab's base images: Debian 13 (the default) or 12, from Debian packages, built once per
+release, cached by recipe.
 
 debootstrap fills a directory, a few files make it a bootable guest, and `mkfs.ext4 -d`
 turns the directory into a filesystem image without loop devices or mounts. The kernel
 and initrd are kept beside the image and booted directly by QEMU (no boot loader: the lab
 does not test the boot chain; secure boot is waived in the lab, see threat-model/).
 
-The cache key hashes everything that shapes the image (this file, the package list, the
-suite and the mirror): change any of them and the next `lab.up` builds a new image.
+The cache key hashes everything that shapes an image (the recipe: the guest files and scripts
+below, the package list, the suite, the mirror and the size), not this module's other code:
+change the recipe and the next `lab.up` builds a new image; each release has its own. An image
+that a running instance's overlay stands on is never pruned.
 Per-lab facts (the admin key, the lab address) are not baked in; the guest reads them at
 boot from QEMU's fw_cfg, so one image serves every instance and every fresh key.
 """
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import inspect
+import json
 import os
 import shutil
 import subprocess
@@ -24,11 +29,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lab.state import CACHE_ROOT
+from lab.state import CACHE_ROOT, STATE_ROOT
 
 HERE = Path(__file__).resolve().parent
 PACKAGES_FILE = HERE / "image-packages.txt"
-SUITE = "bookworm"
+# The releases a lab can run: suite -> Debian version. The first is the default (the current
+# stable); the toolkit supports exactly these (roles/preflight checks the same on any host).
+RELEASES = {"trixie": "13", "bookworm": "12"}
+DEFAULT_RELEASE = "trixie"
 IMAGE_SIZE = "6G"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
@@ -83,25 +91,49 @@ class ImageError(RuntimeError):
     pass
 
 
-def packages() -> list[str]:
-    lines = PACKAGES_FILE.read_text().splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+def release(name: str | None = None) -> str:
+    """The release asked for (argument, else $SIGNLAB_RELEASE, else the default), checked."""
+    name = name or os.environ.get("SIGNLAB_RELEASE") or DEFAULT_RELEASE
+    if name not in RELEASES:
+        raise ImageError(f"unknown lab release {name!r}: choose one of "
+                         + ", ".join(f"{s} (Debian {v})" for s, v in RELEASES.items()))
+    return name
+
+
+def packages(suite: str | None = None) -> list[str]:
+    """The image's packages. A line `name  # only: trixie` is for the releases it names."""
+    suite = release(suite)
+    out = []
+    for line in PACKAGES_FILE.read_text().splitlines():
+        name, _, comment = line.partition("#")
+        name = name.strip()
+        only = comment.strip().removeprefix("only:") if comment.strip().startswith("only:") else ""
+        if name and (not only or suite in only.replace(",", " ").split()):
+            out.append(name)
+    return out
 
 
 def mirror() -> str:
     return os.environ.get("SIGNLAB_MIRROR", DEFAULT_MIRROR)
 
 
-def recipe_key() -> str:
+# Bump when the way an image is made changes outside the texts hashed below.
+RECIPE_VERSION = "2"
+
+
+def recipe_key(suite: str | None = None) -> str:
+    suite = release(suite)
     h = hashlib.sha256()
-    for part in (Path(__file__).read_bytes(), PACKAGES_FILE.read_bytes(), SUITE.encode(),
-                 mirror().encode(), IMAGE_SIZE.encode()):
-        h.update(hashlib.sha256(part).digest())
+    for part in (RECIPE_VERSION, GUEST_INIT, GUEST_INIT_UNIT, ADMIN_NETWORK, CHROOT_SCRIPT,
+                 inspect.getsource(_configure_rootfs), inspect.getsource(_debootstrap_argv),
+                 "\n".join(packages(suite)), suite, mirror(), IMAGE_SIZE):
+        h.update(hashlib.sha256(part.encode()).digest())
     return h.hexdigest()[:16]
 
 
-def image_dir(key: str | None = None) -> Path:
-    return CACHE_ROOT / "images" / f"debian12-{key or recipe_key()}"
+def image_dir(suite: str | None = None, key: str | None = None) -> Path:
+    suite = release(suite)
+    return CACHE_ROOT / "images" / f"debian{RELEASES[suite]}-{key or recipe_key(suite)}"
 
 
 def artefacts(d: Path) -> dict[str, Path]:
@@ -141,7 +173,7 @@ def _run(cmd: list[str], log: Path, what: str) -> None:
         raise ImageError(f"{what} failed (exit {rc}); log: {log}\n" + "\n".join(tail))
 
 
-def _configure_rootfs(root: Path) -> None:
+def _configure_rootfs(root: Path, suite: str) -> None:
     (root / "etc/hostname").write_text("signhost\n")
     (root / "etc/hosts").write_text("127.0.0.1 localhost\n127.0.1.1 signhost\n"
                                     "::1 localhost ip6-localhost ip6-loopback\n")
@@ -149,9 +181,9 @@ def _configure_rootfs(root: Path) -> None:
     (root / "etc/resolv.conf").unlink(missing_ok=True)
     (root / "etc/resolv.conf").write_text("nameserver 10.0.2.3\n")
     (root / "etc/apt/sources.list").write_text(
-        f"deb {mirror()} {SUITE} main\n"
-        f"deb {mirror()} {SUITE}-updates main\n"
-        f"deb {mirror().rsplit('/', 1)[0]}/debian-security {SUITE}-security main\n"
+        f"deb {mirror()} {suite} main\n"
+        f"deb {mirror()} {suite}-updates main\n"
+        f"deb {mirror().rsplit('/', 1)[0]}/debian-security {suite}-security main\n"
     )
     net = root / "etc/systemd/network"
     net.mkdir(parents=True, exist_ok=True)
@@ -182,10 +214,20 @@ rm -rf /var/lib/apt/lists/* /var/log/*.log /tmp/* /var/tmp/*
 """
 
 
-def build(force: bool = False) -> Path:
-    """Build the base image unless the cache already has it; returns the image directory."""
-    d = image_dir()
-    with _lock(CACHE_ROOT / "images" / ".build.lock"):
+def _debootstrap_argv(suite: str, root: Path) -> list[str]:
+    return ["debootstrap", "--variant=minbase", "--merged-usr",
+            "--include=" + ",".join(packages(suite)), suite, str(root), mirror()]
+
+
+def build(suite: str | None = None, force: bool = False) -> Path:
+    """Build the release's base image unless the cache has it; returns the image directory.
+
+    A failed build keeps its log (and debootstrap's own, which says which package broke) in
+    `<image>.failed/`, named on the terminal; the half-made root filesystem goes.
+    """
+    suite = release(suite)
+    d = image_dir(suite)
+    with _lock(d.with_name(d.name + ".lock")):
         if is_built(d) and not force:
             return d
         free = shutil.disk_usage(CACHE_ROOT).free
@@ -194,20 +236,21 @@ def build(force: bool = False) -> Path:
                 f"not enough disk in {CACHE_ROOT}: {free / 2**30:.1f} GiB free, 8 GiB needed")
         shutil.rmtree(d, ignore_errors=True)
         work = d.with_name(d.name + ".work")
+        failed = d.with_name(d.name + ".failed")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         root = work / "rootfs"
         log = work / "build.log"
         started = time.monotonic()
-        print(f"==> building the lab base image {d.name} (log: {log})", flush=True)
+        version = RELEASES[suite]
+        print(f"==> building the lab base image {d.name}: Debian {version} ({suite}) "
+              f"(log: {log})", flush=True)
         try:
-            print("  - debootstrap Debian 12 with the signing host's packages (several minutes)",
-                  flush=True)
-            _run(["debootstrap", "--variant=minbase", "--merged-usr",
-                  "--include=" + ",".join(packages()), SUITE, str(root), mirror()],
-                 log, "debootstrap")
+            print(f"  - debootstrap Debian {version} with the signing host's packages "
+                  "(several minutes)", flush=True)
+            _run(_debootstrap_argv(suite, root), log, "debootstrap")
             print("  - configuring the guest", flush=True)
-            _configure_rootfs(root)
+            _configure_rootfs(root, suite)
             _run(["chroot", str(root), "/bin/sh", "-c", CHROOT_SCRIPT], log, "chroot setup")
             kernels = sorted((root / "boot").glob("vmlinuz-*"))
             initrds = sorted((root / "boot").glob("initrd.img-*"))
@@ -223,26 +266,51 @@ def build(force: bool = False) -> Path:
                   str(work / "base.qcow2")], log, "qemu-img convert")
             raw.unlink()
             shutil.rmtree(root)
-            (work / "COMPLETE").write_text(f"{time.monotonic() - started:.0f}\n")
+            (work / "COMPLETE").write_text(json.dumps(
+                {"suite": suite, "version": version, "seconds": round(time.monotonic() - started),
+                 "packages": packages(suite)}) + "\n")
             work.rename(d)
         except BaseException:
-            print(f"  ! image build failed; partial work removed (log kept: {log})",
-                  file=sys.stderr)
-            shutil.rmtree(root, ignore_errors=True)
-            for p in work.glob("*"):
-                if p != log:
-                    if p.is_dir():
-                        shutil.rmtree(p, ignore_errors=True)
-                    else:
-                        p.unlink(missing_ok=True)
+            _keep_failed_build(work, root, failed)
             raise
         print(f"==> base image ready in {time.monotonic() - started:.0f}s: {d}", flush=True)
         prune_old(keep=d)
         return d
 
 
+def _keep_failed_build(work: Path, root: Path, failed: Path) -> None:
+    """Keep the logs of a failed build (ours and debootstrap's), drop everything else."""
+    shutil.rmtree(failed, ignore_errors=True)
+    failed.mkdir(parents=True)
+    kept = []
+    for src in (work / "build.log", root / "debootstrap" / "debootstrap.log"):
+        if src.exists():
+            shutil.copy2(src, failed / src.name)
+            kept.append(str(failed / src.name))
+    shutil.rmtree(work, ignore_errors=True)
+    print("  ! image build failed; the partial image is removed, its logs are kept: "
+          + (", ".join(kept) or "none were written"), file=sys.stderr)
+
+
+def in_use() -> set[Path]:
+    """Image directories that a lab instance's overlay stands on (recorded at lab.up)."""
+    used = set()
+    for rec in STATE_ROOT.glob("*/base-image.json"):
+        try:
+            used.add(Path(json.loads(rec.read_text())["image"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return used
+
+
 def prune_old(keep: Path) -> None:
-    """Images of older recipes are dead weight (GBs each): keep only the current one."""
-    for old in (CACHE_ROOT / "images").glob("debian12-*"):
-        if old != keep and old.is_dir() and not old.name.endswith(".work"):
-            shutil.rmtree(old, ignore_errors=True)
+    """Images of older recipes are dead weight (GBs each): keep the current one of each
+    release and every image an instance stands on (its overlay would lose its backing file)."""
+    images = CACHE_ROOT / "images"
+    current = {image_dir(s) for s in RELEASES} | {keep}
+    busy = in_use()
+    for old in images.glob("debian*-*"):
+        if (old in current or old in busy or not old.is_dir()
+                or old.name.endswith((".work", ".failed", ".lock"))):
+            continue
+        shutil.rmtree(old, ignore_errors=True)

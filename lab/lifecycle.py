@@ -127,9 +127,28 @@ def is_up(inst: Instance) -> bool:
     return vm.running_pid(inst) is not None
 
 
-def up(inst: Instance) -> bool:
-    """Bring the lab up. Returns False (and does nothing) when it is already up."""
+def base_record(inst: Instance) -> Path:
+    """Which base image the instance's overlay stands on (image.prune_old reads it too)."""
+    return inst.path("base-image.json")
+
+
+def recorded_base(inst: Instance) -> tuple[str, Path] | None:
+    try:
+        rec = json.loads(base_record(inst).read_text())
+        return str(rec["release"]), Path(rec["image"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def up(inst: Instance, release: str | None = None) -> bool:
+    """Bring the lab up on a release (default: $SIGNLAB_RELEASE or Debian 13). Returns False
+    (and does nothing) when it is already up."""
+    suite = image.release(release)
     if is_up(inst):
+        running = recorded_base(inst)
+        if running and running[0] != suite:
+            raise LabError(f"lab {inst.name} is up on {running[0]}, not {suite}: "
+                           f"`invoke lab.down --instance {inst.name}` first")
         print(f"lab {inst.name} is already up (qemu pid {vm.running_pid(inst)}); "
               "nothing to do (`invoke lab.status`, `invoke lab.down`)")
         return False
@@ -138,11 +157,13 @@ def up(inst: Instance) -> bool:
     if stale:
         print("==> cleaned leftovers of an earlier run: " + ", ".join(stale))
     preflight(inst)
-    base = image.build()
+    base = image.build(suite)
     arts = image.artefacts(base)
-    print(f"==> starting lab {inst.name} (state: {inst.state_dir})", flush=True)
+    print(f"==> starting lab {inst.name} on Debian {image.RELEASES[suite]} ({suite}) "
+          f"(state: {inst.state_dir})", flush=True)
     try:
         write_runtime_files(inst)
+        base_record(inst).write_text(json.dumps({"release": suite, "image": str(base)}) + "\n")
         make_overlay(inst, arts["disk"])
         print(f"  - lab network {inst.subnet4} {inst.subnet6}: bridge {inst.bridge}, "
               f"hosts {inst.netns('build')} {inst.netns('intruder')}", flush=True)
@@ -154,7 +175,7 @@ def up(inst: Instance) -> bool:
         vm.wait_login(inst)
         pid = vm.running_pid(inst)
         assert pid is not None
-        inst.lab_json.write_text(json.dumps(inst.facts(accel=accel, pid=pid), indent=2) + "\n")
+        write_facts(inst, accel=accel, pid=pid)
     except BaseException as e:
         print(f"  ! lab.up failed: {e}", file=sys.stderr)
         tail = ""
@@ -171,6 +192,15 @@ def up(inst: Instance) -> bool:
     print(f"==> lab {inst.name} up in {time.monotonic() - started:.0f}s ({accel.upper()}): "
           f"ssh -F {inst.ssh_config} signhost", flush=True)
     return True
+
+
+def write_facts(inst: Instance, *, accel: str, pid: int) -> None:
+    facts = inst.facts(accel=accel, pid=pid)
+    rec = recorded_base(inst)
+    if rec:
+        facts["release"] = {"suite": rec[0], "version": image.RELEASES.get(rec[0], "?"),
+                            "image": str(rec[1])}
+    inst.lab_json.write_text(json.dumps(facts, indent=2) + "\n")
 
 
 def down(inst: Instance) -> list[str]:
@@ -192,9 +222,11 @@ def reset(inst: Instance) -> None:
     """A fresh disk for the same lab (same keys, same network): the overlay is recreated."""
     if not is_up(inst):
         raise LabError(f"lab {inst.name} is not up: run `invoke lab.up`")
-    arts = image.artefacts(image.image_dir())
-    if not image.is_built(image.image_dir()):
-        raise LabError("the base image of the current recipe is missing: run `invoke lab.up`")
+    rec = recorded_base(inst)
+    if rec is None or not image.is_built(rec[1]):
+        raise LabError(f"the base image of lab {inst.name} is missing "
+                       f"({rec[1] if rec else 'not recorded'}): `invoke lab.down` and `lab.up`")
+    arts = image.artefacts(rec[1])
     started = time.monotonic()
     _close_ssh_master(inst)
     vm.stop(inst)
@@ -212,7 +244,7 @@ def reset(inst: Instance) -> None:
         raise
     pid = vm.running_pid(inst)
     assert pid is not None
-    inst.lab_json.write_text(json.dumps(inst.facts(accel=accel, pid=pid), indent=2) + "\n")
+    write_facts(inst, accel=accel, pid=pid)
     print(f"==> lab {inst.name} reset in {time.monotonic() - started:.0f}s")
 
 

@@ -34,7 +34,8 @@ ENV_VAULT = "SIGNLAB_TEST_VAULT_PASSWORD_FILE"
 NAMES = ("signer_profiles", "signer_clients", "signer_custodians", "signer_client_account_prefix",
          "signer_audit_log", "signer_controller_dir", "signer_cert_dir", "signer_socket",
          "signer_daemon_user", "signer_service", "token_pin_dir", "firewall_admin_networks",
-         "ssh_ciphers", "ssh_host_key_algorithms", "ansible_user", "base_aide",
+         "ssh_ciphers", "ssh_host_key_algorithms", "ssh_kex_classical_clients",
+         "ssh_kex_algorithms", "ansible_user", "base_aide",
          "base_aide_database", "base_aide_hardened_paths")
 
 

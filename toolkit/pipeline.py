@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from toolkit.runner.ansible_run import ROOT, venv_exe
 
@@ -47,6 +48,8 @@ class Stage:
     needs: list[str] = field(default_factory=list)  # paths (relative to ROOT); missing: failed
     always: bool = False  # run even after a failure (teardown)
     until: str | None = None  # run in the background until the stage of this name starts
+    # a stage that runs a pipeline of its own (a release lane): where that one's summary is
+    sub_summary: Path | None = None
     status: str = "pending"
     seconds: float = 0.0
     log: Path | None = None
@@ -69,9 +72,10 @@ class _Background:
     started: float
 
 
-def start_background(stage: Stage, env: dict[str, str]) -> _Background:
-    CI_DIR.mkdir(parents=True, exist_ok=True)
-    stage.log = log_path(stage.name)
+def start_background(stage: Stage, env: dict[str, str], ci_dir: Path | None = None) -> _Background:
+    ci_dir = ci_dir or CI_DIR
+    ci_dir.mkdir(parents=True, exist_ok=True)
+    stage.log = log_path(stage.name, ci_dir)
     print(f"\n\033[1m==> [{stage.name}] {' '.join(stage.argv)}\033[0m\n"
           f"    (in the background until [{stage.until}]; output: {stage.log})", flush=True)
     with stage.log.open("wb") as fh:
@@ -94,15 +98,16 @@ def join_background(bg: _Background) -> bool:
     return rc == 0
 
 
-def log_path(name: str) -> Path:
+def log_path(name: str, ci_dir: Path | None = None) -> Path:
     """reports/ci/<stage>.log, the stage's name made a file name (a '/' in a name such as
     "inventory/lab" would be a directory)."""
-    return CI_DIR / (re.sub(r"[^A-Za-z0-9._+=,() -]+", "_", name).strip() + ".log")
+    return (ci_dir or CI_DIR) / (re.sub(r"[^A-Za-z0-9._+=,() -]+", "_", name).strip() + ".log")
 
 
-def run_stage(stage: Stage, env: dict[str, str]) -> bool:
-    CI_DIR.mkdir(parents=True, exist_ok=True)
-    stage.log = log_path(stage.name)
+def run_stage(stage: Stage, env: dict[str, str], ci_dir: Path | None = None) -> bool:
+    ci_dir = ci_dir or CI_DIR
+    ci_dir.mkdir(parents=True, exist_ok=True)
+    stage.log = log_path(stage.name, ci_dir)
     print(f"\n\033[1m==> [{stage.name}] {' '.join(stage.argv)}\033[0m", flush=True)
     started = time.monotonic()
     try:
@@ -130,7 +135,7 @@ def run_stage(stage: Stage, env: dict[str, str]) -> bool:
 
 
 def run(stages: list[Stage], *, title: str, env_extra: dict[str, str],
-        on_failure: Callable[[Stage], None] | None = None) -> bool:
+        on_failure: Callable[[Stage], None] | None = None, ci_dir: Path | None = None) -> bool:
     env = dict(os.environ, **env_extra, PYTHONUNBUFFERED="1")
     env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '')}"
     started = time.monotonic()
@@ -164,32 +169,50 @@ def run(stages: list[Stage], *, title: str, env_extra: dict[str, str],
             fail(st)
             continue
         if st.until is not None:
-            background.append(start_background(st, env))
+            background.append(start_background(st, env, ci_dir))
             continue
-        ok = run_stage(st, env)
+        ok = run_stage(st, env, ci_dir)
         if not ok and not st.always:
             fail(st)
     join(None)  # a background stage whose `until` never came (a failure before it)
     total = time.monotonic() - started
-    summary(stages, title=title, total=total)
+    summary(stages, title=title, total=total, ci_dir=ci_dir)
     return failed is None and all(s.status == "passed" for s in stages)
 
 
-def summary(stages: list[Stage], *, title: str, total: float) -> None:
-    CI_DIR.mkdir(parents=True, exist_ok=True)
+def _sub_rows(stage: Stage) -> list[dict[str, Any]]:
+    """The stages of a lane's own pipeline (its summary.json), for the run's summary."""
+    if stage.sub_summary is None:
+        return []
+    try:
+        rows = json.loads(stage.sub_summary.read_text())["stages"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return [r for r in rows if isinstance(r, dict)]
+
+
+def summary(stages: list[Stage], *, title: str, total: float, ci_dir: Path | None = None) -> None:
+    ci_dir = ci_dir or CI_DIR
+    ci_dir.mkdir(parents=True, exist_ok=True)
     rows = [{"stage": s.name, "status": s.status, "seconds": round(s.seconds, 1),
-             "log": str(s.log) if s.log else None} for s in stages]
+             "log": str(s.log) if s.log else None,
+             **({"stages": _sub_rows(s)} if s.sub_summary else {})} for s in stages]
     reports = sorted(str(p) for p in (REPORTS / "verify").glob("*/latest/*.md")) if (
         REPORTS / "verify").exists() else []
-    (CI_DIR / "summary.json").write_text(json.dumps(
+    (ci_dir / "summary.json").write_text(json.dumps(
         {"title": title, "total_seconds": round(total, 1), "stages": rows,
          "reports": reports}, indent=2) + "\n")
-    width = max(len(s.name) for s in stages)
+    subs = [f"  {r.get('stage', '?')}" for s in stages for r in _sub_rows(s)]
+    width = max(len(n) for n in [s.name for s in stages] + subs)
     print(f"\n\033[1m==> {title}: summary ({total / 60:.1f} min)\033[0m")
     for s in stages:
         t = f"{s.seconds:7.0f}s" if s.status != "not run" and s.log else "       -"
         print(f"  {s.name:<{width}}  {t}  {s.status}")
-    print(f"  logs: {CI_DIR}/<stage>.log   summary: {CI_DIR / 'summary.json'}")
+        for row in _sub_rows(s):
+            name = f"  {row.get('stage', '?')}"
+            secs = float(row.get("seconds") or 0)
+            print(f"  {name:<{width}}  {secs:7.0f}s  {row.get('status')}")
+    print(f"  logs: {ci_dir}/<stage>.log   summary: {ci_dir / 'summary.json'}")
     for r in reports:
         print(f"  posture report: {r}")
 
@@ -246,16 +269,48 @@ def test_stages() -> list[Stage]:
                                         *_recorded(UNIT_RECORD), *paths], needs=paths)]
 
 
-def main_job_stages(instance: str | None) -> list[Stage]:
+# The Debian releases CI proves, the first on the full pipeline (lab.site, the lab tests), the
+# others in a lane of their own beside it (release_lane_stages). lab/image.py knows the same
+# names; the pipeline only passes them on.
+RELEASES = {"trixie": "Debian 13 (trixie)", "bookworm": "Debian 12 (bookworm)"}
+
+
+def main_job_stages(instance: str | None, release: str | None = None) -> list[Stage]:
     """`invoke up` (`make lab`): the lab VM through inventory/lab, ansible.cfg's default."""
     i = ["--instance", instance] if instance else []
+    r = ["--release", release] if release else []
     return [
-        Stage("lab.up", invoke("lab.up", *i)),
+        Stage("lab.up", invoke("lab.up", *i, *r)),
         Stage("provision", invoke("provision"), needs=["playbooks/provision.yml"]),
         Stage("harden", invoke("harden"), needs=["playbooks/harden.yml"]),
         Stage("deploy", invoke("deploy"), needs=["playbooks/deploy.yml"]),
         Stage("verify", invoke("verify"), needs=["tests/posture"]),
     ]
+
+
+def release_lane_stages(instance: str, release: str) -> list[Stage]:
+    """Another release in the same CI run, on an instance of its own: `make lab`'s path
+    (inventory/lab, the instance from $SIGNLAB_INSTANCE) from a fresh VM through provision,
+    harden, harden again (changed=0), deploy and verify, then down. The lab tests and the
+    production-style site run once, on the first release (lab_stages)."""
+    i = ["--instance", instance]
+    return [
+        Stage("lab.down (before)", invoke("lab.down", *i)),
+        Stage("lab.up", invoke("lab.up", *i, "--release", release)),
+        Stage("provision", invoke("provision"), needs=["playbooks/provision.yml"]),
+        Stage("harden", invoke("harden"), needs=["playbooks/harden.yml"]),
+        Stage("harden again (changed=0)", invoke("harden", "--expect-unchanged"),
+              needs=["playbooks/harden.yml"]),
+        Stage("deploy", invoke("deploy"), needs=["playbooks/deploy.yml"]),
+        Stage("verify", invoke("verify"), needs=["tests/posture"]),
+        Stage("lab.down", invoke("lab.down", *i), always=True),
+        Stage("nothing left behind", invoke("lab.status", *i, "--expect-clean"), always=True),
+    ]
+
+
+def lane_dir(release: str) -> Path:
+    """Where a release lane keeps its stage logs and its summary.json."""
+    return CI_DIR / release
 
 
 def site_inventory(instance: str) -> str:
@@ -265,7 +320,8 @@ def site_inventory(instance: str) -> str:
     return str(state_dir(instance) / "site" / "inventory")
 
 
-def lab_stages(instance: str, ci_evidence: list[str] | None = None) -> list[Stage]:
+def lab_stages(instance: str, ci_evidence: list[str] | None = None,
+               release: str | None = None) -> list[Stage]:
     """CI on the lab VM. The proof runs once, through the production-style inventory that
     `lab.site` renders from inventory/production.example: a jump host (ProxyJump), an admin
     whose sudo asks for the password kept in ansible-vault. Every play, verify and the lab tests
@@ -283,8 +339,9 @@ def lab_stages(instance: str, ci_evidence: list[str] | None = None) -> list[Stag
     vault = str(Path(inventory).parent / "vault-pass")
     inv = ["-i", inventory, "--vault-password-file", vault]
     i = ["--instance", instance]
+    r = ["--release", release] if release else []
     return [
-        Stage("lab.up", invoke("lab.up", *i)),
+        Stage("lab.up", invoke("lab.up", *i, *r)),
         Stage("make lab's inventory: harden --check --tags preflight (inventory/lab)",
               invoke("harden", "--check", "--tags", "preflight"),
               needs=["playbooks/harden.yml"]),

@@ -4,8 +4,11 @@ Build servers are often CI agents that speak SSH through a library, not through 
 paramiko (Python: Fabric, Ansible's paramiko connection, home-grown deploy scripts) is the
 one tried here, from the build client's network namespace with its key (the client and profile
 of the inventory under test, as `test_signer_e2e` picks them), exactly as that module does it
-with OpenSSH. paramiko has no sntrup761 key exchange, so it gets
-in only through the classical one the ssh role adds for such clients; weaker ones stay out.
+with OpenSSH. paramiko has no post-quantum key exchange, so it gets
+in only through the classical one the ssh role adds for such clients when the inventory allows
+them (`ssh_kex_classical_clients`: allow, or auto on a host whose OpenSSH has no ML-KEM, i.e.
+Debian 12); where the inventory refuses them (auto on Debian 13) it is refused, and that is
+what the test proves there. Weaker exchanges stay out either way.
 
 The client runs as a small script under the controller's venv Python inside the namespace
 (`ip netns exec`), and answers with one JSON object on stdout: what was negotiated, the
@@ -16,15 +19,19 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import secrets
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from lab.state import LabState
 from lab.target import Party, Target
+
+if TYPE_CHECKING:
+    from tests.lab.conftest import AdminSsh
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -90,6 +97,36 @@ def dev_pubkey(target: Target, signing: tuple[Party, str],
     return pub
 
 
+@pytest.fixture(scope="module")
+def classical_allowed(target: Target, admin_ssh: AdminSsh) -> tuple[bool, str]:
+    """Whether the inventory lets sshd offer the classical exchange on this host (the ssh
+    role's decision, from ssh_kex_classical_clients and the host's OpenSSH version), and why."""
+    explicit = target.values.get("ssh_kex_algorithms") or []
+    if explicit:
+        return "curve25519-sha256@libssh.org" in explicit, f"ssh_kex_algorithms={explicit}"
+    choice = target.values.get("ssh_kex_classical_clients", "auto")
+    r = admin_ssh("dpkg-query --showformat='${Version}' --show openssh-server", check=True)
+    m = re.match(r"(?:\d+:)?(\d+)\.(\d+)", r.stdout.strip())
+    assert m, r.stdout
+    mlkem = (int(m[1]), int(m[2])) >= (9, 9)
+    why = f"ssh_kex_classical_clients={choice}, OpenSSH {m[1]}.{m[2]} on the host"
+    return choice == "allow" or (choice == "auto" and not mlkem), why
+
+
+@pytest.mark.control("SSH-05")
+def test_a_client_without_a_post_quantum_exchange_is_refused_where_the_inventory_says_so(
+        lab: LabState, target: Target, signing: tuple[Party, str],
+        classical_allowed: tuple[bool, str]) -> None:
+    allowed, why = classical_allowed
+    if allowed:
+        pytest.skip(f"the inventory admits such clients here ({why}): the signature test "
+                    "below proves they get in")
+    client, profile = signing
+    r = _paramiko(lab, target, client, f"sign --profile {profile} --format raw", b"artifact")
+    assert "rc" not in r, f"sshd accepted paramiko without a post-quantum exchange ({why}): {r}"
+    assert "no acceptable kex algorithm" in r.get("error", ""), r
+
+
 @pytest.mark.control("SSH-05", "SGN-09")
 @pytest.mark.parametrize(
     "kex",
@@ -100,7 +137,11 @@ def dev_pubkey(target: Target, signing: tuple[Party, str],
 )
 def test_a_paramiko_build_client_gets_a_raw_signature_that_openssl_verifies(
         lab: LabState, target: Target, signing: tuple[Party, str], dev_pubkey: Path, tmp_path: Path,
-        kex: str) -> None:
+        kex: str, classical_allowed: tuple[bool, str]) -> None:
+    allowed, why = classical_allowed
+    if not allowed:
+        pytest.skip(f"the inventory refuses clients without a post-quantum exchange here ({why}):"
+                    " the refusal test above proves it")
     art = tmp_path / "artifact.bin"
     art.write_bytes(secrets.token_bytes(4096))
     client, profile = signing

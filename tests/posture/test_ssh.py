@@ -9,6 +9,7 @@ way the suite itself does (the admin's connection, `admin_ssh`).
 from __future__ import annotations
 
 import ipaddress
+import re
 import shlex
 import socket
 import subprocess
@@ -191,6 +192,33 @@ def test_weak_algorithms_are_refused(host: Host, expected: Expected, weak: str) 
     r = local_attempt(host, expected, f"-o {weak}")
     assert r.rc == 255
     assert "no matching" in r.stderr, r.stderr
+
+
+MLKEM = "mlkem768x25519-sha256"
+SNTRUP = "sntrup761x25519-sha512@openssh.com"
+CLASSICAL = "curve25519-sha256@libssh.org"
+
+
+@pytest.mark.control("SSH-05")
+def test_key_exchange_is_post_quantum_first_as_far_as_the_hosts_openssh_goes(
+        host: Host, expected: Expected) -> None:
+    """The exchanges sshd offers follow the host's OpenSSH (ML-KEM from 9.9, Debian 13, then
+    sntrup761) and the inventory's interop decision for clients without a post-quantum exchange
+    (threat-model/README.md: ssh_kex_classical_clients; auto admits them only where the host
+    has no ML-KEM)."""
+    version = host.check_output("dpkg-query --showformat='${Version}' --show openssh-server")
+    m = re.match(r"(?:\d+:)?(\d+)\.(\d+)", version)
+    assert m, f"cannot read the OpenSSH version from {version!r}"
+    mlkem = (int(m[1]), int(m[2])) >= (9, 9)
+    offered = sshd_effective(host, expected)["kexalgorithms"].split(",")
+    explicit = [str(k) for k in expected["ssh_kex_algorithms"] or []]
+    if explicit:
+        assert offered == explicit
+        return
+    choice = expected["ssh_kex_classical_clients"]
+    classical = choice == "allow" or (choice == "auto" and not mlkem)
+    assert offered == ([MLKEM] if mlkem else []) + [SNTRUP] + ([CLASSICAL] if classical else []), (
+        f"OpenSSH {m[1]}.{m[2]}, ssh_kex_classical_clients={choice}")
 
 
 @pytest.mark.control("SSH-05")

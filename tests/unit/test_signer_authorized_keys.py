@@ -127,14 +127,19 @@ def test_the_role_refuses_a_bad_entry_by_name_before_writing(outcomes: dict[str,
 
 
 def test_the_check_comes_before_anything_is_written() -> None:
-    """First in the role, and first in the deploy play (before the token role writes files)."""
+    """First in the role, and in the deploy play before anything writes (after the read-only
+    platform check), before the token role writes files."""
     main = yaml.safe_load((ROOT / "roles/signer/tasks/main.yml").read_text())
     assert main[0]["ansible.builtin.import_tasks"] == "validate.yml"
     assert "always" in main[0]["tags"]
     [play] = yaml.safe_load((ROOT / "playbooks/deploy.yml").read_text())
-    first = play["pre_tasks"][0]["ansible.builtin.include_role"]
-    assert (first["name"], first["tasks_from"]) == ("signer", "validate")
-    assert [r["role"] for r in play["roles"]][:1] == ["token"]
+    included = [(t["ansible.builtin.include_role"]["name"],
+                 t["ansible.builtin.include_role"].get("tasks_from"))
+                for t in play["pre_tasks"] if "ansible.builtin.include_role" in t]
+    assert included[:2] == [("preflight", "platform"), ("signer", "validate")]
+    # the roles that write come after every pre-task, the token first
+    [deploy] = play["tasks"]
+    assert [t["ansible.builtin.import_role"]["name"] for t in deploy["block"]] == ["token", "signer"]
 
 
 @pytest.mark.parametrize(("pattern", "ok"), [

@@ -31,7 +31,7 @@ NAMES: tuple[str, ...] = (
     "base_admin_users", "base_sudo_nopasswd", "base_sudo_logfile", "base_apt_timers",
     "base_ntp_servers", "base_aide_database", "base_aide_probe_dir",
     # ssh
-    "ssh_allowed_users", "ssh_port",
+    "ssh_allowed_users", "ssh_port", "ssh_kex_algorithms", "ssh_kex_classical_clients",
     # firewall
     "firewall_admin_networks", "firewall_build_networks", "firewall_ntp_servers",
     "firewall_log_collectors",

@@ -97,12 +97,23 @@ def plays(playbooks: Path = PLAYBOOKS) -> list[Play]:
                 if isinstance(name, str):
                     roles.append((name, "main"))
             for section in ("pre_tasks", "tasks", "post_tasks", "handlers"):
-                for t in play.get(section) or []:
-                    for key in _INCLUDE & set(t or {}):
-                        args = t[key] or {}
-                        roles.append((args["name"], args.get("tasks_from", "main")))
+                roles += _included_roles(play.get(section) or [])
             out.append(Play(str(play["hosts"]), tuple(roles)))
     return out
+
+
+def _included_roles(tasks: list[Any]) -> list[tuple[str, str]]:
+    """The roles a task list includes or imports, inside blocks (and their rescue) too."""
+    found: list[tuple[str, str]] = []
+    for t in tasks:
+        if not isinstance(t, dict):
+            continue
+        for key in _INCLUDE & set(t):
+            args = t[key] or {}
+            found.append((args["name"], args.get("tasks_from", "main")))
+        for part in ("block", "rescue", "always"):
+            found += _included_roles(t.get(part) or [])
+    return found
 
 
 def argument_specs(role: str, roles: Path = ROLES) -> dict[str, Any]:

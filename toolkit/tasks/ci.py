@@ -6,7 +6,7 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
 
-from toolkit import pipeline
+from toolkit import exitcodes, pipeline
 from toolkit.pipeline import Stage, invoke
 
 
@@ -23,39 +23,92 @@ def up(c: Context, instance: str | None = None) -> None:
                    code=1)
 
 
+def _releases(releases: str) -> list[str]:
+    names = [r.strip() for r in releases.split(",") if r.strip()]
+    unknown = [r for r in names if r not in pipeline.RELEASES]
+    if not names or unknown or len(set(names)) != len(names):
+        raise Exit(f"--releases: {releases!r}: name each of "
+                   f"{', '.join(pipeline.RELEASES)} at most once, comma-separated",
+                   code=exitcodes.BAD_INPUT)
+    return names
+
+
 @task(help={
     "instance": "lab instance used for the pipeline (default lab9, so your lab0 is untouched)",
     "skip_lab": "only the static checks and the tests that need no VM",
     "keep": "leave the lab up after a failure (for debugging)",
     "lab_only": "only the lab pipeline (skip the static checks and the VM-less tests)",
+    "releases": "Debian releases to prove, comma-separated (default trixie,bookworm): the "
+                "first gets the whole pipeline and the lab tests, each other one provision -> "
+                "verify on an instance of its own (lab8, lab7, ...), beside it",
 })
 def ci(c: Context, instance: str = "lab9", skip_lab: bool = False, keep: bool = False,
-       lab_only: bool = False) -> None:
+       lab_only: bool = False, releases: str = "trixie,bookworm") -> None:
     """Static checks, unit and signer tests, then the whole pipeline on a fresh lab VM,
-    driven by the production-style inventory `lab.site` renders (pipeline.lab_stages).
+    driven by the production-style inventory `lab.site` renders (pipeline.lab_stages), on
+    the first release; the other releases run provision -> harden -> harden again -> deploy
+    -> verify beside it, each on its own VM (`invoke ci-lane`). The summary names each.
 
-    The same run as CI (`.ci/run`). The lab instance is brought up fresh and torn down at
+    The same run as CI (`.ci/run`). The lab instances are brought up fresh and torn down at
     the end, whatever happens (unless --keep after a failure).
     """
+    first, *others = _releases(releases)
     tests = [] if lab_only else pipeline.test_stages()
     stages = [] if lab_only else pipeline.static_stages() + tests
     if not skip_lab:
         # The unit and signer tests need no VM: they run while the lab is built and provisioned
         # (image build and emulated guest leave the controller's CPUs mostly idle).
         # Joined before harden, so their JUnit record exists when verify cites it.
+        lab = pipeline.lab_stages(instance, [pipeline.UNIT_RECORD] if tests else [], first)
+        for s in lab:
+            s.name = f"{pipeline.RELEASES[first]}: {s.name}"
         for t in tests:
-            t.until = "harden"
-        lab = pipeline.lab_stages(instance, [pipeline.UNIT_RECORD] if tests else [])
+            t.until = next(s.name for s in lab if s.name.endswith(": harden"))
         # A fresh VM: whatever an earlier run left of this instance goes first.
         stages.append(Stage("lab.down (before)", invoke("lab.down", "--instance", instance)))
-        stages += lab
+        # The other releases start once the first one's VM is up (its image built): they run
+        # beside it and are joined before its last check.
+        lanes = []
+        for n, rel in enumerate(others):
+            lane_instance = f"lab{8 - n}"
+            argv = invoke("ci-lane", "--release", rel, "--instance", lane_instance)
+            if keep:
+                argv.append("--keep")
+            lanes.append(Stage(f"{pipeline.RELEASES[rel]}: lane on {lane_instance}", argv,
+                               until=lab[-3].name,
+                               sub_summary=pipeline.lane_dir(rel) / "summary.json"))
+        stages += lab[:1] + lanes + lab[1:]
         if keep:
             for s in lab:
                 s.always = False
     title = "invoke ci" if skip_lab else (
-        f"invoke ci (VM driven by {pipeline.site_inventory(instance)}, "
+        f"invoke ci ({', '.join(pipeline.RELEASES[r] for r in [first, *others])}; "
+        f"{pipeline.RELEASES[first]} driven by {pipeline.site_inventory(instance)}, "
         "rendered from inventory/production.example)")
     ok = pipeline.run(stages, title=title, env_extra={"SIGNLAB_INSTANCE": instance,
                                                            "SIGNLAB_REQUIRE_LAB": "1"})
     if not ok:
         raise Exit("invoke ci: FAILED (see the summary above)", code=1)
+
+
+@task(help={
+    "release": "the Debian release of the lane (trixie or bookworm)",
+    "instance": "lab instance of the lane (default lab8)",
+    "keep": "leave the lab up after a failure (for debugging)",
+})
+def ci_lane(c: Context, release: str, instance: str = "lab8", keep: bool = False) -> None:
+    """One release on a fresh VM of its own: lab.up -> provision -> harden -> harden again
+    (changed=0) -> deploy -> verify -> down (pipeline.release_lane_stages). `invoke ci` runs
+    one per release after the first, beside the main pipeline; its logs and summary are in
+    reports/ci/<release>/."""
+    (rel,) = _releases(release)
+    stages = pipeline.release_lane_stages(instance, rel)
+    if keep:
+        for s in stages[:-2]:
+            s.always = False
+    ok = pipeline.run(stages, title=f"invoke ci-lane ({pipeline.RELEASES[rel]}, {instance})",
+                      env_extra={"SIGNLAB_INSTANCE": instance, "SIGNLAB_RELEASE": rel,
+                                 "SIGNLAB_REQUIRE_LAB": "1"},
+                      ci_dir=pipeline.lane_dir(rel))
+    if not ok:
+        raise Exit(f"invoke ci-lane {rel}: FAILED (see the summary above)", code=1)

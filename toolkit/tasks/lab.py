@@ -37,12 +37,14 @@ def _remainder() -> list[str]:
     return []
 
 
-@task(help=INSTANCE_HELP)
-def up(c: Context, instance: str | None = None) -> None:
-    """Build the base image if needed, start the lab network and boot the VM."""
+@task(help={**INSTANCE_HELP,
+            "release": "Debian release of the VM: trixie (13, the default) or bookworm (12); "
+                       "default $SIGNLAB_RELEASE or trixie"})
+def up(c: Context, instance: str | None = None, release: str | None = None) -> None:
+    """Build the release's base image if needed, start the lab network and boot the VM."""
     inst = _inst(instance)
     try:
-        lifecycle.up(inst)
+        lifecycle.up(inst, release)
     except (lifecycle.LabError, OSError, RuntimeError, subprocess.CalledProcessError) as e:
         raise Exit(f"lab.up: {e}", code=1) from e
 
