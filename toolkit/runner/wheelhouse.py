@@ -1,25 +1,45 @@
-"""The wheelhouse that `invoke deploy` copies to signing hosts, built from a hash lock.
+"""The wheelhouses that `invoke deploy` copies to signing hosts, built from hash locks.
 
-The signer's third-party run-time dependencies are pinned, with the sha256 of every file, in
-``requirements/signer-host.lock`` (committed, reviewed like code). ``invoke lock-deps`` writes it
-with ``uv pip compile --generate-hashes``: uv, not pip-tools, because uv resolves for a *target*
-(``--python-version 3.11 --python-platform x86_64-manylinux_2_36``: the host's Debian 12 CPython
-on x86_64, glibc 2.36) whatever the controller runs, ships as one wheel with no dependency on the
-controller's pip version, and writes the same requirements format pip reads.
+Supported hosts are listed once, in TARGETS: Debian 12 (CPython 3.11, glibc 2.36) and Debian 13
+(CPython 3.13, glibc 2.41), both x86_64. Each target has its own lock,
+``requirements/signer-host-py311.lock``, ``...-py313.lock`` (committed, reviewed like code), and
+its own wheelhouse, ``build/wheelhouse/<target>/`` (``cp311-manylinux_2_36``, ...). The signer
+role picks the directory from the host's Python version (its ``python`` facts) and stops, before
+it copies anything, on a Python that has no target here.
+
+One lock per target rather than one shared lock, because that is the simplest to review: each
+file is exactly what uv writes for one host, verify() compares a wheelhouse with exactly one file,
+and nothing has to prove that two resolutions agree. Today the two locks are identical (same pins;
+uv writes the hashes of every file of a pinned version, wheels for all platforms included), so a
+`diff` of the two shows at a glance where hosts would differ; a dependency that one day resolves
+differently for 3.11 and 3.13 (a release that drops 3.11, a marker) needs no change of design.
+Because the lock hashes every platform's wheel, a hash does not say which host a wheel is for:
+verify() also refuses a wheel whose tags the target's Python cannot install.
+
+``invoke lock-deps`` writes the locks with ``uv pip compile --generate-hashes``: uv, not
+pip-tools, because uv resolves for a *target* (``--python-version 3.13 --python-platform
+x86_64-manylinux_2_40``) whatever the controller runs, ships as one wheel with no dependency on
+the controller's pip version, and writes the same requirements format pip reads. (uv 0.13 names
+manylinux platforms up to 2_40: Debian 13's glibc 2.41 is resolved as 2.40, which only matters for
+a project whose only wheels need 2.41; the wheel that is downloaded is chosen by pip for 2.41.)
 
 The signer itself is built here from this checkout, so its hash cannot be committed. Its wheel
 is built with a fixed SOURCE_DATE_EPOCH (same sources, same bytes), its sha256 is computed at build
-time and written with the lock's pins into ``build/wheelhouse/requirements.txt``, which the host
-installs with ``pip install --no-index --find-links <wheels> --require-hashes -r``.
+time and written with the target's pins into ``build/wheelhouse/<target>/requirements.txt``, which
+the host installs with ``pip install --no-index --find-links <wheels> --require-hashes -r``.
 `verify()` runs before deploy touches a host and refuses a wheelhouse that does not match: the
-third-party part must equal the committed lock, every wheel's sha256 must be a hash of its pin, no
-file may be missing or extra, and the signer wheel must hold exactly this checkout's package files.
-The deploy role copies the directory and reinstalls only when a file changed, so a second deploy
-stays `changed=0`; a stamp over the sources and the lock makes `build()` skip an unchanged build.
+third-party part must equal the target's committed lock, every wheel's sha256 must be a hash of its
+pin and its tags installable by the target's Python, no file may be missing or extra, and the signer
+wheel must hold exactly this checkout's package files. The deploy role copies the directory and
+reinstalls only when a file changed, so a second deploy stays `changed=0`; a stamp over the sources
+and the lock makes `build()` skip an unchanged build. Two deploys may run at once on one controller
+(two lab VMs): `build()` holds an exclusive lock (flock) on ``build/wheelhouse/.build.lock`` while
+it builds and verifies, so neither sees the other's half-written directory.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import os
@@ -29,41 +49,97 @@ import sys
 import tempfile
 import tomllib
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
+from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
-LOCK = ROOT / "requirements" / "signer-host.lock"
-WHEELHOUSE = ROOT / "build" / "wheelhouse"
-REQUIREMENTS = "requirements.txt"  # in the wheelhouse: what the host installs
+WHEELHOUSE = ROOT / "build" / "wheelhouse"  # one directory per target below it
+BUILD_LOCK = ".build.lock"  # in WHEELHOUSE: held by build()
+REQUIREMENTS = "requirements.txt"  # in a target's wheelhouse: what the host installs
 STAMP = ".sources.sha256"
 SIGNER = "signing-host"
 LOCK_COMMAND = "invoke lock-deps"
-# The host: Debian 12's CPython 3.11 on x86_64 with glibc 2.36.
-PYTHON_VERSION = "3.11"
-GLIBC = (2, 36)
-# pip does not widen manylinux_2_x to older glibc versions by itself: list them, newest first
-# (the order the host's own pip prefers).
-PIP_TARGET = (
-    "--python-version", PYTHON_VERSION, "--implementation", "cp", "--abi", "cp311",
-    *(a for minor in range(GLIBC[1], 16, -1)
-      for a in ("--platform", f"manylinux_{GLIBC[0]}_{minor}_x86_64")),
-    "--platform", "manylinux2014_x86_64",
+# uv 0.13's newest manylinux platform name (see the module docstring).
+UV_MAX_GLIBC = (2, 40)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A supported signing host: its CPython (x86_64) and glibc."""
+
+    name: str  # the wheelhouse directory, build/wheelhouse/<name>/
+    python: str  # major.minor, as the host's `python` facts give it
+    abi: str
+    glibc: tuple[int, int]
+
+    @property
+    def lock(self) -> Path:
+        return ROOT / "requirements" / f"signer-host-py{self.python.replace('.', '')}.lock"
+
+    def platforms(self) -> list[str]:
+        # pip does not widen manylinux_2_x to older glibc versions by itself: list them, newest
+        # first (the order the host's own pip prefers).
+        major, newest = self.glibc
+        return [*(f"manylinux_{major}_{minor}_x86_64" for minor in range(newest, 16, -1)),
+                "manylinux2014_x86_64"]
+
+    def pip_args(self) -> list[str]:
+        return ["--python-version", self.python, "--implementation", "cp", "--abi", self.abi,
+                *(a for p in self.platforms() for a in ("--platform", p))]
+
+    def uv_args(self) -> list[str]:
+        major, minor = min(self.glibc, UV_MAX_GLIBC)
+        return ["--python-version", self.python,
+                "--python-platform", f"x86_64-manylinux_{major}_{minor}"]
+
+    def tags(self) -> frozenset[Tag]:
+        """The wheel tags the target's Python installs (CPython, stable ABI, pure Python)."""
+        version = tuple(int(x) for x in self.python.split("."))
+        return frozenset([*cpython_tags(version, [self.abi], self.platforms()),
+                          *compatible_tags(version, f"cp{self.python.replace('.', '')}",
+                                           self.platforms())])
+
+
+# Every supported host. The signer role has the same table (roles/signer/vars/main.yml,
+# signer_wheelhouse_targets; a unit test holds them equal).
+TARGETS = (
+    Target("cp311-manylinux_2_36", "3.11", "cp311", (2, 36)),  # Debian 12
+    Target("cp313-manylinux_2_41", "3.13", "cp313", (2, 41)),  # Debian 13
 )
-UV_TARGET = ("--python-version", PYTHON_VERSION,
-             "--python-platform", f"x86_64-manylinux_{GLIBC[0]}_{GLIBC[1]}")
-SOURCE_DATE_EPOCH = "1700000000"
 # build() rebuilds by itself when the sources or the lock change; a wheelhouse that fails the
 # check after that was changed by something else, so it is refused, not silently rebuilt.
 _REBUILD = "; find out what changed it, then delete the directory to rebuild it"
+SOURCE_DATE_EPOCH = "1700000000"
 
 
 class WheelhouseError(RuntimeError):
     """One-line reason why the wheelhouse could not be built or is refused."""
+
+
+def supported() -> str:
+    return ", ".join(f"Python {t.python} ({t.name})" for t in TARGETS)
+
+
+def target_for(python: str) -> Target:
+    """The target of a host whose Python is `python` (major.minor), or refused."""
+    for t in TARGETS:
+        if t.python == python:
+            return t
+    raise WheelhouseError(f"no wheelhouse for Python {python}: supported are {supported()}")
+
+
+def target_named(name: str) -> Target:
+    for t in TARGETS:
+        if t.name == name or t.python == name:
+            return t
+    raise WheelhouseError(f"no target {name}: supported are {supported()}")
 
 
 @dataclass(frozen=True)
@@ -111,7 +187,7 @@ def parse_requirements(text: str, origin: str) -> dict[str, Pin]:
     return pins
 
 
-def read_lock(lock: Path = LOCK) -> dict[str, Pin]:
+def read_lock(lock: Path) -> dict[str, Pin]:
     try:
         return parse_requirements(lock.read_text(), _show(lock))
     except FileNotFoundError:
@@ -137,15 +213,25 @@ def check_lock_covers(dependencies: list[str], pins: dict[str, Pin], origin: str
             )
 
 
-def lock(upgrade: bool = False, packages: tuple[str, ...] = (), lock_file: Path = LOCK) -> None:
-    """Write the lock from pyproject.toml's run-time dependencies (keeps pins unless upgraded)."""
-    uv = ROOT / ".venv" / "bin" / "uv"
-    exe = str(uv) if uv.exists() else shutil.which("uv")
+def lock(upgrade: bool = False, packages: tuple[str, ...] = (),
+         targets: tuple[Target, ...] = TARGETS) -> None:
+    """Write each target's lock from pyproject.toml's run-time dependencies (keeps pins unless
+    upgraded)."""
+    for target in targets:
+        lock_target(target, upgrade, packages)
+
+
+def lock_target(target: Target, upgrade: bool = False, packages: tuple[str, ...] = (),
+                lock_file: Path | None = None) -> None:
+    lock_file = lock_file or target.lock
+    # uv is in the dev extras: the checkout's venv, or the one running this (a git worktree).
+    venvs = (ROOT / ".venv" / "bin" / "uv", Path(sys.executable).parent / "uv")
+    exe = next((str(uv) for uv in venvs if uv.exists()), None) or shutil.which("uv")
     if exe is None:
         raise WheelhouseError("uv is not installed: run `make setup` (it is in the dev extras)")
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     cmd = [exe, "pip", "compile", "--quiet", "pyproject.toml", "--generate-hashes",
-           "--only-binary", ":all:", *UV_TARGET, "--custom-compile-command", LOCK_COMMAND,
+           "--only-binary", ":all:", *target.uv_args(), "--custom-compile-command", LOCK_COMMAND,
            "--output-file", str(lock_file)]
     if upgrade:
         cmd.append("--upgrade")
@@ -153,7 +239,7 @@ def lock(upgrade: bool = False, packages: tuple[str, ...] = (), lock_file: Path 
         cmd += ["--upgrade-package", p]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise WheelhouseError(f"uv pip compile failed: {_last_line(proc.stderr)}")
+        raise WheelhouseError(f"uv pip compile ({target.name}) failed: {_last_line(proc.stderr)}")
     check_lock_covers(project_dependencies(), read_lock(lock_file), _show(lock_file))
 
 
@@ -164,7 +250,7 @@ def _sources() -> list[Path]:
     return files
 
 
-def sources_digest(lock_file: Path = LOCK) -> str:
+def sources_digest(lock_file: Path) -> str:
     h = hashlib.sha256()
     for p in [*_sources(), lock_file]:
         h.update(str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p).encode() + b"\0")
@@ -180,21 +266,50 @@ def _pip(*args: str) -> None:
         raise WheelhouseError(f"pip {args[0]} failed: {_last_line(proc.stderr)}")
 
 
-def build(force: bool = False, wheelhouse: Path | None = None, lock_file: Path = LOCK) -> Path:
-    """Build (or reuse) the wheelhouse from the lock, verify it, and return its directory."""
+def build(force: bool = False, wheelhouse: Path | None = None,
+          targets: tuple[Target, ...] = TARGETS) -> Path:
+    """Build (or reuse) each target's wheelhouse from its lock, verify it, and return the
+    directory that holds them (one subdirectory per target)."""
     wheelhouse = wheelhouse or WHEELHOUSE
+    with _build_lock(wheelhouse):
+        for stale in wheelhouse.iterdir():  # the files of the one-target layout before it
+            if stale.is_file() and stale.name != BUILD_LOCK:
+                stale.unlink()
+        for target in targets:
+            _build_target(force, wheelhouse / target.name, target)
+    return wheelhouse
+
+
+@contextmanager
+def _build_lock(wheelhouse: Path) -> Iterator[None]:
+    """One build at a time per wheelhouse on this controller (another deploy waits here)."""
+    wheelhouse.mkdir(parents=True, exist_ok=True)
+    with (wheelhouse / BUILD_LOCK).open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"==> wheelhouse: {_show(wheelhouse)} is being built by another run; waiting",
+                  flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_target(force: bool, wheelhouse: Path, target: Target) -> None:
+    lock_file = target.lock
     pins = read_lock(lock_file)
     check_lock_covers(project_dependencies(), pins, _show(lock_file))
     digest = sources_digest(lock_file)
     stamp = wheelhouse / STAMP
     if force or not stamp.exists() or stamp.read_text().strip() != digest:
-        _build(wheelhouse, lock_file)
+        _build(wheelhouse, target, lock_file)
         stamp.write_text(digest + "\n")
-    verify(wheelhouse, lock_file)
-    return wheelhouse
+    verify(wheelhouse, target)
 
 
-def _build(wheelhouse: Path, lock_file: Path) -> None:
+def _build(wheelhouse: Path, target: Target, lock_file: Path) -> None:
     print(f"==> wheelhouse: building the signer and its locked dependencies into {wheelhouse}",
           flush=True)
     tmp = wheelhouse.with_name(wheelhouse.name + ".tmp")
@@ -202,9 +317,9 @@ def _build(wheelhouse: Path, lock_file: Path) -> None:
     tmp.mkdir(parents=True)
     # The signer (pure Python) from this checkout, without its dependencies ...
     _pip("wheel", "--quiet", "--no-deps", "--wheel-dir", str(tmp), str(ROOT))
-    # ... the locked third-party wheels for the host, each checked by pip against its hashes ...
+    # ... the locked third-party wheels for the target, each checked by pip against its hashes ...
     _pip("download", "--quiet", "--require-hashes", "--no-deps", "--only-binary=:all:",
-         *PIP_TARGET, "--dest", str(tmp), "-r", str(lock_file))
+         *target.pip_args(), "--dest", str(tmp), "-r", str(lock_file))
     ours = [p for p in tmp.glob("*.whl") if _wheel_name(p) == SIGNER]
     if len(ours) != 1:
         raise WheelhouseError(f"pip wheel gave {len(ours)} {SIGNER} wheels, expected one")
@@ -212,15 +327,16 @@ def _build(wheelhouse: Path, lock_file: Path) -> None:
     version = parse_wheel_filename(ours[0].name)[1]
     signer_line = f"{SIGNER}=={version} \\\n    --hash=sha256:{_sha256(ours[0])}\n"
     (tmp / REQUIREMENTS).write_text(
-        "# What the signing host installs (pip install --no-index --require-hashes -r).\n"
-        f"# Written by toolkit/runner/wheelhouse.py: the signer built from this checkout, then\n"
-        f"# {_show(lock_file)} unchanged.\n" + signer_line + lock_file.read_text()
+        f"# What a {target.name} signing host installs (pip install --no-index --require-hashes\n"
+        f"# -r). Written by toolkit/runner/wheelhouse.py: the signer built from this checkout,\n"
+        f"# then {_show(lock_file)} unchanged.\n" + signer_line + lock_file.read_text()
     )
     # ... and the host's install replayed offline: the signer's own dependencies must all be in
     # the lock, pinned and hashed, or pip refuses here instead of on the host.
     with tempfile.TemporaryDirectory() as scratch:
         _pip("download", "--quiet", "--no-index", "--find-links", str(tmp), "--require-hashes",
-             "--only-binary=:all:", *PIP_TARGET, "--dest", scratch, "-r", str(tmp / REQUIREMENTS))
+             "--only-binary=:all:", *target.pip_args(), "--dest", scratch,
+             "-r", str(tmp / REQUIREMENTS))
     shutil.rmtree(wheelhouse, ignore_errors=True)
     tmp.rename(wheelhouse)
 
@@ -232,9 +348,9 @@ def _keep_unchanged_signer(new: Path, wheelhouse: Path) -> None:
         shutil.copyfile(old, new)
 
 
-def verify(wheelhouse: Path | None = None, lock_file: Path = LOCK) -> None:
-    """Refuse (WheelhouseError) a wheelhouse that does not match the committed lock."""
-    wheelhouse = wheelhouse or WHEELHOUSE
+def verify(wheelhouse: Path, target: Target, lock_file: Path | None = None) -> None:
+    """Refuse (WheelhouseError) a target's wheelhouse that does not match its committed lock."""
+    lock_file = lock_file or target.lock
     where = _show(wheelhouse)
     req_file = wheelhouse / REQUIREMENTS
     if not req_file.is_file():
@@ -252,6 +368,7 @@ def verify(wheelhouse: Path | None = None, lock_file: Path = LOCK) -> None:
             f"({', '.join(differ)}){_REBUILD}"
         )
     pins = {**locked, SIGNER: signer}
+    tags = target.tags()
     found: dict[str, Path] = {}
     for f in sorted(wheelhouse.iterdir()):
         if f.name in (REQUIREMENTS, STAMP):
@@ -269,6 +386,10 @@ def verify(wheelhouse: Path | None = None, lock_file: Path = LOCK) -> None:
         if _sha256(f) not in pin.hashes:
             raise WheelhouseError(
                 f"{where}: {f.name} does not match its hash in the lock{_REBUILD}")
+        if not parse_wheel_filename(f.name)[3] & tags:
+            raise WheelhouseError(
+                f"{where}: {f.name} is not a wheel for {target.name} "
+                f"(CPython {target.python}, glibc {target.glibc[0]}.{target.glibc[1]}){_REBUILD}")
         found[name] = f
     missing = sorted(set(pins) - set(found))
     if missing:

@@ -173,19 +173,28 @@ def deploy(
     help={
         "upgrade": "move every pin to the newest release the ranges in pyproject.toml allow",
         "package": "move only this project's pin (repeatable)",
+        "target": "update only this host's lock: "
+                  + ", ".join(f"{t.name} or {t.python}" for t in wheelhouse.TARGETS),
     },
     iterable=["package"],
 )
-def lock_deps(c: Context, upgrade: bool = False, package: list[str] | None = None) -> None:
-    """Update the signing host's locked dependencies (requirements/signer-host.lock).
+def lock_deps(c: Context, upgrade: bool = False, package: list[str] | None = None,
+              target: str | None = None) -> None:
+    """Update the signing hosts' locked dependencies (requirements/signer-host-py3XX.lock).
 
-    Resolves pyproject.toml's run-time dependencies for the host (CPython 3.11, x86_64 Linux)
-    with `uv pip compile --generate-hashes`, keeping the current pins unless told to upgrade.
+    Resolves pyproject.toml's run-time dependencies for each supported host (Debian 12: CPython
+    3.11, Debian 13: CPython 3.13; x86_64 Linux) with `uv pip compile --generate-hashes`, one
+    lock per host Python, keeping the current pins unless told to upgrade.
     """
     try:
-        wheelhouse.lock(upgrade=upgrade, packages=tuple(package or ()))
+        targets = (wheelhouse.target_named(target),) if target else wheelhouse.TARGETS
+    except wheelhouse.WheelhouseError as e:
+        raise Exit(f"lock-deps: --target: {e}", code=exitcodes.BAD_INPUT) from None
+    try:
+        wheelhouse.lock(upgrade=upgrade, packages=tuple(package or ()), targets=targets)
     except wheelhouse.WheelhouseError as e:
         raise Exit(f"lock-deps: {e}", code=1) from None
-    pins = wheelhouse.read_lock()
-    print(f"==> lock-deps: {wheelhouse.LOCK.relative_to(ROOT)}: "
-          + ", ".join(f"{p.name}=={p.version}" for p in pins.values()))
+    for t in targets:
+        pins = wheelhouse.read_lock(t.lock)
+        print(f"==> lock-deps: {t.lock.relative_to(ROOT)}: "
+              + ", ".join(f"{p.name}=={p.version}" for p in pins.values()))
