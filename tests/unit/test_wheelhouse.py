@@ -418,8 +418,12 @@ def role_choice(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
         })
     tasks.append({"ansible.builtin.copy": {"content": "{{ outcome | to_json }}",
                                            "dest": str(d / "out.json"), "mode": "0600"}})
+    # The facts as the deploy play has them: its first pre-task (preflight's platform check).
+    first = deploy["pre_tasks"][0]["ansible.builtin.include_role"]
+    facts = {"ansible.builtin.include_role": {"name": first["name"],
+                                              "tasks_from": first["tasks_from"]}}
     play = {"hosts": "localhost", "connection": "local", "gather_facts": deploy["gather_facts"],
-            "gather_subset": deploy["gather_subset"], "vars": {"outcome": {}}, "tasks": tasks}
+            "vars": {"outcome": {}}, "tasks": [facts, *tasks]}
     (d / "play.yml").write_text(yaml.safe_dump([play], width=1000))
     env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
                ANSIBLE_ROLES_PATH=str(ROOT / "roles"))
@@ -431,10 +435,13 @@ def role_choice(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
     return result
 
 
-def test_the_deploy_play_gathers_only_the_python_facts() -> None:
+def test_the_deploy_play_reads_the_python_facts_first_in_the_platform_check() -> None:
     [deploy] = yaml.safe_load((ROOT / "playbooks/deploy.yml").read_text())
-    assert deploy["gather_facts"] is True
-    assert deploy["gather_subset"] == ["!all", "!min", "python"]
+    assert deploy["gather_facts"] is False
+    first = deploy["pre_tasks"][0]["ansible.builtin.include_role"]
+    assert (first["name"], first["tasks_from"]) == ("preflight", "platform")
+    platform = yaml.safe_load((ROOT / "roles/preflight/tasks/platform.yml").read_text())
+    assert "python" in platform[0]["ansible.builtin.setup"]["gather_subset"]
 
 
 def test_the_role_chooses_the_wheelhouse_of_the_hosts_python(
