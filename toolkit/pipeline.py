@@ -365,3 +365,41 @@ def lab_stages(instance: str, ci_evidence: list[str] | None = None,
         Stage("lab.down", invoke("lab.down", *i), always=True),
         Stage("nothing left behind", invoke("lab.status", *i, "--expect-clean"), always=True),
     ]
+
+
+def ci_stages(instance: str, releases: list[str], *, tests: bool = True, lab: bool = True,
+              keep: bool = False) -> list[Stage]:
+    """`invoke ci`: static checks and the VM-less tests, then the first release's whole
+    pipeline on `instance` (lab_stages, each stage named by its release) and, beside it, a
+    lane per other release on lab8, lab7, ... (`invoke ci-lane`, release_lane_stages).
+
+    The unit and signer tests need no VM: they run in the background while the lab is built
+    and provisioned (image build and emulated guest leave the controller's CPUs partly idle)
+    and are joined before harden, so their JUnit record exists when verify cites it. The lanes
+    start once the first VM is up (its image built, the controller's disk and mirror free
+    again) and are joined before the first release's last check."""
+    first, *others = releases
+    test = test_stages() if tests else []
+    stages = (static_stages() if tests else []) + test
+    if not lab:
+        return stages
+    main = lab_stages(instance, [UNIT_RECORD] if test else [], first)
+    for s in main:
+        s.name = f"{RELEASES[first]}: {s.name}"
+    for t in test:
+        t.until = next(s.name for s in main if s.name.endswith(": harden"))
+    last_check = next(s.name for s in main if s.name.endswith("--check (changed=0)"))
+    lanes = []
+    for n, rel in enumerate(others):
+        lane_instance = f"lab{8 - n}"
+        argv = invoke("ci-lane", "--release", rel, "--instance", lane_instance)
+        lanes.append(Stage(f"{RELEASES[rel]}: lane on {lane_instance}",
+                           [*argv, "--keep"] if keep else argv,
+                           until=last_check,
+                           sub_summary=lane_dir(rel) / "summary.json"))
+    if keep:
+        for s in main:
+            s.always = False
+    # A fresh VM: whatever an earlier run left of this instance goes first.
+    return [*stages, Stage("lab.down (before)", invoke("lab.down", "--instance", instance)),
+            main[0], *lanes, *main[1:]]

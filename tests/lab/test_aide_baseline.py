@@ -127,3 +127,50 @@ def test_harden_takes_its_own_changes_and_leaves_one_it_found_reported(
         _root(target, f"{HELPER} take {_limit(['/etc/ssh', stray], False)}")
     clean = target.admin_run(f"{HELPER} compare {limit}", sudo=True)
     assert clean.returncode == 0, f"still differs after the clean-up: {clean.stdout}"
+
+
+@pytest.mark.slow
+@pytest.mark.control("BASE-07")
+def test_a_deploy_that_failed_part_way_can_be_run_again(  # type: ignore[no-untyped-def]
+        target: Target, tmp_path) -> None:
+    """Issue 22: a deploy that wrote a file and then failed records what it wrote; the same
+    deploy again recognises it and goes through (taking it into the baseline), while the same
+    file changed by someone else after the failure stops that deploy as any change would."""
+    config_dir = str(Path(str(target.values["signer_config"])).parent)
+    written = f"{config_dir}/selftest-partial-deploy"
+    os.environ.setdefault("SIGNLAB_INSTANCE", target.lab.raw["instance"])
+    inv, vault = target.inventory, target.vault_password_file
+    limit = _limit([config_dir])
+    assert target.admin_run(f"{HELPER} compare {limit}", sudo=True).returncode == 0, \
+        f"{config_dir} differs from the baseline before the test: run `invoke deploy` first"
+
+    def deploy(name: str) -> tuple[int, str]:
+        r = run_playbook(build_command("deploy.yml", tags="SGN-08",
+                                       extra_vars={"signer_selftest_fail_once": True},
+                                       inventory=inv, vault_password_file=vault),
+                         tmp_path / f"{name}.log")
+        return r.returncode, " ".join(r.log.read_text().split())
+
+    try:
+        rc, log = deploy("failed")
+        assert rc != 0 and "failing on purpose after writing a file" in log, log[-3000:]
+        assert "recorded what it wrote" in log and written in log, log[-3000:]
+        assert _root(target, f"{HELPER} own") == written
+
+        # Someone changes the failed run's file: the record no longer matches, deploy stops.
+        content = _root(target, f"cat {shlex.quote(written)}")
+        _root(target, f"echo tampered >> {shlex.quote(written)}")
+        rc, log = deploy("tampered")
+        assert rc != 0 and "this deploy has not changed anything yet" in log \
+            and written in log, log[-3000:]
+
+        # As the failed run left it (same content, mode, owner): the same deploy goes through.
+        _root(target, f"printf '%s\\n' {shlex.quote(content)} > {shlex.quote(written)}")
+        rc, log = deploy("again")
+        assert rc == 0, log[-3000:]
+        assert "written by an earlier deploy that failed part way" in log, log[-3000:]
+        assert target.admin_run(f"{HELPER} compare {limit}", sudo=True).returncode == 0, \
+            "the failed run's file is still outside the baseline"
+        assert _root(target, f"{HELPER} own") == "", "the record outlived the deploy that took it"
+    finally:
+        _root(target, f"rm -f {shlex.quote(written)} && {HELPER} take {limit} && {HELPER} clear")

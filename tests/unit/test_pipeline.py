@@ -177,3 +177,58 @@ def test_a_stage_that_cannot_start_fails_and_the_teardown_still_runs(
     assert pipeline.run(stages, title="t", env_extra={}) is False
     assert stages[0].status.startswith("FAILED (cannot start")
     assert stages[1].status == "passed"
+
+
+def test_a_release_lane_runs_make_labs_path_on_its_own_instance_and_release() -> None:
+    """Debian 12 beside Debian 13: a fresh VM of the lane's release, provision -> harden ->
+    harden again (changed=0) -> deploy -> verify through inventory/lab, then down."""
+    stages = pipeline.release_lane_stages("lab8", "bookworm")
+    names = [s.name for s in stages]
+    assert names == ["lab.down (before)", "lab.up", "provision", "harden",
+                     "harden again (changed=0)", "deploy", "verify", "lab.down",
+                     "nothing left behind"]
+    up = stages[1]
+    assert up.argv[-4:] == ["--instance", "lab8", "--release", "bookworm"]
+    assert "--expect-unchanged" in stages[4].argv
+    for s in stages[2:7]:
+        assert "-i" not in s.argv, s.argv  # inventory/lab, the instance from SIGNLAB_INSTANCE
+    assert [s.always for s in stages[-2:]] == [True, True]
+
+
+def test_the_lanes_summary_is_folded_into_the_runs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lane = tmp_path / "ci" / "bookworm"
+    lane.mkdir(parents=True)
+    (lane / "summary.json").write_text(json.dumps({"stages": [
+        {"stage": "provision", "status": "passed", "seconds": 61.0},
+        {"stage": "verify", "status": "FAILED (exit 1)", "seconds": 80.0}]}))
+    st = Stage("Debian 12 (bookworm): lane on lab8", ["true"], sub_summary=lane / "summary.json")
+    st.status, st.log = "FAILED (exit 1)", tmp_path / "x.log"
+    pipeline.summary([st], title="t", total=1.0)
+    out = capsys.readouterr().out
+    assert "Debian 12 (bookworm): lane on lab8" in out and "verify" in out and "FAILED" in out
+    rows = json.loads((tmp_path / "ci" / "summary.json").read_text())["stages"]
+    assert [r["stage"] for r in rows[0]["stages"]] == ["provision", "verify"]
+
+
+def test_ci_runs_debian_13_in_full_and_debian_12_in_a_lane_beside_it() -> None:
+    stages = pipeline.ci_stages("lab9", ["trixie", "bookworm"])
+    names = [s.name for s in stages]
+    lane = next(s for s in stages if s.name.startswith("Debian 12 (bookworm): lane"))
+    assert lane.argv[-4:] == ["--release", "bookworm", "--instance", "lab8"]
+    up = names.index("Debian 13 (trixie): lab.up")
+    assert names.index(lane.name) == up + 1, "the lane starts once the first VM is up"
+    assert lane.until == "Debian 13 (trixie): harden --check (changed=0)"
+    assert lane.until in names[names.index(lane.name):]
+    assert stages[up].argv[-2:] == ["--release", "trixie"]
+    unit = next(s for s in stages if s.name == "unit+signer tests")
+    assert unit.until == "Debian 13 (trixie): harden"
+    # every lab stage of the first release is named by it; the lab tests run there only
+    assert any(n == "Debian 13 (trixie): lab tests" for n in names)
+    assert not any("bookworm" in n and "lab tests" in n for n in names)
+
+
+def test_ci_with_one_release_has_no_lane() -> None:
+    stages = pipeline.ci_stages("lab9", ["bookworm"])
+    assert not any(s.sub_summary for s in stages)
+    assert any(s.name == "Debian 12 (bookworm): lab tests" for s in stages)

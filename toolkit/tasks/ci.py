@@ -7,7 +7,6 @@ from invoke.exceptions import Exit
 from invoke.tasks import task
 
 from toolkit import exitcodes, pipeline
-from toolkit.pipeline import Stage, invoke
 
 
 @task(help={"instance": "lab instance (default: $SIGNLAB_INSTANCE or lab0)"})
@@ -53,34 +52,8 @@ def ci(c: Context, instance: str = "lab9", skip_lab: bool = False, keep: bool = 
     the end, whatever happens (unless --keep after a failure).
     """
     first, *others = _releases(releases)
-    tests = [] if lab_only else pipeline.test_stages()
-    stages = [] if lab_only else pipeline.static_stages() + tests
-    if not skip_lab:
-        # The unit and signer tests need no VM: they run while the lab is built and provisioned
-        # (image build and emulated guest leave the controller's CPUs mostly idle).
-        # Joined before harden, so their JUnit record exists when verify cites it.
-        lab = pipeline.lab_stages(instance, [pipeline.UNIT_RECORD] if tests else [], first)
-        for s in lab:
-            s.name = f"{pipeline.RELEASES[first]}: {s.name}"
-        for t in tests:
-            t.until = next(s.name for s in lab if s.name.endswith(": harden"))
-        # A fresh VM: whatever an earlier run left of this instance goes first.
-        stages.append(Stage("lab.down (before)", invoke("lab.down", "--instance", instance)))
-        # The other releases start once the first one's VM is up (its image built): they run
-        # beside it and are joined before its last check.
-        lanes = []
-        for n, rel in enumerate(others):
-            lane_instance = f"lab{8 - n}"
-            argv = invoke("ci-lane", "--release", rel, "--instance", lane_instance)
-            if keep:
-                argv.append("--keep")
-            lanes.append(Stage(f"{pipeline.RELEASES[rel]}: lane on {lane_instance}", argv,
-                               until=lab[-3].name,
-                               sub_summary=pipeline.lane_dir(rel) / "summary.json"))
-        stages += lab[:1] + lanes + lab[1:]
-        if keep:
-            for s in lab:
-                s.always = False
+    stages = pipeline.ci_stages(instance, [first, *others], tests=not lab_only,
+                                lab=not skip_lab, keep=keep)
     title = "invoke ci" if skip_lab else (
         f"invoke ci ({', '.join(pipeline.RELEASES[r] for r in [first, *others])}; "
         f"{pipeline.RELEASES[first]} driven by {pipeline.site_inventory(instance)}, "
