@@ -108,6 +108,8 @@ def pytest_command(
         f"--inventory={target.inventory}", f"--inventory-host={target.host}",
         "-v", "--tb=short", "-p", "no:cacheprovider",
         "-o", "console_output_style=count",
+        # where a run's time goes, in every log (verify's own budget is watched in CI)
+        "--durations=15", "--durations-min=1.0",
     ]  # fmt: skip
     if password_fd is not None:
         # The become password travels through an inherited pipe, never argv or environment.
