@@ -617,7 +617,7 @@ class Daemon:
                              f"{fmt.name} request too large") from None
             policy.check_size(profile, profile.max_size + 1)
         policy.check_size(profile, size)
-        if cmd.size is not None and size != cmd.size:
+        if size != cmd.size:
             raise Denied(Exit.DATA, f"the artifact is {size} bytes, declared {cmd.size}: not "
                          "signed", "artifact size differs from the declared size")
         body = bytes(kept)

@@ -181,8 +181,8 @@ def test_parsed_sign_requests_only_carry_clean_values(tokens: list[str], name: s
 
 
 def test_timestamped_is_a_flag_that_reaches_the_daemon_only_when_given() -> None:
-    plain = request.parse(b"sign --profile dev --format cms")
-    stamped = request.parse(b"sign --profile dev --timestamped --format cms")
+    plain = request.parse(b"sign --profile dev --format cms --size 5")
+    stamped = request.parse(b"sign --profile dev --timestamped --format cms --size 5")
     assert isinstance(plain, request.Sign) and isinstance(stamped, request.Sign)
     assert (plain.timestamped, stamped.timestamped) == (False, True)
     assert "timestamped" not in request.to_wire(plain)  # older daemons understand it
@@ -194,7 +194,7 @@ def test_timestamped_is_a_flag_that_reaches_the_daemon_only_when_given() -> None
             request.parse(bad)
     with pytest.raises(request.ParseError, match="bad timestamped"):
         request.from_wire({"cmd": "sign", "profile": "dev", "format": "cms", "name": "",
-                           "timestamped": 1})
+                           "size": 5, "timestamped": 1})
 
 
 def test_unknown_wire_fields_and_bad_values_are_refused_by_the_daemon_side() -> None:
@@ -211,7 +211,7 @@ def test_gateway_reads_only_the_socket_from_the_config(shared: Signer, tmp_path:
     line too."""
     bad = tmp_path / "bad.toml"
     bad.write_text("[daemon\n")
-    env = {"SSH_ORIGINAL_COMMAND": "sign --profile dev"}
+    env = {"SSH_ORIGINAL_COMMAND": "sign --profile dev --size 4"}
     r = shared.lab.signer("gateway", "--client", "build1", "--config", bad, env=env)
     assert r.returncode == 78
     one_line_error(r)
@@ -229,7 +229,7 @@ def test_daemon_dying_mid_upload_leaves_stdout_empty(make_signer: MakeSigner) ->
 
     s: Signer = make_signer(profile_overrides={"dev": {"max_size": 1 << 30}})
     env = dict(s.lab.env)
-    env["SSH_ORIGINAL_COMMAND"] = "sign --profile dev --format raw"
+    env["SSH_ORIGINAL_COMMAND"] = f"sign --profile dev --format raw --size {1 << 30}"
     gw = subprocess.Popen([sys.executable, "-m", "signer", "gateway", "--client", "build1",
                            "--config", str(s.config)], stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -280,6 +280,33 @@ def test_a_stream_shorter_than_its_declared_size_is_not_signed(signer: Signer, s
 
 
 @pytest.mark.control("SGN-07")
+def test_a_sign_without_a_declared_size_is_refused_and_a_cut_stream_never_signs(
+        signer: Signer) -> None:
+    """An SSH connection cut while the artifact streams ends stdin early: without a declared
+    size the prefix looked like a whole artifact and was signed and logged. `sign` now needs
+    `--size` (the gateway says how), and the daemon refuses a header without it (a gateway
+    that does not send it)."""
+    import io
+
+    from signer import gateway, wire
+
+    prefix = os.urandom(300_000)[:150_000]  # what arrived before the cut
+    r = signer.gw("sign --profile dev --format raw", prefix, declare_size=False)
+    assert r.returncode == 64
+    message = one_line_error(r)
+    assert "--size BYTES is required" in message and "stat -c %s FILE" in message, message
+    header = {"v": wire.VERSION, "role": "client", "caller": "build1", "cmd": "sign",
+              "profile": "dev", "format": "raw", "name": ""}
+    with gateway.connect(signer.socket) as sock:
+        code, message, out = gateway.exchange(sock, header, io.BytesIO(prefix), None)
+    assert (code, out) == (64, b"") and "--size" in message, message
+    assert signer.events("sign") == []
+    r = signer.gw("sign --profile dev --format raw", prefix)  # declared: signed
+    assert r.returncode == 0, r.stderr
+    assert [e["size"] for e in signer.events("sign")] == [len(prefix)]
+
+
+@pytest.mark.control("SGN-07")
 def test_custodians_are_heard_while_build_clients_hold_every_slot(make_signer: MakeSigner) -> None:
     """Slow build-client sessions (a valid header, then one byte a second) as many as the
     daemon lets in and more, plus silent connections that never send a header: while all of
@@ -301,7 +328,8 @@ def test_custodians_are_heard_while_build_clients_hold_every_slot(make_signer: M
         held.append(sock)
         f = sock.makefile("rb")
         sock.sendall(wire.line({"v": wire.VERSION, "role": "client", "caller": client,
-                                "cmd": "sign", "profile": "dev", "format": "raw", "name": ""}))
+                                "cmd": "sign", "profile": "dev", "format": "raw", "name": "",
+                                "size": 1000}))
         if wire.read_line(f).get("continue") is not True:
             return  # refused at once (busy): that is the point
         trickling.append(threading.current_thread())
@@ -382,7 +410,8 @@ def _loaded_by(argv: list[str], command: str) -> set[str]:
     return set(r.stdout.split())
 
 
-@pytest.mark.parametrize("command", ["status " + "0" * 32, "sign --profile dev --name a.exe",
+@pytest.mark.parametrize("command", ["status " + "0" * 32,
+                                     "sign --profile dev --name a.exe --size 10",
                                      "sign --profile dev --size 10 --format raw"])
 def test_the_forced_command_starts_without_the_heavy_imports(command: str) -> None:
     """What the forced command the role writes imports to answer one request (start-up is
