@@ -44,11 +44,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-
-import time
 
 from signer import audit, segments
 

@@ -348,7 +348,6 @@ def test_compare_a_copy_that_lags_beyond_a_bound_is_a_finding(written: tuple[lis
                                                               tmp_path: Path, lab: Any) -> None:
     """In flight is consistent only within a bound, in entries and in seconds (the oldest
     entry not yet in the copy, by its time): beyond it the collector has stopped receiving."""
-    import time
 
     lines, cert = written
     copy = lines[:-3]
