@@ -8,6 +8,7 @@ import pwd
 import re
 import shlex
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -73,7 +74,7 @@ def test_daemon_not_running_is_one_line_unavailable(make_signer: MakeSigner) -> 
     ("sign --profile dev", {"client": None, "custodian": "build1"}, 77, "unknown custodian"),
 ])
 def test_policy_refusals_are_one_line_and_audited(shared: Signer, command: str,
-                                                 kwargs: dict[str, str], code: int,
+                                                 kwargs: dict[str, Any], code: int,
                                                  text: str) -> None:
     before = len(shared.events("deny"))
     r = shared.gw(command, b"artifact", **kwargs)
@@ -363,6 +364,105 @@ def test_custodians_are_heard_while_build_clients_hold_every_slot(make_signer: M
         for sock in held:
             sock.close()
     assert signer.events("freeze")[-1]["custodian"] == "alice"
+
+
+# A build client's account holding connections: N of them, each with a header begun and never
+# finished; prints how many it opened, then holds them until its stdin closes. (The system's
+# python: the test's virtual environment may not be readable by the flooding accounts.)
+_HOLD = """
+import socket, sys
+held = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    s.sendall(b'{"v": 1, "role": "client", "caller": "build1"')
+    held.append(s)
+print(len(held), flush=True)
+sys.stdin.read()
+"""
+# One more connection from another account: what the daemon answers at once (if anything).
+_PROBE = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.settimeout(2.0)
+try:
+    print(s.recv(4096).decode(errors="replace"))
+except TimeoutError:
+    print("no answer")
+"""
+
+
+@pytest.mark.control("SGN-07")
+def test_custodians_are_heard_while_client_accounts_hold_every_connection(
+        make_signer: MakeSigner) -> None:
+    """Four build client accounts with 64 connections each (headers never finished): every
+    connection the daemon lets clients have, as a fifth account's refusal shows. A custodian
+    bound to an account of their own (`account`) still has `freeze` answered in under 2 s,
+    and `thaw`, `unlock` and `requests` too: their connections are in a lane of their own that
+    SO_PEERCRED tells apart at accept. Before, the custodian got 69 "too many connections"."""
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+
+    from signer import daemon
+
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    assert python is not None
+    flooders = [pwd.getpwnam(a).pw_uid for a in ("daemon", "bin", "sys", "sync")]
+    outsider = pwd.getpwnam("games").pw_uid
+    assert len(flooders) * daemon.MAX_PER_UID == daemon.MAX_CONNECTIONS
+    # The socket where those accounts can reach it: a directory they may search, the socket's
+    # group (0660, root's group) theirs for this test.
+    where = Path(tempfile.mkdtemp(prefix="signer-flood-", dir="/tmp"))
+    where.chmod(0o755)
+    sock = where / "signer.sock"
+    me = pwd.getpwuid(os.getuid()).pw_name
+    signer: Signer = make_signer(accounts={"alice": me}, socket=str(sock))
+    holders: list[subprocess.Popen[str]] = []
+    try:
+        for uid in flooders:
+            holders.append(subprocess.Popen(
+                [python, "-I", "-c", _HOLD, str(sock), str(daemon.MAX_PER_UID)],
+                user=uid, group=0, extra_groups=[], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/"))
+        for h in holders:
+            assert h.stdout is not None
+            assert h.stdout.readline().strip() == str(daemon.MAX_PER_UID), h.stderr
+        started = time.monotonic()
+
+        def probe() -> str:
+            r = subprocess.run([python, "-I", "-c", _PROBE, str(sock)], user=outsider,
+                               group=0, extra_groups=[], capture_output=True, text=True,
+                               timeout=30, cwd="/")
+            return r.stdout + r.stderr
+
+        assert "too many connections" in probe()  # the clients hold every connection
+        t0 = time.monotonic()
+        r = signer.lab.gateway(signer.config, "freeze dev", client=None, custodian="alice",
+                               timeout=30)
+        took = time.monotonic() - t0
+        assert r.returncode == 0, r.stderr
+        assert took < 2.0, f"freeze took {took:.2f} s under the flood"
+        for command, stdin in (("requests", b""), ("unlock", b"not-needed\n"),
+                               ("thaw dev", b"")):
+            r = signer.lab.gateway(signer.config, command, stdin, client=None,
+                                   custodian="alice", timeout=30)
+            assert r.returncode == 0, (command, r.stderr)
+        assert "too many connections" in probe()  # the flood held all along
+        assert all(h.poll() is None for h in holders)
+        assert time.monotonic() - started < daemon.HEADER_TIMEOUT, "flood reaped: too slow"
+    finally:
+        for h in holders:
+            h.kill()
+            h.wait()
+        signer.stop()
+        shutil.rmtree(where, ignore_errors=True)
+    assert [(e["event"], e["custodian"]) for e in signer.entries()
+            if e["event"] in ("freeze", "thaw")] == [("freeze", "alice"), ("thaw", "alice")]
+    print(f"custodian freeze under a flood of {daemon.MAX_CONNECTIONS} connections: "
+          f"{took * 1000:.0f} ms")
 
 
 @pytest.mark.parametrize("text", [
