@@ -95,7 +95,7 @@ class Daemon:
         self._active = 0
         self._active_cv = threading.Condition()  # also guards the counters below
         self._per_uid: dict[int, int] = {}
-        self._custodian_uids = _custodian_uids(cfg)
+        self._custodian_uids: frozenset[int] = frozenset()  # set by start(): accounts
         self._lane_active = 0  # connections in the custodians' lane (guarded by _active_cv)
         self._slots: dict[tuple[str, str], int] = {}  # (role, name) -> requests being served
         self._deadlines: dict[socket.socket, float] = {}
@@ -110,6 +110,7 @@ class Daemon:
 
     def start(self) -> None:
         d = self.cfg.daemon
+        self._custodian_uids = _custodian_uids(self.cfg)
         secret = pin.read_file(d.pin_file) if d.pin_file is not None else None
         # The token in a process of its own (signer/tokenproc.py: the GIL and the token)
         self.token = TokenProcess(d.token_module, d.token_label, d.token_serial,
