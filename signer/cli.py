@@ -91,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--cert", type=Path, help="the audit certificate: checkpoints are checked")
     a.add_argument("--from", dest="since", type=int, default=0, metavar="SEQ",
                    help="compare from this seq on (the copy started later)")
+    a.add_argument("--max-lag", type=int, default=None, metavar="N",
+                   help="entries of LOCAL not yet in COPY before the copy lags (exit 4; "
+                   "default 1000)")
+    a.add_argument("--max-lag-seconds", type=float, default=None, metavar="S",
+                   help="age of the oldest entry not yet in COPY before the copy lags "
+                   "(exit 4; default 600)")
     a.add_argument("--json", action="store_true", help="one JSON object")
     a = asub.add_parser("show")
     a.add_argument("file", type=Path)
@@ -155,7 +161,9 @@ def _audit_show(path: Path, last: int | None) -> int:
     return Exit.OK
 
 
-COMPARE_USAGE = 2  # `audit compare`: 0 consistent, 1 a finding, 2 usage or unreadable
+# `audit compare`: 0 consistent, 1 LOCAL and COPY disagree, 2 usage or unreadable, 3 empty
+# copy, 4 the copy lags, 5 LOCAL's oldest segments missing (signer.compare.EXIT)
+COMPARE_USAGE = 2
 
 
 def _audit_compare(args: argparse.Namespace) -> int:
@@ -165,7 +173,16 @@ def _audit_compare(args: argparse.Namespace) -> int:
 
     try:
         spki = certs.load_public_key(args.cert) if args.cert else None
-        result = compare.compare([args.local], args.copy, spki, args.since)
+        bounds: dict[str, float] = {}
+        if args.max_lag is not None:
+            bounds["max_lag"] = args.max_lag
+        if args.max_lag_seconds is not None:
+            bounds["max_lag_seconds"] = args.max_lag_seconds
+        if any(v < 0 for v in bounds.values()):
+            raise ValueError("--max-lag and --max-lag-seconds must not be negative")
+        result = compare.compare([args.local], args.copy, spki, args.since,
+                                 int(bounds.get("max_lag", compare.DEFAULT_MAX_LAG)),
+                                 bounds.get("max_lag_seconds", compare.DEFAULT_MAX_LAG_SECONDS))
     except (OSError, ValueError, EOFError, zlib.error, SignerError) as exc:
         why = exc.message if isinstance(exc, SignerError) else \
             exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -173,7 +190,7 @@ def _audit_compare(args: argparse.Namespace) -> int:
         sys.stderr.write(f"signer: audit compare: {where}{why}\n")
         return COMPARE_USAGE
     sys.stdout.write((result.json() if args.json else result.text()) + "\n")
-    return Exit.OK if result.consistent else Exit.INVALID
+    return result.exit_code
 
 
 def dispatch(args: argparse.Namespace) -> int:

@@ -6,6 +6,8 @@ runs `signer config check` before it replaces a running configuration.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -152,6 +154,37 @@ class _Reader:
         return parsed
 
 
+def key_identity(line: str) -> str:
+    """What makes two OpenSSH public key lines (type, base64, optional comment) the same key.
+
+    Not their text: one key has many encodings that OpenSSH reads as the same key (an RSA
+    exponent or modulus with a leading zero byte, which sshd trims; base64 whose unused last
+    bits differ), so two names whose lines differ may still be one key holder, who could then
+    meet a 2-of-N alone. The key is parsed (cryptography's load_ssh_public_key) and written
+    again in its one canonical form; a security key (`sk-`) counts as the key it wraps, so it
+    equals a plain key with the same public point (stricter, never looser). A line cryptography
+    cannot read (a placeholder, a truncated key) is compared by its decoded bytes, which still
+    catches the same bytes under two names; for the types SSH_KEY_RE allows, cryptography reads
+    the encodings OpenSSH reads (the leading zero is tested), so such a line is not a key sshd
+    logs anyone in with. `invoke inventory.check` also requires ssh-keygen to read each line."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    parts = line.split()
+    material = " ".join(parts[:2])
+    try:
+        key = serialization.load_ssh_public_key(material.encode("ascii"))
+        canonical = key.public_bytes(serialization.Encoding.OpenSSH,
+                                     serialization.PublicFormat.OpenSSH)
+        return "key " + canonical.decode("ascii")
+    except (ValueError, UnsupportedAlgorithm, UnicodeEncodeError):
+        pass
+    try:
+        return "bytes " + base64.b64decode(parts[1], validate=True).hex()
+    except (IndexError, binascii.Error):
+        return "text " + material
+
+
 def _principals(r: _Reader, data: dict[str, Any], kind: str, accounts: dict[str, str]
                 ) -> dict[str, str]:
     section = data.get(kind, {})
@@ -215,11 +248,11 @@ def parse(text: str, path: Path) -> Config:
     if overlap:
         raise r.fail("custodians", f"name used by a client too: {sorted(overlap)[0]!r}")
     # One key, one name: a holder of two names could approve twice (2-of-N alone) or act as
-    # a client and its custodian. The key material decides, not the comment.
+    # a client and its custodian. The key decides, not its encoding nor the comment.
     holder: dict[str, str] = {}
     for kind, table in (("clients", clients), ("custodians", custodians)):
         for name, line in table.items():
-            material = " ".join(line.split()[:2])
+            material = key_identity(line)
             if material in holder:
                 raise r.fail(f"{kind}.{name}.ssh_key", f"the same key as {holder[material]}")
             holder[material] = f"{kind}.{name}"

@@ -54,8 +54,13 @@ log = logging.getLogger("signerd")
 # (a thread each, with a total deadline), build clients share CLIENT_SLOTS with at most
 # PER_CLIENT each, and custodians have CUSTODIAN_SLOTS that clients can never take. Over a
 # limit a request waits (holding a thread, not a slot) up to SLOT_WAIT, then gets "busy" (69).
-MAX_CONNECTIONS = 256  # open connections in all
+MAX_CONNECTIONS = 256  # open connections in all, apart from the custodians' lane
 MAX_PER_UID = 64  # open connections from one local account (the gateway's, or a bound one)
+# The custodians' lane: connections from the account a custodian is bound to (`account`, read
+# with SO_PEERCRED at accept, before any byte is read) count here, not against
+# MAX_CONNECTIONS, so build clients holding every connection they may have cannot keep a
+# custodian's freeze, thaw, approve or unlock out. Each custodian account has its own share.
+CUSTODIAN_PER_UID = 8
 CLIENT_SLOTS = 16  # client requests being served at once
 PER_CLIENT = 8  # of which one client may hold
 SLOT_WAIT = 60.0
@@ -90,6 +95,8 @@ class Daemon:
         self._active = 0
         self._active_cv = threading.Condition()  # also guards the counters below
         self._per_uid: dict[int, int] = {}
+        self._custodian_uids: frozenset[int] = frozenset()  # set by start(): accounts
+        self._lane_active = 0  # connections in the custodians' lane (guarded by _active_cv)
         self._slots: dict[tuple[str, str], int] = {}  # (role, name) -> requests being served
         self._deadlines: dict[socket.socket, float] = {}
         self._idle = 0  # connection threads waiting on _handoff (guarded by _active_cv)
@@ -103,6 +110,7 @@ class Daemon:
 
     def start(self) -> None:
         d = self.cfg.daemon
+        self._custodian_uids = _custodian_uids(self.cfg)
         secret = pin.read_file(d.pin_file) if d.pin_file is not None else None
         # The token in a process of its own (signer/tokenproc.py: the GIL and the token)
         self.token = TokenProcess(d.token_module, d.token_label, d.token_serial,
@@ -342,14 +350,18 @@ class Daemon:
                 conn.close()
                 continue
             handed = False
+            lane = uid in self._custodian_uids
             with self._active_cv:
-                if self._active >= MAX_CONNECTIONS or \
-                        self._per_uid.get(uid, 0) >= MAX_PER_UID:
-                    full = True
+                mine = self._per_uid.get(uid, 0)
+                if lane:
+                    full = mine >= CUSTODIAN_PER_UID
                 else:
-                    full = False
+                    full = self._active - self._lane_active >= MAX_CONNECTIONS \
+                        or mine >= MAX_PER_UID
+                if not full:
                     self._active += 1
-                    self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
+                    self._lane_active += lane
+                    self._per_uid[uid] = mine + 1
                     self._deadlines[conn] = time.monotonic() + HEADER_TIMEOUT
                     # Taken and put under the lock, so a thread counted idle is one that
                     # will get this connection.
@@ -405,6 +417,7 @@ class Daemon:
             with self._active_cv:
                 self._deadlines.pop(conn, None)
                 self._active -= 1
+                self._lane_active -= uid in self._custodian_uids
                 self._per_uid[uid] -= 1
                 if not self._per_uid[uid]:
                     del self._per_uid[uid]
@@ -617,7 +630,7 @@ class Daemon:
                              f"{fmt.name} request too large") from None
             policy.check_size(profile, profile.max_size + 1)
         policy.check_size(profile, size)
-        if cmd.size is not None and size != cmd.size:
+        if size != cmd.size:
             raise Denied(Exit.DATA, f"the artifact is {size} bytes, declared {cmd.size}: not "
                          "signed", "artifact size differs from the declared size")
         body = bytes(kept)
@@ -961,6 +974,17 @@ def _peer_uid(conn: socket.socket) -> int:
     """The uid of the process at the other end of the socket (the gateway), from the kernel."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return int(struct.unpack("3i", creds)[1])
+
+
+def _custodian_uids(cfg: Config) -> frozenset[int]:
+    """The accounts of the custodians' lane: those a custodian is bound to, unless a build
+    client is bound to the same account (then its connections are a client's too). A
+    custodian without `account` speaks through an account the daemon cannot tell apart, and
+    shares the clients' limits."""
+    def uids(names: dict[str, str]) -> set[int]:
+        return {u for n in names if (a := cfg.accounts.get(n)) is not None
+                and (u := _uid(a)) is not None}
+    return frozenset(uids(cfg.custodians) - uids(cfg.clients))
 
 
 def _uid(account: str) -> int | None:

@@ -22,7 +22,7 @@ MAX_NAME = 255
 # `functools`, `collections` under it) was a third of its start-up.
 PROFILE_PATTERN = "[a-z][a-z0-9_-]{0,63}"
 ID_PATTERN = "[0-9a-f]{32}"
-SIZE_PATTERN = "[1-9][0-9]{0,15}"
+SIZE_PATTERN = "0|[1-9][0-9]{0,15}"  # 0: an empty artifact, refused as such (65)
 _LOWER = frozenset("abcdefghijklmnopqrstuvwxyz")
 _NAME_CHARS = _LOWER | frozenset("0123456789_-")
 _HEX = frozenset("0123456789abcdef")
@@ -43,7 +43,8 @@ def is_id(tok: str) -> bool:
 
 def is_size(tok: str) -> bool:
     """SIZE_PATTERN: a declared byte count."""
-    return 0 < len(tok) <= 16 and tok[0] != "0" and all(c in _DIGITS for c in tok)
+    return tok == "0" or (0 < len(tok) <= 16 and tok[0] != "0"
+                          and all(c in _DIGITS for c in tok))
 
 
 def split(text: str) -> list[str]:
@@ -110,7 +111,7 @@ class Sign(_Command):
     __slots__ = ("format", "name", "profile", "size", "timestamped")
     _fields = ("profile", "format", "name", "size", "timestamped")
 
-    def __init__(self, profile: str, format: str, name: str, size: int | None = None,
+    def __init__(self, profile: str, format: str, name: str, size: int,
                  timestamped: bool = False) -> None:
         self.profile = profile
         self.format = format
@@ -218,10 +219,18 @@ def _parse_sign(args: list[str]) -> Sign:
     fmt = opts.get("--format", "cms")
     if fmt not in FORMATS:
         raise ParseError(f"sign: --format must be one of {', '.join(FORMATS)}")
-    size = _size(opts["--size"]) if "--size" in opts else None
-    return Sign(profile=_profile(opts["--profile"]), format=fmt,
-                name=check_name(opts.get("--name", "")), size=size,
+    profile, name = _profile(opts["--profile"]), check_name(opts.get("--name", ""))
+    if "--size" not in opts:
+        raise ParseError(SIZE_REQUIRED)
+    return Sign(profile=profile, format=fmt, name=name, size=_size(opts["--size"]),
                 timestamped="--timestamped" in opts)
+
+
+# Without the size, a stream that ends early (an SSH connection cut mid-upload) looks like a
+# complete, shorter artifact: its prefix would be signed and logged. So `sign` needs it.
+SIZE_REQUIRED = ("sign: --size BYTES is required (the artifact's exact byte count, e.g. "
+                 "--size $(stat -c %s FILE); `signer submit` sends it): a stream cut short "
+                 "is never signed")
 
 
 def _size(tok: str) -> int:
@@ -300,8 +309,9 @@ def from_wire(obj: Mapping[str, object]) -> Command:
         if fmt not in FORMATS:
             raise ParseError("bad format")
         size = obj.get("size")
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool)
-                                 or not 0 < size < 1 << 53):
+        if size is None:  # a gateway older than this rule: its cut streams would be signed
+            raise ParseError(SIZE_REQUIRED)
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 1 << 53:
             raise ParseError("bad size")
         timestamped = obj.get("timestamped", False)
         if not isinstance(timestamped, bool):

@@ -156,12 +156,18 @@ class Lab:
 
     def gateway(self, config: Path, command: str | bytes, stdin: bytes = b"",
                 client: str | None = "build1", custodian: str | None = None,
-                timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
-        """The gateway as sshd runs it: the forced command with SSH_ORIGINAL_COMMAND set."""
+                timeout: float = 60, declare_size: bool = True
+                ) -> subprocess.CompletedProcess[bytes]:
+        """The gateway as sshd runs it: the forced command with SSH_ORIGINAL_COMMAND set. A
+        `sign` without `--size` gets the length of `stdin` declared, as `signer submit` does
+        (the gateway requires it); `declare_size=False` sends the command as given."""
         role = ["--custodian", custodian] if custodian else ["--client", str(client)]
         env = {k: v for k, v in self.env.items() if k != "SOFTHSM2_CONF"}
         envb = {k.encode(): v.encode() for k, v in env.items()}
-        envb[b"SSH_ORIGINAL_COMMAND"] = command if isinstance(command, bytes) else command.encode()
+        raw = command if isinstance(command, bytes) else command.encode()
+        if declare_size and stdin and raw.split(b" ", 1)[0] == b"sign" and b"--size" not in raw:
+            raw += b" --size %d" % len(stdin)
+        envb[b"SSH_ORIGINAL_COMMAND"] = raw
         return subprocess.run(forced_command(role, self.socket_of(config)), input=stdin,
                               capture_output=True, env=envb, timeout=timeout, check=False)
 
@@ -234,9 +240,9 @@ def sign_over_socket(sock_path: Path, profile: str, data: bytes, fmt: str = "cms
     from signer import gateway, wire
 
     header = {"v": wire.VERSION, "role": "client", "caller": client, "cmd": "sign",
-              "profile": profile, "format": fmt, "name": name}
+              "profile": profile, "format": fmt, "name": name, "size": len(data)}
     with gateway.connect(sock_path) as sock:
-        return gateway.exchange(sock, header, io.BytesIO(data), None)
+        return gateway.exchange(sock, header, io.BytesIO(data), None, len(data))
 
 
 def write_pe(path: Path, code_size: int = 4096) -> Path:

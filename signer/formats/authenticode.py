@@ -19,6 +19,15 @@ signature covers. The host needs none of it: it only parses this small DER with 
 Only SHA-256 is accepted (the token path signs SHA-256 digests; SHA-1 and MD5 Authenticode are
 broken), and only the request form osslsigncode writes: a SignedData without signers,
 certificates or CRLs, around exactly one SpcIndirectDataContent.
+
+Page hashes (`extract-data -ph`) are refused, before anything is signed or queued. They sit in
+the signed content next to the file's digest (an SpcSerializedObject in SpcPeImageData), but
+nothing on this host or in `signer approve --artifact` recomputes them: custodians approve the
+file's Authenticode digest, and a request could carry that digest with another file's page
+hashes (which Windows checks page by page as it loads the image). Supporting them would mean
+the custodians' tool recomputing every page hash and comparing the whole content; refusing
+keeps what is signed equal to what is approved, at the cost of a feature most signing
+pipelines leave off (signtool only adds them with /ph).
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from asn1crypto import algos, cms, core, x509
 from signer.algorithms import Algorithm
 from signer.formats.base import Format, FormatError, Job
 
-MAX_REQUEST = 8 * 1024  # an extract-data file without page hashes is about 150 bytes
+MAX_REQUEST = 8 * 1024  # an extract-data file (no page hashes: refused) is about 150 bytes
 
 SPC_INDIRECT_DATA = "1.3.6.1.4.1.311.2.1.4"
 SPC_STATEMENT_TYPE = "1.3.6.1.4.1.311.2.1.11"
@@ -47,6 +56,10 @@ SUBJECTS = {
     "1.3.6.1.4.1.311.2.1.25": "cab",  # SPC_CAB_DATA
 }
 DIGESTS = {"sha256": 32}
+# SpcSerializedObject.classId of the page hashes (SPC_PE_IMAGE_PAGE_HASHES_V1/V2 inside it)
+PAGE_HASHES_CLASS_ID = bytes.fromhex("a6b586d5b4a12466ae05a217da8e60d6")
+NO_PAGE_HASHES = ("page hashes (extract-data -ph) are not supported: custodians approve the "
+                  "file's Authenticode digest, not its page hashes; extract without -ph")
 
 
 class AuthenticodeError(FormatError):
@@ -56,6 +69,28 @@ class AuthenticodeError(FormatError):
 class _TypeAndValue(core.Sequence):  # type: ignore[misc]  # asn1crypto: untyped
     _fields: ClassVar[list[Any]] = [("type", core.ObjectIdentifier),
                                     ("value", core.Any, {"optional": True})]
+
+
+class _SpcString(core.Choice):  # type: ignore[misc]  # asn1crypto: untyped
+    _alternatives: ClassVar[list[Any]] = [("unicode", core.BMPString, {"implicit": 0}),
+                                          ("ascii", core.IA5String, {"implicit": 1})]
+
+
+class _SpcSerializedObject(core.Sequence):  # type: ignore[misc]  # asn1crypto: untyped
+    _fields: ClassVar[list[Any]] = [("class_id", core.OctetString),
+                                    ("serialized_data", core.OctetString)]
+
+
+class _SpcLink(core.Choice):  # type: ignore[misc]  # asn1crypto: untyped
+    _alternatives: ClassVar[list[Any]] = [
+        ("url", core.IA5String, {"implicit": 0}),
+        ("moniker", _SpcSerializedObject, {"implicit": 1}),
+        ("file", _SpcString, {"explicit": 2})]
+
+
+class _SpcPeImageData(core.Sequence):  # type: ignore[misc]  # asn1crypto: untyped
+    _fields: ClassVar[list[Any]] = [("flags", core.BitString, {"optional": True}),
+                                    ("file", _SpcLink, {"explicit": 0, "optional": True})]
 
 
 class _DigestInfo(core.Sequence):  # type: ignore[misc]  # asn1crypto: untyped
@@ -127,6 +162,7 @@ def parse(request: bytes) -> Content:
         if subject is None:
             raise AuthenticodeError(f"subject type {spc['data']['type'].dotted} is not a PE "
                                     "image, SIP or cabinet")
+        _no_page_hashes(subject, spc["data"]["value"])
         alg = spc["message_digest"]["digest_algorithm"]
         name = alg["algorithm"].native
         if name not in DIGESTS:
@@ -144,6 +180,20 @@ def parse(request: bytes) -> Content:
         raise AuthenticodeError(f"not a well-formed Authenticode request: {exc}") from None
     return Content(der=SpcIndirectDataContent.load(spc.untag().dump()), subject=subject,
                    digest_algorithm=name, digest=digest)
+
+
+def _no_page_hashes(subject: str, value: core.Any) -> None:
+    """Refuse page hashes (see the module's docstring): a PE's SpcPeImageData may name its
+    file only as osslsigncode and signtool do without them (no moniker), and no subject's
+    data may hold the page hashes' class id anywhere."""
+    der = bytes(value.dump()) if isinstance(value, core.Any) else b""  # absent: core.Void
+    if PAGE_HASHES_CLASS_ID in der:
+        raise AuthenticodeError(NO_PAGE_HASHES)
+    if subject == "pe" and der:
+        data = _SpcPeImageData.load(der, strict=True)
+        link = data["file"]
+        if link.native is not None and link.name == "moniker":
+            raise AuthenticodeError(NO_PAGE_HASHES)
 
 
 def _attr(oid: str, value_der: bytes) -> cms.CMSAttribute:

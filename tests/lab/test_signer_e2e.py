@@ -91,6 +91,9 @@ def build(lab: LabState, target: Target, signing: tuple[Party, str]) -> Gateway:
         extra: list[str] | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
         who = client or signing[0]
+        if isinstance(command, str) and command.startswith("sign ") and data \
+                and "--size" not in command:
+            command += f" --size {len(data)}"  # as `signer submit` declares it (required)
         words = command if isinstance(command, list) else [command]
         argv = ["ssh", *_ssh_opts(lab, key or who.key), *(extra or []),
                 f"{target.account(who)}@{lab.vm_ipv4}", *words]

@@ -72,6 +72,8 @@ print(json.dumps(out))
 
 def _paramiko(lab: LabState, target: Target, client: Party, command: str, data: bytes = b"", *,
               kex: str = "") -> dict[str, Any]:
+    if command.startswith("sign ") and data and "--size" not in command:
+        command += f" --size {len(data)}"  # as `signer submit` declares it (required)
     argv = [str(PYTHON), "-c", CLIENT, lab.vm_ipv4, target.account(client), str(client.key),
             str(lab.state_dir / "known_hosts"), kex, command]
     r = lab.netns_run(str(client.netns_host), argv, input=data, timeout=120)

@@ -100,8 +100,12 @@ class Signer:
         return self.config.parent / "audit.jsonl"
 
     def gw(self, command: str | bytes, stdin: bytes = b"", client: str | None = "build1",
-           custodian: str | None = None) -> subprocess.CompletedProcess[bytes]:
-        return self.lab.gateway(self.config, command, stdin, client=client, custodian=custodian)
+           custodian: str | None = None, declare_size: bool = True
+           ) -> subprocess.CompletedProcess[bytes]:
+        """The gateway; a `sign` without `--size` declares the length of `stdin` (as `signer
+        submit` does) unless `declare_size=False`."""
+        return self.lab.gateway(self.config, command, stdin, client=client, custodian=custodian,
+                                declare_size=declare_size)
 
     def entries(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.audit_log.read_text().splitlines()]

@@ -234,13 +234,13 @@ def written(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[by
     return _lines(s.audit_log), lab.certs / "audit.pem"
 
 
-def _compare(tmp_path: Path, local: list[bytes], copy: list[bytes], cert: Path | None = None
-             ) -> compare.Result:
+def _compare(tmp_path: Path, local: list[bytes], copy: list[bytes], cert: Path | None = None,
+             **bounds: Any) -> compare.Result:
     (tmp_path / "audit.jsonl").write_bytes(b"".join(local))
     # what rsyslog's %msg% gives: the line, sometimes after a blank
     (tmp_path / "copy.log").write_bytes(b"".join(b" " + line for line in copy))
     spki = certs.load_public_key(cert) if cert else None
-    return compare.compare([tmp_path / "audit.jsonl"], tmp_path / "copy.log", spki)
+    return compare.compare([tmp_path / "audit.jsonl"], tmp_path / "copy.log", spki, **bounds)
 
 
 def _rechain(lines: list[bytes], start: int, **changes: Any) -> list[bytes]:
@@ -321,3 +321,104 @@ def test_compare_command_exit_codes_and_json(written: tuple[list[bytes], Path],
     r = run(tmp_path / "audit.jsonl", tmp_path / "missing.log")
     assert r.returncode == 2 and "missing.log" in r.stderr
     assert run(tmp_path / "audit.jsonl").returncode == 2
+
+
+def _run_compare(lab: Any, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "signer", "audit", "compare", *map(str, args)],
+                          capture_output=True, text=True, env=lab.env, check=False)
+
+
+@pytest.mark.control("AUD-04")
+def test_compare_an_empty_copy_is_a_finding_of_its_own(written: tuple[list[bytes], Path],
+                                                       tmp_path: Path, lab: Any) -> None:
+    """A collector that never received anything used to be "consistent, N in flight"."""
+    lines, cert = written
+    r = _compare(tmp_path, lines, [], cert)
+    assert r.kind == "empty-copy", r.text()
+    assert (r.exit_code, r.in_flight) == (3, len(lines)), r.text()
+    p = _run_compare(lab, tmp_path / "audit.jsonl", tmp_path / "copy.log", "--cert", cert)
+    assert p.returncode == 3 and p.stdout.startswith("FINDING empty-copy: "), p.stdout
+    # blank lines (a separator rsyslog writes) are no entries either
+    (tmp_path / "blank.log").write_bytes(b" \n\n")
+    assert _run_compare(lab, tmp_path / "audit.jsonl", tmp_path / "blank.log").returncode == 3
+
+
+@pytest.mark.control("AUD-04")
+def test_compare_a_copy_that_lags_beyond_a_bound_is_a_finding(written: tuple[list[bytes], Path],
+                                                              tmp_path: Path, lab: Any) -> None:
+    """In flight is consistent only within a bound, in entries and in seconds (the oldest
+    entry not yet in the copy, by its time): beyond it the collector has stopped receiving."""
+
+    lines, cert = written
+    copy = lines[:-3]
+    r = _compare(tmp_path, lines, copy, cert, max_lag=2)
+    assert (r.kind, r.exit_code, r.in_flight) == ("lagging", 4, 3), r.text()
+    assert r.first_seq == len(lines) - 3
+    assert _compare(tmp_path, lines, copy, cert, max_lag=3).consistent
+    written_at = audit.parse_time(json.loads(lines[-3])["time"])
+    late = _compare(tmp_path, lines, copy, cert, now=written_at + compare.DEFAULT_MAX_LAG_SECONDS
+                    + 1)
+    assert (late.kind, late.exit_code) == ("lagging", 4), late.text()
+    assert _compare(tmp_path, lines, copy, cert, now=written_at + 1).consistent
+    # a complete copy never lags, however old its entries
+    assert _compare(tmp_path, lines, lines, cert, now=written_at + 10**6).consistent
+    p = _run_compare(lab, tmp_path / "audit.jsonl", tmp_path / "copy.log", "--max-lag", "2")
+    assert p.returncode == 0, p.stdout  # the last _compare wrote the complete copy
+    (tmp_path / "copy.log").write_bytes(b"".join(copy))
+    p = _run_compare(lab, tmp_path / "audit.jsonl", tmp_path / "copy.log", "--max-lag", "2")
+    assert p.returncode == 4 and p.stdout.startswith("FINDING lagging: "), p.stdout
+    p = _run_compare(lab, tmp_path / "audit.jsonl", tmp_path / "copy.log", "--max-lag", "3",
+                     "--max-lag-seconds", "0")
+    assert p.returncode == 4, p.stdout  # the newest entries are older than 0 s
+    p = _run_compare(lab, tmp_path / "audit.jsonl", tmp_path / "copy.log", "--max-lag", "3")
+    assert p.returncode == 0, p.stdout
+
+
+@pytest.mark.control("AUD-04")
+def test_compare_a_host_log_without_its_oldest_segments_is_a_finding(
+        written: tuple[list[bytes], Path], tmp_path: Path, lab: Any) -> None:
+    """The host's log in segments; its oldest one deleted. What remains is a valid chain from
+    there on, and the copy holds all of it: the missing head is its own finding (5), unless
+    the reviewer says where the kept log starts (--from, for segments archived on purpose)."""
+    from signer import segments
+
+    lines, cert = written
+    active = tmp_path / "host" / "audit.jsonl"
+    active.parent.mkdir()
+    segments.closed_name(active, 0).write_bytes(b"".join(lines[:4]))
+    segments.closed_name(active, 4).write_bytes(b"".join(lines[4:8]))
+    active.write_bytes(b"".join(lines[8:]))
+    (tmp_path / "copy.log").write_bytes(b"".join(lines))
+    spki = certs.load_public_key(cert)
+    assert compare.compare([active], tmp_path / "copy.log", spki).consistent
+    segments.closed_name(active, 0).unlink()
+    r = compare.compare([active], tmp_path / "copy.log", spki)
+    assert r.kind == "local-head-missing", r.text()
+    assert (r.exit_code, r.first_seq, r.local_first) == (5, 0, 4), r.text()
+    assert "--from 4" in r.message
+    assert compare.compare([active], tmp_path / "copy.log", spki, since=4).consistent
+    p = _run_compare(lab, active, tmp_path / "copy.log", "--cert", cert)
+    assert p.returncode == 5 and p.stdout.startswith("FINDING local-head-missing: "), p.stdout
+    assert _run_compare(lab, active, tmp_path / "copy.log", "--from", "4").returncode == 0
+
+
+@pytest.mark.control("AUD-04")
+def test_compare_names_the_hosts_rewrite_in_place_not_transport_damage(
+        written: tuple[list[bytes], Path], tmp_path: Path) -> None:
+    """Root rewrites the host's log in place while the forwarder runs: the forwarder goes on
+    from its saved offset in the middle of a rewritten line, and the collector gets a cut
+    line after the entries it already had. The finding is the host's rewrite at its first
+    seq; it used to be "damaged" (in transport) at the cut line."""
+    lines, cert = written
+    k = len(lines) - 6
+    local = _rechain(lines, k, name="innocent.bin")
+    first = next(i for i in range(k, len(lines)) if local[i] != lines[i])
+    received = len(lines) - 2  # what the forwarder had sent before the rewrite
+    cut = local[received][len(local[received]) // 2:]  # read on from its offset, mid-line
+    r = _compare(tmp_path, local, [*lines[:received], cut], cert)
+    assert (r.kind, r.first_seq) == ("rewritten", first), r.text()
+    assert r.exit_code == 1
+    assert "rewritten on the host" in r.message and "damaged too" in r.message, r.message
+    # the same cut line with nothing rewritten is damage in transport
+    r = _compare(tmp_path, lines, [*lines[:received], lines[received][5:]], cert)
+    assert r.kind == "damaged", r.text()

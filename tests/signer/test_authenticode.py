@@ -131,6 +131,7 @@ def flip(path: Path, offset: int) -> Path:
 
 def extract(path: Path, *args: str) -> bytes:
     req = path.with_name(path.name + ".req")
+    req.unlink(missing_ok=True)  # osslsigncode does not write over a file
     subprocess.run(["osslsigncode", "extract-data", *args, "-in", str(path), "-out", str(req)],
                    capture_output=True, check=True)
     return req.read_bytes()
@@ -276,6 +277,33 @@ def test_malformed_authenticode_requests_are_refused_and_logged(
     deny = win.signer.events("deny")[-1]
     assert deny["client"] == "build1" and deny["profile"] == "win"
     assert problem in deny["reason"] or deny["reason"].endswith("request too large")
+
+
+@pytest.mark.control("SGN-04", "SGN-10")
+def test_requests_with_page_hashes_are_refused_before_signing(win: Win, tmp_path: Path) -> None:
+    """Page hashes sit in the signed content beside the file's digest, and nothing a custodian
+    runs recomputes them: a request with the approved file's digest and another file's page
+    hashes used to be signed. Any request with page hashes is refused (65, a `deny`), its own
+    file's too; the same file without them is signed."""
+    exe = write_pe(tmp_path / "app.exe", 20_000)
+    other = write_pe(tmp_path / "other.exe", 20_000)
+    plain = extract(exe, "-h", "sha256")
+    digest = authenticode.parse(plain).digest
+    own = extract(exe, "-ph", "-h", "sha256")
+    theirs = extract(other, "-ph", "-h", "sha256")
+    spliced = theirs.replace(authenticode.parse(extract(other, "-h", "sha256")).digest, digest)
+    assert spliced != own and len(spliced) == len(own)
+    before = len(win.signer.events("sign"))
+    for body in (spliced, own):
+        r = win.signer.gw("sign --profile win --format authenticode --name app.exe", body)
+        assert r.returncode == 65
+        assert "page hashes (extract-data -ph) are not supported" in one_line_error(r)
+        deny = win.signer.events("deny")[-1]
+        assert deny["profile"] == "win" and "page hashes" in deny["reason"], deny
+    assert len(win.signer.events("sign")) == before
+    r = win.signer.gw("sign --profile win --format authenticode --name app.exe", plain)
+    assert r.returncode == 0, r.stderr
+    assert win.signer.events("sign")[-1]["authenticode"] == "sha256:" + digest.hex()
 
 
 def test_a_well_formed_synthetic_request_is_signed(win: Win) -> None:

@@ -107,6 +107,47 @@ def test_config_errors_name_file_key_and_problem(changes: dict[str, dict[str, ob
     assert "\n" not in message
 
 
+def rsa_key_lines() -> tuple[str, str]:
+    """One RSA key as two OpenSSH lines that differ in text: the second writes the public
+    exponent with a leading zero byte, which OpenSSH (sshd, ssh-keygen) reads as the same key."""
+    import base64
+    import struct
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(65537, 2048).public_key()
+    line = key.public_bytes(serialization.Encoding.OpenSSH,
+                            serialization.PublicFormat.OpenSSH).decode()
+    blob = base64.b64decode(line.split()[1])
+    fields = []
+    while blob:
+        (n,), blob = struct.unpack(">I", blob[:4]), blob[4:]
+        fields.append(blob[:n])
+        blob = blob[n:]
+    kind, e, n = fields
+    other = b"".join(struct.pack(">I", len(x)) + x for x in (kind, b"\0" + e, n))
+    return line, f"ssh-rsa {base64.b64encode(other).decode()}"
+
+
+def test_one_key_in_two_encodings_is_one_key() -> None:
+    """Two custodians whose lines differ only in how the key is encoded hold one key: one
+    person could meet a 2-of-N alone. `config check` compares the keys, not the text."""
+    line, again = rsa_key_lines()
+    assert line.split()[1] != again.split()[1]
+    with pytest.raises(SignerError) as exc:
+        parse(custodians__bob={"ssh_key": line + " bob"},
+              custodians__carol={"ssh_key": again + " carol"})
+    assert exc.value.message == ("/etc/signer/signer.toml: custodians.carol.ssh_key: the same "
+                                 "key as custodians.bob")
+    with pytest.raises(SignerError, match=r"the same key as clients\.build1"):
+        parse(clients__build1={"ssh_key": again}, custodians__bob={"ssh_key": line})
+    assert config.key_identity(line) == config.key_identity(again + " comment")
+    other = rsa_key_lines()[0]
+    assert config.key_identity(other) != config.key_identity(line)
+    parse(custodians__bob={"ssh_key": line + " bob"}, custodians__carol={"ssh_key": other})
+
+
 def test_syntax_error_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text("[daemon\nsocket = 1\n")

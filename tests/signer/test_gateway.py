@@ -8,6 +8,7 @@ import pwd
 import re
 import shlex
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -73,7 +74,7 @@ def test_daemon_not_running_is_one_line_unavailable(make_signer: MakeSigner) -> 
     ("sign --profile dev", {"client": None, "custodian": "build1"}, 77, "unknown custodian"),
 ])
 def test_policy_refusals_are_one_line_and_audited(shared: Signer, command: str,
-                                                 kwargs: dict[str, str], code: int,
+                                                 kwargs: dict[str, Any], code: int,
                                                  text: str) -> None:
     before = len(shared.events("deny"))
     r = shared.gw(command, b"artifact", **kwargs)
@@ -181,8 +182,8 @@ def test_parsed_sign_requests_only_carry_clean_values(tokens: list[str], name: s
 
 
 def test_timestamped_is_a_flag_that_reaches_the_daemon_only_when_given() -> None:
-    plain = request.parse(b"sign --profile dev --format cms")
-    stamped = request.parse(b"sign --profile dev --timestamped --format cms")
+    plain = request.parse(b"sign --profile dev --format cms --size 5")
+    stamped = request.parse(b"sign --profile dev --timestamped --format cms --size 5")
     assert isinstance(plain, request.Sign) and isinstance(stamped, request.Sign)
     assert (plain.timestamped, stamped.timestamped) == (False, True)
     assert "timestamped" not in request.to_wire(plain)  # older daemons understand it
@@ -194,7 +195,7 @@ def test_timestamped_is_a_flag_that_reaches_the_daemon_only_when_given() -> None
             request.parse(bad)
     with pytest.raises(request.ParseError, match="bad timestamped"):
         request.from_wire({"cmd": "sign", "profile": "dev", "format": "cms", "name": "",
-                           "timestamped": 1})
+                           "size": 5, "timestamped": 1})
 
 
 def test_unknown_wire_fields_and_bad_values_are_refused_by_the_daemon_side() -> None:
@@ -211,7 +212,7 @@ def test_gateway_reads_only_the_socket_from_the_config(shared: Signer, tmp_path:
     line too."""
     bad = tmp_path / "bad.toml"
     bad.write_text("[daemon\n")
-    env = {"SSH_ORIGINAL_COMMAND": "sign --profile dev"}
+    env = {"SSH_ORIGINAL_COMMAND": "sign --profile dev --size 4"}
     r = shared.lab.signer("gateway", "--client", "build1", "--config", bad, env=env)
     assert r.returncode == 78
     one_line_error(r)
@@ -229,7 +230,7 @@ def test_daemon_dying_mid_upload_leaves_stdout_empty(make_signer: MakeSigner) ->
 
     s: Signer = make_signer(profile_overrides={"dev": {"max_size": 1 << 30}})
     env = dict(s.lab.env)
-    env["SSH_ORIGINAL_COMMAND"] = "sign --profile dev --format raw"
+    env["SSH_ORIGINAL_COMMAND"] = f"sign --profile dev --format raw --size {1 << 30}"
     gw = subprocess.Popen([sys.executable, "-m", "signer", "gateway", "--client", "build1",
                            "--config", str(s.config)], stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -280,6 +281,33 @@ def test_a_stream_shorter_than_its_declared_size_is_not_signed(signer: Signer, s
 
 
 @pytest.mark.control("SGN-07")
+def test_a_sign_without_a_declared_size_is_refused_and_a_cut_stream_never_signs(
+        signer: Signer) -> None:
+    """An SSH connection cut while the artifact streams ends stdin early: without a declared
+    size the prefix looked like a whole artifact and was signed and logged. `sign` now needs
+    `--size` (the gateway says how), and the daemon refuses a header without it (a gateway
+    that does not send it)."""
+    import io
+
+    from signer import gateway, wire
+
+    prefix = os.urandom(300_000)[:150_000]  # what arrived before the cut
+    r = signer.gw("sign --profile dev --format raw", prefix, declare_size=False)
+    assert r.returncode == 64
+    message = one_line_error(r)
+    assert "--size BYTES is required" in message and "stat -c %s FILE" in message, message
+    header = {"v": wire.VERSION, "role": "client", "caller": "build1", "cmd": "sign",
+              "profile": "dev", "format": "raw", "name": ""}
+    with gateway.connect(signer.socket) as sock:
+        code, message, out = gateway.exchange(sock, header, io.BytesIO(prefix), None)
+    assert (code, out) == (64, b"") and "--size" in message, message
+    assert signer.events("sign") == []
+    r = signer.gw("sign --profile dev --format raw", prefix)  # declared: signed
+    assert r.returncode == 0, r.stderr
+    assert [e["size"] for e in signer.events("sign")] == [len(prefix)]
+
+
+@pytest.mark.control("SGN-07")
 def test_custodians_are_heard_while_build_clients_hold_every_slot(make_signer: MakeSigner) -> None:
     """Slow build-client sessions (a valid header, then one byte a second) as many as the
     daemon lets in and more, plus silent connections that never send a header: while all of
@@ -301,7 +329,8 @@ def test_custodians_are_heard_while_build_clients_hold_every_slot(make_signer: M
         held.append(sock)
         f = sock.makefile("rb")
         sock.sendall(wire.line({"v": wire.VERSION, "role": "client", "caller": client,
-                                "cmd": "sign", "profile": "dev", "format": "raw", "name": ""}))
+                                "cmd": "sign", "profile": "dev", "format": "raw", "name": "",
+                                "size": 1000}))
         if wire.read_line(f).get("continue") is not True:
             return  # refused at once (busy): that is the point
         trickling.append(threading.current_thread())
@@ -335,6 +364,105 @@ def test_custodians_are_heard_while_build_clients_hold_every_slot(make_signer: M
         for sock in held:
             sock.close()
     assert signer.events("freeze")[-1]["custodian"] == "alice"
+
+
+# A build client's account holding connections: N of them, each with a header begun and never
+# finished; prints how many it opened, then holds them until its stdin closes. (The system's
+# python: the test's virtual environment may not be readable by the flooding accounts.)
+_HOLD = """
+import socket, sys
+held = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    s.sendall(b'{"v": 1, "role": "client", "caller": "build1"')
+    held.append(s)
+print(len(held), flush=True)
+sys.stdin.read()
+"""
+# One more connection from another account: what the daemon answers at once (if anything).
+_PROBE = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.settimeout(2.0)
+try:
+    print(s.recv(4096).decode(errors="replace"))
+except TimeoutError:
+    print("no answer")
+"""
+
+
+@pytest.mark.control("SGN-07")
+def test_custodians_are_heard_while_client_accounts_hold_every_connection(
+        make_signer: MakeSigner) -> None:
+    """Four build client accounts with 64 connections each (headers never finished): every
+    connection the daemon lets clients have, as a fifth account's refusal shows. A custodian
+    bound to an account of their own (`account`) still has `freeze` answered in under 2 s,
+    and `thaw`, `unlock` and `requests` too: their connections are in a lane of their own that
+    SO_PEERCRED tells apart at accept. Before, the custodian got 69 "too many connections"."""
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+
+    from signer import daemon
+
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    assert python is not None
+    flooders = [pwd.getpwnam(a).pw_uid for a in ("daemon", "bin", "sys", "sync")]
+    outsider = pwd.getpwnam("games").pw_uid
+    assert len(flooders) * daemon.MAX_PER_UID == daemon.MAX_CONNECTIONS
+    # The socket where those accounts can reach it: a directory they may search, the socket's
+    # group (0660, root's group) theirs for this test.
+    where = Path(tempfile.mkdtemp(prefix="signer-flood-", dir="/tmp"))
+    where.chmod(0o755)
+    sock = where / "signer.sock"
+    me = pwd.getpwuid(os.getuid()).pw_name
+    signer: Signer = make_signer(accounts={"alice": me}, socket=str(sock))
+    holders: list[subprocess.Popen[str]] = []
+    try:
+        for uid in flooders:
+            holders.append(subprocess.Popen(
+                [python, "-I", "-c", _HOLD, str(sock), str(daemon.MAX_PER_UID)],
+                user=uid, group=0, extra_groups=[], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/"))
+        for h in holders:
+            assert h.stdout is not None
+            assert h.stdout.readline().strip() == str(daemon.MAX_PER_UID), h.stderr
+        started = time.monotonic()
+
+        def probe() -> str:
+            r = subprocess.run([python, "-I", "-c", _PROBE, str(sock)], user=outsider,
+                               group=0, extra_groups=[], capture_output=True, text=True,
+                               timeout=30, cwd="/")
+            return r.stdout + r.stderr
+
+        assert "too many connections" in probe()  # the clients hold every connection
+        t0 = time.monotonic()
+        r = signer.lab.gateway(signer.config, "freeze dev", client=None, custodian="alice",
+                               timeout=30)
+        took = time.monotonic() - t0
+        assert r.returncode == 0, r.stderr
+        assert took < 2.0, f"freeze took {took:.2f} s under the flood"
+        for command, stdin in (("requests", b""), ("unlock", b"not-needed\n"),
+                               ("thaw dev", b"")):
+            r = signer.lab.gateway(signer.config, command, stdin, client=None,
+                                   custodian="alice", timeout=30)
+            assert r.returncode == 0, (command, r.stderr)
+        assert "too many connections" in probe()  # the flood held all along
+        assert all(h.poll() is None for h in holders)
+        assert time.monotonic() - started < daemon.HEADER_TIMEOUT, "flood reaped: too slow"
+    finally:
+        for h in holders:
+            h.kill()
+            h.wait()
+        signer.stop()
+        shutil.rmtree(where, ignore_errors=True)
+    assert [(e["event"], e["custodian"]) for e in signer.entries()
+            if e["event"] in ("freeze", "thaw")] == [("freeze", "alice"), ("thaw", "alice")]
+    print(f"custodian freeze under a flood of {daemon.MAX_CONNECTIONS} connections: "
+          f"{took * 1000:.0f} ms")
 
 
 @pytest.mark.parametrize("text", [
@@ -382,7 +510,8 @@ def _loaded_by(argv: list[str], command: str) -> set[str]:
     return set(r.stdout.split())
 
 
-@pytest.mark.parametrize("command", ["status " + "0" * 32, "sign --profile dev --name a.exe",
+@pytest.mark.parametrize("command", ["status " + "0" * 32,
+                                     "sign --profile dev --name a.exe --size 10",
                                      "sign --profile dev --size 10 --format raw"])
 def test_the_forced_command_starts_without_the_heavy_imports(command: str) -> None:
     """What the forced command the role writes imports to answer one request (start-up is

@@ -128,7 +128,7 @@ def test_oversize_stream_is_cut_off_early(shared: Signer) -> None:
 
 @pytest.mark.control("SGN-07")
 def test_empty_artifact_is_refused(shared: Signer) -> None:
-    r = shared.gw("sign --profile dev", b"")
+    r = shared.gw("sign --profile dev --size 0", b"")  # as `signer submit` declares it
     assert r.returncode == 65
     assert "empty artifact" in one_line_error(r)
 

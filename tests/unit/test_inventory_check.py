@@ -122,6 +122,20 @@ def test_one_custodian_key_under_two_names(good: dict[str, Any], tmp_path: Path,
     ]
 
 
+def test_one_custodian_key_in_another_encoding_under_two_names(good: dict[str, Any],
+                                                               tmp_path: Path) -> None:
+    """The same RSA key, its exponent written with a leading zero byte under the second name:
+    ssh-keygen reads both lines as one key, so they are one key holder."""
+    from tests.signer.test_config import rsa_key_lines
+
+    line, again = rsa_key_lines()
+    good["signer_custodians"][0]["ssh_key"] = line + " alice@test"
+    good["signer_custodians"][1]["ssh_key"] = again + " bob@test"
+    assert _problems(tmp_path, good) == [
+        "signer_custodians: one SSH key under 2 names: custodian alice, custodian bob"
+    ]
+
+
 def test_a_custodian_holding_the_build_key(good: dict[str, Any], tmp_path: Path,
                                           keys: dict[str, str]) -> None:
     good["signer_custodians"][1]["ssh_key"] = keys["build"]

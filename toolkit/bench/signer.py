@@ -112,7 +112,8 @@ with tok.open(user_pin=open({str(lab.pin_file)!r}).read().strip()) as s:
 
 def _gateway_hash(lab: Lab, config: Path, artifact: Path) -> tuple[float, int, int]:
     """(seconds, exit code, gateway peak RSS in KiB) for one artifact through the gateway."""
-    env = {**lab.env, "SSH_ORIGINAL_COMMAND": "sign --profile ec --format raw"}
+    env = {**lab.env, "SSH_ORIGINAL_COMMAND":
+           f"sign --profile ec --format raw --size {artifact.stat().st_size}"}
     with artifact.open("rb") as f:
         start = time.monotonic()
         proc = subprocess.Popen([sys.executable, "-m", "signer", "gateway", "--client",
@@ -337,7 +338,7 @@ def gateway_start_figures(lab: Lab, config: Path, seconds: float) -> dict[str, A
     Both run with -S: a checkout's editable install hooks a finder into site that imports
     pathlib and more, which a host's wheel-installed venv does not have."""
     env = {k: v for k, v in lab.env.items() if k != "SOFTHSM2_CONF"}
-    env["SSH_ORIGINAL_COMMAND"] = "sign --profile ec --format raw"
+    env["SSH_ORIGINAL_COMMAND"] = "sign --profile ec --format raw --size 8"  # b"artifact"
     forms = {
         "forced_command": forced_command(["--client", "build1"], Lab.socket_of(config), "-S"),
         "cli_with_config": [sys.executable, "-S", "-m", "signer", "gateway", "--client",

@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 from invoke.exceptions import Exit
 
-from signer.config import NAME_RE, SSH_KEY_RE
+from signer.config import NAME_RE, SSH_KEY_RE, key_identity
 from toolkit import exitcodes
 from toolkit.runner import hostvars
 
@@ -334,7 +334,8 @@ def cross_rules(clients: Any, custodians: Any, profiles: Any) -> list[str]:
                          for p in _authorized_keys_rule("from_problems")(d.get("from"))]
 
     # One key, one person: a custodian whose key another custodian (or a build client) also
-    # holds is not an independent approval.
+    # holds is not an independent approval. Compared as keys (the signer's own rule), not as
+    # text: the same key in another encoding is the same key to sshd.
     owners: dict[str, list[str]] = {}
     for var, items in (("signer_clients", client_list), ("signer_custodians", custodian_list)):
         for d in items:
@@ -343,7 +344,7 @@ def cross_rules(clients: Any, custodians: Any, profiles: Any) -> list[str]:
             if (why := key_problem(key)) is not None:
                 problems.append(f"{where}: {why}")
                 continue
-            owners.setdefault(_key_blob(str(key)), []).append(
+            owners.setdefault(key_identity(_key_blob(str(key))), []).append(
                 f"{'client' if var == 'signer_clients' else 'custodian'} {d.get('name')}"
             )
     for who in owners.values():
