@@ -4,6 +4,7 @@ verify, roll-back without the key, the clock, and the memory a compressed segmen
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from signer import audit, certs
-from tests.signer.conftest import MakeSigner, Signer
+from tests.signer.conftest import MakeSigner, Signer, until
 from tests.signer.test_approvals import _append_forged, approve, queue
 from tests.signer.test_audit import _rehash
 from toolkit.local_signer import Lab
@@ -267,3 +268,83 @@ def test_a_compressed_segment_costs_bounded_memory_at_start(lab: Lab, tmp_path: 
     finally:
         tracemalloc.stop()
     assert peak < 4 * 1024 * 1024, f"{peak / 2**20:.1f} MiB"
+
+
+# --- time (point 7) ---------------------------------------------------------------------------
+
+# The real daemon, with its wall clock (time.time) stepped by the seconds in a side file: what
+# an administrator's `date -s`, or a bad NTP source, does to a running service.
+_STEPPED_CLOCK = """
+import sys, time
+from pathlib import Path
+real, step = time.time, Path(sys.argv[1])
+def stepped():
+    try:
+        return real() + float(step.read_text())
+    except (OSError, ValueError):
+        return real()
+time.time = stepped
+from signer.cli import main
+sys.exit(main(["serve", "--config", sys.argv[2]]))
+"""
+
+
+def _start_stepped(s: Signer) -> Path:
+    step = s.config.parent / "clock-step"
+    s.lab.stop(s.config)
+    with (s.config.parent / "daemon.log").open("ab") as log:
+        s.lab.daemons[s.config] = subprocess.Popen(
+            [sys.executable, "-c", _STEPPED_CLOCK, str(step), str(s.config)], env=s.lab.env,
+            stderr=log, stdout=subprocess.DEVNULL)
+    s.lab.wait_ready(s.config)
+    return step
+
+
+def _state(s: Signer, rid: str) -> str:
+    r = s.gw(f"status {rid}")
+    assert r.returncode == 0, r.stderr
+    return str(json.loads(r.stdout)["state"])
+
+
+@pytest.mark.control("SGN-03")
+def test_stepping_the_clock_forward_does_not_widen_a_budget(make_signer: MakeSigner) -> None:
+    """`small` allows 3 signatures per hour: two hours later by the wall clock, within the
+    same run, the first three still count."""
+    s: Signer = make_signer(start=False)
+    step = _start_stepped(s)
+    for i in range(3):
+        assert s.gw("sign --profile small --format raw", b"b%d" % i).returncode == 0
+    step.write_text("7200")
+    r = s.gw("sign --profile small --format raw", b"b3")
+    assert r.returncode == 77 and b"budget" in r.stderr, r.stderr
+
+
+@pytest.mark.control("SGN-04")
+def test_stepping_the_clock_back_does_not_reopen_an_expired_request(
+        make_signer: MakeSigner) -> None:
+    """A request that expired stays expired when the wall clock is set back an hour."""
+    s: Signer = make_signer(start=False, profile_overrides={"release": {"request_ttl": 1}})
+    step = _start_stepped(s)
+    rid = queue(s, b"expires")
+    until(lambda: _state(s, rid) == "expired", timeout=10)
+    step.write_text("-3600")
+    assert _state(s, rid) == "expired"
+    assert s.gw(f"fetch {rid}").returncode == 77
+
+
+@pytest.mark.control("SGN-04")
+def test_a_start_with_the_clock_before_the_log_reopens_nothing(
+        make_signer: MakeSigner) -> None:
+    """Restarted with the wall clock an hour before the log's last entry: noted in the start
+    entry, the expired request stays expired, and the log's times never go back."""
+    s: Signer = make_signer(profile_overrides={"release": {"request_ttl": 1}})
+    rid = queue(s, b"expires")
+    until(lambda: _state(s, rid) == "expired", timeout=10)
+    s.stop()
+    (s.config.parent / "clock-step").write_text("-3600")
+    _start_stepped(s)
+    assert _state(s, rid) == "expired"
+    note = s.events("start")[-1]["note"]
+    assert "is earlier than the log's last entry" in note, note
+    entries = s.entries()
+    assert all(a["time"] <= b["time"] for a, b in itertools.pairwise(entries))
