@@ -138,7 +138,8 @@ class Daemon:
         except audit.ChainError as exc:
             raise SignerError(Exit.IOERR, f"audit log {d.audit_log} is broken at {exc.where}: "
                               f"{exc.reason}. Keep it for the investigation (`signer audit "
-                              "verify`), move it aside and start again") from None
+                              "verify`), move it aside with the state directory's "
+                              "checkpoints/ and start again") from None
         except OSError as exc:
             raise SignerError(Exit.IOERR, f"cannot read audit log {d.audit_log}: "
                               f"{exc.strerror}") from None
