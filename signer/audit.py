@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import threading
+import time as _time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,14 +38,22 @@ log = logging.getLogger("signerd")
 
 GENESIS = "0" * 64
 EVENTS = frozenset({"start", "stop", "sign", "deny", "queue", "approve", "unlock", "freeze", "thaw",
-                    "residency-failure", "budget-exceeded", "checkpoint", "cancel", "reject"})
+                    "residency-failure", "budget-exceeded", "checkpoint", "cancel", "reject",
+                    "adopt"})
 MAX_LINE = 64 * 1024
 # A flush holding one of these ends with a checkpoint: the audit key vouches for it at once.
 CLOSE_WITH_CHECKPOINT = frozenset({"sign", "queue", "approve", "freeze", "thaw",
-                                   "budget-exceeded", "unlock", "cancel", "reject"})
+                                   "budget-exceeded", "unlock", "cancel", "reject", "adopt"})
 # Never written unless that checkpoint can be made: a signature is not released, a request
-# not queued, a profile not thawed on the word of a log the audit key does not vouch for.
-NEEDS_PROOF = frozenset({"sign", "queue", "thaw"})
+# not queued, a profile not thawed, a range not adopted on the word of a log the audit key
+# does not vouch for.
+NEEDS_PROOF = frozenset({"sign", "queue", "thaw", "adopt"})
+# A flush holding one of these is followed by a state checkpoint (its snapshot kept): losing
+# one of them is what a roll-back of the log is for, and a snapshot newer than the log's last
+# state checkpoint is how start-up sees that the log was cut (`check_snapshots`). They are
+# custodians' actions and rare; a signature (budget use) is not among them (the cost would be
+# a snapshot per signature): a cut can undo at most `interval` entries' budget use.
+KEEP_STATE_AFTER = frozenset({"freeze", "budget-exceeded", "cancel", "reject"})
 
 
 class ChainError(Exception):
@@ -109,6 +118,10 @@ class Verifier:
     last_event: str | None = None
     checkpoints: int = 0
     last_checkpoint: int | None = None
+    # (first, last, checkpoint seq): ranges a checkpoint says its daemon adopted unverified
+    unverified: list[tuple[int, int, int]] = field(default_factory=list)
+    # (first, last, operator, seq of the adopt entry): ranges an operator adopted after review
+    adoptions: list[tuple[int, int, str, int]] = field(default_factory=list)
 
     def feed(self, line: bytes) -> dict[str, Any]:
         expected = self.seq + 1
@@ -147,8 +160,21 @@ class Verifier:
             raise ChainError(seq, f"unknown event {event!r}")
         if event == "checkpoint":
             self._checkpoint(entry)
+            span = seq_range(entry.get("unverified"))
+            if span is not None:
+                self.unverified.append((*span, seq))
+        elif event == "adopt":
+            span = seq_range([entry.get("first"), entry.get("last")])
+            if span is not None:
+                self.adoptions.append((*span, str(entry.get("operator")), seq))
         self.seq, self.last_hash, self.last_event = seq, claimed, event
         return entry
+
+    def unreviewed(self) -> list[tuple[int, int, int]]:
+        """Ranges adopted unverified that no operator adopted since (by a vouched entry)."""
+        done = {(a, b) for a, b, _who, at in self.adoptions
+                if self.last_checkpoint is not None and at < self.last_checkpoint}
+        return [u for u in self.unverified if (u[0], u[1]) not in done]
 
     def _checkpoint(self, entry: dict[str, Any]) -> None:
         seq = entry["seq"]
@@ -161,6 +187,15 @@ class Verifier:
                 raise ChainError(seq, "checkpoint signature does not verify with the audit key")
         self.checkpoints += 1
         self.last_checkpoint = seq
+
+
+def seq_range(value: Any) -> tuple[int, int] | None:
+    """[first, last] as written in a checkpoint or an adopt entry; None if not one."""
+    if (isinstance(value, list) and len(value) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+            and 0 <= value[0] <= value[1]):
+        return value[0], value[1]
+    return None
 
 
 def read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -183,6 +218,8 @@ class Scan:
     state_seq: int | None = None  # start-up began at the state of this checkpoint
     replayed: int = 0  # entries read and checked at start (the cost of the start-up)
     tail: list[dict[str, Any]] = field(default_factory=list)  # entries after it: unproven
+    checkpoint: dict[str, Any] | None = None  # the last checkpoint (its `interval`)
+    last_time: str | None = None  # `time` of the last entry read
 
 
 def snapshot_path(snapshots: Path, seq: int) -> Path:
@@ -195,29 +232,81 @@ def _is_state_checkpoint(line: bytes) -> bool:
 
 
 def _last_state_checkpoint(segs: list[segments.Segment], snapshots: Path
-                           ) -> tuple[int, int, bytes, bytes] | None:
+                           ) -> tuple[int, int, bytes, bytes, bytes | None] | None:
     """The last checkpoint that carries a state digest and whose snapshot file is there:
-    (segment index, offset after it, its line, the snapshot). Read from the end backwards
-    (a compressed segment forwards: it holds at most one segment's worth), so the cost is
-    what follows that checkpoint, whatever the length of the history before it."""
+    (segment index, offset after it, its line, the snapshot, the line before it in the log,
+    None when it is the first). Read from the end backwards (a compressed segment forwards,
+    as a stream: gzip cannot be read backwards), so the cost is what follows that checkpoint,
+    whatever the length of the history before it.
+
+    Memory is bounded by a few lines whatever the segment holds: a compressed segment is read
+    line by line keeping only the last candidate (a list of every state checkpoint in it,
+    as before, cost 15 MiB for a 52 KB `.gz` of repeated checkpoint lines)."""
     for idx in range(len(segs) - 1, -1, -1):
         seg = segs[idx]
         if seg.compressed:
-            found = [(off, line) for off, line in segments.lines(seg, 0, MAX_LINE + 1)
-                     if _is_state_checkpoint(line)]
-            candidates: Iterator[tuple[int, bytes]] = iter(reversed(found))
-        else:
-            candidates = segments.reverse_lines(seg.path, seg.path.stat().st_size)
-        for off, line in candidates:
-            if not _is_state_checkpoint(line):
+            best: tuple[int, bytes, bytes, bytes | None] | None = None
+            before: bytes | None = None
+            for off, line in segments.lines(seg, 0, MAX_LINE + 1):
+                data = _snapshot_of(line, snapshots)
+                if data is not None:
+                    best = off, line, data, before
+                before = line
+            if best is None:
                 continue
-            try:
-                seq = json.loads(line)["seq"]
-                data = snapshot_path(snapshots, int(seq)).read_bytes()
-            except (ValueError, KeyError, TypeError, OSError):
-                continue  # no snapshot kept for it (or not an entry): an earlier one
-            return idx, off, line, data
+            off, line, data, before = best
+            return idx, off, line, data, before if before is not None else _last_line(segs, idx)
+        found: tuple[int, bytes, bytes] | None = None
+        for off, line in segments.reverse_lines(seg.path, seg.path.stat().st_size):
+            if found is not None:
+                return idx, *found, line
+            data = _snapshot_of(line, snapshots)
+            if data is not None:
+                found = off, line, data
+        if found is not None:
+            return idx, *found, _last_line(segs, idx)
     return None
+
+
+def _last_line(segs: list[segments.Segment], idx: int) -> bytes | None:
+    """The last line of the segments before `idx` (None: there is none)."""
+    for k in range(idx - 1, -1, -1):
+        seg = segs[k]
+        if seg.compressed:
+            last = None
+            for _off, line in segments.lines(seg, 0, MAX_LINE + 1):
+                last = line
+        else:
+            last = next((line for _off, line in
+                         segments.reverse_lines(seg.path, seg.path.stat().st_size)), None)
+        if last is not None:
+            return last
+    return None
+
+
+def _follows(before: bytes | None, checkpoint: Mapping[str, Any]) -> bool:
+    """Whether the line before a checkpoint in the file is the entry its `prev` names: an
+    earlier checkpoint copied to the end of the log (its snapshot still kept) is not."""
+    if before is None:
+        return checkpoint.get("seq") == 0
+    try:
+        entry = json.loads(before)
+        claimed = entry.pop("hash")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return bool(claimed == checkpoint.get("prev") == hashlib.sha256(canonical(entry)).hexdigest()
+                and entry.get("seq") == checkpoint.get("seq", 0) - 1)
+
+
+def _snapshot_of(line: bytes, snapshots: Path) -> bytes | None:
+    """The snapshot kept for a state checkpoint line; None for any other line, or when no
+    snapshot is kept for it (an earlier one is looked for)."""
+    if not _is_state_checkpoint(line):
+        return None
+    try:
+        return snapshot_path(snapshots, int(json.loads(line)["seq"])).read_bytes()
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
 
 
 def _first_seq(seg: segments.Segment) -> int | None:
@@ -230,7 +319,8 @@ def _first_seq(seg: segments.Segment) -> int | None:
     return None
 
 
-def scan(path: Path, on_entry: Callable[[dict[str, Any]], None], spki: bytes | None = None,
+def scan(path: Path, on_entry: Callable[[dict[str, Any], bool], None],
+         spki: bytes | None = None,
          snapshots: Path | None = None, restore: Callable[[bytes], None] | None = None
          ) -> Scan:
     """Verify the chain of an existing log (all its segments; none is an empty log) and
@@ -242,10 +332,13 @@ def scan(path: Path, on_entry: Callable[[dict[str, Any]], None], spki: bytes | N
     raises like any other damage (cutting there would drop every later entry).
 
     Anyone who can write the file can recompute the chain, so only what a checkpoint vouches
-    for is replayed through `on_entry`; with the audit key (`spki`) the last checkpoint is
-    verified (through the chain it vouches for every entry before it; one that does not
-    verify is tampering and raises). The entries after it are returned in `tail`, not
-    replayed: the caller decides what, if anything, to believe of them.
+    for is replayed through `on_entry` (with False for the entries that checkpoint says its
+    daemon adopted unverified, `unverified`: the caller believes of those what it believed
+    then, never more, whether it starts from a snapshot or replays further back); with the
+    audit key (`spki`) the last checkpoint is verified (through the chain it vouches for
+    every entry before it; one that does not verify is tampering and raises). The entries
+    after it are returned in `tail`, not replayed: the caller decides what, if anything, to
+    believe of them.
 
     With `snapshots` (and the key), start-up begins at the last checkpoint that carries a
     state digest: its signature is verified, the snapshot kept for it must have that digest
@@ -260,12 +353,16 @@ def scan(path: Path, on_entry: Callable[[dict[str, Any]], None], spki: bytes | N
     if snapshots is not None and restore is not None and spki is not None and segs:
         found = _last_state_checkpoint(segs, snapshots)
         if found is not None:
-            start_idx, start_off, line, data = found
+            start_idx, start_off, line, data, before = found
             try:
                 head = json.loads(line)
                 v = Verifier(spki, seq=int(head["seq"]) - 1, last_hash=str(head["prev"]))
             except (ValueError, KeyError, TypeError):
                 raise ChainError(-1, "unreadable checkpoint", str(segs[start_idx])) from None
+            if not _follows(before, head):
+                raise ChainError(v.seq + 1, "this state checkpoint does not follow the entry "
+                                 "before it in the log (an earlier checkpoint copied to the "
+                                 "end?)", str(segs[start_idx]))
             try:
                 last_cp = v.feed(line)
             except ChainError as exc:
@@ -277,6 +374,7 @@ def scan(path: Path, on_entry: Callable[[dict[str, Any]], None], spki: bytes | N
                                  "the digest the checkpoint signs (changed)",
                                  str(segs[start_idx]))
             restore(data)
+            out.last_time = last_cp["time"]
             out.state_seq = out.verified = last_cp["seq"]
             out.replayed = 1
     if start_off and segs[start_idx].active:
@@ -300,6 +398,7 @@ def scan(path: Path, on_entry: Callable[[dict[str, Any]], None], spki: bytes | N
                     raise ChainError(entry["seq"], f"the segment's name says it starts at seq "
                                      f"{seg.first} (renamed)")
                 out.replayed += 1
+                out.last_time = entry["time"]
                 if seg.active:
                     out.end = offset
                     if out.first is None:
@@ -310,8 +409,9 @@ def scan(path: Path, on_entry: Callable[[dict[str, Any]], None], spki: bytes | N
                 pending.append(entry)
                 if is_cp:
                     last_cp = entry
+                    span = seq_range(entry.get("unverified")) or (-1, -1)
                     for e in pending:
-                        on_entry(e)
+                        on_entry(e, not span[0] <= e["seq"] <= span[1])
                     pending = []
         except ChainError as exc:
             exc.segment = exc.segment or str(seg)
@@ -322,9 +422,48 @@ def scan(path: Path, on_entry: Callable[[dict[str, Any]], None], spki: bytes | N
         if spki is not None and last_cp["seq"] != out.state_seq:
             Verifier(spki)._checkpoint(last_cp)
         out.verified = last_cp["seq"]
+    out.checkpoint = last_cp
     out.tail = pending
     out.seq, out.last_hash = v.seq, v.last_hash
     return out
+
+
+def check_snapshots(snapshots: Path, scan: Scan) -> str | None:
+    """Roll-back of the log under a state directory that remembers more: start-up begins at
+    the last state checkpoint in the log whose snapshot is kept, so a snapshot of a later
+    checkpoint means the log no longer holds that checkpoint (cut after an earlier one, an
+    earlier checkpoint copied to the end, the log deleted or replaced): ChainError. The one
+    exception is a snapshot for the very next seq, with nothing after it: a crash between
+    keeping a snapshot and writing its checkpoint (removed; the note says so).
+
+    A snapshot that is missing is not a roll-back: start-up begins at an earlier one and
+    replays forward, believing no more than it did (see `scan`). A roll-back of the log and
+    the state directory together cannot be seen from the host: the collector's copy can."""
+    try:
+        kept = sorted(int(p.stem) for p in snapshots.glob("*.json") if p.stem.isdigit())
+    except OSError:
+        return None
+    newer = [k for k in kept if scan.state_seq is None or k > scan.state_seq]
+    if newer == [scan.seq + 1]:
+        try:
+            snapshot_path(snapshots, newer[0]).unlink()
+        except OSError:
+            pass
+        return (f"removed the snapshot for seq {newer[0]}, whose checkpoint was never written "
+                "(a crash in between)")
+    if not newer:
+        return None
+    last = max(newer)
+    if scan.seq < 0:
+        raise ChainError(0, f"the log is empty, but the state directory holds the snapshot of "
+                         f"checkpoint seq {last} ({snapshot_path(snapshots, last)}): the log "
+                         "was deleted or replaced (roll-back)")
+    where = (f"the log's last state checkpoint with a snapshot is seq {scan.state_seq}"
+             if scan.state_seq is not None else "the log holds no state checkpoint with one")
+    raise ChainError(last, f"the state directory holds the snapshot of checkpoint seq {last}, "
+                     f"but {where} (log ends at seq {scan.seq}): the log was cut, or rewritten "
+                     f"after seq {scan.verified if scan.verified is not None else -1} "
+                     "(roll-back)")
 
 
 class AuditError(SignerError):
@@ -381,6 +520,15 @@ class Writer:
     _retry_at: int = 0
     _closing: bool = False
     _flushing: bool = False
+    # What the next checkpoint records besides `interval` (then cleared): the range of
+    # entries found unvouched at start that the daemon took on without verifying them
+    # (`unverified`), or that an operator adopted after review (`adopted`, `signer audit
+    # adopt`). `audit verify` fails on the first until an operator adopts it.
+    unverified: tuple[int, int] | None = None
+    adopted: tuple[int, int] | None = None
+    # The time written into entries (seconds since the epoch): the daemon's clock, which
+    # follows the monotonic clock within a run and never goes back before the log's last entry.
+    clock: Callable[[], float] = _time.time
 
     def open(self) -> None:
         """Open for append and lock: a second daemon on the same log is refused."""
@@ -502,7 +650,7 @@ class Writer:
                     ) -> tuple[list[bytes], list[dict[str, Any]], int, str, int]:
         lines: list[bytes] = []
         entries: list[dict[str, Any]] = []
-        time = now_utc()
+        time = format_time(self.clock())
         close = False
         for slot in batch:
             if slot.error is not None:
@@ -545,7 +693,7 @@ class Writer:
                          ) -> tuple[dict[str, Any], bytes] | None:
         if self.sign_checkpoint is None:
             return None
-        b = body(seq, prev, "checkpoint", {}, time)
+        b = body(seq, prev, "checkpoint", self._checkpoint_fields(), time)
         try:
             sig = self.sign_checkpoint(checkpoint_message(b))
         except Exception:  # the token went away: postpone, never stop the log
@@ -554,6 +702,18 @@ class Writer:
             return None
         b["sig"] = base64.b64encode(sig).decode("ascii")
         return seal(b)
+
+    def _checkpoint_fields(self) -> dict[str, Any]:
+        """What every checkpoint records of the policy it was written under (`interval`: how
+        long a tail without a checkpoint can honestly be) and of the entries it newly covers
+        that this writer did not write itself (see `unverified`, `adopted`). Everything else
+        it newly covers, this daemon wrote: it vouches for it as verified."""
+        out: dict[str, Any] = {"interval": self.interval}
+        if self.unverified is not None:
+            out["unverified"] = list(self.unverified)
+        if self.adopted is not None:
+            out["adopted"] = list(self.adopted)
+        return out
 
     def _commit(self, batch: list[_Slot]) -> None:
         if self._broken is not None:
@@ -583,6 +743,9 @@ class Writer:
             for slot, entry in zip(batch, entries, strict=True):
                 if slot.error is None:
                     slot.entry = entry
+            if self._fold is not None and any(
+                    e.get("event") in KEEP_STATE_AFTER for e in entries):
+                self._state_checkpoint()  # not made (locked): the log goes on, as at interval
         else:
             for slot in batch:
                 slot.error = slot.error or self._failed
@@ -592,10 +755,10 @@ class Writer:
         it cannot be made now (locked: later; a snapshot not written: the log goes on)."""
         assert self._fold is not None and self.snapshots is not None
         s = self.scan
-        time = now_utc()
+        time = format_time(self.clock())
         data = self._fold.snapshot(parse_time(time))
-        b = body(s.seq + 1, s.last_hash, "checkpoint", {"state": hashlib.sha256(data).hexdigest()},
-                 time)
+        b = body(s.seq + 1, s.last_hash, "checkpoint",
+                 {"state": hashlib.sha256(data).hexdigest(), **self._checkpoint_fields()}, time)
         try:
             sig = self.sign_checkpoint(checkpoint_message(b)) if self.sign_checkpoint else None
         except Exception:
@@ -610,6 +773,10 @@ class Writer:
             log.warning("cannot keep the state snapshot for seq %d: %s", s.seq + 1, exc)
             return False
         if not self._write([line], s.seq + 1, entry["hash"], 0):
+            try:  # a snapshot without its checkpoint would read as a roll-back at start
+                snapshot_path(self.snapshots, s.seq + 1).unlink()
+            except OSError:
+                pass
             return False
         self._kept.append(entry["seq"])
         for old in self._kept[:-KEEP_SNAPSHOTS]:
@@ -684,6 +851,8 @@ class Writer:
         s.since_state = 0 if since == 0 and b'"state":"' in lines[-1] else \
             s.since_state + len(lines)
         s.seq, s.last_hash, s.end, s.since_checkpoint = seq, prev, s.end + len(data), since
+        if b'"event":"checkpoint"' in data:  # recorded by the checkpoint just written
+            self.unverified = self.adopted = None
         if self._fold is not None:
             for line in lines:
                 if b'"event":"checkpoint"' not in line:
@@ -786,4 +955,14 @@ def verify_file(path: Path | list[Path], spki: bytes | None, live: bool,
         return False, (f"{label}: NOT verified: seq 0..{v.seq} chain ok, but no checkpoint: "
                        "nothing in it is vouched for by the audit key (--chain-only to check "
                        "the chain alone)")
-    return True, f"{label}: ok: seq 0..{v.seq}, {signed}{tail}"
+    adopted = "".join(f"; seq {a}..{b} adopted after review by {who} (seq {at})"
+                      for a, b, who, at in v.adoptions
+                      if v.last_checkpoint is not None and at < v.last_checkpoint)
+    open_ = v.unreviewed()
+    if open_:
+        ranges = ", ".join(f"seq {a}..{b} (checkpoint seq {at})" for a, b, at in open_)
+        return False, (f"{label}: NOT verified: seq 0..{v.seq} chain ok, {signed}, but no "
+                       f"checkpoint vouches for {ranges} as verified: the daemon found them "
+                       "after its last checkpoint at start and took them on unverified; review "
+                       "them and adopt them (`signer audit adopt`){adopted}")
+    return True, f"{label}: ok: seq 0..{v.seq}, {signed}{adopted}{tail}"

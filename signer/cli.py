@@ -84,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     key.add_argument("--chain-only", action="store_true",
                      help="check the hash chain alone (proves nothing against a forger)")
     a.add_argument("--live", action="store_true")
+    a = asub.add_parser("adopt", help="take on, after review, entries no checkpoint vouches "
+                        "for as verified (daemon stopped; needs the token PIN)")
+    a.add_argument("--config", type=Path, required=True)
+    a.add_argument("--seqs", required=True, metavar="FIRST-LAST")
+    a.add_argument("--operator", required=True, metavar="NAME", help="who reviewed them")
+    a.add_argument("--pin-file", type=Path)
     a = asub.add_parser("compare", help="the host's log against the collector's copy")
     a.add_argument("local", type=Path, help="the log: a file (with its closed segments next "
                    "to it), a directory of segments")
@@ -238,6 +244,11 @@ def dispatch(args: argparse.Namespace) -> int:
             return _audit_show(args.file, args.last)
         if args.action == "compare":
             return _audit_compare(args)
+        if args.action == "adopt":
+            from signer import adopt
+
+            cfg = keys.with_pin_file(config.load(args.config), args.pin_file)
+            return adopt.adopt(cfg, adopt.parse_range(args.seqs), args.operator, out)
         key_file = args.cert or args.pubkey
         spki = certs.load_public_key(key_file) if key_file else None
         ok, message = audit.verify_file(list(args.file), spki, args.live, args.chain_only)

@@ -105,6 +105,8 @@ class Daemon:
         self.token: TokenProcess | None = None
         self.fatal: SignerError | None = None  # why serve() ended on its own
         self.writer: audit.Writer | None = None
+        self._wall0 = time.time()  # `now`: set again at start (_start_clock)
+        self._mono0 = time.clock_gettime(time.CLOCK_BOOTTIME)
 
     # --- start and stop ----------------------------------------------------------------------
 
@@ -131,14 +133,21 @@ class Daemon:
             except (ValueError, KeyError, TypeError) as exc:
                 raise audit.ChainError(-1, f"unreadable state snapshot: {exc}") from None
 
+        def believe(entry: dict[str, Any], vouched: bool) -> None:
+            # what a checkpoint says its daemon took on unverified: what it believed then
+            if vouched or entry["event"] in policy.TIGHTENING:
+                self.state.apply(entry)
+
         started = time.monotonic()
         try:
-            scan = audit.scan(d.audit_log, lambda e: self.state.apply(e), spki,
+            scan = audit.scan(d.audit_log, believe, spki,
                               None if self.full_replay else snapshots, restore)
+            orphan = None if self.full_replay else audit.check_snapshots(snapshots, scan)
         except audit.ChainError as exc:
             raise SignerError(Exit.IOERR, f"audit log {d.audit_log} is broken at {exc.where}: "
                               f"{exc.reason}. Keep it for the investigation (`signer audit "
-                              "verify`), move it aside and start again") from None
+                              "verify`), move it aside with the state directory's "
+                              "checkpoints/ and start again") from None
         except OSError as exc:
             raise SignerError(Exit.IOERR, f"cannot read audit log {d.audit_log}: "
                               f"{exc.strerror}") from None
@@ -147,18 +156,20 @@ class Daemon:
                  f"started from the state of checkpoint seq {scan.state_seq}"
                  if scan.state_seq is not None else "replayed from the start",
                  scan.replayed, self.scan_seconds)
+        clock_note = self._start_clock(scan)
+        unvouched, tail_notes = self._judge_tail(scan)
         self.writer = audit.Writer(d.audit_log, scan, d.checkpoint_interval,
                                    self._sign_checkpoint, snapshots, d.segment_bytes,
-                                   d.segment_entries)
+                                   d.segment_entries, unverified=unvouched, clock=self.now)
         self.writer.open()
         notes = [self._keep_torn(scan)] if scan.torn else []
-        notes += self._replay_tail(scan)
+        notes += [n for n in (orphan, clock_note) if n] + tail_notes
         notes += self._recheck_approvals()
         note = "; ".join(notes) or None
         # The writer's own copy (an export and back: what no longer matters is dropped)
         windows = {p.name: p.budget_window for p in self.cfg.profiles.values()}
         self.writer.keep_state(policy.Fold(
-            policy.State.restore(self.state.export(windows, time.time())), windows))
+            policy.State.restore(self.state.export(windows, self.now())), windows))
         self.writer.append("start", pid=os.getpid(), note=note,
                            reason="PIN from file" if secret else "locked: waiting for unlock")
         if secret is not None:
@@ -166,6 +177,30 @@ class Daemon:
                 self._login(secret)
             except SignerError as exc:
                 raise SignerError(exc.code, f"{exc.message} (PIN from {d.pin_file})") from None
+
+    def now(self) -> float:
+        """The daemon's clock (seconds since the epoch): budgets, expiries and the times in
+        the log. It follows the boot-time monotonic clock from the wall clock read at start
+        (or the log's last entry's time, when the wall clock is earlier), so stepping the
+        wall clock during a run neither re-opens an expired request nor ages signatures out
+        of a budget window early or late. A wall clock corrected during a run shows at the
+        next start."""
+        return self._wall0 + (time.clock_gettime(time.CLOCK_BOOTTIME) - self._mono0)
+
+    def _start_clock(self, scan: audit.Scan) -> str | None:
+        """Anchor `now` at start: never before the last entry's time, whatever the wall
+        clock says (an expired request stays expired, a spent budget spent)."""
+        wall = time.time()
+        self._mono0 = time.clock_gettime(time.CLOCK_BOOTTIME)
+        self._wall0 = wall
+        last = audit.parse_time(scan.last_time) if scan.last_time else None
+        if last is None or wall >= last:
+            return None
+        self._wall0 = last
+        note = (f"the wall clock ({audit.format_time(wall)}) is earlier than the log's last "
+                f"entry ({scan.last_time}): the daemon's clock starts at that entry's time")
+        log.warning("%s", note)
+        return note
 
     def _audit_public_key(self) -> tuple[bytes | None, str]:
         """The audit key's public half that checkpoints are checked with at start: from the
@@ -187,30 +222,52 @@ class Daemon:
         return None, (f"the audit key {d.audit_key} has no public key on the token and no "
                       "audit_cert is installed")
 
-    def _replay_tail(self, scan: audit.Scan) -> list[str]:
+    def _judge_tail(self, scan: audit.Scan) -> tuple[tuple[int, int] | None, list[str]]:
         """The entries after the last checkpoint: nothing signed by the token vouches for
-        them (anyone who can write the file could have appended them with a recomputed
-        chain). Quarantine: believe only what can make the signer stricter (a signature
-        counted against the budget, a freeze) and approvals, which are re-verified with the
-        custodian's key like every other; ignore the rest (a thaw, a queued request)."""
+        them (anyone who can write the file could have written them with a recomputed
+        chain, or rewritten the tail after an earlier checkpoint and dropped the later ones).
+
+        The daemon starts on such a tail only when the checkpoint policy can have left it (no
+        longer than the `interval` recorded in the last checkpoint) and nothing in it would
+        make the signer more permissive (policy.UNVOUCHED_OK: no thaw, approval, queued
+        request, adoption): then it believes only what makes the signer stricter, and its
+        next checkpoint records the range as adopted unverified (`unverified`), so that
+        `audit verify` fails on it and a later replay believes no more of it. Any other tail
+        stops the daemon with the range named, for an operator to review and adopt (`signer
+        audit adopt`) or to restore the log. Returns (the range, notes for the start entry)."""
         if not scan.tail:
-            return []
-        ignored = []
-        for entry in scan.tail:
-            event = entry["event"]
-            if event in policy.TIGHTENING or event == "approve":
-                self.state.apply(entry)
-            elif event in ("queue", "thaw"):
-                ignored.append(f"{event} seq {entry['seq']}")
+            return None, []
+        d = self.cfg.daemon
+        first, last = scan.tail[0]["seq"], scan.tail[-1]["seq"]
         after = "the start of the log" if scan.verified is None else \
             f"the last checkpoint (seq {scan.verified})"
-        log.warning("audit log: %d entries after %s are not vouched for by the audit key: "
-                    "only what makes the signer stricter is kept%s", len(scan.tail), after,
-                    f"; ignored: {', '.join(ignored)}" if ignored else "")
-        if not ignored:
-            return []
-        return [f"ignored {len(ignored)} entries after {after} that no checkpoint vouches "
-                f"for: {', '.join(ignored[:20])}{' ...' if len(ignored) > 20 else ''}"]
+        recorded = (scan.checkpoint or {}).get("interval")
+        interval = recorded if isinstance(recorded, int) and not isinstance(recorded, bool) \
+            and recorded > 0 else d.checkpoint_interval
+        permissive = [f"{e['event']} seq {e['seq']}" for e in scan.tail
+                      if e["event"] not in policy.UNVOUCHED_OK]
+        why = None
+        if len(scan.tail) > interval:
+            why = (f"they are {len(scan.tail)} entries, more than the checkpoint interval in "
+                   f"force ({interval}) leaves without a checkpoint")
+        elif permissive:
+            more = " ..." if len(permissive) > 10 else ""
+            why = ("they would make the signer more permissive: "
+                   f"{', '.join(permissive[:10])}{more}")
+        if why is not None:
+            raise SignerError(Exit.IOERR, f"audit log {d.audit_log}: seq {first}..{last} after "
+                              f"{after} are vouched for by no checkpoint, and {why}. The "
+                              "daemon does not start on them: review them (`signer audit show "
+                              "--last N`), then adopt them (`signer audit adopt --config FILE "
+                              f"--seqs {first}-{last} --operator NAME`) or restore the log")
+        for entry in scan.tail:
+            if entry["event"] in policy.TIGHTENING:
+                self.state.apply(entry)
+        note = (f"adopted seq {first}..{last} after {after} unverified: vouched for by no "
+                "checkpoint, only what makes the signer stricter is believed (review, then "
+                "`signer audit adopt`)")
+        log.warning("audit log: %s", note)
+        return (first, last), [note]
 
     def _recheck_approvals(self) -> list[str]:
         """An approval counts after a restart only if its SSH signature, kept in the log,
@@ -555,7 +612,7 @@ class Daemon:
         elif isinstance(cmd, request.Status):
             with self._lock:
                 req = policy.own_request(self.state, who.name, cmd.id)
-                line = json.dumps(req.public(self.cfg.profiles.get(req.profile), time.time()))
+                line = json.dumps(req.public(self.cfg.profiles.get(req.profile), self.now()))
             peer.reply(Exit.OK, "", line.encode() + b"\n")
         elif isinstance(cmd, request.Fetch):
             self._fetch(peer, who.name, cmd.id)
@@ -653,7 +710,7 @@ class Daemon:
         p = profile.name
         with self._lock:
             policy.check_not_frozen(self.state, profile)
-            if self.state.used(profile, time.time()) + self._inflight.get(p, 0) \
+            if self.state.used(profile, self.now()) + self._inflight.get(p, 0) \
                     >= profile.budget_count:
                 why = (f"budget of {profile.budget_count} signatures per "
                        f"{profile.budget_window} s exhausted")
@@ -698,7 +755,7 @@ class Daemon:
                sha256: str, size: int, body: bytes, extra: dict[str, str]) -> None:
         rid = secrets.token_hex(16)
         with self._lock:
-            now = time.time()
+            now = self.now()
             waiting = sum(1 for r in self.state.requests.values()
                           if r.client == client and r.profile == profile.name and r.open(now))
             if waiting >= profile.max_queued:
@@ -732,7 +789,7 @@ class Daemon:
                 signed = True
             else:
                 signed = False
-                _check_open(req)
+                _check_open(req, self.now())
                 counted = req.counted(profile)
                 if len(counted) < profile.approvals:
                     have = ", ".join(sorted(counted)) or "none yet"
@@ -784,7 +841,7 @@ class Daemon:
 
     def _requests(self, peer: wire.Peer, custodian: str) -> None:
         lines = []
-        now = time.time()
+        now = self.now()
         with self._lock:
             for req in self.state.requests.values():
                 profile = self.cfg.profiles.get(req.profile)
@@ -802,7 +859,7 @@ class Daemon:
             req = self.state.requests.get(rid)
             if req is None or req.signed:
                 raise Denied(Exit.USAGE, f"no pending request {rid}", "unknown request")
-            _check_open(req)
+            _check_open(req, self.now())
             profile = policy.profile_for(self.cfg, req.profile)
         if custodian not in profile.custodians:
             raise Denied(Exit.NOPERM, f"custodian {custodian!r} may not approve requests for "
@@ -821,7 +878,8 @@ class Daemon:
                          f"`requests`) with `ssh-keygen -Y sign -n {approval.NAMESPACE}`",
                          "bad approval signature")
         with self._lock:
-            _check_open(req)  # cancelled, rejected or expired while the signature came in
+            # cancelled, rejected or expired while the signature came in
+            _check_open(req, self.now())
             if custodian in req.approvals:
                 n = len(req.counted(profile))
                 peer.reply(Exit.OK, f"{custodian} already approved request {rid} (counts "
@@ -838,7 +896,7 @@ class Daemon:
     def _cancel(self, peer: wire.Peer, client: str, rid: str) -> None:
         with self._lock:
             req = policy.own_request(self.state, client, rid)
-            _check_open(req)
+            _check_open(req, self.now())
             self._state_event("cancel", request=rid, client=client, profile=req.profile)
         peer.reply(Exit.OK, f"request {rid} cancelled")
 
@@ -850,7 +908,7 @@ class Daemon:
             profile = self.cfg.profiles.get(req.profile) if req is not None else None
             if req is None or profile is None or custodian not in profile.custodians:
                 raise Denied(Exit.USAGE, f"no pending request {rid}", "unknown request")
-            _check_open(req)
+            _check_open(req, self.now())
             self._state_event("reject", request=rid, custodian=custodian, profile=req.profile,
                               client=req.client, sha256=req.sha256)
         peer.reply(Exit.OK, f"request {rid} rejected")
@@ -901,9 +959,9 @@ class Daemon:
         peer.reply(Exit.OK, f"profile {name!r} thawed; its budget window starts now")
 
 
-def _check_open(req: policy.Request) -> None:
+def _check_open(req: policy.Request, now: float) -> None:
     """A request that can still be approved and signed, or the reason it cannot."""
-    if req.open(time.time()):
+    if req.open(now):
         return
     why = ("it was signed" if req.signed else "its client cancelled it" if req.cancelled
            else f"custodian {req.rejected_by} rejected it" if req.rejected_by

@@ -224,6 +224,13 @@ def test_a_forged_approve_entry_does_not_release_a_release_signature(signer: Sig
     # bob: an approve entry without a signature; carol: alice's genuine signature as hers
     _append_forged(signer, {**forged, "custodian": "bob", "approval": None},
                    {**forged, "custodian": "carol"})
+    # approvals that nothing vouches for stop the daemon, until an operator adopts them ...
+    r = signer.lab.signer("serve", "--config", signer.config, timeout=30)
+    assert r.returncode == 74 and b"approve seq" in r.stderr, r.stderr
+    seqs = f"{signer.entries()[-2]['seq']}-{signer.entries()[-1]['seq']}"
+    assert signer.lab.signer("audit", "adopt", "--config", signer.config, "--seqs", seqs,
+                             "--operator", "ops1").returncode == 0
+    # ... and even then an approval counts only with its custodian's signature
     signer.start()
     r = signer.gw(f"fetch {rid}")
     assert r.returncode == 75 and r.stdout == b"", r.stderr

@@ -62,17 +62,18 @@ def _assert_state_kept(s: Signer, rid: str) -> None:
 @pytest.mark.control("SGN-05")
 def test_start_up_begins_at_the_last_state_checkpoint_and_keeps_the_state(
         make_signer: MakeSigner) -> None:
-    """The history before the last state checkpoint is not read at all: here it is
-    overwritten with garbage of the same length, and the daemon still starts with the state
-    the checkpoint vouches for (`audit verify` is what reads the history)."""
+    """The history before the last state checkpoint is not read, but for the entry just
+    before it (the checkpoint must follow it: an earlier checkpoint copied to the end would
+    not): here the rest is overwritten with garbage of the same length, and the daemon still
+    starts with the state the checkpoint vouches for (`audit verify` reads the history)."""
     s: Signer = make_signer()
     rid = _busy_log(s)
     s.stop()
     lines = _lines(s.audit_log)
     cp = _state_checkpoints(lines)[-1]
     assert cp == len(lines) - 1  # the stop checkpoint carries the state
-    head = b"".join(lines[:cp])
-    s.audit_log.write_bytes(b"x" * (len(head) - 1) + b"\n" + b"".join(lines[cp:]))
+    head = b"".join(lines[:cp - 1])
+    s.audit_log.write_bytes(b"x" * (len(head) - 1) + b"\n" + b"".join(lines[cp - 1:]))
     s.start()
     assert f"started from the state of checkpoint seq {cp}; 1 entries read" in s.log
     _assert_state_kept(s, rid)
