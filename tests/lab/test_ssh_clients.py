@@ -29,6 +29,7 @@ import pytest
 
 from lab.state import LabState
 from lab.target import Party, Target
+from toolkit.assurance.outside_auditors import parse_ssh_audit
 
 if TYPE_CHECKING:
     from tests.lab.conftest import AdminSsh
@@ -180,3 +181,23 @@ def test_paramiko_restricted_to_a_weak_key_exchange_is_refused(lab: LabState, ta
                   kex=weak)
     assert "rc" not in r, f"sshd accepted {weak}: {r}"
     assert "no acceptable kex algorithm" in r.get("error", ""), r
+
+
+@pytest.mark.control("SSH-05")
+def test_ssh_audit_finds_nothing_but_the_inventorys_interop_choice(
+        lab: LabState, classical_allowed: tuple[bool, str]) -> None:
+    """ssh-audit (the current release, from PyPI) from the build network: no failure, and no
+    warning except the one the inventory chose to accept (the classical exchange for clients
+    without a post-quantum one: threat-model/README.md). On Debian 13 with the default
+    inventory that is 0 fail, 0 warn."""
+    exe = PYTHON.parent / "ssh-audit"
+    assert exe.exists(), f"{exe} is missing: scripts/bootstrap installs it (dev dependency)"
+    r = lab.netns_run("build", [str(exe), "-j", "--skip-rate-test", "-t", "30", lab.vm_ipv4],
+                      timeout=180)
+    found = parse_ssh_audit(json.loads(r.stdout))
+    allowed, why = classical_allowed
+    accepted = [d for d in found["details"]
+                if d.startswith("warn (kex) curve25519-sha256@libssh.org:")] if allowed else []
+    assert found["figures"]["fail"] == 0, found["details"]
+    assert [d for d in found["details"] if d not in accepted] == [], (why, found["details"])
+    assert found["figures"]["warn"] == len(accepted), (why, found["details"])
