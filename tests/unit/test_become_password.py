@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from hostaccess import connection
 from toolkit.runner import ansible_run
 
 PASSWORD = "pw-Zq8-only-through-a-pipe"
@@ -109,16 +110,16 @@ def test_without_the_password_the_prompt_gets_an_empty_answer(
 
 def test_become_password_is_asked_once(monkeypatch: pytest.MonkeyPatch) -> None:
     asked: list[str] = []
-    monkeypatch.setattr(ansible_run, "_BECOME_PASSWORD", [])
+    monkeypatch.setattr(connection, "_BECOME_PASSWORD", [])
 
     def typed(prompt: str) -> str:
         asked.append(prompt)
         return "s3cret"
 
     monkeypatch.setattr(getpass, "getpass", typed)
-    assert ansible_run.become_password(False) is None
-    assert ansible_run.become_password(True) == "s3cret"
-    assert ansible_run.become_password(True) == "s3cret"
+    assert connection.become_password(False) is None
+    assert connection.become_password(True) == "s3cret"
+    assert connection.become_password(True) == "s3cret"
     assert len(asked) == 1
 
 
@@ -155,20 +156,20 @@ def test_a_vaulted_become_password_reaches_ansible(
 def test_host_become_password_reads_the_vault_or_asks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from toolkit.runner import hostvars
+    from hostaccess import hostvars
 
     vpf, vaulted = _vault(tmp_path, PASSWORD)
     (tmp_path / "hosts.yml").write_text("all:\n  hosts:\n    h1: {}\n    h2: {}\n")
     (tmp_path / "host_vars").mkdir()
     (tmp_path / "host_vars" / "h1.yml").write_text(vaulted)
     inv = hostvars.load(str(tmp_path / "hosts.yml"), vault_password_file=str(vpf))
-    monkeypatch.setattr(ansible_run, "_BECOME_PASSWORD", [])
-    assert ansible_run.host_become_password(inv, "h1", ask=False) == PASSWORD
-    assert ansible_run.host_become_password(inv, "h2", ask=False) is None
+    monkeypatch.setattr(connection, "_BECOME_PASSWORD", [])
+    assert connection.host_become_password(inv, "h1", ask=False) == PASSWORD
+    assert connection.host_become_password(inv, "h2", ask=False) is None
     monkeypatch.setattr(getpass, "getpass", lambda p: "typed")
     # Ansible's precedence: the inventory's password wins over the typed one.
-    assert ansible_run.host_become_password(inv, "h1", ask=True) == PASSWORD
-    assert ansible_run.host_become_password(inv, "h2", ask=True) == "typed"
+    assert connection.host_become_password(inv, "h1", ask=True) == PASSWORD
+    assert connection.host_become_password(inv, "h2", ask=True) == "typed"
 
 
 def test_the_inventorys_become_password_wins_over_the_typed_one(

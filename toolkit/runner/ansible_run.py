@@ -11,7 +11,6 @@ environment (both are visible in /proc and recorded by auditd and sudo), never a
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import re
@@ -25,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from toolkit.runner.controls import HostControls
-    from toolkit.runner.hostvars import Inventory
 
 ROOT = Path(__file__).resolve().parents[2]
 RECAP = re.compile(
@@ -97,40 +95,6 @@ def venv_exe(name: str) -> str:
 def ansible_env(**extra: str) -> dict[str, str]:
     """The environment every Ansible command of the toolkit runs with (the project's config)."""
     return dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), **extra)
-
-
-_BECOME_PASSWORD: list[str] = []
-
-
-def become_password(ask: bool, prompt: str = "sudo password (become): ") -> str | None:
-    """The become (sudo) password the operator typed, asked at most once per process.
-
-    None when not asked for: Ansible then uses the inventory's `ansible_become_password`
-    (vaulted, decrypted with --vault-password-file or $ANSIBLE_VAULT_PASSWORD_FILE), or none.
-    A channel of our own that needs the vaulted value reads it with toolkit.runner.hostvars.
-    """
-    if not ask:
-        return None
-    if not _BECOME_PASSWORD:
-        _BECOME_PASSWORD.append(getpass.getpass(prompt))
-    return _BECOME_PASSWORD[0]
-
-
-_BECOME_VARS = ("ansible_become_password", "ansible_become_pass", "ansible_sudo_pass")
-
-
-def host_become_password(inv: Inventory, host: str, ask: bool) -> str | None:
-    """The sudo password Ansible would use on `host`, for a channel of our own.
-
-    Ansible's precedence: the inventory's `ansible_become_password` (vault decrypted) wins
-    over the one typed at --ask-become-pass (asked once per process); else None.
-    """
-    for name in _BECOME_VARS:
-        if inv.has(host, name):
-            # hostvars decrypts a vaulted value and turns its errors into InventoryError.
-            value = inv.get(host, name)
-            return None if value is None else str(value)
-    return become_password(ask)
 
 
 @contextmanager

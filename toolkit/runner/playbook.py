@@ -13,12 +13,12 @@ from typing import Any
 
 from invoke.exceptions import Exit
 
+from hostaccess.connection import become_password
 from toolkit import exitcodes
 from toolkit.runner.ansible_run import (
     ROOT,
     PlaybookResult,
     ansible_env,
-    become_password,
     build_command,
     run_playbook,
     secret_args,

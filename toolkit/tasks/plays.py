@@ -9,9 +9,10 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
 
+from hostaccess.connection import become_password
 from toolkit import exitcodes
 from toolkit.runner import playbook, wheelhouse
-from toolkit.runner.ansible_run import ROOT, become_password
+from toolkit.runner.ansible_run import ROOT
 
 _HELP = {
     "inventory": "inventory path (default: inventory/lab, the local lab VM)",
