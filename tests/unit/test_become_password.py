@@ -82,7 +82,7 @@ def _setup(
         "- hosts: all\n  gather_facts: false\n  tasks:\n"
         "    - name: A task that needs become\n      ansible.builtin.command: 'true'\n"
     )
-    cmd = ansible_run.build_command(str(play), inventory=str(inv))
+    cmd = ansible_run.build_command(str(play), ansible_run.PlayOptions(inventory=str(inv)))
     return got, procs, cmd
 
 
@@ -144,9 +144,8 @@ def test_a_vaulted_become_password_reaches_ansible(
     vpf, vaulted = _vault(tmp_path, PASSWORD)
     (tmp_path / "host_vars").mkdir()
     (tmp_path / "host_vars" / "localhost.yml").write_text(vaulted)
-    cmd = ansible_run.build_command(str(tmp_path / "play.yml"),
-                                    inventory=str(tmp_path / "hosts.yml"),
-                                    vault_password_file=str(vpf))
+    cmd = ansible_run.build_command(str(tmp_path / "play.yml"), ansible_run.PlayOptions(
+        inventory=str(tmp_path / "hosts.yml"), vault_password_file=str(vpf)))
     result = ansible_run.run_playbook(cmd, tmp_path / "run.log")
     assert result.returncode == 0, (tmp_path / "run.log").read_text()[-2000:]
     assert got.read_text() == PASSWORD

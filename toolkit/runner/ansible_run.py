@@ -16,7 +16,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,39 +126,51 @@ def secret_args(become_fd: int | None, vault_password_file: str | None) -> list[
     return args
 
 
-def build_command(
-    playbook: str,
-    *,
-    inventory: str | None = None,
-    limit: str | None = None,
-    check: bool = False,
-    diff: bool = False,
-    tags: str | None = None,
-    skip_tags: str | None = None,
-    extra_vars: dict[str, Any] | None = None,
-    verbose: int = 0,
-    vault_password_file: str | None = None,
-) -> list[str]:
+@dataclass(frozen=True)
+class PlayOptions:
+    """How one play runs: built once from a task's options, handed down as it is.
+
+    All but the last two are ansible-playbook's own options. `expect_unchanged` is the task's
+    gate on the recap (a second run must report changed=0); `ask_become_pass` says whether the
+    sudo password is typed (hostaccess.connection.become_password), never where it goes.
+    """
+
+    inventory: str | None = None
+    limit: str | None = None
+    check: bool = False
+    diff: bool = False
+    tags: str | None = None
+    skip_tags: str | None = None
+    verbose: int = 0
+    vault_password_file: str | None = None
+    extra_vars: Mapping[str, Any] | None = None
+    expect_unchanged: bool = False
+    ask_become_pass: bool = False
+
+
+def build_command(playbook: str, options: PlayOptions) -> list[str]:
+    """The ansible-playbook command line for `playbook` (under playbooks/) with `options`."""
+    o = options
     cmd = [venv_exe("ansible-playbook"), str(ROOT / "playbooks" / playbook)]
-    if inventory:
-        cmd += ["-i", inventory]
-    if limit:
-        cmd += ["--limit", limit]
-    if check:
+    if o.inventory:
+        cmd += ["-i", o.inventory]
+    if o.limit:
+        cmd += ["--limit", o.limit]
+    if o.check:
         cmd.append("--check")
-    if diff:
+    if o.diff:
         cmd.append("--diff")
-    if tags:
-        cmd += ["--tags", tags]
-    if skip_tags:
-        cmd += ["--skip-tags", skip_tags]
-    for k, v in (extra_vars or {}).items():
+    if o.tags:
+        cmd += ["--tags", o.tags]
+    if o.skip_tags:
+        cmd += ["--skip-tags", o.skip_tags]
+    for k, v in (o.extra_vars or {}).items():
         # A list or a mapping as JSON: `k=v` would hand the role a string.
         cmd += ["-e", f"{k}={v}" if isinstance(v, str) else json.dumps({k: v})]
-    if vault_password_file:
-        cmd += ["--vault-password-file", vault_password_file]
-    if verbose:
-        cmd.append("-" + "v" * verbose)
+    if o.vault_password_file:
+        cmd += ["--vault-password-file", o.vault_password_file]
+    if o.verbose:
+        cmd.append("-" + "v" * o.verbose)
     return cmd
 
 
