@@ -286,7 +286,7 @@ def _observation(inst: Instance, facts: dict[str, Any]) -> dict[str, Any]:
 
 def render(inst: Instance, facts: dict[str, Any], example: Path = EXAMPLE) -> dict[str, Any]:
     """Write the rendered inventory; returns what the lab tests need to know of it."""
-    from toolkit.runner import hostvars
+    from hostaccess import hostvars
 
     d = site_dir(inst)
     out = d / "inventory"

@@ -3,7 +3,7 @@
 The lab tests drive the one signing host of a running lab instance. Which inventory describes
 that host is the caller's choice: `inventory/lab` (the default, what `make lab` uses) or the
 production-style inventory that `lab.site` renders (CI: `invoke ci` passes it). The tests take
-everything from that inventory, read by Ansible itself (toolkit.runner.hostvars): the admin
+everything from that inventory, read by Ansible itself (hostaccess.hostvars): the admin
 connection (user, key, ProxyJump, sudo password), the signer's profiles, clients, custodians
 and paths, the admin networks and the SSH algorithms. So one test code proves both
 inventories, and a name of `inventory/lab` (`dev`, `build`, `alice`, `admin`) appears in no
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hostaccess import connection, hostvars
 from lab.state import LabState
-from toolkit.runner import connection, hostvars
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INVENTORY = ROOT / "inventory" / "lab"

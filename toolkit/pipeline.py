@@ -221,13 +221,14 @@ def invoke(*args: str) -> list[str]:
     return [_bin("invoke"), *args]
 
 
-# mypy --strict over every module: the signer (it runs on the host), the lab, the toolkit, the
-# entry point, the Ansible plugins (the roles' filters too) and every test tree (unit, signer,
-# posture, lab: their fixtures are typed; testinfra has no hints, so a posture test's `host` is
-# Any to mypy). Whole directories, not a list of files: a new module or test tree is checked
-# without anyone adding it.
-MYPY_PATHS = ["signer", "lab", "toolkit", "tasks.py", "callback_plugins", "strategy_plugins",
-              "tests", *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("roles/*/*_plugins"))]
+# mypy --strict over every module: the signer (it runs on the host), host access, the lab, the
+# toolkit, the entry point, the Ansible plugins (the roles' filters too) and every test tree (unit,
+# signer, posture, lab: their fixtures are typed; testinfra has no hints, so a posture test's
+# `host` is Any to mypy). Whole directories, not a list of files: a new module or test tree is
+# checked without anyone adding it.
+MYPY_PATHS = ["signer", "hostaccess", "lab", "toolkit", "tasks.py", "callback_plugins",
+              "strategy_plugins", "tests",
+              *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("roles/*/*_plugins"))]
 
 
 # The plays `invoke provision|harden|deploy` run (toolkit/tasks/plays.py): the syntax check and

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lab.target import Target
-from toolkit.runner.ansible_run import build_command, run_playbook
+from toolkit.runner.ansible_run import PlayOptions, build_command, run_playbook
 
 pytestmark = pytest.mark.lab
 
@@ -40,8 +40,8 @@ def test_deploy_refuses_a_change_it_did_not_make_and_keeps_the_baseline(  # type
     stray = f"{cert_dir}/out-of-band-{uuid.uuid4().hex[:8]}.pem"
     _root(target, f"echo 'not from the toolkit' > {shlex.quote(stray)}")
     try:
-        refused = run_playbook(build_command("deploy.yml", tags="BASE-07", inventory=inv,
-                                             vault_password_file=vault),
+        refused = run_playbook(build_command("deploy.yml", PlayOptions(
+                                   tags="BASE-07", inventory=inv, vault_password_file=vault)),
                                tmp_path / "refused.log")
         log = " ".join(refused.log.read_text().split())  # the callback folds long messages
         assert refused.returncode != 0, "deploy took a change it did not make"
@@ -55,9 +55,9 @@ def test_deploy_refuses_a_change_it_did_not_make_and_keeps_the_baseline(  # type
     # refuses until the operator accepts exactly that, and the acceptance is logged.
     since = _root(target, "date +%s")
     accepted = run_playbook(
-        build_command("deploy.yml", tags="BASE-07",
-                      extra_vars={"base_aide_accept_changes": [cert_dir]}, inventory=inv,
-                      vault_password_file=vault),
+        build_command("deploy.yml", PlayOptions(
+            tags="BASE-07", extra_vars={"base_aide_accept_changes": [cert_dir]}, inventory=inv,
+            vault_password_file=vault)),
         tmp_path / "accepted.log")
     assert accepted.returncode == 0, accepted.log.read_text()[-3000:]
     assert _root(target, f"sha256sum {db}") != baseline, "the accepted change was not taken in"
@@ -107,8 +107,9 @@ def test_harden_takes_its_own_changes_and_leaves_one_it_found_reported(
         # back differs after the run and not before it, so it is harden's own.
         _root(target, f"rm {rules} && {HELPER} take {_limit(['/etc/audit/rules.d', rules], False)}")
         since = _root(target, "date +%s")
-        run = run_playbook(build_command("harden.yml", tags="BASE-07,auditd-rules",
-                                         inventory=inv, vault_password_file=vault),
+        run = run_playbook(build_command("harden.yml", PlayOptions(
+                               tags="BASE-07,auditd-rules", inventory=inv,
+                               vault_password_file=vault)),
                            tmp_path / "harden.log")
         log = " ".join(run.log.read_text().split())
         assert run.returncode == 0, log[-3000:]
@@ -145,9 +146,9 @@ def test_a_deploy_that_failed_part_way_can_be_run_again(  # type: ignore[no-unty
         f"{config_dir} differs from the baseline before the test: run `invoke deploy` first"
 
     def deploy(name: str) -> tuple[int, str]:
-        r = run_playbook(build_command("deploy.yml", tags="SGN-08",
-                                       extra_vars={"signer_selftest_fail_once": True},
-                                       inventory=inv, vault_password_file=vault),
+        r = run_playbook(build_command("deploy.yml", PlayOptions(
+                             tags="SGN-08", extra_vars={"signer_selftest_fail_once": True},
+                             inventory=inv, vault_password_file=vault)),
                          tmp_path / f"{name}.log")
         return r.returncode, " ".join(r.log.read_text().split())
 

@@ -20,7 +20,7 @@ import pytest
 
 from lab.state import LabState
 from lab.target import Target
-from toolkit.runner.ansible_run import PlaybookResult, build_command, run_playbook
+from toolkit.runner.ansible_run import PlaybookResult, PlayOptions, build_command, run_playbook
 
 if TYPE_CHECKING:
     from tests.lab.conftest import WaitFor
@@ -56,10 +56,11 @@ def _lock_out_and_watch_it_roll_back(target: Target, wait_for: WaitFor, role: st
     assert _admin_ssh_ok(target), "the lab VM must be reachable before the test"
     os.environ.setdefault("SIGNLAB_INSTANCE", target.lab.raw["instance"])
     since = _ssh_root(target, "date +%s").strip()
-    cmd = build_command("harden.yml", inventory=target.inventory,
-                        vault_password_file=target.vault_password_file, tags=f"preflight,{role}",
-                        extra_vars={f"{role}_selftest_lock_out_admins": "true",
-                                    f"{role}_rollback_seconds": str(ROLLBACK_WINDOW)})
+    cmd = build_command("harden.yml", PlayOptions(
+        inventory=target.inventory, vault_password_file=target.vault_password_file,
+        tags=f"preflight,{role}",
+        extra_vars={f"{role}_selftest_lock_out_admins": "true",
+                    f"{role}_rollback_seconds": str(ROLLBACK_WINDOW)}))
     started = time.monotonic()
     result = run_playbook(cmd, log)
     assert result.returncode != 0, f"the lockout {role} change was confirmed: the hook did nothing"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lab.target import Target
-from toolkit.runner.ansible_run import build_command, run_playbook
+from toolkit.runner.ansible_run import PlayOptions, build_command, run_playbook
 
 pytestmark = pytest.mark.lab
 
@@ -29,14 +29,15 @@ def test_a_sysctl_changed_by_hand_is_put_back_by_harden(target: Target, tmp_path
     try:
         os.environ.setdefault("SIGNLAB_INSTANCE", target.lab.raw["instance"])
         inv, vault = target.inventory, target.vault_password_file
-        check = run_playbook(build_command("harden.yml", tags="preflight,kernel-sysctl",
-                                           check=True, inventory=inv,
-                                           vault_password_file=vault), tmp_path / "check.log")
+        check = run_playbook(build_command("harden.yml", PlayOptions(
+                                 tags="preflight,kernel-sysctl", check=True, inventory=inv,
+                                 vault_password_file=vault)), tmp_path / "check.log")
         assert check.returncode == 0 and check.changed >= 1, "check mode did not see the drift"
         assert _root(target, "/usr/sbin/sysctl -n kernel.kptr_restrict") == "0", \
             "check mode changed the host"
-        fix = run_playbook(build_command("harden.yml", tags="preflight,kernel-sysctl",
-                                         inventory=inv, vault_password_file=vault),
+        fix = run_playbook(build_command("harden.yml", PlayOptions(
+                               tags="preflight,kernel-sysctl", inventory=inv,
+                               vault_password_file=vault)),
                            tmp_path / "fix.log")
         assert fix.returncode == 0 and fix.changed >= 1, "harden did not report the drift"
         assert _root(target, "/usr/sbin/sysctl -n kernel.kptr_restrict") == "2"

@@ -529,11 +529,11 @@ def test_a_custodian_cannot_sign_and_a_client_cannot_approve(build: Gateway, cus
 
 
 def _deploy(target: Target, pin_source: str) -> None:
-    from toolkit.runner.ansible_run import ROOT, ansible_env, build_command
+    from toolkit.runner.ansible_run import ROOT, PlayOptions, ansible_env, build_command
 
-    cmd = build_command("deploy.yml", inventory=target.inventory,
-                        vault_password_file=target.vault_password_file,
-                        extra_vars={"token_pin_source": pin_source})
+    cmd = build_command("deploy.yml", PlayOptions(
+        inventory=target.inventory, vault_password_file=target.vault_password_file,
+        extra_vars={"token_pin_source": pin_source}))
     log = target.lab.state_dir / f"deploy-pin-{pin_source}.log"
     # stdin from /dev/null: ansible refuses the non-blocking stdin that pytest may leave.
     env = ansible_env(ANSIBLE_FORCE_COLOR="0")

@@ -4,7 +4,7 @@ The same tests run against every inventory. `invoke verify` passes the target an
 `--target ssh://NAME --target-kind lab|production --target-name NAME --inventory DIR
 --inventory-host HOST [--become-password-fd N]`. Run by hand (`pytest tests/posture`), the
 inventory is inventory/lab and the target is its host. Either way the host is reached exactly as
-Ansible reaches it (toolkit.runner.connection: user, port, key, ansible_ssh_common_args with its
+Ansible reaches it (hostaccess.connection: user, port, key, ansible_ssh_common_args with its
 ProxyJump or -F); an explicit `--target` with `--ssh-config` and no `--inventory-host` is
 used as given.
 
@@ -15,7 +15,7 @@ Fixtures for test authors:
   `--transport ssh` uses testinfra's stock ssh backend instead (one sudo per command, slower);
   targets other than ssh:// (local://, for the toolkit's own tests) use testinfra's backends.
   Use `with host.sudo("user"):` to run something as another user.
-- `expected`: the host's inventory values (toolkit/runner/expectations.py), e.g.
+- `expected`: the host's inventory values (hostaccess/expectations.py), e.g.
   `expected["signer_custodians"]`. A value the inventory does not give is a test error that
   names it, never a silent pass.
 - `admin_ssh`: argv of an ssh command from the controller to the host as the admin (the
@@ -52,8 +52,8 @@ import pytest
 import testinfra
 from testinfra.backend import base
 
+from hostaccess import expectations, hostvars
 from toolkit.assurance import registry, shell_channel
-from toolkit.runner import expectations, hostvars
 
 if TYPE_CHECKING:
     from testinfra.host import Host  # testinfra has no type hints: Host is Any to mypy
@@ -148,7 +148,7 @@ def _run(config: pytest.Config) -> Run:
             f"is a {inv_kind} host (verify_kind); pass the target's own --inventory"
         )
     # Without an explicit --target (or with verify's --inventory-host), the suite connects
-    # exactly as Ansible does (toolkit.runner.connection), whatever the inventory's ssh arguments.
+    # exactly as Ansible does (hostaccess.connection), whatever the inventory's ssh arguments.
     via_inventory = not spec or bool(config.getoption("--inventory-host"))
     return Run(spec or f"ssh://{name}", kind, ssh_config, "", Expected(values), path,
                name if via_inventory else None, inv)
@@ -300,8 +300,8 @@ def admin_ssh(pytestconfig: pytest.Config) -> AdminSsh:
     if run.spec is None or not run.spec.startswith("ssh://"):
         pytest.skip(f"needs an ssh:// target for a client session, not {run.spec!r}")
     if run.host_name:
-        # As Ansible reaches the host (user, key, ProxyJump, -F config): toolkit.runner.connection.
-        from toolkit.runner import connection
+        # As Ansible reaches the host (user, key, ProxyJump, -F config): hostaccess.connection.
+        from hostaccess import connection
 
         assert run.inv is not None
         try:
@@ -406,7 +406,7 @@ def host(pytestconfig: pytest.Config) -> Iterator[Host]:
 
 def _inventory_channel(config: pytest.Config, run: Run, sudo: bool) -> Host:
     """The root channel to an inventory host, reached exactly as Ansible reaches it."""
-    from toolkit.runner import connection
+    from hostaccess import connection
 
     assert run.inv is not None and run.host_name is not None
     password = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from toolkit.runner.ansible_run import build_command, parse_recap
+from toolkit.runner.ansible_run import PlayOptions, build_command, parse_recap
 
 RECAP = """
 TASK [ssh : Render sshd_config] ***
@@ -32,8 +32,9 @@ def test_no_recap_means_no_hosts() -> None:
 
 
 def test_command_carries_the_operator_options() -> None:
-    cmd = build_command("harden.yml", inventory="inv", limit="h1", check=True, diff=True,
-                        tags="ssh", skip_tags="usb", verbose=2)
+    cmd = build_command("harden.yml", PlayOptions(inventory="inv", limit="h1", check=True,
+                                                  diff=True, tags="ssh", skip_tags="usb",
+                                                  verbose=2))
     assert cmd[1].endswith("playbooks/harden.yml")
     for part in (["-i", "inv"], ["--limit", "h1"], ["--tags", "ssh"], ["--skip-tags", "usb"]):
         i = cmd.index(part[0])
@@ -43,8 +44,8 @@ def test_command_carries_the_operator_options() -> None:
 
 def test_a_list_extra_var_reaches_ansible_as_a_list() -> None:
     # `k=v` would hand the role the string "['/etc/signer']"; JSON keeps the list a list.
-    cmd = build_command("deploy.yml", extra_vars={"base_aide_accept_changes": ["/etc/signer", "/x y"],
-                                                  "plain": "v"})
+    cmd = build_command("deploy.yml", PlayOptions(
+        extra_vars={"base_aide_accept_changes": ["/etc/signer", "/x y"], "plain": "v"}))
     i = cmd.index("-e")
     assert json.loads(cmd[i + 1]) == {"base_aide_accept_changes": ["/etc/signer", "/x y"]}
     assert cmd[i + 2:i + 4] == ["-e", "plain=v"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from hostaccess import connection
 from toolkit.runner import ansible_run
 
 PASSWORD = "pw-Zq8-only-through-a-pipe"
@@ -81,7 +82,7 @@ def _setup(
         "- hosts: all\n  gather_facts: false\n  tasks:\n"
         "    - name: A task that needs become\n      ansible.builtin.command: 'true'\n"
     )
-    cmd = ansible_run.build_command(str(play), inventory=str(inv))
+    cmd = ansible_run.build_command(str(play), ansible_run.PlayOptions(inventory=str(inv)))
     return got, procs, cmd
 
 
@@ -109,16 +110,16 @@ def test_without_the_password_the_prompt_gets_an_empty_answer(
 
 def test_become_password_is_asked_once(monkeypatch: pytest.MonkeyPatch) -> None:
     asked: list[str] = []
-    monkeypatch.setattr(ansible_run, "_BECOME_PASSWORD", [])
+    monkeypatch.setattr(connection, "_BECOME_PASSWORD", [])
 
     def typed(prompt: str) -> str:
         asked.append(prompt)
         return "s3cret"
 
     monkeypatch.setattr(getpass, "getpass", typed)
-    assert ansible_run.become_password(False) is None
-    assert ansible_run.become_password(True) == "s3cret"
-    assert ansible_run.become_password(True) == "s3cret"
+    assert connection.become_password(False) is None
+    assert connection.become_password(True) == "s3cret"
+    assert connection.become_password(True) == "s3cret"
     assert len(asked) == 1
 
 
@@ -143,9 +144,8 @@ def test_a_vaulted_become_password_reaches_ansible(
     vpf, vaulted = _vault(tmp_path, PASSWORD)
     (tmp_path / "host_vars").mkdir()
     (tmp_path / "host_vars" / "localhost.yml").write_text(vaulted)
-    cmd = ansible_run.build_command(str(tmp_path / "play.yml"),
-                                    inventory=str(tmp_path / "hosts.yml"),
-                                    vault_password_file=str(vpf))
+    cmd = ansible_run.build_command(str(tmp_path / "play.yml"), ansible_run.PlayOptions(
+        inventory=str(tmp_path / "hosts.yml"), vault_password_file=str(vpf)))
     result = ansible_run.run_playbook(cmd, tmp_path / "run.log")
     assert result.returncode == 0, (tmp_path / "run.log").read_text()[-2000:]
     assert got.read_text() == PASSWORD
@@ -155,20 +155,20 @@ def test_a_vaulted_become_password_reaches_ansible(
 def test_host_become_password_reads_the_vault_or_asks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from toolkit.runner import hostvars
+    from hostaccess import hostvars
 
     vpf, vaulted = _vault(tmp_path, PASSWORD)
     (tmp_path / "hosts.yml").write_text("all:\n  hosts:\n    h1: {}\n    h2: {}\n")
     (tmp_path / "host_vars").mkdir()
     (tmp_path / "host_vars" / "h1.yml").write_text(vaulted)
     inv = hostvars.load(str(tmp_path / "hosts.yml"), vault_password_file=str(vpf))
-    monkeypatch.setattr(ansible_run, "_BECOME_PASSWORD", [])
-    assert ansible_run.host_become_password(inv, "h1", ask=False) == PASSWORD
-    assert ansible_run.host_become_password(inv, "h2", ask=False) is None
+    monkeypatch.setattr(connection, "_BECOME_PASSWORD", [])
+    assert connection.host_become_password(inv, "h1", ask=False) == PASSWORD
+    assert connection.host_become_password(inv, "h2", ask=False) is None
     monkeypatch.setattr(getpass, "getpass", lambda p: "typed")
     # Ansible's precedence: the inventory's password wins over the typed one.
-    assert ansible_run.host_become_password(inv, "h1", ask=True) == PASSWORD
-    assert ansible_run.host_become_password(inv, "h2", ask=True) == "typed"
+    assert connection.host_become_password(inv, "h1", ask=True) == PASSWORD
+    assert connection.host_become_password(inv, "h2", ask=True) == "typed"
 
 
 def test_the_inventorys_become_password_wins_over_the_typed_one(

@@ -75,7 +75,7 @@ def _project(tmp: Path, fail: bool) -> Path:
 
 def _run(tmp_path: Path, fail: bool, tags: str | None = None) -> list[controls.HostControls]:
     play = _project(tmp_path, fail)
-    cmd = [str(Path(ansible_run.build_command("x.yml")[0])), str(play), "-i", "localhost,"]
+    cmd = [str(Path(ansible_run.build_command("x.yml", ansible_run.PlayOptions())[0])), str(play), "-i", "localhost,"]
     if tags:
         cmd += ["--tags", tags]
     result = ansible_run.run_playbook(cmd, tmp_path / "run.log")

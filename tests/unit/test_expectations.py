@@ -1,4 +1,4 @@
-"""toolkit.runner.expectations and the posture suite's use of it: what a host is expected to be comes
+"""hostaccess.expectations and the posture suite's use of it: what a host is expected to be comes
 from its inventory, the same test code runs for every inventory, and a test that does not apply
 skips with its reason instead of passing."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.runner import expectations, hostvars
+from hostaccess import expectations, hostvars
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""toolkit.runner.hostvars: an inventory read by Ansible itself, templated per variable, role defaults under."""
+"""hostaccess.hostvars: an inventory read by Ansible itself, templated per variable, role defaults under."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.runner import hostvars
+from hostaccess import hostvars
 
 ROOT = Path(__file__).resolve().parents[2]
 

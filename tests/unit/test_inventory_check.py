@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from toolkit.runner import hostvars, inventory_check
+from hostaccess import hostvars
+from toolkit.runner import inventory_check
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "sign01"

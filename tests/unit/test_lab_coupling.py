@@ -10,7 +10,7 @@ import pytest
 from toolkit import pipeline
 from toolkit.assurance import lab_coupling
 
-SCOPE = ("roles", "playbooks", "tests/posture", "toolkit/runner/expectations.py")
+SCOPE = ("roles", "playbooks", "tests/posture", "hostaccess/expectations.py")
 
 
 def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
@@ -26,7 +26,7 @@ CLEAN = {
     "playbooks/deploy.yml": "- hosts: signing_hosts\n  roles: [token]\n",
     "tests/posture/test_x.py": '"""Skipped in the lab: waived. See tests/lab/test_usb.py and inventory/lab."""\n'
                                "def test_x(expected):\n    assert expected['token_backend']\n",
-    "toolkit/runner/expectations.py": "NAMES = ('verify_kind',)  # the lab. Then production\n",
+    "hostaccess/expectations.py": "NAMES = ('verify_kind',)  # the lab. Then production\n",
 }
 
 
@@ -49,7 +49,7 @@ def test_a_clean_tree_passes(tmp_path: Path) -> None:
         ("tests/posture/test_ssh.py", "    return lab.ssh_alias", "lab variable"),
         ("tests/posture/test_ssh.py", '    env = os.environ["SIGNLAB_INSTANCE"]', "lab's name"),
         ("tests/posture/test_usb.py", '    assert name == "lab0"', "lab instance name"),
-        ("toolkit/runner/expectations.py", "STATE = '/var/lib/signlab'", "lab's name"),
+        ("hostaccess/expectations.py", "STATE = '/var/lib/signlab'", "lab's name"),
     ],
 )
 def test_a_planted_coupling_is_named_with_file_and_line(tmp_path: Path, rel: str, line: str,
@@ -90,7 +90,7 @@ def test_the_token_pin_dir_defaults_to_the_operators_state_dir(
 ) -> None:
     """A production-style inventory that sets no token_pin_dir gets one under the invoking
     user's state directory (it used to need the lab's signlab_state_dir)."""
-    from toolkit.runner import hostvars
+    from hostaccess import hostvars
 
     monkeypatch.delenv("XDG_STATE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
+from hostaccess import hostvars
 from lab import lifecycle, net, site
 from lab.config import Instance
-from toolkit.runner import hostvars
 
 ROOT = Path(__file__).resolve().parents[2]
 

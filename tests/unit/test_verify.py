@@ -201,7 +201,7 @@ def test_targets_come_from_the_inventory_as_ansible_templates_it(tmp_path: Path)
 
 def test_the_connection_is_the_one_ansible_would_use(tmp_path: Path) -> None:
     """User, port, key and the inventory's ssh args (ProxyJump, -F), templated, all kept."""
-    from toolkit.runner import connection, hostvars
+    from hostaccess import connection, hostvars
 
     inv = hostvars.load(_inventory(tmp_path, PROD))
     ep = connection.endpoint(inv, "sign1")
@@ -219,7 +219,7 @@ def test_the_connection_is_the_one_ansible_would_use(tmp_path: Path) -> None:
 def test_a_vaulted_become_password_is_decrypted_with_the_vault_password_file(
     tmp_path: Path,
 ) -> None:
-    from toolkit.runner import connection, hostvars
+    from hostaccess import connection, hostvars
 
     vault_pw = tmp_path / "vault-pass"
     vault_pw.write_text("vault-secret\n")

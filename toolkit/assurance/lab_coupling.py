@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 # Where the lab must not appear (directories are searched recursively).
-SCOPE = ("roles", "playbooks", "tests/posture", "toolkit/runner/expectations.py")
+SCOPE = ("roles", "playbooks", "tests/posture", "hostaccess/expectations.py")
 
 RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"signlab", re.I), "the lab's name (signlab_* variables, $SIGNLAB_*, its paths)"),

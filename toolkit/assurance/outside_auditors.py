@@ -51,7 +51,7 @@ _channels: dict[str, Any] = {}
 
 
 def _endpoint(target: Target) -> Any:
-    from toolkit.runner import connection, hostvars
+    from hostaccess import connection, hostvars
 
     inv = hostvars.load(target.inventory, target.host,
                         vault_password_file=target.vault_password_file)

@@ -1,8 +1,8 @@
 """`invoke verify`: the posture tests against every host of an inventory, one report per host.
 
 Targets: the hosts of any inventory (default: inventory/lab, the local lab VM), read and
-templated by Ansible (toolkit.runner.hostvars), with `--limit` as Ansible understands it. Each
-host is reached exactly as a play reaches it (toolkit.runner.connection: testinfra's translation
+templated by Ansible (hostaccess.hostvars), with `--limit` as Ansible understands it. Each
+host is reached exactly as a play reaches it (hostaccess.connection: testinfra's translation
 of the inventory's user, port, key, ansible_ssh_common_args/extra_args, ProxyJump, -F
 ssh_config), and every command runs as root over one channel (toolkit.assurance.shell_channel),
 through sudo with the inventory's become password (vault) or `--ask-become-pass` when sudo asks
@@ -43,8 +43,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hostaccess import hostvars
 from toolkit.assurance import ci_record, registry, report, report_signing
-from toolkit.runner import hostvars
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB_INVENTORY = ROOT / "inventory" / "lab"
@@ -79,7 +79,7 @@ def resolve_targets(
     vault_password_file: str | None = None,
     ask_become_pass: bool = False,
 ) -> list[Target]:
-    from toolkit.runner.ansible_run import host_become_password
+    from hostaccess.connection import host_become_password
 
     path = str(LAB_INVENTORY) if inventory in (None, "", "lab") else str(inventory)
     try:

@@ -11,13 +11,12 @@ environment (both are visible in /proc and recorded by auditd and sudo), never a
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from toolkit.runner.controls import HostControls
-    from toolkit.runner.hostvars import Inventory
 
 ROOT = Path(__file__).resolve().parents[2]
 RECAP = re.compile(
@@ -99,40 +97,6 @@ def ansible_env(**extra: str) -> dict[str, str]:
     return dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), **extra)
 
 
-_BECOME_PASSWORD: list[str] = []
-
-
-def become_password(ask: bool, prompt: str = "sudo password (become): ") -> str | None:
-    """The become (sudo) password the operator typed, asked at most once per process.
-
-    None when not asked for: Ansible then uses the inventory's `ansible_become_password`
-    (vaulted, decrypted with --vault-password-file or $ANSIBLE_VAULT_PASSWORD_FILE), or none.
-    A channel of our own that needs the vaulted value reads it with toolkit.runner.hostvars.
-    """
-    if not ask:
-        return None
-    if not _BECOME_PASSWORD:
-        _BECOME_PASSWORD.append(getpass.getpass(prompt))
-    return _BECOME_PASSWORD[0]
-
-
-_BECOME_VARS = ("ansible_become_password", "ansible_become_pass", "ansible_sudo_pass")
-
-
-def host_become_password(inv: Inventory, host: str, ask: bool) -> str | None:
-    """The sudo password Ansible would use on `host`, for a channel of our own.
-
-    Ansible's precedence: the inventory's `ansible_become_password` (vault decrypted) wins
-    over the one typed at --ask-become-pass (asked once per process); else None.
-    """
-    for name in _BECOME_VARS:
-        if inv.has(host, name):
-            # hostvars decrypts a vaulted value and turns its errors into InventoryError.
-            value = inv.get(host, name)
-            return None if value is None else str(value)
-    return become_password(ask)
-
-
 @contextmanager
 def secret_fd(secret: str | None) -> Iterator[int | None]:
     """The read end of a pipe that holds `secret`, for one child's standard input.
@@ -162,39 +126,51 @@ def secret_args(become_fd: int | None, vault_password_file: str | None) -> list[
     return args
 
 
-def build_command(
-    playbook: str,
-    *,
-    inventory: str | None = None,
-    limit: str | None = None,
-    check: bool = False,
-    diff: bool = False,
-    tags: str | None = None,
-    skip_tags: str | None = None,
-    extra_vars: dict[str, Any] | None = None,
-    verbose: int = 0,
-    vault_password_file: str | None = None,
-) -> list[str]:
+@dataclass(frozen=True)
+class PlayOptions:
+    """How one play runs: built once from a task's options, handed down as it is.
+
+    All but the last two are ansible-playbook's own options. `expect_unchanged` is the task's
+    gate on the recap (a second run must report changed=0); `ask_become_pass` says whether the
+    sudo password is typed (hostaccess.connection.become_password), never where it goes.
+    """
+
+    inventory: str | None = None
+    limit: str | None = None
+    check: bool = False
+    diff: bool = False
+    tags: str | None = None
+    skip_tags: str | None = None
+    verbose: int = 0
+    vault_password_file: str | None = None
+    extra_vars: Mapping[str, Any] | None = None
+    expect_unchanged: bool = False
+    ask_become_pass: bool = False
+
+
+def build_command(playbook: str, options: PlayOptions) -> list[str]:
+    """The ansible-playbook command line for `playbook` (under playbooks/) with `options`."""
+    o = options
     cmd = [venv_exe("ansible-playbook"), str(ROOT / "playbooks" / playbook)]
-    if inventory:
-        cmd += ["-i", inventory]
-    if limit:
-        cmd += ["--limit", limit]
-    if check:
+    if o.inventory:
+        cmd += ["-i", o.inventory]
+    if o.limit:
+        cmd += ["--limit", o.limit]
+    if o.check:
         cmd.append("--check")
-    if diff:
+    if o.diff:
         cmd.append("--diff")
-    if tags:
-        cmd += ["--tags", tags]
-    if skip_tags:
-        cmd += ["--skip-tags", skip_tags]
-    for k, v in (extra_vars or {}).items():
+    if o.tags:
+        cmd += ["--tags", o.tags]
+    if o.skip_tags:
+        cmd += ["--skip-tags", o.skip_tags]
+    for k, v in (o.extra_vars or {}).items():
         # A list or a mapping as JSON: `k=v` would hand the role a string.
         cmd += ["-e", f"{k}={v}" if isinstance(v, str) else json.dumps({k: v})]
-    if vault_password_file:
-        cmd += ["--vault-password-file", vault_password_file]
-    if verbose:
-        cmd.append("-" + "v" * verbose)
+    if o.vault_password_file:
+        cmd += ["--vault-password-file", o.vault_password_file]
+    if o.verbose:
+        cmd.append("-" + "v" * o.verbose)
     return cmd
 
 

@@ -1,6 +1,6 @@
 """`invoke inventory.check`: is an inventory fit to run the plays, without touching a host.
 
-Two kinds of rule, both on the values a play would see (toolkit.runner.hostvars: Ansible's own
+Two kinds of rule, both on the values a play would see (hostaccess.hostvars: Ansible's own
 inventory, templating and vault, role defaults underneath):
 
 - the roles' argument specs (roles/*/meta/argument_specs.yml), checked with Ansible's own
@@ -33,9 +33,9 @@ from typing import Any
 import yaml
 from invoke.exceptions import Exit
 
+from hostaccess import hostvars
 from signer.config import NAME_RE, SSH_KEY_RE, key_identity
 from toolkit import exitcodes
-from toolkit.runner import hostvars
 
 ROOT = hostvars.ROOT
 PLAYBOOKS = ROOT / "playbooks"

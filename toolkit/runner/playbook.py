@@ -9,16 +9,16 @@ import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 from invoke.exceptions import Exit
 
+from hostaccess.connection import become_password
 from toolkit import exitcodes
 from toolkit.runner.ansible_run import (
     ROOT,
     PlaybookResult,
+    PlayOptions,
     ansible_env,
-    become_password,
     build_command,
     run_playbook,
     secret_args,
@@ -53,40 +53,18 @@ def prepare(
 
 
 def play(
-    name: str,
-    playbook: str,
-    *,
-    inventory: str | None,
-    limit: str | None,
-    check: bool,
-    diff: bool,
-    tags: str | None,
-    skip_tags: str | None,
-    verbose: int,
-    expect_unchanged: bool = False,
-    ask_become_pass: bool = False,
-    vault_password_file: str | None = None,
-    prepared: bool = False,
-    extra_vars: dict[str, Any] | None = None,
+    name: str, playbook: str, options: PlayOptions, *, prepared: bool = False
 ) -> PlaybookResult:
+    """Run `playbook` as the task `name`: prepared (unless the caller did it), logged, summarised
+    per host, its outcome the task's exit code."""
     if not prepared:
-        prepare(name, inventory, limit, vault_password_file)
-    become_pass = become_password(ask_become_pass)
-    cmd = build_command(
-        playbook,
-        inventory=inventory,
-        limit=limit,
-        check=check,
-        diff=diff,
-        tags=tags,
-        skip_tags=skip_tags,
-        verbose=verbose,
-        vault_password_file=vault_password_file,
-        extra_vars=extra_vars,
-    )
-    suffix = "-check" if check else ""
+        prepare(name, options.inventory, options.limit, options.vault_password_file)
+    become_pass = become_password(options.ask_become_pass)
+    cmd = build_command(playbook, options)
+    suffix = "-check" if options.check else ""
     log = LOG_DIR / f"{name}{suffix}-{time.strftime('%Y%m%dT%H%M%S')}.log"
-    print(f"==> {name}{' (check mode)' if check else ''}: {' '.join(cmd[1:])}", flush=True)
+    mode = " (check mode)" if options.check else ""
+    print(f"==> {name}{mode}: {' '.join(cmd[1:])}", flush=True)
     started = time.monotonic()
     result = run_playbook(cmd, log, become_pass=become_pass)
     took = time.monotonic() - started
@@ -105,10 +83,10 @@ def play(
         reached = [hc for hc in result.controls if hc.host not in unreachable]
         if result.returncode != 0 and reached:
             print(f"==> {name}: which controls are in place now", flush=True)
-            for line in controls.summary_lines(reached, check=check):
+            for line in controls.summary_lines(reached, check=options.check):
                 print(f"    {line}", flush=True)
         elif result.returncode == 0:
-            verb = "checked" if check else "applied"
+            verb = "checked" if options.check else "applied"
             for hc in result.controls:
                 done, total = len(hc.by_status(controls.APPLIED)), len(hc.controls)
                 rest = f" ({total - done} not selected by this run)" if done < total else ""
@@ -122,7 +100,7 @@ def play(
             )
         raise Exit(f"{name} failed (ansible rc={result.returncode}); see {log}",
                    code=exitcodes.FAILED)
-    if expect_unchanged and result.changed:
+    if options.expect_unchanged and result.changed:
         raise Exit(f"{name}: expected changed=0, got changed={result.changed}; see {log}",
                    code=exitcodes.NOT_READY)
     return result

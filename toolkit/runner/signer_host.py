@@ -21,12 +21,12 @@ from typing import Any
 
 from invoke.exceptions import Exit
 
+from hostaccess import hostvars
+from hostaccess.connection import become_password
 from toolkit import exitcodes
-from toolkit.runner import hostvars
 from toolkit.runner.ansible_run import (
     ROOT,
     ansible_env,
-    become_password,
     secret_args,
     secret_fd,
     venv_exe,

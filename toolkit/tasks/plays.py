@@ -3,15 +3,14 @@ any inventory (run by toolkit.runner.playbook), and the signer's locked dependen
 
 from __future__ import annotations
 
-from typing import Any
-
 from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
 
+from hostaccess.connection import become_password
 from toolkit import exitcodes
 from toolkit.runner import playbook, wheelhouse
-from toolkit.runner.ansible_run import ROOT, become_password
+from toolkit.runner.ansible_run import ROOT, PlayOptions
 
 _HELP = {
     "inventory": "inventory path (default: inventory/lab, the local lab VM)",
@@ -30,32 +29,6 @@ _PLAY_HELP = _HELP | {"expect_unchanged": "fail unless the run reports changed=0
 _INCREMENTABLE = ["verbose"]
 
 
-def _opts(
-    inventory: str | None,
-    limit: str | None,
-    check: bool,
-    diff: bool,
-    tags: str | None,
-    skip_tags: str | None,
-    verbose: int,
-    expect_unchanged: bool,
-    ask_become_pass: bool,
-    vault_password_file: str | None,
-) -> dict[str, Any]:
-    return {
-        "ask_become_pass": ask_become_pass,
-        "vault_password_file": vault_password_file,
-        "inventory": inventory,
-        "limit": limit,
-        "check": check,
-        "diff": diff,
-        "tags": tags,
-        "skip_tags": skip_tags,
-        "verbose": verbose,
-        "expect_unchanged": expect_unchanged,
-    }
-
-
 @task(help=_PLAY_HELP, incrementable=["verbose"])
 def provision(
     c: Context,
@@ -71,12 +44,11 @@ def provision(
     vault_password_file: str | None = None,
 ) -> None:
     """Base system of a signing host: packages, services, time, updates, journald, admins, AIDE."""
-    playbook.play(
-        "provision",
-        "provision.yml",
-        **_opts(inventory, limit, check, diff, tags, skip_tags, verbose, expect_unchanged,
-              ask_become_pass, vault_password_file),
-    )
+    options = PlayOptions(inventory=inventory, limit=limit, check=check, diff=diff, tags=tags,
+                          skip_tags=skip_tags, verbose=verbose,
+                          vault_password_file=vault_password_file,
+                          expect_unchanged=expect_unchanged, ask_become_pass=ask_become_pass)
+    playbook.play("provision", "provision.yml", options)
 
 
 @task(help=_PLAY_HELP, incrementable=["verbose"])
@@ -94,12 +66,11 @@ def harden(
     vault_password_file: str | None = None,
 ) -> None:
     """Harden: ssh, firewall (nftables), usb (USBGuard), kernel, auditd. Lockout-safe."""
-    playbook.play(
-        "harden",
-        "harden.yml",
-        **_opts(inventory, limit, check, diff, tags, skip_tags, verbose, expect_unchanged,
-              ask_become_pass, vault_password_file),
-    )
+    options = PlayOptions(inventory=inventory, limit=limit, check=check, diff=diff, tags=tags,
+                          skip_tags=skip_tags, verbose=verbose,
+                          vault_password_file=vault_password_file,
+                          expect_unchanged=expect_unchanged, ask_become_pass=ask_become_pass)
+    playbook.play("harden", "harden.yml", options)
 
 
 @task(help=_PLAY_HELP | {
@@ -146,14 +117,12 @@ def deploy(
     watch = expect_unchanged and not check
     secrets = (become_password(ask_become_pass), vault_password_file)
     before = playbook.daemon_invocations(inventory, limit, *secrets) if watch else {}
-    playbook.play(
-        "deploy",
-        "deploy.yml",
-        prepared=True,
-        extra_vars={"base_aide_accept_changes": accepted} if accepted else None,
-        **_opts(inventory, limit, check, diff, tags, skip_tags, verbose, expect_unchanged,
-              ask_become_pass, vault_password_file),
-    )
+    options = PlayOptions(inventory=inventory, limit=limit, check=check, diff=diff, tags=tags,
+                          skip_tags=skip_tags, verbose=verbose,
+                          vault_password_file=vault_password_file,
+                          extra_vars={"base_aide_accept_changes": accepted} if accepted else None,
+                          expect_unchanged=expect_unchanged, ask_become_pass=ask_become_pass)
+    playbook.play("deploy", "deploy.yml", options, prepared=True)
     if watch:
         after = playbook.daemon_invocations(inventory, limit, *secrets)
         restarted = sorted(h for h, inv in before.items() if after.get(h) != inv)

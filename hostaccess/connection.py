@@ -1,23 +1,25 @@
 """How verify and audit reach a host: exactly as Ansible does, through testinfra's translation.
 
-The inventory is read and templated by Ansible (toolkit.runner.hostvars); the connection variables a
+The inventory is read and templated by Ansible (hostaccess.hostvars); the connection variables a
 play would use (ansible_host, _port, _user, the private key, ansible_ssh_common_args and
 ansible_ssh_extra_args with their ProxyJump or -F ssh_config, ansible.cfg's ssh_args) are handed
 to testinfra's own Ansible translation (`testinfra.utils.ansible_runner.get_ansible_host`), which
 builds the ssh command line. Nothing here writes another ssh_config.
 
 The become password (sudo that asks for one) comes from the inventory (`ansible_become_password`,
-usually vaulted) or from a prompt; it is written to the remote sudo's stdin and nowhere else
-(see toolkit.assurance.shell_channel).
+usually vaulted) or from a prompt, asked once per process (`become_password`) whoever needs it:
+a play (toolkit.runner.ansible_run hands it to Ansible through a pipe) or a channel of our own
+(written to the remote sudo's stdin and nowhere else, see toolkit.assurance.shell_channel).
 """
 
 from __future__ import annotations
 
+import getpass
 import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from toolkit.runner import hostvars
+from hostaccess import hostvars
 
 CONNECTION_VARS = (
     "ansible_host",
@@ -79,7 +81,39 @@ def endpoint(
 ) -> Endpoint:
     values = inv.render(host, CONNECTION_VARS)
     values.setdefault("ansible_host", host)
-    from toolkit.runner.ansible_run import host_become_password
-
     pw = password if password is not None else host_become_password(inv, host, False)
     return Endpoint(host, tuple(ssh_argv(values, host)), pw)
+
+
+_BECOME_PASSWORD: list[str] = []
+
+
+def become_password(ask: bool, prompt: str = "sudo password (become): ") -> str | None:
+    """The become (sudo) password the operator typed, asked at most once per process.
+
+    None when not asked for: Ansible then uses the inventory's `ansible_become_password`
+    (vaulted, decrypted with --vault-password-file or $ANSIBLE_VAULT_PASSWORD_FILE), or none.
+    A channel of our own that needs the vaulted value reads it with `host_become_password`.
+    """
+    if not ask:
+        return None
+    if not _BECOME_PASSWORD:
+        _BECOME_PASSWORD.append(getpass.getpass(prompt))
+    return _BECOME_PASSWORD[0]
+
+
+_BECOME_VARS = ("ansible_become_password", "ansible_become_pass", "ansible_sudo_pass")
+
+
+def host_become_password(inv: hostvars.Inventory, host: str, ask: bool) -> str | None:
+    """The sudo password Ansible would use on `host`, for a channel of our own.
+
+    Ansible's precedence: the inventory's `ansible_become_password` (vault decrypted) wins
+    over the one typed at --ask-become-pass (asked once per process); else None.
+    """
+    for name in _BECOME_VARS:
+        if inv.has(host, name):
+            # hostvars decrypts a vaulted value and turns its errors into InventoryError.
+            value = inv.get(host, name)
+            return None if value is None else str(value)
+    return become_password(ask)

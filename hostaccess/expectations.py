@@ -3,7 +3,7 @@
 The same test code runs against every inventory (the lab VM, a production host): the accounts,
 keys, profiles, token and paths a test checks come from here, never from the test itself.
 Values are the inventory's (role defaults underneath), templated by Ansible as a play would see
-them (toolkit/runner/hostvars.py).
+them (hostaccess/hostvars.py).
 
 Only the variables named below are read, and none of them is a secret; `hostvars.public` drops
 any secret-named one as a second guard. The token's PIN *file path*, the controller directory
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from toolkit.runner import hostvars
+from hostaccess import hostvars
 
 # The inventory variables the suite reads: role knobs (their defaults apply) and the
 # verify_* values that describe how the host can be observed (none of them are role knobs).
@@ -104,5 +104,5 @@ def missing(expected: dict[str, Any], name: str) -> str:
         return f"{source}: {name} could not be templated: {why}"
     if name not in NAMES:
         return (f"{name} is not an expectation the suite reads"
-                " (add it to toolkit/runner/expectations.py)")
+                " (add it to hostaccess/expectations.py)")
     return f"{source} has no value for {name}: set it in the inventory"

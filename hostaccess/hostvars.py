@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 ROLES = ROOT / "roles"
 
 # Variables that hold secrets: never written to a report, an expectations file or a log.
