@@ -1,6 +1,6 @@
 """`signer audit adopt`: an operator takes on, after review, entries no checkpoint vouches for.
 
-The daemon never certifies what it did not verify (`daemon.Daemon._judge_tail`): a tail after
+The daemon never certifies what it did not verify (`recovery.judge_tail`): a tail after
 the last checkpoint that is longer than the checkpoint interval can leave, or that would make
 the signer more permissive (a thaw, an approval, a queued request), stops it with the seq
 range named; a short tail that can only make it stricter is taken on, and the next checkpoint

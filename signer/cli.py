@@ -206,14 +206,14 @@ def dispatch(args: argparse.Namespace) -> int:
 
         role, name = ("client", args.client) if args.client else ("custodian", args.custodian)
         return gateway.main(role, name, args.config, args.socket)
-    from signer import audit, certs, client, config, daemon, keys
+    from signer import audit, certs, client, config, daemon, keys, service
 
     if args.command == "serve":
         import logging
 
         cfg = config.load(args.config)
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(daemon.EscapingFormatter("%(levelname)s %(message)s"))
+        handler.setFormatter(service.EscapingFormatter("%(levelname)s %(message)s"))
         logging.basicConfig(level=logging.INFO, handlers=[handler])
         daemon.run(cfg)
         return Exit.OK

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from signer import audit, certs, daemon
+from signer import audit, certs, service
 from signer.formats import cms
 from tests.signer.conftest import MakeSigner, Signer, config, one_line_error, profiles
 from toolkit.local_signer import Lab, sign_over_socket
@@ -271,7 +271,7 @@ def test_the_journal_escapes_caller_provided_strings(make_signer: MakeSigner) ->
     journal = s.log
     assert "deny client: bad caller name" in journal
     assert not any(line.startswith("INFO sign forged-line") for line in journal.splitlines())
-    fmt = daemon.EscapingFormatter("%(levelname)s %(message)s")
+    fmt = service.EscapingFormatter("%(levelname)s %(message)s")
     rec = logging.LogRecord("signerd", logging.INFO, __file__, 1, "deny %s: %s",
                             ("evil\nINFO forged", "a\u202eb"), None)
     assert fmt.format(rec) == "INFO deny evil\\nINFO forged: a\\u202eb"
