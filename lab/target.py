@@ -33,7 +33,7 @@ ENV_VAULT = "SIGNLAB_TEST_VAULT_PASSWORD_FILE"
 # The inventory values the lab tests read (role defaults underneath, as a play sees them).
 NAMES = ("signer_profiles", "signer_clients", "signer_custodians", "signer_client_account_prefix",
          "signer_audit_log", "signer_config", "signer_controller_dir", "signer_cert_dir",
-         "signer_socket",
+         "signer_socket", "signer_venv", "signer_audit_cert", "token_pin_source",
          "signer_daemon_user", "signer_service", "token_pin_dir", "firewall_admin_networks",
          "ssh_ciphers", "ssh_host_key_algorithms", "ssh_kex_classical_clients",
          "ssh_kex_algorithms", "ansible_user", "base_aide",

@@ -368,11 +368,14 @@ def lab_stages(instance: str, ci_evidence: list[str] | None = None,
     ]
 
 
+LANE_FIRST_INDEX = 6
+
+
 def ci_stages(instance: str, releases: list[str], *, tests: bool = True, lab: bool = True,
               keep: bool = False) -> list[Stage]:
     """`invoke ci`: static checks and the VM-less tests, then the first release's whole
     pipeline on `instance` (lab_stages, each stage named by its release) and, beside it, a
-    lane per other release on lab8, lab7, ... (`invoke ci-lane`, release_lane_stages).
+    lane per other release on lab6, lab5, ... (`invoke ci-lane`, release_lane_stages).
 
     The unit and signer tests need no VM: they run in the background while the lab is built
     and provisioned (image build and emulated guest leave the controller's CPUs partly idle)
@@ -392,7 +395,9 @@ def ci_stages(instance: str, releases: list[str], *, tests: bool = True, lab: bo
     last_check = next(s.name for s in main if s.name.endswith("--check (changed=0)"))
     lanes = []
     for n, rel in enumerate(others):
-        lane_instance = f"lab{8 - n}"
+        # lab6, lab5, ...: the unit tests make real namespaces as lab7 and lab8 while the lanes
+        # run, and lab9 is the first release's
+        lane_instance = f"lab{LANE_FIRST_INDEX - n}"
         argv = invoke("ci-lane", "--release", rel, "--instance", lane_instance)
         lanes.append(Stage(f"{RELEASES[rel]}: lane on {lane_instance}",
                            [*argv, "--keep"] if keep else argv,

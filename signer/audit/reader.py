@@ -272,5 +272,5 @@ def verify_file(path: Path | list[Path], spki: bytes | None, live: bool,
         return False, (f"{label}: NOT verified: seq 0..{v.seq} chain ok, {signed}, but no "
                        f"checkpoint vouches for {ranges} as verified: the daemon found them "
                        "after its last checkpoint at start and took them on unverified; review "
-                       "them and adopt them (`signer audit adopt`){adopted}")
+                       f"them and adopt them (`signer audit adopt`){adopted}")
     return True, f"{label}: ok: seq 0..{v.seq}, {signed}{adopted}{tail}"

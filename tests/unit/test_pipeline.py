@@ -4,6 +4,7 @@ are missing fails (a renamed playbook fails CI, it is never skipped), and the su
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -215,7 +216,7 @@ def test_ci_runs_debian_13_in_full_and_debian_12_in_a_lane_beside_it() -> None:
     stages = pipeline.ci_stages("lab9", ["trixie", "bookworm"])
     names = [s.name for s in stages]
     lane = next(s for s in stages if s.name.startswith("Debian 12 (bookworm): lane"))
-    assert lane.argv[-4:] == ["--release", "bookworm", "--instance", "lab8"]
+    assert lane.argv[-4:] == ["--release", "bookworm", "--instance", "lab6"]
     up = names.index("Debian 13 (trixie): lab.up")
     assert names.index(lane.name) == up + 1, "the lane starts once the first VM is up"
     assert lane.until == "Debian 13 (trixie): harden --check (changed=0)"
@@ -232,3 +233,17 @@ def test_ci_with_one_release_has_no_lane() -> None:
     stages = pipeline.ci_stages("lab9", ["bookworm"])
     assert not any(s.sub_summary for s in stages)
     assert any(s.name == "Debian 12 (bookworm): lab tests" for s in stages)
+
+
+def test_no_unit_test_makes_the_instances_the_ci_lanes_run_on() -> None:
+    """The unit tests run beside the lanes and make real namespaces and bridges: an instance
+    name they use would tear down a lane's network (seen: lab8)."""
+    lanes = {f"lab{pipeline.LANE_FIRST_INDEX - n}" for n in range(len(pipeline.RELEASES) - 1)}
+    used = set()
+    for path in (Path(__file__).parent).glob("test_*.py"):
+        if path.name == Path(__file__).name:
+            continue
+        used |= set(re.findall(r"Instance\(\s*[\"'](lab[0-9])[\"']", path.read_text()))
+        used |= set(re.findall(r"name = [\"'](lab[0-9])[\"']", path.read_text()))
+    assert used, "the scan found no instance at all: it no longer reads the tests"
+    assert not lanes & used, f"unit tests use {sorted(lanes & used)}, a CI lane's instance"

@@ -39,7 +39,7 @@ def _releases(releases: str) -> list[str]:
     "lab_only": "only the lab pipeline (skip the static checks and the VM-less tests)",
     "releases": "Debian releases to prove, comma-separated (default trixie,bookworm): the "
                 "first gets the whole pipeline and the lab tests, each other one provision -> "
-                "verify on an instance of its own (lab8, lab7, ...), beside it",
+                "verify on an instance of its own (lab6, lab5, ...), beside it",
 })
 def ci(c: Context, instance: str = "lab9", skip_lab: bool = False, keep: bool = False,
        lab_only: bool = False, releases: str = "trixie,bookworm") -> None:
@@ -66,10 +66,10 @@ def ci(c: Context, instance: str = "lab9", skip_lab: bool = False, keep: bool = 
 
 @task(help={
     "release": "the Debian release of the lane (trixie or bookworm)",
-    "instance": "lab instance of the lane (default lab8)",
+    "instance": "lab instance of the lane (default lab6)",
     "keep": "leave the lab up after a failure (for debugging)",
 })
-def ci_lane(c: Context, release: str, instance: str = "lab8", keep: bool = False) -> None:
+def ci_lane(c: Context, release: str, instance: str = "lab6", keep: bool = False) -> None:
     """One release on a fresh VM of its own: lab.up -> provision -> harden -> harden again
     (changed=0) -> deploy -> verify -> down (pipeline.release_lane_stages). `invoke ci` runs
     one per release after the first, beside the main pipeline; its logs and summary are in
