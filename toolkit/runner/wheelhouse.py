@@ -319,8 +319,8 @@ def _build(wheelhouse: Path, target: Target, lock_file: Path) -> None:
     # in the checkout's build/lib and keeps what an earlier build put there: a module since
     # removed or turned into a package (signer/audit.py -> signer/audit/) would ride along in
     # the wheel. Its scratch directories go first, so the wheel holds this checkout only.
-    for scratch in [ROOT / "build" / "lib", *(ROOT / "build").glob("bdist.*")]:
-        shutil.rmtree(scratch, ignore_errors=True)
+    for leftover in [ROOT / "build" / "lib", *(ROOT / "build").glob("bdist.*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
     _pip("wheel", "--quiet", "--no-deps", "--wheel-dir", str(tmp), str(ROOT))
     # ... the locked third-party wheels for the target, each checked by pip against its hashes ...
     _pip("download", "--quiet", "--require-hashes", "--no-deps", "--only-binary=:all:",
