@@ -77,7 +77,7 @@ def sign(lab: LabState, target: Target, signing: tuple[Party, str]) -> Callable[
             r = lab.netns_run(str(client.netns_host),
                               ["ssh", *opts, f"{target.account(client)}@{lab.vm_ipv4}", "sign",
                                "--profile", profile, "--format", "raw",
-                               "--name", "collector-probe.bin"],
+                               "--name", "collector-probe.bin", "--size", "256"],
                               input=secrets.token_bytes(256), timeout=90)
             assert r.returncode == 0, r.stderr.decode()
 
