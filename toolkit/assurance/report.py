@@ -14,10 +14,9 @@ from typing import Any
 
 import jinja2
 
-from toolkit.assurance import registry
-from toolkit.assurance.registry import TIMES
 from toolkit.assurance.report_model import SCHEMA_VERSION, build
-from toolkit.assurance.report_status import (
+from toolkit.controls import registry
+from toolkit.controls.posture_status import (
     CONTROL_STATUSES,
     PLACES,
     TEST_STATUSES,
@@ -27,6 +26,7 @@ from toolkit.assurance.report_status import (
     colour,
     short_nodeid,
 )
+from toolkit.controls.tables import TIMES
 
 # Besides its own, the names callers have always found here: the model and its statuses.
 __all__ = [
@@ -207,7 +207,7 @@ def attention(m: dict[str, Any]) -> list[dict[str, Any]]:
     """Applicable technical controls that are not proven here, worst first."""
     order = ("failed", "undefined", "untested", "not run", "claimed", "skipped", "waived")
     return sorted((c for c in m["controls"].values() if c["status"] in order),
-                  key=lambda c: (order.index(c["status"]), registry._id_key(c["id"])))
+                  key=lambda c: (order.index(c["status"]), registry.id_key(c["id"])))
 
 
 def _md(text: Any) -> str:

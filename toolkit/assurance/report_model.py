@@ -2,7 +2,7 @@
 
 `build()` is pure: it joins the registry (threats, controls), the test index (control markers
 read from the test files) and one pytest run's results (toolkit.assurance.pytest_verify) into a
-model, with each control's and threat's status (toolkit/assurance/report_status.py).
+model, with each control's and threat's status (toolkit/controls/posture_status.py).
 `changes()` compares a model with the previous run's. The JSON file of a run is this model, so
 tools and the reader see the same thing; `SCHEMA_VERSION` changes when a key changes meaning or
 goes. A run fails when any applicable control failed, any test failed, or nothing could be
@@ -14,9 +14,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from toolkit.assurance import ci_record, registry
-from toolkit.assurance.registry import Registry, TestRef
-from toolkit.assurance.report_status import (
+from toolkit.controls import ci_record, registry
+from toolkit.controls.posture_status import (
     STATUSES,
     TEST_BAD,
     THREAT_STATUSES,
@@ -26,6 +25,7 @@ from toolkit.assurance.report_status import (
     threat_status,
     undefined_entry,
 )
+from toolkit.controls.registry import Registry, TestRef
 
 # 2: provenance, signature, per-control proof, threat notes and residual conditions,
 # procedures, changes since the previous run (1 had no schema_version key).
@@ -108,13 +108,13 @@ def _controls(reg: Registry, refs: list[TestRef], results: list[dict[str, Any]],
     """Every control of the registry and every one a threat names, in id order."""
     controls = {
         cid: control_entry(c, reg, refs, results, kind, keyword, ci)
-        for cid, c in sorted(reg.controls.items(), key=lambda kv: registry._id_key(kv[0]))
+        for cid, c in sorted(reg.controls.items(), key=lambda kv: registry.id_key(kv[0]))
     }
     for t in reg.active:
         for cid in t.controls:
             if cid not in controls:
                 controls[cid] = undefined_entry(cid, reg, refs, results, kind, keyword)
-    return dict(sorted(controls.items(), key=lambda kv: registry._id_key(kv[0])))
+    return dict(sorted(controls.items(), key=lambda kv: registry.id_key(kv[0])))
 
 
 def _threats(reg: Registry, controls: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -160,7 +160,7 @@ def _procedures(reg: Registry, kind: str) -> list[dict[str, Any]]:
             "threats": [t.id for t in reg.threats_of(c.id)],
             "procedure": c.procedure or "",
         }
-        for c in sorted(reg.controls.values(), key=lambda c: registry._id_key(c.id))
+        for c in sorted(reg.controls.values(), key=lambda c: registry.id_key(c.id))
         if c.kind == "procedure"
     ]
 

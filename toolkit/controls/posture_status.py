@@ -1,6 +1,6 @@
-"""The posture report's statuses and how each control and threat gets one (the report's
-status decisions; toolkit/assurance/report_model.py assembles them into the model,
-toolkit/assurance/report.py renders it).
+"""After verify: each control's and threat's status on one host, and what each status means
+(toolkit/assurance/report_model.py assembles them into the report's model,
+toolkit/assurance/report.py only renders it).
 
 Where a control is proven: on this host (tests/posture, this run), in CI (tests/signer and
 tests/unit prove the signer's own behaviour; tests/lab the end-to-end paths on the lab VM), or
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from toolkit.assurance import ci_record, registry
-from toolkit.assurance.registry import Registry, TestRef
+from toolkit.controls import ci_record, registry
+from toolkit.controls.registry import Registry, TestRef
 
 # status -> (colour, what it means). The order is the summary's.
 CONTROL_STATUSES: dict[str, tuple[str, str]] = {

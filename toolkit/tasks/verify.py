@@ -14,7 +14,8 @@ from invoke.exceptions import Exit
 from invoke.tasks import task
 
 from toolkit import exitcodes
-from toolkit.assurance import registry
+from toolkit.controls import check as control_check
+from toolkit.controls import registry, tables
 
 
 def _prepare(
@@ -51,16 +52,16 @@ def check(c: Context, write_tables: bool = False, quiet: bool = False) -> None:
     """Consistency of threats -> controls -> tasks (tags) -> tests (markers); prints every
     missing link, fails if any."""
     reg = registry.load()
-    problems = registry.check(reg)
-    problems += registry.sync_docs(reg, write=write_tables)
+    problems = control_check.check(reg)
+    problems += tables.sync_docs(reg, write=write_tables)
     if not quiet:
-        print(registry.summary(reg))
+        print(control_check.summary(reg))
     if write_tables:
         print("threat-model/README.md, CONTROL_IDS.md: generated tables written")
     if not problems:
         print("threat model: consistent")
         return
-    for name, lines in registry.group_problems(problems).items():
+    for name, lines in control_check.group_problems(problems).items():
         print(f"\n{name} ({len(lines)}):")
         for line in lines:
             print(f"  - {line}")
