@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from toolkit.controls import auditors as auditor_evidence
 from toolkit.controls import ci_record, registry
 from toolkit.controls.posture_status import (
     STATUSES,
@@ -51,6 +52,9 @@ def build(
     the CI record that may vouch for controls only the toolkit's own tests can prove."""
     results: list[dict[str, Any]] = run.get("tests", [])
     controls = _controls(reg, refs, results, kind, keyword, ci)
+    judged = auditor_evidence.judge(reg.controls.values(), auditors)
+    for cid, entries in judged.items():
+        controls[cid]["auditors"] = entries
     threats = _threats(reg, controls)
     procedures = _procedures(reg, kind)
     known = set(reg.controls)
@@ -66,6 +70,9 @@ def build(
         threat_counts[entry["status"]] += 1
     problems = _problems(run, results, counts)
     warnings = _warnings(run, counts, ci)
+    warnings += [f"{e['control']}: {e['text']}: an outside auditor misses the threshold of the "
+                 "control (its tests decide its status)"
+                 for e in auditor_evidence.missed(judged)]
     facts = run.get("host_facts") or {}
     prov = dict(provenance or {})
     skew = clock_skew(prov.get("started"), facts.get("clock"), run.get("duration"))

@@ -52,8 +52,16 @@ def check(
     referenced = {cid for t in reg.active for cid in t.controls}
     technical: list[str] = []
     elsewhere: list[str] = []
+    bounds: dict[tuple[str, str, str], str] = {}  # (auditor, figure, bound) -> its control
     for control in reg.controls.values():
         where = f"control {control.id} ({control.source})"
+        for th in control.auditors:
+            key = (th.auditor, th.figure, th.bound)
+            if key in bounds:
+                problems.append(f"{where}: auditors: {th} is a second threshold for "
+                                f"{th.auditor} {th.figure} (the first is under {bounds[key]}): "
+                                "a threshold is written once")
+            bounds.setdefault(key, control.id)
         if control.id not in referenced:
             problems.append(f"{where}: mitigates no threat in threats.yml")
         if control.kind == "procedure":

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from toolkit.controls import ci_record, registry
+from toolkit.controls import auditors, ci_record, registry
 from toolkit.controls.registry import Registry, TestRef
 
 # status -> (colour, what it means). The order is the summary's.
@@ -77,7 +77,8 @@ def colour(status: str) -> str:
     for table in (CONTROL_STATUSES, THREAT_STATUSES):
         if status in table:
             return table[status][0]
-    return TEST_STATUSES.get(status) or VERDICTS.get(status, "")
+    return (TEST_STATUSES.get(status) or VERDICTS.get(status)
+            or auditors.AUDITOR_COLOURS.get(status, ""))
 
 
 def base_nodeid(nodeid: str) -> str:
@@ -151,6 +152,7 @@ def control_entry(
         "where": [PLACES[p] for p in ("host", "ci_unit", "ci_lab") if proof[p]],
         "status": "",
         "reason": "",
+        "auditors": [],  # toolkit/controls/auditors.py: outside auditors' figures, judged
     }
     entry["applies_here"] = control.applies(kind)
     if control.kind == "procedure":

@@ -100,6 +100,37 @@ class Threat:
         return self.risk >= HIGH_RISK
 
 
+# The outside auditors `invoke audit` runs (toolkit/assurance/outside_auditors.py), by the name
+# their figures are filed under; the schema's enum is the same list.
+AUDITORS = ("lynis", "ssh-audit", "systemd-analyze")
+# How a figure is held to its threshold: the YAML key, its sign.
+BOUNDS = {"at_most": "<=", "at_least": ">="}
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """An outside auditor's figure that is evidence for a control, and the bound it must keep:
+    `auditors:` of the control in threat-model/controls/*.yml, and written nowhere else
+    (tests/unit/test_auditor_evidence.py looks for a second copy)."""
+
+    control: str
+    auditor: str  # one of AUDITORS
+    figure: str  # a key of the auditor's figures: exposure, fail, hardening_index
+    bound: str  # a key of BOUNDS
+    limit: float
+
+    @property
+    def text(self) -> str:
+        """`<= 2.0`, `>= 85`, `<= 0`: the limit as written in the YAML."""
+        return f"{BOUNDS[self.bound]} {self.limit}"  # an int stays one: 85, not 85.0
+
+    def met(self, value: float) -> bool:
+        return value <= self.limit if self.bound == "at_most" else value >= self.limit
+
+    def __str__(self) -> str:
+        return f"{self.auditor} {self.figure} {self.text}"
+
+
 @dataclass(frozen=True)
 class Control:
     id: str
@@ -122,6 +153,7 @@ class Control:
     code: tuple[dict[str, str], ...] = ()  # the modules that implement it (signer/...)
     implemented_outside: str | None = None  # technical, but no task or module here does it
     tasks: tuple[task_tags.TaskRef, ...] = ()  # the tasks a playbook runs that carry its id
+    auditors: tuple[Threshold, ...] = ()  # outside auditors' figures that are evidence for it
 
     def applies(self, target: str) -> bool:
         """Whether the control is expected to hold on a `lab` or `production` host."""
@@ -289,7 +321,22 @@ def _control(raw: dict[str, Any], source: str) -> Control | None:
             for c in code if isinstance(c, dict) and c.get("module")
         ),
         implemented_outside=_text(raw, "implemented_outside"),
+        auditors=_thresholds(cid, raw.get("auditors")),
     )
+
+
+def _thresholds(cid: str, raw: Any) -> tuple[Threshold, ...]:
+    """`auditors:` of a control as written; the schema reports an entry it cannot be read from."""
+    out: list[Threshold] = []
+    for entry in raw if isinstance(raw, list) else ():
+        if not isinstance(entry, dict):
+            continue
+        for bound in BOUNDS:
+            limit = entry.get(bound)
+            if isinstance(limit, int | float) and not isinstance(limit, bool):
+                out.append(Threshold(cid, str(entry.get("auditor") or ""),
+                                     str(entry.get("figure") or ""), bound, limit))
+    return tuple(out)
 
 
 def _where(control: Control, project: task_tags.Project) -> tuple[dict[str, Any], ...]:
@@ -314,6 +361,26 @@ def _where(control: Control, project: task_tags.Project) -> tuple[dict[str, Any]
     return tuple(out)
 
 
+def load_controls(root: Path = THREAT_MODEL, problems: list[str] | None = None
+                  ) -> dict[str, Control]:
+    """The controls as threat-model/controls/*.yml define them, without the links that load()
+    derives (tags, markers, threats): what a posture test or a help text needs, at once."""
+    problems = [] if problems is None else problems
+    controls: dict[str, Control] = {}
+    for cpath in sorted((root / "controls").glob("*.yml")):
+        source = f"controls/{cpath.name}"
+        for raw in _load_yaml(cpath, "controls", source, problems).get("controls") or ():
+            control = _control(raw, source) if isinstance(raw, dict) else None
+            if control is None:
+                continue
+            if control.id in controls:
+                first = controls[control.id].source
+                problems.append(f"{source}: control {control.id} already defined in {first}")
+                continue
+            controls[control.id] = control
+    return controls
+
+
 def load(root: Path = THREAT_MODEL, project: Path | None = None) -> Registry:
     """The registry under `root`, joined with the tags and markers of `project` (its parent).
 
@@ -333,18 +400,7 @@ def load(root: Path = THREAT_MODEL, project: Path | None = None) -> Registry:
         if threat.id in reg.threats:
             reg.problems.append(f"threats.yml: threat {threat.id} defined twice")
         reg.threats[threat.id] = threat
-    controls: dict[str, Control] = {}
-    for cpath in sorted((root / "controls").glob("*.yml")):
-        source = f"controls/{cpath.name}"
-        for raw in _load_yaml(cpath, "controls", source, reg.problems).get("controls") or ():
-            control = _control(raw, source) if isinstance(raw, dict) else None
-            if control is None:
-                continue
-            if control.id in controls:
-                first = controls[control.id].source
-                reg.problems.append(f"{source}: control {control.id} already defined in {first}")
-                continue
-            controls[control.id] = control
+    controls = load_controls(root, reg.problems)
     reg.tasks = task_tags.load(project)
     reg.tests = collect_tests(project / "tests", project) if (project / "tests").is_dir() else []
     for cid, control in controls.items():

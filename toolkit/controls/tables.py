@@ -73,8 +73,10 @@ def render_table(reg: Registry, name: str) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for c in sorted(reg.controls.values(), key=lambda c: id_key(c.id)):
+            # An outside auditor's threshold is part of what the control promises.
+            held = f"; outside auditor: {', '.join(map(str, c.auditors))}" if c.auditors else ""
             rows.append(
-                f"| {c.id} | {c.source} | {c.kind} | {c.applies_to} | {_cell(c.title)} | "
+                f"| {c.id} | {c.source} | {c.kind} | {c.applies_to} | {_cell(c.title + held)} | "
                 f"{', '.join(c.threats) or '-'} | {_implemented_by(c)} |"
             )
     else:

@@ -162,8 +162,8 @@ def check_signature(c: Context, report: str, allowed_signers: str | None = None)
         "report_dir": "where the reports are (default: reports/verify)",
         "only": "comma-separated subset of: lynis,ssh-audit,systemd",
         "fresh": "run Lynis even when the host is unchanged since its cached result",
-        "strict": "fail when a yardstick misses its target (Lynis >= 85, ssh-audit 0/0, "
-        "exposure <= 2.0)",
+        "strict": "fail when a figure misses the threshold of its control (`auditors:` in "
+        "threat-model/controls/*.yml: BASE-01 Lynis, SSH-05 ssh-audit, SGN-06 systemd-analyze)",
         "vault_password_file": "Ansible vault password file (or $ANSIBLE_VAULT_PASSWORD_FILE)",
         "ask_become_pass": "prompt for the sudo password (when the inventory has none)",
     }
@@ -179,7 +179,8 @@ def audit(
     vault_password_file: str | None = None,
     ask_become_pass: bool = False,
 ) -> None:
-    """Independent yardsticks: Lynis, ssh-audit, systemd-analyze security, into the report."""
+    """Outside auditors (Lynis, ssh-audit, systemd-analyze security) as evidence of their
+    controls, into the next report."""
     from toolkit.assurance import outside_auditors
 
     chosen = [s.strip() for s in only.split(",")] if only else None
