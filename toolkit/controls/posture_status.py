@@ -8,7 +8,9 @@ by procedure (people, audited). A control that can be proven on the host is prov
 evidence is named as such and never counted as a result of this run.
 
 Control status, per host kind (lab or production): see CONTROL_STATUSES. Threat status: see
-THREAT_STATUSES.
+THREAT_STATUSES. `control_statuses()` and `threat_statuses()` give them for every control and
+threat of the registry; an outside auditor's result is shown under its control
+(toolkit/controls/auditors.py) and never changes its status.
 """
 
 from __future__ import annotations
@@ -349,3 +351,53 @@ def residual_risk(
     if absent and holds == "not here":
         return entry, dict(inherent, basis="inherent: its procedures are not carried out here")
     return entry, inherent
+
+
+# --- every control and threat of the registry on one host ------------------------------------
+
+
+def control_statuses(reg: Registry, refs: list[TestRef], results: list[dict[str, Any]],
+                     kind: str, keyword: str | None, ci: ci_record.Evidence | None = None,
+                     figures: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Every control of the registry and every one a threat names, in id order, each with its
+    status on this host and its outside auditors' results (`figures`: by auditor, as
+    `invoke audit` files them)."""
+    controls = {
+        cid: control_entry(c, reg, refs, results, kind, keyword, ci)
+        for cid, c in sorted(reg.controls.items(), key=lambda kv: registry.id_key(kv[0]))
+    }
+    for t in reg.active:
+        for cid in t.controls:
+            if cid not in controls:
+                controls[cid] = undefined_entry(cid, reg, refs, results, kind, keyword)
+    for cid, entries in auditors.judge(reg.controls.values(), figures).items():
+        controls[cid]["auditors"] = entries
+    return dict(sorted(controls.items(), key=lambda kv: registry.id_key(kv[0])))
+
+
+def threat_statuses(reg: Registry, controls: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The active threats, highest risk first, each with its status on this host."""
+    threats: list[dict[str, Any]] = []
+    for t in sorted(reg.active, key=lambda t: (-t.risk, t.id)):
+        status, note, blocking = threat_status(t, controls)
+        absent = [c for c in dict.fromkeys(t.controls)
+                  if controls[c]["status"] == "procedure" and not controls[c]["applies_here"]]
+        residual, here = residual_risk(t, status, blocking, absent)
+        threats.append(
+            {
+                "id": t.id,
+                "title": t.title,
+                "description": t.description,
+                "stride": list(t.stride),
+                "likelihood": t.likelihood,
+                "impact": t.impact,
+                "risk": t.risk,
+                "band": t.band,
+                "residual": residual,
+                "risk_here": here,
+                "controls": list(dict.fromkeys(t.controls)),
+                "status": status,
+                "note": note,
+            }
+        )
+    return threats
