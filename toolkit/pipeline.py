@@ -250,7 +250,7 @@ def static_stages() -> list[Stage]:
               needs=playbooks),
         Stage("ansible-lint", [_bin("ansible-lint"), "--offline", "-q"], needs=["roles"]),
         Stage("threat-model", invoke("threat-model.check"),
-              needs=["toolkit/controls", "threat-model"]),
+              needs=["toolkit/controls/check.py", "threat-model/threats.yml"]),
     ]
 
 
