@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,7 +43,8 @@ def read_pin(path: Path | None) -> bytes:
 
 
 def parse_custodian(text: str) -> tuple[str, str]:
-    """NAME=PUBKEY_FILE -> (name, the OpenSSH public key line in the file)."""
+    """NAME=PUBKEY_FILE -> (name, the OpenSSH public key line or age recipient in the
+    file)."""
     name, sep, path = text.partition("=")
     if not sep or not config.NAME_RE.fullmatch(name):
         raise SignerError(Exit.USAGE, f"--custodian {text!r}: want NAME=SSH_PUBLIC_KEY_FILE")
@@ -51,21 +53,43 @@ def parse_custodian(text: str) -> tuple[str, str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise SignerError(Exit.USAGE, f"--custodian {name}: cannot read {path}: {exc}") \
             from None
-    if not config.SSH_KEY_RE.fullmatch(line) or line.startswith("sk-") \
-            or line.startswith("ecdsa-"):
-        raise SignerError(Exit.USAGE, f"--custodian {name}: {path} is not an ssh-ed25519 or "
-                          "ssh-rsa public key line (what age encrypts to)")
     return name, line
+
+
+# age's own recipients (X25519, and plugins' such as age-plugin-yubikey's `age1yubikey1...`)
+AGE_RECIPIENT = re.compile(r"age1[0-9a-z]{20,200}")
+
+
+def recipient_problem(line: str) -> str | None:
+    """Why age cannot encrypt to `line` (None: it can). It takes an ssh-ed25519 or ssh-rsa
+    key, or an age recipient. A FIDO2 (`sk-`) SSH key is none of these: its holder gives an
+    age recipient instead (a YubiKey's, through age-plugin-yubikey, keeps the share behind the
+    hardware too)."""
+    if AGE_RECIPIENT.fullmatch(line):
+        return None
+    if not config.SSH_KEY_RE.fullmatch(line) or not line.startswith(("ssh-ed25519 ",
+                                                                       "ssh-rsa ")):
+        return ("not an ssh-ed25519 or ssh-rsa public key line nor an age recipient (age1...),"
+                " what age encrypts to (a FIDO2 sk- SSH key cannot be encrypted to)")
+    return None
+
+
+def _check_recipient(name: str, line: str) -> None:
+    if (why := recipient_problem(line)) is not None:
+        raise SignerError(Exit.USAGE, f"custodian {name}: {why}")
 
 
 def split(pin_bytes: bytes, k: int, recipients: list[tuple[str, str]], out_dir: Path,
           out: TextIO, age: str | None = None) -> list[Path]:
     """Write one encrypted share per custodian into `out_dir` (created 0700; refuses to
     replace a share already there: a second ceremony must not silently half-replace one)."""
+    for name, line in recipients:
+        _check_recipient(name, line)
     names = [n for n, _ in recipients]
     if len(set(names)) != len(names):
         raise SignerError(Exit.USAGE, "a custodian is named twice: one share each")
-    if len({config.key_identity(line) for _, line in recipients}) != len(recipients):
+    if len({line if AGE_RECIPIENT.fullmatch(line) else config.key_identity(line)
+            for _, line in recipients}) != len(recipients):
         raise SignerError(Exit.USAGE, "two custodians have the same SSH key: one holder "
                           "would get two shares")
     try:
@@ -99,7 +123,7 @@ def split(pin_bytes: bytes, k: int, recipients: list[tuple[str, str]], out_dir: 
                     raise SignerError(Exit.SOFTWARE, f"age failed for {name}: "
                                       f"{r.stderr.decode(errors='replace').strip()[:200]}")
                 out.write(f"share {share.index} of {share.n} for {name}: {target} "
-                          f"(encrypted to their SSH key)\n")
+                          f"(encrypted to their key)\n")
     except BaseException:
         for t in written:
             t.unlink(missing_ok=True)

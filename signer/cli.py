@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--threshold", "-k", type=int, required=True, metavar="K",
                    help="shares needed to unlock (the config's daemon.pin_shares), >= 2")
     k.add_argument("--custodian", action="append", required=True,
-                   metavar="NAME=SSH_PUBKEY_FILE", help="one per custodian (n in all)")
+                   metavar="NAME=KEY_FILE", help="one per custodian (n in all): a file "
+                   "holding their ssh-ed25519 or ssh-rsa public key, or an age recipient")
     k.add_argument("--pin-file", type=Path, help="the PIN (a file only you can read); "
                    "default: asked on the terminal")
     k.add_argument("--out", type=Path, required=True,
