@@ -5,8 +5,8 @@ log says who sent a share and never holds one; the token's PIN flags are read be
 
 from __future__ import annotations
 
-import sys
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,10 +19,10 @@ from tests.signer.conftest import MakeSigner, Signer, one_line_error
 SIGN = "sign --profile dev --format raw"
 
 
-def _locked(make_signer: MakeSigner, k: int, **kw: object) -> tuple[Signer, list[str]]:
+def _locked(make_signer: MakeSigner, k: int, window: int = 900) -> tuple[Signer, list[str]]:
     """A daemon that starts locked and takes k shares; the ceremony's shares of its PIN, one
     per custodian (alice, bob, carol, mallory)."""
-    s: Signer = make_signer(pin_source="prompt", pin_shares=k, **kw)
+    s: Signer = make_signer(pin_source="prompt", pin_shares=k, pin_share_window=window)
     pin = s.lab.pin_file.read_bytes().strip()
     return s, [sh.line() for sh in shares.split(pin, k, 4)]
 
@@ -37,6 +37,7 @@ def _secrets_absent(s: Signer, lines: list[str]) -> None:
     pin = s.lab.pin_file.read_text().strip()
     text = s.audit_log.read_text() + s.log
     assert pin not in text
+    assert f"{shares.PREFIX}." not in text  # no share at all, whoever's (the posture marker)
     for line in lines:
         parts = line.split(".")
         for secret in (line, parts[5], parts[6]):  # the whole line, the share, the sealed PIN
@@ -150,12 +151,12 @@ def test_a_forged_or_damaged_share_fails_without_a_try_on_the_token(
     assert s.gw(SIGN, b"x").returncode == 0
     assert not s.events("unlock-share")[-1].get("share")
     s.stop()
-    _secrets_absent(s, lines + [_forged(lines[1]), damaged])
+    _secrets_absent(s, [*lines, _forged(lines[1]), damaged])
 
 
 @pytest.mark.control("TOK-03")
 def test_a_share_counts_only_within_the_window(make_signer: MakeSigner) -> None:
-    s, lines = _locked(make_signer, 2, pin_share_window=2)
+    s, lines = _locked(make_signer, 2, window=2)
     assert _share(s, "alice", lines[0]).returncode == 0
     time.sleep(2.5)  # alice's share expires (a window, not a timing assert)
     r = _share(s, "bob", lines[1])

@@ -244,13 +244,15 @@ def _check_host(
     signer = {n: value(n, []) for n in ("signer_clients", "signer_custodians", "signer_profiles")}
     if not failed & set(signer):  # rules across variables need all of them
         problems += cross_rules(*signer.values())
-        shares = {n: value(n, d) for n, d in (("token_pin_source", "file"),
-                                              ("token_pin_shares", 0),
-                                              ("token_pin_share_holders", []),
-                                              ("token_pin_share_recipients", {}))}
-        if not failed & set(shares):
-            problems += pin_share_rules(*shares.values(), signer["signer_custodians"],
-                                        signer["signer_profiles"])
+        pin = {n: value(n, d) for n, d in (("token_pin_source", "file"),
+                                           ("token_pin_shares", 0),
+                                           ("token_pin_share_holders", []),
+                                           ("token_pin_share_recipients", {}))}
+        if not failed & set(pin):
+            problems += pin_share_rules(
+                pin["token_pin_source"], pin["token_pin_shares"],
+                pin["token_pin_share_holders"], pin["token_pin_share_recipients"],
+                signer["signer_custodians"], signer["signer_profiles"])
     keys: list[tuple[str, Any]] = [
         (f"preflight_operator_public_keys[{i}]", k)
         for i, k in enumerate(_list(value("preflight_operator_public_keys", [])))

@@ -5,8 +5,8 @@ On the controller, where the token role made the PIN (token_pin_dir/user-pin, 06
 token_pin_shares, the holders are token_pin_share_holders (else every signer custodian), and
 each holder's share is written to token_pin_dir/shares/NAME.share.age, encrypted to their
 token_pin_share_recipients entry (an age recipient: what a custodian with a FIDO2 SSH key
-gives), else to the SSH key the inventory gives them (signer_custodians[].ssh_key). Nothing goes to the host: a share
-reaches the daemon only from its custodian's own `unlock --share`.
+gives), else to the SSH key the inventory gives them (signer_custodians[].ssh_key). Nothing
+goes to the host: a share reaches the daemon only from its custodian's own `unlock --share`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def split_pin(inventory: str | None, limit: str | None, vault_password_file: str
     except hostvars.InventoryError as exc:
         raise Exit(f"{name}: {exc}", code=exitcodes.BAD_INPUT) from None
     k = int(v["token_pin_shares"])
-    if k == 0 or v["token_pin_source"] != "prompt":
+    if k == 0 or v["token_pin_source"] != "prompt":  # noqa: S105 (a mode, not a password)
         raise Exit(f"{name}: {host} takes the whole PIN (token_pin_source "
                    f"{v['token_pin_source']!r}, token_pin_shares {k}): set token_pin_source: "
                    "prompt and token_pin_shares: K first", code=exitcodes.BAD_INPUT)
