@@ -42,6 +42,8 @@ BAD_COMMANDS = [
     (b"status ../../etc/passwd", 64, "bad request id"),
     (b"fetch", 64, "expects 1 argument"),
     (b"freeze Dev", 64, "bad profile name"),
+    (b"unlock 123456", 64, "takes no argument but --share"),
+    (b"unlock --share --share", 64, "takes no argument but --share"),
 ]
 
 
@@ -162,7 +164,7 @@ def test_parser_accepts_or_refuses_cleanly_any_bytes(raw: bytes) -> None:
 
 
 _token = st.sampled_from(["sign", "status", "fetch", "approve", "freeze", "thaw", "requests",
-                          "unlock", "--profile", "--format", "--name", "dev", "cms", "raw",
+                          "unlock", "--share", "--profile", "--format", "--name", "dev", "cms", "raw",
                           "0" * 32, ";", "|", "$(id)", "'", '"', "\\", "\n", "\x00", "é",
                           "\u202e"])
 
@@ -181,6 +183,16 @@ def test_parsed_sign_requests_only_carry_clean_values(tokens: list[str], name: s
         assert re.fullmatch(request.PROFILE_PATTERN, cmd.profile)
         assert cmd.format in ("cms", "raw")
         assert not any(c in cmd.name for c in "\n\r\x00\x1b\u2028\u202e")
+
+
+def test_unlock_share_is_a_flag_that_reaches_the_daemon_only_when_given() -> None:
+    plain, share = request.parse(b"unlock"), request.parse(b"unlock --share")
+    assert (plain, share) == (request.Unlock(), request.Unlock(share=True))
+    assert request.to_wire(plain) == {"cmd": "unlock"}  # as before: older daemons understand
+    assert request.to_wire(share) == {"cmd": "unlock", "share": True}
+    assert request.from_wire(request.to_wire(share)) == share
+    with pytest.raises(request.ParseError, match="bad share"):
+        request.from_wire({"cmd": "unlock", "share": "yes"})
 
 
 def test_timestamped_is_a_flag_that_reaches_the_daemon_only_when_given() -> None:

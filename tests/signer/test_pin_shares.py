@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -253,3 +254,18 @@ def test_the_ceremony_gives_each_custodian_a_share_only_their_key_opens(
     r = lab.signer("pin", "split", "--threshold", "1", "--pin-file", lab.pin_file, "--out",
                    tmp_path / "one", "--custodian", f"alice={lab.custodian('alice')}.pub")
     assert r.returncode == 64 and b"k=1" in r.stderr
+
+
+@pytest.mark.parametrize(("daemon", "problem"), [
+    ({"pin_source": "prompt", "pin_shares": 1}, "daemon.pin_shares: must be 0"),
+    ({"pin_shares": 2}, "daemon.pin_shares: needs pin_source = 'prompt'"),
+    ({"pin_source": "prompt", "pin_shares": 5}, "daemon.pin_shares: needs 5 custodians, 4"),
+    ({"pin_source": "prompt", "pin_shares": 2, "pin_share_window": 0},
+     "daemon.pin_share_window: must be >= 1"),
+])
+def test_config_check_refuses_shares_that_could_never_or_too_easily_unlock(
+        make_signer: MakeSigner, daemon: dict[str, Any], problem: str) -> None:
+    s: Signer = make_signer(start=False, **daemon)
+    r = s.lab.signer("config", "check", s.config)
+    assert r.returncode == 78
+    assert problem in r.stderr.decode()
