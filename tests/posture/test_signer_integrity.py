@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from toolkit.assurance.log_search import (
+    SHARE_MARKER,
     Findings,
     Secret,
     decompress_gzip,
@@ -36,11 +37,6 @@ if TYPE_CHECKING:
     from tests.posture.conftest import Expected
 
 REQUEST_ID = "0" * 32  # a well-formed request id no one has
-# Every custodian's share of the PIN (token_pin_shares) starts with this (signer/shares.py:
-# PREFIX and a dot; tests/unit/test_pin_shares.py holds the two equal). No one but the
-# custodians ever sees a share, not even the controller, so the log search looks for the
-# marker: any share in a log is found, whoever's it is. No message of the signer holds it.
-SHARE_MARKER = b"signer-share-1."
 
 
 def _signer(expected: Expected) -> str:

@@ -141,9 +141,10 @@ def test_inventory_check_refuses_k_above_n_or_below_two(
 
 
 def test_the_posture_suite_looks_for_the_marker_every_share_starts_with() -> None:
-    """tests/posture may not import the signer: its copy of the marker is held equal here, and
-    the marker is what a share line starts with (and no refusal message holds)."""
-    from tests.posture.test_signer_integrity import SHARE_MARKER
+    """tests/posture may not import the signer: its copy of the marker (in the log search it
+    uses) is held equal here, and the marker is what a share line starts with (and no refusal
+    message holds)."""
+    from toolkit.assurance.log_search import SHARE_MARKER
 
     assert SHARE_MARKER == f"{shares.PREFIX}.".encode()
     assert shares.split(PIN, 2, 2)[0].line().encode().startswith(SHARE_MARKER)
