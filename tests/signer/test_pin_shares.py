@@ -169,6 +169,25 @@ def test_a_share_counts_only_within_the_window(make_signer: MakeSigner) -> None:
 
 
 @pytest.mark.control("TOK-03")
+def test_a_restart_forgets_the_shares_sent_and_locks_again(make_signer: MakeSigner) -> None:
+    """The shares live in the token process's memory only: a restart between two custodians'
+    shares starts the round again (the log's `unlock-share` entries, which no checkpoint
+    vouches for while locked, do not stop the start), and a restart after the unlock locks."""
+    s, lines = _locked(make_signer, 2)
+    assert _share(s, "alice", lines[0]).returncode == 0
+    s.stop()
+    s.start()
+    r = _share(s, "bob", lines[1])
+    assert r.returncode == 0 and b"share counted: 1 of 2 (bob)" in r.stderr, r.stderr
+    assert _share(s, "carol", lines[2]).returncode == 0
+    assert s.gw(SIGN, b"x").returncode == 0
+    s.stop()
+    s.start()
+    assert "locked" in one_line_error(s.gw(SIGN, b"x"))
+    assert [e["custodian"] for e in s.events("unlock-share")] == ["alice", "bob", "carol"]
+
+
+@pytest.mark.control("TOK-03")
 def test_shares_and_the_whole_pin_are_not_interchangeable(make_signer: MakeSigner) -> None:
     s, lines = _locked(make_signer, 2)
     pin = s.lab.pin_file.read_bytes()
