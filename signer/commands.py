@@ -414,7 +414,6 @@ def _unlock_share(d: Daemon, peer: wire.Peer, custodian: str, share: bytes, k: i
             if exc.code in (Exit.DATA, Exit.NOPERM):
                 raise Denied(exc.code, exc.message, f"share refused: {exc.message}") from None
             raise
-        del share
         have = [str(c) for c in answer.get("have", [])]
         if answer.get("warning"):
             log.warning("%s", answer["warning"])

@@ -379,7 +379,6 @@ def child_main(fd: int) -> None:
                     raise SignerError(Exit.DATA, f"{exc}: nothing was tried on the token; "
                                       f"each custodian must send their share again") from None
                 warning = token.login(secret.decode("utf-8"))
-                del secret
                 state = "unlocked"
             return json.dumps({"state": state, "have": have, "warning": warning}).encode()
         if op == CLOSE:
