@@ -288,3 +288,53 @@ def test_config_check_refuses_shares_that_could_never_or_too_easily_unlock(
     r = s.lab.signer("config", "check", s.config)
     assert r.returncode == 78
     assert problem in r.stderr.decode()
+
+
+class _CountingToken:
+    """The real SoftHSM2 token, with the flags a card shows when one try is left added to what
+    it reports (SoftHSM2 never sets them), and its logins counted."""
+
+    def __init__(self, real: Any, extra: int) -> None:
+        self._real, self._extra, self.opened = real, extra, 0
+        self.slot = self
+
+    def get_token(self) -> Any:
+        fresh = self._real.slot.get_token()
+
+        class _Flags:
+            flags = int(fresh.flags) | self._extra
+
+        return _Flags()
+
+    def open(self, **kw: Any) -> Any:
+        self.opened += 1
+        return self._real.open(**kw)
+
+
+@pytest.mark.control("TOK-03")
+@pytest.mark.parametrize(("extra", "tried"), [(0x20000, False), (0x40000, False), (0, True)])
+def test_login_never_reaches_the_token_when_one_try_is_left(
+        make_signer: MakeSigner, monkeypatch: pytest.MonkeyPatch, extra: int,
+        tried: bool) -> None:
+    """The wiring of `pin_tries` into Token.login, on the real token: with FINAL_TRY or LOCKED
+    reported, C_Login is never called (the right PIN is given: only the flags stop it)."""
+    from signer.errors import SignerError
+    from signer.token import Token
+    from toolkit.local_signer import SOFTHSM_MODULE, TOKEN_LABEL
+
+    s: Signer = make_signer(start=False)
+    monkeypatch.setenv("SOFTHSM2_CONF", s.lab.env["SOFTHSM2_CONF"])
+    token = Token(SOFTHSM_MODULE, TOKEN_LABEL)
+    counting = _CountingToken(token._token, extra)
+    token._token = counting
+    pin = s.lab.pin_file.read_text().strip()
+    if tried:
+        token.login(pin)
+        assert token.logged_in
+    else:
+        with pytest.raises(SignerError) as refused:
+            token.login(pin)
+        assert refused.value.code == 77
+        assert "PIN_FINAL_TRY" in refused.value.message or "LOCKED" in refused.value.message
+    assert counting.opened == int(tried)
+    token.close()
