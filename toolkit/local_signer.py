@@ -346,7 +346,8 @@ def write_msi(path: Path, files: Mapping[str, bytes], name: str = "Example") -> 
             rows.append(f"            <File Id=\"F{i}\" Name={quoteattr(fname)} "
                         f"Source={quoteattr(fname)}{key}/>")
         (work / "product.wxs").write_text(_WXS.format(
-            name=escape(name, {'"': "&quot;"}), upgrade=uuid.uuid4(), component=uuid.uuid4(), files="\n".join(rows)))
+            name=escape(name, {'"': "&quot;"}), upgrade=uuid.uuid4(), component=uuid.uuid4(),
+            files="\n".join(rows)))
         r = subprocess.run(["wixl", "-a", "x64", "-o", str(path.resolve()), "product.wxs"],
                            cwd=work, capture_output=True, text=True, check=False)
         if r.returncode != 0:
