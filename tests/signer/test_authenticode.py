@@ -263,6 +263,25 @@ def test_release_msi_needs_two_custodians_who_recompute_the_digest(
     _release_after_two_custodians(win, msi, [other, flip_in_payload(msi, app)])
 
 
+@needs_wixl
+@pytest.mark.control("SGN-10")
+def test_a_damaged_msi_is_refused_on_the_build_server_and_nothing_reaches_the_host(
+        win: Win, tmp_path: Path) -> None:
+    """The installer is read by osslsigncode on the build server only: one cut short gets a
+    one-line error naming the file, and the host hears nothing (no entry of any kind)."""
+    msi, _ = installer(tmp_path / "broken.msi", 50_000)
+    data = msi.read_bytes()
+    msi.write_bytes(data[: len(data) // 2])
+    entries = len(win.signer.entries())
+    r = win.submit(msi, "--profile", "win", "--format", "authenticode")
+    assert r.returncode == 65, r.stderr
+    err = r.stderr.decode()
+    assert err.startswith(f"signer: {msi}: osslsigncode extract-data: ") and \
+        err.count("\n") == 1, err
+    assert msi.read_bytes() == data[: len(data) // 2]
+    assert len(win.signer.entries()) == entries
+
+
 def _cab_request(cab: Path) -> bytes:
     """The request as the client sends it (signer.osslsigncode trims what osslsigncode 2.9
     appends to a cabinet's request)."""
