@@ -12,10 +12,12 @@ connections each (every connection the daemon lets clients have, MAX_CONNECTIONS
 A custodian whose connections went through the clients' lane would be refused at accept ("too
 many connections", 69) if they were counted with the clients' connections, or would wait
 SLOT_WAIT (60 s) for a slot if their requests took the clients' slots: either way the bound
-below fails. The test shows on the way that the flood is what it claims: an account that is
-neither refused at accept while the custodians are answered, every client slot held
-(each flooding connection that got "continue" holds one), and no flooding connection let go.
-(freeze, unlock by PIN and `requests` under the connection flood: test_gateway.py.)
+below fails (both tried: 69 at the first `approve`, and the 10 s bound). The test shows on
+the way that the flood is what it claims: a connection from an account outside both the flood
+and the custodians' lane is refused at accept before and after the custodians are answered,
+every client slot is held throughout (a flooding connection that got "continue" holds one),
+and no flooding process let go. (freeze, unlock and `requests` under the connection flood:
+test_gateway.py.)
 """
 
 from __future__ import annotations
