@@ -32,7 +32,7 @@ from signer import approval, audit, pin, policy, request, wire
 from signer.algorithms import BY_NAME, ECDSA_P256
 from signer.config import Profile
 from signer.errors import Exit, SignerError
-from signer.formats import REGISTRY, FormatError, Job
+from signer.formats import REGISTRY, Context, FormatError, Job
 from signer.policy import Denied
 
 if TYPE_CHECKING:
@@ -91,12 +91,15 @@ def sign(d: Daemon, peer: wire.Peer, client: str, cmd: request.Sign) -> None:
     # its own limit; the others stream any size up to the profile's, holding nothing.
     limit = min(fmt.keep, profile.max_size) if fmt.keep else profile.max_size
     kept = bytearray()
+    stream = _stream(d, profile, fmt.stream)
     try:
         for chunk in peer.body(limit):
             h.update(chunk)
             size += len(chunk)
             if fmt.keep:
                 kept += chunk
+            if stream is not None:
+                stream.update(chunk)
     except wire.BodyTooLarge:
         if fmt.keep and limit < profile.max_size:
             raise Denied(Exit.DATA, f"{fmt.name} request larger than {limit} bytes: send "
@@ -110,6 +113,8 @@ def sign(d: Daemon, peer: wire.Peer, client: str, cmd: request.Sign) -> None:
     body = bytes(kept)
     try:
         extra = dict(fmt.check(body)) if fmt.keep else {}
+        if stream is not None:
+            extra.update(stream.fields())
     except FormatError as exc:
         raise Denied(Exit.DATA, f"{fmt.name}: {exc}: not signed",
                      f"malformed {fmt.name} request: {exc}") from None
@@ -119,6 +124,20 @@ def sign(d: Daemon, peer: wire.Peer, client: str, cmd: request.Sign) -> None:
     out = _produce(d, profile, cmd.format, h.digest(), size, client, cmd.name, None, body,
                    extra)
     peer.reply(Exit.OK, "", out)
+
+
+def _stream(d: Daemon, profile: Profile, make: Callable[[Context], Any] | None) -> Any:
+    """The format's own hasher of the body (openpgp), with what it fixes before the body
+    arrives: the profile key's public half (from the token), its time."""
+    if make is None:
+        return None
+    assert d.token is not None
+    try:
+        return make(Context(public_key=d.token.public_key_info(profile.key).dump(),
+                            alg=BY_NAME[profile.algorithm],
+                            key_created=profile.openpgp_created, now=int(d.now())))
+    except FormatError as exc:
+        raise SignerError(Exit.CONFIG, f"profile {profile.name!r}: {exc}") from None
 
 
 def _produce(d: Daemon, profile: Profile, fmt: str, digest: bytes, size: int, client: str,
@@ -147,7 +166,7 @@ def _produce(d: Daemon, profile: Profile, fmt: str, digest: bytes, size: int, cl
 
         out = REGISTRY[fmt].sign(Job(digest=digest, body=body, cert=d.profile_certs.get(p),
                                      chain=d.profile_chains.get(p, ()), alg=alg,
-                                     sign_digest=sign_digest))
+                                     sign_digest=sign_digest, extra=extra))
         entry = d.writer.append(
             "sign", client=client, profile=p, key=str(profile.key), name=name, format=fmt,
             sha256=digest.hex(), size=size, sig_sha256=hashlib.sha256(out).hexdigest(),
