@@ -8,6 +8,7 @@ One daemon for the module; the release profile's test has its own custodians' ro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from signer.formats import openpgp
 from tests.signer.conftest import MiB, Signer, config, one_line_error, profiles
@@ -114,7 +117,7 @@ def release_text(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("profile", ["pgp", "pgprsa"])
 @pytest.mark.parametrize("armor", [False, True], ids=["binary", "armored"])
-@pytest.mark.control("SGN-01")
+@pytest.mark.control("SGN-11")
 def test_detached_signature_is_accepted_by_gpgv_and_sqv(
         pgp: PGP, tmp_path: Path, profile: str, armor: bool) -> None:
     art = tmp_path / "app.tar.gz"
@@ -141,7 +144,7 @@ def test_detached_signature_is_accepted_by_gpgv_and_sqv(
 
 
 @pytest.mark.parametrize("profile", ["pgp", "pgprsa"])
-@pytest.mark.control("SGN-01")
+@pytest.mark.control("SGN-11")
 def test_cleartext_signed_release_is_accepted_by_gpgv_and_sqv(
         pgp: PGP, tmp_path: Path, profile: str) -> None:
     rel = release_text(tmp_path)
@@ -168,7 +171,7 @@ def test_cleartext_signed_release_is_accepted_by_gpgv_and_sqv(
     assert sqv(pgp.certs[profile], signature, message).returncode != 0
 
 
-@pytest.mark.control("SGN-01")
+@pytest.mark.control("SGN-11")
 def test_apt_trusts_only_the_exported_certificate(pgp: PGP, tmp_path: Path) -> None:
     """apt-get update, as an unprivileged client with its own Dir:: settings, against a
     repository whose InRelease the host signed: accepted with the profile's certificate as
@@ -249,7 +252,7 @@ def apt(base: Path, repo: Path, cert: Path, *command: str, cwd: Path | None = No
     return subprocess.run(argv, capture_output=True, text=True, check=False, cwd=cwd)
 
 
-@pytest.mark.control("SGN-01")
+@pytest.mark.control("SGN-11")
 def test_only_rsa_pkcs1_and_ecdsa_keys_make_openpgp_profiles(lab: Lab) -> None:
     ps = profiles(lab)
     ps["pgppss"] = {**ps["pss"], "formats": ["openpgp"], "openpgp_created": CREATED}
@@ -260,7 +263,7 @@ def test_only_rsa_pkcs1_and_ecdsa_keys_make_openpgp_profiles(lab: Lab) -> None:
     assert r.returncode == 78 and b"openpgp_created: required" in r.stderr, r.stderr
 
 
-@pytest.mark.control("SGN-09")
+@pytest.mark.control("SGN-04", "SGN-11")
 def test_release_signature_needs_two_custodians_who_recompute_the_openpgp_digest(
         pgp: PGP, tmp_path: Path) -> None:
     art = tmp_path / "release.tar.gz"
@@ -310,7 +313,7 @@ def test_release_signature_needs_two_custodians_who_recompute_the_openpgp_digest
     assert [e["openpgp"] for e in s.events("queue") if e["request"] == rid] == [field]
 
 
-@pytest.mark.control("SGN-01")
+@pytest.mark.control("SGN-11")
 def test_openpgp_requests_are_refused_where_the_profile_does_not_allow_them(pgp: PGP) -> None:
     r = pgp.signer.gw("sign --profile dev --format openpgp", b"data")
     assert "openpgp" in one_line_error(r)
@@ -320,3 +323,56 @@ def test_submit_help_lists_openpgp(lab: Lab) -> None:
     r = lab.signer("submit", "--help")
     assert r.returncode == 0
     assert b"openpgp" in r.stdout and b"openpgp-cleartext" in r.stdout
+
+
+# --- the pure parts: hashing whatever the chunks, the field --------------------------------
+
+TEXT = st.binary(max_size=400).map(lambda b: b.replace(b"\x00", b" ")) | st.lists(
+    st.sampled_from([b"a", b"-", b" ", b"\t", b"\r", b"\n", b"\r\n", b"x y"]),
+    max_size=60).map(b"".join)
+
+
+def _chunks(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+TRAILER = openpgp.document_trailer(openpgp.SIG_TEXT, openpgp.PUBKEY_ECDSA, 1_800_000_000,
+                                   bytes(range(20)))
+
+
+@given(TEXT, st.lists(st.integers(min_value=0), max_size=8))
+def test_cleartext_digest_is_the_framework_reading_whatever_the_chunks(
+        text: bytes, cuts: list[int]) -> None:
+    """The host's streamed hash equals the hash of the text as a verifier reads it back from
+    the message `cleartext` writes: its lines, CRLF between them, trailing blanks removed."""
+    streamed = openpgp.digest_file(_chunks(text, cuts), "text", TRAILER)
+    shown = openpgp._lines(text)
+    assert streamed == hashlib.sha256(b"\r\n".join(shown) + TRAILER.hashed_trailer).digest()
+    message = openpgp.cleartext(text, b"\xc2\x01\x00")
+    body = message.split(b"\n\n", 1)[1].split(b"-----BEGIN PGP SIGNATURE-----")[0]
+    read_back = [line[2:] if line.startswith(b"- ") else line
+                 for line in body.split(b"\n")[:-1]]
+    assert read_back == shown
+
+
+@given(st.binary(max_size=300), st.lists(st.integers(min_value=0), max_size=8))
+def test_binary_digest_is_the_bytes_and_the_trailer(data: bytes, cuts: list[int]) -> None:
+    trailer = openpgp.document_trailer(openpgp.SIG_BINARY, openpgp.PUBKEY_RSA, 1, bytes(20))
+    assert openpgp.digest_file(_chunks(data, cuts), "binary", trailer) == \
+        hashlib.sha256(data + trailer.hashed_trailer).digest()
+
+
+def test_the_field_names_every_value_of_the_trailer_and_nothing_else_parses() -> None:
+    req = openpgp.Request("text", "rsa3072-pkcs1", 1_800_000_000, bytes(range(20)),
+                          bytes(32))
+    field = req.field()
+    assert field == ("v4 text rsa3072-pkcs1 created=2027-01-15T08:00:00Z "
+                     "fpr=000102030405060708090A0B0C0D0E0F10111213 sha256:" + "00" * 32)
+    assert openpgp.Request.parse(field) == req
+    # a client cannot make the host sign a certification or key binding: no such type
+    for bad in (field.replace("text", "cert"), field.replace("v4", "v6"),
+                field.replace("rsa3072-pkcs1", "rsa3072-pss"), field + " x", field[:-2]):
+        with pytest.raises(openpgp.OpenPGPError):
+            openpgp.Request.parse(bad)
+    assert req.trailer.prefix[:4] == bytes([4, openpgp.SIG_TEXT, openpgp.PUBKEY_RSA, 8])
