@@ -33,6 +33,7 @@ from signer.algorithms import BY_NAME, ECDSA_P256
 from signer.config import Profile
 from signer.errors import Exit, SignerError
 from signer.formats import REGISTRY, Context, FormatError, Job
+from signer.formats.base import Digester
 from signer.policy import Denied
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ def sign(d: Daemon, peer: wire.Peer, client: str, cmd: request.Sign) -> None:
                                     cmd.timestamped)
     _ready(d, profile, cmd.format)
     fmt = REGISTRY[cmd.format]
+    stream = _stream(d, profile, fmt.stream)  # before the body: what it fixes is fixed now
     peer.go_ahead()
     h = hashlib.sha256()
     size = 0
@@ -91,7 +93,6 @@ def sign(d: Daemon, peer: wire.Peer, client: str, cmd: request.Sign) -> None:
     # its own limit; the others stream any size up to the profile's, holding nothing.
     limit = min(fmt.keep, profile.max_size) if fmt.keep else profile.max_size
     kept = bytearray()
-    stream = _stream(d, profile, fmt.stream)
     try:
         for chunk in peer.body(limit):
             h.update(chunk)
@@ -126,7 +127,8 @@ def sign(d: Daemon, peer: wire.Peer, client: str, cmd: request.Sign) -> None:
     peer.reply(Exit.OK, "", out)
 
 
-def _stream(d: Daemon, profile: Profile, make: Callable[[Context], Any] | None) -> Any:
+def _stream(d: Daemon, profile: Profile, make: Callable[[Context], Digester] | None
+            ) -> Digester | None:
     """The format's own hasher of the body (openpgp), with what it fixes before the body
     arrives: the profile key's public half (from the token), its time."""
     if make is None:

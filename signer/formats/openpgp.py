@@ -238,32 +238,44 @@ def cleartext(text: bytes, signature: bytes) -> bytes:
 
 
 class _Canonical:
-    """Hashes a stream as the cleartext framework reads it (RFC 9580 7.2), one line at a time,
-    whatever the chunks: CRLF between lines, trailing spaces and tabs removed, no last line
-    ending."""
+    """Hashes a stream as the cleartext framework reads it (RFC 9580 7.2), whatever the
+    chunks: CRLF between lines, trailing spaces, tabs and CRs removed, no last line ending.
+    Only a run of blanks that may turn out to be trailing is held back, not the line."""
 
     def __init__(self) -> None:
         self.h = hashlib.sha256()
-        self.pending = b""
-        self.first = True
+        self.first = True  # no line started yet
+        self.in_line = False  # the current line's separator is hashed
+        self.blanks = b""  # blanks after the current line's last content, not yet hashed
 
-    def _line(self, line: bytes) -> None:
-        line = line.rstrip(b" \t\r")
+    def _start_line(self) -> None:
         if not self.first:
             self.h.update(b"\r\n")
         self.first = False
-        self.h.update(line)
+        self.in_line = True
 
-    def update(self, chunk: bytes) -> None:
-        data = self.pending + chunk
-        *complete, self.pending = data.split(b"\n")
-        for line in complete:
-            self._line(line)
+    def _text(self, part: bytes) -> None:
+        content = part.rstrip(b" \t\r")
+        if content:
+            if not self.in_line:
+                self._start_line()
+            self.h.update(self.blanks + content)
+            self.blanks = part[len(content):]
+        else:
+            self.blanks += part
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        *complete, rest = bytes(chunk).split(b"\n")
+        for part in complete:
+            self._text(part)
+            if not self.in_line:  # an empty line is a line too
+                self._start_line()
+            self.in_line = False
+            self.blanks = b""
+        self._text(rest)
 
     def digest_with(self, trailer: bytes) -> bytes:
-        if self.pending.rstrip(b" \t\r"):  # else the framework's last line ending (`_lines`)
-            self._line(self.pending)
-        self.pending = b""
+        # a last line of blanks only is the framework's line ending (`_lines`)
         self.h.update(trailer)
         return self.h.digest()
 
@@ -272,7 +284,7 @@ class _Binary:
     def __init__(self) -> None:
         self.h = hashlib.sha256()
 
-    def update(self, chunk: bytes) -> None:
+    def update(self, chunk: bytes | memoryview) -> None:
         self.h.update(chunk)
 
     def digest_with(self, trailer: bytes) -> bytes:
@@ -355,7 +367,7 @@ class _Stream:
         self.created = max(ctx.now, self.key.created)
         self.hasher = _Canonical() if sig_type == "text" else _Binary()
 
-    def update(self, chunk: bytes) -> None:
+    def update(self, chunk: bytes | memoryview) -> None:
         self.hasher.update(chunk)
 
     def fields(self) -> Mapping[str, str]:
