@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import sys
-import time
 from pathlib import Path
 from typing import TextIO
 
@@ -172,8 +171,12 @@ def import_cert(cfg: Config, profile: str, cert_path: Path, out: TextIO) -> int:
 def openpgp_cert(cfg: Config, profile: str, user_id: str, out_path: Path | None, armor: bool,
                  out: TextIO) -> int:
     """The profile key as an OpenPGP certificate (primary key, `user_id`, its self-signature
-    made by the token now), for `signed-by=` keyrings and `gpgv --keyring`. Binary to
-    `out_path` unless `armor`; armoured on stdout without `out_path`."""
+    made by the token), for `signed-by=` keyrings and `gpgv --keyring`. Binary to `out_path`
+    unless `armor`; armoured on stdout without `out_path`.
+
+    The self-signature is dated at the key's creation time, not now: a verifier such as sqv
+    wants a binding valid when each signature was made, so a certificate exported again
+    later still vouches for every signature since the key's creation."""
     from signer.formats import openpgp
 
     what, uri, alg = target(cfg, profile)
@@ -192,9 +195,8 @@ def openpgp_cert(cfg: Config, profile: str, user_id: str, out_path: Path | None,
     try:
         key = token.private_key(uri)
         pgp_key = openpgp.public_key(token.public_key_info(uri).dump(), created)
-        now = int(time.time())
         try:
-            data = openpgp.certificate(pgp_key, user_id, now,
+            data = openpgp.certificate(pgp_key, user_id, created,
                                        lambda d: token.sign_digest(key, alg, d))
         except openpgp.OpenPGPError as exc:
             raise SignerError(Exit.CONFIG, f"{what}: {exc}") from None

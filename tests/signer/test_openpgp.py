@@ -314,6 +314,29 @@ def test_release_signature_needs_two_custodians_who_recompute_the_openpgp_digest
 
 
 @pytest.mark.control("SGN-11")
+def test_a_certificate_exported_again_vouches_for_earlier_signatures(
+        pgp: PGP, tmp_path: Path) -> None:
+    """The self-signature is dated at the key's creation: sqv wants a binding valid when the
+    signature was made, so exporting the certificate again (a new host, a lost file) must
+    not orphan what was signed before. Same key, same fingerprint."""
+    art = tmp_path / "old.bin"
+    art.write_bytes(os.urandom(1000))
+    assert pgp.submit("pgp", art, "--format", "openpgp").returncode == 0
+    time.sleep(1.1)  # the export is later than the signature, by the clock
+    again = tmp_path / "again.pgp"
+    r = pgp.signer.lab.signer("keys", "openpgp", "--config", pgp.signer.config, "--profile",
+                              "pgp", "--uid", "Example pgp again <pgp@example.org>",
+                              "--out", again)
+    assert r.returncode == 0, r.stderr
+    q = sqv(again, tmp_path / "old.bin.sig", art)
+    assert q.returncode == 0, q.stderr
+    assert gpgv(again, tmp_path / "old.bin.sig", art).returncode == 0
+    r = pgp.signer.lab.signer("keys", "openpgp", "--config", pgp.signer.config, "--profile",
+                              "pgp", "--uid", "Example pgp <pgp@example.org>")
+    assert r.stdout.startswith(b"-----BEGIN PGP PUBLIC KEY BLOCK-----\n\n")
+
+
+@pytest.mark.control("SGN-11")
 def test_openpgp_requests_are_refused_where_the_profile_does_not_allow_them(pgp: PGP) -> None:
     r = pgp.signer.gw("sign --profile dev --format openpgp", b"data")
     assert "openpgp" in one_line_error(r)
