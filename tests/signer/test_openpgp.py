@@ -23,6 +23,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from signer.errors import SignerError
 from signer.formats import openpgp
 from tests.signer.conftest import MiB, Signer, config, one_line_error, profiles
 from tests.signer.test_approvals import _fake_ssh
@@ -399,3 +400,21 @@ def test_the_field_names_every_value_of_the_trailer_and_nothing_else_parses() ->
         with pytest.raises(openpgp.OpenPGPError):
             openpgp.Request.parse(bad)
     assert req.trailer.prefix[:4] == bytes([4, openpgp.SIG_TEXT, openpgp.PUBKEY_RSA, 8])
+
+
+@pytest.mark.parametrize("when", ["2026-01-01T00:00:00Z", "2026-01-01T01:00:00+01:00"])
+def test_openpgp_created_is_a_date_time_with_its_offset_native_or_quoted(when: str) -> None:
+    from signer import config as config_mod
+    from tests.signer.test_config import BASE
+    from toolkit.local_signer import toml
+
+    tables = {k: dict(v) for k, v in BASE.items()}
+    tables["profiles.dev"].update(formats=["openpgp"], openpgp_created=when)
+    quoted = toml(tables)
+    native = quoted.replace(f'"{when}"', when)
+    for text in (quoted, native):
+        cfg = config_mod.parse(text, Path("/etc/signer/signer.toml"))
+        assert cfg.profiles["dev"].openpgp_created == 1767225600
+    for bad in ('"2026-01-01T00:00:00"', "2026-01-01", '"yesterday"', "1767225600"):
+        with pytest.raises(SignerError, match="openpgp_created: must be a TOML date-time"):
+            config_mod.parse(quoted.replace(f'"{when}"', bad), Path("/etc/signer/signer.toml"))
