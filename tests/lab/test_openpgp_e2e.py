@@ -116,8 +116,11 @@ def _ship(admin_ssh: AdminSsh, files: dict[str, Path]) -> None:
 
 def _apt(admin_ssh: AdminSsh, *command: str, timeout: float = 600
          ) -> subprocess.CompletedProcess[str]:
+    """apt with APT_CONFIG naming our apt.conf, which moves Dir::Etc before apt reads its
+    parts: none of the host's apt.conf.d (its hooks, its proxies) applies to this client."""
     opts = " ".join(f"-o {shlex.quote(o)}" for o in APT_OPTIONS)
-    return admin_ssh(f"{shlex.join(command)} {opts}", sudo=True, timeout=timeout)
+    return admin_ssh(f"APT_CONFIG={REMOTE}/apt.conf {shlex.join(command)} {opts}", sudo=True,
+                     timeout=timeout)
 
 
 @pytest.mark.control("SGN-11")
@@ -145,7 +148,9 @@ def test_apt_on_the_host_installs_a_package_from_a_repository_signed_through_the
     sources = tmp_path / "example.sources"
     sources.write_text(f"Types: deb\nURIs: file:{REMOTE}/repo\nSuites: example\n"
                        f"Components: main\nSigned-By: {REMOTE}/archive.pgp\n")
-    _ship(admin_ssh, {"repo": repo, "archive.pgp": setup.cert,
+    apt_conf = tmp_path / "apt.conf"
+    apt_conf.write_text(f'Dir::Etc "{REMOTE}/etc/";\n')
+    _ship(admin_ssh, {"repo": repo, "archive.pgp": setup.cert, "apt.conf": apt_conf,
                       "etc/sources.list.d/example.sources": sources})
     r0 = admin_ssh(f"mkdir -p {REMOTE}/etc/trusted.gpg.d {REMOTE}/etc/apt.conf.d "
                    f"{REMOTE}/etc/preferences.d {REMOTE}/state/lists/partial "
