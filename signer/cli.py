@@ -48,8 +48,10 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("keys", help="keys on the token")
     ksub = s.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    for name in ("generate", "list", "check", "selfsign", "csr", "import-cert"):
-        k = ksub.add_parser(name)
+    for name in ("generate", "list", "check", "selfsign", "csr", "import-cert", "openpgp"):
+        k = ksub.add_parser(name, help="the profile key's OpenPGP certificate (primary key, "
+                            "user ID, self-signature by the token), for signed-by= keyrings"
+                            if name == "openpgp" else None)
         k.add_argument("--config", type=Path, required=True)
         k.add_argument("--pin-file", type=Path,
                        help="a file (mode 0400) holding the user PIN, when the config's "
@@ -62,8 +64,14 @@ def _parser() -> argparse.ArgumentParser:
                 which.add_argument("--profile")
             which.add_argument("--audit", action="store_true")
             k.add_argument("--if-missing", action="store_true")
-        if name in ("csr", "import-cert"):
+        if name in ("csr", "import-cert", "openpgp"):
             k.add_argument("--profile", required=True)
+        if name == "openpgp":
+            k.add_argument("--uid", required=True, help="the user ID, e.g. 'Example Releases "
+                           "<releases@example.org>'")
+            k.add_argument("--out", type=Path, help="write here (binary, as apt's signed-by= "
+                           "and gpgv --keyring read it; default: armoured on stdout)")
+            k.add_argument("--armor", action="store_true", help="armoured in --out too")
         if name in ("selfsign", "csr"):
             k.add_argument("--subject")
             k.add_argument("--out", type=Path)
@@ -125,7 +133,14 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="send an artifact for signing (over ssh)")
     s.add_argument("--host", required=True)
     s.add_argument("--profile", required=True)
-    s.add_argument("--format", choices=("cms", "raw", "authenticode"), default="cms")
+    s.add_argument("--format", choices=("cms", "raw", "authenticode", "openpgp",
+                                        "openpgp-cleartext"), default="cms",
+                   help="cms: detached CMS (.p7s); raw: the bare signature (.sig); "
+                        "authenticode: signs the Windows file in place; openpgp: detached "
+                        "OpenPGP signature (.sig, .asc with --armor); openpgp-cleartext: the "
+                        "cleartext-signed text (Release becomes InRelease)")
+    s.add_argument("--armor", action="store_true",
+                   help="openpgp: write the ASCII-armoured signature (.asc)")
     s.add_argument("--name")
     s.add_argument("--out", type=Path)
     s.add_argument("--timestamp", metavar="URL",
@@ -252,6 +267,8 @@ def dispatch(args: argparse.Namespace) -> int:
                                  args.if_missing, out)
         if args.action == "csr":
             return keys.csr(cfg, args.profile, args.subject, args.out, out)
+        if args.action == "openpgp":
+            return keys.openpgp_cert(cfg, args.profile, args.uid, args.out, args.armor, out)
         return keys.import_cert(cfg, args.profile, args.cert, out)
     if args.command == "pin":
         from signer import ceremony
@@ -278,7 +295,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "submit":
         return client.submit(args.host, args.profile, args.format, args.name, args.out,
                              args.wait, args.ssh, args.artifact, err, args.poll,
-                             args.timestamp, args.cafile)
+                             args.timestamp, args.cafile, args.armor)
     if args.command == "approve":
         return client.approve(args.host, args.key, args.id, args.artifact, args.yes, args.ssh,
                               out, err)

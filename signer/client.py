@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 from signer import approval, certs, osslsigncode, timestamp
 from signer.errors import Exit, SignerError
-from signer.formats import cms, raw
+from signer.formats import cms, openpgp, raw
 from signer.policy import FORMAT_FIELDS, Request
 
 _QUEUED_RE = re.compile(r"queued ([0-9a-f]{32})")
@@ -62,11 +62,19 @@ def sha256_file(path: Path) -> tuple[bytes, int]:
 
 def submit(host: str, profile: str, fmt: str, name: str | None, out: Path | None, wait: bool,
            ssh: str, artifact: Path, err: TextIO, poll: float, tsa: str | None = None,
-           cafile: Path | None = None) -> int:
-    """Sign `artifact` and write the result: a detached signature (cms, raw) or, for
-    authenticode, the signed file itself (in place unless --out), as signtool does."""
-    if tsa is not None and fmt == "raw":
+           cafile: Path | None = None, armor: bool = False) -> int:
+    """Sign `artifact` and write the result: a detached signature (cms, raw, openpgp; ASCII-
+    armoured with `armor`), the cleartext-signed text (openpgp-cleartext: Release becomes
+    InRelease) or, for authenticode, the signed file itself (in place unless --out), as
+    signtool does."""
+    if tsa is not None and fmt not in ("cms", "authenticode"):
         raise SignerError(Exit.USAGE, "--timestamp needs --format cms or authenticode")
+    if armor and fmt != "openpgp":
+        raise SignerError(Exit.USAGE, "--armor needs --format openpgp (openpgp-cleartext is "
+                          "always armoured)")
+    if fmt in ("openpgp", "openpgp-cleartext"):
+        return _submit_openpgp(host, profile, fmt, name, out, wait, ssh, artifact, err, poll,
+                               armor)
     if fmt != "authenticode":
         dest = out or artifact.with_name(artifact.name + (".p7s" if fmt == "cms" else ".sig"))
         code, sig = _sign_remote(host, profile, fmt, name or artifact.name, wait, ssh,
@@ -97,6 +105,38 @@ def submit(host: str, profile: str, fmt: str, name: str | None, out: Path | None
         tmp_dest = dest.with_name(dest.name + ".part")
         shutil.copyfile(signed, tmp_dest)
         tmp_dest.replace(dest)
+    err.write(f"wrote {dest}\n")
+    return Exit.OK
+
+
+def _submit_openpgp(host: str, profile: str, fmt: str, name: str | None, out: Path | None,
+                    wait: bool, ssh: str, artifact: Path, err: TextIO, poll: float,
+                    armor: bool) -> int:
+    """The host streams the artifact and returns one signature packet; the armour and the
+    cleartext framework around it are made here."""
+    if fmt == "openpgp-cleartext":
+        default = artifact.with_name("InRelease" if artifact.name == "Release"
+                                     else artifact.name + ".asc")
+    else:
+        default = artifact.with_name(artifact.name + (".asc" if armor else ".sig"))
+    dest = out or default
+    try:
+        # the text is read before it is sent: what is wrapped is what was signed
+        text = artifact.read_bytes() if fmt == "openpgp-cleartext" else b""
+    except OSError as exc:
+        raise SignerError(Exit.USAGE, f"{artifact}: {exc.strerror}") from None
+    code, sig = _sign_remote(host, profile, fmt, name or artifact.name, wait, ssh, artifact,
+                             err, poll)
+    if code != Exit.OK:
+        return code
+    if fmt == "openpgp-cleartext":
+        if hashlib.sha256(text).digest() != sha256_file(artifact)[0]:
+            raise SignerError(Exit.DATA, f"{artifact} changed while it was signed: not "
+                              "writing the signed text")
+        data = openpgp.cleartext(text, sig)
+    else:
+        data = openpgp.armor(sig) if armor else sig
+    _write_atomic(dest, data)
     err.write(f"wrote {dest}\n")
     return Exit.OK
 
@@ -196,6 +236,20 @@ def _same_artifact(req: Request, artifact: Path) -> None:
     if digest.hex() != req.sha256 or size != req.size:
         raise SignerError(Exit.DATA, f"{artifact} is not the artifact of request {req.id} "
                           "(digest or size differ): not approving")
+    field = req.extra.get(openpgp.FIELD)
+    if req.format in ("openpgp", "openpgp-cleartext"):
+        # The digest the token will sign, recomputed over this copy with the trailer shown
+        if field is None:
+            raise SignerError(Exit.DATA, f"request {req.id} carries no openpgp field: not "
+                              "approving")
+        try:
+            with artifact.open("rb") as f:
+                mine = openpgp.recompute(field, iter(lambda: f.read(1 << 20), b"")).field()
+        except openpgp.OpenPGPError as exc:
+            raise SignerError(Exit.DATA, f"request {req.id}: {exc}: not approving") from None
+        if mine != field:
+            raise SignerError(Exit.DATA, f"the OpenPGP digest of {artifact} is not the one "
+                              f"request {req.id} would sign: not approving")
 
 
 def verify(fmt: str, key_file: Path, pss: bool, artifact: Path, signature: Path,

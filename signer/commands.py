@@ -32,7 +32,8 @@ from signer import approval, audit, pin, policy, request, shares, wire
 from signer.algorithms import BY_NAME, ECDSA_P256
 from signer.config import Profile
 from signer.errors import Exit, SignerError
-from signer.formats import REGISTRY, FormatError, Job
+from signer.formats import REGISTRY, Context, FormatError, Job
+from signer.formats.base import Digester
 from signer.policy import Denied
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ def sign(d: Daemon, peer: wire.Peer, client: str, cmd: request.Sign) -> None:
                                     cmd.timestamped)
     _ready(d, profile, cmd.format)
     fmt = REGISTRY[cmd.format]
+    stream = _stream(d, profile, fmt.stream)  # before the body: what it fixes is fixed now
     peer.go_ahead()
     h = hashlib.sha256()
     size = 0
@@ -97,6 +99,8 @@ def sign(d: Daemon, peer: wire.Peer, client: str, cmd: request.Sign) -> None:
             size += len(chunk)
             if fmt.keep:
                 kept += chunk
+            if stream is not None:
+                stream.update(chunk)
     except wire.BodyTooLarge:
         if fmt.keep and limit < profile.max_size:
             raise Denied(Exit.DATA, f"{fmt.name} request larger than {limit} bytes: send "
@@ -110,6 +114,8 @@ def sign(d: Daemon, peer: wire.Peer, client: str, cmd: request.Sign) -> None:
     body = bytes(kept)
     try:
         extra = dict(fmt.check(body)) if fmt.keep else {}
+        if stream is not None:
+            extra.update(stream.fields())
     except FormatError as exc:
         raise Denied(Exit.DATA, f"{fmt.name}: {exc}: not signed",
                      f"malformed {fmt.name} request: {exc}") from None
@@ -119,6 +125,21 @@ def sign(d: Daemon, peer: wire.Peer, client: str, cmd: request.Sign) -> None:
     out = _produce(d, profile, cmd.format, h.digest(), size, client, cmd.name, None, body,
                    extra)
     peer.reply(Exit.OK, "", out)
+
+
+def _stream(d: Daemon, profile: Profile, make: Callable[[Context], Digester] | None
+            ) -> Digester | None:
+    """The format's own hasher of the body (openpgp), with what it fixes before the body
+    arrives: the profile key's public half (from the token), its time."""
+    if make is None:
+        return None
+    assert d.token is not None
+    try:
+        return make(Context(public_key=d.token.public_key_info(profile.key).dump(),
+                            alg=BY_NAME[profile.algorithm],
+                            key_created=profile.openpgp_created, now=int(d.now())))
+    except FormatError as exc:
+        raise SignerError(Exit.CONFIG, f"profile {profile.name!r}: {exc}") from None
 
 
 def _produce(d: Daemon, profile: Profile, fmt: str, digest: bytes, size: int, client: str,
@@ -147,7 +168,7 @@ def _produce(d: Daemon, profile: Profile, fmt: str, digest: bytes, size: int, cl
 
         out = REGISTRY[fmt].sign(Job(digest=digest, body=body, cert=d.profile_certs.get(p),
                                      chain=d.profile_chains.get(p, ()), alg=alg,
-                                     sign_digest=sign_digest))
+                                     sign_digest=sign_digest, extra=extra))
         entry = d.writer.append(
             "sign", client=client, profile=p, key=str(profile.key), name=name, format=fmt,
             sha256=digest.hex(), size=size, sig_sha256=hashlib.sha256(out).hexdigest(),

@@ -11,6 +11,7 @@ import binascii
 import re
 import tomllib
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,12 @@ FORMATS = request.FORMATS
 # Formats that embed the profile's certificate (and `chain`), and the algorithms each can carry;
 # kept here, not imported from signer.formats, so `config check` needs no crypto libraries.
 NEEDS_CERT = ("cms", "authenticode")
-FORMAT_ALGORITHMS = {"authenticode": ("rsa3072-pkcs1", "ecdsa-p256")}
+FORMAT_ALGORITHMS = {"authenticode": ("rsa3072-pkcs1", "ecdsa-p256"),
+                     "openpgp": ("rsa3072-pkcs1", "ecdsa-p256"),
+                     "openpgp-cleartext": ("rsa3072-pkcs1", "ecdsa-p256")}
+# Formats whose key is an OpenPGP key: its creation time is part of its fingerprint, so the
+# profile fixes it (`openpgp_created`) and every signature and exported certificate agree.
+OPENPGP = ("openpgp", "openpgp-cleartext")
 # Formats whose signatures can carry an RFC 3161 timestamp (added by the client afterwards).
 TIMESTAMPED = ("cms", "authenticode")
 SSH_KEY_RE = re.compile(
@@ -57,6 +63,9 @@ class Profile:
     # a pipeline that forgot its TSA fails before signing, instead of shipping a signature
     # that dies with the certificate. The client's word, not a proof (threat-model/ T-35).
     require_timestamp: bool = False
+    # The OpenPGP key's creation time (epoch seconds): part of its fingerprint, which apt's
+    # signed-by= keyrings pin. Chosen once per key; changing it is a new OpenPGP key.
+    openpgp_created: int | None = None
 
 
 @dataclass(frozen=True)
@@ -288,7 +297,7 @@ def parse(text: str, path: Path) -> Config:
         t = r.table(profiles_t, p,
                     {"key", "algorithm", "cert", "formats", "max_size", "clients", "approvals",
                      "custodians", "budget_count", "budget_window", "max_queued",
-                     "request_ttl", "chain", "require_timestamp"},
+                     "request_ttl", "chain", "require_timestamp", "openpgp_created"},
                     {"key", "algorithm", "formats", "max_size", "clients", "budget_count",
                      "budget_window"})
         algorithm = r.str_(t, p, "algorithm")
@@ -311,6 +320,23 @@ def parse(text: str, path: Path) -> Config:
         if require_timestamp and (untimed := [f for f in formats if f not in TIMESTAMPED]):
             raise r.fail(f"{p}.require_timestamp", f"format {untimed[0]} carries no "
                          f"timestamp (only {', '.join(TIMESTAMPED)} do)")
+        openpgp_created = None
+        if "openpgp_created" in t:
+            when = t["openpgp_created"]
+            if isinstance(when, str):  # "2026-01-01T00:00:00Z", as the signer role writes it
+                try:
+                    when = datetime.fromisoformat(when)
+                except ValueError:
+                    pass
+            if not isinstance(when, datetime) or when.tzinfo is None:
+                raise r.fail(f"{p}.openpgp_created", "must be a TOML date-time with its offset "
+                             "(e.g. 2026-01-01T00:00:00Z)")
+            openpgp_created = int(when.timestamp())
+            if not 0 < openpgp_created < 1 << 32:
+                raise r.fail(f"{p}.openpgp_created", "out of OpenPGP's range (1970 to 2106)")
+        elif pgp := [f for f in formats if f in OPENPGP]:
+            raise r.fail(f"{p}.openpgp_created", f"required when formats include {pgp[0]} "
+                         "(the key's OpenPGP creation time, e.g. 2026-01-01T00:00:00Z)")
         custs = r.names(t, p, "custodians", custodians, "custodian")
         approvals = r.int_(t, p, "approvals", 0, 0)
         if approvals > len(custs):
@@ -324,7 +350,7 @@ def parse(text: str, path: Path) -> Config:
             max_queued=r.int_(t, p, "max_queued", 1, 16),
             request_ttl=r.int_(t, p, "request_ttl", 1, DEFAULT_REQUEST_TTL),
             chain=r.abspath(t, p, "chain") if "chain" in t else None,
-            require_timestamp=require_timestamp)
+            require_timestamp=require_timestamp, openpgp_created=openpgp_created)
     for where, key in [("daemon.audit_key", daemon.audit_key)] + [
             (f"profiles.{n}.key", pr.key) for n, pr in profiles.items()]:
         if key.token is not None and key.token != daemon.token_label:

@@ -1,4 +1,5 @@
-"""`signer keys ...`: generate keys on the token, check their residency, certificates and CSRs.
+"""`signer keys ...`: generate keys on the token, check their residency, certificates and CSRs,
+and the OpenPGP certificate of an openpgp profile's key.
 
 Run as the daemon's user (the token store belongs to it). The PIN comes from the daemon's
 `file:` PIN source, else from the file named by `--pin-file` (the deploy's transient 0400
@@ -164,4 +165,47 @@ def import_cert(cfg: Config, profile: str, cert_path: Path, out: TextIO) -> int:
         raise SignerError(Exit.DATA, f"{cert_path} is not a certificate for {what}'s key {uri}")
     _write_public(dest, certs.to_pem(cert))
     out.write(f"installed {cert_path} as {dest} for {what}; restart the daemon to use it\n")
+    return Exit.OK
+
+
+def openpgp_cert(cfg: Config, profile: str, user_id: str, out_path: Path | None, armor: bool,
+                 out: TextIO) -> int:
+    """The profile key as an OpenPGP certificate (primary key, `user_id`, its self-signature
+    made by the token), for `signed-by=` keyrings and `gpgv --keyring`. Binary to `out_path`
+    unless `armor`; armoured on stdout without `out_path`.
+
+    The self-signature is dated at the key's creation time, not now: a verifier such as sqv
+    wants a binding valid when each signature was made, so a certificate exported again
+    later still vouches for every signature since the key's creation."""
+    from signer.formats import openpgp
+
+    what, uri, alg = target(cfg, profile)
+    created = cfg.profiles[profile].openpgp_created
+    if created is None:
+        raise SignerError(Exit.CONFIG, f"profiles.{profile}.openpgp_created is not set in "
+                          f"{cfg.path}: the key's OpenPGP creation time is part of its "
+                          "fingerprint")
+    if alg.name not in openpgp.ALGORITHMS:
+        raise SignerError(Exit.CONFIG, f"{what} is {alg.name}: OpenPGP v4 takes "
+                          f"{' or '.join(openpgp.ALGORITHMS)}")
+    if not user_id or any(c in user_id for c in "\r\n\0"):
+        raise SignerError(Exit.USAGE, "--uid must be one line, e.g. 'Example Releases "
+                          "<releases@example.org>'")
+    token = open_token(cfg)
+    try:
+        key = token.private_key(uri)
+        pgp_key = openpgp.public_key(token.public_key_info(uri).dump(), created)
+        try:
+            data = openpgp.certificate(pgp_key, user_id, created,
+                                       lambda d: token.sign_digest(key, alg, d))
+        except openpgp.OpenPGPError as exc:
+            raise SignerError(Exit.CONFIG, f"{what}: {exc}") from None
+    finally:
+        token.close()
+    fpr = pgp_key.fingerprint.hex().upper()
+    if out_path is None:
+        out.write(openpgp.armor(data, "PUBLIC KEY BLOCK").decode("ascii"))
+        return Exit.OK
+    _write_public(out_path, openpgp.armor(data, "PUBLIC KEY BLOCK") if armor else data)
+    out.write(f"wrote {out_path}: OpenPGP certificate of {what}, fingerprint {fpr}\n")
     return Exit.OK

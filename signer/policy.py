@@ -31,8 +31,9 @@ UNVOUCHED_OK = TIGHTENING | {"start", "stop", "deny", "residency-failure", "unlo
 # How long a request past its expiry stays in the state a checkpoint keeps (a week).
 CLOSED_KEPT = 7 * 86400
 # What a format's check adds to the log and the statement besides the body's SHA-256
-# (signer.formats: `authenticode`, the digest of the Windows file the request is for).
-FORMAT_FIELDS = ("authenticode",)
+# (signer.formats: `authenticode`, the digest of the Windows file the request is for;
+# `openpgp`, the signature's trailer and the digest the token signs).
+FORMAT_FIELDS = ("authenticode", "openpgp")
 
 
 class Denied(Exception):

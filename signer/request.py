@@ -58,7 +58,7 @@ def split(text: str) -> list[str]:
 
     return shlex.split(text, comments=False, posix=True)
 # The names in signer.formats.REGISTRY (which the gateway does not import: start-up time)
-FORMATS = ("cms", "raw", "authenticode")
+FORMATS = ("cms", "raw", "authenticode", "openpgp", "openpgp-cleartext")
 # Control (C0, DEL, C1), format (bidi overrides, zero-width), line/paragraph separators,
 # surrogates and private use: nothing that can start a new line or disguise text in a log, a
 # terminal or the statement a custodian reads before approving.

@@ -5,7 +5,8 @@ name."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from asn1crypto import x509
 
@@ -26,6 +27,26 @@ class Job:
     chain: tuple[x509.Certificate, ...]
     alg: Algorithm
     sign_digest: Callable[[bytes], bytes]  # the token, for one SHA-256 digest
+    # The fields `check` or the stream gave, as logged (and approved, for a queued request)
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a format that hashes the stream itself (`Format.stream`) knows before the body
+    arrives: the values it fixes then are the ones the log, the approval and the signature
+    carry."""
+
+    public_key: bytes  # the profile key's SubjectPublicKeyInfo, DER (from the token)
+    alg: Algorithm
+    key_created: int | None  # the profile's `openpgp_created` (epoch seconds)
+    now: int  # the host's time, epoch seconds
+
+
+class Digester(Protocol):
+    def update(self, chunk: bytes | memoryview) -> None: ...
+
+    def fields(self) -> Mapping[str, str]: ...
 
 
 def no_check(_body: bytes) -> Mapping[str, str]:
@@ -44,3 +65,6 @@ class Format:
     # Checks a kept body; returns the fields the audit log and the approval statement show
     # besides the body's SHA-256 (FormatError when the body is not signable).
     check: Callable[[bytes], Mapping[str, str]] = no_check
+    # A format that signs its own hash of the streamed body (openpgp: the data and a trailer
+    # the host fixes) hashes every chunk too; its fields join `check`'s (log, statement, Job).
+    stream: Callable[[Context], Digester] | None = None
