@@ -25,9 +25,10 @@ ADMIN_USER = "admin"
 KEY_NAMES = ("admin", "build", "intruder", "alice", "bob")
 
 # QEMU's own USB ids: usb-storage 46f4:0001, usb-ccid (the token stand-in) 08e6:4433.
+# `bus`: the QEMU USB bus each is plugged into (lab/vm.py says why the reader has its own).
 USB_DEVICES = {
-    "storage": {"vendor": "46f4", "product": "0001", "qdev": "usb-storage"},
-    "token": {"vendor": "08e6", "product": "4433", "qdev": "usb-ccid"},
+    "storage": {"vendor": "46f4", "product": "0001", "qdev": "usb-storage", "bus": "xhci.0"},
+    "token": {"vendor": "08e6", "product": "4433", "qdev": "usb-ccid", "bus": "uhci.0"},
 }
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lab import collector, image, net, site, vm
+from lab import card, collector, image, net, site, vm
 from lab.ca import LabCA
 from lab.config import KEY_NAMES, Instance, guest_network_config, ssh_config_text
 from lab.state import instance_name, state_dir
@@ -32,6 +32,7 @@ REQUIRED_BINARIES = {
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
     "rsyslogd": "rsyslog",  # the log collector, with rsyslog-relp (lab/collector.py)
+    "certutil": "libnss3-tools",  # the lab card's NSS database (lab/card.py)
 }
 OVERLAY_MIN_FREE = 3 * 2**30
 
@@ -87,6 +88,7 @@ def write_runtime_files(inst: Instance) -> None:
     inst.ssh_config.write_text(ssh_config_text(inst))
     inst.path("lab-network").write_text(guest_network_config(inst))
     LabCA(inst.state_dir).ensure(inst.name)
+    card.ensure(inst.state_dir)
 
 
 def make_overlay(inst: Instance, base: Path) -> None:
