@@ -13,13 +13,16 @@ a key, as with a chip. The database is made here at run time with certutil, in
   exactly three. No profile uses them: they prove that the deploy picks the key it was told
   to (by URI), not the first one on the card.
 
-The database has no password (libcacard opens it without one); what protects the card's use
-in the guest is the card PIN that OpenSC asks for, which libcacard accepts whatever it is
-(the lab card's difference from a real one: README, "Real tokens").
+The database has no password (libcacard opens it without one). The card's PIN (`pin`, made
+here, 0600) is what the deploy hands the daemon, as a key ceremony's PIN would be; the emulated
+card accepts any PIN (libcacard logs in to the NSS database, which has none), one of the lab
+card's differences from a real one (README, "Real tokens").
 """
 
 from __future__ import annotations
 
+import secrets
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -48,6 +51,11 @@ def nssdb(state_dir: Path) -> Path:
     return card_dir(state_dir) / "nssdb"
 
 
+def pin_file(state_dir: Path) -> Path:
+    """The card's PIN on the controller (the inventory's token_cards pin_src)."""
+    return card_dir(state_dir) / "pin"
+
+
 def signing_cert(state_dir: Path) -> Path:
     """The card's signing certificate (PEM), as the lab CA issued it."""
     return card_dir(state_dir) / "signing.pem"
@@ -56,7 +64,8 @@ def signing_cert(state_dir: Path) -> Path:
 def ensure(state_dir: Path, ca: CA | None = None) -> Path:
     """Make the card's database once per instance state; its directory."""
     db = nssdb(state_dir)
-    if (db / "cert9.db").exists() and signing_cert(state_dir).exists():
+    if (db / "cert9.db").exists() and signing_cert(state_dir).exists() \
+            and pin_file(state_dir).exists():
         return db
     ca = ca or LabCA(state_dir)
     if not ca.exists():
@@ -64,7 +73,9 @@ def ensure(state_dir: Path, ca: CA | None = None) -> Path:
     top = card_dir(state_dir)
     top.mkdir(mode=0o700, parents=True, exist_ok=True)
     top.chmod(0o700)
-    db.mkdir(mode=0o700, exist_ok=True)
+    if db.exists():
+        shutil.rmtree(db)  # half made by an interrupted run: made again, whole
+    db.mkdir(mode=0o700)
     spec = f"sql:{db}"
     _certutil("-N", "-d", spec, "--empty-password")
     noise = top / "noise"
@@ -86,6 +97,9 @@ def ensure(state_dir: Path, ca: CA | None = None) -> Path:
                       "-z", noise, "-v", "12", "-m", str(1000 + i))
     finally:
         noise.unlink(missing_ok=True)
+    pin = pin_file(state_dir)
+    pin.touch(mode=0o600)
+    pin.write_text(secrets.token_hex(8) + "\n")
     return db
 
 

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lab import card
+
 INSTANCE_RE = re.compile(r"^lab([0-9])$")
 LAB_HOSTS = ("build", "intruder", "collector")
 HOST_OCTET = {"vm": 10, "build": 20, "collector": 30, "intruder": 66}
@@ -180,6 +182,10 @@ class Instance:
             },
             "usb": {k: {"vendor": v["vendor"], "product": v["product"]}
                     for k, v in USB_DEVICES.items()},
+            # The card in the token's reader (lab/card.py): its signing certificate from the
+            # lab CA and its PIN, on the controller, for the inventory's card profile.
+            "card": {"cert": str(card.signing_cert(self.state_dir)),
+                     "pin": str(card.pin_file(self.state_dir))},
             "collector": {
                 "port": COLLECTOR_PORT,
                 "name": self.tls_name("collector"),

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lab import card, collector, image, net, site, vm
+from lab import card, collector, image, net, site, usb, vm
 from lab.ca import LabCA
 from lab.config import KEY_NAMES, Instance, guest_network_config, ssh_config_text
 from lab.state import instance_name, state_dir
@@ -178,6 +178,9 @@ def up(inst: Instance, release: str | None = None) -> bool:
         pid = vm.running_pid(inst)
         assert pid is not None
         write_facts(inst, accel=accel, pid=pid)
+        # The signing token is in its reader from the start, as on a real signing host: the
+        # deploy finds the card's key there (lab/card.py).
+        print(f"  - {usb.plug(inst, 'token')} with the lab card", flush=True)
     except BaseException as e:
         print(f"  ! lab.up failed: {e}", file=sys.stderr)
         tail = ""
@@ -247,6 +250,7 @@ def reset(inst: Instance) -> None:
     pid = vm.running_pid(inst)
     assert pid is not None
     write_facts(inst, accel=accel, pid=pid)
+    usb.plug(inst, "token")  # a new QEMU: the token back in its reader, as at lab.up
     print(f"==> lab {inst.name} reset in {time.monotonic() - started:.0f}s")
 
 
