@@ -29,6 +29,11 @@ from pathlib import Path
 from lab.ca import CA, LabCA
 
 NICKNAMES = ("signing", "spare1", "spare2")
+# What OpenSC's CAC driver makes of the card (measured: README, "Real tokens"): the token label
+# and the URI of the key behind the first certificate (`signing`).
+TOKEN_LABEL = "CAC II"  # noqa: S105 (a label, not a password)
+KEY_URI = (f"pkcs11:token={TOKEN_LABEL.replace(' ', '%20')};object=CAC%20ID%20Certificate;"
+           "id=%01;type=private")
 SIGNING_SUBJECT = "CN=signlab card code signing,O=signlab"
 
 

@@ -185,7 +185,8 @@ class Instance:
             # The card in the token's reader (lab/card.py): its signing certificate from the
             # lab CA and its PIN, on the controller, for the inventory's card profile.
             "card": {"cert": str(card.signing_cert(self.state_dir)),
-                     "pin": str(card.pin_file(self.state_dir))},
+                     "pin": str(card.pin_file(self.state_dir)),
+                     "label": card.TOKEN_LABEL, "key": card.KEY_URI},
             "collector": {
                 "port": COLLECTOR_PORT,
                 "name": self.tls_name("collector"),

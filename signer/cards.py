@@ -56,9 +56,12 @@ class CardToken:
         try:
             return self._proc.sign_digest(key, alg, digest, urgent)
         except SignerError as exc:
-            if exc.code == Exit.UNAVAILABLE:
-                self._cards.lost(self._name, self._proc, exc.message)
-            raise
+            # Whatever a card answers when its reader goes (OpenSC: CKR_DEVICE_REMOVED,
+            # CKR_TOKEN_NOT_PRESENT, but also CKR_GENERAL_ERROR or CKR_FUNCTION_FAILED mid-way),
+            # the card is closed and opened again, and checked again, before its next signature.
+            self._cards.lost(self._name, self._proc, exc.message)
+            raise SignerError(Exit.UNAVAILABLE, f"token {self._name!r}: {exc.message}") \
+                from None
 
 
 class Cards:

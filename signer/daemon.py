@@ -33,8 +33,8 @@ from typing import Any
 from asn1crypto import x509
 
 from signer import audit, certs, pin, policy, recovery, request, service, wire
-from signer.cards import Cards
 from signer.algorithms import BY_NAME, ECDSA_P256
+from signer.cards import Cards
 from signer.commands import COMMANDS
 from signer.config import NAME_RE, Config
 from signer.errors import Exit, SignerError

@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from signer.errors import Exit
 from tests.signer.conftest import MakeSigner, Signer, until
 from tests.signer.test_sign import openssl_cms_verify, openssl_dgst_verify
