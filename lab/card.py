@@ -29,12 +29,15 @@ from pathlib import Path
 from lab.ca import CA, LabCA
 
 NICKNAMES = ("signing", "spare1", "spare2")
-# What OpenSC's CAC driver makes of the card (measured: README, "Real tokens"): the token label
-# and the URI of the key behind the first certificate (`signing`).
-TOKEN_LABEL = "CAC II"  # noqa: S105 (a label, not a password)
-KEY_URI = (f"pkcs11:token={TOKEN_LABEL.replace(' ', '%20')};object=CAC%20ID%20Certificate;"
-           "id=%01;type=private")
 SIGNING_SUBJECT = "CN=signlab card code signing,O=signlab"
+# What OpenSC's CAC driver makes of the card (measured with pkcs11-tool -L -O on the VM): the
+# token label is the CN of the first certificate's subject, and the key behind that
+# certificate is `CAC ID Certificate` with id 00 01 (the other two: `CAC Email Signature
+# Certificate` 00 02, `CAC Email Encryption Certificate` 00 03). The serial derives from the
+# card's contents, so it changes with each instance's database: the lab names no serial.
+TOKEN_LABEL = "signlab card code signing"  # noqa: S105 (a label, not a password)
+KEY_URI = ("pkcs11:token=signlab%20card%20code%20signing;object=CAC%20ID%20Certificate;"
+           "id=%00%01;type=private")
 
 
 class CardError(RuntimeError):
@@ -104,7 +107,8 @@ def ensure(state_dir: Path, ca: CA | None = None) -> Path:
         noise.unlink(missing_ok=True)
     pin = pin_file(state_dir)
     pin.touch(mode=0o600)
-    pin.write_text(secrets.token_hex(8) + "\n")
+    # 8 digits: the longest PIN the CAC applet takes (OpenSC: pin min/max 4/8)
+    pin.write_text("".join(secrets.choice("0123456789") for _ in range(8)) + "\n")
     return db
 
 
