@@ -92,7 +92,10 @@ def plug(inst: Instance, device: str) -> str:
     else:
         db_args = ""
         if device == "token":
-            card.ensure(inst.state_dir)
+            try:
+                card.ensure(inst.state_dir)
+            except (card.CardError, OSError) as e:
+                raise USBError(f"the lab card cannot be made: {e}") from e
             db_args = card.qdev_args(inst.state_dir)
         out = hmp(inst.monitor, f"device_add {spec['qdev']},bus={spec['bus']},"
                                 f"id={qdev_id(device)}")
