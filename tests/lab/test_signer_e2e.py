@@ -716,16 +716,22 @@ def test_a_restart_under_load_loses_no_answered_requests_entry(
 
 
 @pytest.fixture(scope="module")
-def card(lab: LabState, target: Target) -> tuple[Party, dict[str, Any]]:
+def card(lab: LabState, target: Target, build: Gateway) -> tuple[Party, dict[str, Any]]:
     """(client, profile): a profile whose key is on a hardware token beside the daemon's own
-    (`token:`, the lab's CAC card in QEMU's CCID reader), plugged in, and a client of it."""
+    (`token:`, the lab's CAC card in QEMU's CCID reader), plugged in and signing, and a client
+    of it."""
     for p in target.profiles:
         if p.get("token") and "cms" in p["formats"] and "raw" in p["formats"]:
             clients = [c for c in target.clients if target.allowed(p, c)]
             if clients:
                 inst = Instance(lab.raw["instance"], lab.state_dir)
                 if "token" not in usb.plugged(inst):
-                    usb.plug(inst, "token")
+                    usb.plug(inst, "token")  # an earlier test left it out
+                deadline = time.monotonic() + 180  # USBGuard, pcscd, then the daemon's retry
+                while _card_signs(build, clients[0], p["name"], b"ready?").returncode != 0:
+                    if time.monotonic() > deadline:
+                        pytest.fail(f"profile {p['name']}: the card does not sign")
+                    time.sleep(5)
                 return clients[0], p
     pytest.skip(f"{target.inventory}: no profile on a card (token:) with cms and raw whose "
                 "client the lab holds")
