@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+import subprocess
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -103,7 +104,21 @@ def check(cfg: Config, out: TextIO, profiles: list[str] | None = None) -> int:
     by_token: dict[str | None, list[str | None]] = {}
     for name in names:
         by_token.setdefault(cfg.profiles[name].token if name else None, []).append(name)
+    daemon_module = cfg.daemon.token_module
     for card, members in by_token.items():
+        if card and cfg.tokens[card].module != daemon_module and len(by_token) > 1:
+            # A process loads one PKCS#11 module (python-pkcs11): a card of another module is
+            # checked by a `signer keys check` of its own, as the daemon opens it in its own
+            # token process.
+            argv = [sys.executable, "-m", "signer", "keys", "check", "--config", str(cfg.path),
+                    *(f"--profile={m}" for m in members if m)]
+            r = subprocess.run(argv, capture_output=True, text=True, check=False)
+            out.write(r.stdout)
+            if r.returncode not in (Exit.OK, Exit.NOPERM):
+                raise SignerError(r.returncode, r.stderr.strip().splitlines()[-1]
+                                  if r.stderr.strip() else f"keys check of token {card} failed")
+            failed = failed or r.returncode != Exit.OK
+            continue
         token = open_token(cfg, profile=members[0] if card else None)
         try:
             for name in members:
