@@ -2,7 +2,7 @@
 
 Enabled by ansible.cfg (`callbacks_enabled`); silent unless $SIGNHOST_EVENTS names a file. The
 toolkit sets it for every play it runs (toolkit/runner/ansible_run.py) and reads the file back
-(toolkit/runner/controls.py) to tell the operator, per host and per control id, which controls
+(toolkit/controls/play_status.py) to tell the operator, per host and per control id, which controls
 the run applied, changed or failed and which are not in place. Each result carries the task's
 effective tags, control ids among them. Normal output (the stdout callback) is not touched.
 """
@@ -60,7 +60,7 @@ class CallbackModule(CallbackBase):  # type: ignore[misc]  # Ansible's, untyped
 
     def v2_playbook_on_play_start(self, play: Any) -> None:
         # The playbook and the tag selection let the toolkit tell, per control id, the tasks
-        # this run selected from those it left out (toolkit/runner/controls.py).
+        # this run selected from those it left out (toolkit/controls/play_status.py).
         self._emit(
             {
                 "event": "play",

@@ -5,7 +5,7 @@ guest kernel hangs under KVM without an error, so "QEMU started" proves nothing;
 honest test is "the guest answers SSH within a bound". If it does not, QEMU is stopped and
 the guest is booted again under TCG (software emulation), and the verdict is remembered
 for this host kernel + QEMU version so the next `lab.up` does not pay the bound again.
-``SIGNLAB_ACCEL=kvm|tcg`` forces one.
+``SIGNLAB_ACCEL=kvm|tcg`` forces one; ``SIGNLAB_CPU`` the CPU model under TCG (TCG_CPU).
 """
 
 from __future__ import annotations
@@ -75,6 +75,20 @@ def remember_kvm_hangs() -> None:
     _verdict_file().write_text(json.dumps(verdicts, indent=1) + "\n")
 
 
+# Under TCG, QEMU's `max` CPU offers AVX and AVX2, which it emulates far more slowly than the
+# SSE code paths: glibc and OpenSSL pick their AVX2 string, memory and hash routines when the
+# CPU offers them, and the whole guest pays. Measured with qemu-user (QEMU 7.2) on a Python
+# workload of hashing, compression, JSON and string searches: `max` 16.2-16.7 s, `max` without
+# AVX/AVX2 4.0 s, `qemu64` 3.5-3.7 s. Everything else of `max` stays (NX, SMEP/SMAP, RDRAND):
+# only the vector extensions go. KVM runs the host's CPU as it is.
+TCG_CPU = "max,-avx,-avx2"
+
+
+def tcg_cpu() -> str:
+    """The CPU model QEMU emulates under TCG (``SIGNLAB_CPU`` overrides it, for measurements)."""
+    return os.environ.get("SIGNLAB_CPU") or TCG_CPU
+
+
 def command(inst: Instance, image: dict[str, Path], accel: str) -> list[str]:
     fw = {
         "authorized_keys": inst.keys_dir / "admin.pub",
@@ -86,7 +100,7 @@ def command(inst: Instance, image: dict[str, Path], accel: str) -> list[str]:
         "-name", f"{inst.vm_name},process={inst.vm_name}",
         "-machine", "q35",
         "-accel", "kvm" if accel == "kvm" else "tcg,thread=multi",
-        "-cpu", "host" if accel == "kvm" else "max",
+        "-cpu", "host" if accel == "kvm" else tcg_cpu(),
         "-smp", "2",
         "-m", str(MEMORY_MB),
         "-kernel", str(image["kernel"]),

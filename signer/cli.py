@@ -75,6 +75,20 @@ def _parser() -> argparse.ArgumentParser:
         if name == "import-cert":
             k.add_argument("cert", type=Path)
 
+    s = sub.add_parser("pin", help="the token PIN as k-of-n custodian shares (key ceremony)")
+    psub = s.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    k = psub.add_parser("split", help="split the PIN into one share per custodian, each "
+                        "encrypted to the custodian's SSH key with age")
+    k.add_argument("--threshold", "-k", type=int, required=True, metavar="K",
+                   help="shares needed to unlock (the config's daemon.pin_shares), >= 2")
+    k.add_argument("--custodian", action="append", required=True,
+                   metavar="NAME=KEY_FILE", help="one per custodian (n in all): a file "
+                   "holding their ssh-ed25519 or ssh-rsa public key, or an age recipient")
+    k.add_argument("--pin-file", type=Path, help="the PIN (a file only you can read); "
+                   "default: asked on the terminal")
+    k.add_argument("--out", type=Path, required=True,
+                   help="directory for the encrypted shares (NAME.share.age)")
+
     s = sub.add_parser("audit", help="the audit log")
     asub = s.add_subparsers(dest="action", required=True, parser_class=_Parser)
     a = asub.add_parser("verify")
@@ -242,6 +256,13 @@ def dispatch(args: argparse.Namespace) -> int:
         if args.action == "csr":
             return keys.csr(cfg, args.profile, args.subject, args.out, out)
         return keys.import_cert(cfg, args.profile, args.cert, out)
+    if args.command == "pin":
+        from signer import ceremony
+
+        recipients = [ceremony.parse_custodian(c) for c in args.custodian]
+        ceremony.split(ceremony.read_pin(args.pin_file), args.threshold, recipients, args.out,
+                       out)
+        return Exit.OK
     if args.command == "audit":
         if args.action == "show":
             return _audit_show(args.file, args.last)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
-from signer import approval, audit, pin, policy, request, wire
+from signer import approval, audit, pin, policy, request, shares, wire
 from signer.algorithms import BY_NAME, ECDSA_P256
 from signer.config import Profile
 from signer.errors import Exit, SignerError
@@ -352,32 +352,84 @@ def reject(d: Daemon, peer: wire.Peer, custodian: str, cmd: request.Reject) -> N
     peer.reply(Exit.OK, f"request {rid} rejected")
 
 
-def unlock(d: Daemon, peer: wire.Peer, custodian: str, _cmd: request.Unlock) -> None:
+def unlock(d: Daemon, peer: wire.Peer, custodian: str, cmd: request.Unlock) -> None:
+    """The whole PIN from one custodian (`unlock`), or, with `pin_shares = k`, one share from
+    each of k custodians (`unlock --share`), which only the token process sees: it combines
+    them and logs in (signer/tokenproc.py). The log says who sent a share, never the share."""
     assert d.token is not None and d.writer is not None
     if d.token.logged_in:
         peer.reply(Exit.OK, "already unlocked")
         return
+    k = d.cfg.daemon.pin_shares
+    if cmd.share and not k:
+        raise Denied(Exit.USAGE, "this signer takes the whole PIN: run `unlock` without "
+                     "--share", "unlock --share without pin_shares")
+    if k and not cmd.share:
+        raise Denied(Exit.USAGE, f"this signer is unlocked by {k} custodians' shares: send "
+                     "yours with `unlock --share`", "whole PIN sent where shares are needed")
     peer.go_ahead()
+    limit = shares.MAX_LINE + 1 if cmd.share else pin.MAX_PIN + 1
     try:
-        secret = pin.check(peer.read_body(pin.MAX_PIN + 1), "PIN on stdin")
+        body = peer.read_body(limit)
     except wire.BodyTooLarge:
-        raise Denied(Exit.DATA, "PIN too long", "PIN too long") from None
+        what = "share" if cmd.share else "PIN"
+        raise Denied(Exit.DATA, f"{what} too long", f"{what} too long") from None
+    if cmd.share:
+        _unlock_share(d, peer, custodian, body, k)
+        return
+    secret = pin.check(body, "PIN on stdin")
     with d.unlock_lock:
         if not d.token.logged_in:
             try:
-                d.token.login(secret)
+                warning = d.token.login(secret)
             except SignerError as exc:
                 if exc.code == Exit.NOPERM:
                     raise Denied(exc.code, exc.message, "unlock refused by the token") \
                         from None
                 raise
-            d.writer.append("unlock", custodian=custodian)
-            d.check_keys()
-            try:
-                d.writer.checkpoint()
-            except audit.AuditError as exc:
-                log.warning("checkpoint after unlock: %s", exc)
+            if warning:
+                log.warning("%s", warning)
+            _unlocked(d, custodian=custodian)
     peer.reply(Exit.OK, "unlocked")
+
+
+def _unlocked(d: Daemon, **fields: Any) -> None:
+    assert d.writer is not None
+    d.writer.append("unlock", **fields)
+    d.check_keys()
+    try:
+        d.writer.checkpoint()
+    except audit.AuditError as exc:
+        log.warning("checkpoint after unlock: %s", exc)
+
+
+def _unlock_share(d: Daemon, peer: wire.Peer, custodian: str, share: bytes, k: int) -> None:
+    assert d.token is not None and d.writer is not None
+    window = d.cfg.daemon.pin_share_window
+    with d.unlock_lock:
+        if d.token.logged_in:
+            peer.reply(Exit.OK, "already unlocked")
+            return
+        try:
+            answer = d.token.send_share(custodian, share, k, window)
+        except SignerError as exc:
+            if exc.code in (Exit.DATA, Exit.NOPERM):
+                raise Denied(exc.code, exc.message, f"share refused: {exc.message}") from None
+            raise
+        have = [str(c) for c in answer.get("have", [])]
+        if answer.get("warning"):
+            log.warning("%s", answer["warning"])
+        state = answer.get("state")
+        if state == "unlocked":
+            d.writer.append("unlock-share", custodian=custodian, have=len(have), need=k)
+            _unlocked(d, custodian=custodian, custodians=sorted(have))
+            peer.reply(Exit.OK, f"unlocked with the shares of {', '.join(sorted(have))}")
+            return
+        if state == "added":
+            d.writer.append("unlock-share", custodian=custodian, have=len(have), need=k)
+    counted = "your share already counts (once)" if state == "again" else "share counted"
+    peer.reply(Exit.OK, f"{counted}: {len(have)} of {k} ({', '.join(sorted(have))}); each "
+               f"share counts for {window} s after it came")
 
 
 def freeze(d: Daemon, peer: wire.Peer, custodian: str, cmd: request.Freeze) -> None:

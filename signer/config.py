@@ -19,6 +19,10 @@ from signer import request, uri
 from signer.errors import Exit, SignerError
 
 DEFAULT_REQUEST_TTL = 86400
+# How long a custodian's PIN share waits for the others (k-of-n unlock): long enough for
+# custodians called one after another, short enough that a share sent and forgotten does not
+# wait for a thief's; the shares live in the token process's memory alone, and go with it.
+DEFAULT_PIN_SHARE_WINDOW = 900
 NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 ACCOUNT_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 ALGORITHMS = ("ecdsa-p256", "rsa3072-pkcs1", "rsa3072-pss", "rsa2048-pkcs1")
@@ -94,6 +98,10 @@ class Daemon:
     # checkpoint after it reaches either limit.
     segment_bytes: int = 256 * 1024 * 1024
     segment_entries: int = 1_000_000
+    # pin_source prompt with k-of-n custodian shares: k (0: one custodian sends the whole
+    # PIN), and how long (seconds) a share counts while the others come (signer/shares.py).
+    pin_shares: int = 0
+    pin_share_window: int = DEFAULT_PIN_SHARE_WINDOW
 
     @property
     def pin_file(self) -> Path | None:
@@ -241,7 +249,8 @@ def parse(text: str, path: Path) -> Config:
     d = r.table(data, "daemon",
                 {"socket", "socket_group", "audit_log", "state_dir", "token_module",
                  "token_label", "token_serial", "pin_source", "checkpoint_interval",
-                 "audit_key", "audit_cert", "segment_bytes", "segment_entries"},
+                 "audit_key", "audit_cert", "segment_bytes", "segment_entries",
+                 "pin_shares", "pin_share_window"},
                 {"socket", "audit_log", "state_dir", "token_module", "token_label", "pin_source",
                  "audit_key"})
     pin_source = r.str_(d, "daemon", "pin_source")
@@ -261,11 +270,23 @@ def parse(text: str, path: Path) -> Config:
         token_serial=r.str_(d, "daemon", "token_serial") if "token_serial" in d else None,
         segment_bytes=r.int_(d, "daemon", "segment_bytes", 4096, 256 * 1024 * 1024),
         segment_entries=r.int_(d, "daemon", "segment_entries", 2, 1_000_000),
+        pin_shares=r.int_(d, "daemon", "pin_shares", 0, 0),
+        pin_share_window=r.int_(d, "daemon", "pin_share_window", 1,
+                                DEFAULT_PIN_SHARE_WINDOW),
     )
+    if daemon.pin_shares == 1:
+        raise r.fail("daemon.pin_shares", "must be 0 (the whole PIN) or k >= 2: with one "
+                     "share, one custodian holds the PIN")
+    if daemon.pin_shares and pin_source != "prompt":
+        raise r.fail("daemon.pin_shares", "needs pin_source = 'prompt' (shares replace the "
+                     "typed PIN, not a PIN file)")
     tokens = _tokens(r, data, daemon)
     accounts: dict[str, str] = {}
     clients = _principals(r, data, "clients", accounts)
     custodians = _principals(r, data, "custodians", accounts)
+    if daemon.pin_shares > len(custodians):
+        raise r.fail("daemon.pin_shares", f"needs {daemon.pin_shares} custodians, "
+                     f"{len(custodians)} configured")
     overlap = set(clients) & set(custodians)
     if overlap:
         raise r.fail("custodians", f"name used by a client too: {sorted(overlap)[0]!r}")

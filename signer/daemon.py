@@ -130,7 +130,9 @@ class Daemon:
         self.writer.keep_state(policy.Fold(
             policy.State.restore(self.state.export(windows, self.now())), windows))
         self.writer.append("start", pid=os.getpid(), note=note,
-                           reason="PIN from file" if secret else "locked: waiting for unlock")
+                           reason="PIN from file" if secret else
+                           f"locked: waiting for {d.pin_shares} custodians' shares"
+                           if d.pin_shares else "locked: waiting for unlock")
         if secret is not None:
             try:
                 self._login(secret)
@@ -166,7 +168,9 @@ class Daemon:
 
     def _login(self, secret: str) -> None:
         assert self.token is not None and self.writer is not None
-        self.token.login(secret)
+        warning = self.token.login(secret)
+        if warning:
+            log.warning("%s", warning)
         self.check_keys()
         try:
             self.writer.checkpoint()  # vouch for what was written while locked

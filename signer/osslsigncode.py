@@ -16,7 +16,9 @@ from signer.formats import authenticode
 TOOL = "osslsigncode"
 
 
-def _run(*args: str | Path, code: int = Exit.DATA) -> None:
+def _run(*args: str | Path, code: int = Exit.DATA, subject: Path | None = None) -> None:
+    """Run osslsigncode; SignerError with its reason in one line, naming `subject` (the
+    user's file) when given."""
     if shutil.which(TOOL) is None:
         raise SignerError(Exit.UNAVAILABLE, f"{TOOL} not found: install it on this machine "
                           "(Debian: apt install osslsigncode)")
@@ -26,13 +28,14 @@ def _run(*args: str | Path, code: int = Exit.DATA) -> None:
         # osslsigncode prints its verdict last; its first error line says why
         why = next((x for x in lines if "rror" in x or "ailed" in x or "mismatch" in x),
                    lines[-1] if lines else f"exit {r.returncode}")
-        raise SignerError(code, f"{TOOL} {args[0]}: {why}")
+        where = f"{subject}: " if subject is not None else ""
+        raise SignerError(code, f"{where}{TOOL} {args[0]}: {why}")
 
 
 def extract(artifact: Path, out: Path) -> authenticode.Content:
     """The Authenticode request for `artifact` (SHA-256, no page hashes), written to `out`
     and checked the way the host checks it."""
-    _run("extract-data", "-h", "sha256", "-in", artifact, "-out", out)
+    _run("extract-data", "-h", "sha256", "-in", artifact, "-out", out, subject=artifact)
     try:
         data = out.read_bytes()
         # osslsigncode 2.9 writes a cabinet's request followed by the rest of the cabinet (its
@@ -56,7 +59,8 @@ def attach(artifact: Path, signature: Path, out: Path, cafile: Path | None) -> N
     is a signature of this very file and that it chains to `cafile` (default: the system's
     trust store)."""
     trust: list[str | Path] = ["-CAfile", cafile] if cafile else []
-    _run("attach-signature", "-sigin", signature, *trust, "-in", artifact, "-out", out)
+    _run("attach-signature", "-sigin", signature, *trust, "-in", artifact, "-out", out,
+         subject=artifact)
 
 
 def timestamp(signed: Path, url: str, out: Path) -> None:

@@ -26,7 +26,8 @@ TIGHTENING = frozenset({"sign", "freeze", "budget-exceeded", "cancel", "reject"}
 # What a tail that no checkpoint vouches for may hold for the daemon to start on it: the
 # above and entries that change no state. Anything else (a thaw, an approval, a queued
 # request, an adoption, an event added later) stops it until an operator adopts the range.
-UNVOUCHED_OK = TIGHTENING | {"start", "stop", "deny", "residency-failure", "unlock"}
+UNVOUCHED_OK = TIGHTENING | {"start", "stop", "deny", "residency-failure", "unlock",
+                             "unlock-share"}
 # How long a request past its expiry stays in the state a checkpoint keeps (a week).
 CLOSED_KEPT = 7 * 86400
 # What a format's check adds to the log and the statement besides the body's SHA-256

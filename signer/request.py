@@ -170,7 +170,14 @@ class Requests(_Command):
 
 
 class Unlock(_Command):
-    __slots__ = ()
+    """`unlock` sends the whole PIN on stdin; `unlock --share` one custodian's share of it
+    (signer/shares.py), when the signer is configured for k-of-n shares."""
+
+    __slots__ = ("share",)
+    _fields = ("share",)
+
+    def __init__(self, share: bool = False) -> None:
+        self.share = share
 
 
 Command = (Sign | Status | Fetch | Cancel | Requests | Approve | Reject | Unlock | Freeze
@@ -259,8 +266,13 @@ def parse(raw: bytes | None) -> Command:
     verb, args = tokens[0], tokens[1:]
     if verb == "sign":
         return _parse_sign(args)
+    if verb == "unlock":
+        if args not in ([], ["--share"]):
+            raise ParseError("unlock: takes no argument but --share (the PIN, or your share "
+                             "of it, goes on stdin)")
+        return Unlock(share=bool(args))
     arity = {"status": 1, "fetch": 1, "cancel": 1, "approve": 1, "reject": 1, "freeze": 1,
-             "thaw": 1, "requests": 0, "unlock": 0}
+             "thaw": 1, "requests": 0}
     if verb not in arity:
         raise ParseError(f"unknown command {verb[:40]!r} (sign, status, fetch, cancel, "
                          "requests, approve, reject, unlock, freeze, thaw)")
@@ -280,9 +292,7 @@ def parse(raw: bytes | None) -> Command:
         return Freeze(_profile(args[0]))
     if verb == "thaw":
         return Thaw(_profile(args[0]))
-    if verb == "requests":
-        return Requests()
-    return Unlock()
+    return Requests()
 
 
 def to_wire(cmd: Command) -> dict[str, str | int | bool]:
@@ -335,5 +345,8 @@ def from_wire(obj: Mapping[str, object]) -> Command:
     if cmd == "requests":
         return Requests()
     if cmd == "unlock":
-        return Unlock()
+        share = obj.get("share", False)
+        if not isinstance(share, bool):
+            raise ParseError("bad share")
+        return Unlock(share=share)
     raise ParseError("unknown command")

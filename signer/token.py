@@ -24,7 +24,7 @@ from typing import Any
 import pkcs11
 import pkcs11.exceptions as p11e
 from asn1crypto import keys as asn1keys
-from pkcs11 import Attribute, KeyType, ObjectClass
+from pkcs11 import Attribute, KeyType, ObjectClass, TokenFlag
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 from pkcs11.util.rsa import encode_rsa_public_key
 
@@ -51,6 +51,30 @@ def _unavailable(label: str, exc: Exception) -> SignerError:
     return SignerError(Exit.UNAVAILABLE,
                        f"token {label!r} unavailable ({type(exc).__name__}): check that it is "
                        "plugged in, then restart the daemon")
+
+
+def pin_tries(flags: int) -> tuple[str | None, str | None]:
+    """(why not to try a PIN, a warning) from the token's flags (C_GetTokenInfo).
+
+    A card counts wrong PINs and locks its user PIN after a few (3 on PIV and most EV tokens;
+    then only the security officer, or nobody, can unlock it). The daemon never spends the
+    last try: with CKF_USER_PIN_FINAL_TRY (or LOCKED) set, it refuses before C_Login, so a
+    wrong PIN (a PIN changed since the ceremony, a mistyped one) can never lock the card.
+    CKF_USER_PIN_COUNT_LOW (a wrong PIN was given since the last good one) is only a warning:
+    refusing on it would leave a card that one mistyped `unlock` made unusable until reset.
+    A token that counts nothing (SoftHSM2 sets COUNT_LOW after a wrong PIN, never the others)
+    gives no refusal."""
+    if flags & TokenFlag.USER_PIN_LOCKED:
+        return ("the token's user PIN is locked (CKF_USER_PIN_LOCKED): the security officer "
+                "must reset it", None)
+    if flags & TokenFlag.USER_PIN_FINAL_TRY:
+        return ("the token has one PIN try left (CKF_USER_PIN_FINAL_TRY): the signer will not "
+                "spend it; check the PIN, then have the security officer reset the counter "
+                "(a good login elsewhere, or the SO PIN)", None)
+    if flags & TokenFlag.USER_PIN_COUNT_LOW:
+        return None, ("the token reports a wrong PIN since the last good login "
+                      "(CKF_USER_PIN_COUNT_LOW)")
+    return None, None
 
 
 @dataclass(frozen=True)
@@ -92,12 +116,28 @@ class Token:
     def logged_in(self) -> bool:
         return self._session is not None
 
-    def login(self, pin: str, rw: bool = False) -> None:
-        """Open the session. A wrong PIN is NOPERM so that callers can tell it from a missing
-        token; the PIN itself never appears in an error."""
+    def pin_flags(self) -> int:
+        """The token's flags as it reports them now (C_GetTokenInfo again: python-pkcs11's
+        Token keeps those of when it was found)."""
+        try:
+            return int(self._token.slot.get_token().flags)
+        except _GONE as exc:
+            raise _unavailable(self.label, exc) from None
+        except p11e.PKCS11Error as exc:
+            raise SignerError(Exit.UNAVAILABLE, f"cannot read token {self.label!r}'s "
+                              f"flags: {type(exc).__name__}") from None
+
+    def login(self, pin: str, rw: bool = False) -> str | None:
+        """Open the session; returns a warning from the token's PIN flags, if any. A wrong
+        PIN is NOPERM so that callers can tell it from a missing token; the PIN itself never
+        appears in an error. Never tries the PIN when the token has one try left
+        (`pin_tries`)."""
         with self._lock:
             if self._session is not None:
-                return
+                return None
+            refuse, warning = pin_tries(self.pin_flags())
+            if refuse is not None:
+                raise SignerError(Exit.NOPERM, refuse)
             try:
                 self._session = self._token.open(rw=rw, user_pin=pin)
             except p11e.PinIncorrect:
@@ -111,6 +151,7 @@ class Token:
                 raise SignerError(Exit.UNAVAILABLE,
                                   f"cannot log in to token {self.label!r}: "
                                   f"{type(exc).__name__}") from None
+            return warning
 
     def close(self) -> None:
         with self._lock:

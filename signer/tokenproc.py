@@ -20,6 +20,11 @@ UNAVAILABLE and the daemon is told (`on_lost`): it stops, and systemd starts it 
 daemon exits non-zero). A token that goes away is not a child that ends: its errors come back
 as answers, as they did in-process.
 
+With k-of-n custodian shares (signer/shares.py) the shares come here one by one (SHARE) and
+stay in this process's memory alone: when k custodians' shares are in, it combines them,
+opens the sealed PIN (a forged share fails there, before the token is asked) and logs in.
+The daemon learns only who has sent one and whether the token is unlocked.
+
 The wire between the two, one socketpair: a frame is a 4-byte length, a 1-byte operation (or,
 in an answer, an exit code, 0 = ok) and the payload. Answers come in the order of the
 requests, so no request needs an id.
@@ -57,7 +62,7 @@ DEPTH = 4  # requests in the child's socket at once: one being signed, the next 
 _HEAD = struct.Struct("!IB")
 _SIGN_HEAD = struct.Struct("!IB")  # key handle, length of the algorithm's name
 MAX_FRAME = 1 << 16
-(OPEN, LOGIN, CLOSE, KEY, RESIDENCY, PUBKEY, PUBKEY_UNLOCKED, SIGN) = range(1, 9)
+(OPEN, LOGIN, CLOSE, KEY, RESIDENCY, PUBKEY, PUBKEY_UNLOCKED, SIGN, SHARE) = range(1, 10)
 
 
 class KeyHandle:
@@ -252,11 +257,28 @@ class TokenProcess:
     def pid(self) -> int:
         return self._proc.pid
 
-    def login(self, pin: str, rw: bool = False) -> None:
+    def login(self, pin: str, rw: bool = False) -> str | None:
+        """Log in with a whole PIN; returns the token's warning about its PIN tries, if any."""
         if self._logged_in:
-            return
-        self._call(LOGIN, pin.encode("utf-8"))
+            return None
+        warning = self._call(LOGIN, pin.encode("utf-8"))
         self._logged_in = True
+        return warning.decode("utf-8", "replace") or None
+
+    def send_share(self, custodian: str, share: bytes, k: int, window: float
+                   ) -> dict[str, Any]:
+        """Hand a custodian's share to the token process (signer/shares.py, `Round`). The
+        answer: `state` "added", "again" (this custodian's share counts already) or
+        "unlocked" (the k-th share: logged in), `have` (custodians whose shares count),
+        `warning` (the token's PIN flags). SignerError: the share cannot count (DATA), the
+        shares do not combine (DATA, all forgotten), the token refused (NOPERM)."""
+        head = json.dumps({"custodian": custodian, "k": k, "window": window}).encode()
+        body = self._call(SHARE, struct.pack("!H", len(head)) + head + share)
+        answer = json.loads(body)
+        assert isinstance(answer, dict)
+        if answer.get("state") == "unlocked":
+            self._logged_in = True
+        return answer
 
     def close(self) -> None:
         """Log out and end the child (the daemon calls this once, when it stops)."""
@@ -306,7 +328,9 @@ class TokenProcess:
 
 def child_main(fd: int) -> None:
     """The token process: one request at a time, until the daemon closes its end."""
-    from signer import pin
+    import time
+
+    from signer import pin, shares
     from signer.token import Token
 
     for missed in pin.harden_process():
@@ -316,6 +340,7 @@ def child_main(fd: int) -> None:
     token: Token | None = None
     keys: list[Any] = []
     algs: dict[bytes, Algorithm] = {}
+    round_ = shares.Round()  # custodians' shares: only ever in this process's memory
 
     def serve(op: int, body: bytes) -> bytes:
         nonlocal token
@@ -333,8 +358,29 @@ def child_main(fd: int) -> None:
                 alg = algs[name] = BY_NAME[name.decode()]
             return token.sign_input(keys[index], alg, body[_SIGN_HEAD.size + n:])
         if op == LOGIN:
-            token.login(body.decode("utf-8"))
-            return b""
+            return (token.login(body.decode("utf-8")) or "").encode()
+        if op == SHARE:
+            (n,) = struct.unpack_from("!H", body)
+            a = json.loads(body[2:2 + n])
+            k, window, now = int(a["k"]), float(a["window"]), time.monotonic()
+            if token.logged_in:
+                round_.clear()
+                return json.dumps({"state": "unlocked", "have": [], "warning": None}).encode()
+            try:
+                state = round_.add(a["custodian"], body[2 + n:], k, now, window)
+            except shares.ShareError as exc:
+                raise SignerError(Exit.DATA, str(exc)) from None
+            have = round_.custodians(now, window)
+            warning = None
+            if round_.ready(k):
+                try:
+                    secret = round_.take()
+                except shares.ShareError as exc:
+                    raise SignerError(Exit.DATA, f"{exc}: nothing was tried on the token; "
+                                      f"each custodian must send their share again") from None
+                warning = token.login(secret.decode("utf-8"))
+                state = "unlocked"
+            return json.dumps({"state": state, "have": have, "warning": warning}).encode()
         if op == CLOSE:
             token.close()
             return b""

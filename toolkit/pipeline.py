@@ -250,18 +250,18 @@ def static_stages() -> list[Stage]:
               needs=playbooks),
         Stage("ansible-lint", [_bin("ansible-lint"), "--offline", "-q"], needs=["roles"]),
         Stage("threat-model", invoke("threat-model.check"),
-              needs=["toolkit/assurance/registry.py", "threat-model/threats.yml"]),
+              needs=["toolkit/controls/check.py", "threat-model/threats.yml"]),
     ]
 
 
-# JUnit records of CI's test runs, stamped with the toolkit commit (toolkit.assurance.ci_record):
+# JUnit records of CI's test runs, stamped with the toolkit commit (toolkit.controls.ci_record):
 # verify cites them for the controls only the toolkit's own tests can prove.
 UNIT_RECORD = "reports/ci/unit+signer.junit.xml"
 LAB_RECORD = "reports/ci/lab-tests.junit.xml"
 
 
 def _recorded(path: str) -> list[str]:
-    return ["-p", "toolkit.assurance.ci_record", f"--junitxml={path}"]
+    return ["-p", "toolkit.controls.ci_record", f"--junitxml={path}"]
 
 
 def test_stages() -> list[Stage]:

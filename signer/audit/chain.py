@@ -18,7 +18,7 @@ from signer.algorithms import verify_digest
 GENESIS = "0" * 64
 EVENTS = frozenset({"start", "stop", "sign", "deny", "queue", "approve", "unlock", "freeze", "thaw",
                     "residency-failure", "budget-exceeded", "checkpoint", "cancel", "reject",
-                    "adopt"})
+                    "adopt", "unlock-share"})
 MAX_LINE = 64 * 1024
 
 

@@ -1,7 +1,8 @@
 """Authenticode from the build server, end to end, as the Jenkins job of the seed runs it:
 `signer submit --format authenticode app.exe` from the build host's network namespace over
 SSH to the lab VM; the dev profile signs at once, the release profile after two custodians
-approved the Authenticode digest they recomputed from their own copy. The timestamp comes from
+approved the Authenticode digest they recomputed from their own copy; an MSI installer (built
+with wixl at test time) the dev way. The timestamp comes from
 a TSA stand-in on the controller, inside the build namespace (the signing host never talks to
 it). The verdict is the outside verifiers': `osslsigncode verify` against the lab CA (which
 issued the profiles' certificates from the deployed CSRs) and signify.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -32,7 +34,7 @@ from lab.ca import LabCA
 from lab.state import LabState
 from lab.target import Party, Target
 from signer import osslsigncode
-from tests.signer.test_authenticode import SIGNIFY, flip
+from tests.signer.test_authenticode import SIGNIFY, flip, flip_in_payload, installer
 from toolkit.local_signer import write_pe
 from toolkit.tasks import token as tasks_token
 
@@ -287,6 +289,29 @@ def test_build_server_signs_a_powershell_script(submit: Callable[..., Any], setu
     assert b"# SIG # Begin signature block" in script.read_bytes()
     _assert_accepted(script, trust, setup.subjects[setup.dev])
     assert _verify(flip(script, 3), trust).returncode != 0
+
+
+@pytest.mark.control("SGN-09", "SGN-10")
+def test_build_server_signs_an_msi_that_osslsigncode_accepts_with_a_timestamp(
+        submit: Callable[..., Any], setup: Setup, tsa: Tsa, trust: Path, admin_ssh: AdminSsh,
+        tmp_path: Path) -> None:
+    """An installer made on the build server with wixl: only its Authenticode request (the
+    digest of its streams) goes to the host; the signed, timestamped MSI passes osslsigncode
+    against the lab CA, and one flipped byte in the file it installs does not."""
+    if shutil.which("wixl") is None:
+        pytest.skip("wixl not installed on the controller (apt install wixl)")
+    msi, app = installer(tmp_path / "setup.msi", 200_000)
+    label = _label(msi, tmp_path)
+    r = submit(msi, setup.dev, "--timestamp", tsa.url)
+    assert r.returncode == 0, r.stderr.decode()
+    assert f"setup.msi: Authenticode sip {label}" in r.stderr.decode()
+    _assert_accepted(msi, trust, setup.subjects[setup.dev])
+    entry = [e for e in _audit(admin_ssh, setup) if e["event"] == "sign"][-1]
+    assert entry["profile"] == setup.dev and entry["name"] == "setup.msi"
+    assert entry["format"] == "authenticode" and entry["authenticode"] == label
+    assert entry["size"] < 1024 < msi.stat().st_size
+    v = _verify(flip_in_payload(msi, app), trust)
+    assert v.returncode != 0 and "Signature verification: ok" not in v.stdout, v.stdout
 
 
 @pytest.mark.control("SGN-10")

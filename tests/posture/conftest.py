@@ -53,7 +53,8 @@ import testinfra
 from testinfra.backend import base
 
 from hostaccess import expectations, hostvars
-from toolkit.assurance import registry, shell_channel
+from toolkit.assurance import shell_channel
+from toolkit.controls import registry
 
 if TYPE_CHECKING:
     from testinfra.host import Host  # testinfra has no type hints: Host is Any to mypy

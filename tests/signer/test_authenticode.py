@@ -27,10 +27,12 @@ from tests.signer.conftest import MiB, Signer, config, one_line_error, profiles
 from tests.signer.pki import TSA, LabCA
 from tests.signer.test_approvals import _fake_ssh
 from tests.signer.test_sign import openssl_cms_verify
-from toolkit.local_signer import Lab, write_cab, write_pe
+from toolkit.local_signer import Lab, write_cab, write_msi, write_pe
 
 pytestmark = pytest.mark.skipif(shutil.which("osslsigncode") is None,
                                 reason="osslsigncode not installed (apt install osslsigncode)")
+needs_wixl = pytest.mark.skipif(shutil.which("wixl") is None,
+                                reason="wixl not installed (apt install wixl)")
 
 # signify needs oscrypto, whose 1.3.0 (the last release) cannot parse OpenSSL version strings
 # like "3.0.19" (wbond/oscrypto#78, fixed upstream, unreleased): the verifier runs in its own
@@ -198,6 +200,88 @@ def test_cabinet_is_signed_and_timestamped(win: Win, tmp_path: Path) -> None:
     assert osslsigncode_verify(win, flip(cab, cab.stat().st_size // 3)).returncode != 0
 
 
+def installer(path: Path, app_size: int) -> tuple[Path, bytes]:
+    """An MSI built with wixl at test time around a PE of about `app_size` bytes (and a text
+    file), and the PE's bytes."""
+    app = write_pe(path.with_name(path.stem + "-app.exe"), app_size).read_bytes()
+    return write_msi(path, {"app.exe": app, "readme.txt": b"signed by the signing host\r\n"},
+                     name="Example App"), app
+
+
+def flip_in_payload(msi: Path, payload: bytes) -> Path:
+    """A copy of `msi` with one byte flipped inside the file it installs, found by its bytes
+    in the embedded cabinet (a PE's random section is stored as is): a byte the Authenticode
+    digest covers, not the compound file's slack."""
+    data = msi.read_bytes()
+    chunk = payload[len(payload) // 2:len(payload) // 2 + 64]
+    at = data.find(chunk)
+    assert at > 0 and data.find(chunk, at + 1) == -1, "the payload is not stored as is"
+    return flip(msi, at + 32)
+
+
+@needs_wixl
+@pytest.mark.control("SGN-09", "SGN-10")
+def test_msi_signed_through_the_host_is_accepted_by_osslsigncode_and_signify(
+        win: Win, tmp_path: Path) -> None:
+    """A Windows Installer package: the client sends the request osslsigncode computes from
+    the MSI's streams (a SIP subject), never the installer; the host signs it like any
+    Authenticode request."""
+    msi, app = installer(tmp_path / "setup.msi", 200_000)
+    request = authenticode.parse(extract(msi, "-h", "sha256"))
+    assert request.subject == "sip"
+    r = win.submit(msi, "--profile", "win", "--format", "authenticode", "--timestamp",
+                   win.tsa.url)
+    assert r.returncode == 0, r.stderr
+    assert f"setup.msi: Authenticode sip {request.label}".encode() in r.stderr
+    v = osslsigncode_verify(win, msi)
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert "Signature verification: ok" in v.stdout
+    assert "Timestamp Server Signature verification: ok" in v.stdout
+    assert "CN=Example Corp" in v.stdout and "Issuer : /CN=signer lab CA" in v.stdout
+    s = signify_verify(msi, win.ca.cert)
+    assert s.returncode == 0, s.stdout + s.stderr
+    entry = win.signer.events("sign")[-1]
+    assert entry["format"] == "authenticode" and entry["name"] == "setup.msi"
+    assert entry["authenticode"] == request.label
+    assert entry["size"] < 1024 < msi.stat().st_size
+    # One flipped byte in the installed file: both verifiers refuse the package.
+    bad = flip_in_payload(msi, app)
+    v = osslsigncode_verify(win, bad)
+    assert v.returncode != 0 and "Signature verification: ok" not in v.stdout, v.stdout
+    s = signify_verify(bad, win.ca.cert)
+    assert s.returncode == 1 and "INVALID_DIGEST" in s.stdout, s.stdout + s.stderr
+
+
+@needs_wixl
+@pytest.mark.control("SGN-04", "SGN-10")
+def test_release_msi_needs_two_custodians_who_recompute_the_digest(
+        win: Win, tmp_path: Path) -> None:
+    """A custodian whose copy of the installer differs from the build's, by another build or
+    by one flipped byte, refuses; two with the same copy approve and the MSI is signed."""
+    msi, app = installer(tmp_path / "release.msi", 100_000)
+    other, _ = installer(tmp_path / "other.msi", 100_000)
+    _release_after_two_custodians(win, msi, [other, flip_in_payload(msi, app)])
+
+
+@needs_wixl
+@pytest.mark.control("SGN-10")
+def test_a_damaged_msi_is_refused_on_the_build_server_and_nothing_reaches_the_host(
+        win: Win, tmp_path: Path) -> None:
+    """The installer is read by osslsigncode on the build server only: one cut short gets a
+    one-line error naming the file, and the host hears nothing (no entry of any kind)."""
+    msi, _ = installer(tmp_path / "broken.msi", 50_000)
+    data = msi.read_bytes()
+    msi.write_bytes(data[: len(data) // 2])
+    entries = len(win.signer.entries())
+    r = win.submit(msi, "--profile", "win", "--format", "authenticode")
+    assert r.returncode == 65, r.stderr
+    err = r.stderr.decode()
+    assert err.startswith(f"signer: {msi}: osslsigncode extract-data: ") and \
+        err.count("\n") == 1, err
+    assert msi.read_bytes() == data[: len(data) // 2]
+    assert len(win.signer.entries()) == entries
+
+
 def _cab_request(cab: Path) -> bytes:
     """The request as the client sends it (signer.osslsigncode trims what osslsigncode 2.9
     appends to a cabinet's request)."""
@@ -317,18 +401,25 @@ def test_a_well_formed_synthetic_request_is_signed(win: Win) -> None:
 def test_release_authenticode_needs_two_custodians_who_recompute_the_digest(
         win: Win, tmp_path: Path) -> None:
     exe = write_pe(tmp_path / "setup.exe", 50_000)
-    label = authenticode.parse(extract(exe, "-h", "sha256")).label
+    _release_after_two_custodians(win, exe, [write_pe(tmp_path / "other.exe", 50_000)])
+
+
+def _release_after_two_custodians(win: Win, artifact: Path, others: list[Path]) -> None:
+    """`artifact` through the release profile: queued, refused by a custodian for each of
+    `others` (their own copy, which is not the file of the request), approved by two who
+    recompute its Authenticode digest from their copy, then signed and timestamped."""
+    label = authenticode.parse(extract(artifact, "-h", "sha256")).label
     lab, s = win.signer.lab, win.signer
     waiting = subprocess.Popen(
         [sys.executable, "-m", "signer", "submit", "--host", "build1@signer", "--profile",
          "winrel", "--format", "authenticode", "--timestamp", win.tsa.url, "--cafile",
-         str(win.ca.cert), "--wait", "--poll", "0.2", "--ssh", win.ssh, str(exe)],
+         str(win.ca.cert), "--wait", "--poll", "0.2", "--ssh", win.ssh, str(artifact)],
         env=lab.env, stderr=subprocess.PIPE)
     try:
         item = None
         for _ in range(100):  # each look is a gateway process: not too often
             mine = [json.loads(x) for x in s.gw("requests", custodian="alice").stdout.splitlines()]
-            mine = [i for i in mine if i["name"] == "setup.exe" and i["state"] == "pending"]
+            mine = [i for i in mine if i["name"] == artifact.name and i["state"] == "pending"]
             if mine:
                 item = mine[0]
                 break
@@ -337,14 +428,15 @@ def test_release_authenticode_needs_two_custodians_who_recompute_the_digest(
         rid = item["id"]
         assert item["authenticode"] == label and item["format"] == "authenticode"
         assert item["statement"].endswith(f"\nformat=authenticode\nauthenticode={label}\n")
-        assert 'name="setup.exe"' in item["statement"]
-        other = write_pe(tmp_path / "other.exe", 50_000)
-        r = lab.signer("approve", "--host", "alice@signer", "--key", lab.custodian_keys["alice"],
-                       "--artifact", other, "--yes", "--ssh", win.ssh, rid)
-        assert r.returncode == 65 and b"its Authenticode digest is" in r.stderr
+        assert f'name="{artifact.name}"' in item["statement"]
+        for other in others:
+            r = lab.signer("approve", "--host", "alice@signer", "--key",
+                           lab.custodian_keys["alice"], "--artifact", other, "--yes", "--ssh",
+                           win.ssh, rid)
+            assert r.returncode == 65 and b"its Authenticode digest is" in r.stderr, r.stderr
         for who in ("alice", "bob"):
             r = lab.signer("approve", "--host", f"{who}@signer", "--key",
-                           lab.custodian_keys[who], "--artifact", exe, "--yes", "--ssh",
+                           lab.custodian_keys[who], "--artifact", artifact, "--yes", "--ssh",
                            win.ssh, rid)
             assert r.returncode == 0, r.stderr
             assert f"authenticode={label}".encode() in r.stdout
@@ -352,7 +444,7 @@ def test_release_authenticode_needs_two_custodians_who_recompute_the_digest(
     finally:
         waiting.kill()
         _out, err = waiting.communicate()
-    v = osslsigncode_verify(win, exe)
+    v = osslsigncode_verify(win, artifact)
     assert v.returncode == 0, v.stdout + v.stderr + err.decode()
     assert "Timestamp Server Signature verification: ok" in v.stdout
     entry = s.events("sign")[-1]

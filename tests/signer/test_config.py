@@ -180,15 +180,17 @@ def test_config_check_command(tmp_path: Path) -> None:
 def test_a_card_profile_is_bound_to_its_token_by_label_and_serial() -> None:
     """[tokens.*]: a profile whose key names a card's label is that card's; a serial= in the
     URI must be the card's configured serial; two tokens of one label are refused."""
-    card = {"module": "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so", "label": "EV token",
-            "serial": "0123", "pin_source": "file:/etc/signer/pin-ev"}
+    card: dict[str, object] = {"module": "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so",
+                               "label": "EV token", "serial": "0123",
+                               "pin_source": "file:/etc/signer/pin-ev"}
     key = "pkcs11:token=EV%20token;serial=0123;object=sign;type=private"
-    cfg = parse(**{"tokens__ev": card, "profiles__dev": {"key": key}})
+    profile: dict[str, object] = {"key": key}
+    cfg = parse(tokens__ev=card, profiles__dev=profile)
     assert cfg.profiles["dev"].token == "ev" and cfg.tokens["ev"].serial == "0123"
     assert cfg.profiles["dev"].key.serial == "0123"
     with pytest.raises(SignerError, match="serial '9999' is not the serial configured"):
-        parse(**{"tokens__ev": card, "profiles__dev": {"key": key.replace("0123", "9999")}})
+        parse(tokens__ev=card, profiles__dev={"key": key.replace("0123", "9999")})
     with pytest.raises(SignerError, match="another token's label"):
-        parse(**{"tokens__ev": {**card, "label": "signer"}})
+        parse(tokens__ev={**card, "label": "signer"})
     with pytest.raises(SignerError, match="must be 'file:/absolute/path'"):
-        parse(**{"tokens__ev": {**card, "pin_source": "prompt"}})
+        parse(tokens__ev={**card, "pin_source": "prompt"})

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,8 @@ BAD_COMMANDS = [
     (b"status ../../etc/passwd", 64, "bad request id"),
     (b"fetch", 64, "expects 1 argument"),
     (b"freeze Dev", 64, "bad profile name"),
+    (b"unlock 123456", 64, "takes no argument but --share"),
+    (b"unlock --share --share", 64, "takes no argument but --share"),
 ]
 
 
@@ -160,7 +164,7 @@ def test_parser_accepts_or_refuses_cleanly_any_bytes(raw: bytes) -> None:
 
 
 _token = st.sampled_from(["sign", "status", "fetch", "approve", "freeze", "thaw", "requests",
-                          "unlock", "--profile", "--format", "--name", "dev", "cms", "raw",
+                          "unlock", "--share", "--profile", "--format", "--name", "dev", "cms", "raw",
                           "0" * 32, ";", "|", "$(id)", "'", '"', "\\", "\n", "\x00", "é",
                           "\u202e"])
 
@@ -179,6 +183,16 @@ def test_parsed_sign_requests_only_carry_clean_values(tokens: list[str], name: s
         assert re.fullmatch(request.PROFILE_PATTERN, cmd.profile)
         assert cmd.format in ("cms", "raw")
         assert not any(c in cmd.name for c in "\n\r\x00\x1b\u2028\u202e")
+
+
+def test_unlock_share_is_a_flag_that_reaches_the_daemon_only_when_given() -> None:
+    plain, share = request.parse(b"unlock"), request.parse(b"unlock --share")
+    assert (plain, share) == (request.Unlock(), request.Unlock(share=True))
+    assert request.to_wire(plain) == {"cmd": "unlock"}  # as before: older daemons understand
+    assert request.to_wire(share) == {"cmd": "unlock", "share": True}
+    assert request.from_wire(request.to_wire(share)) == share
+    with pytest.raises(request.ParseError, match="bad share"):
+        request.from_wire({"cmd": "unlock", "share": "yes"})
 
 
 def test_timestamped_is_a_flag_that_reaches_the_daemon_only_when_given() -> None:
@@ -393,14 +407,13 @@ except TimeoutError:
 """
 
 
-@pytest.mark.control("SGN-07")
-def test_custodians_are_heard_while_client_accounts_hold_every_connection(
-        make_signer: MakeSigner) -> None:
-    """Four build client accounts with 64 connections each (headers never finished): every
-    connection the daemon lets clients have, as a fifth account's refusal shows. A custodian
-    bound to an account of their own (`account`) still has `freeze` answered in under 2 s,
-    and `thaw`, `unlock` and `requests` too: their connections are in a lane of their own that
-    SO_PEERCRED tells apart at accept. Before, the custodian got 69 "too many connections"."""
+@contextlib.contextmanager
+def _flooded(make_signer: MakeSigner, **daemon_kw: Any) -> Iterator[tuple[Signer, Any]]:
+    """A daemon whose custodians alice and bob are bound to this test's own account, and four
+    build client accounts holding 64 connections each (headers never finished): every
+    connection the daemon lets clients have, as a fifth account's refusal (`probe()`) shows.
+    Yields (the signer, probe); checks on the way out that the flood held all along, and
+    stops the daemon."""
     import shutil
     import subprocess
     import tempfile
@@ -419,7 +432,8 @@ def test_custodians_are_heard_while_client_accounts_hold_every_connection(
     where.chmod(0o755)
     sock = where / "signer.sock"
     me = pwd.getpwuid(os.getuid()).pw_name
-    signer: Signer = make_signer(accounts={"alice": me}, socket=str(sock))
+    signer: Signer = make_signer(accounts={"alice": me, "bob": me}, socket=str(sock),
+                                 **daemon_kw)
     holders: list[subprocess.Popen[str]] = []
     try:
         for uid in flooders:
@@ -439,6 +453,31 @@ def test_custodians_are_heard_while_client_accounts_hold_every_connection(
             return r.stdout + r.stderr
 
         assert "too many connections" in probe()  # the clients hold every connection
+        yield signer, probe
+        assert "too many connections" in probe()  # the flood held all along
+        assert all(h.poll() is None for h in holders)
+        assert time.monotonic() - started < daemon.HEADER_TIMEOUT, "flood reaped: too slow"
+    finally:
+        for h in holders:
+            h.kill()
+            h.wait()
+        signer.stop()
+        shutil.rmtree(where, ignore_errors=True)
+
+
+@pytest.mark.control("SGN-07")
+def test_custodians_are_heard_while_client_accounts_hold_every_connection(
+        make_signer: MakeSigner) -> None:
+    """Four build client accounts with 64 connections each (headers never finished): every
+    connection the daemon lets clients have. A custodian bound to an account of their own
+    (`account`) still has `freeze` answered in under 2 s, and `thaw`, `unlock` and `requests`
+    too: their connections are in a lane of their own that SO_PEERCRED tells apart at accept.
+    Before, the custodian got 69 "too many connections"."""
+    import time
+
+    from signer import daemon
+
+    with _flooded(make_signer) as (signer, _probe):
         t0 = time.monotonic()
         r = signer.lab.gateway(signer.config, "freeze dev", client=None, custodian="alice",
                                timeout=30)
@@ -450,19 +489,36 @@ def test_custodians_are_heard_while_client_accounts_hold_every_connection(
             r = signer.lab.gateway(signer.config, command, stdin, client=None,
                                    custodian="alice", timeout=30)
             assert r.returncode == 0, (command, r.stderr)
-        assert "too many connections" in probe()  # the flood held all along
-        assert all(h.poll() is None for h in holders)
-        assert time.monotonic() - started < daemon.HEADER_TIMEOUT, "flood reaped: too slow"
-    finally:
-        for h in holders:
-            h.kill()
-            h.wait()
-        signer.stop()
-        shutil.rmtree(where, ignore_errors=True)
     assert [(e["event"], e["custodian"]) for e in signer.entries()
             if e["event"] in ("freeze", "thaw")] == [("freeze", "alice"), ("thaw", "alice")]
     print(f"custodian freeze under a flood of {daemon.MAX_CONNECTIONS} connections: "
           f"{took * 1000:.0f} ms")
+
+
+@pytest.mark.control("SGN-07")
+@pytest.mark.control("TOK-03")
+def test_a_locked_daemon_is_unlocked_by_custodians_shares_under_a_flood(
+        make_signer: MakeSigner) -> None:
+    """Issue 24, point 5: the unlock itself, not its "already unlocked" answer. A daemon
+    started locked (pin_source prompt, 2-of-4 shares) while every client connection is held:
+    alice's and bob's `unlock --share` are answered, the second logs in, and a custodian's
+    `freeze` still answers after."""
+    from signer import shares
+
+    with _flooded(make_signer, pin_source="prompt", pin_shares=2) as (signer, _probe):
+        pin = signer.lab.pin_file.read_bytes().strip()
+        made = shares.split(pin, 2, 4)
+        r = signer.lab.gateway(signer.config, "unlock --share", made[0].line().encode(),
+                               client=None, custodian="alice", timeout=30)
+        assert r.returncode == 0 and b"1 of 2" in r.stderr, r.stderr
+        r = signer.lab.gateway(signer.config, "unlock --share", made[1].line().encode(),
+                               client=None, custodian="bob", timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr == b"signer: unlocked with the shares of alice, bob\n"
+        r = signer.lab.gateway(signer.config, "freeze dev", client=None, custodian="alice",
+                               timeout=30)
+        assert r.returncode == 0, r.stderr
+    assert [e.get("custodians") for e in signer.events("unlock")] == [["alice", "bob"]]
 
 
 @pytest.mark.parametrize("text", [

@@ -1,4 +1,4 @@
-"""CI's JUnit records as evidence (toolkit.assurance.ci_record): a real pytest run writes one
+"""CI's JUnit records as evidence (toolkit.controls.ci_record): a real pytest run writes one
 with the plugin, and only a record of this very commit, from a clean tree, can vouch."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.assurance import ci_record
+from toolkit.controls import ci_record
 
 SAMPLE = """
 import pytest
@@ -39,7 +39,7 @@ def record(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = dict(os.environ, PYTHONPATH=str(ci_record.ROOT))
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
-         "toolkit.assurance.ci_record", f"--junitxml={out}", "--rootdir", str(tmp),
+         "toolkit.controls.ci_record", f"--junitxml={out}", "--rootdir", str(tmp),
          str(tmp / "test_sample.py")],
         cwd=tmp, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 1, r.stdout + r.stderr  # test_bad fails, as written
@@ -91,6 +91,6 @@ def test_ci_passes_its_record_to_verify() -> None:
 
     unit = pipeline.test_stages()[0]
     assert f"--junitxml={pipeline.UNIT_RECORD}" in unit.argv
-    assert "toolkit.assurance.ci_record" in unit.argv
+    assert "toolkit.controls.ci_record" in unit.argv
     verify = {s.name: s for s in pipeline.lab_stages("lab9", [pipeline.UNIT_RECORD])}["verify"]
     assert verify.argv[-2:] == ["--ci-evidence", pipeline.UNIT_RECORD]

@@ -1,4 +1,5 @@
-"""Parsing the outside auditors' output (recorded from real runs) and the yardstick lines."""
+"""Parsing the outside auditors' output (recorded from real runs), and their figures judged
+against the thresholds of the controls they are evidence for."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import subprocess
 
 import pytest
 
-from toolkit.assurance import outside_auditors, report
+from toolkit.assurance import outside_auditors
 from toolkit.assurance.verify import Target
+from toolkit.controls import auditors, registry
 
 # ssh-audit 3.9 -j against the stock lab VM (OpenSSH 9.2, Debian 12), trimmed.
 SSH_AUDIT = {
@@ -94,19 +96,27 @@ def test_systemd_exposure() -> None:
     assert outside_auditors.parse_exposure("Unit signerd.service not found.") is None
 
 
-def test_yardsticks_say_which_targets_are_met() -> None:
-    lines = report.yardsticks(
-        {
-            "lynis": outside_auditors.parse_lynis_report(LYNIS_DAT),
-            "ssh-audit": outside_auditors.parse_ssh_audit(SSH_AUDIT),
-            "systemd-analyze": outside_auditors.parse_exposure(SYSTEMD),
-        }
-    )
-    assert lines == [
-        "lynis hardening index 62 (target >= 85: NOT met), 2 warnings",
-        "ssh-audit 2 fail, 3 warn (target 0/0: NOT met)",
-        "systemd-analyze exposure 1.9 OK (target <= 2.0: met)",
+def test_each_figure_is_judged_against_the_threshold_of_its_control() -> None:
+    """The console of `invoke audit`: one line per threshold, under its control, with the
+    threshold as the control's YAML states it (read here, not copied)."""
+    judged = auditors.judge(registry.load_controls().values(), {
+        "lynis": outside_auditors.parse_lynis_report(LYNIS_DAT),
+        "ssh-audit": outside_auditors.parse_ssh_audit(SSH_AUDIT),
+        "systemd-analyze": outside_auditors.parse_exposure(SYSTEMD),
+    })
+
+    def th(cid: str, auditor: str, figure: str) -> str:
+        return auditors.threshold(cid, auditor, figure).text
+
+    assert auditors.lines(judged) == [
+        f"BASE-01 lynis hardening_index 62 (threshold {th('BASE-01', 'lynis', 'hardening_index')}"
+        ": NOT met)",
+        f"SGN-06 systemd-analyze exposure 1.9 (threshold "
+        f"{th('SGN-06', 'systemd-analyze', 'exposure')}: met)",
+        f"SSH-05 ssh-audit fail 2 (threshold {th('SSH-05', 'ssh-audit', 'fail')}: NOT met)",
+        f"SSH-05 ssh-audit warn 3 (threshold {th('SSH-05', 'ssh-audit', 'warn')}: NOT met)",
     ]
+    assert [e["control"] for e in auditors.missed(judged)] == ["BASE-01", "SSH-05", "SSH-05"]
 
 
 class FakeHost:

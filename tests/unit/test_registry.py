@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.assurance import registry
+from toolkit.controls import check as control_check
+from toolkit.controls import registry, tables
 
 THREATS = """
 threats:
@@ -105,7 +106,7 @@ def project(
 
 
 def make(tmp_path: Path, **kw: str | dict[str, str]) -> list[str]:
-    return registry.check(project(tmp_path, **kw))  # type: ignore[arg-type]
+    return control_check.check(project(tmp_path, **kw))  # type: ignore[arg-type]
 
 
 def fired(problems: list[str], *needles: str) -> bool:
@@ -329,12 +330,12 @@ def test_retired_threats_are_ignored(tmp_path: Path) -> None:
 def test_readme_tables_are_generated_and_checked(tmp_path: Path) -> None:
     reg = project(tmp_path)
     readme = tmp_path / "threat-model" / "README.md"
-    begin, end = registry._markers("threats")
-    rbegin, rend = registry._markers("residuals")
+    begin, end = tables._markers("threats")
+    rbegin, rend = tables._markers("residuals")
     readme.write_text(f"# x\n{begin}stale\n{end}\n\n{rbegin}{rend}\n")
-    assert fired(registry.sync_tables(reg, readme), "'threats' table is out of date")
-    assert registry.sync_tables(reg, readme, write=True) == []
-    assert registry.sync_tables(reg, readme) == []
+    assert fired(tables.sync_tables(reg, readme), "'threats' table is out of date")
+    assert tables.sync_tables(reg, readme, write=True) == []
+    assert tables.sync_tables(reg, readme) == []
     text = readme.read_text()
     assert (
         "| T-02 | High threat with two controls | TE | 4 | 4 | **16** high | NET-01, ORG-01 |"
@@ -452,10 +453,10 @@ def test_a_tagged_task_that_no_playbook_runs_is_reported(tmp_path: Path) -> None
 def test_the_control_table_of_control_ids_is_generated_and_checked(tmp_path: Path) -> None:
     reg = project(tmp_path)
     doc = tmp_path / "threat-model" / "CONTROL_IDS.md"
-    begin, end = registry._markers("controls")
+    begin, end = tables._markers("controls")
     doc.write_text(f"# ids\n{begin}{end}\n")
-    assert fired(registry.sync_tables(reg, doc), "'controls' table is out of date")
-    assert registry.sync_tables(reg, doc, write=True) == []
+    assert fired(tables.sync_tables(reg, doc), "'controls' table is out of date")
+    assert tables.sync_tables(reg, doc, write=True) == []
     text = doc.read_text()
     assert "| NET-01 | controls/x.yml | technical | both | Inbound default drop | T-01, T-02 | " \
            "roles: net |" in text
@@ -479,8 +480,8 @@ def test_risk_bands() -> None:
 def test_the_real_registry_is_consistent() -> None:
     """threat-model/, roles/, playbooks/ and tests/ as committed (same as the check task)."""
     reg = registry.load()
-    problems = registry.check(reg)
-    problems += registry.sync_docs(reg)
+    problems = control_check.check(reg)
+    problems += tables.sync_docs(reg)
     if problems:
         pytest.fail(
             f"{len(problems)} threat-model problem(s) (same as `invoke threat-model.check`):\n  "

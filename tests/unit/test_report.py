@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from toolkit.assurance import ci_record, registry, report
+from toolkit.assurance import report
+from toolkit.controls import ci_record, registry
 
 DATA = Path(__file__).resolve().parent / "data"
 

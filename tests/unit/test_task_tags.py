@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.runner import ansible_run, task_tags
+from toolkit.controls import task_tags
+from toolkit.runner import ansible_run
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from toolkit.controls.play_status import read_events
 from toolkit.runner import timings
 from toolkit.runner.ansible_run import ROOT
-from toolkit.runner.controls import read_events
 
 
 def _write(path: Path, events: list[dict[str, Any]]) -> Path:

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from toolkit.assurance import registry, report, report_signing, verify
+from toolkit.assurance import report, report_signing, verify
+from toolkit.controls import registry
 
 pytest_plugins = ("pytester",)
 

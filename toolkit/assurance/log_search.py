@@ -33,6 +33,11 @@ _ORIGIN = (b"_SYSTEMD_UNIT", b"_SYSTEMD_USER_UNIT", b"SYSLOG_IDENTIFIER", b"_COM
 _GZIP, _XZ, _BZ2, _ZSTD = b"\x1f\x8b", b"\xfd7zXZ\x00", b"BZh", b"\x28\xb5\x2f\xfd"
 MAX_DEPTH = 3  # a compressed file inside a compressed file inside ...
 SHORT = 12  # a secret shorter than this counts only between non-alphanumerics (see above)
+# Every custodian's share of the PIN starts with this (signer/shares.py: PREFIX and a dot;
+# tests/unit/test_pin_shares.py holds the two equal). No one but its custodian ever sees a
+# share, not even the controller, so a log search looks for the marker: any share in a log is
+# found, whoever's it is. No message of the signer holds it.
+SHARE_MARKER = b"signer-share-1."
 # Filled by journald, never with what a process says: numbers, ids, timestamps.
 _JOURNALD_FIELDS = frozenset({
     b"_PID", b"_UID", b"_GID", b"_BOOT_ID", b"_MACHINE_ID", b"_HOSTNAME", b"_TRANSPORT",

@@ -1,17 +1,21 @@
-"""`invoke audit`: outside yardsticks beside our own posture tests.
+"""`invoke audit`: outside auditors, each the evidence of named controls beside our own posture
+tests (the thresholds are the controls', in threat-model/controls/*.yml: `auditors:`).
 
-- **Lynis** (`lynis audit system --quick` on the host): hardening index, warnings, tests done.
+- **Lynis** (`lynis audit system --quick` on the host): hardening index, warnings, tests done
+  (BASE-01).
   It takes minutes (about ten on a TCG lab VM), so its result is cached per host and reused while
   the host's fingerprint (installed packages + metadata of /etc) is unchanged; `--fresh` forces a
   new run. Lynis must be installed on the host (the lab image has it; on production install the
   Debian package for the audit, or accept "not installed" in the report).
 - **ssh-audit** (PyPI `ssh-audit`, a dev dependency): from the build network namespace against
   the VM's lab address in the lab - the view a build server has - and from the controller against
-  the host's SSH address otherwise. Counts of `fail` and `warn` lines and CVEs.
-- **systemd-analyze security** for the signer's unit: the exposure score (0 best, 10 worst).
+  the host's SSH address otherwise. Counts of `fail` and `warn` lines and CVEs (SSH-05).
+- **systemd-analyze security** for the signer's unit: the exposure score (0 best, 10 worst)
+  (SGN-06).
 
 Figures go to `reports/verify/<host>/auditors.json`; the next `invoke verify` puts them in its
-report (a past run's report is never rewritten: it may be signed, and it is history).
+report, each under its control (a past run's report is never rewritten: it may be signed, and
+it is history). toolkit/controls/auditors.py judges them against the thresholds.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from toolkit.assurance import report, verify
+from toolkit.assurance import verify
 from toolkit.assurance.verify import Target
+from toolkit.controls import auditors, registry
 
 UNIT = "signerd.service"
 LYNIS_REPORT = "/var/tmp/signverify-lynis-report.dat"
@@ -299,11 +304,11 @@ def _audit(
             if data.get("error"):
                 print(f"    {name}: ERROR {data['error']}")
                 code = 1
-        lines = report.yardsticks(aud)
-        for line in lines:
+        judged = auditors.judge(registry.load_controls().values(), aud)
+        for line in auditors.lines(judged):
             print(f"    {line}")
-        if strict and any("NOT met" in line for line in lines):
-            code = code or 1  # a target missed is a failure (exit codes: 4 means unreachable)
+        if strict and auditors.missed(judged):
+            code = code or 1  # a threshold missed is a failure (exit codes: 4 means unreachable)
         print(f"    figures in {path}; the next `invoke verify` puts them in the report")
     if unreachable and not code:
         return verify.UNREACHABLE_EXIT

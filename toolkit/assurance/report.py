@@ -1,7 +1,8 @@
 """The posture report's renderings: `markdown()`, `html()` and `junit()` render one model
 (toolkit/assurance/report_model.py builds it; Jinja2 templates in toolkit/assurance/templates/
 for the two a person reads), and `write()` puts the four files in a run directory (the JSON
-file is the model itself). The console's lines (`change_lines`, `yardsticks`) are here too.
+file is the model itself). The console's lines of `invoke verify --diff` (`change_lines`) are
+here too. It decides nothing: statuses and auditors' results come in the model.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from typing import Any
 
 import jinja2
 
-from toolkit.assurance import registry
-from toolkit.assurance.registry import TIMES
 from toolkit.assurance.report_model import SCHEMA_VERSION, build
-from toolkit.assurance.report_status import (
+from toolkit.controls import registry
+from toolkit.controls.posture_status import (
     CONTROL_STATUSES,
     PLACES,
     TEST_STATUSES,
@@ -27,12 +27,13 @@ from toolkit.assurance.report_status import (
     colour,
     short_nodeid,
 )
+from toolkit.controls.tables import TIMES
 
 # Besides its own, the names callers have always found here: the model and its statuses.
 __all__ = [
     "COLOUR_EMOJI", "CONTROL_STATUSES", "SCHEMA_VERSION", "TEMPLATES", "TEST_STATUSES",
-    "THREAT_STATUSES", "VERDICTS", "build", "change_lines", "colour", "files", "html", "junit",
-    "markdown", "sections", "write", "yardsticks",
+    "THREAT_STATUSES", "VERDICTS", "auditor_evidence", "build", "change_lines", "colour", "files",
+    "html", "junit", "markdown", "sections", "write",
 ]
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -62,36 +63,11 @@ def change_lines(m: dict[str, Any]) -> list[str]:
 
 # --- auditors ---------------------------------------------------------------------------------
 
-# The issues' targets for the outside yardsticks (harden: Lynis >= 85, ssh-audit clean;
-# deploy: systemd exposure <= 2.0).
-TARGETS = {"lynis_hardening_index": 85, "exposure": 2.0}
 
-
-def yardsticks(aud: dict[str, Any]) -> list[str]:
-    """Which targets of the issues are met: lines for the console."""
-    out: list[str] = []
-    ly = (aud.get("lynis") or {}).get("figures") or {}
-    if ly.get("hardening_index") is not None:
-        ok = ly["hardening_index"] >= TARGETS["lynis_hardening_index"]
-        out.append(
-            f"lynis hardening index {ly['hardening_index']} (target >= 85: "
-            f"{'met' if ok else 'NOT met'}), {ly['warnings']} warnings"
-        )
-    sa = (aud.get("ssh-audit") or {}).get("figures") or {}
-    if "fail" in sa:
-        ok = sa["fail"] == 0 and sa["warn"] == 0
-        out.append(
-            f"ssh-audit {sa['fail']} fail, {sa['warn']} warn (target 0/0: "
-            f"{'met' if ok else 'NOT met'})"
-        )
-    sy = (aud.get("systemd-analyze") or {}).get("figures") or {}
-    if "exposure" in sy:
-        ok = sy["exposure"] <= TARGETS["exposure"]
-        out.append(
-            f"systemd-analyze exposure {sy['exposure']} {sy['rating']} (target <= 2.0: "
-            f"{'met' if ok else 'NOT met'})"
-        )
-    return out
+def auditor_evidence(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every outside auditor's figure judged against its control's threshold, in control order
+    (the model holds them under each control: toolkit/controls/auditors.py judged them)."""
+    return [e for c in m["controls"].values() for e in c.get("auditors") or []]
 
 
 # --- rendering --------------------------------------------------------------------------------
@@ -207,7 +183,7 @@ def attention(m: dict[str, Any]) -> list[dict[str, Any]]:
     """Applicable technical controls that are not proven here, worst first."""
     order = ("failed", "undefined", "untested", "not run", "claimed", "skipped", "waived")
     return sorted((c for c in m["controls"].values() if c["status"] in order),
-                  key=lambda c: (order.index(c["status"]), registry._id_key(c["id"])))
+                  key=lambda c: (order.index(c["status"]), registry.id_key(c["id"])))
 
 
 def _md(text: Any) -> str:
@@ -244,7 +220,7 @@ def _environment() -> jinja2.Environment:
                        colour=colour)
     env.globals.update(
         CONTROL_STATUSES=CONTROL_STATUSES, THREAT_STATUSES=THREAT_STATUSES, TIMES=TIMES,
-        yardsticks=yardsticks, PLACES=PLACES, provenance_rows=provenance_rows,
+        auditor_evidence=auditor_evidence, PLACES=PLACES, provenance_rows=provenance_rows,
         summary_rows=summary_rows, attention=attention, signature_text=signature_text,
         test_groups=test_groups, steps=steps,
     )

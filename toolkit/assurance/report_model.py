@@ -1,8 +1,9 @@
 """The posture report's model: threats -> controls -> tests -> results, for one host.
 
 `build()` is pure: it joins the registry (threats, controls), the test index (control markers
-read from the test files) and one pytest run's results (toolkit.assurance.pytest_verify) into a
-model, with each control's and threat's status (toolkit/assurance/report_status.py).
+read from the test files), one pytest run's results (toolkit.assurance.pytest_verify) and the
+outside auditors' figures into a model; each control's and threat's status, and each auditor's
+result under its control, are decided in toolkit/controls (posture_status, auditors).
 `changes()` compares a model with the previous run's. The JSON file of a run is this model, so
 tools and the reader see the same thing; `SCHEMA_VERSION` changes when a key changes meaning or
 goes. A run fails when any applicable control failed, any test failed, or nothing could be
@@ -14,18 +15,17 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from toolkit.assurance import ci_record, registry
-from toolkit.assurance.registry import Registry, TestRef
-from toolkit.assurance.report_status import (
+from toolkit.controls import ci_record, registry
+from toolkit.controls.auditors import MISSED
+from toolkit.controls.posture_status import (
     STATUSES,
     TEST_BAD,
     THREAT_STATUSES,
-    control_entry,
-    residual_risk,
+    control_statuses,
     short_nodeid,
-    threat_status,
-    undefined_entry,
+    threat_statuses,
 )
+from toolkit.controls.registry import Registry, TestRef
 
 # 2: provenance, signature, per-control proof, threat notes and residual conditions,
 # procedures, changes since the previous run (1 had no schema_version key).
@@ -50,8 +50,8 @@ def build(
     """The report model for one host; `previous` is the last run's model on that host; `ci`
     the CI record that may vouch for controls only the toolkit's own tests can prove."""
     results: list[dict[str, Any]] = run.get("tests", [])
-    controls = _controls(reg, refs, results, kind, keyword, ci)
-    threats = _threats(reg, controls)
+    controls = control_statuses(reg, refs, results, kind, keyword, ci, auditors)
+    threats = threat_statuses(reg, controls)
     procedures = _procedures(reg, kind)
     known = set(reg.controls)
     unmapped = [r for r in results if not r["controls"] or not set(r["controls"]) & known]
@@ -66,6 +66,9 @@ def build(
         threat_counts[entry["status"]] += 1
     problems = _problems(run, results, counts)
     warnings = _warnings(run, counts, ci)
+    warnings += [f"{e['control']}: {e['text']}: an outside auditor misses the threshold of the "
+                 "control (its tests decide its status)"
+                 for c in controls.values() for e in c["auditors"] if e["result"] == MISSED]
     facts = run.get("host_facts") or {}
     prov = dict(provenance or {})
     skew = clock_skew(prov.get("started"), facts.get("clock"), run.get("duration"))
@@ -103,48 +106,6 @@ def build(
     return model
 
 
-def _controls(reg: Registry, refs: list[TestRef], results: list[dict[str, Any]], kind: str,
-              keyword: str | None, ci: ci_record.Evidence | None) -> dict[str, dict[str, Any]]:
-    """Every control of the registry and every one a threat names, in id order."""
-    controls = {
-        cid: control_entry(c, reg, refs, results, kind, keyword, ci)
-        for cid, c in sorted(reg.controls.items(), key=lambda kv: registry._id_key(kv[0]))
-    }
-    for t in reg.active:
-        for cid in t.controls:
-            if cid not in controls:
-                controls[cid] = undefined_entry(cid, reg, refs, results, kind, keyword)
-    return dict(sorted(controls.items(), key=lambda kv: registry._id_key(kv[0])))
-
-
-def _threats(reg: Registry, controls: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The active threats, highest risk first, each with its status on this host."""
-    threats: list[dict[str, Any]] = []
-    for t in sorted(reg.active, key=lambda t: (-t.risk, t.id)):
-        status, note, blocking = threat_status(t, controls)
-        absent = [c for c in dict.fromkeys(t.controls)
-                  if controls[c]["status"] == "procedure" and not controls[c]["applies_here"]]
-        residual, here = residual_risk(t, status, blocking, absent)
-        threats.append(
-            {
-                "id": t.id,
-                "title": t.title,
-                "description": t.description,
-                "stride": list(t.stride),
-                "likelihood": t.likelihood,
-                "impact": t.impact,
-                "risk": t.risk,
-                "band": t.band,
-                "residual": residual,
-                "risk_here": here,
-                "controls": list(dict.fromkeys(t.controls)),
-                "status": status,
-                "note": note,
-            }
-        )
-    return threats
-
-
 def _procedures(reg: Registry, kind: str) -> list[dict[str, Any]]:
     """The controls carried out by people, and whether each applies to this kind of host."""
     return [
@@ -160,7 +121,7 @@ def _procedures(reg: Registry, kind: str) -> list[dict[str, Any]]:
             "threats": [t.id for t in reg.threats_of(c.id)],
             "procedure": c.procedure or "",
         }
-        for c in sorted(reg.controls.values(), key=lambda c: registry._id_key(c.id))
+        for c in sorted(reg.controls.values(), key=lambda c: registry.id_key(c.id))
         if c.kind == "procedure"
     ]
 

@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from hostaccess import hostvars
-from toolkit.assurance import ci_record, registry, report, report_signing
+from toolkit.assurance import report, report_signing
+from toolkit.controls import ci_record, registry
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB_INVENTORY = ROOT / "inventory" / "lab"

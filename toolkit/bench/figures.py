@@ -107,6 +107,10 @@ def collect(instance: str, cold: bool, no_lab: bool,
         print(f"==> audit start-up figures ({', '.join(map(str, audit_sizes))} entries; the full "
               "replay of 10^7 takes minutes)", flush=True)
         result["audit_startup"] = import_module("toolkit.bench.audit").run(audit_sizes)
+    if find_spec("toolkit.bench.tcg_cpu"):
+        print("==> the lab guest's CPU model under TCG (QEMU's max vs the lab's, qemu-user)",
+              flush=True)
+        result["tcg_cpu"] = import_module("toolkit.bench.tcg_cpu").run()
     if not no_lab:
         print(f"==> lab figures (instance {instance}; several minutes)", flush=True)
         result["lab"] = lab_figures(instance, cold, env)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from toolkit.runner.controls import HostControls
+    from toolkit.controls.play_status import HostControls
 
 ROOT = Path(__file__).resolve().parents[2]
 RECAP = re.compile(
@@ -47,7 +47,7 @@ class PlaybookResult:
     recap: tuple[HostRecap, ...]
     log: Path
     # Per host: which controls this run applied, which failed or were not reached
-    # (toolkit/runner/controls.py, from the signhost_events callback).
+    # (toolkit/controls/play_status.py, from the signhost_events callback).
     controls: list[HostControls] = field(default_factory=list)
     events: Path | None = None
 
@@ -216,11 +216,10 @@ def run_playbook(cmd: list[str], log: Path, become_pass: str | None = None) -> P
 
 
 def _controls(events: Path) -> list[HostControls]:
-    from toolkit.assurance import registry
-    from toolkit.runner import controls
+    from toolkit.controls import play_status, registry
 
     try:
-        return controls.host_status(controls.read_events(events), registry.load())
+        return play_status.host_status(play_status.read_events(events), registry.load())
     except (OSError, ValueError, KeyError) as exc:  # the summary must never hide the run's result
         print(f"(could not work out which controls were applied: {exc})", file=sys.stderr)
         return []

@@ -34,6 +34,7 @@ import yaml
 from invoke.exceptions import Exit
 
 from hostaccess import hostvars
+from signer import ceremony
 from signer.config import NAME_RE, SSH_KEY_RE, key_identity
 from toolkit import exitcodes
 
@@ -243,6 +244,15 @@ def _check_host(
     signer = {n: value(n, []) for n in ("signer_clients", "signer_custodians", "signer_profiles")}
     if not failed & set(signer):  # rules across variables need all of them
         problems += cross_rules(*signer.values())
+        pin = {n: value(n, d) for n, d in (("token_pin_source", "file"),
+                                           ("token_pin_shares", 0),
+                                           ("token_pin_share_holders", []),
+                                           ("token_pin_share_recipients", {}))}
+        if not failed & set(pin):
+            problems += pin_share_rules(
+                pin["token_pin_source"], pin["token_pin_shares"],
+                pin["token_pin_share_holders"], pin["token_pin_share_recipients"],
+                signer["signer_custodians"], signer["signer_profiles"])
         if "token_cards" not in failed:
             problems += card_rules(value("token_cards", []), signer["signer_profiles"])
     keys: list[tuple[str, Any]] = [
@@ -370,6 +380,48 @@ def cross_rules(clients: Any, custodians: Any, profiles: Any) -> list[str]:
                 f"{where}.approvals: {approvals} approvals but {len(set(map(str, custs)))} "
                 "custodians"
             )
+    return problems
+
+
+def pin_share_rules(pin_source: Any, k: Any, holders: Any, recipients: Any, custodians: Any,
+                    profiles: Any) -> list[str]:
+    """The PIN as k-of-n custodian shares (token_pin_shares = k, token_pin_share_holders: the
+    n custodians who hold one; empty: every custodian): 2 <= k <= n, holders are custodians,
+    each with a key age can encrypt their share to (token_pin_share_recipients, else their
+    SSH key), and shares replace the typed PIN only (pin_source prompt). k = 0 keeps the whole
+    PIN."""
+    if not isinstance(k, int) or isinstance(k, bool) or k == 0:
+        return []  # a wrong type is the argument spec's to report
+    names = _names(_dicts(custodians))
+    holder_list = [str(h) for h in _list(holders)] or names
+    n = len(set(holder_list))
+    release = [str(p.get("name")) for p in _dicts(profiles)
+               if isinstance(p.get("approvals"), int) and p.get("approvals", 0) > 0]
+    problems: list[str] = []
+    what = f" (release profile {release[0]!r})" if release else ""
+    if k < 2:
+        problems.append(f"token_pin_shares: {k}: k-of-n shares need k >= 2{what}: with one "
+                        "share, one custodian holds the PIN (0 keeps the whole PIN)")
+    if k > n:
+        problems.append(f"token_pin_shares: {k} shares needed but {n} holders{what} "
+                        "(token_pin_share_holders, else signer_custodians): k > n never "
+                        "unlocks")
+    if pin_source != "prompt":
+        problems.append("token_pin_shares: needs token_pin_source: prompt (shares replace the "
+                        "typed PIN, not a PIN file)")
+    for h in sorted({h for h in holder_list if h not in names}):
+        problems.append(f"token_pin_share_holders: {h!r} is not in signer_custodians")
+    for h in sorted({h for h in holder_list if holder_list.count(h) > 1}):
+        problems.append(f"token_pin_share_holders: {h!r} is listed twice (one share each)")
+    keys = {str(c.get("name")): c.get("ssh_key") for c in _dicts(custodians)}
+    if isinstance(recipients, dict):
+        keys |= {str(n): r for n, r in recipients.items()}
+    for h in sorted({h for h in holder_list if h in keys}):
+        key = keys[h]
+        why = ceremony.recipient_problem(key.strip()) if isinstance(key, str) else "not a string"
+        if why is not None:
+            problems.append(f"token_pin_share_recipients[{h}]: the share cannot be encrypted to "
+                            f"{h}'s key: {why}; give an age recipient")
     return problems
 
 

@@ -77,18 +77,18 @@ def play(
         print(f"==> {name}: {host}: UNREACHABLE: the run could not connect to it; "
               "nothing about its controls is known from this run", flush=True)
     if result.controls:
-        from toolkit.runner import controls
+        from toolkit.controls import play_status
 
-        controls.write_json(result.controls, log.with_name(log.stem + ".controls.json"))
+        play_status.write_json(result.controls, log.with_name(log.stem + ".controls.json"))
         reached = [hc for hc in result.controls if hc.host not in unreachable]
         if result.returncode != 0 and reached:
             print(f"==> {name}: which controls are in place now", flush=True)
-            for line in controls.summary_lines(reached, check=options.check):
+            for line in play_status.summary_lines(reached, check=options.check):
                 print(f"    {line}", flush=True)
         elif result.returncode == 0:
             verb = "checked" if options.check else "applied"
             for hc in result.controls:
-                done, total = len(hc.by_status(controls.APPLIED)), len(hc.controls)
+                done, total = len(hc.by_status(play_status.APPLIED)), len(hc.controls)
                 rest = f" ({total - done} not selected by this run)" if done < total else ""
                 changed = f"; changed: {' '.join(hc.changed())}" if hc.changed() else ""
                 print(f"==> {name}: {hc.host}: {done} of {total} controls {verb}{rest}{changed}")

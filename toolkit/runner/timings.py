@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from toolkit.controls.play_status import read_events
 from toolkit.runner.ansible_run import ROOT
-from toolkit.runner.controls import read_events
 
 LOG_DIR = ROOT / "reports" / "logs"
 

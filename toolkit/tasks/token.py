@@ -1,5 +1,6 @@
 """`invoke token.csr` and `invoke token.import-cert`: the release certificate's round trip
-(the work: toolkit.runner.signer_host)."""
+(the work: toolkit.runner.signer_host); `invoke token.split-pin`: the PIN as k-of-n custodian
+shares (the work: toolkit.runner.pin_ceremony)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from invoke.exceptions import Exit
 from invoke.tasks import task
 
 from toolkit import exitcodes
+from toolkit.runner.pin_ceremony import split_pin as split_pin_shares
 from toolkit.runner.signer_host import PEM_CERT, SignerHost, fetch_csr
 from toolkit.runner.signer_host import import_cert as install_cert
 
@@ -55,6 +57,21 @@ def import_cert(c: Context, cert: str, profile: str = "release", inventory: str 
     print(out.strip() or f"token.import-cert: certificate installed for {profile!r} on {t.host}")
 
 
+@task(help={k: v for k, v in _HELP.items() if k not in ("ask_become_pass", "profile")}
+      | {"out": "directory for the encrypted shares (default: <token_pin_dir>/shares)"})
+def split_pin(c: Context, inventory: str | None = None, limit: str | None = None,
+              vault_password_file: str | None = None, out: str | None = None) -> None:
+    """Split the host's token PIN into one share per holder (token_pin_shares of
+    token_pin_share_holders), each encrypted to the holder's SSH key with age (controller only).
+
+    A holder unlocks with: age -d -i ~/.ssh/KEY NAME.share.age | ssh ACCOUNT@HOST unlock --share
+    """
+    made = split_pin_shares(inventory, limit, vault_password_file, out)
+    print(f"token.split-pin: {len(made)} shares written; hand each file to its holder, then "
+          "take the PIN itself off this controller (threat-model: the PIN as k-of-n shares)")
+
+
 ns = Collection("token")
 ns.add_task(csr)
 ns.add_task(import_cert, name="import-cert")
+ns.add_task(split_pin, name="split-pin")

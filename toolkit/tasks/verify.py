@@ -14,7 +14,8 @@ from invoke.exceptions import Exit
 from invoke.tasks import task
 
 from toolkit import exitcodes
-from toolkit.assurance import registry
+from toolkit.controls import check as control_check
+from toolkit.controls import registry, tables
 
 
 def _prepare(
@@ -51,16 +52,16 @@ def check(c: Context, write_tables: bool = False, quiet: bool = False) -> None:
     """Consistency of threats -> controls -> tasks (tags) -> tests (markers); prints every
     missing link, fails if any."""
     reg = registry.load()
-    problems = registry.check(reg)
-    problems += registry.sync_docs(reg, write=write_tables)
+    problems = control_check.check(reg)
+    problems += tables.sync_docs(reg, write=write_tables)
     if not quiet:
-        print(registry.summary(reg))
+        print(control_check.summary(reg))
     if write_tables:
         print("threat-model/README.md, CONTROL_IDS.md: generated tables written")
     if not problems:
         print("threat model: consistent")
         return
-    for name, lines in registry.group_problems(problems).items():
+    for name, lines in control_check.group_problems(problems).items():
         print(f"\n{name} ({len(lines)}):")
         for line in lines:
             print(f"  - {line}")
@@ -161,8 +162,8 @@ def check_signature(c: Context, report: str, allowed_signers: str | None = None)
         "report_dir": "where the reports are (default: reports/verify)",
         "only": "comma-separated subset of: lynis,ssh-audit,systemd",
         "fresh": "run Lynis even when the host is unchanged since its cached result",
-        "strict": "fail when a yardstick misses its target (Lynis >= 85, ssh-audit 0/0, "
-        "exposure <= 2.0)",
+        "strict": "fail when a figure misses the threshold of the control it is evidence for "
+        "(`auditors:` in threat-model/controls/*.yml)",
         "vault_password_file": "Ansible vault password file (or $ANSIBLE_VAULT_PASSWORD_FILE)",
         "ask_become_pass": "prompt for the sudo password (when the inventory has none)",
     }
@@ -178,7 +179,8 @@ def audit(
     vault_password_file: str | None = None,
     ask_become_pass: bool = False,
 ) -> None:
-    """Independent yardsticks: Lynis, ssh-audit, systemd-analyze security, into the report."""
+    """Outside auditors (Lynis, ssh-audit, systemd-analyze security) as evidence of their
+    controls, into the next report."""
     from toolkit.assurance import outside_auditors
 
     chosen = [s.strip() for s in only.split(",")] if only else None

@@ -7,7 +7,7 @@ control proven must point at a run of those tests, for the toolkit commit that w
 which they passed; "CI proves it" without that record is a claim.
 
 Two halves:
-- a pytest plugin (`pytest -p toolkit.assurance.ci_record --junitxml FILE`, as the CI pipeline
+- a pytest plugin (`pytest -p toolkit.controls.ci_record --junitxml FILE`, as the CI pipeline
   runs the unit and lab tests) that writes the toolkit's commit, and whether the tree had
   uncommitted changes, into the JUnit file's properties, so the file says what it is a record of;
 - `load()`, which `invoke verify --ci-evidence FILE` uses: it reads such files and gives the
@@ -138,7 +138,7 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if props.get("ci_record") != FORMAT:
         raise RecordError(
             f"{path}: not stamped with the toolkit commit (run pytest with "
-            "`-p toolkit.assurance.ci_record --junitxml FILE`, as `invoke ci` does)")
+            "`-p toolkit.controls.ci_record --junitxml FILE`, as `invoke ci` does)")
     stamp = {"file": str(path), "commit": props.get("toolkit_commit") or None,
              "dirty": {"true": True, "false": False}.get(props.get("toolkit_dirty", "")),
              "tests": tests, "failed": failed}

@@ -14,9 +14,9 @@ tag (threat-model/CONTROL_IDS.md), so a run's results answer, per host and per c
 - not run      the run did not select all of its tasks (--tags, --skip-tags), or the host
                was not in it.
 
-The tasks a playbook has, in order, come from toolkit/runner/task_tags.py (what the registry derives
-where a control lives from); which of them --tags selected, from the tags the play event
-carries. A control implemented in two roles (SSH-07: the preflight's checks and the ssh role's
+The tasks a playbook has, in order, come from toolkit/controls/task_tags.py (what the registry
+derives where a control lives from); which of them --tags selected, from the tags the play
+event carries. A control implemented in two roles (SSH-07: the preflight's checks and the ssh role's
 roll-back) is judged per role and the worse status wins, so a run that stops before the ssh
 role says SSH-07 was not reached, whatever the preflight did. Per control, the results of its
 tasks are counted too (ok, changed, failed, skipped). A check-mode run applies nothing,
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from toolkit.assurance import registry
-from toolkit.runner.task_tags import TaskRef, selected
+from toolkit.controls.registry import Registry, id_key
+from toolkit.controls.task_tags import TaskRef, selected
 
 APPLIED, FAILED, NOT_REACHED, NOT_RUN = "applied", "failed", "not reached", "not run"
 _RANK = {APPLIED: 0, NOT_RUN: 1, NOT_REACHED: 2, FAILED: 3}
@@ -51,12 +51,12 @@ class HostControls:
     results: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def by_status(self, status: str) -> list[str]:
-        return sorted((c for c, s in self.controls.items() if s == status), key=registry._id_key)
+        return sorted((c for c, s in self.controls.items() if s == status), key=id_key)
 
     def changed(self) -> list[str]:
         """The controls whose tasks changed something on the host in this run."""
         return sorted((c for c, r in self.results.items() if r.get("changed")),
-                      key=registry._id_key)
+                      key=id_key)
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
@@ -143,7 +143,7 @@ def _control_status(cid: str, tasks: list[TaskRef], mine: list[dict[str, Any]],
     return max(statuses, key=_RANK.__getitem__)
 
 
-def host_status(events: list[dict[str, Any]], reg: registry.Registry) -> list[HostControls]:
+def host_status(events: list[dict[str, Any]], reg: Registry) -> list[HostControls]:
     plays = [e for e in events if e.get("event") == "play"]
     order = _role_order(plays)
     playbook = next((p["playbook"] for p in plays if p.get("playbook")), None)
@@ -162,7 +162,7 @@ def host_status(events: list[dict[str, Any]], reg: registry.Registry) -> list[Ho
     # What a control expects of this playbook: its tasks that produce a result, in order (a
     # block's rescue runs only when the block failed).
     leaves = [t for t in tasks if t.runs and t.section != "rescue"]
-    ids = sorted({c for t in leaves for c in t.controls}, key=registry._id_key)
+    ids = sorted({c for t in leaves for c in t.controls}, key=id_key)
     results = [e for e in events if e.get("event") == "result"]
     out: list[HostControls] = []
     for host in sorted({e["host"] for e in results}):

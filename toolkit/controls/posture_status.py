@@ -1,6 +1,6 @@
-"""The posture report's statuses and how each control and threat gets one (the report's
-status decisions; toolkit/assurance/report_model.py assembles them into the model,
-toolkit/assurance/report.py renders it).
+"""After verify: each control's and threat's status on one host, and what each status means
+(toolkit/assurance/report_model.py assembles them into the report's model,
+toolkit/assurance/report.py only renders it).
 
 Where a control is proven: on this host (tests/posture, this run), in CI (tests/signer and
 tests/unit prove the signer's own behaviour; tests/lab the end-to-end paths on the lab VM), or
@@ -8,15 +8,17 @@ by procedure (people, audited). A control that can be proven on the host is prov
 evidence is named as such and never counted as a result of this run.
 
 Control status, per host kind (lab or production): see CONTROL_STATUSES. Threat status: see
-THREAT_STATUSES.
+THREAT_STATUSES. `control_statuses()` and `threat_statuses()` give them for every control and
+threat of the registry; an outside auditor's result is shown under its control
+(toolkit/controls/auditors.py) and never changes its status.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from toolkit.assurance import ci_record, registry
-from toolkit.assurance.registry import Registry, TestRef
+from toolkit.controls import auditors, ci_record, registry
+from toolkit.controls.registry import Registry, TestRef
 
 # status -> (colour, what it means). The order is the summary's.
 CONTROL_STATUSES: dict[str, tuple[str, str]] = {
@@ -77,7 +79,8 @@ def colour(status: str) -> str:
     for table in (CONTROL_STATUSES, THREAT_STATUSES):
         if status in table:
             return table[status][0]
-    return TEST_STATUSES.get(status) or VERDICTS.get(status, "")
+    return (TEST_STATUSES.get(status) or VERDICTS.get(status)
+            or auditors.AUDITOR_COLOURS.get(status, ""))
 
 
 def base_nodeid(nodeid: str) -> str:
@@ -151,6 +154,7 @@ def control_entry(
         "where": [PLACES[p] for p in ("host", "ci_unit", "ci_lab") if proof[p]],
         "status": "",
         "reason": "",
+        "auditors": [],  # toolkit/controls/auditors.py: outside auditors' figures, judged
     }
     entry["applies_here"] = control.applies(kind)
     if control.kind == "procedure":
@@ -347,3 +351,53 @@ def residual_risk(
     if absent and holds == "not here":
         return entry, dict(inherent, basis="inherent: its procedures are not carried out here")
     return entry, inherent
+
+
+# --- every control and threat of the registry on one host ------------------------------------
+
+
+def control_statuses(reg: Registry, refs: list[TestRef], results: list[dict[str, Any]],
+                     kind: str, keyword: str | None, ci: ci_record.Evidence | None = None,
+                     figures: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Every control of the registry and every one a threat names, in id order, each with its
+    status on this host and its outside auditors' results (`figures`: by auditor, as
+    `invoke audit` files them)."""
+    controls = {
+        cid: control_entry(c, reg, refs, results, kind, keyword, ci)
+        for cid, c in sorted(reg.controls.items(), key=lambda kv: registry.id_key(kv[0]))
+    }
+    for t in reg.active:
+        for cid in t.controls:
+            if cid not in controls:
+                controls[cid] = undefined_entry(cid, reg, refs, results, kind, keyword)
+    for cid, entries in auditors.judge(reg.controls.values(), figures).items():
+        controls[cid]["auditors"] = entries
+    return dict(sorted(controls.items(), key=lambda kv: registry.id_key(kv[0])))
+
+
+def threat_statuses(reg: Registry, controls: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The active threats, highest risk first, each with its status on this host."""
+    threats: list[dict[str, Any]] = []
+    for t in sorted(reg.active, key=lambda t: (-t.risk, t.id)):
+        status, note, blocking = threat_status(t, controls)
+        absent = [c for c in dict.fromkeys(t.controls)
+                  if controls[c]["status"] == "procedure" and not controls[c]["applies_here"]]
+        residual, here = residual_risk(t, status, blocking, absent)
+        threats.append(
+            {
+                "id": t.id,
+                "title": t.title,
+                "description": t.description,
+                "stride": list(t.stride),
+                "likelihood": t.likelihood,
+                "impact": t.impact,
+                "risk": t.risk,
+                "band": t.band,
+                "residual": residual,
+                "risk_here": here,
+                "controls": list(dict.fromkeys(t.controls)),
+                "status": status,
+                "note": note,
+            }
+        )
+    return threats

@@ -2,8 +2,9 @@
 
 Each task that implements a control carries the control's id as a tag (`tags: [SSH-05]`), as
 ansible-lockdown tags each task with its rule id. `--tags SSH-05` then applies exactly that
-control, a run's events say which controls it touched (toolkit/runner/controls.py), and the registry
-derives where a control lives from here instead of keeping a copy (toolkit/assurance/registry.py).
+control, a run's events say which controls it touched (toolkit/controls/play_status.py), and the
+registry derives where a control lives from here instead of keeping a copy
+(toolkit/controls/registry.py).
 
 The YAML is read the way Ansible composes it: static imports (import_tasks, import_role) and
 blocks pass their tags down, a playbook's role entry tags every task of the role, a dynamic

@@ -4,7 +4,7 @@ Each link is written once, where it belongs, and everything else is derived from
 
 - threat -> control: `controls:` of each threat in `threat-model/threats.yml`;
 - control -> task:   the control's id as a tag on the Ansible tasks that implement it
-                     (toolkit/runner/task_tags.py reads roles/ and playbooks/);
+                     (toolkit/controls/task_tags.py reads roles/ and playbooks/);
 - control -> test:   `@pytest.mark.control(ID)` on the tests that prove it (read by AST, not
                      by importing the tests: collection would import testinfra, fixtures and
                      whatever the tests import, and the check must run anywhere in a second);
@@ -13,7 +13,8 @@ Each link is written once, where it belongs, and everything else is derived from
 
 `load()` reads the registry files (validated by the JSON Schemas in threat-model/schema/) and
 joins them with the tags and markers; `Control.threats`, `.tests` and `.implemented_in` are
-those derived links. `check()` returns every broken link, one line per problem.
+those derived links. toolkit/controls/check.py judges them (`invoke threat-model.check`),
+toolkit/controls/tables.py renders the generated tables of threat-model/.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from toolkit.runner import task_tags
+from toolkit.controls import task_tags
 
 ROOT = Path(__file__).resolve().parents[2]
 THREAT_MODEL = ROOT / "threat-model"
@@ -99,6 +100,37 @@ class Threat:
         return self.risk >= HIGH_RISK
 
 
+# The outside auditors `invoke audit` runs (toolkit/assurance/outside_auditors.py), by the name
+# their figures are filed under; the schema's enum is the same list.
+AUDITORS = ("lynis", "ssh-audit", "systemd-analyze")
+# How a figure is held to its threshold: the YAML key, its sign.
+BOUNDS = {"at_most": "<=", "at_least": ">="}
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """An outside auditor's figure that is evidence for a control, and the bound it must keep:
+    `auditors:` of the control in threat-model/controls/*.yml, and written nowhere else
+    (tests/unit/test_auditor_evidence.py looks for a second copy)."""
+
+    control: str
+    auditor: str  # one of AUDITORS
+    figure: str  # a key of the auditor's figures: exposure, fail, hardening_index
+    bound: str  # a key of BOUNDS
+    limit: float
+
+    @property
+    def text(self) -> str:
+        """`<= 2.0`, `>= 85`, `<= 0`: the limit as written in the YAML."""
+        return f"{BOUNDS[self.bound]} {self.limit}"  # an int stays one: 85, not 85.0
+
+    def met(self, value: float) -> bool:
+        return value <= self.limit if self.bound == "at_most" else value >= self.limit
+
+    def __str__(self) -> str:
+        return f"{self.auditor} {self.figure} {self.text}"
+
+
 @dataclass(frozen=True)
 class Control:
     id: str
@@ -121,6 +153,7 @@ class Control:
     code: tuple[dict[str, str], ...] = ()  # the modules that implement it (signer/...)
     implemented_outside: str | None = None  # technical, but no task or module here does it
     tasks: tuple[task_tags.TaskRef, ...] = ()  # the tasks a playbook runs that carry its id
+    auditors: tuple[Threshold, ...] = ()  # outside auditors' figures that are evidence for it
 
     def applies(self, target: str) -> bool:
         """Whether the control is expected to hold on a `lab` or `production` host."""
@@ -288,7 +321,22 @@ def _control(raw: dict[str, Any], source: str) -> Control | None:
             for c in code if isinstance(c, dict) and c.get("module")
         ),
         implemented_outside=_text(raw, "implemented_outside"),
+        auditors=_thresholds(cid, raw.get("auditors")),
     )
+
+
+def _thresholds(cid: str, raw: Any) -> tuple[Threshold, ...]:
+    """`auditors:` of a control as written; the schema reports an entry it cannot be read from."""
+    out: list[Threshold] = []
+    for entry in raw if isinstance(raw, list) else ():
+        if not isinstance(entry, dict):
+            continue
+        for bound in BOUNDS:
+            limit = entry.get(bound)
+            if isinstance(limit, int | float) and not isinstance(limit, bool):
+                out.append(Threshold(cid, str(entry.get("auditor") or ""),
+                                     str(entry.get("figure") or ""), bound, limit))
+    return tuple(out)
 
 
 def _where(control: Control, project: task_tags.Project) -> tuple[dict[str, Any], ...]:
@@ -313,6 +361,26 @@ def _where(control: Control, project: task_tags.Project) -> tuple[dict[str, Any]
     return tuple(out)
 
 
+def load_controls(root: Path = THREAT_MODEL, problems: list[str] | None = None
+                  ) -> dict[str, Control]:
+    """The controls as threat-model/controls/*.yml define them, without the links that load()
+    derives (tags, markers, threats): what a posture test or a help text needs, at once."""
+    problems = [] if problems is None else problems
+    controls: dict[str, Control] = {}
+    for cpath in sorted((root / "controls").glob("*.yml")):
+        source = f"controls/{cpath.name}"
+        for raw in _load_yaml(cpath, "controls", source, problems).get("controls") or ():
+            control = _control(raw, source) if isinstance(raw, dict) else None
+            if control is None:
+                continue
+            if control.id in controls:
+                first = controls[control.id].source
+                problems.append(f"{source}: control {control.id} already defined in {first}")
+                continue
+            controls[control.id] = control
+    return controls
+
+
 def load(root: Path = THREAT_MODEL, project: Path | None = None) -> Registry:
     """The registry under `root`, joined with the tags and markers of `project` (its parent).
 
@@ -332,18 +400,7 @@ def load(root: Path = THREAT_MODEL, project: Path | None = None) -> Registry:
         if threat.id in reg.threats:
             reg.problems.append(f"threats.yml: threat {threat.id} defined twice")
         reg.threats[threat.id] = threat
-    controls: dict[str, Control] = {}
-    for cpath in sorted((root / "controls").glob("*.yml")):
-        source = f"controls/{cpath.name}"
-        for raw in _load_yaml(cpath, "controls", source, reg.problems).get("controls") or ():
-            control = _control(raw, source) if isinstance(raw, dict) else None
-            if control is None:
-                continue
-            if control.id in controls:
-                first = controls[control.id].source
-                reg.problems.append(f"{source}: control {control.id} already defined in {first}")
-                continue
-            controls[control.id] = control
+    controls = load_controls(root, reg.problems)
     reg.tasks = task_tags.load(project)
     reg.tests = collect_tests(project / "tests", project) if (project / "tests").is_dir() else []
     for cid, control in controls.items():
@@ -430,84 +487,9 @@ def collect_tests(tests_root: Path = TESTS, base: Path | None = None) -> list[Te
     return refs
 
 
-# --- the consistency check ------------------------------------------------------------------
-
-
-def _id_key(cid: str) -> tuple[str, int]:
+def id_key(cid: str) -> tuple[str, int]:
     family, _, num = cid.rpartition("-")
     return (family, int(num)) if num.isdigit() else (cid, 0)
-
-
-def _module_exists(project: Path, module: str) -> bool:
-    base = project.joinpath(*module.split("."))
-    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
-
-
-def check(
-    reg: Registry, tests: list[TestRef] | None = None, posture_dir: str = "tests/posture/"
-) -> list[str]:
-    """Every broken link between threats, controls, tasks, code and tests, one line each."""
-    tests = reg.tests if tests is None else tests
-    problems = list(reg.problems)
-    marked: dict[str, list[str]] = {}
-    for t in tests:
-        for cid in t.controls:
-            marked.setdefault(cid, []).append(t.nodeid)
-
-    undefined: dict[str, list[str]] = {}
-    for threat in reg.active:
-        where = f"threat {threat.id}"
-        accepted = threat.residual is not None and threat.residual.accepted
-        if not threat.controls and not accepted:
-            problems.append(f"{where}: no control and no accepted residual risk")
-        for cid in threat.controls:
-            if cid not in reg.controls:
-                undefined.setdefault(cid, []).append(threat.id)
-        if threat.high and len(set(threat.controls)) < 2:
-            problems.append(
-                f"{where}: high risk ({threat.likelihood}x{threat.impact}={threat.risk}) "
-                f"rests on {len(set(threat.controls))} control(s); needs at least two"
-            )
-
-    for cid, tids in sorted(undefined.items(), key=lambda kv: _id_key(kv[0])):
-        problems.append(
-            f"control {cid}: named by {', '.join(tids)}, but no controls/*.yml defines it"
-        )
-
-    referenced = {cid for t in reg.active for cid in t.controls}
-    technical: list[str] = []
-    elsewhere: list[str] = []
-    for control in reg.controls.values():
-        where = f"control {control.id} ({control.source})"
-        if control.id not in referenced:
-            problems.append(f"{where}: mitigates no threat in threats.yml")
-        if control.kind == "procedure":
-            if not control.procedure:
-                problems.append(f"{where}: procedure without audit text (procedure:)")
-            continue
-        technical.append(control.id)
-        if control.code or control.implemented_outside:
-            elsewhere.append(control.id)
-        if control.implemented_outside and control.tasks:
-            problems.append(
-                f"{where}: implemented_outside, but tasks are tagged {control.id} "
-                f"({control.tasks[0].where}): one of the two is wrong"
-            )
-        for entry in control.code:
-            if reg.project is not None and not _module_exists(reg.project, entry["module"]):
-                problems.append(f"{where}: code: module {entry['module']} does not exist")
-        if not marked.get(control.id):
-            problems.append(f"{where}: technical control without a test")
-
-    problems += task_tags.check(reg.tasks, reg.controls, technical, elsewhere)
-
-    for t in tests:
-        for cid in t.controls:
-            if cid not in reg.controls:
-                problems.append(f"test {t.nodeid}: marker names unknown control {cid}")
-        if t.nodeid.startswith(posture_dir) and not t.controls:
-            problems.append(f"test {t.nodeid}: posture test without a control marker")
-    return problems
 
 
 def tests_of(reg: Registry, tests: list[TestRef], control_id: str) -> list[str]:
@@ -516,140 +498,3 @@ def tests_of(reg: Registry, tests: list[TestRef], control_id: str) -> list[str]:
     out = list(control.tests) if control else []
     out += [t.nodeid for t in tests if control_id in t.controls]
     return list(dict.fromkeys(out))
-
-
-# --- the generated tables of threat-model/ ----------------------------------------------------
-
-# Which document of threat-model/ holds which generated tables.
-DOCS = {"README.md": ("threats", "residuals"), "CONTROL_IDS.md": ("controls",)}
-TABLES = DOCS["README.md"]
-TIMES = "\u00d7"  # multiplication sign, as the README writes risks
-
-
-def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
-
-
-def _implemented_by(control: Control) -> str:
-    parts: list[str] = []
-    roles = list(dict.fromkeys(t.role for t in control.tasks if t.role))
-    plays = sorted({t.playbook for t in control.tasks if not t.role and t.playbook})
-    if roles:
-        parts.append("roles: " + ", ".join(roles))
-    if plays:
-        parts.append("plays: " + ", ".join(plays))
-    if control.code:
-        parts.append("code: " + ", ".join(c["module"] for c in control.code))
-    if control.implemented_outside:
-        parts.append("outside: " + control.implemented_outside)
-    if control.kind == "procedure":
-        parts.append("people: " + (control.owner or "(no owner)"))
-    return _cell("; ".join(parts)) or "**nothing**"
-
-
-def render_table(reg: Registry, name: str) -> str:
-    """A Markdown table generated from the registry, for threat-model/README.md and
-    CONTROL_IDS.md."""
-    rows: list[str] = []
-    if name == "threats":
-        rows += [
-            "| id | threat | STRIDE | L | I | risk | controls |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for t in reg.active:
-            rows.append(
-                f"| {t.id} | {_cell(t.title)} | {''.join(t.stride)} | {t.likelihood} | "
-                f"{t.impact} | **{t.risk}** {t.band} | {', '.join(t.controls)} |"
-            )
-    elif name == "residuals":
-        rows += [
-            "| id | inherent | residual | owner | why it is acceptable |",
-            "|---|---|---|---|---|",
-        ]
-        for t in reg.active:
-            r = t.residual
-            if r is None:
-                rows.append(f"| {t.id} | {t.risk} | - | - | no residual recorded |")
-                continue
-            res = (
-                f"**{r.likelihood}{TIMES}{r.impact}={r.risk}** {band(r.risk)}"
-                if r.risk is not None
-                else "not rated"
-            )
-            why = _cell(r.rationale) + ("" if r.accepted else " **(not accepted)**")
-            rows.append(f"| {t.id} | {t.risk} | {res} | {_cell(r.owner)} | {why} |")
-    elif name == "controls":
-        rows += [
-            "| id | file | kind | applies to | control | mitigates | implemented by |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for c in sorted(reg.controls.values(), key=lambda c: _id_key(c.id)):
-            rows.append(
-                f"| {c.id} | {c.source} | {c.kind} | {c.applies_to} | {_cell(c.title)} | "
-                f"{', '.join(c.threats) or '-'} | {_implemented_by(c)} |"
-            )
-    else:
-        raise ValueError(f"unknown table {name!r}")
-    return "\n".join(rows) + "\n"
-
-
-def _markers(name: str) -> tuple[str, str]:
-    return (
-        f"<!-- BEGIN generated table: {name} (invoke threat-model.check --write-tables) -->\n",
-        f"<!-- END generated table: {name} -->",
-    )
-
-
-def sync_tables(reg: Registry, doc: Path, write: bool = False) -> list[str]:
-    """Problems where a document's generated tables (DOCS) differ from the registry; rewrite
-    them if asked."""
-    if not doc.exists():
-        return [f"{doc.name}: missing"]
-    text = original = doc.read_text()
-    problems: list[str] = []
-    for name in DOCS.get(doc.name, TABLES):
-        begin, end = _markers(name)
-        start, stop = text.find(begin), text.find(end)
-        if start < 0 or stop < start:
-            problems.append(f"{doc.name}: no generated '{name}' table (markers missing)")
-            continue
-        body = render_table(reg, name)
-        if text[start + len(begin) : stop] != body:
-            text = text[: start + len(begin)] + body + text[stop:]
-            if not write:
-                problems.append(
-                    f"{doc.name}: the '{name}' table is out of date with the registry "
-                    "(run: invoke threat-model.check --write-tables)"
-                )
-    if write and text != original:
-        doc.write_text(text)
-    return problems
-
-
-def sync_docs(reg: Registry, root: Path = THREAT_MODEL, write: bool = False) -> list[str]:
-    """sync_tables over every document of threat-model/ that has generated tables."""
-    return [p for name in DOCS for p in sync_tables(reg, root / name, write)]
-
-
-def summary(reg: Registry) -> str:
-    """One line: how many threats, controls, tagged tasks and marked tests the registry has."""
-    kinds = [ctl.kind for ctl in reg.controls.values()]
-    marked = sum(1 for t in reg.tests if t.controls)
-    high = sum(1 for t in reg.active if t.high)
-    tagged = {(t.file, t.line) for t in reg.tasks.tasks if t.playbook and t.controls}
-    return (
-        f"threat model: {len(reg.active)} threats ({high} high or critical), "
-        f"{len(reg.controls)} controls ({kinds.count('technical')} technical, "
-        f"{kinds.count('procedure')} procedures), {len(tagged)} tasks tagged with "
-        f"control ids, {marked} tests with control markers"
-    )
-
-
-def group_problems(problems: list[str]) -> dict[str, list[str]]:
-    """check()'s problems by what they are about (threat, control, task, test, registry)."""
-    groups: dict[str, list[str]] = {}
-    for line in problems:
-        head = line.split(" ", 1)[0].rstrip(":")
-        key = head if head in ("threat", "control", "task", "test") else "registry"
-        groups.setdefault(key, []).append(line)
-    return groups

@@ -1,6 +1,6 @@
 """Which controls a run applied: a real ansible-playbook (local connection) through the real
 signhost_events callback, with a play whose second role fails half way. Controls are the
-control-id tags of the tasks (toolkit/runner/task_tags.py reads them as the registry does)."""
+control-id tags of the tasks (toolkit/controls/task_tags.py reads them as the registry does)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.assurance import registry
-from toolkit.runner import ansible_run, controls, task_tags
+from toolkit.controls import play_status, registry, task_tags
+from toolkit.runner import ansible_run
 
 ROLES = {
     # role -> tasks (name, tags, fails?). SPN-01 spans two roles; SEC-01 has a task on each
@@ -73,7 +73,7 @@ def _project(tmp: Path, fail: bool) -> Path:
     return tmp / "playbooks" / "play.yml"
 
 
-def _run(tmp_path: Path, fail: bool, tags: str | None = None) -> list[controls.HostControls]:
+def _run(tmp_path: Path, fail: bool, tags: str | None = None) -> list[play_status.HostControls]:
     play = _project(tmp_path, fail)
     cmd = [str(Path(ansible_run.build_command("x.yml", ansible_run.PlayOptions())[0])), str(play), "-i", "localhost,"]
     if tags:
@@ -81,7 +81,7 @@ def _run(tmp_path: Path, fail: bool, tags: str | None = None) -> list[controls.H
     result = ansible_run.run_playbook(cmd, tmp_path / "run.log")
     assert result.events is not None
     reg = registry.Registry(tasks=task_tags.load(tmp_path))
-    return controls.host_status(controls.read_events(result.events), reg)
+    return play_status.host_status(play_status.read_events(result.events), reg)
 
 
 @pytest.mark.slow
@@ -104,7 +104,7 @@ def test_a_failed_run_says_which_controls_are_applied_and_which_are_not(tmp_path
     assert hc.changed() == ["FIR-01"]
     # ansible.cfg's force_handlers: the change of the first role is applied despite the failure
     assert (tmp_path / "handler.marker").exists(), "a notified handler did not run after a failure"
-    text = "\n".join(controls.summary_lines(hosts))
+    text = "\n".join(play_status.summary_lines(hosts))
     assert "FAILED at [second : SEC-02 | this one fails]" in text
     assert "THI-01" in text and "partly hardened" in text
     assert "changed the host            controls: FIR-01" in text
@@ -149,18 +149,18 @@ def test_control_status_from_events_alone() -> None:
         {"event": "result", "host": "h", "role": "a", "task": "ABC-02 | check",
          "status": "failed", "tags": ["ABC-02"]},
     ]
-    [hc] = controls.host_status(events, registry.Registry(tasks=tasks))
+    [hc] = play_status.host_status(events, registry.Registry(tasks=tasks))
     assert hc.controls == {"ABC-01": "failed", "ABC-02": "failed"}
     assert hc.results == {"ABC-01": {"changed": 1}, "ABC-02": {"failed": 1}}
     events[2]["status"] = "ok"
-    [hc] = controls.host_status(events, registry.Registry(tasks=tasks))
+    [hc] = play_status.host_status(events, registry.Registry(tasks=tasks))
     assert hc.controls == {"ABC-01": "not run", "ABC-02": "applied"}
 
 
 def test_a_truncated_event_file_is_read_up_to_the_cut(tmp_path: Path) -> None:
     f = tmp_path / "e.jsonl"
     f.write_text('{"event": "play", "roles": ["a"]}\n{"event": "result", "host": "h", "sta')
-    assert controls.read_events(f) == [{"event": "play", "roles": ["a"]}]
+    assert play_status.read_events(f) == [{"event": "play", "roles": ["a"]}]
 
 
 def test_every_play_stops_at_the_first_failure_without_skipping_handlers() -> None:
