@@ -59,9 +59,19 @@ class CardToken:
             # Whatever a card answers when its reader goes (OpenSC: CKR_DEVICE_REMOVED,
             # CKR_TOKEN_NOT_PRESENT, but also CKR_GENERAL_ERROR or CKR_FUNCTION_FAILED mid-way),
             # the card is closed and opened again, and checked again, before its next signature.
-            self._cards.lost(self._name, self._proc, exc.message)
-            raise SignerError(Exit.UNAVAILABLE, f"token {self._name!r}: {exc.message}") \
-                from None
+            # The request that finds its session dead opens the card once at once: a card that
+            # was pulled and is back (or was reset) signs this request, with a handle of the
+            # new session; nothing was signed by the failed attempt, so trying again is safe.
+            why = exc.message
+            fresh = self._cards.lost(self._name, self._proc, why, reopen=True)
+            handle = self._cards.d.keys.get((key.uri, alg.name)) if fresh is not None else None
+            if fresh is not None and handle is not None:
+                try:
+                    return fresh.sign_digest(handle, alg, digest, urgent)
+                except SignerError as again:
+                    self._cards.lost(self._name, fresh, again.message)
+                    why = again.message
+            raise SignerError(Exit.UNAVAILABLE, f"token {self._name!r}: {why}") from None
 
 
 class Cards:
@@ -100,14 +110,21 @@ class Cards:
                               "plug it in and try again")
         return CardToken(self, name, proc)
 
-    def lost(self, name: str, proc: TokenProcess, why: str) -> None:
+    def lost(self, name: str, proc: TokenProcess, why: str, reopen: bool = False
+             ) -> TokenProcess | None:
+        """`proc` failed: close it (once, whoever notices first). With `reopen`, the one that
+        closed it opens the card again at once: the new process, or None."""
         with self._lock:
             if self._procs.get(name) is not proc:
-                return  # already closed by another failed request
+                return None  # already closed by another failed request
             del self._procs[name]
             self._forget_keys(name)
             self._unavailable(name, why)
         proc.close()
+        if not reopen:
+            return None
+        with self._lock:
+            return self._procs.get(name) or self._open(name)
 
     # --- under self._lock ------------------------------------------------------------------
 
