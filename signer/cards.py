@@ -10,7 +10,9 @@ back must bring them back without a restart. So:
   CKR_DEVICE_REMOVED, CKR_TOKEN_NOT_PRESENT, a dead session), is *unavailable*: its token
   process is closed, its key handles are dropped, the journal says why once, and every request
   for its profiles fails UNAVAILABLE before anything is reserved or signed;
-- the next request for one of its profiles, at most every RETRY seconds, opens it again:
+- the request that finds the card's session dead opens it again at once, and signs with the new
+  session if the card is there (pulled and back, or reset); while it is away, the next request
+  for one of its profiles, at most every RETRY seconds, tries to open it again:
   a new token process, login with the card's PIN, the residency of each of its keys and the
   match of each profile's certificate checked again (a card swapped for another with the same
   label does not sign with a key it was not checked for), the journal says it is back.
