@@ -42,6 +42,7 @@ NAMES: tuple[str, ...] = (
     # token
     "token_backend", "token_module", "token_label", "token_owner", "token_softhsm_conf",
     "token_softhsm_store", "token_pcscd", "token_pin_source", "token_pin_file", "token_pin_dir",
+    "token_pcscd_sandbox", "token_cards",
     # signer
     "signer_client_account_prefix", "signer_gateway_group", "signer_daemon_user",
     "signer_daemon_home",

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lab import card
+
 INSTANCE_RE = re.compile(r"^lab([0-9])$")
 LAB_HOSTS = ("build", "intruder", "collector")
 HOST_OCTET = {"vm": 10, "build": 20, "collector": 30, "intruder": 66}
@@ -25,9 +27,10 @@ ADMIN_USER = "admin"
 KEY_NAMES = ("admin", "build", "intruder", "alice", "bob")
 
 # QEMU's own USB ids: usb-storage 46f4:0001, usb-ccid (the token stand-in) 08e6:4433.
+# `bus`: the QEMU USB bus each is plugged into (lab/vm.py says why the reader has its own).
 USB_DEVICES = {
-    "storage": {"vendor": "46f4", "product": "0001", "qdev": "usb-storage"},
-    "token": {"vendor": "08e6", "product": "4433", "qdev": "usb-ccid"},
+    "storage": {"vendor": "46f4", "product": "0001", "qdev": "usb-storage", "bus": "xhci.0"},
+    "token": {"vendor": "08e6", "product": "4433", "qdev": "usb-ccid", "bus": "uhci.0"},
 }
 
 
@@ -179,6 +182,11 @@ class Instance:
             },
             "usb": {k: {"vendor": v["vendor"], "product": v["product"]}
                     for k, v in USB_DEVICES.items()},
+            # The card in the token's reader (lab/card.py): its signing certificate from the
+            # lab CA and its PIN, on the controller, for the inventory's card profile.
+            "card": {"cert": str(card.signing_cert(self.state_dir)),
+                     "pin": str(card.pin_file(self.state_dir)),
+                     "label": card.TOKEN_LABEL, "key": card.KEY_URI},
             "collector": {
                 "port": COLLECTOR_PORT,
                 "name": self.tls_name("collector"),

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lab import collector, image, net, site, vm
+from lab import card, collector, image, net, site, usb, vm
 from lab.ca import LabCA
 from lab.config import KEY_NAMES, Instance, guest_network_config, ssh_config_text
 from lab.state import instance_name, state_dir
@@ -32,6 +32,7 @@ REQUIRED_BINARIES = {
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
     "rsyslogd": "rsyslog",  # the log collector, with rsyslog-relp (lab/collector.py)
+    "certutil": "libnss3-tools",  # the lab card's NSS database (lab/card.py)
 }
 OVERLAY_MIN_FREE = 3 * 2**30
 
@@ -87,6 +88,7 @@ def write_runtime_files(inst: Instance) -> None:
     inst.ssh_config.write_text(ssh_config_text(inst))
     inst.path("lab-network").write_text(guest_network_config(inst))
     LabCA(inst.state_dir).ensure(inst.name)
+    card.ensure(inst.state_dir)
 
 
 def make_overlay(inst: Instance, base: Path) -> None:
@@ -176,6 +178,9 @@ def up(inst: Instance, release: str | None = None) -> bool:
         pid = vm.running_pid(inst)
         assert pid is not None
         write_facts(inst, accel=accel, pid=pid)
+        # The signing token is in its reader from the start, as on a real signing host: the
+        # deploy finds the card's key there (lab/card.py).
+        print(f"  - {usb.plug(inst, 'token')} with the lab card", flush=True)
     except BaseException as e:
         print(f"  ! lab.up failed: {e}", file=sys.stderr)
         tail = ""
@@ -245,6 +250,7 @@ def reset(inst: Instance) -> None:
     pid = vm.running_pid(inst)
     assert pid is not None
     write_facts(inst, accel=accel, pid=pid)
+    usb.plug(inst, "token")  # a new QEMU: the token back in its reader, as at lab.up
     print(f"==> lab {inst.name} reset in {time.monotonic() - started:.0f}s")
 
 

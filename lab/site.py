@@ -263,6 +263,26 @@ def _authenticode_profiles(inst: Instance, profiles: list[Any],
     ]
 
 
+def _card(inst: Instance, facts: dict[str, Any], profiles: list[Any]) -> tuple[list[Any], Any]:
+    """The example's commented EV-token profile (`win-ev`, on a token beside the host's own),
+    made real with the lab's card (lab/card.py) in the token's reader: a profile `card` that
+    signs CMS and raw with the card's key, the certificate the lab CA issued for it, and the
+    card as token_cards. Client: the first client of the example's automatic profile."""
+    from lab.ca import LabCA
+
+    card = facts["card"]
+    auto = next(p for p in profiles if p["approvals"] == 0 and p.get("custodians"))
+    profile = {"name": "card", "token": "card", "key": card["key"], "algorithm": "rsa2048-pkcs1",
+               "formats": ["cms", "raw"], "max_size": 67108864,
+               "clients": list(auto["clients"][:1]), "approvals": 0,
+               "custodians": list(auto["custodians"]), "budget_count": 1000,
+               "budget_window": 3600, "cert": "file", "cert_file": card["cert"],
+               "chain": str(LabCA(inst.state_dir).cert)}
+    cards = [{"name": "card", "module": "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so",
+              "label": card["label"], "pin_src": card["pin"]}]
+    return [profile], cards
+
+
 def _observation(inst: Instance, facts: dict[str, Any]) -> dict[str, Any]:
     """verify_* values: the points of view and the USB hot-plug of the lab, as inventory/lab
     gives them (group_vars/all/verify.yml), so that `invoke verify` runs the same probes."""
@@ -328,6 +348,8 @@ def render(inst: Instance, facts: dict[str, Any], example: Path = EXAMPLE) -> di
     coll, coll_ip = facts["collector"], facts["hosts"]["collector"]["ipv4"]
     profiles, clients, custodians = _signing_parties(ex, host)
     profiles += _authenticode_profiles(inst, profiles, custodians)
+    card_profiles, cards = _card(inst, facts, profiles) if "card" in facts else ([], [])
+    profiles += card_profiles
     # Every client and custodian gets a key made here (the example's are placeholders); build
     # servers come from the lab's build namespace, custodians through the jump host.
     for entry in clients + custodians:
@@ -378,6 +400,8 @@ def render(inst: Instance, facts: dict[str, Any], example: Path = EXAMPLE) -> di
         "token_module": "/usr/lib/softhsm/libsofthsm2.so",
         "token_serial": "",  # SoftHSM2 picks a new serial at every initialisation
         "token_pin_dir": str(inst.path("token") / host),
+        # the lab's card beside it (lab/card.py), for the example's EV-token profile
+        "token_cards": cards,
         # the report's kind: lab waivers apply (no secure boot, LUKS or audisp-remote here)
         "verify_kind": "lab",
         # short roll-back windows and reloadable audit rules, as in the plain lab

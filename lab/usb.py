@@ -4,8 +4,11 @@ Two devices, both QEMU's own emulations on the VM's xHCI controller:
 
 - ``storage``: a USB mass-storage stick (46f4:0001) backed by a small image file that
   holds one file, so a guest that mounted it would find something to copy;
-- ``token``: QEMU's CCID smart-card reader (08e6:4433), standing in for the signing token
-  so USBGuard's allow-list can be proven with a real, distinct vendor:product id.
+- ``token``: QEMU's CCID smart-card reader (08e6:4433) with the lab's card in it
+  (lab/card.py: a CAC card whose keys live in an NSS database on the controller), the
+  signing token: USBGuard's allow-list is proven with a real, distinct vendor:product id and a
+  real CCID interface, and the signer's hardware profile signs through it. Unplugging takes
+  reader and card away together, as pulling a USB token does.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lab import card
 from lab.config import USB_DEVICES, Instance
 
 
@@ -86,7 +90,21 @@ def plug(inst: Instance, device: str) -> str:
         out = hmp(inst.monitor, f"device_add usb-storage,bus=xhci.0,id={qdev_id(device)},"
                                 f"drive={qdev_id(device)}-drive,removable=on")
     else:
-        out = hmp(inst.monitor, f"device_add {spec['qdev']},bus=xhci.0,id={qdev_id(device)}")
+        db_args = ""
+        if device == "token":
+            try:
+                card.ensure(inst.state_dir)
+            except (card.CardError, OSError) as e:
+                raise USBError(f"the lab card cannot be made: {e}") from e
+            db_args = card.qdev_args(inst.state_dir)
+        out = hmp(inst.monitor, f"device_add {spec['qdev']},bus={spec['bus']},"
+                                f"id={qdev_id(device)}")
+        if not out and db_args:
+            # the card goes into the reader's own CCID bus (`<reader id>.0`)
+            out = hmp(inst.monitor, f"device_add ccid-card-emulated,bus={qdev_id(device)}.0,"
+                                    f"id={qdev_id(device)}-card,{db_args}")
+            if out:
+                hmp(inst.monitor, f"device_del {qdev_id(device)}")
     if out:
         raise USBError(f"device_add {device} failed: {out}")
     return f"plugged {device} ({spec['vendor']}:{spec['product']})"

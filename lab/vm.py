@@ -117,8 +117,14 @@ def command(inst: Instance, image: dict[str, Path], accel: str) -> list[str]:
         "-device", f"virtio-net-pci,netdev=lab,mac={inst.mac(1)},addr=0x4",
         "-object", "rng-random,filename=/dev/urandom,id=rng0",
         "-device", "virtio-rng-pci,rng=rng0",
-        # USB controller for hot-plugged sticks and the token stand-in (lab.usb).
+        # USB controller for hot-plugged sticks (lab.usb).
         "-device", "qemu-xhci,id=xhci",
+        # The token's reader on a UHCI controller of its own: QEMU's usb-ccid ends a reply of a
+        # multiple of 64 bytes with a zero-length packet, which a controller that moves one
+        # packet at a time (UHCI, as a real full-speed reader's port) takes as the end of that
+        # reply; xHCI hands over the whole reply at once and libccid then reads the stray empty
+        # packet as the next reply ("CCID_Receive() Not enough data received: 0 bytes").
+        "-device", "piix3-usb-uhci,id=uhci",
         "-monitor", f"unix:{inst.monitor},server,nowait",
         "-serial", f"file:{inst.console_log}",
         "-display", "none",

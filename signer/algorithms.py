@@ -43,7 +43,7 @@ class Algorithm:
         """What the token signs for this SHA-256 digest."""
         if len(digest) != 32:
             raise ValueError("a SHA-256 digest is 32 bytes")
-        if self.name == "rsa3072-pkcs1":
+        if self.key_type == KeyType.RSA and not self.name.endswith("-pss"):
             return _SHA256_DIGEST_INFO + digest
         return digest
 
@@ -77,7 +77,9 @@ class Algorithm:
 ECDSA_P256 = Algorithm("ecdsa-p256", KeyType.EC, 256)
 RSA3072_PKCS1 = Algorithm("rsa3072-pkcs1", KeyType.RSA, 3072)
 RSA3072_PSS = Algorithm("rsa3072-pss", KeyType.RSA, 3072)
-BY_NAME = {a.name: a for a in (ECDSA_P256, RSA3072_PKCS1, RSA3072_PSS)}
+# Pre-provisioned keys on cards (PIV, CAC, most EV tokens) are RSA-2048: the size they make.
+RSA2048_PKCS1 = Algorithm("rsa2048-pkcs1", KeyType.RSA, 2048)
+BY_NAME = {a.name: a for a in (ECDSA_P256, RSA3072_PKCS1, RSA3072_PSS, RSA2048_PKCS1)}
 
 
 def verify_digest(spki_der: bytes, signature: bytes, digest: bytes, pss: bool) -> bool:

@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
             k.add_argument("--out", type=Path, help="write here (binary, as apt's signed-by= "
                            "and gpgv --keyring read it; default: armoured on stdout)")
             k.add_argument("--armor", action="store_true", help="armoured in --out too")
+        if name == "check":  # only these profiles' keys (repeat), e.g. those on one card
+            k.add_argument("--profile", action="append",
+                           help="check only this profile's key (repeatable)")
         if name in ("selfsign", "csr"):
             k.add_argument("--subject")
             k.add_argument("--out", type=Path)
@@ -261,7 +264,7 @@ def dispatch(args: argparse.Namespace) -> int:
         if args.action == "list":
             return keys.list_keys(cfg, out)
         if args.action == "check":
-            return keys.check(cfg, out)
+            return keys.check(cfg, out, profile)
         if args.action == "selfsign":
             return keys.selfsign(cfg, profile, args.subject, args.days, args.out,
                                  args.if_missing, out)

@@ -67,6 +67,8 @@ def _ready(d: Daemon, profile: Profile, fmt: str) -> None:
                               "in a moment")
         raise audit.AuditError(f"the audit key {d.cfg.daemon.audit_key} is not "
                                f"resident on the token ({why})")
+    if profile.token is not None:
+        d.cards.ready(profile)  # UNAVAILABLE while the card is out (signer/cards.py)
     if (profile.key, profile.algorithm) not in d.keys:
         why = d.key_problems.get((profile.key, profile.algorithm))
         if why is None:  # unlocked a moment ago, residency not checked yet
@@ -161,7 +163,7 @@ def _produce(d: Daemon, profile: Profile, fmt: str, digest: bytes, size: int, cl
     try:
         key = d.keys[profile.key, profile.algorithm]
         alg = BY_NAME[profile.algorithm]
-        token = d.token
+        token = d.token if profile.token is None else d.cards.ready(profile)
 
         def sign_digest(digest: bytes) -> bytes:
             return token.sign_digest(key, alg, digest)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -25,12 +26,12 @@ DEFAULT_REQUEST_TTL = 86400
 DEFAULT_PIN_SHARE_WINDOW = 900
 NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 ACCOUNT_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
-ALGORITHMS = ("ecdsa-p256", "rsa3072-pkcs1", "rsa3072-pss")
+ALGORITHMS = ("ecdsa-p256", "rsa3072-pkcs1", "rsa3072-pss", "rsa2048-pkcs1")
 FORMATS = request.FORMATS
 # Formats that embed the profile's certificate (and `chain`), and the algorithms each can carry;
 # kept here, not imported from signer.formats, so `config check` needs no crypto libraries.
 NEEDS_CERT = ("cms", "authenticode")
-FORMAT_ALGORITHMS = {"authenticode": ("rsa3072-pkcs1", "ecdsa-p256"),
+FORMAT_ALGORITHMS = {"authenticode": ("rsa3072-pkcs1", "rsa2048-pkcs1", "ecdsa-p256"),
                      "openpgp": ("rsa3072-pkcs1", "ecdsa-p256"),
                      "openpgp-cleartext": ("rsa3072-pkcs1", "ecdsa-p256")}
 # Formats whose key is an OpenPGP key: its creation time is part of its fingerprint, so the
@@ -66,6 +67,25 @@ class Profile:
     # The OpenPGP key's creation time (epoch seconds): part of its fingerprint, which apt's
     # signed-by= keyrings pin. Chosen once per key; changing it is a new OpenPGP key.
     openpgp_created: int | None = None
+    # The [tokens.*] name of the token holding the key; None: the daemon's own token.
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """A hardware token beside the daemon's own ([tokens.NAME]): a card or USB token whose
+    keys were provisioned elsewhere (a key ceremony, the CA of an EV certificate). A profile
+    uses it when its key URI names this token's label (and, if given, serial). Its own token
+    process, PIN and failures: pulling it takes its profiles away, not the daemon."""
+    name: str
+    module: Path
+    label: str
+    pin_source: str  # "file:/path" (prompt: the custodians' path, signer/pin.py)
+    serial: str | None = None
+
+    @property
+    def pin_file(self) -> Path | None:
+        return Path(self.pin_source[5:]) if self.pin_source.startswith("file:") else None
 
 
 @dataclass(frozen=True)
@@ -106,6 +126,7 @@ class Config:
     custodians: dict[str, str] = field(default_factory=dict)
     # name -> the local account its gateway runs as (checked with SO_PEERCRED), when given
     accounts: dict[str, str] = field(default_factory=dict)
+    tokens: dict[str, TokenSpec] = field(default_factory=dict)
 
 
 class _Reader:
@@ -232,7 +253,7 @@ def parse(text: str, path: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise r.fail("(syntax)", str(exc)) from None
     for k in data:
-        if k not in {"daemon", "profiles", "clients", "custodians"}:
+        if k not in {"daemon", "profiles", "clients", "custodians", "tokens"}:
             raise r.fail(k, "unknown section")
     d = r.table(data, "daemon",
                 {"socket", "socket_group", "audit_log", "state_dir", "token_module",
@@ -268,6 +289,7 @@ def parse(text: str, path: Path) -> Config:
     if daemon.pin_shares and pin_source != "prompt":
         raise r.fail("daemon.pin_shares", "needs pin_source = 'prompt' (shares replace the "
                      "typed PIN, not a PIN file)")
+    tokens = _tokens(r, data, daemon)
     accounts: dict[str, str] = {}
     clients = _principals(r, data, "clients", accounts)
     custodians = _principals(r, data, "custodians", accounts)
@@ -351,16 +373,60 @@ def parse(text: str, path: Path) -> Config:
             request_ttl=r.int_(t, p, "request_ttl", 1, DEFAULT_REQUEST_TTL),
             chain=r.abspath(t, p, "chain") if "chain" in t else None,
             require_timestamp=require_timestamp, openpgp_created=openpgp_created)
-    for where, key in [("daemon.audit_key", daemon.audit_key)] + [
-            (f"profiles.{n}.key", pr.key) for n, pr in profiles.items()]:
-        if key.token is not None and key.token != daemon.token_label:
-            raise r.fail(where, f"token {key.token!r} is not daemon.token_label "
-                                f"{daemon.token_label!r}")
+    if daemon.audit_key.token not in (None, daemon.token_label):
+        raise r.fail("daemon.audit_key", f"token {daemon.audit_key.token!r} is not "
+                     f"daemon.token_label {daemon.token_label!r}")
+    for name, pr in list(profiles.items()):
+        profiles[name] = dataclasses.replace(pr, token=_token_of(r, f"profiles.{name}.key",
+                                                                 pr.key, daemon, tokens))
     for name, pr in profiles.items():
         if pr.key.label == daemon.audit_key.label:
             raise r.fail(f"profiles.{name}.key", "the audit key must not sign artifacts")
     return Config(path=path, daemon=daemon, profiles=profiles, clients=clients,
-                  custodians=custodians, accounts=accounts)
+                  custodians=custodians, accounts=accounts, tokens=tokens)
+
+
+def _tokens(r: _Reader, data: dict[str, Any], daemon: Daemon) -> dict[str, TokenSpec]:
+    section = data.get("tokens", {})
+    if not isinstance(section, dict):
+        raise r.fail("tokens", "must be a table")
+    out: dict[str, TokenSpec] = {}
+    for name in section:
+        prefix = f"tokens.{name}"
+        if not NAME_RE.fullmatch(name):
+            raise r.fail(prefix, "bad name (want [a-z][a-z0-9_-]{0,63})")
+        t = r.table(section, prefix, {"module", "label", "serial", "pin_source"},
+                    {"module", "label", "pin_source"})
+        pin_source = r.str_(t, prefix, "pin_source")
+        if not (pin_source.startswith("file:/") and len(pin_source) > 6):
+            raise r.fail(f"{prefix}.pin_source", "must be 'file:/absolute/path'")
+        spec = TokenSpec(name=name, module=r.abspath(t, prefix, "module"),
+                         label=r.str_(t, prefix, "label"), pin_source=pin_source,
+                         serial=r.str_(t, prefix, "serial") if "serial" in t else None)
+        if spec.label == daemon.token_label or spec.label in {o.label for o in out.values()}:
+            raise r.fail(f"{prefix}.label", f"{spec.label!r} is another token's label too: "
+                         "a key URI could not say which token it means")
+        out[name] = spec
+    return out
+
+
+def _token_of(r: _Reader, where: str, key: uri.PKCS11URI, daemon: Daemon,
+              tokens: dict[str, TokenSpec]) -> str | None:
+    """The [tokens.*] name the key URI names by its token label (None: the daemon's token).
+    A `serial=` in the URI must be that token's serial: the key is on that one token."""
+    if key.token is None or key.token == daemon.token_label:
+        serial = daemon.token_serial
+        name = None
+    else:
+        spec = next((t for t in tokens.values() if t.label == key.token), None)
+        if spec is None:
+            raise r.fail(where, f"token {key.token!r} is neither daemon.token_label "
+                         f"{daemon.token_label!r} nor the label of a [tokens.*] table")
+        serial, name = spec.serial, spec.name
+    if key.serial is not None and key.serial != serial:
+        raise r.fail(where, f"serial {key.serial!r} is not the serial configured for token "
+                     f"{key.token or daemon.token_label!r} ({serial!r})")
+    return name
 
 
 def load(path: Path) -> Config:

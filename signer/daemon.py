@@ -34,6 +34,7 @@ from asn1crypto import x509
 
 from signer import audit, certs, pin, policy, recovery, request, service, wire
 from signer.algorithms import BY_NAME, ECDSA_P256
+from signer.cards import Cards
 from signer.commands import COMMANDS
 from signer.config import NAME_RE, Config
 from signer.errors import Exit, SignerError
@@ -96,6 +97,7 @@ class Daemon:
         self._handoff: queue.SimpleQueue[tuple[socket.socket, int] | None] = \
             queue.SimpleQueue()
         self.token: TokenProcess | None = None
+        self.cards = Cards(self)  # the [tokens.*] cards, each its own token process
         self.fatal: SignerError | None = None  # why serve() ended on its own
         self.writer: audit.Writer | None = None
         self._wall0 = time.time()  # `now`: set again at start (recovery.start_clock)
@@ -136,6 +138,7 @@ class Daemon:
                 self._login(secret)
             except SignerError as exc:
                 raise SignerError(exc.code, f"{exc.message} (PIN from {d.pin_file})") from None
+        self.cards.open_all()  # a missing card takes its profiles away, not the daemon
 
     def now(self) -> float:
         """The daemon's clock (seconds since the epoch): budgets, expiries and the times in
@@ -159,6 +162,7 @@ class Daemon:
             except audit.AuditError as exc:
                 log.warning("at stop: %s", exc)
             self.writer.close()
+        self.cards.close_all()
         if self.token is not None:
             self.token.close()
 
@@ -178,7 +182,7 @@ class Daemon:
         assert self.token is not None and self.writer is not None
         d = self.cfg.daemon
         wanted: list[tuple[str | None, PKCS11URI, str]] = [
-            (p.name, p.key, p.algorithm) for p in self.cfg.profiles.values()]
+            (p.name, p.key, p.algorithm) for p in self.cfg.profiles.values() if p.token is None]
         wanted.append((None, d.audit_key, ECDSA_P256.name))
         for profile, uri, alg in wanted:
             if (uri, alg) in self.keys or (uri, alg) in self.key_problems:
@@ -193,7 +197,7 @@ class Daemon:
             else:
                 self.keys[uri, alg] = self.token.private_key(uri)
         for p in self.cfg.profiles.values():
-            if p.cert is None:
+            if p.cert is None or p.token is not None:
                 continue
             try:
                 cert = certs.load_cert(p.cert)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+import subprocess
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -41,7 +42,15 @@ def _pin(cfg: Config) -> str:
                       "--pin-file FILE (mode 0400, holding the PIN), or run on a tty")
 
 
-def open_token(cfg: Config, rw: bool = False) -> Token:
+def open_token(cfg: Config, rw: bool = False, profile: str | None = None) -> Token:
+    """The daemon's token, or the [tokens.*] card that holds `profile`'s key."""
+    p = cfg.profiles.get(profile) if profile is not None else None
+    if p is not None and p.token is not None:
+        spec = cfg.tokens[p.token]
+        assert spec.pin_file is not None  # config: a card's PIN source is a file
+        token = Token(spec.module, spec.label, spec.serial)
+        token.login(pin.read_file(spec.pin_file), rw=rw)
+        return token
     token = Token(cfg.daemon.token_module, cfg.daemon.token_label, cfg.daemon.token_serial)
     token.login(_pin(cfg), rw=rw)
     return token
@@ -59,6 +68,11 @@ def target(cfg: Config, profile: str | None) -> tuple[str, PKCS11URI, Algorithm]
 
 def generate(cfg: Config, profile: str | None, if_missing: bool, out: TextIO) -> int:
     what, uri, alg = target(cfg, profile)
+    on_card = cfg.profiles[profile].token if profile is not None else None
+    if on_card is not None:
+        # A hardware token's keys come from its key ceremony (or its CA): never made here.
+        raise SignerError(Exit.CONFIG, f"{what}'s key is on token {on_card!r}, provisioned "
+                          "there: `signer keys` does not generate keys on it")
     token = open_token(cfg, rw=True)
     try:
         if if_missing and token.exists(uri.label):
@@ -83,20 +97,40 @@ def list_keys(cfg: Config, out: TextIO) -> int:
     return Exit.OK
 
 
-def check(cfg: Config, out: TextIO) -> int:
-    token = open_token(cfg)
+def check(cfg: Config, out: TextIO, profiles: list[str] | None = None) -> int:
+    """Residency of every key (or of `profiles`' keys), each on the token that holds it."""
     failed = False
-    try:
-        names: list[str | None] = [*cfg.profiles, None]
-        for name in names:
-            what, uri, alg = target(cfg, name)
-            problems = token.residency_problems(uri, alg)
-            failed = failed or bool(problems)
-            status = "FAIL" if problems else "ok"
-            detail = f": {'; '.join(problems)}" if problems else ""
-            out.write(f"{status} {what}: {uri}{detail}\n")
-    finally:
-        token.close()
+    names: list[str | None] = [*cfg.profiles, None] if profiles is None else [*profiles]
+    # one session per token: the daemon's, and each card's
+    by_token: dict[str | None, list[str | None]] = {}
+    for name in names:
+        by_token.setdefault(cfg.profiles[name].token if name else None, []).append(name)
+    daemon_module = cfg.daemon.token_module
+    for card, members in by_token.items():
+        if card and cfg.tokens[card].module != daemon_module and len(by_token) > 1:
+            # A process loads one PKCS#11 module (python-pkcs11): a card of another module is
+            # checked by a `signer keys check` of its own, as the daemon opens it in its own
+            # token process.
+            argv = [sys.executable, "-m", "signer", "keys", "check", "--config", str(cfg.path),
+                    *(f"--profile={m}" for m in members if m)]
+            r = subprocess.run(argv, capture_output=True, text=True, check=False)
+            out.write(r.stdout)
+            if r.returncode not in (Exit.OK, Exit.NOPERM):
+                raise SignerError(r.returncode, r.stderr.strip().splitlines()[-1]
+                                  if r.stderr.strip() else f"keys check of token {card} failed")
+            failed = failed or r.returncode != Exit.OK
+            continue
+        token = open_token(cfg, profile=members[0] if card else None)
+        try:
+            for name in members:
+                what, uri, alg = target(cfg, name)
+                problems = token.residency_problems(uri, alg)
+                failed = failed or bool(problems)
+                status = "FAIL" if problems else "ok"
+                detail = f": {'; '.join(problems)}" if problems else ""
+                out.write(f"{status} {what}: {uri}{detail}\n")
+        finally:
+            token.close()
     return Exit.NOPERM if failed else Exit.OK
 
 
@@ -118,7 +152,7 @@ def selfsign(cfg: Config, profile: str | None, subject: str | None, days: int,
             out.write(f"exists: {dest}\n")
             return Exit.OK
         raise SignerError(Exit.EXISTS, f"{dest} exists: refusing to replace it")
-    token = open_token(cfg)
+    token = open_token(cfg, profile=profile)
     try:
         key = token.private_key(uri)
         cert = certs.self_signed(token.public_key_info(uri), alg,
@@ -134,7 +168,7 @@ def selfsign(cfg: Config, profile: str | None, subject: str | None, days: int,
 def csr(cfg: Config, profile: str, subject: str | None, out_path: Path | None,
         out: TextIO) -> int:
     what, uri, alg = target(cfg, profile)
-    token = open_token(cfg)
+    token = open_token(cfg, profile=profile)
     try:
         key = token.private_key(uri)
         req = certs.request(token.public_key_info(uri), alg,
@@ -156,7 +190,7 @@ def import_cert(cfg: Config, profile: str, cert_path: Path, out: TextIO) -> int:
     if dest is None:
         raise SignerError(Exit.CONFIG, f"profiles.{profile}.cert is not set in {cfg.path}")
     cert = certs.load_cert(cert_path)
-    token = open_token(cfg)
+    token = open_token(cfg, profile=profile)
     try:
         spki = token.public_key_info(uri)
     finally:

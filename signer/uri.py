@@ -1,4 +1,5 @@
-"""PKCS#11 URIs (RFC 7512), the subset that names one object: token, object (label), id, type."""
+"""PKCS#11 URIs (RFC 7512), the subset that names one object: token, object (label), id, type,
+and the token's serial (a key on one given card, not on any card of that label)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,14 @@ class PKCS11URI:
     label: str
     key_id: bytes | None
     type: str
+    serial: str | None = None
 
     def __str__(self) -> str:
         parts = []
         if self.token is not None:
             parts.append(f"token={_pct(self.token.encode())}")
+        if self.serial is not None:
+            parts.append(f"serial={_pct(self.serial.encode())}")
         parts.append(f"object={_pct(self.label.encode())}")
         if self.key_id is not None:
             parts.append("id=" + "".join(f"%{b:02x}" for b in self.key_id))
@@ -62,6 +66,7 @@ def parse(text: str) -> PKCS11URI:
     try:
         token = attrs["token"].decode() if "token" in attrs else None
         label = attrs["object"].decode()
+        serial = attrs["serial"].decode() if "serial" in attrs else None
     except UnicodeDecodeError as exc:
-        raise URIError("token and object must be UTF-8") from exc
-    return PKCS11URI(token=token, label=label, key_id=attrs.get("id"), type=typ)
+        raise URIError("token, object and serial must be UTF-8") from exc
+    return PKCS11URI(token=token, label=label, key_id=attrs.get("id"), type=typ, serial=serial)

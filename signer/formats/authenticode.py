@@ -261,4 +261,5 @@ def _sign_job(job: Job) -> bytes:
 # RSA PKCS#1 v1.5 (what EV certificates and every Windows version take) and ECDSA (Windows 10
 # and later); no PSS: Windows does not verify RSA-PSS Authenticode signatures.
 FORMAT = Format(name="authenticode", keep=MAX_REQUEST, needs_cert=True,
-                algorithms=("rsa3072-pkcs1", "ecdsa-p256"), sign=_sign_job, check=_check)
+                algorithms=("rsa3072-pkcs1", "rsa2048-pkcs1", "ecdsa-p256"), sign=_sign_job,
+                check=_check)

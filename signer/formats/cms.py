@@ -104,4 +104,5 @@ def _sign_job(job: Job) -> bytes:
 
 
 FORMAT = Format(name="cms", keep=0, needs_cert=True,
-                algorithms=("ecdsa-p256", "rsa3072-pkcs1", "rsa3072-pss"), sign=_sign_job)
+                algorithms=("ecdsa-p256", "rsa3072-pkcs1", "rsa3072-pss", "rsa2048-pkcs1"),
+                sign=_sign_job)

@@ -18,5 +18,5 @@ def verify(digest: bytes, signature: bytes, spki_der: bytes, pss: bool) -> bool:
 
 
 FORMAT = Format(name="raw", keep=0, needs_cert=False,
-                algorithms=("ecdsa-p256", "rsa3072-pkcs1", "rsa3072-pss"),
+                algorithms=("ecdsa-p256", "rsa3072-pkcs1", "rsa3072-pss", "rsa2048-pkcs1"),
                 sign=lambda job: sign(job.digest, job.sign_digest))

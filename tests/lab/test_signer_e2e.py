@@ -710,3 +710,109 @@ def test_a_restart_under_load_loses_no_answered_requests_entry(
     logged = {json.loads(line).get("sig_sha256") for line in log.splitlines() if line.strip()}
     missing = [r for r in answered if hashlib.sha256(r.stdout).hexdigest() not in logged]
     assert not missing, f"{len(missing)} of {len(answered)} answered signatures have no entry"
+
+
+# -- the card: a profile whose key is on a smart card in the token's reader -----------------------
+
+
+@pytest.fixture(scope="module")
+def card(lab: LabState, target: Target, build: Gateway) -> tuple[Party, dict[str, Any]]:
+    """(client, profile): a profile whose key is on a hardware token beside the daemon's own
+    (`token:`, the lab's CAC card in QEMU's CCID reader), plugged in and signing, and a client
+    of it."""
+    for p in target.profiles:
+        if p.get("token") and "cms" in p["formats"] and "raw" in p["formats"]:
+            clients = [c for c in target.clients if target.allowed(p, c)]
+            if clients:
+                inst = Instance(lab.raw["instance"], lab.state_dir)
+                if "token" not in usb.plugged(inst):
+                    usb.plug(inst, "token")  # an earlier test left it out
+                deadline = time.monotonic() + 180  # USBGuard, pcscd, then the daemon's retry
+                while _card_signs(build, clients[0], p["name"], b"ready?").returncode != 0:
+                    if time.monotonic() > deadline:
+                        pytest.fail(f"profile {p['name']}: the card does not sign")
+                    time.sleep(5)
+                return clients[0], p
+    pytest.skip(f"{target.inventory}: no profile on a card (token:) with cms and raw whose "
+                "client the lab holds")
+
+
+def _card_signs(build: Gateway, client: Party, profile: str, data: bytes,
+                fmt: str = "raw") -> subprocess.CompletedProcess[bytes]:
+    return build(f"sign --profile {profile} --format {fmt}", data, client=client)
+
+
+@pytest.mark.control("SGN-09", "TOK-01", "TOK-04")
+def test_build_server_signs_through_the_card_and_openssl_verifies(
+        build: Gateway, card: tuple[Party, dict[str, Any]], tmp_path: Path) -> None:
+    """From the build namespace, through the gateway, the daemon and OpenSC to the card:
+    a CMS signature that `openssl cms -verify` accepts up to the CA, and a raw one that
+    `openssl dgst -verify` accepts with the certificate the CA issued for the card's key."""
+    client, p = card
+    cert = Path(p["cert_file"])
+    art = _artifact(tmp_path)
+    r = _card_signs(build, client, p["name"], art.read_bytes(), "cms")
+    assert r.returncode == 0, r.stderr.decode()
+    sig = tmp_path / "artifact.p7s"
+    sig.write_bytes(r.stdout)
+    chain = ["-CAfile", str(p["chain"])] if p.get("chain") else ["-noverify"]
+    ok = _openssl("cms", "-verify", "-binary", "-inform", "DER", "-in", str(sig), "-content",
+                  str(art), *chain, "-purpose", "any", "-out", os.devnull)
+    assert ok.returncode == 0, (ok.stdout + ok.stderr).decode()
+    r = _card_signs(build, client, p["name"], art.read_bytes())
+    assert r.returncode == 0, r.stderr.decode()
+    raw = tmp_path / "artifact.sig"
+    raw.write_bytes(r.stdout)
+    pub = _pubkey_of_cert(cert, tmp_path / "card.pub")
+    ok = _openssl("dgst", "-sha256", "-verify", str(pub), "-signature", str(raw), str(art))
+    assert ok.returncode == 0, (ok.stdout + ok.stderr).decode()
+    art.write_bytes(art.read_bytes() + b"\0")
+    bad = _openssl("dgst", "-sha256", "-verify", str(pub), "-signature", str(raw), str(art))
+    assert bad.returncode != 0
+
+
+@pytest.mark.control("SGN-05", "TOK-01")
+def test_reader_pulled_while_requests_stream_fails_closed_and_recovers(
+        lab: LabState, build: Gateway, card: tuple[Party, dict[str, Any]], target: Target,
+        admin_ssh: AdminSsh, wait_for: Any, tmp_path: Path) -> None:
+    """Requests stream to the card profile while the reader (with its card) is pulled: each
+    one either signs, with its entry in the audit log, or fails UNAVAILABLE; the daemon says
+    so in the journal and keeps serving the other profiles; plugged back, the card signs
+    again without a restart."""
+    client, p = card
+    inst = Instance(lab.raw["instance"], lab.state_dir)
+    service = target.values["signer_service"]
+    pid_before = admin_ssh(f"systemctl show -P MainPID {service}", sudo=True).stdout.strip()
+    since = admin_ssh("date '+%Y-%m-%d %H:%M:%S'").stdout.strip()
+    payloads = [secrets.token_bytes(512) for _ in range(24)]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = [pool.submit(_card_signs, build, client, p["name"], d) for d in payloads]
+        time.sleep(5)
+        usb.unplug(inst, "token")
+        results = [f.result() for f in futures]
+    try:
+        codes = [r.returncode for r in results]
+        assert set(codes) <= {0, EX_UNAVAILABLE}, [r.stderr.decode() for r in results]
+        assert EX_UNAVAILABLE in codes, "no request saw the card go"
+        # nothing signed without its log entry: every signature answered is in the log
+        log = [json.loads(line) for line in _audit_log(target, admin_ssh).splitlines()]
+        logged = {e.get("sig_sha256") for e in log if e.get("event") == "sign"
+                  and e.get("profile") == p["name"]}
+        for r in results:
+            if r.returncode == 0:
+                assert hashlib.sha256(r.stdout).hexdigest() in logged
+        journal = admin_ssh(f"journalctl -u {service} --since {shlex.quote(since)} --no-pager",
+                            sudo=True).stdout
+        assert f"token {p['token']} unavailable" in journal, journal[-2000:]
+        pid_after = admin_ssh(f"systemctl show -P MainPID {service}", sudo=True).stdout.strip()
+        assert pid_after == pid_before, "the daemon restarted: a card takes its profiles away, " \
+                                        "not the daemon"
+        gone = _card_signs(build, client, p["name"], b"while the card is out")
+        assert gone.returncode == EX_UNAVAILABLE, gone.stderr.decode()
+    finally:
+        usb.plug(inst, "token")
+    assert wait_for(lambda: _card_signs(build, client, p["name"], b"back").returncode == 0,
+                    180), "the card never signed again after it was plugged back"
+    journal = admin_ssh(f"journalctl -u {service} --since {shlex.quote(since)} --no-pager",
+                        sudo=True).stdout
+    assert f"token {p['token']} is back" in journal

@@ -27,11 +27,15 @@ def _devices(admin_ssh: AdminSsh) -> str:
 def plugged(lab: LabState, request: pytest.FixtureRequest) -> Iterator[str]:
     inst = Instance(lab.raw["instance"], lab.state_dir)
     device = request.param
+    # The token is in its reader from lab.up on (the card profile signs through it): left
+    # as it was found.
+    was_in = device in usb.plugged(inst)
     usb.plug(inst, device)
     try:
         yield device
     finally:
-        usb.unplug(inst, device)
+        if not was_in:
+            usb.unplug(inst, device)
 
 
 @pytest.mark.control("USB-01", "USB-02")

@@ -218,6 +218,37 @@ def test_token_owner_reaches_pcscd_from_inside_the_daemon_sandbox(host: Host,
 
 
 @pytest.mark.control("TOK-02")
+def test_pcscd_runs_without_capabilities_ip_or_new_privileges(host: Host,
+                                                             expected: Expected) -> None:
+    """pcscd (root) parses what readers and cards send: the running process, woken by the
+    token owner as the daemon wakes it, holds no capability, cannot gain one, is under a
+    syscall filter, and its unit denies every IP address."""
+    if not expected["token_pcscd"]:
+        pytest.skip("does not apply: token_pcscd is false, the token needs no reader")
+    if not expected.get("token_pcscd_sandbox", True):
+        pytest.skip("does not apply: token_pcscd_sandbox is false in the inventory")
+    with host.sudo(expected["token_owner"]):
+        woke = host.run("opensc-tool --list-readers")
+    assert woke.rc == 0, woke.stdout + woke.stderr
+    with host.sudo():
+        pid = host.run("systemctl show -P MainPID pcscd.service").stdout.strip()
+        assert pid not in ("", "0"), "pcscd is not running after a client connected"
+        status = dict(line.split(":", 1) for line in
+                      host.file(f"/proc/{pid}/status").content_string.splitlines()
+                      if ":" in line)
+        shown = host.run("systemctl show -p IPAddressDeny -p RestrictAddressFamilies "
+                         "-p ProtectSystem pcscd.service").stdout
+    unit = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+    assert int(status["CapEff"].strip(), 16) == 0, status["CapEff"]
+    assert int(status["CapBnd"].strip(), 16) == 0, status["CapBnd"]
+    assert status["NoNewPrivs"].strip() == "1"
+    assert status["Seccomp"].strip() == "2", "no syscall filter"
+    assert unit.get("ProtectSystem") == "strict", shown
+    assert "0.0.0.0/0" in unit.get("IPAddressDeny", ""), shown
+    assert set(unit.get("RestrictAddressFamilies", "").split()) == {"AF_UNIX", "AF_NETLINK"}, shown
+
+
+@pytest.mark.control("TOK-02")
 def test_pin_file_is_readable_by_the_daemon_user_only(host: Host, expected: Expected,
                                                       client_account: Callable[[str], str]) -> None:
     pin_file = expected["token_pin_file"]
@@ -274,7 +305,9 @@ def test_root_cannot_export_the_signing_key(host: Host, expected: Expected) -> N
     if expected["token_pin_source"] == "prompt":
         pytest.skip("does not apply: token_pin_source prompt, no PIN on the host to log in with")
     pin_file, module, token = expected["token_pin_file"], expected["token_module"], expected["token_label"]
-    labels = [str(p["name"]) for p in expected["signer_profiles"]]
+    # The keys on the host's own token, by the labels deploy gave them; a card's keys (`token:`)
+    # are out of root's reach altogether (pcscd answers the daemon's user only).
+    labels = [str(p["name"]) for p in expected["signer_profiles"] if not p.get("token")]
     assert labels, "the inventory has no signer_profiles: no key to try"
     env = _token_env(expected)
     with host.sudo():

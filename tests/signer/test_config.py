@@ -61,7 +61,7 @@ def test_the_example_parses() -> None:
     ({"daemon": {"audit_key": "pkcs11:object=audit?pin-value=1234"}}, "daemon.audit_key",
      "query attributes"),
     ({"profiles__dev": {"key": "pkcs11:token=other;object=dev"}}, "profiles.dev.key",
-     "is not daemon.token_label"),
+     "is neither daemon.token_label"),
     ({"profiles__dev": {"key": "pkcs11:object=audit"}}, "profiles.dev.key",
      "must not sign artifacts"),
     ({"profiles__dev": {"algorithm": "rsa1024"}}, "profiles.dev.algorithm", "must be one of"),
@@ -175,3 +175,22 @@ def test_config_check_command(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(toml({**BASE, "profiles.dev": {**BASE["profiles.dev"], "formats": []}}))
     assert main(["config", "check", str(bad)]) == 78
+
+
+def test_a_card_profile_is_bound_to_its_token_by_label_and_serial() -> None:
+    """[tokens.*]: a profile whose key names a card's label is that card's; a serial= in the
+    URI must be the card's configured serial; two tokens of one label are refused."""
+    card: dict[str, object] = {"module": "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so",
+                               "label": "EV token", "serial": "0123",
+                               "pin_source": "file:/etc/signer/pin-ev"}
+    key = "pkcs11:token=EV%20token;serial=0123;object=sign;type=private"
+    profile: dict[str, object] = {"key": key}
+    cfg = parse(tokens__ev=card, profiles__dev=profile)
+    assert cfg.profiles["dev"].token == "ev" and cfg.tokens["ev"].serial == "0123"
+    assert cfg.profiles["dev"].key.serial == "0123"
+    with pytest.raises(SignerError, match="serial '9999' is not the serial configured"):
+        parse(tokens__ev=card, profiles__dev={"key": key.replace("0123", "9999")})
+    with pytest.raises(SignerError, match="another token's label"):
+        parse(tokens__ev={**card, "label": "signer"})
+    with pytest.raises(SignerError, match="must be 'file:/absolute/path'"):
+        parse(tokens__ev={**card, "pin_source": "prompt"})

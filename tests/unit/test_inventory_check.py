@@ -298,3 +298,53 @@ def test_a_renamed_variable_is_refused_with_its_new_name(good: dict[str, Any],
     problems = _problems(tmp_path, good)
     assert any(p.startswith("auditing_remote_server: renamed to auditd_remote_server")
                for p in problems), problems
+
+
+CARD = {"name": "card", "module": "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so",
+        "label": "EV token", "serial": "0123abcd"}
+CARD_PROFILE = {"name": "ev", "token": "card", "algorithm": "rsa2048-pkcs1", "formats": ["raw"],
+                "max_size": 1024, "clients": ["build"], "approvals": 0, "budget_count": 10,
+                "budget_window": 60, "cert": "file", "cert_file": "/srv/ca/ev.pem",
+                "key": "pkcs11:token=EV%20token;serial=0123abcd;object=sign;type=private"}
+
+
+def test_a_profile_on_a_card_passes(good: dict[str, Any], tmp_path: Path) -> None:
+    good["token_cards"] = [CARD]
+    good["signer_profiles"].append(dict(CARD_PROFILE))
+    assert _problems(tmp_path, good) == []
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"token": "other"}, "signer_profiles[ev].token: 'other' is not in token_cards"),
+    ({"key": "sign"}, "signer_profiles[ev].key: the card key's PKCS#11 URI is required"),
+    ({"cert": "ca"}, "signer_profiles[ev].cert: a card profile takes its certificate from its "
+                     "CA (cert: file, cert_file: the certificate on the controller)"),
+])
+def test_a_card_profile_names_its_card_key_and_certificate(good: dict[str, Any], tmp_path: Path,
+                                                            change: dict[str, str],
+                                                            problem: str) -> None:
+    good["token_cards"] = [CARD]
+    good["signer_profiles"].append({**CARD_PROFILE, **change})
+    assert _problems(tmp_path, good) == [problem]
+
+
+def test_the_commented_ev_profile_of_the_example_passes_when_uncommented(tmp_path: Path) -> None:
+    """production.example's commented hardware profile (win-ev on its EV token), uncommented
+    as an operator would: inventory.check accepts it."""
+    import shutil
+
+    inv = tmp_path / "inv"
+    shutil.copytree(ROOT / "inventory" / "production.example", inv)
+    f = inv / "group_vars" / "online_signers" / "signer.yml"
+    lines = f.read_text().splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("  # - name: win-ev"))
+    out = lines[:start]
+    for ln in lines[start:]:
+        if ln.startswith("  # ") or ln.startswith("#   ") or ln == "# token_cards:":
+            ln = ln.replace("  # ", "  ", 1) if ln.startswith("  # ") else ln[2:]
+        out.append(ln)
+    f.write_text("\n".join(out) + "\n")
+    text = f.read_text()
+    assert "- name: win-ev\n    token: ev" in text and "token_cards:\n  - name: ev" in text
+    result = inventory_check.check(str(inv))
+    assert result.ok, "\n".join(result.lines())

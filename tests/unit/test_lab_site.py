@@ -69,6 +69,13 @@ def test_the_example_is_rendered_with_only_addresses_keys_and_the_back_end(
     assert win_dev["approvals"] == 0
     assert win_release["approvals"] == 2 and win_release["require_timestamp"] is True
     assert set(win_dev["clients"]) & set(win_release["clients"])
+    # The example's commented EV-token profile, made real with the lab's card beside the
+    # SoftHSM2 token: its key by URI, the lab CA's certificate for it, the card's PIN file.
+    card = by_name.pop("card")
+    assert card["token"] == "card" and card["cert"] == "file"
+    assert card["key"] == lab["card"]["key"] and card["cert_file"] == lab["card"]["cert"]
+    assert [c["name"] for c in inv.get(host, "token_cards")] == ["card"]
+    assert inv.get(host, "token_cards")[0]["pin_src"] == lab["card"]["pin"]
     [probe] = by_name.values()
     assert probe["approvals"] == 0 and probe["budget_count"] == site.BUDGET_PROBE
     assert probe["custodians"], "nobody could thaw the budget probe"

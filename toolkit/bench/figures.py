@@ -71,6 +71,12 @@ def lab_figures(instance: str, cold: bool, env: dict[str, str]) -> dict[str, Any
     if (ROOT / "playbooks" / "deploy.yml").exists():
         t, rc = _timed(_inv("deploy"), env)
         plays["deploy"] = {"first_s": round(t, 1), "ok": rc == 0}
+        if rc == 0 and find_spec("toolkit.bench.card"):
+            print("==> the card: signer vs raw pkcs11-tool, same card, same run", flush=True)
+            try:
+                fig["card"] = import_module("toolkit.bench.card").run(instance)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                fig["card"] = {"failed": str(exc)}
     if find_spec("toolkit.tasks.verify"):
         t, rc = _timed(_inv("verify"), env)
         plays["verify"] = {"seconds": round(t, 1), "passed": rc == 0}

@@ -253,6 +253,8 @@ def _check_host(
                 pin["token_pin_source"], pin["token_pin_shares"],
                 pin["token_pin_share_holders"], pin["token_pin_share_recipients"],
                 signer["signer_custodians"], signer["signer_profiles"])
+        if "token_cards" not in failed:
+            problems += card_rules(value("token_cards", []), signer["signer_profiles"])
     keys: list[tuple[str, Any]] = [
         (f"preflight_operator_public_keys[{i}]", k)
         for i, k in enumerate(_list(value("preflight_operator_public_keys", [])))
@@ -420,6 +422,35 @@ def pin_share_rules(pin_source: Any, k: Any, holders: Any, recipients: Any, cust
         if why is not None:
             problems.append(f"token_pin_share_recipients[{h}]: the share cannot be encrypted to "
                             f"{h}'s key: {why}; give an age recipient")
+    return problems
+
+
+def card_rules(cards: Any, profiles: Any) -> list[str]:
+    """A profile on a card (`token:`) names one of token_cards, gives its key's URI on that
+    card's label, and its certificate as a file from the CA (deploy makes nothing on a card);
+    a profile on the host's own token does neither."""
+    problems: list[str] = []
+    by_name = {str(c.get("name")): c for c in _dicts(cards)}
+    for p in _dicts(profiles):
+        where = f"signer_profiles[{p.get('name')}]"
+        token = p.get("token")
+        if token is None:
+            if p.get("cert") == "file" or "key" in p:
+                problems.append(f"{where}: cert file and key are for a profile on a card "
+                                "(token:); the host's own token gets its keys from deploy")
+            continue
+        card = by_name.get(str(token))
+        if card is None:
+            problems.append(f"{where}.token: {token!r} is not in token_cards")
+            continue
+        key = str(p.get("key", ""))
+        if not key.startswith("pkcs11:"):
+            problems.append(f"{where}.key: the card key's PKCS#11 URI is required")
+        elif "token=" not in key:
+            problems.append(f"{where}.key: name the card's label (token=)")
+        if p.get("cert") != "file" or not p.get("cert_file"):
+            problems.append(f"{where}.cert: a card profile takes its certificate from its CA "
+                            "(cert: file, cert_file: the certificate on the controller)")
     return problems
 
 

@@ -157,9 +157,10 @@ def exec_(c: Context, host: str, instance: str | None = None) -> None:
 
 
 @task(positional=["action", "device"],
-      help={**INSTANCE_HELP, "action": "plug or unplug", "device": "storage or token"})
+      help={**INSTANCE_HELP, "action": "plug or unplug",
+            "device": "storage (a USB stick) or token (the CCID reader with the lab's card)"})
 def usb_(c: Context, action: str, device: str | None = None, instance: str | None = None) -> None:
-    """Hot-plug a USB stick or the token stand-in into the VM through the QEMU monitor."""
+    """Hot-plug a USB stick or the token (reader and card) into the VM through the QEMU monitor."""
     inst = _inst(instance)
     if not lifecycle.is_up(inst):
         raise Exit(f"lab {inst.name} is not up: run `invoke lab.up`", code=3)
