@@ -134,28 +134,39 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--last", type=int)
 
     s = sub.add_parser("submit", help="send an artifact for signing (over ssh)")
-    s.add_argument("--host", required=True)
-    s.add_argument("--profile", required=True)
+    s.add_argument("--host", required=True,
+                   help="the signing host as ssh reaches it: your gateway account, e.g. "
+                        "sign-build@signhost (keys and options from your ssh config)")
+    s.add_argument("--profile", required=True, help="the signing profile (its key, formats, "
+                                                     "budget and approvals)")
     s.add_argument("--format", choices=("cms", "raw", "authenticode", "openpgp",
                                         "openpgp-cleartext"), default="cms",
                    help="cms: detached CMS (.p7s); raw: the bare signature (.sig); "
-                        "authenticode: signs the Windows file in place; openpgp: detached "
+                        "authenticode: signs the Windows file in place (PE .exe/.dll/.sys, "
+                        ".cab, .msi, .ps1; only its Authenticode digest travels); "
+                        "openpgp: detached "
                         "OpenPGP signature (.sig, .asc with --armor); openpgp-cleartext: the "
                         "cleartext-signed text (Release becomes InRelease)")
     s.add_argument("--armor", action="store_true",
                    help="openpgp: write the ASCII-armoured signature (.asc)")
-    s.add_argument("--name")
-    s.add_argument("--out", type=Path)
+    s.add_argument("--name", help="the name the audit log records (default: the file's)")
+    s.add_argument("--out", type=Path, help="where the result goes (default: the artifact's "
+                                            "name + .p7s/.sig/.asc; authenticode: the "
+                                            "artifact itself, signed in place)")
     s.add_argument("--timestamp", metavar="URL",
                    help="add an RFC 3161 timestamp from this TSA (cms, authenticode)")
     s.add_argument("--cafile", type=Path,
                    help="authenticode: trust anchors the signed file must chain to "
                         "(default: the system's)")
-    s.add_argument("--wait", action="store_true")
+    s.add_argument("--wait", action="store_true",
+                   help="a profile with approvals: wait for the custodians, then fetch")
     s.add_argument("--poll", type=float, default=5.0,
                    help="seconds between `fetch` polls with --wait")
-    s.add_argument("--ssh", default="ssh")
-    s.add_argument("artifact", type=Path)
+    s.add_argument("--ssh", default="ssh", help="the ssh client to run (default: ssh)")
+    s.add_argument("artifact", type=Path, help="the file to sign (cms, raw, openpgp: streamed "
+                                               "to the host, which hashes it and keeps none "
+                                               "of it; authenticode: only the request "
+                                               "osslsigncode computes is sent)")
 
     s = sub.add_parser("approve", help="approve a request (custodians, over ssh)")
     s.add_argument("--host", required=True)
