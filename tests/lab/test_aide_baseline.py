@@ -5,7 +5,6 @@ explicit, logged decision (`--accept-aide-changes`) takes it in."""
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import uuid
 from pathlib import Path
@@ -13,24 +12,14 @@ from pathlib import Path
 import pytest
 
 from lab.target import Target
+from tests.lab.aide import HELPER, limit, root
 from toolkit.runner.ansible_run import PlayOptions, build_command, run_playbook
 
 pytestmark = pytest.mark.lab
 
 
-def _root(target: Target, command: str) -> str:
-    r = target.admin_run(command, sudo=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return str(r.stdout).strip()
 
 
-def _limit(paths: list[str], whole: bool = True) -> str:
-    """AIDE's --limit for these paths: what is under them (whole) or exactly them."""
-    tail = "(/|$)" if whole else "$"
-    return shlex.quote("^(" + "|".join(re.escape(p) for p in paths) + ")" + tail)
-
-
-HELPER = "/usr/local/sbin/signhost-aide-baseline"
 
 
 @pytest.mark.slow
@@ -57,7 +46,7 @@ def test_deploy_stops_on_changes_it_did_not_make_and_runs_again_after_its_own_fa
     inv, vault = target.inventory, target.vault_password_file
     assert target.admin_run(f"test -d {shlex.quote(cert_dir)}", sudo=True).returncode == 0, \
         f"{cert_dir} is missing: run `invoke deploy` on this lab first"
-    both = _limit([config_dir, cert_dir])
+    both = limit([config_dir, cert_dir])
     assert target.admin_run(f"{HELPER} compare {both}", sudo=True).returncode == 0, \
         f"{config_dir} or {cert_dir} differs from the baseline before the test: run `invoke deploy`"
 
@@ -75,37 +64,37 @@ def test_deploy_stops_on_changes_it_did_not_make_and_runs_again_after_its_own_fa
         assert "recorded what it wrote" in log and written in log, log[-3000:]
         # the file and its directory (one more entry in it), each with what it holds (and what
         # else the run wrote before it failed: the venv's byte code of the config check)
-        assert {config_dir, written} <= set(_root(target, f"{HELPER} own").splitlines())
+        assert {config_dir, written} <= set(root(target, f"{HELPER} own").splitlines())
 
         # The failed run's file changed by someone (the record no longer matches) and a file
         # nobody deployed: deploy stops on both, and the baseline stays as it was.
-        baseline = _root(target, f"sha256sum {db}")
-        content = _root(target, f"cat {shlex.quote(written)}")
-        _root(target, f"echo tampered >> {shlex.quote(written)} && "
+        baseline = root(target, f"sha256sum {db}")
+        content = root(target, f"cat {shlex.quote(written)}")
+        root(target, f"echo tampered >> {shlex.quote(written)} && "
                       f"echo 'not from the toolkit' > {shlex.quote(stray)}")
         rc, log = deploy("refused")
         assert rc != 0, "deploy took changes it did not make"
         assert "differ from the AIDE baseline and this deploy has not changed anything yet" \
             in log and written in log and stray in log, log[-3000:]
-        assert _root(target, f"sha256sum {db}") == baseline, "the refused deploy re-baselined"
+        assert root(target, f"sha256sum {db}") == baseline, "the refused deploy re-baselined"
 
         # As the failed run left it (same content, mode, owner), the stray gone: the directory's
         # changed times still stop a deploy until the operator accepts exactly that.
-        _root(target, f"printf '%s\\n' {shlex.quote(content)} > {shlex.quote(written)} && "
+        root(target, f"printf '%s\\n' {shlex.quote(content)} > {shlex.quote(written)} && "
                       f"rm -f {shlex.quote(stray)}")
-        since = _root(target, "date +%s")
+        since = root(target, "date +%s")
         rc, log = deploy("accepted", base_aide_accept_changes=[cert_dir])
         assert rc == 0, log[-3000:]
         assert "written by an earlier deploy that failed part way" in log, log[-3000:]
-        assert _root(target, f"sha256sum {db}") != baseline, "the accepted change was not taken in"
-        journal = _root(target, f"journalctl -q -o cat -t signhost-deploy --since @{since}")
+        assert root(target, f"sha256sum {db}") != baseline, "the accepted change was not taken in"
+        journal = root(target, f"journalctl -q -o cat -t signhost-deploy --since @{since}")
         assert "accepted differences from the AIDE baseline" in journal and cert_dir in journal, \
             journal
         clean = target.admin_run(f"{HELPER} compare {both}", sudo=True)
         assert clean.returncode == 0, f"still differs after the accepted deploy: {clean.stdout}"
-        assert _root(target, f"{HELPER} own") == "", "the record outlived the deploy that took it"
+        assert root(target, f"{HELPER} own") == "", "the record outlived the deploy that took it"
     finally:
         # whatever a failed assertion left: the test's own writes, exactly, into the baseline
-        own = set(_root(target, f"{HELPER} own").splitlines()) | {config_dir, written, cert_dir}
-        _root(target, f"rm -f {shlex.quote(written)} {shlex.quote(stray)} && "
-                      f"{HELPER} take {_limit(sorted(own), whole=False)} && {HELPER} clear")
+        own = set(root(target, f"{HELPER} own").splitlines()) | {config_dir, written, cert_dir}
+        root(target, f"rm -f {shlex.quote(written)} {shlex.quote(stray)} && "
+                      f"{HELPER} take {limit(sorted(own), whole=False)} && {HELPER} clear")

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ import pytest
 
 from lab.state import LabState
 from lab.target import Target
+from tests.lab.aide import HELPER, limit, root
 from toolkit.runner.ansible_run import PlaybookResult, PlayOptions, build_command, run_playbook
 
 if TYPE_CHECKING:
@@ -77,10 +76,7 @@ def _lock_out_and_watch_it_roll_back(target: Target, wait_for: WaitFor, role: st
     # but left its directory's times changed): the tests after this one start from a host
     # whose daily check has nothing to report, as after the pipeline's harden and deploy.
     if target.values["base_aide"]:
-        limit = shlex.quote("^(" + re.escape(dest) + "|" + re.escape(os.path.dirname(dest)) + ")$")
-        took = target.admin_run(f"/usr/local/sbin/signhost-aide-baseline take {limit}",
-                                sudo=True, timeout=120)
-        assert took.returncode == 0, took.stdout + took.stderr
+        root(target, f"{HELPER} take {limit([dest, os.path.dirname(dest)], whole=False)}")
     return result
 
 

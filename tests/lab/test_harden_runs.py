@@ -12,8 +12,6 @@ and one real run serve both tests: a harden run costs minutes on an emulated gue
 from __future__ import annotations
 
 import os
-import re
-import shlex
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,25 +19,15 @@ from dataclasses import dataclass
 import pytest
 
 from lab.target import Target
+from tests.lab.aide import HELPER, limit, root
 from toolkit.runner.ansible_run import PlaybookResult, PlayOptions, build_command, run_playbook
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
-HELPER = "/usr/local/sbin/signhost-aide-baseline"
 RULES = "/etc/audit/rules.d/90-signhost.rules"
 SYSCTL = "kernel.kptr_restrict"
 
 
-def _root(target: Target, command: str) -> str:
-    r = target.admin_run(command, sudo=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return str(r.stdout).strip()
-
-
-def _limit(paths: list[str], whole: bool = True) -> str:
-    """AIDE's --limit for these paths: what is under them (whole) or exactly them."""
-    tail = "(/|$)" if whole else "$"
-    return shlex.quote("^(" + "|".join(re.escape(p) for p in paths) + ")" + tail)
 
 
 @dataclass
@@ -73,40 +61,40 @@ def runs(target: Target, tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
     tags = "preflight,kernel-sysctl" + (",BASE-07,auditd-rules" if r.aide else "")
 
     def compare() -> tuple[int, str]:
-        c = target.admin_run(f"{HELPER} compare {_limit(hardened)}", sudo=True)
+        c = target.admin_run(f"{HELPER} compare {limit(hardened)}", sudo=True)
         return c.returncode, str(c.stdout)
 
-    r.sysctl_before = _root(target, f"/usr/sbin/sysctl -n {SYSCTL}")
+    r.sysctl_before = root(target, f"/usr/sbin/sysctl -n {SYSCTL}")
     if r.aide:
         r.hardened_before = compare()
     try:
         # The file on disk stays as harden wrote it: only the running kernel drifts.
-        _root(target, f"/usr/sbin/sysctl -q -w {SYSCTL}=0")
+        root(target, f"/usr/sbin/sysctl -q -w {SYSCTL}=0")
         if r.aide:
             # The host without the rules file, and a baseline that says so: the file harden
             # puts back differs after the run and not before it, so it is harden's own.
-            _root(target, f"cp -p {RULES} {kept} && echo 'not from the toolkit' > {r.stray}")
-            _root(target, f"rm {RULES} && {HELPER} take {_limit(['/etc/audit/rules.d', RULES], False)}")
+            root(target, f"cp -p {RULES} {kept} && echo 'not from the toolkit' > {r.stray}")
+            root(target, f"rm {RULES} && {HELPER} take {limit(['/etc/audit/rules.d', RULES], False)}")
         r.check = run_playbook(build_command("harden.yml", PlayOptions(
                                    tags="preflight,kernel-sysctl", check=True, inventory=inv,
                                    vault_password_file=vault)), tmp / "check.log")
-        r.sysctl_after_check = _root(target, f"/usr/sbin/sysctl -n {SYSCTL}")
-        since = _root(target, "date +%s")
+        r.sysctl_after_check = root(target, f"/usr/sbin/sysctl -n {SYSCTL}")
+        since = root(target, "date +%s")
         r.fix = run_playbook(build_command("harden.yml", PlayOptions(
                                  tags=tags, inventory=inv, vault_password_file=vault)),
                              tmp / "harden.log")
         r.fix_log = " ".join(r.fix.log.read_text().split())  # the callback folds long lines
-        r.sysctl_after_fix = _root(target, f"/usr/sbin/sysctl -n {SYSCTL}")
+        r.sysctl_after_fix = root(target, f"/usr/sbin/sysctl -n {SYSCTL}")
         if r.aide:
-            r.rules_back = _root(target, f"test -s {RULES} && echo back || true")
-            r.journal = _root(target, f"journalctl -q -o cat -t signhost-harden --since @{since}")
+            r.rules_back = root(target, f"test -s {RULES} && echo back || true")
+            r.journal = root(target, f"journalctl -q -o cat -t signhost-harden --since @{since}")
             r.hardened_after = compare()
     finally:
         target.admin_run("/usr/sbin/sysctl -q --system", sudo=True)
         if r.aide:
             target.admin_run(f"test -e {RULES} || cp -p {kept} {RULES}; rm -f {r.stray} {kept}",
                              sudo=True)
-            _root(target, f"{HELPER} take {_limit(['/etc/ssh', r.stray], False)}")
+            root(target, f"{HELPER} take {limit(['/etc/ssh', r.stray], False)}")
             r.hardened_clean = compare()
     yield r
 
