@@ -39,6 +39,7 @@ import pytest
 from signer import daemon, wire
 from tests.signer.conftest import MakeSigner, Signer
 from tests.signer.test_approvals import ssh_sign, statement
+from tests.signer.test_gateway import OUTSIDER_PROBE  # an account that floods nothing
 
 ANSWER_WITHIN = 2.0  # seconds, for each custodian command under the flood (issue 24)
 TRICKLING_PER_ACCOUNT = 6  # whole `sign` headers per flooding account, the rest half headers
@@ -74,17 +75,6 @@ while True:
     for s in going:
         s.sendall(frame)
 """
-# One connection from an account that floods nothing: what the daemon answers at once.
-_PROBE = """
-import socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
-s.settimeout(2.0)
-try:
-    print(s.recv(4096).decode(errors="replace"))
-except TimeoutError:
-    print("no answer")
-"""
 
 
 @dataclass
@@ -97,7 +87,7 @@ class Flood:
 
     def probe(self) -> str:
         """A connection from an account outside the flood and the custodians' lane."""
-        r = subprocess.run([self.python, "-I", "-c", _PROBE, str(self.signer.socket)],
+        r = subprocess.run([self.python, "-I", "-c", OUTSIDER_PROBE, str(self.signer.socket)],
                            user=pwd.getpwnam("games").pw_uid, group=0, extra_groups=[],
                            capture_output=True, text=True, timeout=30, cwd="/")
         return r.stdout + r.stderr

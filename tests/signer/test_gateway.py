@@ -395,7 +395,7 @@ print(len(held), flush=True)
 sys.stdin.read()
 """
 # One more connection from another account: what the daemon answers at once (if anything).
-_PROBE = """
+OUTSIDER_PROBE = """
 import socket, sys
 s = socket.socket(socket.AF_UNIX)
 s.connect(sys.argv[1])
@@ -447,7 +447,7 @@ def _flooded(make_signer: MakeSigner, **daemon_kw: Any) -> Iterator[tuple[Signer
         started = time.monotonic()
 
         def probe() -> str:
-            r = subprocess.run([python, "-I", "-c", _PROBE, str(sock)], user=outsider,
+            r = subprocess.run([python, "-I", "-c", OUTSIDER_PROBE, str(sock)], user=outsider,
                                group=0, extra_groups=[], capture_output=True, text=True,
                                timeout=30, cwd="/")
             return r.stdout + r.stderr
