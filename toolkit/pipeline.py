@@ -264,6 +264,39 @@ def _recorded(path: str) -> list[str]:
     return ["-p", "toolkit.controls.ci_record", f"--junitxml={path}"]
 
 
+LAB_RECORD_SECOND_HALF = "reports/ci/lab-tests-second-half.junit.xml"
+
+# The lab tests run in two halves at once, each on a VM of the first release of its own: the
+# first half (every module of tests/lab not named here: the harden, roll-back, AIDE and lab
+# life-cycle stories, which change the host's hardening) on the pipeline's VM after verify;
+# the second half (the signing stories, through the build namespace, the card, the collector)
+# on a second VM that a lane of its own provisions, hardens and deploys beside the pipeline
+# (lab_tests_lane_stages). One emulated guest keeps one of the controller's two cores busy:
+# run one after the other, the lab tests left the other core idle for 17 minutes.
+LAB_TESTS_SECOND_HALF = [
+    "tests/lab/test_signer_e2e.py",
+    "tests/lab/test_authenticode_e2e.py",
+    "tests/lab/test_openpgp_e2e.py",
+    "tests/lab/test_audit_collector.py",
+    "tests/lab/test_ssh_clients.py",
+    "tests/lab/test_usb.py",
+    "tests/lab/test_lab_vm.py",
+]
+
+
+def lab_tests_argv(inventory: str, vault: str, half: str | None, record: str) -> list[str]:
+    """pytest over tests/lab through `inventory`: all of it (half None), the "first" half
+    (every module but LAB_TESTS_SECOND_HALF) or the "second" (those modules)."""
+    if half == "second":
+        paths = LAB_TESTS_SECOND_HALF
+    else:
+        paths = ["tests/lab", *(f"--ignore={p}" for p in LAB_TESTS_SECOND_HALF
+                                if half == "first")]
+    return [_bin("pytest"), "-q", "-p", "no:cacheprovider", "--durations=15",
+            *_recorded(record), *paths, "--lab-inventory", inventory,
+            "--lab-vault-password-file", vault]
+
+
 def test_stages() -> list[Stage]:
     paths = ["tests/unit", "tests/signer"]
     return [Stage("unit+signer tests", [_bin("pytest"), "-q", "--durations=15",
@@ -309,9 +342,33 @@ def release_lane_stages(instance: str, release: str) -> list[Stage]:
     ]
 
 
-def lane_dir(release: str) -> Path:
-    """Where a release lane keeps its stage logs and its summary.json."""
-    return CI_DIR / release
+def lab_tests_lane_stages(instance: str, release: str) -> list[Stage]:
+    """The second half of the lab tests (LAB_TESTS_SECOND_HALF), on a VM of the first release
+    of its own, beside the pipeline: a fresh VM, the production-style site, provision, harden,
+    deploy through it (the proofs of those runs, again and --check, stay with the pipeline),
+    then the tests, then down."""
+    inventory = site_inventory(instance)
+    vault = str(Path(inventory).parent / "vault-pass")
+    inv = ["-i", inventory, "--vault-password-file", vault]
+    i = ["--instance", instance]
+    return [
+        Stage("lab.down (before)", invoke("lab.down", *i)),
+        Stage("lab.up", invoke("lab.up", *i, "--release", release)),
+        Stage("lab.site (jump host, password sudo, vault)", invoke("lab.site", *i)),
+        Stage("provision", invoke("provision", *inv), needs=["playbooks/provision.yml"]),
+        Stage("harden", invoke("harden", *inv), needs=["playbooks/harden.yml"]),
+        Stage("deploy", invoke("deploy", *inv), needs=["playbooks/deploy.yml"]),
+        Stage("lab tests (second half)",
+              lab_tests_argv(inventory, vault, "second", LAB_RECORD_SECOND_HALF),
+              needs=LAB_TESTS_SECOND_HALF),
+        Stage("lab.down", invoke("lab.down", *i), always=True),
+        Stage("nothing left behind", invoke("lab.status", *i, "--expect-clean"), always=True),
+    ]
+
+
+def lane_dir(release: str, lab_tests: bool = False) -> Path:
+    """Where a lane keeps its stage logs and its summary.json."""
+    return CI_DIR / (f"{release}-lab-tests" if lab_tests else release)
 
 
 def site_inventory(instance: str) -> str:
@@ -322,7 +379,7 @@ def site_inventory(instance: str) -> str:
 
 
 def lab_stages(instance: str, ci_evidence: list[str] | None = None,
-               release: str | None = None) -> list[Stage]:
+               release: str | None = None, half: str | None = None) -> list[Stage]:
     """CI on the lab VM. The proof runs once, through the production-style inventory that
     `lab.site` renders from inventory/production.example: a jump host (ProxyJump), an admin
     whose sudo asks for the password kept in ansible-vault. Every play, verify and the lab tests
@@ -335,6 +392,9 @@ def lab_stages(instance: str, ci_evidence: list[str] | None = None,
     cross-rules, with the running lab's facts), connects and becomes root the way `make lab`
     does, and runs the lock-out checks against the live session. The roles themselves are
     the same for both inventories and are proven by the site run.
+
+    `half`: "first" when a lane runs the second half of the lab tests beside it
+    (lab_tests_lane_stages); None runs them all here.
     """
     inventory = site_inventory(instance)
     vault = str(Path(inventory).parent / "vault-pass")
@@ -356,10 +416,8 @@ def lab_stages(instance: str, ci_evidence: list[str] | None = None,
               invoke("deploy", "--expect-unchanged", *inv), needs=["playbooks/deploy.yml"]),
         Stage("verify", invoke("verify", *inv, *(
             a for p in ci_evidence or [] for a in ("--ci-evidence", p))), needs=["tests/posture"]),
-        Stage("lab tests", [_bin("pytest"), "-q", "-p", "no:cacheprovider", "--durations=15",
-                            *_recorded(LAB_RECORD), "tests/lab", "--lab-inventory", inventory,
-                            "--lab-vault-password-file", vault],
-              needs=["tests/lab"]),
+        Stage("lab tests" + (" (first half)" if half else ""),
+              lab_tests_argv(inventory, vault, half, LAB_RECORD), needs=["tests/lab"]),
         Stage("harden --check (changed=0)",
               invoke("harden", "--check", "--expect-unchanged", *inv),
               needs=["playbooks/harden.yml"]),
@@ -375,34 +433,41 @@ def ci_stages(instance: str, releases: list[str], *, tests: bool = True, lab: bo
               keep: bool = False) -> list[Stage]:
     """`invoke ci`: static checks and the VM-less tests, then the first release's whole
     pipeline on `instance` (lab_stages, each stage named by its release) and, beside it, a
-    lane per other release on lab6, lab5, ... (`invoke ci-lane`, release_lane_stages).
+    lane per other release on lab6, lab5, ... (`invoke ci-lane`, release_lane_stages), and a
+    lane of the first release on the next instance down that runs the second half of the lab
+    tests (`invoke ci-lane --lab-tests`, lab_tests_lane_stages).
 
-    The unit and signer tests need no VM: they run in the background while the lab is built
-    and provisioned (image build and emulated guest leave the controller's CPUs partly idle)
-    and are joined before harden, so their JUnit record exists when verify cites it. The lanes
-    start once the first VM is up (its image built, the controller's disk and mirror free
-    again) and are joined before the first release's last check."""
+    The unit and signer tests need no VM: they run in the background while the lab is built,
+    provisioned, hardened and deployed (emulated guests leave the controller's CPUs partly
+    idle) and are joined before verify, which cites their JUnit record. The lanes start once
+    the first VM is up (its image built, the controller's disk and mirror free again) and are
+    joined before the first release's last check."""
     first, *others = releases
     test = test_stages() if tests else []
     stages = (static_stages() if tests else []) + test
     if not lab:
         return stages
-    main = lab_stages(instance, [UNIT_RECORD] if test else [], first)
+    main = lab_stages(instance, [UNIT_RECORD] if test else [], first, half="first")
     for s in main:
         s.name = f"{RELEASES[first]}: {s.name}"
     for t in test:
-        t.until = next(s.name for s in main if s.name.endswith(": harden"))
+        t.until = next(s.name for s in main if s.name.endswith(": verify"))
     last_check = next(s.name for s in main if s.name.endswith("--check (changed=0)"))
     lanes = []
-    for n, rel in enumerate(others):
+    for n, rel in enumerate([*others, first]):
         # lab6, lab5, ...: the unit tests make real namespaces as lab7 and lab8 while the lanes
         # run, and lab9 is the first release's
         lane_instance = f"lab{LANE_FIRST_INDEX - n}"
-        argv = invoke("ci-lane", "--release", rel, "--instance", lane_instance)
-        lanes.append(Stage(f"{RELEASES[rel]}: lane on {lane_instance}",
-                           [*argv, "--keep"] if keep else argv,
-                           until=last_check,
-                           sub_summary=lane_dir(rel) / "summary.json"))
+        if n < len(others):
+            argv = invoke("ci-lane", "--release", rel, "--instance", lane_instance)
+            name, sub = f"{RELEASES[rel]}: lane on {lane_instance}", lane_dir(rel)
+        else:
+            argv = invoke("ci-lane", "--release", rel, "--instance", lane_instance,
+                          "--lab-tests")
+            name = f"{RELEASES[rel]}: lab tests (second half), lane on {lane_instance}"
+            sub = lane_dir(rel, lab_tests=True)
+        lanes.append(Stage(name, [*argv, "--keep"] if keep else argv, until=last_check,
+                           sub_summary=sub / "summary.json"))
     if keep:
         for s in main:
             s.always = False

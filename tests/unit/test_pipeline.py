@@ -12,6 +12,7 @@ import pytest
 
 from toolkit import pipeline
 from toolkit.pipeline import Stage
+from toolkit.runner.ansible_run import ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -223,22 +224,61 @@ def test_ci_runs_debian_13_in_full_and_debian_12_in_a_lane_beside_it() -> None:
     assert lane.until in names[names.index(lane.name):]
     assert stages[up].argv[-2:] == ["--release", "trixie"]
     unit = next(s for s in stages if s.name == "unit+signer tests")
-    assert unit.until == "Debian 13 (trixie): harden"
-    # every lab stage of the first release is named by it; the lab tests run there only
-    assert any(n == "Debian 13 (trixie): lab tests" for n in names)
+    assert unit.until == "Debian 13 (trixie): verify", "verify cites the unit tests' record"
+    # every lab stage of the first release is named by it; the lab tests run on it only, in
+    # two halves: the pipeline's VM and a lane of the same release beside it
+    assert any(n == "Debian 13 (trixie): lab tests (first half)" for n in names)
+    second = next(s for s in stages if "lab tests (second half)" in s.name)
+    assert second.name.startswith("Debian 13 (trixie)") and second.until == lane.until
+    assert second.argv[-5:] == ["--release", "trixie", "--instance", "lab5", "--lab-tests"]
+    assert names.index(second.name) == up + 2
     assert not any("bookworm" in n and "lab tests" in n for n in names)
 
 
-def test_ci_with_one_release_has_no_lane() -> None:
+def test_ci_with_one_release_has_only_the_lab_tests_lane() -> None:
     stages = pipeline.ci_stages("lab9", ["bookworm"])
-    assert not any(s.sub_summary for s in stages)
-    assert any(s.name == "Debian 12 (bookworm): lab tests" for s in stages)
+    [lane] = [s for s in stages if s.sub_summary]
+    assert "--lab-tests" in lane.argv and "lab6" in lane.argv, lane.argv
+    assert any(s.name == "Debian 12 (bookworm): lab tests (first half)" for s in stages)
+
+
+def test_the_lab_tests_halves_are_every_module_once() -> None:
+    """The first half is tests/lab without the second's modules, the second exactly those:
+    together every module runs, none twice, and a renamed second-half module fails its stage."""
+    first = next(s for s in pipeline.lab_stages("lab9", half="first")
+                 if s.name.startswith("lab tests"))
+    second = next(s for s in pipeline.lab_tests_lane_stages("lab5", "trixie")
+                  if s.name.startswith("lab tests"))
+    modules = {str(p.relative_to(ROOT))
+               for p in (ROOT / "tests" / "lab").glob("test_*.py")}
+    ignored = {a.removeprefix("--ignore=") for a in first.argv if a.startswith("--ignore=")}
+    ran_second = {a for a in second.argv if a.startswith("tests/lab/")}
+    assert "tests/lab" in first.argv and ignored == ran_second == set(
+        pipeline.LAB_TESTS_SECOND_HALF)
+    assert ran_second <= modules and modules - ran_second, "a half would run nothing"
+    assert second.needs == pipeline.LAB_TESTS_SECOND_HALF
+    whole = next(s for s in pipeline.lab_stages("lab9") if s.name.startswith("lab tests"))
+    assert not any(a.startswith("--ignore") for a in whole.argv) and "tests/lab" in whole.argv
+
+
+def test_the_lab_tests_lane_deploys_through_the_site_and_runs_the_second_half() -> None:
+    stages = pipeline.lab_tests_lane_stages("lab5", "trixie")
+    names = [s.name for s in stages]
+    assert names == ["lab.down (before)", "lab.up", "lab.site (jump host, password sudo, vault)",
+                     "provision", "harden", "deploy", "lab tests (second half)", "lab.down",
+                     "nothing left behind"]
+    assert stages[1].argv[-4:] == ["--instance", "lab5", "--release", "trixie"]
+    site = pipeline.site_inventory("lab5")
+    for s in stages[3:7]:
+        assert site in s.argv, f"{s.name} does not use the site inventory: {_argv(s)}"
+    assert pipeline.lane_dir("trixie", lab_tests=True) != pipeline.lane_dir("trixie")
 
 
 def test_no_unit_test_makes_the_instances_the_ci_lanes_run_on() -> None:
     """The unit tests run beside the lanes and make real namespaces and bridges: an instance
     name they use would tear down a lane's network (seen: lab8)."""
-    lanes = {f"lab{pipeline.LANE_FIRST_INDEX - n}" for n in range(len(pipeline.RELEASES) - 1)}
+    # one lane per release after the first, and the lab tests' second half
+    lanes = {f"lab{pipeline.LANE_FIRST_INDEX - n}" for n in range(len(pipeline.RELEASES))}
     used = set()
     for path in (Path(__file__).parent).glob("test_*.py"):
         if path.name == Path(__file__).name:

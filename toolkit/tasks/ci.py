@@ -38,15 +38,18 @@ def _releases(releases: str) -> list[str]:
     "keep": "leave the lab up after a failure (for debugging)",
     "lab_only": "only the lab pipeline (skip the static checks and the VM-less tests)",
     "releases": "Debian releases to prove, comma-separated (default trixie,bookworm): the "
-                "first gets the whole pipeline and the lab tests, each other one provision -> "
-                "verify on an instance of its own (lab6, lab5, ...), beside it",
+                "first gets the whole pipeline and the lab tests (their second half on a VM "
+                "of its own), each other one provision -> verify on an instance of its own "
+                "(lab6, lab5, ...), beside it",
 })
 def ci(c: Context, instance: str = "lab9", skip_lab: bool = False, keep: bool = False,
        lab_only: bool = False, releases: str = "trixie,bookworm") -> None:
     """Static checks, unit and signer tests, then the whole pipeline on a fresh lab VM,
     driven by the production-style inventory `lab.site` renders (pipeline.lab_stages), on
     the first release; the other releases run provision -> harden -> harden again -> deploy
-    -> verify beside it, each on its own VM (`invoke ci-lane`). The summary names each.
+    -> verify beside it, each on its own VM (`invoke ci-lane`), and a second VM of the first
+    release runs the second half of the lab tests (`invoke ci-lane --lab-tests`) while the
+    pipeline's VM runs the first. The summary names each.
 
     The same run as CI (`.ci/run`). The lab instances are brought up fresh and torn down at
     the end, whatever happens (unless --keep after a failure).
@@ -68,20 +71,33 @@ def ci(c: Context, instance: str = "lab9", skip_lab: bool = False, keep: bool = 
     "release": "the Debian release of the lane (trixie or bookworm)",
     "instance": "lab instance of the lane (default lab6)",
     "keep": "leave the lab up after a failure (for debugging)",
+    "lab_tests": "instead of the release's proof, the second half of the lab tests "
+                 "(pipeline.LAB_TESTS_SECOND_HALF) through the production-style site",
 })
-def ci_lane(c: Context, release: str, instance: str = "lab6", keep: bool = False) -> None:
+def ci_lane(c: Context, release: str = "", instance: str = "lab6", keep: bool = False,
+            lab_tests: bool = False) -> None:
     """One release on a fresh VM of its own: lab.up -> provision -> harden -> harden again
     (changed=0) -> deploy -> verify -> down (pipeline.release_lane_stages). `invoke ci` runs
     one per release after the first, beside the main pipeline; its logs and summary are in
-    reports/ci/<release>/."""
+    reports/ci/<release>/.
+
+    With --lab-tests: lab.up -> lab.site -> provision -> harden -> deploy -> the second half
+    of the lab tests -> down (pipeline.lab_tests_lane_stages), in reports/ci/<release>-lab-tests/;
+    `invoke ci` runs it for the first release while that one's VM runs the first half."""
+    if not release:  # an option, not a positional: `invoke ci-lane --help` shows the help
+        raise Exit("invoke ci-lane: --release is required (trixie or bookworm)",
+                   code=exitcodes.BAD_INPUT)
     (rel,) = _releases(release)
-    stages = pipeline.release_lane_stages(instance, rel)
+    stages = (pipeline.lab_tests_lane_stages(instance, rel) if lab_tests
+              else pipeline.release_lane_stages(instance, rel))
     if keep:
         for s in stages[:-2]:
             s.always = False
-    ok = pipeline.run(stages, title=f"invoke ci-lane ({pipeline.RELEASES[rel]}, {instance})",
+    what = "lab tests, second half" if lab_tests else "release"
+    ok = pipeline.run(stages,
+                      title=f"invoke ci-lane ({pipeline.RELEASES[rel]}, {what}, {instance})",
                       env_extra={"SIGNLAB_INSTANCE": instance, "SIGNLAB_RELEASE": rel,
                                  "SIGNLAB_REQUIRE_LAB": "1"},
-                      ci_dir=pipeline.lane_dir(rel))
+                      ci_dir=pipeline.lane_dir(rel, lab_tests=lab_tests))
     if not ok:
         raise Exit(f"invoke ci-lane {rel}: FAILED (see the summary above)", code=1)
