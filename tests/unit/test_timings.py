@@ -57,3 +57,18 @@ def test_the_callback_records_task_starts_in_a_real_play(tmp_path: Path) -> None
     assert [t.name for t in times] == ["first", "second"]
     assert times[0].results == 1
     assert times[0].seconds > 0
+
+
+def test_two_runs_started_in_the_same_second_get_a_log_each(tmp_path: Path) -> None:
+    """CI drives three VMs from one checkout and its unit tests run plays too: two runs of
+    `provision` in the same second once shared one events file, and the unreachable host's
+    run reported the other host's controls as its own."""
+    from toolkit.runner.playbook import claim_log
+
+    logs = [claim_log("provision", tmp_path) for _ in range(3)]
+    assert len(set(logs)) == 3 and all(p.exists() for p in logs), logs
+    for p in logs:  # the events files beside them, as run_playbook names them
+        p.with_name(p.stem + ".events.jsonl").write_text("")
+    assert timings.runs("provision", tmp_path) == sorted(
+        p.with_name(p.stem + ".events.jsonl") for p in logs)
+    assert timings.plays_recorded(tmp_path) == ["provision"]

@@ -30,6 +30,25 @@ from toolkit.runner.inventory_check import checked
 LOG_DIR = ROOT / "reports" / "logs"
 
 
+def claim_log(stem: str, log_dir: Path | None = None) -> Path:
+    """`<log_dir>/<stem>-<time>.log`, created here so that it is this run's alone: two runs of
+    a play started in the same second from one checkout (CI drives three VMs at once, and its
+    unit tests run plays too) get `<stem>-<time>-2.log`, ... instead of writing, and reading
+    back as their own, each other's events (seen: an unreachable host's run reported the
+    controls of another host's provision)."""
+    log_dir = log_dir or LOG_DIR
+    log_dir.mkdir(parents=True, exist_ok=True)
+    base = f"{stem}-{time.strftime('%Y%m%dT%H%M%S')}"
+    n = 1
+    while True:
+        log = log_dir / (f"{base}.log" if n == 1 else f"{base}-{n}.log")
+        try:
+            log.open("x").close()
+            return log
+        except FileExistsError:
+            n += 1
+
+
 def require_lab_if_default(inventory: str | None) -> None:
     """The default inventory is the lab: say so plainly when it is not up."""
     if inventory and Path(inventory).resolve() != (ROOT / "inventory" / "lab").resolve():
@@ -62,7 +81,7 @@ def play(
     become_pass = become_password(options.ask_become_pass)
     cmd = build_command(playbook, options)
     suffix = "-check" if options.check else ""
-    log = LOG_DIR / f"{name}{suffix}-{time.strftime('%Y%m%dT%H%M%S')}.log"
+    log = claim_log(f"{name}{suffix}")
     mode = " (check mode)" if options.check else ""
     print(f"==> {name}{mode}: {' '.join(cmd[1:])}", flush=True)
     started = time.monotonic()

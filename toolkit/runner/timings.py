@@ -69,7 +69,7 @@ def by_role(times: list[TaskTime]) -> dict[str, float]:
 
 def runs(play: str, log_dir: Path = LOG_DIR) -> list[Path]:
     """The events files of one play, oldest first (check-mode runs have their own suffix)."""
-    pattern = re.compile(rf"^{re.escape(play)}-\d{{8}}T\d{{6}}\.events\.jsonl$")
+    pattern = re.compile(rf"^{re.escape(play)}-\d{{8}}T\d{{6}}(?:-\d+)?\.events\.jsonl$")
     return sorted(p for p in log_dir.glob("*.events.jsonl") if pattern.match(p.name))
 
 
@@ -87,7 +87,7 @@ def render(path: Path, top: int) -> str:
 
 def plays_recorded(directory: Path = LOG_DIR) -> list[str]:
     """The plays with at least one events file in `directory`."""
-    return sorted({re.sub(r"-\d{8}T\d{6}\.events\.jsonl$", "", p.name)
+    return sorted({re.sub(r"-\d{8}T\d{6}(?:-\d+)?\.events\.jsonl$", "", p.name)
                    for p in directory.glob("*.events.jsonl")})
 
 
