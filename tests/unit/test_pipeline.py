@@ -287,3 +287,15 @@ def test_no_unit_test_makes_the_instances_the_ci_lanes_run_on() -> None:
         used |= set(re.findall(r"name = [\"'](lab[0-9])[\"']", path.read_text()))
     assert used, "the scan found no instance at all: it no longer reads the tests"
     assert not lanes & used, f"unit tests use {sorted(lanes & used)}, a CI lane's instance"
+
+
+def test_the_lab_life_cycle_test_makes_an_instance_no_part_of_ci_uses() -> None:
+    """It runs in the lab tests' second half, which may start while the unit tests still make
+    lab7 and lab8 and while the pipeline and the lanes run on lab9, lab6, lab5."""
+    from tests.lab.test_lab_lifecycle import LIFECYCLE_INSTANCE
+
+    ci = {"lab9", "lab7", "lab8", *(f"lab{pipeline.LANE_FIRST_INDEX - n}"
+                                    for n in range(len(pipeline.RELEASES)))}
+    for path in (ROOT / "tests" / "unit").glob("test_*.py"):
+        ci |= set(re.findall(r"Instance\(\s*[\"'](lab[0-9])[\"']", path.read_text()))
+    assert LIFECYCLE_INSTANCE not in ci, (LIFECYCLE_INSTANCE, sorted(ci))
