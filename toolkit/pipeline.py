@@ -287,17 +287,20 @@ LAB_TESTS_SECOND_HALF = [
 ]
 
 
-def lab_tests_argv(inventory: str, vault: str, half: str | None, record: str) -> list[str]:
-    """pytest over tests/lab through `inventory`: all of it (half None), the "first" half
-    (every module but LAB_TESTS_SECOND_HALF) or the "second" (those modules)."""
+def lab_tests_argv(inventory: str | None, vault: str | None, half: str | None, record: str
+                   ) -> list[str]:
+    """pytest over tests/lab through `inventory` (None: the tests' default, inventory/lab):
+    all of it (half None), the "first" half (every module but LAB_TESTS_SECOND_HALF) or the
+    "second" (those modules)."""
     if half == "second":
         paths = LAB_TESTS_SECOND_HALF
     else:
         paths = ["tests/lab", *(f"--ignore={p}" for p in LAB_TESTS_SECOND_HALF
                                 if half == "first")]
     return [_bin("pytest"), "-q", "-p", "no:cacheprovider", "--durations=15",
-            *_recorded(record), *paths, "--lab-inventory", inventory,
-            "--lab-vault-password-file", vault]
+            *_recorded(record), *paths,
+            *(["--lab-inventory", inventory] if inventory else []),
+            *(["--lab-vault-password-file", vault] if vault else [])]
 
 
 def test_stages() -> list[Stage]:

@@ -38,8 +38,12 @@ def _inv(*args: str) -> list[str]:
     return [str(ROOT / ".venv" / "bin" / "invoke"), *args]
 
 
-def lab_figures(instance: str, cold: bool, env: dict[str, str]) -> dict[str, Any]:
-    """Lab: cold up (image build) if asked, warm up, reset; then the plays first vs second."""
+def lab_figures(instance: str, cold: bool, env: dict[str, str], lab_tests: bool = False
+                ) -> dict[str, Any]:
+    """Lab: cold up (image build) if asked, warm up, reset; then the plays first vs second,
+    verify, and with `lab_tests` each half of the lab tests (as CI splits them between two
+    VMs, pipeline.LAB_TESTS_SECOND_HALF) one after the other on this one VM, and their
+    ratio."""
     from lab import image
 
     fig: dict[str, Any] = {"instance": instance}
@@ -81,12 +85,26 @@ def lab_figures(instance: str, cold: bool, env: dict[str, str]) -> dict[str, Any
         t, rc = _timed(_inv("verify"), env)
         plays["verify"] = {"seconds": round(t, 1), "passed": rc == 0}
     fig["plays"] = plays
+    if lab_tests:
+        from toolkit import pipeline
+
+        halves: dict[str, Any] = {}
+        for half in ("first", "second"):
+            print(f"==> lab tests, {half} half (inventory/lab)", flush=True)
+            record = str(OUT / f"lab-tests-{half}.junit.xml")
+            t, rc = _timed(pipeline.lab_tests_argv(None, None, half, record), env)
+            halves[half] = {"seconds": round(t, 1), "passed": rc == 0}
+        first, second = halves["first"]["seconds"], halves["second"]["seconds"]
+        halves["second_over_first"] = round(second / first, 3) if first else None
+        halves["both_one_after_the_other_s"] = round(first + second, 1)
+        fig["lab_tests"] = halves
     subprocess.run(_inv("lab.down", "--instance", instance), env=env, capture_output=True)
     return fig
 
 
 def collect(instance: str, cold: bool, no_lab: bool,
-            audit_sizes: tuple[int, ...] = (), before: Path | None = None) -> dict[str, Any]:
+            audit_sizes: tuple[int, ...] = (), before: Path | None = None,
+            lab_tests: bool = False) -> dict[str, Any]:
     """Every figure of one bench run: the machine, the signer's (with `before`, the daemon of
     that checkout measured beside this one's), signing with the audit log forwarded vs not
     (rsyslog on loopback), the audit log's start-up with each history length of `audit_sizes`
@@ -113,7 +131,7 @@ def collect(instance: str, cold: bool, no_lab: bool,
         result["tcg_cpu"] = import_module("toolkit.bench.tcg_cpu").run()
     if not no_lab:
         print(f"==> lab figures (instance {instance}; several minutes)", flush=True)
-        result["lab"] = lab_figures(instance, cold, env)
+        result["lab"] = lab_figures(instance, cold, env, lab_tests)
     return result
 
 
