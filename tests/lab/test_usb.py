@@ -122,9 +122,8 @@ def gadget(lab: LabState, target: Target, admin_ssh: AdminSsh, wait_for: WaitFor
            request: pytest.FixtureRequest) -> Iterator[Gadget]:
     """The reader plugged in (left plugged: the card profile signs through it), and beside it a
     device of `request.param` kind (usb_gadget.py) with its vendor:product and serial."""
-    inst = Instance(lab.raw["instance"], lab.state_dir)
-    usb.plug(inst, "token")
     reader = _reader(target)
+    usb.plug(Instance(lab.raw["instance"], lab.state_dir), "token")
     vendor, product = str(reader["id"]).lower().split(":")
     serial = str(reader.get("serial") or "")
     code = base64.b64encode(GADGET_SCRIPT.read_bytes()).decode()
@@ -152,11 +151,15 @@ def gadget(lab: LabState, target: Target, admin_ssh: AdminSsh, wait_for: WaitFor
         assert d.returncode == 0, f"the gadget left things behind: {d.stdout}{d.stderr}"
 
 
-def _reader_line(admin_ssh: AdminSsh, reader_id: str, gadget: Gadget) -> str:
+def _assert_reader_still_allowed(admin_ssh: AdminSsh, gadget: Gadget) -> None:
+    """The real reader (same id, another port) is still allowed by USBGuard and the kernel."""
     lines = [ln for ln in _devices(admin_ssh).splitlines()
-             if f" id {reader_id} " in ln and f' via-port "{gadget.port}" ' not in ln]
-    assert len(lines) == 1, f"want the one real reader {reader_id}: {lines}"
-    return lines[0]
+             if f" id {gadget.id} " in ln and f' via-port "{gadget.port}" ' not in ln]
+    assert len(lines) == 1, f"want the one real reader {gadget.id}: {lines}"
+    assert ": allow id " in lines[0], f"the real reader is no longer allowed: {lines[0]}"
+    port = lines[0].split(' via-port "', 1)[1].split('"', 1)[0]
+    assert _sysfs(admin_ssh, f"/sys/bus/usb/devices/{port}/authorized") == "1", \
+        f"the real reader on {port} is no longer authorized"
 
 
 def _sysfs(admin_ssh: AdminSsh, path: str) -> str:
@@ -189,8 +192,7 @@ def test_a_keyboard_with_the_token_readers_ids_is_blocked_and_the_reader_stays_a
     seen = [ln for ln in kernel.splitlines()
             if "dummy_hcd" in ln and ("input" in ln or "hidraw" in ln)]
     assert not seen, f"the kernel made an input device for it: {seen}"
-    reader = _reader_line(admin_ssh, gadget.id, gadget)
-    assert ": allow id " in reader, f"the real reader is no longer allowed: {reader}"
+    _assert_reader_still_allowed(admin_ssh, gadget)
 
 
 @pytest.mark.control("USB-02")
@@ -209,5 +211,4 @@ def test_the_same_ids_with_the_readers_interface_class_are_allowed(
         " with-interface 0b:00:00 " in line, f"not the look-alike that was made: {line}"
     assert ": allow id " in line, line
     assert wait_for(lambda: _sysfs(admin_ssh, f"{gadget.sysfs}/authorized") == "1", timeout=30)
-    reader = _reader_line(admin_ssh, gadget.id, gadget)
-    assert ": allow id " in reader, f"the real reader is no longer allowed: {reader}"
+    _assert_reader_still_allowed(admin_ssh, gadget)
