@@ -12,13 +12,20 @@ serial the test chooses. Two kinds:
   an interface of class 0b with no endpoints (nothing on the guest drives it; USBGuard only
   reads the class). A process that holds FunctionFS's ep0 open keeps the function alive.
 
-This file runs ON the guest, as root (`python3 - up|down ...`; the test sends it over the
-admin's SSH connection): `up` prints a JSON line that names the device (bus port, sysfs path),
-`down` undoes everything `up` made, from a state file written before the first change, so a
-half-made gadget is removed too: it unbinds the device controller, removes the configfs tree
-and the FunctionFS mount, and unloads the modules it loaded (the gadget's, and the HID drivers a
-keyboard that got through would have pulled in) that were not loaded before `up`. `down` prints what it could not undo and exits 1.
-`up` exits 3 when the host refuses the gadget modules (kernel.modules_disabled, a blacklist).
+The dummy bus's root hub comes after USBGuard started, so USBGuard blocks it like any new
+device (unless the policy allows hubs) and nothing behind it would be enumerated: `up` allows it
+for this boot only (`usbguard allow-device`, no rule written). The device behind it is then
+judged by the host's policy alone.
+
+This file runs ON the guest, as root (`python3 - up|look|down ...`; the test sends it over the
+admin's SSH connection, and does in one round trip what costs seconds per sudo on an emulated
+guest): `up` makes the device and prints a JSON line that names it (bus port, sysfs path);
+`look` prints what the host shows of it; `down` undoes everything `up` made, from a state file
+written before the first change, so a half-made gadget is removed too: it unbinds the device
+controller, removes the configfs tree and the FunctionFS mount, and unloads the modules it
+loaded (the gadget's, and the HID drivers a keyboard that got through would have pulled in) that
+were not loaded before `up`; it prints what it could not undo and exits 1. `up` exits 3 when the
+host refuses the gadget modules (kernel.modules_disabled, a blacklist): the host's choice.
 """
 
 from __future__ import annotations
@@ -104,6 +111,8 @@ def up(kind: str, vendor: str, product: str, serial: str) -> dict[str, object]:
         # The host's own policy (kernel.modules_disabled, an `install ... /bin/false`): its
         # choice, reported as such, never worked around.
         raise Refused(f"this host does not load the gadget modules: {r.stderr.strip()}")
+    root = _root_hub()
+    hub = _allow_root_hub(root)
     GADGET.mkdir()
     _write(GADGET / "idVendor", f"0x{vendor}")
     _write(GADGET / "idProduct", f"0x{product}")
@@ -133,9 +142,63 @@ def up(kind: str, vendor: str, product: str, serial: str) -> dict[str, object]:
     (config / func.name).symlink_to(func)
     [udc] = [p.name for p in Path("/sys/class/udc").iterdir() if p.name.startswith("dummy_udc")]
     _write(GADGET / "UDC", udc)
-    [root] = [p for p in DUMMY_HCD.iterdir() if p.name.startswith("usb")]
     port = f"{root.name[3:]}-1"
-    return {"udc": udc, "port": port, "sysfs": str(root / port), "controller": str(root)}
+    return {"udc": udc, "port": port, "sysfs": str(root / port), "controller": str(root),
+            "hub": hub}
+
+
+def _root_hub() -> Path:
+    """The dummy bus's root hub in sysfs (usbN), once the kernel has registered it."""
+    for _ in range(100):
+        hubs = [p for p in DUMMY_HCD.glob("usb*") if (p / "authorized").exists()]
+        if hubs:
+            return hubs[0]
+        time.sleep(0.1)
+    raise SystemExit(f"no root hub under {DUMMY_HCD}")
+
+
+def _usbguard_entry(port: str) -> str:
+    out = subprocess.run(["usbguard", "list-devices"], capture_output=True, text=True,
+                         check=True).stdout
+    return next((ln for ln in out.splitlines() if f' via-port "{port}" ' in ln), "")
+
+
+def _allow_root_hub(root: Path) -> str:
+    """The dummy bus's root hub comes after USBGuard started: InsertedDevicePolicy applies and
+    blocks it like any new device (unless the policy allows hubs), and nothing behind it would
+    ever be enumerated. It is allowed for this boot only (`allow-device` without -p writes no
+    rule); the device behind it is then judged by the host's policy alone."""
+    for _ in range(150):
+        entry = _usbguard_entry(root.name)
+        if entry:
+            break
+        time.sleep(0.2)
+    else:
+        raise SystemExit(f"USBGuard never listed the dummy root hub {root.name}")
+    if ": allow id " in entry:
+        return "allowed by the policy"
+    subprocess.run(["usbguard", "allow-device", entry.split(":", 1)[0]], check=True)
+    return "allowed for this test (usbguard allow-device, no rule)"
+
+
+def look(port: str, controller: str, since: str) -> dict[str, object]:
+    """What the host shows of the devices, in one round trip (each sudo over SSH costs seconds
+    on an emulated guest): USBGuard's entries, each device's `authorized`, the interfaces of the
+    device on `port`, the input and hidraw devices under `controller`, and the kernel's
+    messages about the dummy bus since `since` (seconds since the epoch)."""
+    devices = Path("/sys/bus/usb/devices")
+    authorized = {p.name: (p / "authorized").read_text().strip()
+                  for p in devices.iterdir() if (p / "authorized").exists()}
+    bound = [str(p.resolve()) for cls in ("input", "hidraw")
+             for p in Path("/sys/class", cls).glob("*")
+             if str(p.resolve()).startswith(controller + "/")]
+    kernel = subprocess.run(["journalctl", "-q", "-k", "-o", "cat", "--since", f"@{since}"],
+                            capture_output=True, text=True).stdout
+    usbguard = subprocess.run(["usbguard", "list-devices"], capture_output=True, text=True,
+                              check=True).stdout
+    return {"usbguard": usbguard.splitlines(), "authorized": authorized,
+            "interfaces": sorted(p.name for p in devices.glob(f"{port}:*")),
+            "bound": bound, "kernel": [ln for ln in kernel.splitlines() if "dummy_hcd" in ln]}
 
 
 def down() -> list[str]:
@@ -195,11 +258,15 @@ def main(argv: list[str]) -> int:
             print(exc)
             return 3
         return 0
+    if argv[:1] == ["look"] and len(argv) == 4:
+        print(json.dumps(look(*argv[1:])))
+        return 0
     if argv == ["down"]:
         left = down()
         print("\n".join(left))
         return 1 if left else 0
-    print("usage: usb_gadget.py up hid|ccid VENDOR PRODUCT SERIAL | down", file=sys.stderr)
+    print("usage: usb_gadget.py up hid|ccid VENDOR PRODUCT SERIAL | look PORT CONTROLLER SINCE"
+          " | down", file=sys.stderr)
     return 2
 
 
