@@ -37,7 +37,7 @@ NAMES = ("signer_profiles", "signer_clients", "signer_custodians", "signer_clien
          "signer_daemon_user", "signer_service", "token_pin_dir", "firewall_admin_networks",
          "ssh_ciphers", "ssh_host_key_algorithms", "ssh_kex_classical_clients",
          "ssh_kex_algorithms", "ansible_user", "base_aide",
-         "base_aide_database", "base_aide_hardened_paths")
+         "base_aide_database", "base_aide_hardened_paths", "usb_allowed_devices")
 
 
 class TargetError(RuntimeError):
