@@ -286,3 +286,53 @@ def test_a_card_back_in_its_reader_is_locked_again(lab: Lab, make_signer: MakeSi
     assert s.gw(SIGN, b"x").returncode == 0
     s.stop()
     c.secrets_absent()
+
+
+@pytest.mark.control("TOK-03")
+def test_the_ceremony_splits_a_cards_pin_and_custodians_unlock_it_with_signer_unlock(
+        lab: Lab, make_signer: MakeSigner, tmp_path: Path) -> None:
+    """`signer pin split --token card`: one file per custodian (age, to their SSH key), whose
+    shares name the card; `signer unlock --token card --share` sends each (stdin to ssh) and
+    the second unlocks the card; the same shares are refused for the daemon's own token."""
+    import shutil
+
+    from tests.signer.test_approvals import _fake_ssh
+
+    if shutil.which("age") is None:
+        pytest.skip("age not installed (apt install age)")
+    c = _card(lab, make_signer, 2, pin_source="prompt", pin_shares=2)
+    out = tmp_path / "shares"
+    args: list[str | Path] = ["pin", "split", "--threshold", "2", "--pin-file", c.pin_file,
+                              "--out", out, "--token", "card"]
+    for who in ("alice", "bob", "carol"):
+        args += ["--custodian", f"{who}={lab.custodian(who)}.pub"]
+    r = lab.signer(*args)
+    assert r.returncode == 0, r.stderr
+    assert b"unlock token card; each runs: " in r.stdout
+    assert b"unlock --token card --share" in r.stdout and c.pin not in r.stdout + r.stderr
+    ssh = _fake_ssh(tmp_path, c.s)
+
+    def opened(who: str) -> bytes:
+        got = subprocess.run(["age", "-d", "-i", str(lab.custodian(who)),
+                              str(out / f"{who}.share.age")], capture_output=True, check=True)
+        return got.stdout
+
+    def unlock(who: str, share: bytes, *token: str) -> subprocess.CompletedProcess[bytes]:
+        return lab.signer("unlock", "--host", f"{who}@signer", *token, "--share", "--ssh", ssh,
+                          input=share)
+
+    r = unlock("carol", opened("carol"))  # the daemon's own token: not its share
+    assert r.returncode == Exit.DATA and b"not the signer's own token" in r.stderr, r.stderr
+    r = unlock("carol", opened("carol"), "--token", "card")
+    assert r.returncode == 0 and b"share counted: 1 of 2 (carol)" in r.stderr, r.stderr
+    r = unlock("alice", opened("alice"), "--token", "card")
+    assert r.returncode == 0 and b"unlocked with the shares of alice, carol" in r.stderr
+    # the card signs once the daemon's own token is unlocked too (its audit key vouches)
+    err = one_line_error(c.s.gw(SIGN, b"x"))
+    assert "the signer is locked: 2 more custodians" in err, err
+    own = [sh.line() for sh in shares.split(lab.pin_file.read_bytes().strip(), 2, 4)]
+    assert c.send("bob", own[1], "").returncode == 0
+    assert b"unlocked" in c.send("alice", own[0], "").stderr
+    _signs(c, tmp_path)
+    c.s.stop()
+    c.secrets_absent([opened(w).decode().strip() for w in ("alice", "bob", "carol")])
