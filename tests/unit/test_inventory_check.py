@@ -328,6 +328,59 @@ def test_a_card_profile_names_its_card_key_and_certificate(good: dict[str, Any],
     assert _problems(tmp_path, good) == [problem]
 
 
+@pytest.mark.parametrize(("card", "problems"), [
+    ({"pin_source": "prompt", "pin_shares": 2}, []),
+    ({"pin_source": "prompt"}, []),  # the whole PIN from one custodian
+    ({"pin_source": "prompt", "pin_shares": 2, "pin_share_holders": ["alice", "bob"]}, []),
+    ({"pin_source": "prompt", "pin_shares": 1},
+     ["token_cards[card].pin_shares: 1: k-of-n shares need k >= 2 (release profile 'ev')"]),
+    ({"pin_source": "prompt", "pin_shares": 3},
+     ["token_cards[card].pin_shares: 3 shares needed but 2 holders (release profile 'ev')"]),
+    ({"pin_source": "prompt", "pin_shares": 2, "pin_share_holders": ["alice", "mallory"]},
+     ["token_cards[card].pin_share_holders: 'mallory' is not in signer_custodians"]),
+    ({"pin_shares": 2}, ["token_cards[card].pin_shares: needs token_cards[card].pin_source: "
+                         "prompt"]),
+    ({"pin_source": "usb"}, ["value of pin_source must be one of: file, prompt, got: usb"]),
+])
+def test_a_cards_pin_shares_follow_the_hosts_rules(good: dict[str, Any], tmp_path: Path,
+                                                   card: dict[str, Any],
+                                                   problems: list[str]) -> None:
+    """A card whose custodians unlock it (pin_source prompt, pin_shares k of
+    pin_share_holders): refused as the host token's would be, k > n or k < 2 for a card that
+    holds a release profile's key."""
+    good["token_cards"] = [{**CARD, **card}]
+    good["signer_profiles"].append({**CARD_PROFILE, "approvals": 2,
+                                    "custodians": ["alice", "bob"]})
+    found = _problems(tmp_path, good)
+    assert len(found) == len(problems), found
+    for f, want in zip(found, problems, strict=True):
+        assert want in f, found
+
+
+def test_the_commented_card_release_profile_passes_when_uncommented(tmp_path: Path) -> None:
+    """production.example's commented release profile on a card, whose PIN 2 custodians'
+    shares give (pin_source prompt), uncommented as an operator would: inventory.check accepts
+    it, and the signer role renders its [tokens.*] table with the shares."""
+    import shutil
+
+    inv = tmp_path / "inv"
+    shutil.copytree(ROOT / "inventory" / "production.example", inv)
+    f = inv / "group_vars" / "release_signers" / "signer.yml"
+    lines = f.read_text().splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("  # - name: card-release"))
+    out = lines[:start]
+    for ln in lines[start:]:
+        if ln.startswith("  # ") or ln.startswith("#   ") or ln == "# token_cards:":
+            ln = ln.replace("  # ", "  ", 1) if ln.startswith("  # ") else ln[2:]
+        out.append(ln)
+    f.write_text("\n".join(out) + "\n")
+    text = f.read_text()
+    assert "- name: card-release\n    token: card-release" in text
+    assert "    pin_source: prompt" in text and "token_cards:\n  - name: card-release" in text
+    result = inventory_check.check(str(inv))
+    assert result.ok, "\n".join(result.lines())
+
+
 def test_the_commented_ev_profile_of_the_example_passes_when_uncommented(tmp_path: Path) -> None:
     """production.example's commented hardware profile (win-ev on its EV token), uncommented
     as an operator would: inventory.check accepts it."""
