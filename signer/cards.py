@@ -97,14 +97,16 @@ class Cards:
         self._procs: dict[str, TokenProcess] = {}
         self._why: dict[str, str] = {}  # name -> why unavailable (logged once)
         self._next_try: dict[str, float] = {}
-        # the cards whose PIN custodians give (pin_source prompt): who has sent a share
-        self.locks = {name: unlocking.Lock(name, t.pin_shares, t.pin_share_window)
-                      for name, t in daemon.cfg.tokens.items() if t.pin_file is None}
+        # the cards whose PIN custodians give (pin_source prompt): who has sent a share (set
+        # by open_all, at the daemon's start)
+        self.locks: dict[str, unlocking.Lock] = {}
 
     def profiles(self, name: str) -> list[Profile]:
         return [p for p in self.d.cfg.profiles.values() if p.token == name]
 
     def open_all(self) -> None:
+        self.locks = {name: unlocking.Lock(name, t.pin_shares, t.pin_share_window)
+                      for name, t in self.d.cfg.tokens.items() if t.pin_file is None}
         for name in self.d.cfg.tokens:
             with self._lock:
                 self._open(name)

@@ -43,10 +43,11 @@ class Lock:
             return f"{self.what} is locked: a custodian must run `{self.command()}` (the " \
                 "PIN on stdin)"
         have = self.custodians(now)
+        more = self.k - len(have)
+        who = f"{more} more custodians must each" if more != 1 else "1 more custodian must"
         sent = f"; in so far: {', '.join(have)}" if have else ""
-        return (f"{self.what} is locked: {self.k - len(have)} more custodians must each send "
-                f"their share with `{self.command()}` ({len(have)} of {self.k} within "
-                f"{self.window} s{sent})")
+        return (f"{self.what} is locked: {who} send their share with `{self.command()}` "
+                f"({len(have)} of {self.k} within {self.window} s{sent})")
 
     def custodians(self, now: float) -> list[str]:
         self._in = {c: t for c, t in self._in.items() if now - t < self.window}

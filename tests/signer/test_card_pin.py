@@ -110,7 +110,7 @@ def test_a_card_with_prompt_starts_locked_and_k_custodians_shares_unlock_it(
     assert r.returncode == 0 and b"1 of 3 (alice)" in r.stderr, r.stderr
     assert c.send("carol", c.lines[2]).returncode == 0
     err = one_line_error(s.gw(SIGN, b"x"))  # k-1 shares: still locked, and says who is in
-    assert "1 more custodians" in err and "in so far: alice, carol" in err, err
+    assert "1 more custodian must send" in err and "in so far: alice, carol" in err, err
     r = c.send("mallory", c.lines[3])
     assert r.returncode == 0, r.stderr
     assert r.stderr == b"signer: unlocked with the shares of alice, carol, mallory\n"
