@@ -401,3 +401,45 @@ def test_the_commented_ev_profile_of_the_example_passes_when_uncommented(tmp_pat
     assert "- name: win-ev\n    token: ev" in text and "token_cards:\n  - name: ev" in text
     result = inventory_check.check(str(inv))
     assert result.ok, "\n".join(result.lines())
+
+
+def test_split_pin_with_token_splits_the_cards_pin_for_its_holders(
+        good: dict[str, Any], tmp_path: Path) -> None:
+    """`invoke token.split-pin --token card`: the card's PIN (its pin_src on the controller),
+    its own k and holders, the shares under token_pin_dir/shares/card, each opened by its
+    holder's key alone, naming the card; a card that is not in token_cards is refused."""
+    import shutil
+
+    from invoke.exceptions import Exit as InvokeExit
+
+    from signer import shares
+    from toolkit.runner.pin_ceremony import split_pin
+
+    if shutil.which("age") is None:
+        pytest.skip("age not installed (apt install age)")
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for c in good["signer_custodians"]:
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                        str(keys / c["name"])], check=True)
+        c["ssh_key"] = (keys / f"{c['name']}.pub").read_text().strip()
+    pins = Path(good["token_pin_dir"])
+    pins.mkdir(mode=0o700)
+    card_pin = pins / "card-user-pin"
+    card_pin.write_text("card-pin-123456\n")
+    card_pin.chmod(0o600)
+    good["token_cards"] = [{**CARD, "pin_source": "prompt", "pin_shares": 2}]
+    good["signer_profiles"].append({**CARD_PROFILE, "approvals": 2,
+                                    "custodians": ["alice", "bob"]})
+    inv = _write(tmp_path, good)
+    made = split_pin(inv, None, None, None, token="card")
+    assert sorted(p.name for p in made) == ["alice.share.age", "bob.share.age"]
+    assert all(p.parent == pins / "shares" / "card" for p in made)
+    got = [shares.parse(subprocess.run(["age", "-d", "-i", str(keys / who), str(p)],
+                                       capture_output=True, check=True).stdout)
+           for who, p in zip(("alice", "bob"), sorted(made), strict=True)]
+    assert {s.token for s in got} == {"card"} and shares.combine(got) == b"card-pin-123456"
+    with pytest.raises(InvokeExit, match="--token nope: not in token_cards"):
+        split_pin(inv, None, None, str(tmp_path / "other"), token="nope")
+    with pytest.raises(InvokeExit, match="takes the whole PIN"):  # the host's token: file PIN
+        split_pin(inv, None, None, str(tmp_path / "host"))
