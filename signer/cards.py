@@ -19,6 +19,19 @@ back must bring them back without a restart. So:
 
 What a failed signature leaves: nothing signed, nothing logged as signed; the request's budget
 slot is released by the caller (signer/commands.py) as for any failed signature.
+
+A card with `pin_source = "prompt"` (the release PIN that custodians hold, whole or as k-of-n
+shares) is opened without a login: its token process runs, its profiles answer UNAVAILABLE
+with the custodians' missing step (`unlock --token NAME [--share]`, signer/unlocking.py), and
+the unlock handler (signer/commands.py) logs it in through the same token process, with the
+same PIN-flags check before the login (signer/token.py, `pin_tries`: the last try is never
+spent) and the same rules for shares as the daemon's own token; the residency and
+certificates are checked once it is logged in. Its PIN is kept nowhere: not on disk, and not
+across a pull either. The token process that held the PIN (and the shares sent so far) ends
+when the card goes, and the new one, when the card is back, starts locked again: the journal
+says so, and custodians unlock it again. So a card swapped while away is never logged in with
+a PIN meant for another. A session that dies without a pull (a reset) locks it too: the
+daemon cannot tell the two apart, and asking the custodians again is the safe side.
 """
 
 from __future__ import annotations
@@ -28,10 +41,11 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from signer import certs, pin
+from signer import certs, pin, unlocking
 from signer.algorithms import BY_NAME, Algorithm
 from signer.config import Profile, TokenSpec
 from signer.errors import Exit, SignerError
+from signer.policy import Denied
 from signer.tokenproc import KeyHandle, TokenProcess
 
 if TYPE_CHECKING:
@@ -83,11 +97,16 @@ class Cards:
         self._procs: dict[str, TokenProcess] = {}
         self._why: dict[str, str] = {}  # name -> why unavailable (logged once)
         self._next_try: dict[str, float] = {}
+        # the cards whose PIN custodians give (pin_source prompt): who has sent a share (set
+        # by open_all, at the daemon's start)
+        self.locks: dict[str, unlocking.Lock] = {}
 
     def profiles(self, name: str) -> list[Profile]:
         return [p for p in self.d.cfg.profiles.values() if p.token == name]
 
     def open_all(self) -> None:
+        self.locks = {name: unlocking.Lock(name, t.pin_shares, t.pin_share_window)
+                      for name, t in self.d.cfg.tokens.items() if t.pin_file is None}
         for name in self.d.cfg.tokens:
             with self._lock:
                 self._open(name)
@@ -110,7 +129,35 @@ class Cards:
             raise SignerError(Exit.UNAVAILABLE, f"token {name!r} of profile {profile.name!r} "
                               f"is unavailable ({self._why.get(name, 'not opened yet')}): "
                               "plug it in and try again")
+        if not proc.logged_in:
+            raise SignerError(Exit.UNAVAILABLE, f"profile {profile.name!r}: "
+                              f"{self.locks[name].missing(time.monotonic())}")
         return CardToken(self, name, proc)
+
+    def unlock_target(self, name: str) -> unlocking.Target:
+        """What `unlock --token NAME` logs in: the card's token process, opened now if the
+        card was away. USAGE for a name that is no card with pin_source prompt."""
+        lock = self.locks.get(name)
+        if lock is None:
+            why = ("its PIN comes from a file" if name in self.d.cfg.tokens
+                   else "no such token in the signer's configuration")
+            raise Denied(Exit.USAGE, f"token {name!r} is not unlocked by custodians ({why})",
+                         "unlock of a token that takes no PIN from custodians")
+        with self._lock:
+            found = self._procs.get(name) or self._open(name)
+        if found is None:
+            raise SignerError(Exit.UNAVAILABLE, f"token {name!r} is unavailable "
+                              f"({self._why.get(name, 'not opened yet')}): plug it in and "
+                              "try again")
+        proc: TokenProcess = found
+
+        def failed(code: int, message: str) -> None:
+            if code == Exit.UNAVAILABLE:  # gone while locked, or during the login
+                self.lost(name, proc, message)
+
+        return unlocking.Target(proc, lock, lambda **fields: self._unlocked(name, proc,
+                                                                            fields),
+                                failed, {"token": name})
 
     def lost(self, name: str, proc: TokenProcess, why: str, reopen: bool = False
              ) -> TokenProcess | None:
@@ -147,23 +194,51 @@ class Cards:
         spec: TokenSpec = self.d.cfg.tokens[name]
         proc: TokenProcess | None = None
         try:
-            assert spec.pin_file is not None
-            secret = pin.read_file(spec.pin_file)
+            secret = pin.read_file(spec.pin_file) if spec.pin_file is not None else None
             proc = TokenProcess(spec.module, spec.label, spec.serial,
                                 on_lost=lambda why: log.error("token %s: %s", name, why))
-            proc.login(secret)
-            self._check(name, proc)
+            if secret is not None:
+                proc.login(secret)
+                self._check(name, proc)
         except SignerError as exc:
             if proc is not None:
                 proc.close()
             self._forget_keys(name)
             self._unavailable(name, exc.message)
             return None
-        if name in self._why:
-            log.warning("token %s is back: its profiles sign again", name)
-            del self._why[name]
+        back = self._why.pop(name, None) is not None
+        if secret is not None:
+            if back:
+                log.warning("token %s is back: its profiles sign again", name)
+        else:  # a new token process, a new round: no PIN, no share is kept across a pull
+            lock = self.locks[name]
+            lock.reset()
+            log.warning("token %s %s: %s", name, "is back, locked again (its PIN is not kept "
+                        "across a pull)" if back else "is there, locked",
+                        lock.missing(time.monotonic()))
         self._procs[name] = proc
         return proc
+
+    def _unlocked(self, name: str, proc: TokenProcess, fields: dict[str, Any]) -> None:
+        """A card with pin_source prompt is logged in (commands.unlock): the log says who,
+        then its keys' residency and its profiles' certificates are checked, as at a
+        file-PIN card's opening."""
+        assert self.d.writer is not None
+        self.d.writer.append("unlock", token=name, **fields)
+        with self._lock:
+            if self._procs.get(name) is not proc:
+                return  # pulled meanwhile: the next opening locks it again
+            try:
+                self._check(name, proc)
+            except SignerError as exc:
+                del self._procs[name]
+                self._forget_keys(name)
+                self._unavailable(name, exc.message)
+                proc.close()
+                return
+        who = fields.get("custodians") or [fields.get("custodian")]
+        log.warning("token %s unlocked by %s: its profiles sign", name,
+                    ", ".join(str(c) for c in who))
 
     def _check(self, name: str, proc: TokenProcess) -> None:
         """Residency of the card's keys and the match of its profiles' certificates, as the

@@ -11,8 +11,13 @@ argv or the environment, and no share is written in clear. A custodian sends the
 
     age -d -i ~/.ssh/id_ed25519 alice.share.age | ssh custodian-alice@HOST unlock --share
 
-(a pipe: no file, argv or shell history holds it). Run on the controller, where the PIN was
-made; after the ceremony the PIN itself should leave the controller (the threat model, TOK-03).
+(a pipe: no file, argv or shell history holds it). A card's PIN ([tokens.NAME] with
+`pin_source = "prompt"`, set by whoever provisioned the card: the ceremony only splits it) is
+split with `--token NAME`: its shares name the card and count for no other token (the
+daemon's own, another card), and its custodians send them with `unlock --token NAME --share`.
+
+Run on the controller, where the PIN was made; after the ceremony the PIN itself should leave
+the controller (the threat model, TOK-03).
 """
 
 from __future__ import annotations
@@ -79,10 +84,16 @@ def _check_recipient(name: str, line: str) -> None:
         raise SignerError(Exit.USAGE, f"custodian {name}: {why}")
 
 
+def unlock_command(token: str = "") -> str:
+    """What a custodian runs on the host with their share (`ssh ACCOUNT@HOST ...`)."""
+    return f"unlock --token {token} --share" if token else "unlock --share"
+
+
 def split(pin_bytes: bytes, k: int, recipients: list[tuple[str, str]], out_dir: Path,
-          out: TextIO, age: str | None = None) -> list[Path]:
+          out: TextIO, age: str | None = None, token: str = "") -> list[Path]:
     """Write one encrypted share per custodian into `out_dir` (created 0700; refuses to
-    replace a share already there: a second ceremony must not silently half-replace one)."""
+    replace a share already there: a second ceremony must not silently half-replace one).
+    `token`: the [tokens.*] name of the card whose PIN this is ("": the daemon's own)."""
     for name, line in recipients:
         _check_recipient(name, line)
     names = [n for n, _ in recipients]
@@ -94,6 +105,9 @@ def split(pin_bytes: bytes, k: int, recipients: list[tuple[str, str]], out_dir: 
                           "would get two shares")
     try:
         shares.check_counts(k, len(recipients))
+        if token and not shares.token_name_ok(token):
+            raise shares.ShareError(f"--token {token!r}: not a [tokens.*] name "
+                                    "([a-z][a-z0-9_-]{0,63})")
     except shares.ShareError as exc:
         raise SignerError(Exit.USAGE, str(exc)) from None
     age = age or shutil.which("age")
@@ -106,7 +120,7 @@ def split(pin_bytes: bytes, k: int, recipients: list[tuple[str, str]], out_dir: 
         if t.exists():
             raise SignerError(Exit.EXISTS, f"{t} exists: move the last ceremony's shares away "
                               "first")
-    made = shares.split(pin_bytes, k, len(recipients))
+    made = shares.split(pin_bytes, k, len(recipients), token)
     written: list[Path] = []
     try:
         with tempfile.TemporaryDirectory(prefix="signer-ceremony-") as tmp:
@@ -128,6 +142,8 @@ def split(pin_bytes: bytes, k: int, recipients: list[tuple[str, str]], out_dir: 
         for t in written:
             t.unlink(missing_ok=True)
         raise
-    out.write(f"any {k} of these {len(recipients)} custodians unlock the signer; each runs: "
-              f"age -d -i ~/.ssh/KEY NAME{SUFFIX} | ssh ACCOUNT@HOST unlock --share\n")
+    what = f"token {token}" if token else "the signer"
+    out.write(f"any {k} of these {len(recipients)} custodians unlock {what}; each runs: "
+              f"age -d -i ~/.ssh/KEY NAME{SUFFIX} | ssh ACCOUNT@HOST "
+              f"{unlock_command(token)}\n")
     return written

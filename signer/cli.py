@@ -20,6 +20,28 @@ if TYPE_CHECKING:
 # signer.gateway's own small parser before anything else is imported.
 
 
+UNLOCK_HELP = """\
+After each start the signer is locked when its token's PIN comes from custodians
+(pin_source = "prompt"), and so is each card ([tokens.NAME]) with pin_source = "prompt", at
+each start and again each time the card is pulled and plugged back: its PIN is kept nowhere.
+A refused signature (exit 69) says which step is missing.
+
+The whole PIN (pin_shares = 0): one custodian sends it on stdin.
+k-of-n shares (pin_shares = k): each of k custodians sends their own share, within the
+window (pin_share_window); a custodian counts once; a share made for one token (the
+daemon's, or a card's: `signer pin split --token NAME`) counts for no other. The k-th share
+logs the token in, unless the shares do not open the ceremony's seal (nothing is tried on
+the token) or the token has one PIN try left (the signer never spends it); a wrong PIN is
+tried once, and the custodians start again. The audit log records who sent a share, never
+the share.
+
+  age -d -i ~/.ssh/id_ed25519 alice.share.age \\
+    | signer unlock --host custodian-alice@signhost --token card --share
+
+is the same as `... | ssh custodian-alice@signhost unlock --token card --share`.
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     import argparse
     from pathlib import Path
@@ -96,6 +118,10 @@ def _parser() -> argparse.ArgumentParser:
                    "default: asked on the terminal")
     k.add_argument("--out", type=Path, required=True,
                    help="directory for the encrypted shares (NAME.share.age)")
+    k.add_argument("--token", metavar="NAME", default="",
+                   help="the PIN is that of the card [tokens.NAME] (pin_source prompt; its "
+                        "pin_shares is K): its shares count for that card only, sent with "
+                        "`unlock --token NAME --share`; default: the daemon's own token")
 
     s = sub.add_parser("audit", help="the audit log")
     asub = s.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -175,6 +201,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--yes", action="store_true")
     s.add_argument("--ssh", default="ssh")
     s.add_argument("id")
+
+    s = sub.add_parser(
+        "unlock", help="send the token PIN, or your share of it, to a locked signer "
+        "(custodians, over ssh)", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=UNLOCK_HELP)
+    s.add_argument("--host", required=True,
+                   help="your custodian account on the signing host, e.g. "
+                        "custodian-alice@signhost (keys and options from your ssh config)")
+    s.add_argument("--share", action="store_true",
+                   help="stdin is your share (one line, from `age -d ... NAME.share.age`), "
+                        "not the whole PIN")
+    s.add_argument("--token", metavar="NAME",
+                   help="unlock the card [tokens.NAME] (pin_source prompt), not the "
+                        "daemon's own token")
+    s.add_argument("--ssh", default="ssh", help="the ssh client to run (default: ssh)")
 
     s = sub.add_parser("verify", help="verify a signature offline")
     s.add_argument("--format", choices=("cms", "raw"), required=True)
@@ -289,7 +330,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
         recipients = [ceremony.parse_custodian(c) for c in args.custodian]
         ceremony.split(ceremony.read_pin(args.pin_file), args.threshold, recipients, args.out,
-                       out)
+                       out, token=args.token)
         return Exit.OK
     if args.command == "audit":
         if args.action == "show":
@@ -313,6 +354,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "approve":
         return client.approve(args.host, args.key, args.id, args.artifact, args.yes, args.ssh,
                               out, err)
+    if args.command == "unlock":
+        return client.unlock(args.host, args.share, args.token, args.ssh, err)
     key_file = args.cert or args.pubkey
     return client.verify(args.format, key_file, args.pss, args.artifact, args.signature, out)
 

@@ -221,6 +221,19 @@ def approve(host: str, key: Path, rid: str, artifact: Path | None, yes: bool, ss
     return r.returncode
 
 
+def unlock(host: str, share: bool, token: str | None, ssh: str, err: TextIO) -> int:
+    """`unlock [--token NAME] [--share]` over ssh, stdin (the PIN or the share) passed
+    through to ssh as it is: never read here, never in argv."""
+    remote = ["unlock", *(["--token", token] if token else []), *(["--share"] if share else [])]
+    if sys.stdin.isatty():
+        raise SignerError(Exit.USAGE, "the PIN or your share goes on stdin, from a pipe "
+                          "(e.g. age -d -i KEY NAME.share.age | signer unlock ...): not typed "
+                          "here, where a terminal would echo it")
+    r = _ssh(ssh, host, remote, stdin=sys.stdin.buffer)
+    _relay(r, err)
+    return r.returncode
+
+
 def _same_artifact(req: Request, artifact: Path) -> None:
     """The custodian's own copy of the release is the one the request is for: the same SHA-256
     and size, or for authenticode (where the host sees only the request) the same Authenticode

@@ -23,12 +23,13 @@ import json
 import logging
 import os
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
-from signer import approval, audit, pin, policy, request, shares, wire
+from signer import approval, audit, pin, policy, request, shares, unlocking, wire
 from signer.algorithms import BY_NAME, ECDSA_P256
 from signer.config import Profile
 from signer.errors import Exit, SignerError
@@ -52,8 +53,7 @@ class Handler:
 
 def _ready(d: Daemon, profile: Profile, fmt: str) -> None:
     if d.token is None or not d.token.logged_in:
-        raise SignerError(Exit.UNAVAILABLE, "the signer is locked: a custodian must run "
-                          "`unlock`")
+        raise SignerError(Exit.UNAVAILABLE, d.own_lock.missing(time.monotonic()))
     assert d.writer is not None
     if d.writer.broken:
         raise audit.AuditError(d.writer.broken)
@@ -376,45 +376,51 @@ def reject(d: Daemon, peer: wire.Peer, custodian: str, cmd: request.Reject) -> N
 def unlock(d: Daemon, peer: wire.Peer, custodian: str, cmd: request.Unlock) -> None:
     """The whole PIN from one custodian (`unlock`), or, with `pin_shares = k`, one share from
     each of k custodians (`unlock --share`), which only the token process sees: it combines
-    them and logs in (signer/tokenproc.py). The log says who sent a share, never the share."""
-    assert d.token is not None and d.writer is not None
-    if d.token.logged_in:
+    them and logs in (signer/tokenproc.py). The same for the daemon's own token and for a card
+    with pin_source prompt (`--token NAME`, signer/cards.py): one `unlocking.Target` each.
+    The log says who sent a share, never the share."""
+    t = d.cards.unlock_target(cmd.token) if cmd.token is not None else d.unlock_target()
+    if t.proc.logged_in:
         peer.reply(Exit.OK, "already unlocked")
         return
-    k = d.cfg.daemon.pin_shares
+    k, what = t.lock.k, t.lock.what
     if cmd.share and not k:
-        raise Denied(Exit.USAGE, "this signer takes the whole PIN: run `unlock` without "
-                     "--share", "unlock --share without pin_shares")
+        raise Denied(Exit.USAGE, f"{what} takes the whole PIN: run `{t.lock.command()}` "
+                     "without --share", "unlock --share without pin_shares")
     if k and not cmd.share:
-        raise Denied(Exit.USAGE, f"this signer is unlocked by {k} custodians' shares: send "
-                     "yours with `unlock --share`", "whole PIN sent where shares are needed")
+        raise Denied(Exit.USAGE, f"{what} is unlocked by {k} custodians' shares: send "
+                     f"yours with `{t.lock.command()}`", "whole PIN sent where shares are "
+                     "needed")
     peer.go_ahead()
     limit = shares.MAX_LINE + 1 if cmd.share else pin.MAX_PIN + 1
     try:
         body = peer.read_body(limit)
     except wire.BodyTooLarge:
-        what = "share" if cmd.share else "PIN"
-        raise Denied(Exit.DATA, f"{what} too long", f"{what} too long") from None
+        kind = "share" if cmd.share else "PIN"
+        raise Denied(Exit.DATA, f"{kind} too long", f"{kind} too long") from None
     if cmd.share:
-        _unlock_share(d, peer, custodian, body, k)
+        _unlock_share(d, peer, custodian, body, t)
         return
     secret = pin.check(body, "PIN on stdin")
     with d.unlock_lock:
-        if not d.token.logged_in:
+        if not t.proc.logged_in:
             try:
-                warning = d.token.login(secret)
+                warning = t.proc.login(secret)
             except SignerError as exc:
+                t.failed(exc.code, exc.message)
                 if exc.code == Exit.NOPERM:
                     raise Denied(exc.code, exc.message, "unlock refused by the token") \
                         from None
                 raise
             if warning:
-                log.warning("%s", warning)
-            _unlocked(d, custodian=custodian)
+                log.warning("%s%s", f"token {t.lock.token}: " if t.lock.token else "",
+                            warning)
+            t.done(custodian=custodian)
     peer.reply(Exit.OK, "unlocked")
 
 
-def _unlocked(d: Daemon, **fields: Any) -> None:
+def unlocked(d: Daemon, **fields: Any) -> None:
+    """The daemon's own token is logged in: say so in the log, check its keys, vouch."""
     assert d.writer is not None
     d.writer.append("unlock", **fields)
     d.check_keys()
@@ -424,30 +430,39 @@ def _unlocked(d: Daemon, **fields: Any) -> None:
         log.warning("checkpoint after unlock: %s", exc)
 
 
-def _unlock_share(d: Daemon, peer: wire.Peer, custodian: str, share: bytes, k: int) -> None:
-    assert d.token is not None and d.writer is not None
-    window = d.cfg.daemon.pin_share_window
+def _unlock_share(d: Daemon, peer: wire.Peer, custodian: str, share: bytes,
+                  t: unlocking.Target) -> None:
+    assert d.writer is not None
+    lock = t.lock
+    k, window = lock.k, lock.window
     with d.unlock_lock:
-        if d.token.logged_in:
+        if t.proc.logged_in:
             peer.reply(Exit.OK, "already unlocked")
             return
         try:
-            answer = d.token.send_share(custodian, share, k, window)
+            answer = t.proc.send_share(custodian, share, k, window, lock.token)
         except SignerError as exc:
+            lock.refused(exc.code, exc.message)
+            t.failed(exc.code, exc.message)
             if exc.code in (Exit.DATA, Exit.NOPERM):
                 raise Denied(exc.code, exc.message, f"share refused: {exc.message}") from None
             raise
         have = [str(c) for c in answer.get("have", [])]
         if answer.get("warning"):
-            log.warning("%s", answer["warning"])
+            log.warning("%s%s", f"token {lock.token}: " if lock.token else "",
+                        answer["warning"])
         state = answer.get("state")
         if state == "unlocked":
-            d.writer.append("unlock-share", custodian=custodian, have=len(have), need=k)
-            _unlocked(d, custodian=custodian, custodians=sorted(have))
+            lock.reset()
+            d.writer.append("unlock-share", custodian=custodian, have=len(have), need=k,
+                            **t.fields)
+            t.done(custodian=custodian, custodians=sorted(have))
             peer.reply(Exit.OK, f"unlocked with the shares of {', '.join(sorted(have))}")
             return
+        lock.counted(custodian, time.monotonic(), have)
         if state == "added":
-            d.writer.append("unlock-share", custodian=custodian, have=len(have), need=k)
+            d.writer.append("unlock-share", custodian=custodian, have=len(have), need=k,
+                            **t.fields)
     counted = "your share already counts (once)" if state == "again" else "share counted"
     peer.reply(Exit.OK, f"{counted}: {len(have)} of {k} ({', '.join(sorted(have))}); each "
                f"share counts for {window} s after it came")

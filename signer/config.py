@@ -76,12 +76,20 @@ class TokenSpec:
     """A hardware token beside the daemon's own ([tokens.NAME]): a card or USB token whose
     keys were provisioned elsewhere (a key ceremony, the CA of an EV certificate). A profile
     uses it when its key URI names this token's label (and, if given, serial). Its own token
-    process, PIN and failures: pulling it takes its profiles away, not the daemon."""
+    process, PIN and failures: pulling it takes its profiles away, not the daemon.
+
+    With `pin_source = "prompt"` the card starts locked, and locks again each time it is
+    pulled and plugged back (its PIN is kept nowhere, not even across a pull): custodians send
+    the whole PIN (`unlock --token NAME`) or, with `pin_shares = k`, k shares of it
+    (`unlock --token NAME --share`), counted for `pin_share_window` seconds, exactly as for
+    the daemon's own token (signer/cards.py)."""
     name: str
     module: Path
     label: str
-    pin_source: str  # "file:/path" (prompt: the custodians' path, signer/pin.py)
+    pin_source: str  # "prompt" or "file:/path"
     serial: str | None = None
+    pin_shares: int = 0
+    pin_share_window: int = DEFAULT_PIN_SHARE_WINDOW
 
     @property
     def pin_file(self) -> Path | None:
@@ -262,9 +270,7 @@ def parse(text: str, path: Path) -> Config:
                  "pin_shares", "pin_share_window"},
                 {"socket", "audit_log", "state_dir", "token_module", "token_label", "pin_source",
                  "audit_key"})
-    pin_source = r.str_(d, "daemon", "pin_source")
-    if pin_source != "prompt" and not (pin_source.startswith("file:/") and len(pin_source) > 6):
-        raise r.fail("daemon.pin_source", "must be 'prompt' or 'file:/absolute/path'")
+    pin_source = _pin_source(r, d, "daemon")
     daemon = Daemon(
         socket=r.abspath(d, "daemon", "socket"),
         socket_group=r.str_(d, "daemon", "socket_group", ""),
@@ -279,23 +285,17 @@ def parse(text: str, path: Path) -> Config:
         token_serial=r.str_(d, "daemon", "token_serial") if "token_serial" in d else None,
         segment_bytes=r.int_(d, "daemon", "segment_bytes", 4096, 256 * 1024 * 1024),
         segment_entries=r.int_(d, "daemon", "segment_entries", 2, 1_000_000),
-        pin_shares=r.int_(d, "daemon", "pin_shares", 0, 0),
-        pin_share_window=r.int_(d, "daemon", "pin_share_window", 1,
-                                DEFAULT_PIN_SHARE_WINDOW),
+        **_pin_shares(r, d, "daemon", pin_source),
     )
-    if daemon.pin_shares == 1:
-        raise r.fail("daemon.pin_shares", "must be 0 (the whole PIN) or k >= 2: with one "
-                     "share, one custodian holds the PIN")
-    if daemon.pin_shares and pin_source != "prompt":
-        raise r.fail("daemon.pin_shares", "needs pin_source = 'prompt' (shares replace the "
-                     "typed PIN, not a PIN file)")
     tokens = _tokens(r, data, daemon)
     accounts: dict[str, str] = {}
     clients = _principals(r, data, "clients", accounts)
     custodians = _principals(r, data, "custodians", accounts)
-    if daemon.pin_shares > len(custodians):
-        raise r.fail("daemon.pin_shares", f"needs {daemon.pin_shares} custodians, "
-                     f"{len(custodians)} configured")
+    for where, need in [("daemon", daemon.pin_shares),
+                     *((f"tokens.{t.name}", t.pin_shares) for t in tokens.values())]:
+        if need > len(custodians):
+            raise r.fail(f"{where}.pin_shares", f"needs {need} custodians, {len(custodians)} "
+                         "configured")
     overlap = set(clients) & set(custodians)
     if overlap:
         raise r.fail("custodians", f"name used by a client too: {sorted(overlap)[0]!r}")
@@ -386,6 +386,29 @@ def parse(text: str, path: Path) -> Config:
                   custodians=custodians, accounts=accounts, tokens=tokens)
 
 
+def _pin_source(r: _Reader, t: dict[str, Any], prefix: str) -> str:
+    """`pin_source` of the daemon's token or of a [tokens.*] one: the same rules for both."""
+    pin_source = r.str_(t, prefix, "pin_source")
+    if pin_source != "prompt" and not (pin_source.startswith("file:/") and len(pin_source) > 6):
+        raise r.fail(f"{prefix}.pin_source", "must be 'prompt' or 'file:/absolute/path'")
+    return pin_source
+
+
+def _pin_shares(r: _Reader, t: dict[str, Any], prefix: str, pin_source: str) -> dict[str, int]:
+    """`pin_shares` (k; 0: one custodian sends the whole PIN) and `pin_share_window` of the
+    daemon's token or of a [tokens.*] one (signer/shares.py): the same rules for both."""
+    k = r.int_(t, prefix, "pin_shares", 0, 0)
+    if k == 1:
+        raise r.fail(f"{prefix}.pin_shares", "must be 0 (the whole PIN) or k >= 2: with one "
+                     "share, one custodian holds the PIN")
+    if k and pin_source != "prompt":
+        raise r.fail(f"{prefix}.pin_shares", "needs pin_source = 'prompt' (shares replace "
+                     "the typed PIN, not a PIN file)")
+    return {"pin_shares": k,
+            "pin_share_window": r.int_(t, prefix, "pin_share_window", 1,
+                                       DEFAULT_PIN_SHARE_WINDOW)}
+
+
 def _tokens(r: _Reader, data: dict[str, Any], daemon: Daemon) -> dict[str, TokenSpec]:
     section = data.get("tokens", {})
     if not isinstance(section, dict):
@@ -395,14 +418,14 @@ def _tokens(r: _Reader, data: dict[str, Any], daemon: Daemon) -> dict[str, Token
         prefix = f"tokens.{name}"
         if not NAME_RE.fullmatch(name):
             raise r.fail(prefix, "bad name (want [a-z][a-z0-9_-]{0,63})")
-        t = r.table(section, prefix, {"module", "label", "serial", "pin_source"},
+        t = r.table(section, prefix, {"module", "label", "serial", "pin_source", "pin_shares",
+                                      "pin_share_window"},
                     {"module", "label", "pin_source"})
-        pin_source = r.str_(t, prefix, "pin_source")
-        if not (pin_source.startswith("file:/") and len(pin_source) > 6):
-            raise r.fail(f"{prefix}.pin_source", "must be 'file:/absolute/path'")
+        pin_source = _pin_source(r, t, prefix)
         spec = TokenSpec(name=name, module=r.abspath(t, prefix, "module"),
                          label=r.str_(t, prefix, "label"), pin_source=pin_source,
-                         serial=r.str_(t, prefix, "serial") if "serial" in t else None)
+                         serial=r.str_(t, prefix, "serial") if "serial" in t else None,
+                         **_pin_shares(r, t, prefix, pin_source))
         if spec.label == daemon.token_label or spec.label in {o.label for o in out.values()}:
             raise r.fail(f"{prefix}.label", f"{spec.label!r} is another token's label too: "
                          "a key URI could not say which token it means")

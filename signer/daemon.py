@@ -32,7 +32,7 @@ from typing import Any
 
 from asn1crypto import x509
 
-from signer import audit, certs, pin, policy, recovery, request, service, wire
+from signer import audit, certs, commands, pin, policy, recovery, request, service, unlocking, wire
 from signer.algorithms import BY_NAME, ECDSA_P256
 from signer.cards import Cards
 from signer.commands import COMMANDS
@@ -77,6 +77,9 @@ class Daemon:
         # What the command handlers share (signer/commands.py: the order of the locks)
         self.lock = threading.Lock()  # policy state
         self.unlock_lock = threading.Lock()
+        # who has sent a share of the daemon's own token's PIN (signer/unlocking.py): set by
+        # start() from the config, as the custodians' accounts are
+        self.own_lock = unlocking.Lock("", 0, 1)
         self.inflight: dict[str, int] = {}  # profile -> signatures reserved, not yet logged
         self.fetching: set[str] = set()  # requests being signed by a `fetch`
         # (key URI, algorithm) -> private key handle, for resident keys only; or why refused
@@ -108,6 +111,7 @@ class Daemon:
     def start(self) -> None:
         d = self.cfg.daemon
         self._custodian_uids = _custodian_uids(self.cfg)
+        self.own_lock = unlocking.Lock("", d.pin_shares, d.pin_share_window)
         secret = pin.read_file(d.pin_file) if d.pin_file is not None else None
         # The token in a process of its own (signer/tokenproc.py: the GIL and the token)
         self.token = TokenProcess(d.token_module, d.token_label, d.token_serial,
@@ -176,6 +180,12 @@ class Daemon:
             self.writer.checkpoint()  # vouch for what was written while locked
         except audit.AuditError as exc:
             log.warning("checkpoint after login: %s", exc)
+
+    def unlock_target(self) -> unlocking.Target:
+        """What `unlock` without --token logs in: the daemon's own token."""
+        assert self.token is not None
+        return unlocking.Target(self.token, self.own_lock,
+                                lambda **fields: commands.unlocked(self, **fields))
 
     def check_keys(self) -> None:
         """Residency of every configured key; refusals are logged once per login."""

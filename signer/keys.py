@@ -47,9 +47,19 @@ def open_token(cfg: Config, rw: bool = False, profile: str | None = None) -> Tok
     p = cfg.profiles.get(profile) if profile is not None else None
     if p is not None and p.token is not None:
         spec = cfg.tokens[p.token]
-        assert spec.pin_file is not None  # config: a card's PIN source is a file
+        if spec.pin_file is not None:
+            secret = pin.read_file(spec.pin_file)
+        elif sys.stdin.isatty():
+            secret = pin.check(getpass.getpass(f"token {spec.name} user PIN: ").encode(),
+                               "PIN")
+        else:
+            # A card whose PIN its custodians hold: no PIN file anywhere on the host, so no
+            # deploy reads it; the daemon checks the card's keys at each unlock instead.
+            raise SignerError(Exit.CONFIG, f"token {spec.name!r} takes its PIN from its "
+                              "custodians (pin_source prompt): type it on a terminal; the "
+                              "daemon checks its keys at each unlock")
         token = Token(spec.module, spec.label, spec.serial)
-        token.login(pin.read_file(spec.pin_file), rw=rw)
+        token.login(secret, rw=rw)
         return token
     token = Token(cfg.daemon.token_module, cfg.daemon.token_label, cfg.daemon.token_serial)
     token.login(_pin(cfg), rw=rw)

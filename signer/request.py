@@ -171,13 +171,34 @@ class Requests(_Command):
 
 class Unlock(_Command):
     """`unlock` sends the whole PIN on stdin; `unlock --share` one custodian's share of it
-    (signer/shares.py), when the signer is configured for k-of-n shares."""
+    (signer/shares.py), when the signer is configured for k-of-n shares. `--token NAME`: the
+    PIN (or share) of the card [tokens.NAME] with pin_source prompt, not of the daemon's own
+    token (None: left out on the wire, so an `unlock` is what it always was)."""
 
-    __slots__ = ("share",)
-    _fields = ("share",)
+    __slots__ = ("share", "token")
+    _fields = ("share", "token")
 
-    def __init__(self, share: bool = False) -> None:
+    def __init__(self, share: bool = False, token: str | None = None) -> None:
         self.share = share
+        self.token = token
+
+
+UNLOCK_USAGE = ("unlock: takes --share and --token NAME only (the PIN, or your share of it, "
+                "goes on stdin)")
+
+
+def _parse_unlock(args: list[str]) -> Unlock:
+    share, token, i = False, None, 0
+    while i < len(args):
+        if args[i] == "--share" and not share:
+            share, i = True, i + 1
+        elif args[i] == "--token" and token is None and i + 1 < len(args):
+            if not is_name(args[i + 1]):
+                raise ParseError(f"unlock: bad token name (want {PROFILE_PATTERN})")
+            token, i = args[i + 1], i + 2
+        else:
+            raise ParseError(UNLOCK_USAGE)
+    return Unlock(share=share, token=token)
 
 
 Command = (Sign | Status | Fetch | Cancel | Requests | Approve | Reject | Unlock | Freeze
@@ -267,10 +288,7 @@ def parse(raw: bytes | None) -> Command:
     if verb == "sign":
         return _parse_sign(args)
     if verb == "unlock":
-        if args not in ([], ["--share"]):
-            raise ParseError("unlock: takes no argument but --share (the PIN, or your share "
-                             "of it, goes on stdin)")
-        return Unlock(share=bool(args))
+        return _parse_unlock(args)
     arity = {"status": 1, "fetch": 1, "cancel": 1, "approve": 1, "reject": 1, "freeze": 1,
              "thaw": 1, "requests": 0}
     if verb not in arity:
@@ -345,8 +363,10 @@ def from_wire(obj: Mapping[str, object]) -> Command:
     if cmd == "requests":
         return Requests()
     if cmd == "unlock":
-        share = obj.get("share", False)
+        share, token = obj.get("share", False), obj.get("token")
         if not isinstance(share, bool):
             raise ParseError("bad share")
-        return Unlock(share=share)
+        if token is not None and not (isinstance(token, str) and is_name(token)):
+            raise ParseError("bad token")
+        return Unlock(share=share, token=token)
     raise ParseError("unknown command")

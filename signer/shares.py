@@ -17,7 +17,14 @@ A share is one line of ASCII, safe to paste, with a checksum that catches a typo
 
     signer-share-1.<set id, 16 hex>.<k>.<n>.<index>.<share, b64url>.<sealed PIN, b64url>.<check>
 
-where <check> is the first 8 hex digits of SHA-256 over everything before it. The share alone
+where <check> is the first 8 hex digits of SHA-256 over everything before it. A share of a
+card's PIN ([tokens.NAME] with `pin_source = "prompt"`) names its token before the check:
+
+    signer-share-1.<set id>.<k>.<n>.<index>.<share>.<sealed PIN>.<token NAME>.<check>
+
+and the token's name is bound to the seal too, so a share is refused at once by any other
+token's round (a share of the daemon's own token names none), and a share whose name was
+edited never opens the seal: one token's PIN is never tried on another. The share alone
 tells nothing about the PIN (Shamir's property, given a uniformly random K); the sealed PIN is
 AES-GCM ciphertext under K. Nothing here does I/O.
 """
@@ -52,14 +59,18 @@ class Share:
     index: int
     value: bytes  # 16 bytes
     sealed: bytes  # nonce, ciphertext, tag
+    token: str = ""  # the [tokens.*] name of a card's PIN; "": the daemon's own token
 
     def same_set(self, other: Share) -> bool:
-        return (self.set_id, self.k, self.n, self.sealed) == \
-            (other.set_id, other.k, other.n, other.sealed)
+        return (self.set_id, self.k, self.n, self.sealed, self.token) == \
+            (other.set_id, other.k, other.n, other.sealed, other.token)
 
     def line(self) -> str:
-        body = ".".join((PREFIX, self.set_id, str(self.k), str(self.n), str(self.index),
-                         _b64(self.value), _b64(self.sealed)))
+        fields = [PREFIX, self.set_id, str(self.k), str(self.n), str(self.index),
+                  _b64(self.value), _b64(self.sealed)]
+        if self.token:
+            fields.append(self.token)
+        body = ".".join(fields)
         return f"{body}.{_check(body)}"
 
 
@@ -75,8 +86,19 @@ def _check(body: str) -> str:
     return hashlib.sha256(body.encode("ascii")).hexdigest()[:8]
 
 
-def _aad(set_id: str, k: int, n: int) -> bytes:
-    return f"{PREFIX}.{set_id}.{k}.{n}".encode("ascii")
+def _aad(set_id: str, k: int, n: int, token: str) -> bytes:
+    return (f"{PREFIX}.{set_id}.{k}.{n}" + (f".{token}" if token else "")).encode("ascii")
+
+
+def token_name_ok(token: str) -> bool:
+    """A [tokens.*] name as the signer's config allows it (NAME_RE there; kept here so that
+    this module imports nothing of the signer's)."""
+    return (0 < len(token) <= 64 and token[0].isascii() and token[0].islower()
+            and all(c.isascii() and (c.islower() or c.isdigit() or c in "_-") for c in token))
+
+
+def whose(token: str) -> str:
+    return f"token {token!r}" if token else "the signer's own token"
 
 
 def check_counts(k: int, n: int) -> None:
@@ -85,14 +107,17 @@ def check_counts(k: int, n: int) -> None:
                          "with k=1 any one custodian holds the PIN")
 
 
-def split(pin: bytes, k: int, n: int) -> list[Share]:
-    """n shares of `pin`, any k of which give it back (see the module docstring)."""
+def split(pin: bytes, k: int, n: int, token: str = "") -> list[Share]:
+    """n shares of `pin`, any k of which give it back (see the module docstring); `token`:
+    the [tokens.*] name of the card whose PIN this is ("": the daemon's own token)."""
     check_counts(k, n)
+    if token and not token_name_ok(token):
+        raise ShareError(f"bad token name {token!r} (want [a-z][a-z0-9_-]{{0,63}})")
     key = os.urandom(16)
     set_id = os.urandom(8).hex()
     nonce = os.urandom(_NONCE)
-    sealed = nonce + AESGCM(key).encrypt(nonce, pin, _aad(set_id, k, n))
-    return [Share(set_id, k, n, index, bytes(value), sealed)
+    sealed = nonce + AESGCM(key).encrypt(nonce, pin, _aad(set_id, k, n, token))
+    return [Share(set_id, k, n, index, bytes(value), sealed, token)
             for index, value in Shamir.split(k, n, key, False)]
 
 
@@ -106,7 +131,7 @@ def parse(raw: bytes) -> Share:
     except UnicodeDecodeError:
         raise ShareError("not a share: not ASCII") from None
     parts = line.split(".")
-    if len(parts) != 8 or parts[0] != PREFIX:
+    if len(parts) not in (8, 9) or parts[0] != PREFIX:
         # (the message never holds PREFIX and a dot: the posture suite looks for that in logs)
         raise ShareError(f"not a share: want the one line the ceremony wrote (it starts "
                          f"{PREFIX})")
@@ -115,6 +140,9 @@ def parse(raw: bytes) -> Share:
         raise ShareError("the share is damaged (its checksum does not match): copy it again "
                          "from the ceremony's file")
     _prefix, set_id, k_s, n_s, index_s, value_s, sealed_s = parts[:7]
+    token = parts[7] if len(parts) == 9 else ""
+    if len(parts) == 9 and not token_name_ok(token):
+        raise ShareError("the share is damaged (its token name is not a name)")
     try:
         k, n, index = int(k_s), int(n_s), int(index_s)
         value, sealed = _unb64(value_s), _unb64(sealed_s)
@@ -128,7 +156,7 @@ def parse(raw: bytes) -> Share:
     if len(set_id) != 16 or not 1 <= index <= n or len(value) != 16 \
             or len(sealed) < _NONCE + 16 + 1:
         raise ShareError("the share is damaged (a field is out of range)")
-    return Share(set_id, k, n, index, value, sealed)
+    return Share(set_id, k, n, index, value, sealed, token)
 
 
 def combine(shares: list[Share]) -> bytes:
@@ -144,7 +172,8 @@ def combine(shares: list[Share]) -> bytes:
     key = Shamir.combine([(s.index, s.value) for s in shares[:first.k]], False)
     nonce, sealed = first.sealed[:_NONCE], first.sealed[_NONCE:]
     try:
-        return AESGCM(key).decrypt(nonce, sealed, _aad(first.set_id, first.k, first.n))
+        return AESGCM(key).decrypt(nonce, sealed,
+                                   _aad(first.set_id, first.k, first.n, first.token))
     except InvalidTag:
         raise ShareError("the shares do not open the sealed PIN: one of them is forged, "
                          "damaged or from another ceremony") from None
@@ -170,11 +199,17 @@ class Round:
     def _expire(self, now: float, window: float) -> None:
         self._sent = [s for s in self._sent if now - s.at < window]
 
-    def add(self, custodian: str, raw: bytes, k: int, now: float, window: float) -> str:
-        """Count a custodian's share; returns "added" or "again" (this custodian's share
-        already counts: once). ShareError when the share cannot count."""
+    def add(self, custodian: str, raw: bytes, k: int, now: float, window: float,
+            token: str = "") -> str:
+        """Count a custodian's share for `token` (the [tokens.*] name; "": the daemon's own);
+        returns "added" or "again" (this custodian's share already counts: once). ShareError
+        when the share cannot count: a share of another token's PIN is refused here, before
+        it counts, so it can never be combined and tried on this token."""
         self._expire(now, window)
         share = parse(raw)
+        if share.token != token:
+            raise ShareError(f"the share is for {whose(share.token)}, not {whose(token)}: "
+                             "send it with the unlock of the token it was made for")
         if share.k != k:
             raise ShareError(f"the share is for {share.k} of {share.n} custodians, but this "
                              f"signer needs {k}: it is from another ceremony")

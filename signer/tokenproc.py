@@ -57,6 +57,9 @@ from signer.errors import Exit, SignerError
 from signer.uri import PKCS11URI
 from signer.uri import parse as parse_uri
 
+# In the answer to the share whose combination fails: the round is empty again (and nothing
+# reached the token). signer/unlocking.py tells it from a lone share refused.
+ROUND_RESET = "nothing was tried on the token"
 DEPTH = 4  # requests in the child's socket at once: one being signed, the next ones ready
 
 _HEAD = struct.Struct("!IB")
@@ -265,14 +268,16 @@ class TokenProcess:
         self._logged_in = True
         return warning.decode("utf-8", "replace") or None
 
-    def send_share(self, custodian: str, share: bytes, k: int, window: float
-                   ) -> dict[str, Any]:
-        """Hand a custodian's share to the token process (signer/shares.py, `Round`). The
+    def send_share(self, custodian: str, share: bytes, k: int, window: float,
+                   token: str = "") -> dict[str, Any]:
+        """Hand a custodian's share to the token process (signer/shares.py, `Round`), for
+        `token` (the [tokens.*] name of a card; "": the daemon's own token). The
         answer: `state` "added", "again" (this custodian's share counts already) or
         "unlocked" (the k-th share: logged in), `have` (custodians whose shares count),
         `warning` (the token's PIN flags). SignerError: the share cannot count (DATA), the
         shares do not combine (DATA, all forgotten), the token refused (NOPERM)."""
-        head = json.dumps({"custodian": custodian, "k": k, "window": window}).encode()
+        head = json.dumps({"custodian": custodian, "k": k, "window": window,
+                           "token": token}).encode()
         body = self._call(SHARE, struct.pack("!H", len(head)) + head + share)
         answer = json.loads(body)
         assert isinstance(answer, dict)
@@ -367,7 +372,8 @@ def child_main(fd: int) -> None:
                 round_.clear()
                 return json.dumps({"state": "unlocked", "have": [], "warning": None}).encode()
             try:
-                state = round_.add(a["custodian"], body[2 + n:], k, now, window)
+                state = round_.add(a["custodian"], body[2 + n:], k, now, window,
+                                   str(a.get("token", "")))
             except shares.ShareError as exc:
                 raise SignerError(Exit.DATA, str(exc)) from None
             have = round_.custodians(now, window)
@@ -376,8 +382,8 @@ def child_main(fd: int) -> None:
                 try:
                     secret = round_.take()
                 except shares.ShareError as exc:
-                    raise SignerError(Exit.DATA, f"{exc}: nothing was tried on the token; "
-                                      f"each custodian must send their share again") from None
+                    raise SignerError(Exit.DATA, f"{exc}: {ROUND_RESET}; each custodian "
+                                      "must send their share again") from None
                 warning = token.login(secret.decode("utf-8"))
                 state = "unlocked"
             return json.dumps({"state": state, "have": have, "warning": warning}).encode()

@@ -88,6 +88,21 @@ def _known_pins(host: Host, expected: Expected) -> tuple[dict[str, Secret], list
                 continue
             if len(secret) and not any(secret.same_as(s) for s in pins.values()):
                 pins[f"{label} ({path.name} on the controller)"] = secret
+    # Each card's PIN ([tokens.*], token_cards), from its pin_src on the controller: a card
+    # its custodians unlock has no PIN file on the host, and its PIN must reach no log either.
+    for card in expected.get("token_cards") or []:
+        name = str(card.get("name"))
+        src = card.get("pin_src") or (Path(str(pin_dir)) / f"{name}-user-pin"
+                                      if pin_dir else None)
+        if src is None:
+            continue
+        looked.append(f"{src} on the controller (card {name})")
+        try:
+            secret = Secret(Path(str(src)).read_bytes().strip())
+        except OSError:
+            continue
+        if len(secret) and not any(secret.same_as(s) for s in pins.values()):
+            pins[f"card {name}'s user PIN (on the controller)"] = secret
     return pins, looked
 
 

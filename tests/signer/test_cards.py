@@ -65,12 +65,13 @@ def generate(lab: Lab, label: str, pin_file: Path, key: str, cert: Path | None) 
 
 
 def with_card(s: Signer, label: str, pin_file: Path, cert: Path | None,
-              key: str = "cardkey") -> Signer:
-    """`s`'s config plus [tokens.card] (label `label`) and a profile `card` on it (cms and
-    raw with a certificate, raw only without)."""
+              key: str = "cardkey", **token: Any) -> Signer:
+    """`s`'s config plus [tokens.card] (label `label`, its PIN from `pin_file` unless `token`
+    says otherwise) and a profile `card` on it (cms and raw with a certificate, raw only
+    without)."""
     tables: dict[str, dict[str, Any]] = {
         "tokens.card": {"module": str(SOFTHSM_MODULE), "label": label,
-                        "pin_source": f"file:{pin_file}"},
+                        "pin_source": f"file:{pin_file}", **token},
         "profiles.card": {"key": f"pkcs11:token={label};object={key};id=%01;type=private",
                           "algorithm": "rsa2048-pkcs1",
                           "formats": ["cms", "raw"] if cert else ["raw"],

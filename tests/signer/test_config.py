@@ -192,5 +192,26 @@ def test_a_card_profile_is_bound_to_its_token_by_label_and_serial() -> None:
         parse(tokens__ev=card, profiles__dev={"key": key.replace("0123", "9999")})
     with pytest.raises(SignerError, match="another token's label"):
         parse(tokens__ev={**card, "label": "signer"})
-    with pytest.raises(SignerError, match="must be 'file:/absolute/path'"):
-        parse(tokens__ev={**card, "pin_source": "prompt"})
+    with pytest.raises(SignerError, match="must be 'prompt' or 'file:/absolute/path'"):
+        parse(tokens__ev={**card, "pin_source": "/etc/signer/pin-ev"})
+
+
+def test_a_card_takes_the_pin_from_custodians_by_the_daemons_rules() -> None:
+    """[tokens.*] with pin_source prompt: the whole PIN or k-of-n shares, refused as for the
+    daemon's own token when one custodian alone would hold it, when a PIN file is given
+    shares, or when there are fewer custodians than k."""
+    card: dict[str, object] = {"module": "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so",
+                               "label": "EV token", "pin_source": "prompt"}
+    cfg = parse(tokens__ev={**card, "pin_shares": 2, "pin_share_window": 60})
+    ev = cfg.tokens["ev"]
+    assert (ev.pin_file, ev.pin_shares, ev.pin_share_window) == (None, 2, 60)
+    assert parse(tokens__ev=card).tokens["ev"].pin_shares == 0  # one custodian, whole PIN
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"pin_shares": 1}, "tokens.ev.pin_shares: must be 0 .* or k >= 2"),
+        ({"pin_shares": 2, "pin_source": "file:/etc/signer/pin-ev"},
+         "tokens.ev.pin_shares: needs pin_source = 'prompt'"),
+        ({"pin_shares": 9}, "tokens.ev.pin_shares: needs 9 custodians"),
+        ({"pin_share_window": 0}, "tokens.ev.pin_share_window: must be >= 1")]
+    for bad, why in cases:
+        with pytest.raises(SignerError, match=why):
+            parse(tokens__ev={**card, **bad})

@@ -42,8 +42,8 @@ BAD_COMMANDS = [
     (b"status ../../etc/passwd", 64, "bad request id"),
     (b"fetch", 64, "expects 1 argument"),
     (b"freeze Dev", 64, "bad profile name"),
-    (b"unlock 123456", 64, "takes no argument but --share"),
-    (b"unlock --share --share", 64, "takes no argument but --share"),
+    (b"unlock 123456", 64, "takes --share and --token NAME only"),
+    (b"unlock --share --share", 64, "takes --share and --token NAME only"),
 ]
 
 
@@ -193,6 +193,18 @@ def test_unlock_share_is_a_flag_that_reaches_the_daemon_only_when_given() -> Non
     assert request.from_wire(request.to_wire(share)) == share
     with pytest.raises(request.ParseError, match="bad share"):
         request.from_wire({"cmd": "unlock", "share": "yes"})
+    # a card's PIN (signer/cards.py): --token NAME, in either order with --share
+    card = request.parse(b"unlock --token card --share")
+    assert card == request.parse(b"unlock --share --token card") == \
+        request.Unlock(share=True, token="card")
+    assert request.to_wire(card) == {"cmd": "unlock", "share": True, "token": "card"}
+    assert request.from_wire(request.to_wire(card)) == card
+    for bad in (b"unlock --token", b"unlock --token Card", b"unlock --share --share",
+                b"unlock --token a --token b", b"unlock now"):
+        with pytest.raises(request.ParseError, match="unlock: "):
+            request.parse(bad)
+    with pytest.raises(request.ParseError, match="bad token"):
+        request.from_wire({"cmd": "unlock", "token": "../x"})
 
 
 def test_timestamped_is_a_flag_that_reaches_the_daemon_only_when_given() -> None:

@@ -328,6 +328,59 @@ def test_a_card_profile_names_its_card_key_and_certificate(good: dict[str, Any],
     assert _problems(tmp_path, good) == [problem]
 
 
+@pytest.mark.parametrize(("card", "problems"), [
+    ({"pin_source": "prompt", "pin_shares": 2}, []),
+    ({"pin_source": "prompt"}, []),  # the whole PIN from one custodian
+    ({"pin_source": "prompt", "pin_shares": 2, "pin_share_holders": ["alice", "bob"]}, []),
+    ({"pin_source": "prompt", "pin_shares": 1},
+     ["token_cards[card].pin_shares: 1: k-of-n shares need k >= 2 (release profile 'ev')"]),
+    ({"pin_source": "prompt", "pin_shares": 3},
+     ["token_cards[card].pin_shares: 3 shares needed but 2 holders (release profile 'ev')"]),
+    ({"pin_source": "prompt", "pin_shares": 2, "pin_share_holders": ["alice", "mallory"]},
+     ["token_cards[card].pin_share_holders: 'mallory' is not in signer_custodians"]),
+    ({"pin_shares": 2}, ["token_cards[card].pin_shares: needs token_cards[card].pin_source: "
+                         "prompt"]),
+    ({"pin_source": "usb"}, ["value of pin_source must be one of: file, prompt, got: usb"]),
+])
+def test_a_cards_pin_shares_follow_the_hosts_rules(good: dict[str, Any], tmp_path: Path,
+                                                   card: dict[str, Any],
+                                                   problems: list[str]) -> None:
+    """A card whose custodians unlock it (pin_source prompt, pin_shares k of
+    pin_share_holders): refused as the host token's would be, k > n or k < 2 for a card that
+    holds a release profile's key."""
+    good["token_cards"] = [{**CARD, **card}]
+    good["signer_profiles"].append({**CARD_PROFILE, "approvals": 2,
+                                    "custodians": ["alice", "bob"]})
+    found = _problems(tmp_path, good)
+    assert len(found) == len(problems), found
+    for f, want in zip(found, problems, strict=True):
+        assert want in f, found
+
+
+def test_the_commented_card_release_profile_passes_when_uncommented(tmp_path: Path) -> None:
+    """production.example's commented release profile on a card, whose PIN 2 custodians'
+    shares give (pin_source prompt), uncommented as an operator would: inventory.check accepts
+    it, and the signer role renders its [tokens.*] table with the shares."""
+    import shutil
+
+    inv = tmp_path / "inv"
+    shutil.copytree(ROOT / "inventory" / "production.example", inv)
+    f = inv / "group_vars" / "release_signers" / "signer.yml"
+    lines = f.read_text().splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("  # - name: card-release"))
+    out = lines[:start]
+    for ln in lines[start:]:
+        if ln.startswith("  # ") or ln.startswith("#   ") or ln == "# token_cards:":
+            ln = ln.replace("  # ", "  ", 1) if ln.startswith("  # ") else ln[2:]
+        out.append(ln)
+    f.write_text("\n".join(out) + "\n")
+    text = f.read_text()
+    assert "- name: card-release\n    token: card-release" in text
+    assert "    pin_source: prompt" in text and "token_cards:\n  - name: card-release" in text
+    result = inventory_check.check(str(inv))
+    assert result.ok, "\n".join(result.lines())
+
+
 def test_the_commented_ev_profile_of_the_example_passes_when_uncommented(tmp_path: Path) -> None:
     """production.example's commented hardware profile (win-ev on its EV token), uncommented
     as an operator would: inventory.check accepts it."""
@@ -348,3 +401,45 @@ def test_the_commented_ev_profile_of_the_example_passes_when_uncommented(tmp_pat
     assert "- name: win-ev\n    token: ev" in text and "token_cards:\n  - name: ev" in text
     result = inventory_check.check(str(inv))
     assert result.ok, "\n".join(result.lines())
+
+
+def test_split_pin_with_token_splits_the_cards_pin_for_its_holders(
+        good: dict[str, Any], tmp_path: Path) -> None:
+    """`invoke token.split-pin --token card`: the card's PIN (its pin_src on the controller),
+    its own k and holders, the shares under token_pin_dir/shares/card, each opened by its
+    holder's key alone, naming the card; a card that is not in token_cards is refused."""
+    import shutil
+
+    from invoke.exceptions import Exit as InvokeExit
+
+    from signer import shares
+    from toolkit.runner.pin_ceremony import split_pin
+
+    if shutil.which("age") is None:
+        pytest.skip("age not installed (apt install age)")
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for c in good["signer_custodians"]:
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                        str(keys / c["name"])], check=True)
+        c["ssh_key"] = (keys / f"{c['name']}.pub").read_text().strip()
+    pins = Path(good["token_pin_dir"])
+    pins.mkdir(mode=0o700)
+    card_pin = pins / "card-user-pin"
+    card_pin.write_text("card-pin-123456\n")
+    card_pin.chmod(0o600)
+    good["token_cards"] = [{**CARD, "pin_source": "prompt", "pin_shares": 2}]
+    good["signer_profiles"].append({**CARD_PROFILE, "approvals": 2,
+                                    "custodians": ["alice", "bob"]})
+    inv = _write(tmp_path, good)
+    made = split_pin(inv, None, None, None, token="card")
+    assert sorted(p.name for p in made) == ["alice.share.age", "bob.share.age"]
+    assert all(p.parent == pins / "shares" / "card" for p in made)
+    got = [shares.parse(subprocess.run(["age", "-d", "-i", str(keys / who), str(p)],
+                                       capture_output=True, check=True).stdout)
+           for who, p in zip(("alice", "bob"), sorted(made), strict=True)]
+    assert {s.token for s in got} == {"card"} and shares.combine(got) == b"card-pin-123456"
+    with pytest.raises(InvokeExit, match="--token nope: not in token_cards"):
+        split_pin(inv, None, None, str(tmp_path / "other"), token="nope")
+    with pytest.raises(InvokeExit, match="takes the whole PIN"):  # the host's token: file PIN
+        split_pin(inv, None, None, str(tmp_path / "host"))

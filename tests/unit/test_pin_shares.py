@@ -3,6 +3,7 @@ round the token process keeps, and inventory.check's rules for k and n."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 
 import pytest
@@ -151,3 +152,35 @@ def test_the_posture_suite_looks_for_the_marker_every_share_starts_with() -> Non
     with pytest.raises(shares.ShareError) as refused:
         shares.parse(b"not a share")
     assert SHARE_MARKER.decode() not in str(refused.value)
+
+
+def test_a_cards_shares_name_it_and_count_for_no_other_token() -> None:
+    """A card's shares (`--token NAME`) carry its name, bound to the seal: another token's
+    round refuses them on arrival, the daemon's own shares are refused by the card's round, and
+    a share whose name was edited (checksum made right) never opens the seal."""
+    card = shares.split(PIN, 2, 3, token="card")
+    lines = [s.line() for s in card]
+    assert all(ln.startswith("signer-share-1.") and ln.count(".") == 8 for ln in lines)
+    assert shares.combine([shares.parse(ln.encode()) for ln in lines[:2]]) == PIN
+    r = shares.Round()
+    with pytest.raises(shares.ShareError, match="for token 'card', not the signer's own"):
+        r.add("alice", lines[0].encode(), 2, 0, 10)
+    with pytest.raises(shares.ShareError, match="for token 'card', not token 'other'"):
+        r.add("alice", lines[0].encode(), 2, 0, 10, token="other")
+    own = shares.split(PIN, 2, 3)[0].line().encode()
+    with pytest.raises(shares.ShareError, match="for the signer's own token, not token 'card'"):
+        r.add("alice", own, 2, 0, 10, token="card")
+    assert r.add("alice", lines[0].encode(), 2, 0, 10, token="card") == "added"
+    renamed = [shares.Share(s.set_id, s.k, s.n, s.index, s.value, s.sealed, "other")
+               for s in card]
+    with pytest.raises(shares.ShareError, match="forged, damaged or from another ceremony"):
+        shares.combine(renamed[:2])
+    unnamed = [shares.Share(s.set_id, s.k, s.n, s.index, s.value, s.sealed) for s in card]
+    with pytest.raises(shares.ShareError, match="forged, damaged or from another ceremony"):
+        shares.combine(unnamed[:2])
+    body = lines[0].rsplit(".", 1)[0].replace(".card", ".Card")  # checksum made right
+    bad_name = f"{body}.{hashlib.sha256(body.encode()).hexdigest()[:8]}"
+    with pytest.raises(shares.ShareError, match="token name"):
+        shares.parse(bad_name.encode())
+    with pytest.raises(shares.ShareError):
+        shares.split(PIN, 2, 3, token="../x")

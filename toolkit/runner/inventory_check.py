@@ -255,6 +255,11 @@ def _check_host(
                 signer["signer_custodians"], signer["signer_profiles"])
         if "token_cards" not in failed:
             problems += card_rules(value("token_cards", []), signer["signer_profiles"])
+            if "token_pin_share_recipients" not in failed:
+                problems += card_pin_rules(value("token_cards", []),
+                                           value("token_pin_share_recipients", {}),
+                                           signer["signer_custodians"],
+                                           signer["signer_profiles"])
     keys: list[tuple[str, Any]] = [
         (f"preflight_operator_public_keys[{i}]", k)
         for i, k in enumerate(_list(value("preflight_operator_public_keys", [])))
@@ -384,12 +389,12 @@ def cross_rules(clients: Any, custodians: Any, profiles: Any) -> list[str]:
 
 
 def pin_share_rules(pin_source: Any, k: Any, holders: Any, recipients: Any, custodians: Any,
-                    profiles: Any) -> list[str]:
+                    profiles: Any, prefix: str = "token_") -> list[str]:
     """The PIN as k-of-n custodian shares (token_pin_shares = k, token_pin_share_holders: the
     n custodians who hold one; empty: every custodian): 2 <= k <= n, holders are custodians,
     each with a key age can encrypt their share to (token_pin_share_recipients, else their
     SSH key), and shares replace the typed PIN only (pin_source prompt). k = 0 keeps the whole
-    PIN."""
+    PIN. The same rules for a card's PIN (`card_pin_rules`): `prefix` names its variables."""
     if not isinstance(k, int) or isinstance(k, bool) or k == 0:
         return []  # a wrong type is the argument spec's to report
     names = _names(_dicts(custodians))
@@ -400,19 +405,19 @@ def pin_share_rules(pin_source: Any, k: Any, holders: Any, recipients: Any, cust
     problems: list[str] = []
     what = f" (release profile {release[0]!r})" if release else ""
     if k < 2:
-        problems.append(f"token_pin_shares: {k}: k-of-n shares need k >= 2{what}: with one "
+        problems.append(f"{prefix}pin_shares: {k}: k-of-n shares need k >= 2{what}: with one "
                         "share, one custodian holds the PIN (0 keeps the whole PIN)")
     if k > n:
-        problems.append(f"token_pin_shares: {k} shares needed but {n} holders{what} "
-                        "(token_pin_share_holders, else signer_custodians): k > n never "
+        problems.append(f"{prefix}pin_shares: {k} shares needed but {n} holders{what} "
+                        f"({prefix}pin_share_holders, else signer_custodians): k > n never "
                         "unlocks")
     if pin_source != "prompt":
-        problems.append("token_pin_shares: needs token_pin_source: prompt (shares replace the "
-                        "typed PIN, not a PIN file)")
+        problems.append(f"{prefix}pin_shares: needs {prefix}pin_source: prompt (shares "
+                        "replace the typed PIN, not a PIN file)")
     for h in sorted({h for h in holder_list if h not in names}):
-        problems.append(f"token_pin_share_holders: {h!r} is not in signer_custodians")
+        problems.append(f"{prefix}pin_share_holders: {h!r} is not in signer_custodians")
     for h in sorted({h for h in holder_list if holder_list.count(h) > 1}):
-        problems.append(f"token_pin_share_holders: {h!r} is listed twice (one share each)")
+        problems.append(f"{prefix}pin_share_holders: {h!r} is listed twice (one share each)")
     keys = {str(c.get("name")): c.get("ssh_key") for c in _dicts(custodians)}
     if isinstance(recipients, dict):
         keys |= {str(n): r for n, r in recipients.items()}
@@ -422,6 +427,23 @@ def pin_share_rules(pin_source: Any, k: Any, holders: Any, recipients: Any, cust
         if why is not None:
             problems.append(f"token_pin_share_recipients[{h}]: the share cannot be encrypted to "
                             f"{h}'s key: {why}; give an age recipient")
+    return problems
+
+
+def card_pin_rules(cards: Any, recipients: Any, custodians: Any, profiles: Any) -> list[str]:
+    """Each card of token_cards whose PIN its custodians give (pin_source: prompt, pin_shares:
+    k, pin_share_holders): the daemon's own token's rules (`pin_share_rules`), a release
+    profile being one on that card."""
+    problems: list[str] = []
+    for card in _dicts(cards):
+        name = str(card.get("name"))
+        source = card.get("pin_source", "file")
+        if source not in ("file", "prompt"):
+            continue  # the token role's argument spec says so
+        on_card = [p for p in _dicts(profiles) if str(p.get("token")) == name]
+        problems += pin_share_rules(source, card.get("pin_shares", 0),
+                                    card.get("pin_share_holders", []), recipients, custodians,
+                                    on_card, f"token_cards[{name}].")
     return problems
 
 

@@ -58,15 +58,21 @@ def import_cert(c: Context, cert: str, profile: str = "release", inventory: str 
 
 
 @task(help={k: v for k, v in _HELP.items() if k not in ("ask_become_pass", "profile")}
-      | {"out": "directory for the encrypted shares (default: <token_pin_dir>/shares)"})
+      | {"out": "directory for the encrypted shares (default: <token_pin_dir>/shares, "
+                "<token_pin_dir>/shares/NAME with --token)",
+         "token": "split the PIN of the card token_cards[NAME] (pin_source prompt, its "
+                  "pin_shares and pin_share_holders) instead of the host token's"})
 def split_pin(c: Context, inventory: str | None = None, limit: str | None = None,
-              vault_password_file: str | None = None, out: str | None = None) -> None:
-    """Split the host's token PIN into one share per holder (token_pin_shares of
-    token_pin_share_holders), each encrypted to the holder's SSH key with age (controller only).
+              vault_password_file: str | None = None, out: str | None = None,
+              token: str | None = None) -> None:
+    """Split the host's token PIN (or a card's, --token NAME) into one share per holder
+    (token_pin_shares of token_pin_share_holders; a card's own pin_shares and holders), each
+    encrypted to the holder's SSH key with age (controller only).
 
     A holder unlocks with: age -d -i ~/.ssh/KEY NAME.share.age | ssh ACCOUNT@HOST unlock --share
+    (a card's: ... unlock --token NAME --share)
     """
-    made = split_pin_shares(inventory, limit, vault_password_file, out)
+    made = split_pin_shares(inventory, limit, vault_password_file, out, token)
     print(f"token.split-pin: {len(made)} shares written; hand each file to its holder, then "
           "take the PIN itself off this controller (threat-model: the PIN as k-of-n shares)")
 
