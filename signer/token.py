@@ -86,6 +86,19 @@ class KeyInfo:
     residency: dict[str, bool]
 
 
+def _not_found_hint(module: Path) -> str:
+    """What to do when the module shows no such token: a software token is initialised, a
+    card or USB token is plugged in (its PIN, keys and label come from whoever provisioned it:
+    the signer never initialises hardware)."""
+    if "softhsm" in module.name.lower():
+        return ("initialise it first (softhsm2-util --init-token --label LABEL, as the token "
+                "role does)")
+    return ("insert the card in its reader or plug the token in (the reader must be allowed "
+            "by the host's USB policy and pcscd running); `pkcs11-tool --module "
+            f"{module} --list-token-slots` lists the tokens the module sees, with their labels "
+            "and serials")
+
+
 class Token:
     """A token found by label in a PKCS#11 module."""
 
@@ -100,8 +113,8 @@ class Token:
                 self._token = self._lib.get_token(token_label=label)
         except p11e.NoSuchToken:
             raise SignerError(Exit.UNAVAILABLE,
-                              f"{which} not found in {module}: plug it in or initialise "
-                              "it (softhsm2-util --init-token in the lab)") from None
+                              f"{which} not found in {module}: {_not_found_hint(module)}"
+                              ) from None
         except p11e.MultipleTokensReturned:
             raise SignerError(Exit.UNAVAILABLE,
                               f"several tokens labelled {label!r} in {module}: give "
