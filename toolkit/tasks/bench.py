@@ -7,6 +7,7 @@ from pathlib import Path
 from invoke.context import Context
 from invoke.tasks import task
 
+from toolkit import pipeline
 from toolkit.bench import figures
 
 
@@ -39,7 +40,10 @@ def bench(c: Context, instance: str = "lab6", cold: bool = False, no_lab: bool =
         raise SystemExit(f"--before: {before} is not a checkout of this toolkit")
     if lab_tests and no_lab:
         raise SystemExit("--lab-tests needs the lab: it cannot go with --no-lab")
-    result = figures.collect(instance, cold, no_lab, sizes, checkout, lab_tests)
+    halves = {half: pipeline.lab_tests_argv(None, None, half, str(
+        figures.OUT / f"lab-tests-{half}.junit.xml")) for half in ("first", "second")}
+    result = figures.collect(instance, cold, no_lab, sizes, checkout,
+                             halves if lab_tests else None)
     path = figures.write(result)
     print("\n==> bench results")
     for key, val in figures.flatten(result).items():
