@@ -433,6 +433,7 @@ def lab_stages(instance: str, ci_evidence: list[str] | None = None,
 
 
 LANE_FIRST_INDEX = 6
+LANE_NICENESS = 5
 
 
 def ci_stages(instance: str, releases: list[str], *, tests: bool = True, lab: bool = True,
@@ -472,6 +473,10 @@ def ci_stages(instance: str, releases: list[str], *, tests: bool = True, lab: bo
                           "--lab-tests")
             name = f"{RELEASES[rel]}: lab tests (second half), lane on {lane_instance}"
             sub = lane_dir(rel, lab_tests=True)
+        # Beside the pipeline, a little behind it: its stages (verify, the first half of the lab
+        # tests) are what the run waits for, the lanes fill the time its guest leaves free.
+        # Their VMs inherit the niceness (QEMU is started by the lane's `lab.up`).
+        argv = ["nice", "-n", str(LANE_NICENESS), *argv]
         lanes.append(Stage(name, [*argv, "--keep"] if keep else argv, until=last_check,
                            sub_summary=sub / "summary.json"))
     if keep:

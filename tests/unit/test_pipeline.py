@@ -218,6 +218,7 @@ def test_ci_runs_debian_13_in_full_and_debian_12_in_a_lane_beside_it() -> None:
     names = [s.name for s in stages]
     lane = next(s for s in stages if s.name.startswith("Debian 12 (bookworm): lane"))
     assert lane.argv[-4:] == ["--release", "bookworm", "--instance", "lab6"]
+    assert lane.argv[:3] == ["nice", "-n", str(pipeline.LANE_NICENESS)], "the pipeline goes first"
     up = names.index("Debian 13 (trixie): lab.up")
     assert names.index(lane.name) == up + 1, "the lane starts once the first VM is up"
     assert lane.until == "Debian 13 (trixie): harden --check (changed=0)"
