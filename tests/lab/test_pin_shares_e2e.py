@@ -25,8 +25,10 @@ under test with one more host_vars file on top (an overlay of symlinks in a temp
 directory), the same values the deploy gets as extra vars.
 
 Cost: two tagged deploys (SGN-08 renders the configuration and restarts the daemon through its
-handler, TOK-03 writes or removes the PIN file; ~40-60 s each under TCG) and one search of the
-host's logs.
+handler, TOK-03 writes or removes the PIN file), ~90 s each under TCG: a third of it the
+daemon's restart, a fifth preflight's facts, the rest the AIDE comparison and baseline that
+every deploy runs; then seven SSH round trips and one search of the host's logs (~15 s).
+About 280 s in all on lab4 (two cores shared with two other VMs' work).
 """
 
 from __future__ import annotations
