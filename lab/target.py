@@ -34,7 +34,8 @@ ENV_VAULT = "SIGNLAB_TEST_VAULT_PASSWORD_FILE"
 NAMES = ("signer_profiles", "signer_clients", "signer_custodians", "signer_client_account_prefix",
          "signer_audit_log", "signer_config", "signer_controller_dir", "signer_cert_dir",
          "signer_socket", "signer_venv", "signer_audit_cert", "token_pin_source",
-         "signer_daemon_user", "signer_service", "token_pin_dir", "firewall_admin_networks",
+         "signer_daemon_user", "signer_service", "token_pin_dir", "token_pin_file",
+         "base_sudo_logfile", "firewall_admin_networks",
          "ssh_ciphers", "ssh_host_key_algorithms", "ssh_kex_classical_clients",
          "ssh_kex_algorithms", "ansible_user", "base_aide",
          "base_aide_database", "base_aide_hardened_paths", "usb_allowed_devices")
@@ -87,6 +88,18 @@ class Target:
         stdin = pw + "\n" if sudo and pw is not None else ""
         return subprocess.run([*self.admin_argv(*options), command], input=stdin,
                               capture_output=True, text=True, timeout=timeout)
+
+    def root_output(self, command: str, *, timeout: float = 300) -> tuple[int, bytes, str]:
+        """`command` as root on the host, its output as bytes (a journal export, an archive):
+        (exit status, standard output, standard error). The become password as in admin_run."""
+        import shlex
+
+        pw = self._admin.become_password
+        prefix = "sudo -S -p '' " if pw is not None else "sudo -n "
+        r = subprocess.run([*self.admin_argv(), prefix + "sh -c " + shlex.quote(command)],
+                           input=(pw + "\n").encode() if pw is not None else b"",
+                           capture_output=True, timeout=timeout)
+        return r.returncode, r.stdout, r.stderr.decode(errors="replace")
 
     @property
     def admin_networks4(self) -> list[str]:

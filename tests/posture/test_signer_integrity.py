@@ -26,9 +26,7 @@ from toolkit.assurance.log_search import (
     SHARE_MARKER,
     Findings,
     Secret,
-    decompress_gzip,
-    search_journal,
-    search_tar,
+    search_host_logs,
 )
 
 if TYPE_CHECKING:
@@ -117,33 +115,14 @@ def _log_sources(expected: Expected) -> list[str]:
 
 
 def _search_host_logs(host: Host, expected: Expected, pins: dict[str, Secret]) -> Findings:
-    found = Findings()
-    # Every journal the host keeps (system and users', persistent and volatile: root's
-    # journalctl reads them all), every field of every entry, compressed for the trip.
-    with host.sudo():
-        journal = host.run("bash -o pipefail -c "
-                           "'journalctl --no-pager -q -o export | gzip -1 -c'")
-    if journal.rc != 0:
-        found.unsearched.append(f"the journal: journalctl failed: {journal.stderr[-300:]}")
-    else:
-        found.add(search_journal(decompress_gzip(journal.stdout_bytes), pins))
-    # The log files: /var/log (binary journal files left out: read above, decompressed),
-    # auditd's log directory wherever auditd.conf puts it, the signer's audit log.
-    audit_dir = host.run(
-        "sed -n 's/^[[:space:]]*log_file[[:space:]]*=[[:space:]]*//p' /etc/audit/auditd.conf"
-    ).stdout.strip()
-    paths = _log_sources(expected) + ([str(Path(audit_dir).parent)] if audit_dir else [])
-    with host.sudo():
-        existing = host.run("for p in " + " ".join(shlex.quote(p) for p in paths)
-                            + '; do [ -e "$p" ] && printf "%s\\n" "${p#/}"; done').stdout.split()
-        files = host.run(
-            "tar -C / --exclude=var/log/journal --ignore-failed-read -czf - "
-            + " ".join(shlex.quote(p) for p in sorted(set(existing))))
-    if files.rc not in (0, 1):  # 1: a file changed while it was read (logs do)
-        found.unsearched.append(f"the log files: tar failed: {files.stderr[-300:]}")
-    else:
-        found.add(search_tar(files.stdout_bytes, pins))
-    return found
+    """The host's journal and log files, searched on the controller (log_search)."""
+
+    def run(command: str) -> tuple[int, bytes, str]:
+        with host.sudo():
+            r = host.run(command)
+        return r.rc, r.stdout_bytes, r.stderr
+
+    return search_host_logs(run, _log_sources(expected), pins)
 
 
 @pytest.mark.control("TOK-03")

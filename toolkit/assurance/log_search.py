@@ -21,11 +21,13 @@ import bz2
 import gzip
 import io
 import lzma
+import posixpath
 import re
+import shlex
 import struct
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 # The fields that say where a journal entry comes from (never the message itself).
@@ -216,3 +218,37 @@ def search_tar(stream: bytes, secrets: dict[str, Secret]) -> Findings:
 def decompress_gzip(data: bytes) -> bytes:
     """A gzip stream from the host (the journal export, compressed for the trip)."""
     return gzip.decompress(data)
+
+
+# `run(command)` as root on the host: (exit status, standard output as bytes, standard error).
+RootRun = Callable[[str], tuple[int, bytes, str]]
+
+
+def search_host_logs(run: RootRun, log_paths: list[str], secrets: dict[str, Secret]) -> Findings:
+    """Every log the host keeps, brought to the controller through `run` and searched here.
+
+    Every journal (system and users', persistent and volatile: root's journalctl reads them
+    all), every field of every entry, compressed for the trip; then the log files: `log_paths`
+    (/var/log, the signer's audit log, sudo's log: the caller's inventory says where), and
+    auditd's log directory wherever auditd.conf puts it, as one tar stream. The commands hold
+    no secret (the host logs them): only paths."""
+    found = Findings()
+    rc, journal, err = run("bash -o pipefail -c 'journalctl --no-pager -q -o export | gzip -1 -c'")
+    if rc != 0:
+        found.unsearched.append(f"the journal: journalctl failed: {err[-300:]}")
+    else:
+        found.add(search_journal(decompress_gzip(journal), secrets))
+    _rc, conf, _err = run(
+        "sed -n 's/^[[:space:]]*log_file[[:space:]]*=[[:space:]]*//p' /etc/audit/auditd.conf")
+    audit_file = conf.decode(errors="replace").strip()
+    paths = list(log_paths) + ([posixpath.dirname(audit_file)] if audit_file else [])
+    _rc, listed, _err = run("for p in " + " ".join(shlex.quote(p) for p in paths)
+                            + '; do [ -e "$p" ] && printf "%s\\n" "${p#/}"; done')
+    existing = listed.decode(errors="replace").split()
+    rc, files, err = run("tar -C / --exclude=var/log/journal --ignore-failed-read -czf - "
+                         + " ".join(shlex.quote(p) for p in sorted(set(existing))))
+    if rc not in (0, 1):  # 1: a file changed while it was read (logs do)
+        found.unsearched.append(f"the log files: tar failed: {err[-300:]}")
+    else:
+        found.add(search_tar(files, secrets))
+    return found
