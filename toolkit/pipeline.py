@@ -267,16 +267,16 @@ def _recorded(path: str) -> list[str]:
 LAB_RECORD_SECOND_HALF = "reports/ci/lab-tests-second-half.junit.xml"
 
 # The lab tests run in two halves at once, each on a VM of the first release of its own: the
-# first half (every module of tests/lab not named here: the harden, roll-back and AIDE
-# stories, which change the host's hardening) on the pipeline's VM after verify; the second
-# half (the signing stories through the build namespace, the card, the collector, the lab's
-# own life cycle) on a second VM that a lane of its own provisions, hardens and deploys beside
-# the pipeline (lab_tests_lane_stages); that lane skips the pipeline's proofs (harden and
-# deploy again, verify), so its VM is ready minutes earlier and takes the larger half. One
-# emulated guest keeps one of the controller's two cores busy: run one after the other, the
-# lab tests left the other core idle for 17 minutes.
+# first half (every module of tests/lab not named here: the harden, roll-back, AIDE and PIN
+# share stories, which change the host's hardening or its deployed configuration, and the
+# lab's own life cycle) on the pipeline's VM after verify; the second half (the signing
+# stories through the build namespace, the card, the collector, the USB devices) on a second
+# VM that a lane of its own provisions, hardens and deploys beside the pipeline
+# (lab_tests_lane_stages); that lane skips the pipeline's proofs (harden and deploy again,
+# verify), so its VM is ready minutes earlier and takes the larger half. One emulated guest
+# keeps one of the controller's two cores busy: run one after the other, the lab tests left
+# the other core idle for 17 minutes.
 LAB_TESTS_SECOND_HALF = [
-    "tests/lab/test_lab_lifecycle.py",
     "tests/lab/test_signer_e2e.py",
     "tests/lab/test_authenticode_e2e.py",
     "tests/lab/test_openpgp_e2e.py",

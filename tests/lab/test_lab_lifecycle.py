@@ -1,6 +1,6 @@
 """The lab from scratch and back to nothing, on its own instance (lab2: none of CI's, whose
-VMs are lab9, lab6 and lab5 and whose unit tests make lab7 and lab8 while the lab tests'
-second half may already run), so the pipeline's lab is not disturbed: up, admin SSH, the build host reaches the VM, a USB stick appears in
+VMs are lab9, lab6 and lab5 and whose unit tests make lab7 and lab8, whichever half of the lab
+tests this module is in), so the pipeline's lab is not disturbed: up, admin SSH, the build host reaches the VM, a USB stick appears in
 the guest, then down leaves no process, namespace, link or state behind."""
 
 from __future__ import annotations
