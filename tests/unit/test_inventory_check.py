@@ -357,24 +357,31 @@ def test_a_cards_pin_shares_follow_the_hosts_rules(good: dict[str, Any], tmp_pat
         assert want in f, found
 
 
-def test_the_commented_card_release_profile_passes_when_uncommented(tmp_path: Path) -> None:
-    """production.example's commented release profile on a card, whose PIN 2 custodians'
-    shares give (pin_source prompt), uncommented as an operator would: inventory.check accepts
-    it, and the signer role renders its [tokens.*] table with the shares."""
+def _example_uncommented(tmp_path: Path, group: str, profile: str) -> tuple[Path, str]:
+    """A copy of production.example with the commented profile `profile` of `group`'s
+    signer.yml (and the `token_cards` after it) uncommented, as an operator would: the copy
+    and the file's new text."""
     import shutil
 
     inv = tmp_path / "inv"
     shutil.copytree(ROOT / "inventory" / "production.example", inv)
-    f = inv / "group_vars" / "release_signers" / "signer.yml"
+    f = inv / "group_vars" / group / "signer.yml"
     lines = f.read_text().splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith("  # - name: card-release"))
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"  # - name: {profile}"))
     out = lines[:start]
     for ln in lines[start:]:
         if ln.startswith("  # ") or ln.startswith("#   ") or ln == "# token_cards:":
             ln = ln.replace("  # ", "  ", 1) if ln.startswith("  # ") else ln[2:]
         out.append(ln)
     f.write_text("\n".join(out) + "\n")
-    text = f.read_text()
+    return inv, f.read_text()
+
+
+def test_the_commented_card_release_profile_passes_when_uncommented(tmp_path: Path) -> None:
+    """production.example's commented release profile on a card, whose PIN 2 custodians'
+    shares give (pin_source prompt), uncommented as an operator would: inventory.check accepts
+    it."""
+    inv, text = _example_uncommented(tmp_path, "release_signers", "card-release")
     assert "- name: card-release\n    token: card-release" in text
     assert "    pin_source: prompt" in text and "token_cards:\n  - name: card-release" in text
     result = inventory_check.check(str(inv))
@@ -384,20 +391,7 @@ def test_the_commented_card_release_profile_passes_when_uncommented(tmp_path: Pa
 def test_the_commented_ev_profile_of_the_example_passes_when_uncommented(tmp_path: Path) -> None:
     """production.example's commented hardware profile (win-ev on its EV token), uncommented
     as an operator would: inventory.check accepts it."""
-    import shutil
-
-    inv = tmp_path / "inv"
-    shutil.copytree(ROOT / "inventory" / "production.example", inv)
-    f = inv / "group_vars" / "online_signers" / "signer.yml"
-    lines = f.read_text().splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith("  # - name: win-ev"))
-    out = lines[:start]
-    for ln in lines[start:]:
-        if ln.startswith("  # ") or ln.startswith("#   ") or ln == "# token_cards:":
-            ln = ln.replace("  # ", "  ", 1) if ln.startswith("  # ") else ln[2:]
-        out.append(ln)
-    f.write_text("\n".join(out) + "\n")
-    text = f.read_text()
+    inv, text = _example_uncommented(tmp_path, "online_signers", "win-ev")
     assert "- name: win-ev\n    token: ev" in text and "token_cards:\n  - name: ev" in text
     result = inventory_check.check(str(inv))
     assert result.ok, "\n".join(result.lines())
