@@ -12,6 +12,13 @@ built and provisioned, which is mostly waiting on the network and the emulated g
 output goes to its log only; its result is printed when it is joined, and a failure there
 fails the run like any other.
 
+A stage may run alone (`alone=True`, CI's verify): before it starts, every background stage must
+have parked (written its `park` file: a lane waiting at its gate, `wait_gate`) or ended; when it
+ends, its `gate` file is written ("open", or why not) and the parked lanes go on. Its time then
+measures the stage, not the lanes beside it: one emulated guest takes one of the controller's two
+cores, and three of them with the unit tests made verify take 197 s instead of about 100. A
+failure anywhere closes every gate not yet written, so no lane waits for a stage that will not run.
+
 A stage names the files it runs (`needs`, e.g. `playbooks/deploy.yml`). When one is not in the
 tree the stage fails ("MISSING ...") like a stage whose command failed: a renamed or deleted
 playbook makes CI fail, it is never skipped, and nothing in the pipeline counts as passed without
@@ -50,6 +57,10 @@ class Stage:
     until: str | None = None  # run in the background until the stage of this name starts
     # a stage that runs a pipeline of its own (a release lane): where that one's summary is
     sub_summary: Path | None = None
+    # a background stage that parks: the file it writes once it waits at a gate (wait_gate)
+    park: Path | None = None
+    alone: bool = False  # start only once every background stage has parked or ended
+    gate: Path | None = None  # written when this stage ends: "open", else why it did not pass
     status: str = "pending"
     seconds: float = 0.0
     log: Path | None = None
@@ -134,6 +145,75 @@ def run_stage(stage: Stage, env: dict[str, str], ci_dir: Path | None = None) -> 
     return rc == 0
 
 
+GATE_OPEN = "open"
+PARK_POLL = 2.0  # seconds between looks at a gate or at the parked lanes
+PARK_REPORT = 60.0  # seconds between progress lines while waiting
+
+
+def write_gate(path: Path, state: str) -> None:
+    """Open a gate ("open") or close it for good (any other text: why), once."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(state + "\n")
+    tmp.replace(path)  # whole or not at all: a waiting lane never reads half a word
+
+
+def wait_gate(gate: Path, park: Path, what: str, timeout: float) -> int:
+    """A lane's stage that parks it until the pipeline's `what` has run: writes `park`, then
+    waits for `gate`. 0 once the gate is open; 1 when it was closed (the pipeline failed before
+    or in `what`: the lane stops, its teardown runs) or after `timeout` seconds."""
+    park.parent.mkdir(parents=True, exist_ok=True)
+    park.write_text(f"{os.getpid()}\n")
+    started = last = time.monotonic()
+    print(f"==> parked: waiting for the pipeline's {what} ({gate})", flush=True)
+    while True:
+        now = time.monotonic()
+        if gate.exists():
+            state = gate.read_text().strip()
+            if state == GATE_OPEN:
+                print(f"==> the pipeline's {what} has run; going on after {now - started:.0f}s",
+                      flush=True)
+                return 0
+            print(f"==> the pipeline will not run its {what} ({state}): this lane stops here",
+                  flush=True)
+            return 1
+        if now - started > timeout:
+            print(f"==> gave up after {timeout:.0f}s: the pipeline's {what} never ended "
+                  f"({gate} was not written)", flush=True)
+            return 1
+        if now - last >= PARK_REPORT:
+            print(f"    ... still waiting for the pipeline's {what} ({now - started:.0f}s)",
+                  flush=True)
+            last = now
+        time.sleep(PARK_POLL)
+
+
+def _wait_parked(stage: Stage, background: list[_Background]) -> None:
+    """Before an `alone` stage: every background stage parked (its park file written) or
+    ended. Their results are left for their join."""
+    started = last = time.monotonic()
+
+    def busy() -> list[Stage]:
+        return [b.stage for b in background if b.proc.poll() is None
+                and not (b.stage.park is not None and b.stage.park.exists())]
+
+    if pending := busy():
+        print(f"==> [{stage.name}] runs alone: waiting for "
+              f"{', '.join(s.name for s in pending)} to park or end", flush=True)
+    while pending := busy():
+        now = time.monotonic()
+        if now - last >= PARK_REPORT:
+            print(f"    ... still running after {now - started:.0f}s: "
+                  f"{', '.join(s.name for s in pending)}", flush=True)
+            last = now
+        time.sleep(PARK_POLL)
+    if time.monotonic() - started >= PARK_POLL:
+        print(f"==> [{stage.name}] everything beside it parked or ended after "
+              f"{time.monotonic() - started:.0f}s", flush=True)
+
+
 def run(stages: list[Stage], *, title: str, env_extra: dict[str, str],
         on_failure: Callable[[Stage], None] | None = None, ci_dir: Path | None = None) -> bool:
     env = dict(os.environ, **env_extra, PYTHONUNBUFFERED="1")
@@ -141,11 +221,22 @@ def run(stages: list[Stage], *, title: str, env_extra: dict[str, str],
     started = time.monotonic()
     failed: Stage | None = None
     background: list[_Background] = []
+    # an earlier run's gates and park files would let a lane through, or the pipeline on
+    for st in stages:
+        for path in (st.gate, st.park):
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+    def close_gates(why: str) -> None:
+        for st in stages:
+            if st.gate is not None:
+                write_gate(st.gate, why)
 
     def fail(st: Stage) -> None:
         nonlocal failed
         if failed is None:
             failed = st
+            close_gates(f"stage {st.name} failed")
             why = f"; last lines of {st.log}:\033[0m\n{_tail(st.log)}" if st.log else (
                 f": {st.status}\033[0m")
             print(f"\n\033[1;31m!! stage {st.name} failed{why}", flush=True)
@@ -171,9 +262,14 @@ def run(stages: list[Stage], *, title: str, env_extra: dict[str, str],
         if st.until is not None:
             background.append(start_background(st, env, ci_dir))
             continue
+        if st.alone:
+            _wait_parked(st, background)
         ok = run_stage(st, env, ci_dir)
         if not ok and not st.always:
             fail(st)
+        if st.gate is not None:
+            write_gate(st.gate, GATE_OPEN if ok else f"stage {st.name} failed")
+    close_gates("the run ended before it")  # no lane waits for a stage that did not run
     join(None)  # a background stage whose `until` never came (a failure before it)
     total = time.monotonic() - started
     summary(stages, title=title, total=total, ci_dir=ci_dir)
@@ -191,16 +287,31 @@ def _sub_rows(stage: Stage) -> list[dict[str, Any]]:
     return [r for r in rows if isinstance(r, dict)]
 
 
+def figures(stages: list[Stage], total: float) -> dict[str, Any]:
+    """The figures issue 25 asks of a CI run, from its stages and its lanes' stages: each
+    verify, each part of the lab tests and the longest (the halves run at once), the total."""
+    rows = [(s.name, s.seconds, s.status) for s in stages if s.sub_summary is None] + [
+        (f"{s.name} / {r.get('stage', '?')}", float(r.get("seconds") or 0), str(r.get("status")))
+        for s in stages for r in _sub_rows(s)]
+    ran = [(n, round(t, 1)) for n, t, st in rows if st == "passed" or st.startswith("FAILED")]
+    verify = {n: t for n, t in ran if n.endswith("verify")}
+    lab = {n: t for n, t in ran if "lab tests" in n.rsplit("/", 1)[-1]}
+    return {"verify_seconds": verify, "lab_tests_seconds": lab,
+            "lab_tests_longest_seconds": max(lab.values(), default=None),
+            "total_seconds": round(total, 1)}
+
+
 def summary(stages: list[Stage], *, title: str, total: float, ci_dir: Path | None = None) -> None:
     ci_dir = ci_dir or CI_DIR
     ci_dir.mkdir(parents=True, exist_ok=True)
     rows = [{"stage": s.name, "status": s.status, "seconds": round(s.seconds, 1),
              "log": str(s.log) if s.log else None,
              **({"stages": _sub_rows(s)} if s.sub_summary else {})} for s in stages]
+    figs = figures(stages, total)
     reports = sorted(str(p) for p in (REPORTS / "verify").glob("*/latest/*.md")) if (
         REPORTS / "verify").exists() else []
     (ci_dir / "summary.json").write_text(json.dumps(
-        {"title": title, "total_seconds": round(total, 1), "stages": rows,
+        {"title": title, "total_seconds": round(total, 1), "figures": figs, "stages": rows,
          "reports": reports}, indent=2) + "\n")
     subs = [f"  {r.get('stage', '?')}" for s in stages for r in _sub_rows(s)]
     width = max(len(n) for n in [s.name for s in stages] + subs)
@@ -212,6 +323,13 @@ def summary(stages: list[Stage], *, title: str, total: float, ci_dir: Path | Non
             name = f"  {row.get('stage', '?')}"
             secs = float(row.get("seconds") or 0)
             print(f"  {name:<{width}}  {secs:7.0f}s  {row.get('status')}")
+    for key, label in (("verify_seconds", "verify"), ("lab_tests_seconds", "lab tests")):
+        for name, secs in figs[key].items():
+            print(f"  figure: {label}: {secs:.0f}s  ({name})")
+    if figs["lab_tests_longest_seconds"] is not None and len(figs["lab_tests_seconds"]) > 1:
+        print(f"  figure: lab tests, the longest part (they run at once): "
+              f"{figs['lab_tests_longest_seconds']:.0f}s")
+    print(f"  figure: total: {total / 60:.1f} min")
     print(f"  logs: {ci_dir}/<stage>.log   summary: {ci_dir / 'summary.json'}")
     for r in reports:
         print(f"  posture report: {r}")
@@ -268,21 +386,21 @@ LAB_RECORD_SECOND_HALF = "reports/ci/lab-tests-second-half.junit.xml"
 
 # The lab tests run in two halves at once, each on a VM of the first release of its own: the
 # first half (every module of tests/lab not named here: the harden, roll-back, AIDE and PIN
-# share stories, which change the host's hardening or its deployed configuration, and the
-# lab's own life cycle) on the pipeline's VM after verify; the second half (the signing
-# stories through the build namespace, the card, the collector, the USB devices) on a second
-# VM that a lane of its own provisions, hardens and deploys beside the pipeline
-# (lab_tests_lane_stages); that lane skips the pipeline's proofs (harden and deploy again,
-# verify), so its VM is ready minutes earlier and takes the larger half. One emulated guest
-# keeps one of the controller's two cores busy: run one after the other, the lab tests left
-# the other core idle for 17 minutes.
+# share stories, which change the host's hardening or its deployed configuration, the lab's
+# own life cycle and the USB devices) on the pipeline's VM after verify; the second half (the
+# signing stories through the build namespace, the card, the collector, the SSH clients) on a
+# second VM that a lane of its own provisions, hardens and deploys beside the pipeline
+# (lab_tests_lane_stages). That lane skips the pipeline's proofs (harden and deploy again,
+# verify) and parks until the pipeline's verify has run alone, so both halves start together.
+# One emulated guest keeps one of the controller's two cores busy: run one after the other,
+# the lab tests left the other core idle for 17 minutes. The split is by measured time (CI #11:
+# first half 553 s, second 749 s with the USB stories, 65 s, in it).
 LAB_TESTS_SECOND_HALF = [
     "tests/lab/test_signer_e2e.py",
     "tests/lab/test_authenticode_e2e.py",
     "tests/lab/test_openpgp_e2e.py",
     "tests/lab/test_audit_collector.py",
     "tests/lab/test_ssh_clients.py",
-    "tests/lab/test_usb.py",
     "tests/lab/test_lab_vm.py",
 ]
 
@@ -348,11 +466,13 @@ def release_lane_stages(instance: str, release: str) -> list[Stage]:
     ]
 
 
-def lab_tests_lane_stages(instance: str, release: str) -> list[Stage]:
+def lab_tests_lane_stages(instance: str, release: str, gate: Path | None = None,
+                          park: Path | None = None) -> list[Stage]:
     """The second half of the lab tests (LAB_TESTS_SECOND_HALF), on a VM of the first release
     of its own, beside the pipeline: a fresh VM, the production-style site, provision, harden,
     deploy through it (the proofs of those runs, again and --check, stay with the pipeline),
-    then the tests, then down."""
+    then the tests, then down. With `gate` (and `park`), the lane parks after its deploy until
+    the pipeline's verify has run alone (wait_gate)."""
     inventory = site_inventory(instance)
     vault = str(Path(inventory).parent / "vault-pass")
     inv = ["-i", inventory, "--vault-password-file", vault]
@@ -364,6 +484,10 @@ def lab_tests_lane_stages(instance: str, release: str) -> list[Stage]:
         Stage("provision", invoke("provision", *inv), needs=["playbooks/provision.yml"]),
         Stage("harden", invoke("harden", *inv), needs=["playbooks/harden.yml"]),
         Stage("deploy", invoke("deploy", *inv), needs=["playbooks/deploy.yml"]),
+        *([Stage("parked until the pipeline's verify has run", [
+            _bin("python"), "-m", "toolkit.pipeline", "wait-gate", "--gate", str(gate),
+            "--park", str(park or gate.with_suffix(".parked")), "--what", "verify"])]
+          if gate is not None else []),
         Stage("lab tests (second half)",
               lab_tests_argv(inventory, vault, "second", LAB_RECORD_SECOND_HALF),
               needs=LAB_TESTS_SECOND_HALF),
@@ -448,7 +572,12 @@ def ci_stages(instance: str, releases: list[str], *, tests: bool = True, lab: bo
     provisioned, hardened and deployed (emulated guests leave the controller's CPUs partly
     idle) and are joined before verify, which cites their JUnit record. The lanes start once
     the first VM is up (its image built, the controller's disk and mirror free again) and are
-    joined before the first release's last check."""
+    joined before the first release's last check.
+
+    The first release's verify runs alone (Stage.alone): the other releases' lanes end before
+    it (their verify overlaps the pipeline's deploy again), the lab tests' lane parks after its
+    deploy; the verify's time in the summary is the suite's own, and both halves of the lab
+    tests start when it has run."""
     first, *others = releases
     test = test_stages() if tests else []
     stages = (static_stages() if tests else []) + test
@@ -457,6 +586,11 @@ def ci_stages(instance: str, releases: list[str], *, tests: bool = True, lab: bo
     main = lab_stages(instance, [UNIT_RECORD] if test else [], first, half="first")
     for s in main:
         s.name = f"{RELEASES[first]}: {s.name}"
+    # verify runs alone: the other releases' lanes end first (their verify runs while the
+    # pipeline deploys), the lab tests' lane parks after its deploy and starts its half when
+    # verify has run, at the same time as the first half here
+    verify = next(s for s in main if s.name.endswith(": verify"))
+    verify.alone, verify.gate = True, CI_DIR / "gates" / "verify"
     for t in test:
         t.until = next(s.name for s in main if s.name.endswith(": verify"))
     last_check = next(s.name for s in main if s.name.endswith("--check (changed=0)"))
@@ -469,19 +603,41 @@ def ci_stages(instance: str, releases: list[str], *, tests: bool = True, lab: bo
             argv = invoke("ci-lane", "--release", rel, "--instance", lane_instance)
             name, sub = f"{RELEASES[rel]}: lane on {lane_instance}", lane_dir(rel)
         else:
-            argv = invoke("ci-lane", "--release", rel, "--instance", lane_instance,
-                          "--lab-tests")
-            name = f"{RELEASES[rel]}: lab tests (second half), lane on {lane_instance}"
             sub = lane_dir(rel, lab_tests=True)
+            park = sub / "parked"
+            argv = invoke("ci-lane", "--release", rel, "--instance", lane_instance,
+                          "--lab-tests", "--gate", str(verify.gate), "--park", str(park))
+            name = f"{RELEASES[rel]}: lab tests (second half), lane on {lane_instance}"
         # Beside the pipeline, a little behind it: its stages (verify, the first half of the lab
         # tests) are what the run waits for, the lanes fill the time its guest leaves free.
         # Their VMs inherit the niceness (QEMU is started by the lane's `lab.up`).
         argv = ["nice", "-n", str(LANE_NICENESS), *argv]
         lanes.append(Stage(name, [*argv, "--keep"] if keep else argv, until=last_check,
-                           sub_summary=sub / "summary.json"))
+                           sub_summary=sub / "summary.json",
+                           park=park if n >= len(others) else None))
     if keep:
         for s in main:
             s.always = False
     # A fresh VM: whatever an earlier run left of this instance goes first.
     return [*stages, Stage("lab.down (before)", invoke("lab.down", "--instance", instance)),
             main[0], *lanes, *main[1:]]
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """`python -m toolkit.pipeline wait-gate --gate G --park P [--what W] [--timeout S]`: the
+    stage by which a lane parks until the pipeline opens its gate (wait_gate)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m toolkit.pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("wait-gate", help="park until the pipeline opens a gate")
+    w.add_argument("--gate", type=Path, required=True, help="the file the pipeline writes")
+    w.add_argument("--park", type=Path, required=True, help="the file written once parked")
+    w.add_argument("--what", default="stage", help="the stage waited for (for the messages)")
+    w.add_argument("--timeout", type=float, default=3600.0, help="seconds (default 3600)")
+    args = parser.parse_args(argv)
+    return wait_gate(args.gate, args.park, args.what, args.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -122,6 +122,97 @@ def test_a_background_stage_is_joined_even_when_the_run_stops_before_its_until(
     assert [s.status for s in stages] == ["passed", "FAILED (exit 2)", "not run"]
 
 
+def _parking_lane(tmp_path: Path, gate: Path, park: Path, log: Path) -> list[str]:
+    """A lane: a first step, then parked at `gate` (the pipeline's own wait_gate), then a
+    second step; each step appends its name to `log` with the time it ran at."""
+    return py("import subprocess, sys, time\n"
+              f"log = open({str(log)!r}, 'a')\n"
+              "log.write(f'lane-before {time.monotonic()}\\n'); log.flush()\n"
+              "rc = subprocess.call([sys.executable, '-m', 'toolkit.pipeline', 'wait-gate',"
+              f" '--gate', {str(gate)!r}, '--park', {str(park)!r}, '--what', 'verify',"
+              " '--timeout', '60'])\n"
+              "if rc: sys.exit(rc)\n"
+              "log.write(f'lane-after {time.monotonic()}\\n')\n")
+
+
+def _step(name: str, log: Path, code: str = "") -> list[str]:
+    return py(f"import time\n{code}\nopen({str(log)!r}, 'a').write(f'{name} {{time.monotonic()}}\\n')")
+
+
+def test_an_alone_stage_waits_for_the_lanes_to_park_or_end_and_then_lets_them_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """verify runs alone: it starts only after the parking lane parked and the other lane
+    ended (`sleep` makes the other lane the slow one), and the parked lane's second step
+    comes only after verify."""
+    monkeypatch.setattr(pipeline, "PARK_POLL", 0.05)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    log, gate, park = tmp_path / "order", tmp_path / "gates" / "verify", tmp_path / "parked"
+    stages = [
+        Stage("lane", _parking_lane(tmp_path, gate, park, log), until="last", park=park),
+        Stage("other lane", _step("other-lane", log, "time.sleep(1.5)"), until="last"),
+        Stage("verify", _step("verify", log), alone=True, gate=gate),
+        Stage("last", _step("last", log)),
+    ]
+    assert pipeline.run(stages, title="t", env_extra={}) is True
+    order = [line.split()[0] for line in log.read_text().splitlines()]
+    assert order.index("verify") > order.index("lane-before")
+    assert order.index("verify") > order.index("other-lane"), "verify ran beside a lane"
+    assert order.index("lane-after") > order.index("verify"), "the lane did not wait"
+    assert gate.read_text().strip() == pipeline.GATE_OPEN
+    assert "parked" in (tmp_path / "ci" / "lane.log").read_text()
+
+
+def test_a_failure_before_the_gate_closes_it_and_the_parked_lane_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No lane waits for a verify that will not run: deploy fails, the gate says why, the lane
+    stops (its teardown is its own), the run ends instead of hanging."""
+    monkeypatch.setattr(pipeline, "PARK_POLL", 0.05)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    log, gate, park = tmp_path / "order", tmp_path / "gates" / "verify", tmp_path / "parked"
+    stages = [
+        Stage("lane", _parking_lane(tmp_path, gate, park, log), until="last", park=park),
+        Stage("deploy", py("import sys; sys.exit(3)")),
+        Stage("verify", _step("verify", log), alone=True, gate=gate),
+        Stage("last", _step("last", log)),
+    ]
+    assert pipeline.run(stages, title="t", env_extra={}) is False
+    assert [s.status for s in stages] == ["FAILED (exit 1)", "FAILED (exit 3)", "not run",
+                                          "not run"]
+    assert gate.read_text().strip() == "stage deploy failed"
+    assert "lane-after" not in log.read_text()
+    assert "will not run its verify (stage deploy failed)" in (tmp_path / "ci" / "lane.log"
+                                                              ).read_text()
+
+
+def test_a_stale_gate_from_an_earlier_run_is_removed_before_the_lanes_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pipeline, "PARK_POLL", 0.05)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    log, gate, park = tmp_path / "order", tmp_path / "gates" / "verify", tmp_path / "parked"
+    gate.parent.mkdir()
+    gate.write_text("open\n")
+    park.write_text("1\n")
+    stages = [
+        Stage("lane", _parking_lane(tmp_path, gate, park, log), until="last", park=park),
+        Stage("verify", _step("verify", log), alone=True, gate=gate),
+        Stage("last", _step("last", log)),
+    ]
+    assert pipeline.run(stages, title="t", env_extra={}) is True
+    order = [line.split()[0] for line in log.read_text().splitlines()]
+    assert order.index("lane-after") > order.index("verify") > order.index("lane-before")
+
+
+def test_wait_gate_gives_up_after_its_timeout(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "PARK_POLL", 0.05)
+    park = tmp_path / "parked"
+    assert pipeline.wait_gate(tmp_path / "never", park, "verify", 0.2) == 1
+    assert park.exists(), "a lane that waits says so"
+
+
 def _argv(stage: Stage) -> str:
     return " ".join(stage.argv)
 
@@ -213,6 +304,35 @@ def test_the_lanes_summary_is_folded_into_the_runs(
     assert [r["stage"] for r in rows[0]["stages"]] == ["provision", "verify"]
 
 
+def test_the_summary_states_verify_the_lab_tests_and_the_total(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 25's figures: every verify (the pipeline's and a lane's), each half of the lab
+    tests and the longer one (they run at once), the total; a stage that did not run is none."""
+    lane = tmp_path / "ci" / "trixie-lab-tests"
+    lane.mkdir(parents=True)
+    (lane / "summary.json").write_text(json.dumps({"stages": [
+        {"stage": "deploy", "status": "passed", "seconds": 100.0},
+        {"stage": "lab tests (second half)", "status": "passed", "seconds": 540.4}]}))
+    verify = Stage("Debian 13 (trixie): verify", ["true"])
+    verify.status, verify.seconds = "passed", 85.2
+    first = Stage("Debian 13 (trixie): lab tests (first half)", ["true"])
+    first.status, first.seconds = "passed", 520.0
+    never = Stage("Debian 12 (bookworm): verify", ["true"])  # status "pending": not run
+    lab5 = Stage("Debian 13 (trixie): lab tests (second half), lane on lab5", ["true"],
+                 sub_summary=lane / "summary.json")
+    lab5.status, lab5.seconds = "passed", 1400.0
+    pipeline.summary([verify, first, never, lab5], title="t", total=1620.0)
+    figs = json.loads((tmp_path / "ci" / "summary.json").read_text())["figures"]
+    assert figs["verify_seconds"] == {"Debian 13 (trixie): verify": 85.2}
+    assert figs["lab_tests_seconds"] == {
+        "Debian 13 (trixie): lab tests (first half)": 520.0,
+        "Debian 13 (trixie): lab tests (second half), lane on lab5 / lab tests (second half)":
+            540.4}
+    assert figs["lab_tests_longest_seconds"] == 540.4 and figs["total_seconds"] == 1620.0
+    out = capsys.readouterr().out
+    assert "figure: verify: 85s" in out and "the longest part (they run at once): 540s" in out
+
+
 def test_ci_runs_debian_13_in_full_and_debian_12_in_a_lane_beside_it() -> None:
     stages = pipeline.ci_stages("lab9", ["trixie", "bookworm"])
     names = [s.name for s in stages]
@@ -231,7 +351,12 @@ def test_ci_runs_debian_13_in_full_and_debian_12_in_a_lane_beside_it() -> None:
     assert any(n == "Debian 13 (trixie): lab tests (first half)" for n in names)
     second = next(s for s in stages if "lab tests (second half)" in s.name)
     assert second.name.startswith("Debian 13 (trixie)") and second.until == lane.until
-    assert second.argv[-5:] == ["--release", "trixie", "--instance", "lab5", "--lab-tests"]
+    assert second.argv[-9:-4] == ["--release", "trixie", "--instance", "lab5", "--lab-tests"]
+    # verify runs alone: the lab tests' lane parks at its gate, the release lane ends first
+    verify = next(s for s in stages if s.name == "Debian 13 (trixie): verify")
+    assert verify.alone and verify.gate is not None
+    assert second.argv[-4:] == ["--gate", str(verify.gate), "--park", str(second.park)]
+    assert second.park is not None and lane.park is None
     assert names.index(second.name) == up + 2
     assert not any("bookworm" in n and "lab tests" in n for n in names)
 
@@ -268,6 +393,11 @@ def test_the_lab_tests_lane_deploys_through_the_site_and_runs_the_second_half() 
     assert names == ["lab.down (before)", "lab.up", "lab.site (jump host, password sudo, vault)",
                      "provision", "harden", "deploy", "lab tests (second half)", "lab.down",
                      "nothing left behind"]
+    gated = pipeline.lab_tests_lane_stages("lab5", "trixie", Path("/g/verify"), Path("/p"))
+    assert [s.name for s in gated][6:8] == ["parked until the pipeline's verify has run",
+                                            "lab tests (second half)"]
+    assert gated[6].argv[-7:] == ["wait-gate", "--gate", "/g/verify", "--park", "/p",
+                                  "--what", "verify"]
     assert stages[1].argv[-4:] == ["--instance", "lab5", "--release", "trixie"]
     site = pipeline.site_inventory("lab5")
     for s in stages[3:7]:

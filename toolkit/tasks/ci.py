@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
@@ -73,9 +75,12 @@ def ci(c: Context, instance: str = "lab9", skip_lab: bool = False, keep: bool = 
     "keep": "leave the lab up after a failure (for debugging)",
     "lab_tests": "instead of the release's proof, the second half of the lab tests "
                  "(pipeline.LAB_TESTS_SECOND_HALF) through the production-style site",
+    "gate": "with --lab-tests: park after the deploy until this file says 'open' (`invoke ci` "
+            "opens it once its verify has run alone; anything else in it stops the lane)",
+    "park": "with --gate: the file written once parked (default: the gate's name + .parked)",
 })
 def ci_lane(c: Context, release: str = "", instance: str = "lab6", keep: bool = False,
-            lab_tests: bool = False) -> None:
+            lab_tests: bool = False, gate: str = "", park: str = "") -> None:
     """One release on a fresh VM of its own: lab.up -> provision -> harden -> harden again
     (changed=0) -> deploy -> verify -> down (pipeline.release_lane_stages). `invoke ci` runs
     one per release after the first, beside the main pipeline; its logs and summary are in
@@ -88,7 +93,13 @@ def ci_lane(c: Context, release: str = "", instance: str = "lab6", keep: bool = 
         raise Exit("invoke ci-lane: --release is required (trixie or bookworm)",
                    code=exitcodes.BAD_INPUT)
     (rel,) = _releases(release)
-    stages = (pipeline.lab_tests_lane_stages(instance, rel) if lab_tests
+    if (gate or park) and not lab_tests:
+        raise Exit("invoke ci-lane: --gate and --park go with --lab-tests",
+                   code=exitcodes.BAD_INPUT)
+    if park and not gate:
+        raise Exit("invoke ci-lane: --park needs --gate", code=exitcodes.BAD_INPUT)
+    stages = (pipeline.lab_tests_lane_stages(instance, rel, Path(gate) if gate else None,
+                                             Path(park) if park else None) if lab_tests
               else pipeline.release_lane_stages(instance, rel))
     if keep:
         for s in stages[:-2]:
