@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -145,16 +147,20 @@ def test_aide_detects_a_change_in_a_watched_path(host: Host, expected: Expected,
                                                  aide_now: CommandResult) -> None:
     """A file added where AIDE watches with the signing host's rule is reported; removed again,
     it leaves nothing behind: the daily check reports afterwards exactly what it reported
-    before (the probe directory's own entry is not watched, only what is inside it)."""
-    check = AIDE_CHECK
+    before (the probe directory's own entry is not watched, only what is inside it).
+
+    The check with the probe in place is limited to the probe's directory (`--limit`: the same
+    configuration, rule and database, only the other paths are not hashed again); the check
+    after it is the full daily check, compared with the full one before."""
     before = aide_now
-    probe = f"{expected['base_aide_probe_dir']}/aide-probe-{uuid.uuid4().hex[:8]}"
+    probe_dir = str(expected["base_aide_probe_dir"])
+    probe = f"{probe_dir}/aide-probe-{uuid.uuid4().hex[:8]}"
     host.check_output(f"echo probe > {probe}")
     try:
-        during = host.run(check)
+        during = host.run(f"{AIDE_CHECK} --limit {shlex.quote(re.escape(probe_dir) + '/')}")
     finally:
         host.run(f"rm -f {probe}")
-    after = host.run(check)
+    after = host.run(AIDE_CHECK)
     assert during.rc != 0 and probe in during.stdout, during.stdout[-2000:]
     assert after.rc == before.rc and _aide_entries(after.stdout) == _aide_entries(before.stdout), (
         f"the probe left a trace: before {_aide_entries(before.stdout)}, "

@@ -78,6 +78,13 @@ def sshd_effective(host: Host, expected: Expected) -> dict[str, str]:
     return conf
 
 
+@pytest.fixture(scope="module")
+def effective(host: Host, expected: Expected) -> dict[str, str]:
+    """`sshd_effective`, read once for the module (`sshd -T` costs a round trip and a few
+    hundred ms of an emulated host's time); the cases below assert on it, option by option."""
+    return sshd_effective(host, expected)
+
+
 @pytest.mark.control("SSH-01")
 @pytest.mark.parametrize("methods", ["password", "keyboard-interactive"])
 def test_password_and_keyboard_interactive_logins_are_refused(host: Host, expected: Expected,
@@ -109,9 +116,9 @@ def test_root_login_is_refused(host: Host, expected: Expected) -> None:
         ("gatewayports", "no"),
     ],
 )
-def test_no_forwarding_or_tunnel_is_configured(host: Host, expected: Expected, option: str,
+def test_no_forwarding_or_tunnel_is_configured(effective: dict[str, str], option: str,
                                                value: str) -> None:
-    assert sshd_effective(host, expected)[option] == value
+    assert effective[option] == value
 
 
 def _free_port() -> int:
