@@ -8,11 +8,12 @@ be observed from outside.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import tomllib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -388,14 +389,43 @@ def _authorized_lines(expected: Expected, account: str) -> list[str]:
     ]
 
 
-@pytest.mark.control("SGN-01")
-def test_forced_command_accounts_only_have_restricted_keys(host: Host, expected: Expected,
-                                                           forced_command_account: str) -> None:
-    account = forced_command_account
+# Each account's ~/.ssh/authorized_keys: its owner, mode and content, or why it cannot be read.
+AUTHORIZED_KEYS = """
+import json, os, pwd, stat, sys
+out = {}
+for account in json.loads(sys.argv[1]):
+    try:
+        path = os.path.join(pwd.getpwnam(account).pw_dir, ".ssh", "authorized_keys")
+        st = os.stat(path)
+        with open(path, encoding="utf-8") as f:
+            out[account] = {"user": pwd.getpwuid(st.st_uid).pw_name,
+                            "mode": stat.S_IMODE(st.st_mode), "content": f.read()}
+    except (KeyError, OSError) as e:
+        out[account] = {"error": f"{type(e).__name__}: {e}"}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def authorized_keys(host: Host, forced_command_accounts: list[str]) -> dict[str, dict[str, Any]]:
+    """Every forced-command account's authorized_keys (owner, mode, content), read in one round
+    trip for the module (four per account before); each case asserts on its own account's."""
     with host.sudo():
-        ak = host.file(f"{host.user(account).home}/.ssh/authorized_keys")
-        assert ak.user == "root" and not ak.mode & 0o022
-        lines = [ln for ln in ak.content_string.splitlines() if ln and not ln.startswith("#")]
+        out = host.check_output(shlex.join(["python3", "-c", AUTHORIZED_KEYS,
+                                            json.dumps(forced_command_accounts)]))
+    keys: dict[str, dict[str, Any]] = json.loads(out)
+    return keys
+
+
+@pytest.mark.control("SGN-01")
+def test_forced_command_accounts_only_have_restricted_keys(
+        expected: Expected, authorized_keys: dict[str, dict[str, Any]],
+        forced_command_account: str) -> None:
+    account = forced_command_account
+    ak = authorized_keys[account]
+    assert "error" not in ak, f"{account}: {ak.get('error')}"
+    assert ak["user"] == "root" and not ak["mode"] & 0o022
+    lines = [ln for ln in ak["content"].splitlines() if ln and not ln.startswith("#")]
     venv = re.escape(expected["signer_venv"])
     for line in lines:
         assert re.match(
