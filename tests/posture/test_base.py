@@ -19,10 +19,21 @@ ABSENT = ["telnet", "inetutils-telnet", "rsh-client", "ftp", "nis", "avahi-daemo
           "cups-daemon", "rpcbind"]
 
 
+@pytest.fixture(scope="module")
+def installed(host: Host) -> set[str]:
+    """Which of ABSENT dpkg has installed, asked once for the module (one round trip instead
+    of eight), with testinfra's rule for "installed": a want of install or hold, and
+    "ok installed". Each case asserts on its own package."""
+    out = host.run("dpkg-query -f '${Package} ${Status}\\n' -W " + " ".join(ABSENT)).stdout
+    return {words[0].split(":")[0] for words in (line.split() for line in out.splitlines())
+            if len(words) >= 4 and words[1] in ("install", "hold")
+            and words[2:4] == ["ok", "installed"]}
+
+
 @pytest.mark.control("BASE-01")
 @pytest.mark.parametrize("package", ABSENT)
-def test_unneeded_packages_are_absent(host: Host, package: str) -> None:
-    assert not host.package(package).is_installed
+def test_unneeded_packages_are_absent(installed: set[str], package: str) -> None:
+    assert package not in installed
 
 
 @pytest.mark.control("BASE-01")

@@ -25,10 +25,17 @@ def chains(host: Host) -> dict[str, dict[str, Any]]:
     return {c["chain"]["name"]: c["chain"] for c in data["nftables"] if "chain" in c}
 
 
+@pytest.fixture(scope="module")
+def live_chains(host: Host) -> dict[str, dict[str, Any]]:
+    """The live table's chains, read once for the module; each direction asserts on its own."""
+    return chains(host)
+
+
 @pytest.mark.control("NET-01", "NET-02")
 @pytest.mark.parametrize("hook", ["input", "output", "forward"])
-def test_every_direction_drops_by_default(host: Host, hook: str) -> None:
-    c = [c for c in chains(host).values() if c.get("hook") == hook]
+def test_every_direction_drops_by_default(live_chains: dict[str, dict[str, Any]],
+                                          hook: str) -> None:
+    c = [c for c in live_chains.values() if c.get("hook") == hook]
     assert c, f"no base chain on {hook} in table inet signhost"
     assert all(x["policy"] == "drop" for x in c)
 
