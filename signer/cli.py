@@ -290,10 +290,13 @@ def dispatch(args: argparse.Namespace) -> int:
 
         role, name = ("client", args.client) if args.client else ("custodian", args.custodian)
         return gateway.main(role, name, args.config, args.socket)
-    from signer import audit, certs, client, config, daemon, keys, service
-
+    # Each branch imports only what it runs: `config check` and `keys check` run in the
+    # posture suite and in deploy's validation, where the client's and the daemon's imports
+    # cost seconds on a slow host.
     if args.command == "serve":
         import logging
+
+        from signer import config, daemon, service
 
         cfg = config.load(args.config)
         handler = logging.StreamHandler(sys.stderr)
@@ -302,11 +305,15 @@ def dispatch(args: argparse.Namespace) -> int:
         daemon.run(cfg)
         return Exit.OK
     if args.command == "config":
+        from signer import config
+
         cfg = config.load(args.file)
         out.write(f"{args.file}: ok ({len(cfg.profiles)} profiles, {len(cfg.clients)} clients, "
                   f"{len(cfg.custodians)} custodians)\n")
         return Exit.OK
     if args.command == "keys":
+        from signer import config, keys
+
         cfg = keys.with_pin_file(config.load(args.config), args.pin_file)
         profile = getattr(args, "profile", None)
         if args.action == "generate":
@@ -338,15 +345,19 @@ def dispatch(args: argparse.Namespace) -> int:
         if args.action == "compare":
             return _audit_compare(args)
         if args.action == "adopt":
-            from signer import adopt
+            from signer import adopt, config, keys
 
             cfg = keys.with_pin_file(config.load(args.config), args.pin_file)
             return adopt.adopt(cfg, adopt.parse_range(args.seqs), args.operator, out)
+        from signer import audit, certs
+
         key_file = args.cert or args.pubkey
         spki = certs.load_public_key(key_file) if key_file else None
         ok, message = audit.verify_file(list(args.file), spki, args.live, args.chain_only)
         out.write(message + "\n")
         return Exit.OK if ok else Exit.INVALID
+    from signer import client
+
     if args.command == "submit":
         return client.submit(args.host, args.profile, args.format, args.name, args.out,
                              args.wait, args.ssh, args.artifact, err, args.poll,

@@ -108,7 +108,12 @@ def list_keys(cfg: Config, out: TextIO) -> int:
 
 
 def check(cfg: Config, out: TextIO, profiles: list[str] | None = None) -> int:
-    """Residency of every key (or of `profiles`' keys), each on the token that holds it."""
+    """Residency of every key (or of `profiles`' keys), each on the token that holds it.
+
+    A process loads one PKCS#11 module (python-pkcs11): the keys of a card of another module
+    are checked by a `signer keys check` of its own, as the daemon opens it in its own token
+    process. Those run while this process checks its own tokens (a card's check is seconds of
+    PC/SC on a slow host); their lines follow this process's own."""
     failed = False
     names: list[str | None] = [*cfg.profiles, None] if profiles is None else [*profiles]
     # one session per token: the daemon's, and each card's
@@ -116,31 +121,40 @@ def check(cfg: Config, out: TextIO, profiles: list[str] | None = None) -> int:
     for name in names:
         by_token.setdefault(cfg.profiles[name].token if name else None, []).append(name)
     daemon_module = cfg.daemon.token_module
-    for card, members in by_token.items():
-        if card and cfg.tokens[card].module != daemon_module and len(by_token) > 1:
-            # A process loads one PKCS#11 module (python-pkcs11): a card of another module is
-            # checked by a `signer keys check` of its own, as the daemon opens it in its own
-            # token process.
-            argv = [sys.executable, "-m", "signer", "keys", "check", "--config", str(cfg.path),
-                    *(f"--profile={m}" for m in members if m)]
-            r = subprocess.run(argv, capture_output=True, text=True, check=False)
-            out.write(r.stdout)
-            if r.returncode not in (Exit.OK, Exit.NOPERM):
-                raise SignerError(r.returncode, r.stderr.strip().splitlines()[-1]
-                                  if r.stderr.strip() else f"keys check of token {card} failed")
-            failed = failed or r.returncode != Exit.OK
-            continue
-        token = open_token(cfg, profile=members[0] if card else None)
-        try:
-            for name in members:
-                what, uri, alg = target(cfg, name)
-                problems = token.residency_problems(uri, alg)
-                failed = failed or bool(problems)
-                status = "FAIL" if problems else "ok"
-                detail = f": {'; '.join(problems)}" if problems else ""
-                out.write(f"{status} {what}: {uri}{detail}\n")
-        finally:
-            token.close()
+    apart: dict[str, subprocess.Popen[str]] = {}
+    try:
+        for card, members in by_token.items():
+            if card and cfg.tokens[card].module != daemon_module and len(by_token) > 1:
+                argv = [sys.executable, "-m", "signer", "keys", "check", "--config",
+                        str(cfg.path), *(f"--profile={m}" for m in members if m)]
+                apart[card] = subprocess.Popen(argv, stdout=subprocess.PIPE,
+                                               stderr=subprocess.PIPE, text=True)
+        for card, members in by_token.items():
+            if card in apart:
+                continue
+            token = open_token(cfg, profile=members[0] if card else None)
+            try:
+                for name in members:
+                    what, uri, alg = target(cfg, name)
+                    problems = token.residency_problems(uri, alg)
+                    failed = failed or bool(problems)
+                    status = "FAIL" if problems else "ok"
+                    detail = f": {'; '.join(problems)}" if problems else ""
+                    out.write(f"{status} {what}: {uri}{detail}\n")
+            finally:
+                token.close()
+        for card, proc in apart.items():
+            stdout, stderr = proc.communicate()
+            out.write(stdout)
+            if proc.returncode not in (Exit.OK, Exit.NOPERM):
+                raise SignerError(proc.returncode, stderr.strip().splitlines()[-1]
+                                  if stderr.strip() else f"keys check of token {card} failed")
+            failed = failed or proc.returncode != Exit.OK
+    finally:
+        for proc in apart.values():  # after an error: none is left behind
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     return Exit.NOPERM if failed else Exit.OK
 
 

@@ -267,6 +267,13 @@ def forced_command_account(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="session")
+def forced_command_accounts(expected: Expected) -> list[str]:
+    """Every account `forced_command_account` runs for, for a fixture that reads all of them
+    at once (each case still asserts on its own)."""
+    return _accounts(expected)
+
+
+@pytest.fixture(scope="session")
 def client_account(expected: Expected) -> Callable[[str], str]:
     """name -> the build client's own account (signer_client_account_prefix + name)."""
     return lambda name: _client_account(expected, name)

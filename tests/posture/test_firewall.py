@@ -25,10 +25,17 @@ def chains(host: Host) -> dict[str, dict[str, Any]]:
     return {c["chain"]["name"]: c["chain"] for c in data["nftables"] if "chain" in c}
 
 
+@pytest.fixture(scope="module")
+def live_chains(host: Host) -> dict[str, dict[str, Any]]:
+    """The live table's chains, read once for the module; each direction asserts on its own."""
+    return chains(host)
+
+
 @pytest.mark.control("NET-01", "NET-02")
 @pytest.mark.parametrize("hook", ["input", "output", "forward"])
-def test_every_direction_drops_by_default(host: Host, hook: str) -> None:
-    c = [c for c in chains(host).values() if c.get("hook") == hook]
+def test_every_direction_drops_by_default(live_chains: dict[str, dict[str, Any]],
+                                          hook: str) -> None:
+    c = [c for c in live_chains.values() if c.get("hook") == hook]
     assert c, f"no base chain on {hook} in table inet signhost"
     assert all(x["policy"] == "drop" for x in c)
 
@@ -49,13 +56,20 @@ def probe_addr(expected: Expected) -> str:
 
 
 EGRESS = [(443, "tcp"), (22, "tcp"), (53, "udp"), (5353, "udp")]
+# How long a probe's connect() waits. A dropped SYN costs the whole wait, so it is short, and a
+# TIMEOUT is never taken alone for a drop: each probe to the egress address must also have
+# left its own line in the firewall's drop log (the packet was dropped, not answered late),
+# and a TIMEOUT from the log collector's SSH port counts only when the collector's allowed
+# port, probed in the same run with the same wait, did answer (the path answers within it;
+# a collector seen at 1-10 ms in the lab).
+EGRESS_WAIT = 2.0
 
 EGRESS_PROBES = """
 import errno, json, socket, sys, threading, time
 def probe(addr, port, proto, out):
     fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
-    s.settimeout(5)
+    s.settimeout(float(sys.argv[3]))
     try:
         s.connect((addr, port))
         if proto == "udp":
@@ -95,11 +109,13 @@ def egress(host: Host, expected: Expected) -> Egress:
     addr = probe_addr(expected)
     jobs = [(addr, port, proto) for port, proto in EGRESS]
     first_collector = len(jobs)
-    jobs += [(str(c["network"]).split("/")[0], 22, "tcp")
-             for c in expected.get("firewall_log_collectors") or []]
+    for c in expected.get("firewall_log_collectors") or []:
+        addr = str(c["network"]).split("/")[0]
+        # SSH to the collector (dropped) and, the positive control, its log port (allowed)
+        jobs += [(addr, 22, "tcp"), (addr, int(c["port"]), str(c.get("proto") or "tcp"))]
     since = int(host.check_output("date +%s")) - 1
-    out = host.check_output(
-        shlex.join(["python3", "-c", EGRESS_PROBES, json.dumps(jobs), str(first_collector)]))
+    out = host.check_output(shlex.join(["python3", "-c", EGRESS_PROBES, json.dumps(jobs),
+                                        str(first_collector), str(EGRESS_WAIT)]))
     return Egress(since, json.loads(out))
 
 
@@ -125,7 +141,14 @@ def test_the_log_collector_is_reachable_on_its_port_only(expected: Expected,
     for c in collectors:
         addr = str(c["network"]).split("/")[0]
         assert int(c["port"]) != 22
-        # SSH to the collector, say: dropped by the host's own firewall before it leaves.
+        # The positive control: the collector's own port answered within the probes' wait
+        # (connected, or refused: either way an answer came back on this path in time) ...
+        control = egress.result(addr, int(c["port"]), str(c.get("proto") or "tcp"))
+        assert control in ("OK", "ECONNREFUSED"), (
+            f"{addr}:{c['port']} (allowed) gave {control} within {EGRESS_WAIT} s: a TIMEOUT "
+            "on its SSH port below would prove nothing")
+        # ... so SSH to the collector, say, got no answer because the host's own firewall
+        # dropped it before it left.
         assert egress.result(addr, 22, "tcp") in ("EPERM", "TIMEOUT"), addr
 
 
@@ -198,12 +221,26 @@ def probe_from(point: Vantage, addr: str, port: int | str, wait: float = 4) -> s
     return r.stdout.strip()
 
 
+# How long the outsider's connect() waits for an answer that must not come. A dropped SYN
+# costs the whole wait, so it is short, but only with a positive control: the authorised build
+# host connects to the same addresses' SSH port (the same network, the same interface of the
+# host, the same input chain) within a quarter of it (CONTROL_WAIT), in the same run; an
+# answer the outsider got later than NO_ANSWER_WAIT would have come at least four times slower
+# than the control's. The lab's SYN/ACK takes 1-10 ms; a host too slow for the control fails
+# it, never passes by a late answer. Without a build vantage point there is no control, and the
+# outsider waits FALLBACK_WAIT as it always did.
+NO_ANSWER_WAIT = 2.0
+CONTROL_WAIT = NO_ANSWER_WAIT / 4
+FALLBACK_WAIT = 4.0
+
 # What each vantage point tries: (port, how long it waits for an answer). "ssh" is the
 # inventory's ssh_port. The outsider must get no answer at all; the build host its SSH banner
-# (a slow emulated host may take a while to send it) and nothing else.
-VANTAGE_PROBES: dict[str, list[tuple[int | str, float]]] = {
-    "outside": [("ssh", 4.0), (443, 4.0), (8080, 4.0)],
-    "build": [("ssh", 20.0), (443, 4.0)]}
+# (a slow emulated host may take a while to send it) and nothing else; "control" is the build
+# host's SSH port again, within CONTROL_WAIT. None: NO_ANSWER_WAIT, or FALLBACK_WAIT when the
+# control cannot run.
+VANTAGE_PROBES: dict[str, list[tuple[int | str, float | None]]] = {
+    "outside": [("ssh", None), (443, None), (8080, None)],
+    "build": [("ssh", 20.0), (443, None), ("control", CONTROL_WAIT)]}
 
 
 class VantageProbes:
@@ -213,25 +250,41 @@ class VantageProbes:
     def __init__(self, vantage: Callable[[str], Vantage], expected: Expected) -> None:
         self._vantage, self._expected = vantage, expected
         self._futures: dict[tuple[str, str, str], Future[str]] = {}
+        self.controlled = False  # the outsider's short wait has its positive control
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="vantage")
 
     def _start(self) -> None:
         points = self._expected.get("verify_vantage_points") or {}
+        addresses = {name: set(entry.get("addresses") or ()) for name, entry in points.items()
+                     if entry and entry.get("argv")}
+        usable = {name for name in VANTAGE_PROBES if addresses.get(name)}
+        # the control covers the outsider's addresses only where the build host probes them too
+        self.controlled = {"build", "outside"} <= usable and (
+            addresses["outside"] <= addresses["build"])
+        default = NO_ANSWER_WAIT if self.controlled else FALLBACK_WAIT
         for name, probes in VANTAGE_PROBES.items():
-            entry = points.get(name) or {}
-            if not entry.get("argv") or not entry.get("addresses"):
+            if name not in usable:
                 continue  # the test that needs it skips (or fails) through `vantage(name)`
             point = self._vantage(name)
             for addr in point.addresses:
                 for port, wait in probes:
-                    real = self._expected["ssh_port"] if port == "ssh" else port
+                    real = self._expected["ssh_port"] if port in ("ssh", "control") else port
                     self._futures[(name, addr, str(port))] = self._pool.submit(
-                        probe_from, point, addr, real, wait)
+                        probe_from, point, addr, real, default if wait is None else wait)
 
     def result(self, point: Vantage, addr: str, port: int | str) -> str:
         if not self._futures:
             self._start()
         return self._futures[(point.name, addr, str(port))].result()
+
+    def control(self, addr: str) -> str | None:
+        """The build host's connection to `addr`'s SSH port within CONTROL_WAIT (OPEN, with
+        the banner), None when there is no control (the outsider waited FALLBACK_WAIT)."""
+        if not self._futures:
+            self._start()
+        if not self.controlled:
+            return None
+        return self._futures[("build", addr, "control")].result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -254,8 +307,13 @@ def test_an_unauthorised_host_gets_no_answer(vantage: Callable[[str], Vantage],
     point = vantage("outside")
     shown = expected["ssh_port"] if port == "ssh" else port
     for addr in point.addresses:
-        assert vantage_probes.result(point, addr, port) == "TIMEOUT", \
-            f"{addr}:{shown} answered the outsider"
+        got = vantage_probes.result(point, addr, port)
+        control = vantage_probes.control(addr)
+        # the positive control: the same path answers well within the outsider's wait
+        assert control is None or control.startswith("OPEN"), (
+            f"the build host got {control} from {addr}:{expected['ssh_port']} within "
+            f"{CONTROL_WAIT} s: the outsider's {NO_ANSWER_WAIT} s wait proves nothing")
+        assert got == "TIMEOUT", f"{addr}:{shown} answered the outsider"
 
 
 @pytest.mark.control("NET-01")

@@ -8,11 +8,12 @@ be observed from outside.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import tomllib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -103,26 +104,40 @@ def test_signer_daemon_sees_the_system_read_only(host: Host, expected: Expected)
     assert "rw" in opts[expected["signer_daemon_home"]]
 
 
+# The signer unit's sandbox: systemd property, the value `systemctl show` must give.
+SANDBOX = [
+    ("PrivateNetwork", "yes"),
+    ("ProtectSystem", "strict"),
+    ("ProtectHome", "yes"),
+    ("PrivateTmp", "yes"),
+    ("PrivateDevices", "yes"),
+    ("NoNewPrivileges", "yes"),
+    ("CapabilityBoundingSet", ""),
+    ("RestrictAddressFamilies", "AF_UNIX"),
+    ("MemoryDenyWriteExecute", "yes"),
+    ("RestrictNamespaces", "yes"),
+    ("LockPersonality", "yes"),
+    ("SystemCallArchitectures", "native"),
+]
+
+
 @pytest.mark.control("SGN-06")
-@pytest.mark.parametrize(
-    ("prop", "want"),
-    [
-        ("PrivateNetwork", "yes"),
-        ("ProtectSystem", "strict"),
-        ("ProtectHome", "yes"),
-        ("PrivateTmp", "yes"),
-        ("PrivateDevices", "yes"),
-        ("NoNewPrivileges", "yes"),
-        ("CapabilityBoundingSet", ""),
-        ("RestrictAddressFamilies", "AF_UNIX"),
-        ("MemoryDenyWriteExecute", "yes"),
-        ("RestrictNamespaces", "yes"),
-        ("LockPersonality", "yes"),
-        ("SystemCallArchitectures", "native"),
-    ],
-)
-def test_signer_unit_sandbox_property(host: Host, expected: Expected, prop: str, want: str) -> None:
-    assert host.check_output(f"systemctl show -p {prop} --value {_unit(expected)}") == want
+@pytest.mark.parametrize(("prop", "want"), SANDBOX)
+def test_signer_unit_sandbox_property(unit_properties: dict[str, str], prop: str,
+                                     want: str) -> None:
+    assert unit_properties.get(prop) == want
+
+
+@pytest.fixture(scope="module")
+def unit_properties(host: Host, expected: Expected) -> dict[str, str]:
+    """The signer unit's sandbox properties as systemd has them loaded, in one `systemctl show`
+    (one round trip instead of twelve); each case asserts on its own. A property systemd does
+    not show is absent here, and its case fails."""
+    props = [p for p, _ in SANDBOX]
+    out = host.check_output(f"systemctl show {' '.join(f'-p {p}' for p in props)} "
+                            f"{_unit(expected)}")
+    shown = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    return {p: shown[p] for p in props if p in shown}
 
 
 @pytest.mark.control("SGN-06")
@@ -154,12 +169,20 @@ def _token_slots(host: Host, expected: Expected, account: str) -> CommandResult:
     )
 
 
+@pytest.fixture(scope="module")
+def owners_slots(host: Host, expected: Expected) -> CommandResult:
+    """The positive control of the case below, run once for the module (not once per account):
+    the same command as the token's owner."""
+    return _token_slots(host, expected, expected["token_owner"])
+
+
 @pytest.mark.control("TOK-02")
 def test_other_accounts_cannot_open_the_token(host: Host, expected: Expected,
+                                              owners_slots: CommandResult,
                                               forced_command_account: str) -> None:
     # The same command as the token's owner sees the token: the module loads and the command
     # works on this host, so the other account's empty answer means it was kept out.
-    owner = _token_slots(host, expected, expected["token_owner"])
+    owner = owners_slots
     label = re.compile(rf"(?m)^\s*token label\s*:\s*{re.escape(expected['token_label'])}\s*$")
     assert owner.rc == 0 and label.search(owner.stdout), owner.stdout + owner.stderr
     other = _token_slots(host, expected, forced_command_account)
@@ -366,14 +389,43 @@ def _authorized_lines(expected: Expected, account: str) -> list[str]:
     ]
 
 
-@pytest.mark.control("SGN-01")
-def test_forced_command_accounts_only_have_restricted_keys(host: Host, expected: Expected,
-                                                           forced_command_account: str) -> None:
-    account = forced_command_account
+# Each account's ~/.ssh/authorized_keys: its owner, mode and content, or why it cannot be read.
+AUTHORIZED_KEYS = """
+import json, os, pwd, stat, sys
+out = {}
+for account in json.loads(sys.argv[1]):
+    try:
+        path = os.path.join(pwd.getpwnam(account).pw_dir, ".ssh", "authorized_keys")
+        st = os.stat(path)
+        with open(path, encoding="utf-8") as f:
+            out[account] = {"user": pwd.getpwuid(st.st_uid).pw_name,
+                            "mode": stat.S_IMODE(st.st_mode), "content": f.read()}
+    except (KeyError, OSError) as e:
+        out[account] = {"error": f"{type(e).__name__}: {e}"}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def authorized_keys(host: Host, forced_command_accounts: list[str]) -> dict[str, dict[str, Any]]:
+    """Every forced-command account's authorized_keys (owner, mode, content), read in one round
+    trip for the module (four per account before); each case asserts on its own account's."""
     with host.sudo():
-        ak = host.file(f"{host.user(account).home}/.ssh/authorized_keys")
-        assert ak.user == "root" and not ak.mode & 0o022
-        lines = [ln for ln in ak.content_string.splitlines() if ln and not ln.startswith("#")]
+        out = host.check_output(shlex.join(["python3", "-c", AUTHORIZED_KEYS,
+                                            json.dumps(forced_command_accounts)]))
+    keys: dict[str, dict[str, Any]] = json.loads(out)
+    return keys
+
+
+@pytest.mark.control("SGN-01")
+def test_forced_command_accounts_only_have_restricted_keys(
+        expected: Expected, authorized_keys: dict[str, dict[str, Any]],
+        forced_command_account: str) -> None:
+    account = forced_command_account
+    ak = authorized_keys[account]
+    assert "error" not in ak, f"{account}: {ak.get('error')}"
+    assert ak["user"] == "root" and not ak["mode"] & 0o022
+    lines = [ln for ln in ak["content"].splitlines() if ln and not ln.startswith("#")]
     venv = re.escape(expected["signer_venv"])
     for line in lines:
         assert re.match(

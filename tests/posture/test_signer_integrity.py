@@ -301,30 +301,64 @@ def _other_accounts(expected: Expected, client: str,
     return others + [str(c["name"]) for c in expected["signer_custodians"][:1]]
 
 
+# Runs (account, command) pairs on the host as root, two at a time (the gateway's start-up is
+# most of each one's time), each as its account the way `host.sudo(account)` runs one
+# (`runuser -u ACCOUNT -- /bin/sh -c`), and returns each one's exit status and output, the
+# account's uid, and the audit log's lines that appeared meanwhile: one round trip for them all.
+AS_ACCOUNTS = """
+import json, pwd, subprocess, sys
+from concurrent.futures import ThreadPoolExecutor
+log, tries = sys.argv[1], json.loads(sys.argv[2])
+def lines():
+    with open(log, "rb") as f:
+        return f.read().splitlines()
+def run(t):
+    account, cmd = t
+    p = subprocess.run(["runuser", "-u", account, "--", "/bin/sh", "-c", cmd],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    return {"uid": pwd.getpwnam(account).pw_uid, "rc": p.returncode, "out": p.stdout,
+            "err": p.stderr}
+before = len(lines())
+with ThreadPoolExecutor(2) as pool:
+    results = list(pool.map(run, tries))
+print(json.dumps({"results": results, "audit": [l.decode() for l in lines()[before:]]}))
+"""
+
+
+def _as_accounts(host: Host, expected: Expected,
+                 jobs: list[tuple[str, str]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """AS_ACCOUNTS: each job's result (uid, rc, out, err) and the audit entries it left."""
+    with host.sudo():
+        out = host.check_output(shlex.join(["python3", "-c", AS_ACCOUNTS,
+                                            str(expected["signer_audit_log"]),
+                                            json.dumps(jobs)]))
+    done = json.loads(out)
+    return done["results"], [json.loads(line) for line in done["audit"] if line.strip()]
+
+
 @pytest.mark.control("SGN-02")
 def test_a_build_clients_name_is_refused_from_any_other_account(
         host: Host, expected: Expected, client_account: Callable[[str], str]) -> None:
     """Each build client speaks through its own account: from another client's account, or a
     custodian's (both in the socket's group), its name is refused by the daemon (SO_PEERCRED:
     the name is bound to the client's account), and each refusal is audited. The command is a
-    read (`status`), so nothing else changes."""
-    tried = 0
-    for c in expected["signer_clients"]:
-        client = str(c["name"])
-        for account in _other_accounts(expected, client, client_account):
-            before = _audit_lines(host, expected)
-            with host.sudo(account):
-                r = host.run(_gateway(expected, "client", client, f"status {REQUEST_ID}"))
-            assert r.rc == 77, f"{client} from {account}: {r.stdout}{r.stderr}"
-            assert "account" in r.stderr and r.stdout == "", r.stderr
-            denials = [e for e in _audit_after(host, expected, before)
-                       if e.get("event") == "deny" and e.get("client") == client]
-            assert len(denials) == 1, _audit_after(host, expected, before)
-            assert "connected as uid" in str(denials[0].get("reason")), denials[0]
-            tried += 1
-    if not tried:
+    read (`status`), so nothing else changes. Every (client, account) try runs in one round
+    trip (AS_ACCOUNTS); each is told apart in the audit log by its client and its uid."""
+    tries = [(str(c["name"]), account) for c in expected["signer_clients"]
+             for account in _other_accounts(expected, str(c["name"]), client_account)]
+    if not tries:
         pytest.skip("does not apply: the inventory needs a build client and another account "
                     "(a second client or a custodian)")
+    jobs = [(account, _gateway(expected, "client", client, f"status {REQUEST_ID}"))
+            for client, account in tries]
+    results, audit = _as_accounts(host, expected, jobs)
+    for (client, account), r in zip(tries, results, strict=True):
+        assert r["rc"] == 77, f"{client} from {account}: {r['out']}{r['err']}"
+        assert "account" in r["err"] and r["out"] == "", r["err"]
+        denials = [e for e in audit if e.get("event") == "deny" and e.get("client") == client
+                   and f"connected as uid {r['uid']}," in str(e.get("reason"))]
+        assert len(denials) == 1, (f"{client} from {account} (uid {r['uid']}): "
+                                   f"{len(denials)} denials in {audit}")
 
 
 CONNECT_PROBE = ("import socket, sys; s = socket.socket(socket.AF_UNIX); "
@@ -368,6 +402,7 @@ def test_the_installed_gateway_refuses_a_bad_command_in_one_line(
         pytest.skip("does not apply: the inventory needs a build client and a profile")
     client = str(expected["signer_clients"][0]["name"])
     command = command.format(profile=expected["signer_profiles"][0]["name"])
+    # (Three round trips: through AS_ACCOUNTS, one try costs more in python3's start-up.)
     before = _audit_lines(host, expected)
     with host.sudo(client_account(client)):
         r = host.run(_gateway(expected, "client", client, command))

@@ -177,6 +177,30 @@ def test_config_check_command(tmp_path: Path) -> None:
     assert main(["config", "check", str(bad)]) == 78
 
 
+def test_config_check_loads_neither_the_client_nor_the_daemon(tmp_path: Path) -> None:
+    """`signer config check` (deploy's validation, the posture suite's SGN-08 test: a slow
+    host pays every import) loads the configuration's modules only, not the client's, the
+    daemon's or the audit chain's, nor the token's."""
+    import subprocess
+    import sys
+
+    good = tmp_path / "signer.toml"
+    good.write_text(toml(BASE))
+    probe = ("import atexit, sys\n"
+             "atexit.register(lambda: print(' '.join(sorted(sys.modules))))\n"
+             "from signer.cli import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", probe, "config", "check", str(good)],
+                       capture_output=True, text=True, check=False,
+                       cwd=Path(__file__).parents[2])
+    assert r.returncode == 0, r.stderr
+    loaded = set(r.stdout.split())
+    assert "signer.config" in loaded
+    # (cryptography it needs: the clients' and custodians' SSH keys are parsed)
+    heavy = {"signer.client", "signer.daemon", "signer.audit", "signer.keys", "signer.service",
+             "pkcs11"}
+    assert not heavy & loaded, sorted(heavy & loaded)
+
+
 def test_a_card_profile_is_bound_to_its_token_by_label_and_serial() -> None:
     """[tokens.*]: a profile whose key names a card's label is that card's; a serial= in the
     URI must be the card's configured serial; two tokens of one label are refused."""

@@ -27,6 +27,46 @@ def test_exit_codes_stdout_and_stderr_come_back_as_on_the_host(host) -> None:  #
     assert host.run("echo %s", "a'b; rm -rf /").stdout == "a'b; rm -rf /\n"  # quoted argument
 
 
+def _plain_argv(cmd: str) -> list[str] | None:
+    from toolkit.assurance import shell_channel
+
+    ns: dict[str, object] = {}
+    exec(shell_channel.PLAIN, ns)  # the server's own code
+    argv = ns["plain_argv"](cmd)  # type: ignore[operator]
+    return argv  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(("cmd", "argv"), [
+    ("cat -- /etc/hostname", ["cat", "--", "/etc/hostname"]),
+    ("stat -c %U:%a /etc/ssh/sshd_config", ["stat", "-c", "%U:%a", "/etc/ssh/sshd_config"]),
+    ("systemctl show -p A=B x.service ", ["systemctl", "show", "-p", "A=B", "x.service"]),
+    # the shell's: builtins and reserved words, assignments, expansions, quotes, operators
+    ("test -e /etc", None), ("echo a\\tb", None), ("command -v sh", None), ("cd /", None),
+    ("if true", None), ("A=1 env", None), ("cat $HOME/x", None), ("cat ~/x", None),
+    ("ls /etc/*", None), ("cat 'a b'", None), ('cat "a"', None), ("cat a\\ b", None),
+    ("cat a; id", None), ("cat a | id", None), ("cat a >b", None), ("cat a && id", None),
+    ("cat `id`", None), ("cat a\nid", None), ("cat a\tb", None), ("cat # x", None),
+    ("{ cat; }", None), ("", None), (" ", None),
+])
+def test_only_a_plain_command_skips_the_shell(cmd: str, argv: list[str] | None) -> None:
+    assert _plain_argv(cmd) == argv
+
+
+@pytest.mark.parametrize("cmd", [
+    "cat /etc/hostname", "ls -d /etc /nonexistent", "no-such-command-here x",
+    "/etc/hostname", "stat -c %a /etc", "id -u", "cat /nonexistent",
+])
+def test_a_plain_command_answers_as_the_shell_would(host, cmd: str) -> None:  # type: ignore[no-untyped-def]
+    """Exec'd without the shell (or, when it cannot be exec'd, by the shell after all): the
+    same exit status, output and error as `/bin/sh -c` gives here."""
+    import subprocess
+
+    want = subprocess.run(["/bin/sh", "-c", cmd], capture_output=True, stdin=subprocess.DEVNULL)
+    got = host.run(cmd)
+    assert (got.rc, got.stdout_bytes, got.stderr_bytes) == (
+        want.returncode, want.stdout, want.stderr)
+
+
 def test_one_channel_serves_every_command(host) -> None:  # type: ignore[no-untyped-def]
     pids = {host.run("echo $PPID").stdout for _ in range(5)}
     assert len(pids) == 1, "each command started a new server"

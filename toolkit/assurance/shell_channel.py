@@ -5,7 +5,13 @@ shell, then `sudo` (PAM, `use_pty`, the sudo log). On the lab VM under software 
 is ~0.4-1 s per command and the suite issues several hundred. Here one `ssh host sudo -n python3`
 starts a small stdlib-only server on the host (the code below, sent base64-encoded on the command
 line, nothing installed) that reads one JSON request per line and runs it with `/bin/sh -c`, as
-`sudo /bin/sh -c` would; a command costs one fork/exec on the host.
+`sudo /bin/sh -c` would; a command costs one fork/exec on the host. A plain command (PLAIN:
+words of letters, digits and `_./:%@+,=-` only, the first neither a shell builtin or keyword nor
+an assignment) is exec'd as those words without the shell, which is what the shell would run:
+no expansion, quoting or redirection can apply to it. Starting dash costs ~30 ms of an emulated
+host's time (`cat FILE` 66 ms through it, 39 ms without); the syslog line 0.5 ms. A plain
+command that cannot be exec'd (not found, not executable, a script without `#!`) runs with the
+shell after all, so its exit status and message are the shell's.
 
 Audit trail: the one sudo invocation is in the sudo log; the server writes every command it runs
 to syslog (tag `signhost-verify`, facility authpriv), so the host's journal still shows what the
@@ -31,7 +37,28 @@ from testinfra.backend import base
 
 BEGIN = "SIGNHOST-CHANNEL-BEGIN"
 
-SERVER = r"""
+# The words a plain command may have, and what makes it the shell's (dash's builtins and
+# reserved words). Shared by the server and its unit test.
+PLAIN = r"""
+import re
+_WORDS = re.compile(r"[A-Za-z0-9_./:%@+,=-]+( +[A-Za-z0-9_./:%@+,=-]+)* *")
+_SHELL = frozenset(
+    "! { } case do done elif else esac fi for if in then until while . : [ alias bg break cd "
+    "command continue echo eval exec exit export false fc fg getopts hash jobs kill local "
+    "printf pwd read readonly return set shift test times trap true type ulimit umask "
+    "unalias unset wait".split())
+
+
+def plain_argv(cmd):  # the argv the shell would exec for cmd, or None: the shell runs it
+    if not _WORDS.fullmatch(cmd):
+        return None
+    argv = cmd.split()
+    if argv[0] in _SHELL or "=" in argv[0]:
+        return None
+    return argv
+"""
+
+SERVER = PLAIN + r"""
 import base64, json, os, signal, subprocess, sys, syslog
 # Whatever precedes the begin line is the sudo password that sudo did not need to read (cached
 # or NOPASSWD): dropped unread.
@@ -48,10 +75,19 @@ for line in sys.stdin.buffer:
     cmd = req["cmd"]
     n += 1
     syslog.syslog(syslog.LOG_INFO, "run: " + cmd[:1500])
+    argv = plain_argv(cmd)
     try:
-        p = subprocess.run(["/bin/sh", "-c", cmd], stdin=subprocess.DEVNULL,
-                           capture_output=True, timeout=req.get("timeout", 300),
-                           start_new_session=True)
+        p = None
+        if argv is not None:
+            try:
+                p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                   timeout=req.get("timeout", 300), start_new_session=True)
+            except OSError:  # not found, not executable, no #!: the shell's answer instead
+                p = None
+        if p is None:
+            p = subprocess.run(["/bin/sh", "-c", cmd], stdin=subprocess.DEVNULL,
+                               capture_output=True, timeout=req.get("timeout", 300),
+                               start_new_session=True)
         rc, so, se = p.returncode, p.stdout, p.stderr
         if rc < 0:
             rc = 128 - rc
