@@ -38,7 +38,8 @@ NAMES = ("signer_profiles", "signer_clients", "signer_custodians", "signer_clien
          "base_sudo_logfile", "firewall_admin_networks",
          "ssh_ciphers", "ssh_host_key_algorithms", "ssh_kex_classical_clients",
          "ssh_kex_algorithms", "ansible_user", "base_aide",
-         "base_aide_database", "base_aide_hardened_paths", "usb_allowed_devices")
+         "base_aide_database", "base_aide_hardened_paths", "usb_allowed_devices",
+         "signer_gateway_group", "signer_gateway_shell")
 
 
 class TargetError(RuntimeError):

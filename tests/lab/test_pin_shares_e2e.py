@@ -19,6 +19,12 @@ same path runs as an operator runs it on the signing host of the inventory under
 5. always: a tagged deploy back to the inventory's own PIN source (the PIN file again), the
    daemon signing, the AIDE baseline clean under what the test changed.
 
+The same two deploys carry one more story (SGN-01), to spare two deploys of its own: the
+prompt deploy's inventory has one more build client, with a key made for the test, and gets
+its account; the restore's inventory no longer has it, and its account, home and key are
+gone (a retired client's home is root's, which `userdel -r` refuses: the role removes it
+itself).
+
 Which parts play which role comes from the inventory (`target`), never the lab's names. The
 split-pin ceremony reads its k and holders from an inventory: the test gives it the inventory
 under test with one more host_vars file on top (an overlay of symlinks in a temporary
@@ -64,7 +70,9 @@ K = 2  # shares that unlock: the least inventory.check allows for a release prof
 # The smallest deploy that switches the PIN source: SGN-08 renders signer.toml (its handler
 # restarts the daemon), TOK-03 reads the PIN on the controller and writes or removes the PIN
 # file on the host (and the keys probe, which finds the keys in place and leaves the token).
-TAGS = "SGN-08,TOK-03"
+# SGN-01 too: the same two deploys carry a second story (a build client added for the test is
+# gone from the inventory at the restore: its account, home and key go with it).
+TAGS = "SGN-01,SGN-08,TOK-03"
 INVOKE = ROOT / ".venv" / "bin" / "invoke"
 
 
@@ -175,7 +183,26 @@ def _restore(target: Target, tmp_path: Path, build: e2e.Gateway, sign: str) -> l
     return problems
 
 
-@pytest.mark.control("TOK-03", "SGN-05", "SGN-09")
+def _retiree(target: Target, tmp_path: Path) -> dict[str, Any]:
+    """A build client for the prompt deploy only (a key of its own, the first client's
+    addresses): the restore deploy, without it, retires it."""
+    key = tmp_path / "retiree"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "retiree@build",
+                    "-f", str(key)], check=True)
+    first = target.values["signer_clients"][0]
+    return {"name": f"retiree{os.getpid() % 10000}",
+            "ssh_key": key.with_suffix(".pub").read_text().strip(), "from": first["from"]}
+
+
+def _account(target: Target, name: str) -> tuple[str, bool]:
+    """The account's passwd line ("" when there is none) and whether its home exists."""
+    rc, out, err = target.root_output(f"getent passwd {shlex.quote(name)}")
+    assert rc in (0, 2), f"getent passwd {name}: rc {rc}: {err}"  # 2: no such account
+    home, _o, _e = target.root_output(f"test -e /home/{shlex.quote(name)}")
+    return out.decode().strip(), home == 0
+
+
+@pytest.mark.control("TOK-03", "SGN-05", "SGN-09", "SGN-01")
 def test_k_custodian_shares_unlock_the_daemon_after_a_restart_and_no_log_holds_one(
         target: Target, build: e2e.Gateway, custodian: e2e.Gateway,
         signing: tuple[Party, str], token_dir: Path, tmp_path: Path) -> None:
@@ -192,6 +219,8 @@ def test_k_custodian_shares_unlock_the_daemon_after_a_restart_and_no_log_holds_o
     prompt = {"token_pin_source": "prompt", "token_pin_shares": K,
               "token_pin_share_holders": [h.name for h in holders],
               "token_pin_share_recipients": {}}  # to each holder's SSH key, which the lab holds
+    retiree = _retiree(target, tmp_path)
+    retiree_account = f"{target.values['signer_client_account_prefix']}{retiree['name']}"
     profile = signing[1]
     sign = f"sign --profile {profile} --format raw"
     log = shlex.quote(str(target.values["signer_audit_log"]))
@@ -211,7 +240,11 @@ def test_k_custodian_shares_unlock_the_daemon_after_a_restart_and_no_log_holds_o
     passed = False
     try:
         # 2. Deployed with shares: no PIN file on the host, and the restarted daemon is locked.
-        _deploy(target, tmp_path, "prompt", prompt)
+        _deploy(target, tmp_path, "prompt", {
+            **prompt, "signer_clients": [*target.values["signer_clients"], retiree]})
+        passwd, home = _account(target, retiree_account)
+        assert passwd.endswith(":" + str(target.values["signer_gateway_shell"])) and home, \
+            f"the added client's account: {passwd!r}, home {home}"
         rc, _out, _err = target.root_output(f"test ! -e {pin_file}")
         assert rc == 0, f"{pin_file} is still on the host with pin_source prompt"
         locked = build(sign, b"while locked")
@@ -264,6 +297,11 @@ def test_k_custodian_shares_unlock_the_daemon_after_a_restart_and_no_log_holds_o
     finally:
         # 5. Always: the inventory's own PIN source, the daemon signing, the baseline clean.
         problems = _restore(target, tmp_path, build, sign)
+        # 6. The client the restore's inventory no longer has: no account, no home, no key.
+        passwd, home = _account(target, retiree_account)
+        if passwd or home:
+            problems.append(f"the retired client keeps its account ({passwd!r}) or its home "
+                            f"(/home/{retiree_account}: {home})")
         if problems and passed:
             pytest.fail("the host is not left as the pipeline left it: " + "; ".join(problems))
         for p in problems:
