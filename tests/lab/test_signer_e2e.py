@@ -29,14 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from invoke.context import Context
 
 from lab import usb
 from lab.ca import LabCA
 from lab.config import Instance
 from lab.state import LabState
 from lab.target import Party, Target
-from toolkit.tasks import token as tasks_token
 
 if TYPE_CHECKING:
     from tests.lab.conftest import AdminSsh
@@ -306,40 +304,11 @@ def release(target: Target) -> tuple[Party, str, list[Party]]:
 
 
 @pytest.fixture(scope="module")
-def release_cert(lab: LabState, target: Target, release: tuple[Party, str, list[Party]],
-                 admin_ssh: AdminSsh, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def release_cert(release: tuple[Party, str, list[Party]], ca_certs: dict[str, Path]) -> Path:
     """The profile's certificate, issued by a lab CA for the CSR that `invoke token.csr`
-    fetched, and installed with `invoke token.import-cert` (once per lab)."""
-    profile = release[1]
-    token_dir = target.token_dir
-    cert = token_dir / f"{profile}.pem"
-    cert_dir = target.values["signer_cert_dir"]
-    if (
-        cert.exists()
-        and admin_ssh(f"test -s {cert_dir}/{profile}.pem", sudo=True).returncode == 0
-    ):
-        return cert
-    work = tmp_path_factory.mktemp("ca")
-    csr = work / f"{profile}.csr"
-    where = {"inventory": target.inventory, "vault_password_file": target.vault_password_file}
-    tasks_token.csr(Context(), profile=profile, out=str(csr), **where)
-    ca = LabCA(lab.state_dir)  # the lab's CA (lab/ca.py), the commercial CA's stand-in
-    if not ca.exists():
-        pytest.fail(f"{ca.cert} is missing: `invoke lab.up` makes the lab CA")
-    ca.issue(csr, cert)
-    tasks_token.import_cert(Context(), str(cert), profile=profile, **where)
-    if target.values["base_aide"]:
-        # An authorised change through the toolkit is in the AIDE baseline at once (BASE-07):
-        # the next deploy does not stop on it.
-        limit = shlex.quote(f"^({re.escape(cert_dir)})(/|$)")
-        aide = admin_ssh(f"/usr/local/sbin/signhost-aide-baseline compare {limit}", sudo=True)
-        assert aide.returncode == 0, f"import-cert left differences from the baseline: {aide.stdout}"
-    socket = target.values["signer_socket"]
-    for _ in range(60):  # signerd restarts with the new certificate
-        if admin_ssh(f"test -S {socket}", sudo=True).returncode == 0:
-            break
-        time.sleep(2)
-    return cert
+    fetched, and installed with `invoke token.import-cert` (once per lab, in the round that
+    installs every CA profile's: conftest's ca_certs)."""
+    return ca_certs[release[1]]
 
 
 @pytest.mark.control("SGN-09", "TOK-01")
