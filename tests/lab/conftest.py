@@ -16,8 +16,9 @@ import os
 import re
 import shlex
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -87,25 +88,54 @@ def signing(target: Target) -> tuple[Party, str]:
 
 
 class AdminSsh(Protocol):
-    """The `admin_ssh` fixture: `cmd` on the VM as the inventory's admin (as root with sudo)."""
+    """The `admin_ssh` fixture: `cmd` on the VM as the inventory's admin (as root with sudo);
+    `new_login` for a login of its own rather than a session on the shared connection."""
 
     def __call__(self, cmd: str, *, timeout: float = 120, check: bool = False,
-                 sudo: bool = False) -> subprocess.CompletedProcess[str]: ...
+                 sudo: bool = False, new_login: bool = False
+                 ) -> subprocess.CompletedProcess[str]: ...
+
+    def close(self) -> None:
+        """End the shared connection (before a reboot); the next command opens a new one."""
 
 
-@pytest.fixture(scope="session")
-def admin_ssh(target: Target) -> AdminSsh:
-    """Run a command on the VM as the inventory's admin (its connection), as root with sudo=True
-    (the become password, if the inventory has one, on sudo's stdin)."""
+class _SharedAdminSsh:
+    """The admin's commands as sessions on one SSH connection (an OpenSSH ControlMaster whose
+    socket is in a private directory of this run): a login through the jump host costs two key
+    exchanges on a TCG guest, several seconds, and the tests make a hundred such calls. Each
+    command is still a session of its own, through the inventory's way in and sudo."""
 
-    def run(cmd: str, *, timeout: float = 120, check: bool = False,
-            sudo: bool = False) -> subprocess.CompletedProcess[str]:
-        r = target.admin_run(cmd, sudo=sudo, timeout=timeout)
+    def __init__(self, target: Target, control_dir: Path) -> None:
+        self.target = target
+        self.mux = ("-o", "ControlMaster=auto", "-o", "ControlPersist=120",
+                    "-o", f"ControlPath={control_dir}/%C")
+
+    def __call__(self, cmd: str, *, timeout: float = 120, check: bool = False,
+                 sudo: bool = False, new_login: bool = False
+                 ) -> subprocess.CompletedProcess[str]:
+        options = () if new_login else self.mux  # new_login: as the inventory alone makes it
+        r = self.target.admin_run(cmd, sudo=sudo, timeout=timeout, options=options)
         if check and r.returncode != 0:
             raise subprocess.CalledProcessError(r.returncode, cmd, r.stdout, r.stderr)
         return r
 
-    return run
+    def close(self) -> None:
+        subprocess.run(self.target.admin_argv(*self.mux, "-O", "exit"), capture_output=True,
+                       timeout=30)
+
+
+@pytest.fixture(scope="session")
+def admin_ssh(target: Target) -> Iterator[AdminSsh]:
+    """Run a command on the VM as the inventory's admin (its connection), as root with sudo=True
+    (the become password, if the inventory has one, on sudo's stdin); over one shared
+    connection unless new_login=True."""
+    # A short path: a unix socket's name is limited to 108 bytes, and %C is 40 of them.
+    with tempfile.TemporaryDirectory(prefix="slcp-", dir="/tmp") as control_dir:
+        run = _SharedAdminSsh(target, Path(control_dir))
+        try:
+            yield run
+        finally:
+            run.close()
 
 
 def _wait_for(pred: Callable[[], object], timeout: float = 90, interval: float = 2) -> bool:
