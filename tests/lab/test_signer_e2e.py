@@ -22,6 +22,7 @@ import re
 import secrets
 import shlex
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -664,14 +665,21 @@ def test_a_restart_under_load_loses_no_answered_requests_entry(
     if target.values.get("token_pin_source") == "prompt":
         pytest.skip("pin_source prompt: a restart locks the daemon until a custodian unlocks it")
     sign = f"sign --profile {signing[1]} --format raw"
+    signing_now = threading.Event()
 
     def worker(n: int) -> list[subprocess.CompletedProcess[bytes]]:
-        return [build(sign, f"restart under load {n}.{i} {secrets.token_hex(8)}".encode())
-                for i in range(4)]
+        out = []
+        for i in range(4):
+            out.append(build(sign, f"restart under load {n}.{i} {secrets.token_hex(8)}".encode()))
+            if out[-1].returncode == 0:
+                signing_now.set()
+        return out
 
     with ThreadPoolExecutor(2) as pool:
         running = [pool.submit(worker, n) for n in range(2)]
-        time.sleep(1.0)
+        # The restart comes once the clients are signing (a first answer), not at a guessed
+        # moment: the rest of their requests meet it. If none is answered, `answered` fails.
+        signing_now.wait(timeout=120)
         admin_ssh(f"systemctl restart {target.values['signer_service']}", sudo=True, check=True,
                   timeout=120)
         results = [r for f in running for r in f.result()]
