@@ -383,6 +383,9 @@ def render(inst: Instance, facts: dict[str, Any], example: Path = EXAMPLE) -> di
         "signer_audit_forward_ca": coll["ca"],
         "signer_audit_forward_cert": coll["client_cert"],
         "signer_audit_forward_key": coll["client_key"],
+        # the lab tests stop the collector on purpose: reconnect within seconds of its return,
+        # as inventory/lab does (the role's default, 10 s and growing, is a site's choice)
+        "signer_audit_forward_retry_seconds": 2,
         "verify_audit_collector_copy": {"argv": ["cat", coll["vm_copy"]]},
         "base_apt_timers": False,
         # keys

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from asn1crypto import cms, pem
-from invoke.context import Context
 
 from lab.ca import LabCA
 from lab.state import LabState
@@ -36,10 +35,9 @@ from lab.target import Party, Target
 from signer import osslsigncode
 from tests.signer.test_authenticode import SIGNIFY, flip, flip_in_payload, installer
 from toolkit.local_signer import write_pe
-from toolkit.tasks import token as tasks_token
 
 if TYPE_CHECKING:
-    from tests.lab.conftest import AdminSsh, WaitFor
+    from tests.lab.conftest import AdminSsh
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -110,47 +108,12 @@ def ca(lab: LabState) -> LabCA:
 
 
 @pytest.fixture(scope="module")
-def certs(lab: LabState, target: Target, setup: Setup, ca: LabCA, admin_ssh: AdminSsh,
-          wait_for: WaitFor) -> dict[str, Path]:
+def certs(setup: Setup, ca_certs: dict[str, Path]) -> dict[str, Path]:
     """Each authenticode profile's certificate, issued by the lab CA from the CSR the deploy
-    fetched (code-signing EKU), installed with `invoke token.import-cert`. Once per lab."""
-    v = setup.values
-    token_dir = target.token_dir
-    out: dict[str, Path] = {}
-    todo = []
-    for name in (setup.dev, setup.release):
-        cert = token_dir / f"{name}.pem"
-        out[name] = cert
-        on_host = f"{v['signer_cert_dir']}/{name}.pem"
-        if cert.exists() and admin_ssh(f"test -s {shlex.quote(on_host)}",
-                                       sudo=True).returncode == 0:
-            continue
-        csr = token_dir / f"{name}.csr"
-        assert csr.exists(), f"{csr} is missing: run `invoke deploy` on this lab first"
-        ca.issue(csr, cert)
-        todo.append((name, cert))
-    if not todo:
-        return out
-    # Through `invoke token.import-cert`, as an operator installs a CA's answer: the host checks
-    # each certificate against its profile's token key, and the change is taken into the AIDE
-    # baseline (BASE-07), so the next `invoke deploy` does not stop on it. Each import restarts
-    # the daemon; the last restart is the one waited for below.
-    where = {"inventory": target.inventory, "vault_password_file": target.vault_password_file}
-    for name, cert in todo:
-        tasks_token.import_cert(Context(), str(cert), profile=name, **where)
-
-    def ready() -> bool:
-        """The restarted daemon has checked its keys: an empty request gets "empty artifact"
-        (65), not "being unlocked" (69) or no daemon at all."""
-        r = lab.netns_run(str(setup.client.netns_host),
-                          ["ssh", *shlex.split(_ssh_cmd(lab, setup.client.key))[1:],
-                           f"{setup.gateway}@{lab.vm_ipv4}", "sign", "--profile", setup.dev,
-                           "--format", "authenticode", "--size", "0"],
-                          input=b"", timeout=60)
-        return r.returncode == EX_DATA
-
-    assert wait_for(ready, timeout=120), "signerd did not come back after the restart"
-    return out
+    fetched (code-signing EKU), installed with `invoke token.import-cert`: the host checks it
+    against the profile's token key, and the change is taken into the AIDE baseline (BASE-07).
+    Once per lab, in the round that installs every CA profile's (conftest's ca_certs)."""
+    return {name: ca_certs[name] for name in (setup.dev, setup.release)}
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ def _usb_ids(admin_ssh: AdminSsh) -> set[str]:
 
 def test_admin_ssh_with_pinned_host_key(lab: LabState, admin_ssh: AdminSsh) -> None:
     """The admin key logs in and the host key matches the one made for this lab."""
-    r = admin_ssh("hostname", check=True)
+    r = admin_ssh("hostname", check=True, new_login=True)
     assert r.stdout.strip() == "signhost"
     known = (lab.state_dir / "known_hosts").read_text()
     pub = (lab.key("ssh_host_ed25519_key").with_suffix(".pub")).read_text().split()[1]

@@ -120,26 +120,40 @@ def fetch_csr(t: SignerHost, profile: str, subject: str | None, out: str | None)
     return dest
 
 
-def import_cert(t: SignerHost, profile: str, pem: bytes) -> str:
-    """Install PEM for PROFILE (the signer checks it against the token key), restart the
-    daemon; what the host said."""
+def import_cert(t: SignerHost, certs: dict[str, bytes]) -> str:
+    """Install each PEM of CERTS (profile -> certificate; the signer checks each against its
+    profile's token key), in order, then restart the daemon once; what the host said.
+
+    One round for several profiles: one Ansible run, one AIDE comparison and update of the
+    certificate directory, one restart (each restart drops the signatures in flight). The
+    first certificate that does not match its key stops the round with the daemon not
+    restarted; the ones before it are installed, and taken into the AIDE baseline, since the
+    toolkit made that change (BASE-07)."""
     user = str(t.vars["signer_daemon_user"])
-    tmp = f"/run/signer-import-{profile}.pem"
-    # The daemon's user must read it; /run is tmpfs and root-owned, the file is removed after.
-    install = shlex.join(t.as_daemon("keys", "import-cert", "--profile", profile, tmp))
-    script = (f"install -o {shlex.quote(user)} -g {shlex.quote(user)} -m 0400 /dev/stdin {tmp}"
-              f" && {{ {install}; rc=$?; rm -f {tmp}; [ $rc -eq 0 ] || exit $rc; }}")
+    steps, tmps = [], []
+    for profile, pem in certs.items():
+        tmp = f"/run/signer-import-{profile}.pem"
+        tmps.append(tmp)
+        install = shlex.join(t.as_daemon("keys", "import-cert", "--profile", profile, tmp))
+        # The daemon's user must read it; /run is tmpfs and root-owned, the file is removed
+        # after. A certificate is public: it may travel in the command.
+        text = shlex.quote(pem.decode("ascii", errors="replace"))
+        steps.append(f"printf '%s' {text} | install -o {shlex.quote(user)} -g {shlex.quote(user)}"
+                     f" -m 0400 /dev/stdin {tmp} && {install}")
+    script = f"{{ {' && '.join(steps)}; }}; rc=$?; rm -f {' '.join(tmps)};"
     if t.vars["base_aide"]:
         script = _aide_guarded(script, str(t.vars["signer_cert_dir"]))
-    script += f" && systemctl restart {shlex.quote(str(t.vars['signer_service']))}"
-    return t.run(["sh", "-c", script], stdin=pem.decode("ascii", errors="replace"))
+    script += (f" [ $rc -eq 0 ] || exit $rc;"
+               f" systemctl restart {shlex.quote(str(t.vars['signer_service']))}")
+    return t.run(["sh", "-c", script])
 
 
 def _aide_guarded(script: str, cert_dir: str) -> str:
-    """SCRIPT, which changes CERT_DIR, as an authorised change through the toolkit (BASE-07):
-    the certificate directory is first compared with the AIDE baseline (a difference there was
-    made by someone else: refused, nothing installed), then, installed, taken into it, so the
-    next `invoke deploy` does not stop on it (roles/base/tasks/aide_deployed_compare.yml)."""
+    """SCRIPT, which changes CERT_DIR and leaves its status in $rc, as an authorised change
+    through the toolkit (BASE-07): the certificate directory is first compared with the AIDE
+    baseline (a difference there was made by someone else: refused, nothing installed), then
+    what SCRIPT installed, even when it stopped half way, is taken into it, so the next
+    `invoke deploy` does not stop on it (roles/base/tasks/aide_deployed_compare.yml)."""
     helper = "/usr/local/sbin/signhost-aide-baseline"
     limit = shlex.quote(f"^({re.escape(cert_dir)})(/|$)")
     return (f"rc=0; before=$({helper} compare {limit}) || rc=$?;"
@@ -148,4 +162,4 @@ def _aide_guarded(script: str, cert_dir: str) -> str:
             f" $(echo $before); accept them first with"
             f" invoke deploy --accept-aide-changes\" >&2; exit 1; fi;"
             f" [ $rc -eq 0 ] || exit $rc;"
-            f" {script} && {helper} take {limit}")
+            f" {script} {helper} take {limit} || exit $?;")

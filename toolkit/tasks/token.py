@@ -38,23 +38,42 @@ def csr(c: Context, profile: str = "release", out: str | None = None, subject: s
     print(f"token.csr: CSR for profile {profile!r} of {t.host} written to {dest}")
 
 
-@task(positional=["cert"], help=_HELP | {"cert": "PEM certificate issued by the CA for the CSR"})
+@task(positional=["cert"], iterable=["also"],
+      help=_HELP | {"cert": "PEM certificate issued by the CA for the CSR",
+                    "also": "PROFILE=CERT: another profile's certificate, installed in the same "
+                            "round (one AIDE update, one restart); may be repeated"})
 def import_cert(c: Context, cert: str, profile: str = "release", inventory: str | None = None,
                 limit: str | None = None, ask_become_pass: bool = False,
-                vault_password_file: str | None = None) -> None:
-    """Install the CA's certificate for PROFILE (checked against the token key), restart signerd."""
+                vault_password_file: str | None = None, also: list[str] | None = None) -> None:
+    """Install the CA's certificate for PROFILE (checked against the token key), and any
+    --also PROFILE=CERT in the same round, then restart signerd once."""
     if cert.startswith("-"):  # invoke hands `-h` to the positional argument, not to help
         raise Exit(f"token.import-cert: {cert!r} is an option, not a certificate file; "
                    "help: invoke --help token.import-cert", code=exitcodes.BAD_INPUT)
+    certs = {profile: _read_cert(cert)}
+    for pair in also or []:
+        other, sep, path = pair.partition("=")
+        if not (sep and other and path):
+            raise Exit(f"token.import-cert: --also {pair!r}: expected PROFILE=CERT",
+                       code=exitcodes.BAD_INPUT)
+        if other in certs:
+            raise Exit(f"token.import-cert: profile {other!r} is given twice",
+                       code=exitcodes.BAD_INPUT)
+        certs[other] = _read_cert(path)
+    t = SignerHost("token.import-cert", inventory, limit, ask_become_pass, vault_password_file)
+    out = install_cert(t, certs)
+    print(out.strip() or f"token.import-cert: certificates installed for {', '.join(certs)} "
+          f"on {t.host}")
+
+
+def _read_cert(cert: str) -> bytes:
     try:
         pem = Path(cert).read_bytes()
     except OSError as exc:
         raise Exit(f"token.import-cert: {cert}: {exc.strerror}", code=exitcodes.BAD_INPUT) from None
     if not pem.lstrip().startswith(PEM_CERT):
         raise Exit(f"token.import-cert: {cert} is not a PEM certificate", code=exitcodes.BAD_INPUT)
-    t = SignerHost("token.import-cert", inventory, limit, ask_become_pass, vault_password_file)
-    out = install_cert(t, profile, pem)
-    print(out.strip() or f"token.import-cert: certificate installed for {profile!r} on {t.host}")
+    return pem
 
 
 @task(help={k: v for k, v in _HELP.items() if k not in ("ask_become_pass", "profile")}
