@@ -386,22 +386,25 @@ LAB_RECORD_SECOND_HALF = "reports/ci/lab-tests-second-half.junit.xml"
 
 # The lab tests run in two halves at once, each on a VM of the first release of its own: the
 # first half (every module of tests/lab not named here: the harden, roll-back, AIDE and PIN
-# share stories, which change the host's hardening or its deployed configuration, the lab's
-# own life cycle and the USB devices) on the pipeline's VM after verify; the second half (the
-# signing stories through the build namespace, the card, the collector, the SSH clients) on a
-# second VM that a lane of its own provisions, hardens and deploys beside the pipeline
-# (lab_tests_lane_stages). That lane skips the pipeline's proofs (harden and deploy again,
-# verify) and parks until the pipeline's verify has run alone, so both halves start together.
-# One emulated guest keeps one of the controller's two cores busy: run one after the other,
-# the lab tests left the other core idle for 17 minutes. The split is by measured time (CI #11:
-# first half 553 s, second 749 s with the USB stories, 65 s, in it).
+# share stories, which change the host's hardening or its deployed configuration) on the
+# pipeline's VM after verify; the second half (the signing stories through the build
+# namespace, the card, the collector, the SSH clients, the USB devices, the lab's own life
+# cycle) on a second VM that a lane of its own provisions, hardens and deploys beside the
+# pipeline (lab_tests_lane_stages). That lane skips the pipeline's proofs (harden and deploy
+# again, verify) and parks until the pipeline's verify has run alone, so both halves start
+# together. One emulated guest keeps one of the controller's two cores busy: run one after the
+# other, the lab tests left the other core idle for 17 minutes. The split is by measured time
+# (CI #11, contended: first half 553 s with the life cycle's 67 s; second half 749 s, 464 s
+# once its certificates came in one round and its admin commands on one connection).
 LAB_TESTS_SECOND_HALF = [
     "tests/lab/test_signer_e2e.py",
     "tests/lab/test_authenticode_e2e.py",
     "tests/lab/test_openpgp_e2e.py",
     "tests/lab/test_audit_collector.py",
     "tests/lab/test_ssh_clients.py",
+    "tests/lab/test_usb.py",
     "tests/lab/test_lab_vm.py",
+    "tests/lab/test_lab_lifecycle.py",
 ]
 
 
