@@ -311,12 +311,13 @@ def test_the_summary_states_verify_the_lab_tests_and_the_total(
     lane = tmp_path / "ci" / "trixie-lab-tests"
     lane.mkdir(parents=True)
     (lane / "summary.json").write_text(json.dumps({"stages": [
-        {"stage": "deploy", "status": "passed", "seconds": 100.0},
-        {"stage": "lab tests (second half)", "status": "passed", "seconds": 540.4}]}))
+        {"stage": "deploy", "status": "passed", "seconds": 100.0, "started": 900.0},
+        {"stage": "lab tests (second half)", "status": "passed", "seconds": 540.4,
+         "started": 1200.0}]}))
     verify = Stage("Debian 13 (trixie): verify", ["true"])
     verify.status, verify.seconds = "passed", 85.2
     first = Stage("Debian 13 (trixie): lab tests (first half)", ["true"])
-    first.status, first.seconds = "passed", 520.0
+    first.status, first.seconds, first.started = "passed", 520.0, 1190.0
     never = Stage("Debian 12 (bookworm): verify", ["true"])  # status "pending": not run
     lab5 = Stage("Debian 13 (trixie): lab tests (second half), lane on lab5", ["true"],
                  sub_summary=lane / "summary.json")
@@ -329,8 +330,10 @@ def test_the_summary_states_verify_the_lab_tests_and_the_total(
         "Debian 13 (trixie): lab tests (second half), lane on lab5 / lab tests (second half)":
             540.4}
     assert figs["lab_tests_longest_seconds"] == 540.4 and figs["total_seconds"] == 1620.0
+    assert figs["lab_tests_span_seconds"] == 550.4  # 1190 -> 1740.4
     out = capsys.readouterr().out
-    assert "figure: verify: 85s" in out and "the longest part (they run at once): 540s" in out
+    assert "figure: verify: 85s" in out and "the longest part: 540s" in out
+    assert "to the last one's end: 550s" in out
 
 
 def test_ci_runs_debian_13_in_full_and_debian_12_in_a_lane_beside_it() -> None:
@@ -374,15 +377,21 @@ def test_the_lab_tests_halves_are_every_module_once() -> None:
     first = next(s for s in pipeline.lab_stages("lab9", half="first")
                  if s.name.startswith("lab tests"))
     second = next(s for s in pipeline.lab_tests_lane_stages("lab5", "trixie")
-                  if s.name.startswith("lab tests"))
+                  if s.name.startswith("lab tests (second"))
     modules = {str(p.relative_to(ROOT))
                for p in (ROOT / "tests" / "lab").glob("test_*.py")}
+    early = next(s for s in pipeline.lab_tests_lane_stages("lab5", "trixie")
+                 if s.name.startswith("lab tests (early"))
     ignored = {a.removeprefix("--ignore=") for a in first.argv if a.startswith("--ignore=")}
     ran_second = {a for a in second.argv if a.startswith("tests/lab/")}
-    assert "tests/lab" in first.argv and ignored == ran_second == set(
-        pipeline.LAB_TESTS_SECOND_HALF)
-    assert ran_second <= modules and modules - ran_second, "a half would run nothing"
+    ran_early = {a for a in early.argv if a.startswith("tests/lab/")}
+    assert ran_second == set(pipeline.LAB_TESTS_SECOND_HALF)
+    assert ran_early == set(pipeline.LAB_TESTS_EARLY) and not ran_early & ran_second
+    assert "tests/lab" in first.argv and ignored == ran_second | ran_early
+    assert ran_second | ran_early <= modules and modules - ran_second - ran_early, \
+        "the first half would run nothing"
     assert second.needs == pipeline.LAB_TESTS_SECOND_HALF
+    assert early.needs == pipeline.LAB_TESTS_EARLY
     whole = next(s for s in pipeline.lab_stages("lab9") if s.name.startswith("lab tests"))
     assert not any(a.startswith("--ignore") for a in whole.argv) and "tests/lab" in whole.argv
 
@@ -391,16 +400,17 @@ def test_the_lab_tests_lane_deploys_through_the_site_and_runs_the_second_half() 
     stages = pipeline.lab_tests_lane_stages("lab5", "trixie")
     names = [s.name for s in stages]
     assert names == ["lab.down (before)", "lab.up", "lab.site (jump host, password sudo, vault)",
-                     "provision", "harden", "deploy", "lab tests (second half)", "lab.down",
-                     "nothing left behind"]
+                     "provision", "harden", "deploy", "lab tests (early part)",
+                     "lab tests (second half)", "lab.down", "nothing left behind"]
     gated = pipeline.lab_tests_lane_stages("lab5", "trixie", Path("/g/verify"), Path("/p"))
-    assert [s.name for s in gated][6:8] == ["parked until the pipeline's verify has run",
+    assert [s.name for s in gated][6:9] == ["lab tests (early part)",
+                                            "parked until the pipeline's verify has run",
                                             "lab tests (second half)"]
-    assert gated[6].argv[-7:] == ["wait-gate", "--gate", "/g/verify", "--park", "/p",
+    assert gated[7].argv[-7:] == ["wait-gate", "--gate", "/g/verify", "--park", "/p",
                                   "--what", "verify"]
     assert stages[1].argv[-4:] == ["--instance", "lab5", "--release", "trixie"]
     site = pipeline.site_inventory("lab5")
-    for s in stages[3:7]:
+    for s in stages[3:8]:
         assert site in s.argv, f"{s.name} does not use the site inventory: {_argv(s)}"
     assert pipeline.lane_dir("trixie", lab_tests=True) != pipeline.lane_dir("trixie")
 

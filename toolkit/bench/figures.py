@@ -91,7 +91,7 @@ def lab_figures(instance: str, cold: bool, env: dict[str, str],
             t, rc = _timed(argv, env)
             halves[half] = {"seconds": round(t, 1), "passed": rc == 0}
         secs = [h["seconds"] for h in halves.values()]
-        if len(secs) == 2 and secs[0]:
+        if len(secs) >= 2 and secs[0]:
             halves["second_over_first"] = round(secs[1] / secs[0], 3)
         halves["one_after_the_other_s"] = round(sum(secs), 1)
         fig["lab_tests"] = halves

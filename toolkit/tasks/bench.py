@@ -41,7 +41,7 @@ def bench(c: Context, instance: str = "lab6", cold: bool = False, no_lab: bool =
     if lab_tests and no_lab:
         raise SystemExit("--lab-tests needs the lab: it cannot go with --no-lab")
     halves = {half: pipeline.lab_tests_argv(None, None, half, str(
-        figures.OUT / f"lab-tests-{half}.junit.xml")) for half in ("first", "second")}
+        figures.OUT / f"lab-tests-{half}.junit.xml")) for half in ("first", "second", "early")}
     result = figures.collect(instance, cold, no_lab, sizes, checkout,
                              halves if lab_tests else None)
     path = figures.write(result)
