@@ -75,8 +75,9 @@ def ci(c: Context, instance: str = "lab9", skip_lab: bool = False, keep: bool = 
     "keep": "leave the lab up after a failure (for debugging)",
     "lab_tests": "instead of the release's proof, the second half of the lab tests "
                  "(pipeline.LAB_TESTS_SECOND_HALF) through the production-style site",
-    "gate": "with --lab-tests: park after the early part of the lab tests until this file says 'open' (`invoke ci` "
-            "opens it once its verify has run alone; anything else in it stops the lane)",
+    "gate": "with --lab-tests: park after the early part of the lab tests until this file "
+            "says 'open' (`invoke ci` opens it once its verify has run alone; anything else "
+            "in it stops the lane)",
     "park": "with --gate: the file written once parked (default: the gate's name + .parked)",
 })
 def ci_lane(c: Context, release: str = "", instance: str = "lab6", keep: bool = False,
