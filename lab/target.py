@@ -39,7 +39,7 @@ NAMES = ("signer_profiles", "signer_clients", "signer_custodians", "signer_clien
          "ssh_ciphers", "ssh_host_key_algorithms", "ssh_kex_classical_clients",
          "ssh_kex_algorithms", "ansible_user", "base_aide",
          "base_aide_database", "base_aide_hardened_paths", "usb_allowed_devices",
-         "signer_gateway_group", "signer_gateway_shell")
+         "signer_gateway_shell")
 
 
 class TargetError(RuntimeError):

@@ -122,7 +122,7 @@ def test_a_background_stage_is_joined_even_when_the_run_stops_before_its_until(
     assert [s.status for s in stages] == ["passed", "FAILED (exit 2)", "not run"]
 
 
-def _parking_lane(tmp_path: Path, gate: Path, park: Path, log: Path) -> list[str]:
+def _parking_lane(gate: Path, park: Path, log: Path) -> list[str]:
     """A lane: a first step, then parked at `gate` (the pipeline's own wait_gate), then a
     second step; each step appends its name to `log` with the time it ran at."""
     return py("import subprocess, sys, time\n"
@@ -149,7 +149,7 @@ def test_an_alone_stage_waits_for_the_lanes_to_park_or_end_and_then_lets_them_on
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     log, gate, park = tmp_path / "order", tmp_path / "gates" / "verify", tmp_path / "parked"
     stages = [
-        Stage("lane", _parking_lane(tmp_path, gate, park, log), until="last", park=park),
+        Stage("lane", _parking_lane(gate, park, log), until="last", park=park),
         Stage("other lane", _step("other-lane", log, "time.sleep(1.5)"), until="last"),
         Stage("verify", _step("verify", log), alone=True, gate=gate),
         Stage("last", _step("last", log)),
@@ -172,7 +172,7 @@ def test_a_failure_before_the_gate_closes_it_and_the_parked_lane_stops(
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     log, gate, park = tmp_path / "order", tmp_path / "gates" / "verify", tmp_path / "parked"
     stages = [
-        Stage("lane", _parking_lane(tmp_path, gate, park, log), until="last", park=park),
+        Stage("lane", _parking_lane(gate, park, log), until="last", park=park),
         Stage("deploy", py("import sys; sys.exit(3)")),
         Stage("verify", _step("verify", log), alone=True, gate=gate),
         Stage("last", _step("last", log)),
@@ -196,7 +196,7 @@ def test_a_stale_gate_from_an_earlier_run_is_removed_before_the_lanes_start(
     gate.write_text("open\n")
     park.write_text("1\n")
     stages = [
-        Stage("lane", _parking_lane(tmp_path, gate, park, log), until="last", park=park),
+        Stage("lane", _parking_lane(gate, park, log), until="last", park=park),
         Stage("verify", _step("verify", log), alone=True, gate=gate),
         Stage("last", _step("last", log)),
     ]
